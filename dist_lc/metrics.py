@@ -1,0 +1,54 @@
+"""The challenge's score, the only implementation in the project (validation, CV reports, eval).
+
+ENS Challenge Data 2021 (Preligens): drop the no_data and clouds columns, renormalise each row,
+add 1e-7 to both sides, then the mean over samples of sum_c y_c * log(y_c / yhat_c).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shard_tools.format import CLASS_NAMES, IGNORED_CLASSES, NUM_CLASSES
+
+EPSILON = 1e-7
+SCORED_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in IGNORED_CLASSES)
+SCORED_NAMES = tuple(CLASS_NAMES[c] for c in SCORED_CLASSES)
+
+
+def _scored(p: np.ndarray) -> np.ndarray:
+    """Rows restricted to the 8 scored classes and renormalised (accepts 10 or 8 columns)."""
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] not in (NUM_CLASSES, len(SCORED_CLASSES)):
+        raise ValueError(f"expected (n, {NUM_CLASSES}) or (n, {len(SCORED_CLASSES)}) proportions, got {p.shape}")
+    if p.shape[1] == NUM_CLASSES:
+        p = p[:, SCORED_CLASSES]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return p / p.sum(axis=1, keepdims=True)
+
+
+def kl_terms(y_true, y_pred) -> np.ndarray:
+    """Per-sample, per-scored-class terms y*log(y/yhat), shape (n, 8). Sum over classes = per-sample KL."""
+    t = _scored(y_true) + EPSILON
+    p = _scored(y_pred) + EPSILON
+    return t * np.log(t / p)
+
+
+def kl_per_sample(y_true, y_pred) -> np.ndarray:
+    return kl_terms(y_true, y_pred).sum(axis=1)
+
+
+def kl_score(y_true, y_pred) -> float:
+    """The challenge's score (lower is better)."""
+    return float(kl_per_sample(y_true, y_pred).mean())
+
+
+def kl_per_class(y_true, y_pred) -> dict[str, float]:
+    """Each scored class's contribution to the score; the values add up to :func:`kl_score`."""
+    terms = kl_terms(y_true, y_pred).mean(axis=0)
+    return {name: float(v) for name, v in zip(SCORED_NAMES, terms)}
+
+
+def tile_proportions(probs_mean: np.ndarray) -> np.ndarray:
+    """A tile's predicted proportions (10,) from its mean pixel softmax: classes 0 and 1 removed, renormalised."""
+    p = np.asarray(probs_mean, dtype=np.float64).copy()
+    p[..., list(IGNORED_CLASSES)] = 0.0
+    return p / p.sum(axis=-1, keepdims=True)

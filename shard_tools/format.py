@@ -1,0 +1,72 @@
+"""The data contract shared by the packer, the verifier and the trainer.
+
+A shard is a WebDataset tar. One sample is a group of members sharing the key ``<id>``:
+
+- ``<id>.image.npy``  uint16 array H×W×4 (bands R, G, B, NIR), raw ``.npy`` bytes
+- ``<id>.mask.npy``   uint8 array H×W, class index 0..9 (train only)
+- ``<id>.props.npy``  float64 array (10,), class proportions computed from the mask (train only)
+
+Raw ``.npy`` was chosen by measurement (see docs/BENCHMARKS.md, "Shard encodings").
+Everything that reads or writes a sample goes through :func:`encode_sample` / :func:`decode_sample`.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .errors import InputError
+
+FORMAT_VERSION = 1
+CLASS_NAMES = (
+    "no_data", "clouds", "artificial", "cultivated", "broadleaf",
+    "coniferous", "herbaceous", "natural", "snow", "water",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IGNORED_CLASSES = (0, 1)  # no_data, clouds: weight 0 in the loss, dropped from the score
+IMAGE_SHAPE = (256, 256, 4)
+IMAGE_DTYPE = np.dtype("uint16")
+MASK_DTYPE = np.dtype("uint8")
+MAX_PIXEL_VALUE = 24356  # the benchmark's normaliser (largest value in the training set)
+ENCODING = {"image": "npy", "mask": "npy", "props": "npy"}
+
+
+def class_proportions(mask: np.ndarray) -> np.ndarray:
+    """Proportion of each of the 10 classes in a mask, float64 (10,), as train_labels.csv has them."""
+    counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+    return counts.astype(np.float64) / mask.size
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_array(data: bytes, what: str, key: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt sample
+        raise InputError(f"sample {key!r}: cannot decode {what}: {exc}") from None
+
+
+def encode_sample(key: str, image: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """The dict that ``webdataset.TarWriter.write`` takes for one sample."""
+    if "." in key:
+        raise InputError(f"sample id {key!r} contains a dot (WebDataset keys stop at the first dot)")
+    sample = {"__key__": key, "image.npy": _npy_bytes(image)}
+    if mask is not None:
+        sample["mask.npy"] = _npy_bytes(mask)
+        sample["props.npy"] = _npy_bytes(class_proportions(mask))
+    return sample
+
+
+def decode_sample(sample: dict) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(key, image, mask, props)`` from a raw WebDataset sample (bytes values); mask/props None for test."""
+    key = sample["__key__"]
+    if "image.npy" not in sample:
+        raise InputError(f"sample {key!r}: no image member")
+    image = _npy_array(sample["image.npy"], "image", key)
+    mask = _npy_array(sample["mask.npy"], "mask", key) if "mask.npy" in sample else None
+    props = _npy_array(sample["props.npy"], "props", key) if "props.npy" in sample else None
+    return key, image, mask, props
