@@ -37,6 +37,30 @@ def class_proportions(mask: np.ndarray) -> np.ndarray:
     return counts.astype(np.float64) / mask.size
 
 
+def one_line(text) -> str:
+    """An exception's text on one line (error messages are one line each)."""
+    return " ".join(str(text).split())
+
+
+def check_image(shape, dtype, where) -> None:
+    """:class:`InputError` naming ``where`` unless an image is ``IMAGE_SHAPE`` uint16."""
+    if tuple(shape) != IMAGE_SHAPE:
+        raise InputError(f"{where}: image shape {tuple(shape)}, expected {IMAGE_SHAPE}")
+    if np.dtype(dtype) != IMAGE_DTYPE:
+        raise InputError(f"{where}: image dtype {np.dtype(dtype)}, expected {IMAGE_DTYPE}")
+
+
+def check_mask(mask: np.ndarray, where) -> None:
+    """:class:`InputError` naming ``where`` unless a mask is H×W uint8 with classes 0..9."""
+    if mask.shape != IMAGE_SHAPE[:2]:
+        raise InputError(f"{where}: mask shape {mask.shape}, expected {IMAGE_SHAPE[:2]}")
+    if mask.dtype != MASK_DTYPE:
+        raise InputError(f"{where}: mask dtype {mask.dtype}, expected {MASK_DTYPE}")
+    top = int(mask.max())
+    if top >= NUM_CLASSES:
+        raise InputError(f"{where}: mask value {top} above {NUM_CLASSES - 1} (classes are 0..{NUM_CLASSES - 1})")
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
@@ -47,7 +71,7 @@ def _npy_array(data: bytes, what: str, key: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt sample
-        raise InputError(f"sample {key!r}: cannot decode {what}: {exc}") from None
+        raise InputError(f"sample {key!r}: cannot decode {what}: {one_line(exc)}") from None
 
 
 def encode_sample(key: str, image: np.ndarray, mask: np.ndarray | None = None) -> dict:

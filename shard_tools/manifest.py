@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,14 @@ from .errors import InputError
 from .format import FORMAT_VERSION, NUM_CLASSES
 
 MANIFEST_NAME = "manifest.json"
+SHARD_NAME_PATTERN = re.compile(r"^(train-f\d+|test)-\d{6}\.tar$")
 REQUIRED_KEYS = ("format_version", "class_names", "num_folds", "shards", "folds",
                  "fold_class_pixels", "channel_stats", "counts")
+
+
+def shard_name(split: str, fold, index: int) -> str:
+    """``train-f<k>-<nnnnnn>.tar`` (fold k) or ``test-<nnnnnn>.tar``."""
+    return f"train-f{fold}-{index:06d}.tar" if split == "train" else f"test-{index:06d}.tar"
 
 
 @dataclass(frozen=True)
@@ -100,11 +107,18 @@ def load_manifest(root) -> Manifest:
     return Manifest(root=root.resolve(), data=data)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path, obj) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; others sharing the folder must read it
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.flush()

@@ -1,0 +1,71 @@
+"""Fold assignment: deterministic for a seed, balanced in size, stratified on class proportions.
+
+The method is a greedy "largest deficit" stratification for continuous labels (the proportion
+vectors), in the spirit of iterative stratification (Sechidis et al., 2011):
+
+1. Fold sizes are fixed first: ``n // k`` each, one more for ``n % k`` folds drawn with the seed,
+   so sizes differ by at most one.
+2. Every fold has a target class mass: its size times the global mean proportion vector.
+3. Tiles are visited by rarity decile, rarest decile first (rarity: sum over classes of proportion /
+   global mean, so a tile with snow or water outranks a plain cultivated one), in seeded random
+   order inside a decile. Strict rarest-first order gave the same partition for every seed; deciles
+   keep the stratification and make the seed matter.
+4. Each tile goes to the fold, among those not yet full, whose class mass is furthest *below*
+   target in this tile's classes (smallest ``p · W (mass - target)`` with ``W = 1 / global mean``);
+   ties go to the lower position in a seeded fold order.
+
+Compared with dealing a sorted list round-robin and with a random split in
+docs/benchmarks_shards.md ("Fold stratification").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+WEIGHT_FLOOR = 1e-6  # a class with (almost) no pixels must not get an infinite weight
+RARITY_STRATA = 10  # visit order: rarity deciles
+
+
+def fold_sizes(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``n // k`` per fold, plus one for ``n % k`` folds chosen with ``rng``."""
+    sizes = np.full(k, n // k, dtype=np.int64)
+    sizes[rng.permutation(k)[: n % k]] += 1
+    return sizes
+
+
+def class_weights(props: np.ndarray) -> np.ndarray:
+    """1 / global mean proportion per class (floored), so rare classes count as much as common ones."""
+    return 1.0 / np.maximum(props.mean(axis=0), WEIGHT_FLOOR)
+
+
+def visit_order(props: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Tile indices by rarity decile, rarest first; seeded random order inside each decile."""
+    rarity_rank = np.empty(len(props), dtype=np.int64)
+    rarity_rank[np.argsort(-(props @ weights), kind="stable")] = np.arange(len(props))
+    stratum = rarity_rank * RARITY_STRATA // len(props)
+    return np.lexsort((rng.permutation(len(props)), stratum))
+
+
+def assign_folds(props, k: int, seed: int = 0) -> np.ndarray:
+    """Fold index (0..k-1) of each row of ``props`` (n × classes). Deterministic for ``seed``."""
+    props = np.asarray(props, dtype=np.float64)
+    n = len(props)
+    if k < 1:
+        raise ValueError(f"need at least one fold, got {k}")
+    if n < k:
+        raise ValueError(f"cannot split {n} tiles into {k} folds")
+    rng = np.random.default_rng(seed)
+    sizes = fold_sizes(n, k, rng)
+    weights = class_weights(props)
+    target = sizes[:, None] * props.mean(axis=0)[None, :]
+    mass = np.zeros_like(target)
+    filled = np.zeros(k, dtype=np.int64)
+    fold_rank = rng.permutation(k)  # seeded tie-break between equally needy folds
+    folds = np.empty(n, dtype=np.int64)
+    for i in visit_order(props, weights, rng):
+        need = (mass - target) @ (weights * props[i])
+        need[filled >= sizes] = np.inf
+        best = np.lexsort((fold_rank, need))[0]
+        folds[i] = best
+        mass[best] += props[i]
+        filled[best] += 1
+    return folds

@@ -1,0 +1,414 @@
+"""Pack the challenge's TIFF tiles into fold-pure WebDataset shards plus ``manifest.json``.
+
+Two passes over the source, both in a worker pool (the parent only writes):
+
+1. *survey*: every mask is read and checked (shape, dtype, values 0..9) and its class pixel
+   counts taken; every image's TIFF header is checked (shape, dtype). Folds are then assigned
+   from the class proportions (:mod:`shard_tools.folds`).
+2. *pack*: every tile is read in full, checked, encoded (:func:`format.encode_sample`) and
+   written, fold by fold in id order, into ``train-f<k>-<nnnnnn>.tar`` and ``test-<nnnnnn>.tar``.
+   Channel statistics are summed exactly in integers along the way.
+
+The manifest is written last and atomically. On any error the shards written by this run are
+removed, so a failed run leaves no manifest and no partial shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+from . import __version__
+from .errors import InputError
+from .folds import assign_folds
+from .format import (CLASS_NAMES, ENCODING, FORMAT_VERSION, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE,
+                     NUM_CLASSES, one_line, check_image, check_mask, encode_sample)
+from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Manifest, load_manifest, shard_name, write_json_atomic
+
+DEFAULT_SHARD_MB = 100  # ~150 tiles: enough shards per fold to spread over ranks × loader workers
+SHARD_MTIME = 0  # fixed member mtime: shards are byte-for-byte reproducible
+TIFF_SUFFIXES = (".tif", ".tiff")
+TAR_MEMBER_OVERHEAD = 1024  # header + padding per member, for the size-based shard limit
+PIXELS_PER_TILE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+
+
+@dataclass(frozen=True)
+class Tile:
+    id: str
+    image: Path
+    mask: Path | None  # None for test tiles
+
+
+# ---------------------------------------------------------------- source scan
+
+
+def id_sort_key(tile_id: str):
+    """Numeric ids in numeric order, then the others in string order."""
+    return (0, int(tile_id), tile_id) if tile_id.isdigit() else (1, 0, tile_id)
+
+
+def _tiffs_by_id(folder: Path) -> dict[str, Path]:
+    """``{id: path}`` of the TIFFs in a folder (hidden files ignored); refuses dotted and duplicate ids."""
+    found: dict[str, Path] = {}
+    numeric: dict[int, Path] = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        suffix = path.suffix.lower()
+        if path.name.startswith(".") or suffix not in TIFF_SUFFIXES or not path.is_file():
+            continue
+        tile_id = path.name[: -len(suffix)]
+        if "." in tile_id:
+            raise InputError(f"{path}: id {tile_id!r} contains a dot (WebDataset keys end at the first dot)")
+        other = found.get(tile_id) or (numeric.get(int(tile_id)) if tile_id.isdigit() else None)
+        if other is not None:
+            raise InputError(f"{path}: duplicate id {tile_id!r} (also {other.name})")
+        found[tile_id] = path
+        if tile_id.isdigit():
+            numeric[int(tile_id)] = path
+    return found
+
+
+def _pair_masks(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path) -> list[Tile]:
+    for tile_id, path in masks.items():
+        if tile_id not in images:
+            raise InputError(f"{path}: mask without a train image (no {path.parent.parent / 'images' / path.name})")
+    for tile_id, path in images.items():
+        if tile_id not in masks:
+            raise InputError(f"{path}: train image without a mask (no {mask_dir / path.name})")
+    return [Tile(i, images[i], masks[i]) for i in sorted(images, key=id_sort_key)]
+
+
+def scan_source(src: Path) -> tuple[list[Tile], list[Tile]]:
+    """Train and test tiles of a folder in the challenge layout, each list sorted by id."""
+    if not src.is_dir():
+        raise InputError(f"{src}: source folder does not exist" if not src.exists() else f"{src}: not a folder")
+    train = _pair_masks(_tiffs_by_id(src / "train" / "images"), _tiffs_by_id(src / "train" / "masks"),
+                        src / "train" / "masks")
+    test_images = _tiffs_by_id(src / "test" / "images")
+    test = [Tile(i, test_images[i], None) for i in sorted(test_images, key=id_sort_key)]
+    if not train and not test:
+        raise InputError(f"{src}: no tiles found (expected train/images/<id>.tif and/or test/images/<id>.tif)")
+    both = sorted({t.id for t in train} & set(test_images), key=id_sort_key)
+    if both:
+        raise InputError(f"{test_images[both[0]]}: id {both[0]!r} is both a train and a test tile")
+    return train, test
+
+
+# ---------------------------------------------------------------- per-tile work (runs in workers)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    try:
+        return tifffile.imread(path)
+    except Exception as exc:  # noqa: BLE001 - whatever tifffile says, the file is unreadable
+        text = one_line(exc)
+        problem = "truncated TIFF" if text.startswith("failed to read") else "cannot read TIFF"
+        raise InputError(f"{path}: {problem} ({text})") from None
+
+
+def _check_image_header(path: Path) -> None:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, dtype = series.shape, series.dtype
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path}: cannot read TIFF ({one_line(exc)})") from None
+    check_image(shape, dtype, path)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    mask = _read_tiff(path)
+    check_mask(mask, path)
+    return mask
+
+
+def survey_tile(tile: Tile) -> np.ndarray | None:
+    """Pass 1: check the image header and the mask; class pixel counts (10,) for train tiles."""
+    _check_image_header(tile.image)
+    if tile.mask is None:
+        return None
+    return np.bincount(_read_mask(tile.mask).ravel(), minlength=NUM_CLASSES).astype(np.int64)
+
+
+def load_tile(tile: Tile) -> tuple[dict, dict | None]:
+    """Pass 2: the encoded sample and, for train tiles, the image's integer channel sums."""
+    image = _read_tiff(tile.image)
+    check_image(image.shape, image.dtype, tile.image)
+    if tile.mask is None:
+        return encode_sample(tile.id, image), None
+    return encode_sample(tile.id, image, _read_mask(tile.mask)), channel_sums(image)
+
+
+def channel_sums(image: np.ndarray) -> dict:
+    """Exact per-channel integer sum, sum of squares, min and max of one H×W×C image."""
+    pixels = image.reshape(-1, image.shape[-1]).astype(np.int64)
+    return {"n": len(pixels), "sum": pixels.sum(axis=0).tolist(), "sumsq": (pixels * pixels).sum(axis=0).tolist(),
+            "min": pixels.min(axis=0).tolist(), "max": pixels.max(axis=0).tolist()}
+
+
+# ---------------------------------------------------------------- worker pool
+
+
+def _ordered_imap(pool, fn, items, window: int):
+    """``pool.imap`` with at most ``window`` tiles in flight, so fast readers cannot fill memory."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+@contextmanager
+def _mapper(workers: int):
+    """A ``map(fn, items)`` that yields results in order: in-process for 0/1 worker, else a pool."""
+    if workers <= 1:
+        yield lambda fn, items: map(fn, items)
+        return
+    with Pool(workers) as pool:
+        yield lambda fn, items: _ordered_imap(pool, fn, items, window=8 * workers)
+
+
+def default_workers() -> int:
+    return max(1, min(16, len(os.sched_getaffinity(0))))
+
+
+# ---------------------------------------------------------------- shard writing
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts what goes through it."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "xb")
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+@dataclass(frozen=True)
+class ShardLimit:
+    samples: int | None = None
+    bytes: int | None = None
+
+    def full(self, count: int, size: int, incoming: int) -> bool:
+        if count == 0:
+            return False
+        if self.samples is not None:
+            return count >= self.samples
+        return size + incoming > self.bytes
+
+
+def shard_limit(samples_per_shard, shard_size_mb) -> ShardLimit:
+    if samples_per_shard is not None and shard_size_mb is not None:
+        raise InputError("give either samples_per_shard (--samples-per-shard) or shard_size_mb (--shard-size), not both")
+    if samples_per_shard is not None:
+        if int(samples_per_shard) < 1:
+            raise InputError(f"samples per shard must be at least 1, got {samples_per_shard}")
+        return ShardLimit(samples=int(samples_per_shard))
+    size_mb = DEFAULT_SHARD_MB if shard_size_mb is None else shard_size_mb
+    if not size_mb > 0:
+        raise InputError(f"shard size must be positive, got {size_mb} MB")
+    return ShardLimit(bytes=int(size_mb * 1_000_000))
+
+
+@dataclass
+class ShardSet:
+    """Writes the samples of consecutive groups (a fold, or the test split) into numbered shards."""
+    out: Path
+    limit: ShardLimit
+    entries: list = field(default_factory=list)
+    created: list = field(default_factory=list)
+    _group: tuple | None = None
+    _index: int = 0
+    _file: _HashingFile | None = None
+    _tar: "TarWriter | None" = None  # noqa: F821
+    _entry: dict | None = None
+    _size: int = 0
+
+    def add(self, split: str, fold: int | None, sample: dict) -> None:
+        incoming = sum(len(v) + TAR_MEMBER_OVERHEAD for k, v in sample.items() if k != "__key__")
+        if (split, fold) != self._group or self.limit.full(self._entry["count"], self._size, incoming):
+            self._open(split, fold)
+        self._tar.write(sample)
+        self._entry["count"] += 1
+        self._entry["keys"].append(sample["__key__"])
+        self._size += incoming
+
+    def _open(self, split: str, fold: int | None) -> None:
+        self.close()
+        self._index = 0 if (split, fold) != self._group else self._index + 1
+        name = shard_name(split, fold, self._index)
+        self.created.append(self.out / name)
+        from webdataset import TarWriter  # imports torch: only when writing
+
+        self._file = _HashingFile(self.out / name)
+        self._tar = TarWriter(self._file, mtime=SHARD_MTIME)
+        self._group, self._size = (split, fold), 0
+        self._entry = {"name": name, "split": split, "fold": fold, "count": 0, "bytes": 0,
+                       "sha256": "", "keys": []}
+
+    def close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.close()
+        self._entry.update(bytes=self._file.bytes, sha256=self._file.sha.hexdigest())
+        self.entries.append(self._entry)
+        self._tar = self._file = None
+
+    def remove_created(self) -> None:
+        """After a failure: close what is open (errors ignored, the file goes anyway) and delete every shard."""
+        if self._tar is not None:
+            with suppress(Exception):
+                self._tar.close()
+            self._file.file.close()
+            self._tar = self._file = None
+        for path in self.created:
+            path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+class ChannelStats:
+    """Per-channel mean/std/min/max over all train pixels, from exact integer sums."""
+
+    def __init__(self, channels: int):
+        self.n = 0
+        self.sum = [0] * channels
+        self.sumsq = [0] * channels
+        self.min = [None] * channels
+        self.max = [None] * channels
+
+    def add(self, tile: dict) -> None:
+        self.n += tile["n"]
+        self.sum = [a + b for a, b in zip(self.sum, tile["sum"])]
+        self.sumsq = [a + b for a, b in zip(self.sumsq, tile["sumsq"])]
+        self.min = [b if a is None else min(a, b) for a, b in zip(self.min, tile["min"])]
+        self.max = [b if a is None else max(a, b) for a, b in zip(self.max, tile["max"])]
+
+    def to_json(self) -> dict:
+        """Python int division is correctly rounded: mean and variance are the exact values, rounded once."""
+        if self.n == 0:
+            return {"mean": [], "std": [], "min": [], "max": []}
+        var = [(self.n * q - s * s) / (self.n * self.n) for s, q in zip(self.sum, self.sumsq)]
+        return {"mean": [s / self.n for s in self.sum], "std": [float(np.sqrt(v)) for v in var],
+                "min": self.min, "max": self.max}
+
+
+# ---------------------------------------------------------------- output folder
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty folder unless ``overwrite``; then delete the manifest FIRST, then old shards."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: output exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out}: output folder is not empty (pass --overwrite to replace its shards)")
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        for path in out.iterdir():
+            if SHARD_NAME_PATTERN.match(path.name) or path.name.startswith(f".{MANIFEST_NAME}."):
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_folds(folds: int, n_train: int) -> None:
+    if int(folds) < 1:
+        raise InputError(f"--folds must be at least 1, got {folds}")
+    if 0 < n_train < folds:
+        raise InputError(f"cannot split {n_train} train tiles into {folds} folds")
+
+
+# ---------------------------------------------------------------- pack
+
+
+def _survey(mapper, tiles: list[Tile], progress: bool) -> list:
+    bar = tqdm(total=len(tiles), desc="survey", unit="tile", disable=not progress)
+    counts = []
+    for result in mapper(survey_tile, tiles):
+        counts.append(result)
+        bar.update()
+    bar.close()
+    return counts
+
+
+def _write(mapper, shards: ShardSet, order: list[tuple[Tile, str, int | None]], stats: ChannelStats,
+           progress: bool) -> None:
+    bar = tqdm(total=len(order), desc="pack", unit="tile", disable=not progress)
+    for (tile, split, fold), (sample, sums) in zip(order, mapper(load_tile, [t for t, _, _ in order])):
+        shards.add(split, fold, sample)
+        if sums is not None:
+            stats.add(sums)
+        bar.update()
+    shards.close()
+    bar.close()
+
+
+def _manifest(src, train, test, fold_of, counts, folds, seed, shards, stats) -> dict:
+    fold_pixels = {str(k): [0] * NUM_CLASSES for k in range(folds)}
+    for f, c in zip(fold_of, counts):
+        fold_pixels[str(f)] = [a + int(b) for a, b in zip(fold_pixels[str(f)], c)]
+    return {
+        "format_version": FORMAT_VERSION, "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": str(src.resolve()),
+        "class_names": list(CLASS_NAMES), "encoding": dict(ENCODING),
+        "image_shape": list(IMAGE_SHAPE), "image_dtype": IMAGE_DTYPE.name, "mask_dtype": MASK_DTYPE.name,
+        "num_folds": int(folds), "seed": int(seed),
+        "counts": {"train": len(train), "test": len(test)},
+        "shards": shards.entries,
+        "folds": {t.id: int(f) for t, f in zip(train, fold_of)},
+        "fold_class_pixels": fold_pixels,
+        "channel_stats": stats.to_json(),
+    }
+
+
+def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=None, workers=None,
+         overwrite=False, progress=True) -> Manifest:
+    """Pack ``src`` (challenge layout) into fold-pure shards in ``out``; returns the loaded manifest.
+
+    ``folds``/``seed``: the stratified fold assignment. ``samples_per_shard`` or ``shard_size_mb``
+    (default 100 MB): where a shard ends. ``workers``: reader processes (None: CPUs up to 16;
+    0 or 1: read in this process). ``overwrite``: replace the shards and manifest of a non-empty
+    ``out`` (manifest deleted first). Bad input raises :class:`InputError` and leaves no manifest
+    and no shard of this run behind.
+    """
+    src, out = Path(src), Path(out)
+    limit = shard_limit(samples_per_shard, shard_size_mb)
+    train, test = scan_source(src)
+    _check_folds(folds, len(train))
+    prepare_out(out, overwrite)
+    shards, stats = ShardSet(out, limit), ChannelStats(IMAGE_SHAPE[2])
+    workers = default_workers() if workers is None else int(workers)
+    try:
+        with _mapper(workers) as mapper:
+            counts = _survey(mapper, train + test, progress)[: len(train)]
+            props = np.asarray(counts, dtype=np.float64).reshape(-1, NUM_CLASSES) / PIXELS_PER_TILE
+            fold_of = assign_folds(props, folds, seed) if train else np.empty(0, dtype=np.int64)
+            order = sorted(((t, "train", int(f)) for t, f in zip(train, fold_of)), key=lambda x: x[2])
+            _write(mapper, shards, order + [(t, "test", None) for t in test], stats, progress)
+        write_json_atomic(out / MANIFEST_NAME, _manifest(src, train, test, fold_of, counts, folds, seed,
+                                                         shards, stats))
+    except BaseException:
+        shards.remove_created()
+        raise
+    return load_manifest(out)

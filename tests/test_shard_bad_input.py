@@ -1,0 +1,149 @@
+"""pack on bad input: one clear error line naming the file and the problem, exit 2, no manifest left."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from shard_tools.cli import main
+from shard_tools.errors import InputError
+from shard_tools.pack import pack
+
+RNG = np.random.default_rng(0)
+
+
+def _image(shape=(256, 256, 4), dtype=np.uint16):
+    return RNG.integers(1, 5000, size=shape).astype(dtype)
+
+
+def _mask():
+    return RNG.integers(0, 10, size=(256, 256)).astype(np.uint8)
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    """As the challenge's tiles are stored: one page, samples contiguous, min-is-black."""
+    tifffile.imwrite(path, array, photometric="minisblack", planarconfig="contig" if array.ndim == 3 else None)
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    """A valid synthetic source: train tiles 1..3 with masks, test tile 10."""
+    root = tmp_path / "src"
+    for sub in ("train/images", "train/masks", "test/images"):
+        (root / sub).mkdir(parents=True)
+    for i in (1, 2, 3):
+        _write(root / "train/images" / f"{i}.tif", _image())
+        _write(root / "train/masks" / f"{i}.tif", _mask())
+    _write(root / "test/images" / "10.tif", _image())
+    return root
+
+
+def _truncate(path: Path, size: int = 1000) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def _mask_with_12(path: Path) -> None:
+    mask = _mask()
+    mask[100, 7] = 12
+    _write(path, mask)
+
+
+# (case id, how to break the source, the file the message must name, the problem it must state)
+CASES = [
+    ("truncated image", lambda s: _truncate(s / "train/images/2.tif"), "2.tif", "truncated TIFF"),
+    ("truncated test image", lambda s: _truncate(s / "test/images/10.tif", 20000), "10.tif", "truncated TIFF"),
+    ("non-TIFF image", lambda s: (s / "train/images/3.tif").write_bytes(b"PK\x03\x04 a zip, not a TIFF"),
+     "3.tif", "not a TIFF"),
+    ("image with 3 bands", lambda s: _write(s / "train/images/1.tif", _image((256, 256, 3))),
+     "1.tif", "image shape (256, 256, 3)"),
+    ("image 128x128", lambda s: _write(s / "test/images/10.tif", _image((128, 128, 4))),
+     "10.tif", "image shape (128, 128, 4)"),
+    ("image float32", lambda s: _write(s / "train/images/2.tif", _image(dtype=np.float32)),
+     "2.tif", "image dtype float32"),
+    ("mask value 12", lambda s: _mask_with_12(s / "train/masks/3.tif"), "3.tif", "mask value 12 above 9"),
+    ("mask uint16", lambda s: _write(s / "train/masks/1.tif", _mask().astype(np.uint16)),
+     "1.tif", "mask dtype uint16"),
+    ("truncated mask", lambda s: _truncate(s / "train/masks/2.tif"), "2.tif", "truncated TIFF"),
+    ("mask missing", lambda s: (s / "train/masks/2.tif").unlink(), "images/2.tif", "train image without a mask"),
+    ("image missing", lambda s: (s / "train/images/3.tif").unlink(), "masks/3.tif", "mask without a train image"),
+    ("duplicate id .tif/.tiff", lambda s: _write(s / "train/images/1.tiff", _image()),
+     "1.tif", "duplicate id '1'"),
+    ("duplicate numeric id", lambda s: _write(s / "test/images/010.tif", _image()),
+     "10.tif", "duplicate id"),
+    ("id in train and test", lambda s: _write(s / "test/images/2.tif", _image()),
+     "test/images/2.tif", "both a train and a test tile"),
+    ("id with a dot", lambda s: _write(s / "test/images/11.5.tif", _image()),
+     "11.5.tif", "contains a dot"),
+]
+
+
+def _assert_clean_failure(out: Path) -> None:
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tar")) if out.exists() else True
+
+
+@pytest.mark.parametrize("break_source, filename, problem", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_cli_names_file_and_problem(src, tmp_path, capsys, break_source, filename, problem):
+    break_source(src)
+    out = tmp_path / "out"
+    rc = main(["pack", "--src", str(src), "--out", str(out), "--folds", "2", "--workers", "2",
+               "--samples-per-shard", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert filename in err and problem in err, err
+    _assert_clean_failure(out)
+
+
+def test_api_raises_input_error_in_process(src, tmp_path):
+    _mask_with_12(src / "train/masks/2.tif")
+    with pytest.raises(InputError, match=r"masks/2\.tif: mask value 12 above 9"):
+        pack(src, tmp_path / "out", folds=2, workers=0, progress=False)
+    _assert_clean_failure(tmp_path / "out")
+
+
+def test_late_failure_removes_written_shards(src, tmp_path):
+    """A truncated image found only in the second pass (header intact): shards already written go too."""
+    _write(src / "train/images/4.tif", _image())
+    _write(src / "train/masks/4.tif", _mask())
+    _truncate(src / "train/images/3.tif", 300_000)
+    with pytest.raises(InputError, match=r"3\.tif: truncated TIFF"):
+        pack(src, tmp_path / "out", folds=2, samples_per_shard=1, workers=0, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no tiles", "a file"])
+def test_source_folder_missing_or_empty(tmp_path, capsys, case):
+    src = tmp_path / "src"
+    if case == "empty":
+        src.mkdir()
+    elif case == "no tiles":
+        (src / "train/images").mkdir(parents=True)
+        (src / "train/images/readme.txt").write_text("no tiles here")
+    elif case == "a file":
+        src.write_text("not a folder")
+    rc = main(["pack", "--src", str(src), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(src) in err
+    assert ("does not exist" if case == "missing" else "not a folder" if case == "a file" else "no tiles found") in err
+    _assert_clean_failure(tmp_path / "out")
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--folds", "0"], "--folds must be at least 1"),
+    (["--folds", "4"], "cannot split 3 train tiles into 4 folds"),
+    (["--samples-per-shard", "0"], "samples per shard must be at least 1"),
+    (["--shard-size", "0"], "shard size must be positive"),
+])
+def test_bad_options(src, tmp_path, capsys, args, problem):
+    assert main(["pack", "--src", str(src), "--out", str(tmp_path / "out"), *args]) == 2
+    assert problem in capsys.readouterr().err
+    _assert_clean_failure(tmp_path / "out")
+
+
+def test_output_is_a_file(src, tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    assert main(["pack", "--src", str(src), "--out", str(tmp_path / "out"), "--folds", "2"]) == 2
+    assert "not a folder" in capsys.readouterr().err

@@ -1,0 +1,228 @@
+"""pack: layout, fold purity and stratification, exact props and statistics, reproducibility, overwrite."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from shard_tools import pack as pack_module
+from shard_tools.cli import main
+from shard_tools.describe import describe, fold_kl
+from shard_tools.errors import InputError
+from shard_tools.folds import assign_folds
+from shard_tools.format import CLASS_NAMES, decode_sample
+from shard_tools.manifest import load_manifest
+from shard_tools.pack import pack
+from shard_tools.verify import verify
+
+
+def _ids(folder):
+    return sorted((p.stem for p in folder.glob("*.tif")), key=int)
+
+
+@pytest.fixture(scope="module")
+def small_src(sample_root, tmp_path_factory):
+    """12 real train tiles and 2 real test tiles copied into the challenge layout."""
+    src = tmp_path_factory.mktemp("small") / "src"
+    for sub, ids in (("train/images", _ids(sample_root / "train/images")[:12]),
+                     ("train/masks", _ids(sample_root / "train/images")[:12]),
+                     ("test/images", _ids(sample_root / "test/images")[:2])):
+        (src / sub).mkdir(parents=True)
+        for i in ids:
+            shutil.copy(sample_root / sub / f"{i}.tif", src / sub / f"{i}.tif")
+    return src
+
+
+def _read_shards(paths):
+    """Every sample of the shards as (key, image, mask, props), read the way the trainer reads them."""
+    import webdataset as wds
+
+    dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False)
+    return [decode_sample(sample) for sample in dataset]
+
+
+# ---------------------------------------------------------------- the real sample
+
+
+def test_layout_counts_and_fold_purity(packed_sample, sample_root):
+    m = load_manifest(packed_sample)
+    assert m.data["counts"] == {"train": 300, "test": 24}
+    assert m.num_folds == 5 and m.data["seed"] == 0 and m.data["class_names"] == list(CLASS_NAMES)
+    names = sorted(p.name for p in packed_sample.glob("*.tar"))
+    assert names == sorted(s["name"] for s in m.data["shards"])
+    for entry in m.data["shards"]:
+        assert (packed_sample / entry["name"]).stat().st_size == entry["bytes"]
+        assert entry["count"] == len(entry["keys"]) <= 16
+        if entry["split"] == "train":
+            assert re.fullmatch(rf"train-f{entry['fold']}-\d{{6}}\.tar", entry["name"])
+            assert {m.data["folds"][k] for k in entry["keys"]} == {entry["fold"]}
+        else:
+            assert re.fullmatch(r"test-\d{6}\.tar", entry["name"]) and entry["fold"] is None
+    train_keys = [k for s in m.shards("train") for k in s["keys"]]
+    assert sorted(train_keys, key=int) == _ids(sample_root / "train/images")
+    assert sorted(m.data["folds"], key=int) == _ids(sample_root / "train/images")
+    assert sorted(k for s in m.shards("test") for k in s["keys"]) == sorted(_ids(sample_root / "test/images"))
+    assert np.bincount(list(m.data["folds"].values())).tolist() == [60] * 5
+
+
+def test_shards_are_in_numeric_id_order(packed_sample):
+    m = load_manifest(packed_sample)
+    for k in range(m.num_folds):
+        keys = [key for s in m.shards("train", [k]) for key in s["keys"]]
+        assert keys == sorted(keys, key=int)
+
+
+def test_props_read_back_equal_train_labels(packed_sample, sample_root):
+    labels = pd.read_csv(sample_root / "train_labels.csv").set_index("sample_id")
+    m = load_manifest(packed_sample)
+    samples = _read_shards(m.shard_path(s) for s in m.shards("train"))
+    assert len(samples) == 300
+    compared = 0
+    for key, image, mask, props in samples:
+        assert image.shape == (256, 256, 4) and image.dtype == np.uint16 and mask.dtype == np.uint8
+        if int(key) in labels.index:
+            assert np.array_equal(props, labels.loc[int(key), list(CLASS_NAMES)].to_numpy(np.float64)), key
+            compared += 1
+    assert compared == len(set(map(int, m.data["folds"])) & set(labels.index)) == 300
+
+
+def test_channel_stats_and_class_pixels_exact(packed_sample, sample_root):
+    m = load_manifest(packed_sample)
+    images = [tifffile.imread(p).reshape(-1, 4) for p in (sample_root / "train/images").glob("*.tif")]
+    n = sum(len(im) for im in images)
+    mean = sum(im.sum(axis=0, dtype=np.float64) for im in images) / n  # float64 sums of integers: exact
+    std = np.sqrt(sum(((im - mean) ** 2).sum(axis=0) for im in images) / n)  # two-pass, independent of pack's
+    stats = m.data["channel_stats"]
+    np.testing.assert_allclose(stats["mean"], mean, rtol=1e-15)
+    np.testing.assert_allclose(stats["std"], std, rtol=1e-12)
+    assert stats["min"] == np.min([im.min(axis=0) for im in images], axis=0).tolist()
+    assert stats["max"] == np.max([im.max(axis=0) for im in images], axis=0).tolist()
+    for k in range(m.num_folds):
+        ids = [i for i, f in m.data["folds"].items() if f == k]
+        counts = sum(np.bincount(tifffile.imread(sample_root / "train/masks" / f"{i}.tif").ravel(), minlength=10)
+                     for i in ids)
+        assert m.class_pixels([k]).tolist() == counts.tolist()
+
+
+def test_folds_are_stratified(packed_sample):
+    kl = fold_kl(load_manifest(packed_sample))
+    assert len(kl) == 5
+    assert max(kl.values()) < 1e-3, kl  # a random split of these 300 tiles: ~4e-3 (docs/benchmarks_shards.md)
+
+
+def test_describe_reports_folds_kl_and_channels(packed_sample):
+    text = describe(packed_sample)
+    for needle in ("train     0       4       60", "test      -", "KL vs global", "NIR", "cultivated"):
+        assert needle in text
+    kl_lines = [line for line in text.splitlines() if re.match(r"^\s+\d  ", line) and "e-" in line]
+    assert len(kl_lines) == 5
+
+
+def test_describe_kl_is_the_challenge_formula():
+    from dist_lc.metrics import kl_score  # the project's score; shard_tools itself must not import dist_lc
+
+    from shard_tools.describe import kl_divergence
+
+    rng = np.random.default_rng(5)
+    for y, yhat in rng.dirichlet(np.ones(10), size=(20, 2)):
+        yhat[4] = 0.0
+        assert kl_divergence(y, yhat) == pytest.approx(kl_score(y[None], yhat[None]), rel=1e-12)
+
+
+# ---------------------------------------------------------------- folds
+
+
+def test_assign_folds_balanced_deterministic_and_seeded():
+    props = np.random.default_rng(1).dirichlet(np.full(10, 0.3), size=23)
+    a = assign_folds(props, 5, seed=3)
+    assert np.array_equal(a, assign_folds(props, 5, seed=3))
+    assert not np.array_equal(a, assign_folds(props, 5, seed=4))
+    assert sorted(np.bincount(a, minlength=5).tolist()) == [4, 4, 5, 5, 5]
+    assert assign_folds(props, 1).tolist() == [0] * 23
+    with pytest.raises(ValueError):
+        assign_folds(props[:3], 5)
+
+
+# ---------------------------------------------------------------- small real copies
+
+
+def test_shards_are_byte_reproducible(small_src, tmp_path):
+    a = pack(small_src, tmp_path / "a", folds=3, samples_per_shard=3, workers=0, progress=False)
+    b = pack(small_src, tmp_path / "b", folds=3, samples_per_shard=3, workers=2, progress=False)
+    assert a.data["shards"] == b.data["shards"]
+    for entry in a.data["shards"]:
+        assert (tmp_path / "a" / entry["name"]).read_bytes() == (tmp_path / "b" / entry["name"]).read_bytes()
+
+
+def test_refuses_non_empty_folder_and_overwrite_replaces(small_src, tmp_path):
+    out = tmp_path / "out"
+    pack(small_src, out, folds=2, samples_per_shard=2, workers=0, progress=False)
+    before = {p.name for p in out.glob("*.tar")}
+    with pytest.raises(InputError, match="not empty.*--overwrite"):
+        pack(small_src, out, folds=2, workers=0, progress=False)
+    (out / "notes.txt").write_text("kept")
+    m = pack(small_src, out, folds=2, samples_per_shard=5, workers=0, overwrite=True, progress=False)
+    after = {p.name for p in out.glob("*.tar")}
+    assert after == {s["name"] for s in m.data["shards"]} and len(after) < len(before)
+    assert (out / "notes.txt").read_text() == "kept"
+    verify(out)
+
+
+def test_crash_during_overwrite_leaves_no_manifest_and_no_shards(small_src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    pack(small_src, out, folds=2, samples_per_shard=2, workers=0, progress=False)
+    calls = []
+
+    def failing_load(tile):
+        calls.append(tile.id)
+        if len(calls) > 5:
+            raise RuntimeError("simulated crash")
+        return real_load(tile)
+
+    real_load = pack_module.load_tile
+    monkeypatch.setattr(pack_module, "load_tile", failing_load)
+    with pytest.raises(RuntimeError):
+        pack(small_src, out, folds=2, samples_per_shard=2, workers=0, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_shard_size_limit(small_src, tmp_path):
+    m = pack(small_src, tmp_path / "out", folds=2, shard_size_mb=2, workers=0, progress=False)
+    train = m.shards("train")
+    assert len(train) >= 4
+    assert all(s["bytes"] <= 2_000_000 or s["count"] == 1 for s in train)
+
+
+def test_test_only_source(small_src, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_src / "test", src / "test")
+    m = pack(src, tmp_path / "out", workers=0, progress=False)
+    assert m.data["counts"] == {"train": 0, "test": 2} and m.data["folds"] == {}
+    verify(tmp_path / "out")
+    assert "test      -       1        2" in describe(tmp_path / "out")
+
+
+def test_cli_pack_verify_describe(small_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["pack", "--src", str(small_src), "--out", str(out), "--folds", "3", "--seed", "1",
+                 "--samples-per-shard", "4", "--workers", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 1 and manifest["num_folds"] == 3
+    assert main(["verify", str(out)]) == 0
+    assert main(["describe", str(out)]) == 0
+    assert "KL vs global" in capsys.readouterr().out
+    assert main(["pack", "--src", str(small_src), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_python_dash_m(small_src, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "shard_tools", "describe", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and "does not exist" in run.stderr

@@ -1,0 +1,196 @@
+"""verify: a good folder passes; each kind of damage fails, naming the shard (and the sample when known)."""
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shard_tools.cli import main
+from shard_tools.errors import InputError
+from shard_tools.pack import pack
+from shard_tools.verify import verify
+
+SHARD = "train-f1-000000.tar"
+
+
+@pytest.fixture(scope="module")
+def small_packed(sample_root, tmp_path_factory) -> Path:
+    """12 real train tiles (2 folds, 3 per shard) and 2 real test tiles, packed once for this module."""
+    src = tmp_path_factory.mktemp("verify") / "src"
+    train_ids = sorted((p.stem for p in (sample_root / "train/images").glob("*.tif")), key=int)[:12]
+    test_ids = sorted(p.stem for p in (sample_root / "test/images").glob("*.tif"))[:2]
+    for sub, ids in (("train/images", train_ids), ("train/masks", train_ids), ("test/images", test_ids)):
+        (src / sub).mkdir(parents=True)
+        for i in ids:
+            shutil.copy(sample_root / sub / f"{i}.tif", src / sub / f"{i}.tif")
+    out = src.parent / "shards"
+    pack(src, out, folds=2, samples_per_shard=3, workers=0, progress=False)
+    return out
+
+
+@pytest.fixture
+def shards(small_packed, tmp_path) -> Path:
+    """A private copy to damage."""
+    return Path(shutil.copytree(small_packed, tmp_path / "shards"))
+
+
+def _member(shard: Path, suffix: str, index: int = 0) -> tarfile.TarInfo:
+    with tarfile.open(shard) as tar:
+        return [m for m in tar.getmembers() if m.name.endswith(suffix)][index]
+
+
+def _patch(shard: Path, offset: int, value: int) -> None:
+    data = bytearray(shard.read_bytes())
+    data[offset] = value
+    shard.write_bytes(bytes(data))
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    data = _manifest(root)
+    edit(data)
+    (root / "manifest.json").write_text(json.dumps(data))
+
+
+def _fails(root: Path, *needles: str) -> str:
+    with pytest.raises(InputError) as info:
+        verify(root)
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_real_sample_verifies(packed_sample):
+    verify(packed_sample)
+
+
+def test_cli_ok_and_failure(shards, capsys):
+    assert main(["verify", str(shards)]) == 0
+    (shards / SHARD).unlink()
+    assert main(["verify", str(shards)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and SHARD in err and err.count("\n") == 1
+
+
+def test_flipped_pixel_byte_is_a_sha_mismatch(shards):
+    image = _member(shards / SHARD, ".image.npy")
+    offset = image.offset_data + 128 + 5000  # past the .npy header, inside the pixels
+    _patch(shards / SHARD, offset, (shards / SHARD).read_bytes()[offset] ^ 0x01)
+    _fails(shards, SHARD, "sha256 mismatch")
+
+
+def test_flipped_mask_byte_names_the_sample(shards):
+    mask = _member(shards / SHARD, ".mask.npy", index=1)
+    key = mask.name.split(".")[0]
+    offset = mask.offset_data + 128 + 1000
+    _patch(shards / SHARD, offset, (shards / SHARD).read_bytes()[offset] % 9 + 1)  # another class, 1..9
+    _fails(shards, SHARD, f"sample {key!r}", "props differ from the class proportions of its mask")
+
+
+def test_mask_value_above_9_names_the_sample(shards):
+    mask = _member(shards / SHARD, ".mask.npy", index=2)
+    _patch(shards / SHARD, mask.offset_data + 128 + 77, 200)
+    _fails(shards, SHARD, f"sample {mask.name.split('.')[0]!r}", "mask value 200 above 9")
+
+
+def test_flipped_header_byte(shards):
+    _patch(shards / SHARD, 3, ord("#"))  # inside the first member's name: its header checksum fails
+    _fails(shards, SHARD, "corrupt tar")
+
+
+def test_truncated_shard_names_the_sample(shards):
+    mask = _member(shards / SHARD, ".mask.npy", index=1)
+    data = (shards / SHARD).read_bytes()
+    (shards / SHARD).write_bytes(data[: mask.offset_data + 100])
+    _fails(shards, SHARD, "truncated", f"sample {mask.name.split('.')[0]!r}")
+
+
+def test_shard_truncated_at_a_sample_boundary(shards):
+    props = _member(shards / SHARD, ".props.npy", index=1)
+    data = (shards / SHARD).read_bytes()
+    (shards / SHARD).write_bytes(data[: props.offset_data + 512])  # two whole samples, no end-of-archive
+    _fails(shards, SHARD, "2 samples, manifest says 3")
+
+
+def test_missing_shard(shards):
+    (shards / "test-000000.tar").unlink()
+    _fails(shards, "test-000000.tar", "shard missing")
+
+
+def test_manifest_count_differs(shards):
+    _edit_manifest(shards, lambda d: d["shards"][1].update(count=d["shards"][1]["count"] + 1))
+    name = _manifest(shards)["shards"][1]["name"]
+    _fails(shards, name, "3 samples, manifest says 4")
+
+
+def test_manifest_keys_differ(shards):
+    def rename(data):
+        entry = next(s for s in data["shards"] if s["name"] == SHARD)
+        entry["keys"][1] = "999999"
+    _edit_manifest(shards, rename)
+    _fails(shards, SHARD, "keys differ", "'999999'")
+
+
+def test_manifest_fold_table_differs(shards):
+    def move(data):
+        key = next(s for s in data["shards"] if s["name"] == SHARD)["keys"][0]
+        data["folds"][key] = 0
+    _edit_manifest(shards, move)
+    _fails(shards, SHARD, "by the manifest's folds, the shard is fold 1")
+
+
+def test_manifest_sha_or_size_differs(shards):
+    _edit_manifest(shards, lambda d: d["shards"][0].update(sha256="0" * 64))
+    _fails(shards, _manifest(shards)["shards"][0]["name"], "sha256 mismatch")
+    _edit_manifest(shards, lambda d: d["shards"][0].update(bytes=d["shards"][0]["bytes"] + 512))
+    _fails(shards, "bytes, manifest says")
+
+
+def test_manifest_class_pixels_differ(shards):
+    _edit_manifest(shards, lambda d: d["fold_class_pixels"]["0"].__setitem__(3, 1))
+    _fails(shards, "fold 0 class pixels")
+
+
+def test_manifest_channel_stats_differ(shards):
+    _edit_manifest(shards, lambda d: d["channel_stats"]["mean"].__setitem__(2, 1.0))
+    _fails(shards, "channel mean")
+
+
+def test_stray_shard(shards):
+    shutil.copy(shards / SHARD, shards / "train-f1-000009.tar")
+    _fails(shards, "train-f1-000009.tar", "not listed in the manifest")
+
+
+def test_unknown_encoding_is_refused(shards):
+    _edit_manifest(shards, lambda d: d.update(encoding={"image": "zstd", "mask": "npy", "props": "npy"}))
+    _fails(shards, "manifest.json", "encoding", "this tool decodes")
+
+
+def test_no_manifest(shards):
+    (shards / "manifest.json").unlink()
+    _fails(shards, "no manifest")
+
+
+def test_several_problems_are_counted(shards):
+    (shards / "test-000000.tar").unlink()
+    (shards / SHARD).unlink()
+    message = _fails(shards, "shard missing")
+    assert message.endswith("(and 1 more problem(s))")
+
+
+def test_props_member_must_equal_mask_proportions(shards):
+    props = _member(shards / SHARD, ".props.npy")
+    offset = props.offset_data + 128 + 8 * 3  # the float64 of class 3
+    data = bytearray((shards / SHARD).read_bytes())
+    data[offset:offset + 8] = np.float64(0.5).tobytes()
+    (shards / SHARD).write_bytes(bytes(data))
+    _fails(shards, SHARD, "props differ")
