@@ -1,0 +1,162 @@
+"""The Preligens benchmark U-Net, layer for layer, in PyTorch.
+
+The original is Keras (preligens-lab/challenge-ens, ``framework/model.py``, ``UNet``, itself adapted
+from keras-unet's ``satellite_unet``). With ``f = filters`` (64) and ``u = upconv_filters`` (96)::
+
+    input (4) ─ Conv3x3(f) ReLU                         (no normalisation before the first conv)
+    c1 = Block(f);  x = Block(f);  MaxPool2x2
+    num_layers times:   x = Block(f); x = Block(f); skip_i = x; x = Block(f); MaxPool2x2
+    bottom:             x = Block(f); x = Block(f); x = UpBlock(f)
+    for skip_i reversed: x = concat(x, skip_i); x = Block(u); x = Block(f); x = UpBlock(f)
+    x = concat(x, c1);  x = Block(u); x = Block(f)
+    Conv1x1(num_classes)                                  (logits: the softmax lives in the loss)
+
+    Block(n)   = Norm → Conv3x3(n, same padding) → ReLU
+    UpBlock(n) = Norm → ConvTranspose3x3(n, stride 2, Keras 'same' + output_padding 1) → ReLU
+
+The input is halved ``num_layers + 1`` times, so H and W must be multiples of ``2 ** (num_layers + 1)``.
+With num_layers=2, filters=64, upconv_filters=96, 4 input bands and 10 classes it has 984,234
+trainable parameters, as the Keras model.
+
+Parity details: Keras ``BatchNormalization()`` defaults (momentum 0.99, epsilon 1e-3) are PyTorch
+``momentum=0.01, eps=1e-3``; ``init="he_normal"`` reproduces Keras' initialisers (truncated-normal
+He for the 3×3 convolutions, Glorot-uniform for the transposed and the final 1×1 convolutions, zero
+biases); the transposed convolution keeps TensorFlow's 'same' alignment (see :class:`UpConv`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from shard_tools.errors import InputError
+
+NORMS = ("batch", "group")
+INITS = ("he_normal", "torch")
+# TensorFlow's truncated_normal initialisers divide the stddev by the std of a unit normal cut at ±2.
+_TRUNC_STD = 0.87962566103423978
+
+
+def _norm(kind: str, channels: int, momentum: float, eps: float, groups: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels, momentum=momentum, eps=eps)
+    if channels % groups:
+        raise ValueError(f"GroupNorm: {channels} channels are not divisible by groups={groups}")
+    return nn.GroupNorm(groups, channels, eps=eps)
+
+
+class UpConv(nn.Module):
+    """Keras ``Conv2DTranspose(k=3, strides=2, padding='same', output_padding=1)``: H×W → 2H×2W.
+
+    TensorFlow places input pixel i at output rows 2i, 2i+1, 2i+2 (the implied forward convolution
+    pads only at the bottom/right); PyTorch's ``padding=1, output_padding=1`` would place it one row
+    earlier. So: an unpadded transposed convolution (2H+1 rows) cropped to its first 2H rows.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return self.conv(x)[..., : 2 * h, : 2 * w]
+
+
+class UNet(nn.Module):
+    """The benchmark U-Net; ``forward(x: N×C×H×W float) -> logits N×num_classes×H×W``."""
+
+    def __init__(self, in_channels: int = 4, num_classes: int = 10, num_layers: int = 2,
+                 filters: int = 64, upconv_filters: int = 96, norm: str = "batch",
+                 bn_momentum: float = 0.01, bn_eps: float = 1e-3, groups: int = 8,
+                 init: str = "he_normal"):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        self.num_layers = num_layers
+        self._norm_args = (norm, bn_momentum, bn_eps, groups)
+        f, u = filters, upconv_filters
+
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, f, 3, padding=1), nn.ReLU(inplace=True))
+        self.c1 = self._block(f, f)
+        self.stem_out = self._block(f, f)
+        self.down = nn.ModuleList(
+            nn.ModuleList([nn.Sequential(self._block(f, f), self._block(f, f)), self._block(f, f)])
+            for _ in range(num_layers)
+        )
+        self.bottom = nn.Sequential(self._block(f, f), self._block(f, f), self._up_block(f, f))
+        self.up = nn.ModuleList(
+            nn.Sequential(self._block(2 * f, u), self._block(u, f), self._up_block(f, f))
+            for _ in range(num_layers)
+        )
+        self.head = nn.Sequential(self._block(2 * f, u), self._block(u, f))
+        self.classifier = nn.Conv2d(f, num_classes, 1)
+        self.pool = nn.MaxPool2d(2, 2)
+        if init == "he_normal":
+            self._init_keras()
+
+    def _block(self, cin: int, cout: int) -> nn.Sequential:
+        """Norm → Conv3x3 (same padding) → ReLU."""
+        return nn.Sequential(_norm(self._norm_args[0], cin, *self._norm_args[1:]),
+                             nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True))
+
+    def _up_block(self, cin: int, cout: int) -> nn.Sequential:
+        """Norm → ConvTranspose3x3 stride 2 (Keras 'same') → ReLU."""
+        return nn.Sequential(_norm(self._norm_args[0], cin, *self._norm_args[1:]),
+                             UpConv(cin, cout), nn.ReLU(inplace=True))
+
+    @torch.no_grad()
+    def _init_keras(self) -> None:
+        """Keras initialisers: he_normal (truncated) for 3×3 convs, glorot_uniform elsewhere, zero biases."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                fan_in = m.weight[0].numel()
+                std = math.sqrt(2.0 / fan_in) / _TRUNC_STD
+                nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
+            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                continue
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multiple = 2 ** (self.num_layers + 1)
+        if x.shape[-2] % multiple or x.shape[-1] % multiple:
+            raise ValueError(f"UNet(num_layers={self.num_layers}) needs H and W divisible by {multiple}, "
+                             f"got {tuple(x.shape[-2:])}")
+        c1 = self.c1(self.stem(x))
+        x = self.pool(self.stem_out(c1))
+        skips = []
+        for pair, last in self.down:
+            x = pair(x)
+            skips.append(x)
+            x = self.pool(last(x))
+        x = self.bottom(x)
+        for block, skip in zip(self.up, reversed(skips)):
+            x = block(torch.cat([x, skip], dim=1))
+        x = self.head(torch.cat([x, c1], dim=1))
+        return self.classifier(x)
+
+
+MODEL_KEYS = ("in_channels", "num_classes", "num_layers", "filters", "upconv_filters", "norm",
+              "bn_momentum", "bn_eps", "groups", "init")
+
+
+def build_model(cfg: dict) -> UNet:
+    """A :class:`UNet` from the config's model section (keys: :data:`MODEL_KEYS`, all optional)."""
+    unknown = sorted(set(cfg) - set(MODEL_KEYS))
+    if unknown:
+        raise InputError(f"model config: unknown key(s) {', '.join(unknown)}; known: {', '.join(MODEL_KEYS)}")
+    try:
+        return UNet(**cfg)
+    except ValueError as exc:
+        raise InputError(f"model config: {exc}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

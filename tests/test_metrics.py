@@ -1,0 +1,100 @@
+"""dist_lc.metrics against an independent float64 pandas reference of the challenge's own scoring."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dist_lc.metrics import kl_per_class, kl_per_sample, kl_score, kl_terms, tile_proportions
+
+NAMES = ["no_data", "clouds", "artificial", "cultivated", "broadleaf",
+         "coniferous", "herbaceous", "natural", "snow", "water"]
+
+
+def challenge_kl(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The challenge's scoring, written the way its pandas code does it."""
+    cols = NAMES if y_true.shape[1] == 10 else NAMES[2:]
+    t = pd.DataFrame(y_true, columns=cols, dtype="float64").drop(columns=["no_data", "clouds"], errors="ignore")
+    p = pd.DataFrame(y_pred, columns=cols, dtype="float64").drop(columns=["no_data", "clouds"], errors="ignore")
+    t = t.div(t.sum(axis=1), axis=0) + 1e-7
+    p = p.div(p.sum(axis=1), axis=0) + 1e-7
+    return float((t * np.log(t / p)).sum(axis=1).mean())
+
+
+def random_props(rng, n, cols=10, zeros=0.3):
+    x = rng.random((n, cols))
+    x[rng.random((n, cols)) < zeros] = 0.0
+    x[:, 2] += 1e-3  # keep at least one scored class per row
+    return x / x.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(2021)
+
+
+@pytest.mark.parametrize("cols", [10, 8])
+def test_score_matches_reference_on_random_inputs(rng, cols):
+    t, p = random_props(rng, 50, cols), random_props(rng, 50, cols, zeros=0.0)
+    assert kl_score(t, p) == pytest.approx(challenge_kl(t, p), rel=1e-12)
+
+
+def test_zeros_in_truth_and_prediction(rng):
+    t, p = random_props(rng, 40, zeros=0.6), random_props(rng, 40, zeros=0.6)
+    score = kl_score(t, p)
+    assert np.isfinite(score) and score > 0
+    assert score == pytest.approx(challenge_kl(t, p), rel=1e-12)
+
+
+def test_a_missed_class_costs_about_16_times_its_share():
+    t = np.array([[0, 0, 0.5, 0.5, 0, 0, 0, 0, 0, 0]], dtype=float)
+    p = np.array([[0, 0, 1.0, 0.0, 0, 0, 0, 0, 0, 0]], dtype=float)
+    assert kl_score(t, p) == pytest.approx(challenge_kl(t, p), rel=1e-12)
+    assert kl_score(t, p) == pytest.approx(0.5 * np.log(0.5 / 1e-7) + 0.5 * np.log(0.5 / 1.0), rel=1e-5)
+
+
+def test_unnormalised_rows_are_renormalised(rng):
+    t, p = random_props(rng, 30), random_props(rng, 30)
+    scale_t, scale_p = rng.uniform(0.1, 10, (30, 1)), rng.uniform(0.1, 10, (30, 1))
+    assert kl_score(t * scale_t, p * scale_p) == pytest.approx(kl_score(t, p), rel=1e-12)
+    assert kl_score(t * scale_t, p * scale_p) == pytest.approx(challenge_kl(t * scale_t, p * scale_p), rel=1e-12)
+
+
+def test_ignored_columns_do_not_matter(rng):
+    t, p = random_props(rng, 30), random_props(rng, 30)
+    t2, p2 = t.copy(), p.copy()
+    t2[:, :2] = rng.random((30, 2)) * 5
+    p2[:, :2] = rng.random((30, 2)) * 5
+    assert kl_score(t2, p2) == pytest.approx(kl_score(t, p), rel=1e-12)
+    assert kl_score(t, p) == pytest.approx(kl_score(t[:, 2:], p[:, 2:]), rel=1e-12)  # 10 vs 8 columns
+
+
+def test_identical_rows_score_zero(rng):
+    t = random_props(rng, 20)
+    assert kl_score(t, t) == 0.0
+    assert np.all(kl_per_sample(t, t) == 0.0)
+
+
+def test_per_sample_and_per_class_add_up_to_the_score(rng):
+    t, p = random_props(rng, 25), random_props(rng, 25)
+    per_class = kl_per_class(t, p)
+    assert list(per_class) == NAMES[2:]
+    assert sum(per_class.values()) == pytest.approx(kl_score(t, p), rel=1e-12)
+    assert kl_per_sample(t, p).mean() == pytest.approx(kl_score(t, p), rel=1e-12)
+    assert kl_terms(t, p).shape == (25, 8)
+
+
+def test_bad_shape_is_refused():
+    with pytest.raises(ValueError, match="expected"):
+        kl_score(np.ones((3, 9)), np.ones((3, 9)))
+
+
+def test_tile_proportions_drops_no_data_and_clouds(rng):
+    probs = rng.random((6, 10))
+    probs /= probs.sum(axis=1, keepdims=True)
+    out = tile_proportions(probs)
+    assert np.all(out[:, :2] == 0)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(out[:, 2:], probs[:, 2:] / probs[:, 2:].sum(axis=1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(tile_proportions(probs[0]), out[0], rtol=1e-12)  # one tile (10,)
+    assert np.all(probs[:, :2] > 0)  # the input is not modified

@@ -1,0 +1,137 @@
+"""The benchmark U-Net: parameter count, shapes, Keras parity details, memory formats, config."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dist_lc.model import UNet, UpConv, build_model, count_parameters
+from shard_tools.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet:
+    torch.manual_seed(0)
+    return UNet()
+
+
+def test_benchmark_parameter_count(unet):
+    # Keras model.summary() of framework/model.py UNet(num_layers=2), 4 bands, 10 classes.
+    assert count_parameters(unet) == 984_234
+
+
+def test_parameter_count_formula_for_other_depths():
+    f, u, bn = 64, 96, lambda c: 2 * c
+    conv = lambda cin, cout, k=3: cin * k * k * cout + cout  # noqa: E731
+    block = lambda cin, cout: bn(cin) + conv(cin, cout)  # noqa: E731
+    for layers in (0, 1, 3):
+        expected = (conv(4, f) + 2 * block(f, f) + layers * 3 * block(f, f) + 3 * block(f, f)
+                    + layers * (block(2 * f, u) + block(u, f) + block(f, f))
+                    + block(2 * f, u) + block(u, f) + conv(f, 10, 1))
+        assert count_parameters(UNet(num_layers=layers)) == expected
+
+
+def test_group_norm_variant_has_same_count_and_no_batchnorm():
+    model = UNet(norm="group", groups=8)
+    assert count_parameters(model) == 984_234
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 19
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 32, 32), (1, 4, 16, 40)])
+def test_output_shape_is_logits_per_pixel(unet, shape):
+    out = unet(torch.rand(shape))
+    assert out.shape == (shape[0], 10, *shape[2:])
+    assert out.dtype == torch.float32
+
+
+def test_rejects_sizes_not_divisible_by_the_pooling(unet):
+    with pytest.raises(ValueError, match="divisible by 8"):
+        unet(torch.rand(1, 4, 20, 32))
+
+
+def test_keras_batchnorm_defaults(unet):
+    bns = [m for m in unet.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 19
+    assert all(bn.momentum == 0.01 and bn.eps == 1e-3 for bn in bns)
+
+
+def test_he_normal_init_matches_keras():
+    torch.manual_seed(1)
+    model = UNet(init="he_normal")
+    conv = model.down[0][1][1]  # a 64 -> 64 3x3 convolution, 36,864 weights
+    std = math.sqrt(2 / (64 * 9))
+    assert conv.weight.std().item() == pytest.approx(std, rel=0.03)
+    assert conv.weight.abs().max().item() <= 2 * std / 0.87962566103423978 + 1e-7
+    assert torch.count_nonzero(conv.bias) == 0
+    limit = math.sqrt(6 / (64 * 9 + 64 * 9))  # glorot_uniform of the transposed convolutions
+    up = model.bottom[2][1].conv
+    assert up.weight.abs().max().item() <= limit
+    assert torch.count_nonzero(up.bias) == 0
+
+
+def test_upconv_uses_tensorflow_same_alignment():
+    # TensorFlow: input pixel (i, j) lands on output rows 2i..2i+2 and columns 2j..2j+2 (cropped to 2H x 2W).
+    up = UpConv(1, 1)
+    with torch.no_grad():
+        up.conv.weight.copy_(torch.arange(1.0, 10.0).view(1, 1, 3, 3))
+        up.conv.bias.zero_()
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 1, 2] = 1.0
+    out = up(x)[0, 0]
+    assert out.shape == (8, 8)
+    assert torch.equal(out[2:5, 4:7], torch.arange(1.0, 10.0).view(3, 3))
+    assert out.sum() == 45
+    corner = torch.zeros(1, 1, 4, 4)
+    corner[0, 0, 3, 3] = 1.0  # the last row/column of the kernel falls outside and is cropped
+    assert torch.equal(up(corner)[0, 0, 6:, 6:], torch.tensor([[1.0, 2.0], [4.0, 5.0]]))
+
+
+def test_channels_last_matches_contiguous(unet):
+    unet.eval()
+    x = torch.rand(2, 4, 32, 32)
+    with torch.no_grad():
+        ref = unet(x)
+        model_cl = UNet()
+        model_cl.load_state_dict(unet.state_dict())
+        model_cl.eval().to(memory_format=torch.channels_last)
+        out = model_cl(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_train_step_updates_batchnorm_and_gradients_are_finite():
+    torch.manual_seed(0)
+    model = UNet(num_layers=1)
+    bn = model.c1[0]
+    before = bn.running_mean.clone()
+    out = model(torch.rand(2, 4, 16, 16))
+    out.logsumexp(1).mean().backward()
+    assert not torch.equal(before, bn.running_mean)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_torch_init_option_differs_from_keras():
+    torch.manual_seed(0)
+    default = UNet(init="torch")
+    assert torch.count_nonzero(default.stem[0].bias) > 0  # PyTorch's default bias init is not zero
+
+
+def test_build_model_from_config_dict():
+    cfg = dict(in_channels=4, num_classes=10, num_layers=2, filters=64, upconv_filters=96, norm="batch",
+               bn_momentum=0.01, bn_eps=1e-3, groups=8, init="he_normal")
+    assert count_parameters(build_model(cfg)) == 984_234
+    small = build_model({"num_layers": 1, "filters": 16, "upconv_filters": 24, "norm": "group", "groups": 4})
+    assert small(torch.rand(1, 4, 16, 16)).shape == (1, 10, 16, 16)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"filter": 64}, "unknown key"),
+    ({"norm": "layer"}, "norm must be one of"),
+    ({"init": "xavier"}, "init must be one of"),
+    ({"norm": "group", "groups": 7}, "not divisible"),
+])
+def test_build_model_rejects_bad_config(cfg, message):
+    with pytest.raises(InputError, match=message):
+        build_model(cfg)
