@@ -1,0 +1,195 @@
+"""Shards → batches, split across ranks and DataLoader workers.
+
+How an epoch is laid out (the same on every rank, computed from the manifest alone):
+
+* the epoch's shards are put in an order (shuffled with ``seed`` and ``epoch`` for training,
+  manifest order otherwise) and their samples numbered 0..N-1 in that order;
+* training: ``steps = N // (world × micro × accum)``; rank r reads the contiguous range
+  ``[r·n, (r+1)·n)`` with ``n = steps × accum × micro``, so every rank runs exactly ``steps``
+  optimizer steps of full micro-batches, whatever the shard sizes (at most
+  ``world × micro × accum − 1`` samples, a different tail each epoch, wait for the next epoch);
+* evaluation: ranges split as evenly as possible with nothing dropped: each tile once overall;
+* inside a rank, the range is split into contiguous pieces for the DataLoader workers
+  (in whole micro-batches for training), each worker streams only the shards its piece touches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shard_tools.errors import InputError
+from shard_tools.format import class_proportions, decode_sample
+from shard_tools.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: str
+    skip: int   # samples to pass over at the start of the shard
+    take: int   # samples to yield after that
+
+
+def balanced_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """The index-th of ``parts`` contiguous pieces of range(total), sizes differing by at most one."""
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def segments(shards: list[tuple[str, int]], start: int, stop: int) -> list[Segment]:
+    """The pieces of shards that hold samples [start, stop) of their concatenation."""
+    out, offset = [], 0
+    for path, count in shards:
+        lo, hi = max(start, offset), min(stop, offset + count)
+        if lo < hi:
+            out.append(Segment(path, lo - offset, hi - lo))
+        offset += count
+    return out
+
+
+def ordered_shards(manifest: Manifest, split: str, folds, shuffle_seed: int | None) -> list[tuple[str, int]]:
+    entries = [(str(manifest.shard_path(e)), int(e["count"])) for e in manifest.shards(split, folds)]
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(entries))
+        entries = [entries[i] for i in order]
+    return entries
+
+
+def train_steps(total: int, world: int, micro: int, accum: int) -> int:
+    return total // (world * micro * accum)
+
+
+def read_segment(seg: Segment):
+    """Raw samples of one shard piece through webdataset; a corrupt shard is an InputError naming it."""
+    pipe = wds.DataPipeline(wds.SimpleShardList([seg.path]), wds.tarfile_to_samples())
+    try:
+        for i, sample in enumerate(pipe):
+            if i >= seg.skip + seg.take:
+                return
+            if i >= seg.skip:
+                yield sample
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tar or decode failure inside a shard
+        raise InputError(f"{seg.path}: corrupt shard ({type(exc).__name__}: {exc}); "
+                         f"run `lc-shard verify` on its folder") from None
+
+
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    """One of the 8 flips/rotations (the benchmark's flips and 90°/270° rotations), image and mask alike."""
+    k = int(rng.integers(4))
+    image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k, axes=(0, 1))
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator):
+    h, w = mask.shape
+    y, x = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+    return image[y:y + size, x:x + size], mask[y:y + size, x:x + size]
+
+
+def to_tensors(key, image, mask, props) -> dict:
+    out = {"key": key, "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))}
+    if mask is not None:
+        out["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+        out["props"] = torch.from_numpy(np.asarray(props, dtype=np.float32))
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {"key": [s["key"] for s in samples]}
+    for name in ("image", "mask", "props"):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank's sample range; DataLoader workers take contiguous pieces of it."""
+
+    def __init__(self, shards, start, stop, batch_size, *, train=False, augment=False, crop=None,
+                 shuffle_buffer=0, seed=0, epoch=0, rank=0):
+        super().__init__()
+        self.shards, self.start, self.stop = shards, start, stop
+        self.batch_size, self.train, self.augment, self.crop = batch_size, train, augment, crop
+        self.shuffle_buffer, self.seed, self.epoch, self.rank = shuffle_buffer, seed, epoch, rank
+
+    def _worker_range(self) -> tuple[int, int, int]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if self.train:  # whole micro-batches per worker
+            b0, b1 = balanced_range((self.stop - self.start) // self.batch_size, nw, wid)
+            return wid, self.start + b0 * self.batch_size, self.start + b1 * self.batch_size
+        lo, hi = balanced_range(self.stop - self.start, nw, wid)
+        return wid, self.start + lo, self.start + hi
+
+    def _samples(self, start, stop, rng):
+        for seg in segments(self.shards, start, stop):
+            for raw in read_segment(seg):
+                key, image, mask, props = decode_sample(raw)
+                if self.augment and mask is not None:
+                    image, mask = augment(image, mask, rng)
+                if self.crop and mask is not None:
+                    image, mask = random_crop(image, mask, self.crop, rng)
+                    props = class_proportions(mask)
+                yield to_tensors(key, image, mask, props)
+
+    def _shuffled(self, samples, rng):
+        buf = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(int(rng.integers(len(buf))))
+        while buf:
+            yield buf.pop(int(rng.integers(len(buf))))
+
+    def __iter__(self):
+        wid, start, stop = self._worker_range()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid])
+        stream = self._samples(start, stop, rng)
+        if self.train and self.shuffle_buffer > 1:
+            stream = self._shuffled(stream, rng)
+        batch = []
+        for sample in stream:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
+
+
+def _loader(dataset: ShardStream, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
+                      prefetch_factor=4 if workers else None)
+
+
+def train_loader(manifest: Manifest, folds, *, epoch, seed, world, rank, micro, accum, workers,
+                 augment_on=True, crop=None, shuffle_buffer=64, pin=False) -> tuple[DataLoader, int]:
+    """The rank's training loader for an epoch and the number of optimizer steps it feeds."""
+    shards = ordered_shards(manifest, "train", folds, shuffle_seed=seed * 100_003 + epoch)
+    total = sum(c for _, c in shards)
+    steps = train_steps(total, world, micro, accum)
+    if steps == 0:
+        raise InputError(f"{manifest.root}: {total} training tiles are fewer than one effective batch "
+                         f"({world} ranks × {micro} × {accum} accumulation)")
+    n = steps * accum * micro
+    ds = ShardStream(shards, rank * n, (rank + 1) * n, micro, train=True, augment=augment_on, crop=crop,
+                     shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch, rank=rank)
+    return _loader(ds, workers, pin), steps
+
+
+def eval_loader(manifest: Manifest, split: str, folds, *, world, rank, batch_size, workers,
+                pin=False) -> DataLoader:
+    """Each tile of the split (and folds) exactly once across ranks, in manifest order."""
+    shards = ordered_shards(manifest, split, folds, shuffle_seed=None)
+    total = sum(c for _, c in shards)
+    start, stop = balanced_range(total, world, rank)
+    ds = ShardStream(shards, start, stop, batch_size)
+    return _loader(ds, min(workers, max(1, stop - start)) if workers else 0, pin)

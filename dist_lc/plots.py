@@ -1,0 +1,46 @@
+"""Pictures: validation tiles (RGB, true mask, predicted mask) in the challenge's palette."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from shard_tools.format import CLASS_NAMES  # noqa: E402
+
+# The challenge's colour palette (LandCoverData.CLASSES_COLORPALETTE in the benchmark).
+PALETTE = np.array([[0, 0, 0], [255, 25, 236], [215, 25, 28], [211, 154, 92], [33, 115, 55],
+                    [21, 75, 35], [118, 209, 93], [130, 130, 130], [255, 255, 255], [43, 61, 255]]) / 255.0
+CMAP = ListedColormap(PALETTE)
+
+
+def rgb(image_chw: np.ndarray) -> np.ndarray:
+    """Bands R, G, B stretched between their 2nd and 98th percentiles for display."""
+    img = np.asarray(image_chw[:3], dtype=np.float32).transpose(1, 2, 0)
+    lo, hi = np.percentile(img, 2), np.percentile(img, 98)
+    return np.clip((img - lo) / max(hi - lo, 1.0), 0, 1)
+
+
+def save_prediction_plot(path, keys, images, masks, preds, title: str = "") -> None:
+    """One row per tile: RGB image, true mask, predicted mask (argmax)."""
+    n = len(keys)
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    for i in range(n):
+        for ax, pic, name in zip(axes[i], (rgb(images[i]), masks[i], preds[i]), ("image", "mask", "predicted")):
+            if pic.ndim == 2:
+                ax.imshow(pic, cmap=CMAP, vmin=0, vmax=len(CLASS_NAMES) - 1, interpolation="nearest")
+            else:
+                ax.imshow(pic)
+            ax.set_title(f"{keys[i]} {name}", fontsize=9)
+            ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=PALETTE[c]) for c in range(len(CLASS_NAMES))]
+    fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=5, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,131 @@
+"""The trainer with real processes: torchrun (gloo on CPU), resume after SIGKILL, two nodes, bad input."""
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torchrun_util import REPO, dist_lc, free_port, torchrun
+
+SMOKE = ["--config", "configs/smoke.yaml"]
+
+
+def small(shards, *extra):
+    """The smoke recipe shrunk further for tests: 32-pixel crops, one loader worker."""
+    return ["--set", f"data.shards={shards}", "--set", "data.crop=32", "--set", "data.workers=1", *extra]
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_two_ranks_torchrun_trains_on_real_shards(packed_sample, tmp_path):
+    run = tmp_path / "run"
+    torchrun(["-m", "dist_lc", "train", *SMOKE, *small(packed_sample), "--run-dir", str(run)])
+    rows = read_metrics(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["val_kl"])) for r in rows)
+    assert int(rows[-1]["val_tiles"]) == 60  # fold 0 of 300 tiles, each counted once over 2 ranks
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    assert (run / "config.yaml").is_file() and list((run / "plots").glob("*.png"))
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 2 * (240 // 16)
+
+
+@pytest.mark.parametrize("world,batch,micro", [(2, 8, 4), (1, 16, 4)])
+def test_ddp_and_accumulation_equal_one_big_batch(packed_sample, tmp_path, world, batch, micro):
+    """(2 ranks × micro b) == (1 rank × batch 2b); (accumulation 4 × b) == (batch 4b): GroupNorm, SGD, 2 steps."""
+    worker = str(REPO / "tests" / "workers" / "equivalence.py")
+    big, split = tmp_path / "big.pt", tmp_path / "split.pt"
+    subprocess.run([sys.executable, worker, str(packed_sample), str(big), str(batch), str(batch), "2"],
+                   check=True, timeout=120, cwd=REPO)
+    if world == 1:
+        subprocess.run([sys.executable, worker, str(packed_sample), str(split), str(batch), str(micro), "2"],
+                       check=True, timeout=120, cwd=REPO)
+    else:
+        torchrun([worker, str(packed_sample), str(split), str(batch), str(micro), "2"], nproc=world)
+    a, b = torch.load(big, weights_only=True), torch.load(split, weights_only=True)
+    for name, value in a["final"].items():
+        torch.testing.assert_close(value, b["final"][name], rtol=1e-5, atol=1e-5, msg=f"{name} differs")
+    moved = max(float((v - a["init"][k]).abs().max()) for k, v in a["final"].items() if v.is_floating_point())
+    assert moved > 1e-3  # the steps changed the weights far more than the tolerance
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(packed_sample, tmp_path):
+    args = [*SMOKE, *small(packed_sample), "--set", "train.epochs=3", "--set", "train.precision=fp32",
+            "--set", "data.workers=0"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    torchrun(["-m", "dist_lc", "train", *args, "--run-dir", str(straight)])
+    marker = tmp_path / "killed.marker"
+    torchrun(["--max-restarts=1", "-m", "dist_lc", "train", *args, "--run-dir", str(killed)],
+             extra_env={"DIST_LC_FAULT_KILL_AT_STEP": "20", "DIST_LC_FAULT_MARKER": str(marker)})
+    assert marker.exists(), "the fault was not injected"
+    a, b = final_weights(straight), final_weights(killed)
+    assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["step"] == 3 * 15
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    assert [r["epoch"] for r in read_metrics(killed)] == ["1", "2", "3"]
+
+
+def test_two_torchrun_nodes_train_together(packed_sample, tmp_path):
+    port, run = free_port(), tmp_path / "run"
+    common = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lc2node"]
+    args = ["-m", "dist_lc", "train", *SMOKE, *small(packed_sample), "--set", "train.epochs=1",
+            "--run-dir", str(run)]
+    from torchrun_util import env
+
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", *common, *args],
+                              cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "torchrun: 2 rank(s)" in "".join(outs)
+    assert len(read_metrics(run)) == 1
+
+
+def test_time_limit_stops_at_an_epoch_boundary(packed_sample, tmp_path):
+    run = tmp_path / "run"
+    proc = dist_lc(["train", *SMOKE, *small(packed_sample), "--set", "train.epochs=50",
+                    "--set", "train.time_limit=0.01", "--run-dir", str(run)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(read_metrics(run)) == 1
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--set", "data.shards=/nonexistent/shards"], "shard folder does not exist"),
+    (["--set", "data.fold=7"], "has folds 0..4"),
+    (["--set", "train.epoch=3"], "unknown config key 'train.epoch'"),
+    (["--set", "train.micro_batch_size=5"], "does not divide"),
+])
+def test_bad_input_is_one_clear_error(packed_sample, tmp_path, override, message):
+    proc = dist_lc(["train", *SMOKE, "--set", f"data.shards={packed_sample}", *override,
+                    "--run-dir", str(tmp_path / "run")])
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_manifest_is_refused(packed_sample, tmp_path):
+    (tmp_path / "shards").mkdir()
+    proc = dist_lc(["train", *SMOKE, "--set", f"data.shards={tmp_path / 'shards'}", "--run-dir", str(tmp_path / "r")])
+    assert proc.returncode == 2 and "no manifest" in proc.stderr
+
+
+def test_nan_loss_stops_with_error_and_saves_nothing_new(packed_sample, tmp_path):
+    run = tmp_path / "run"
+    proc = dist_lc(["train", *SMOKE, *small(packed_sample), "--set", "optim.name=sgd",
+                    "--set", "optim.lr=1e30", "--set", "train.precision=fp32", "--run-dir", str(run)])
+    assert proc.returncode == 1
+    assert "loss is not finite" in proc.stderr.strip().splitlines()[-1]
+    assert not (run / "checkpoints" / "last.pt").exists()
