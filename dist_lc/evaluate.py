@@ -83,14 +83,14 @@ def load_proportions(path) -> pd.DataFrame:
 
 
 def _match(gt: pd.DataFrame, pred: pd.DataFrame, gt_path, pred_path) -> pd.DataFrame:
-    """Ground-truth rows in the prediction's order; both files must hold the same ids."""
+    """Ground-truth rows of the predicted ids, in the prediction's order.
+
+    Every predicted id must be in the ground truth (the challenge errs otherwise); the ground truth
+    may hold more ids (e.g. the whole train_labels.csv against one fold's predictions).
+    """
     extra = pred.index.difference(gt.index, sort=False)
     if len(extra):
         raise InputError(f"{pred_path}: {len(extra)} {ID}(s) not in the ground truth {gt_path}: {_few(extra)}")
-    absent = gt.index.difference(pred.index, sort=False)
-    if len(absent):
-        raise InputError(f"{pred_path}: {len(absent)} ground-truth {ID}(s) of {gt_path} have no prediction: "
-                         f"{_few(absent)}")
     return gt.loc[pred.index]
 
 

@@ -1,0 +1,108 @@
+"""Checkpoints → tile proportions → the challenge's submission CSV (also under torchrun)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from shard_tools.errors import InputError
+from shard_tools.format import CLASS_NAMES
+from shard_tools.manifest import load_manifest
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import from_dict, to_dict
+from .data import eval_loader
+from .network import build_network, tile_proportions
+from .train import resolve_precision
+
+DIHEDRAL = [(k, flip) for k in range(4) for flip in (False, True)]  # the 8 flips/rotations
+
+
+def load_network(path, device: torch.device):
+    """The network of a checkpoint (EMA weights when the run kept them) and its config."""
+    state = ckpt.load(path)
+    try:
+        cfg = from_dict(state["config"])
+        net = build_network(to_dict(cfg)["model"], [0.0] * 4, [1.0] * 4)
+        net.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    except (InputError, RuntimeError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: written by an incompatible model config "
+                         f"({str(exc).splitlines()[0][:160]})") from None
+    return net.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def proportions(net, image: torch.Tensor, dtype, tta: bool = False) -> torch.Tensor:
+    """(B, 10) tile proportions; with ``tta`` the mean over the 8 flips/rotations."""
+    views = DIHEDRAL if tta else DIHEDRAL[:1]
+    total = 0
+    for k, flip in views:
+        x = torch.rot90(image, k, dims=(2, 3))
+        x = torch.flip(x, dims=(3,)) if flip else x
+        with torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = net(x)
+        total = total + tile_proportions(logits, net.logit_bias)
+    return total / len(views)
+
+
+def parse_split(split: str, num_folds: int) -> tuple[str, list | None]:
+    if split in ("test", "train"):
+        return split, None
+    if split.startswith("fold:") and split[5:].isdigit() and int(split[5:]) < num_folds:
+        return "train", [int(split[5:])]
+    raise InputError(f"--split {split!r}: expected test, train or fold:K with K < {num_folds}")
+
+
+def predict(checkpoints, shards, split="test", *, tta=False, batch_size=16, workers=2,
+            device_pref="auto") -> pd.DataFrame | None:
+    """Ensemble prediction of a split; the table on rank 0, None on the other ranks."""
+    env, device = distributed.setup(device_pref)
+    manifest = load_manifest(shards)
+    split_name, folds = parse_split(split, manifest.num_folds)
+    if not manifest.shards(split_name, folds):
+        raise InputError(f"{manifest.root}: no {split} shards")
+    models = [load_network(p, device) for p in checkpoints]
+    loader = eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank,
+                         batch_size=batch_size, workers=workers, pin=device.type == "cuda")
+    keys, rows = [], []
+    for batch in loader:
+        image = batch["image"].to(device)
+        p = sum(proportions(net, image, resolve_precision(cfg.train.precision, device), tta) for net, cfg in models)
+        keys += batch["key"]
+        rows.append((p / len(models)).double().cpu().numpy())
+    parts = distributed.gather_objects((keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES)))))
+    if parts is None:
+        return None
+    table = pd.DataFrame(np.concatenate([r for _, r in parts]), columns=list(CLASS_NAMES))
+    table.insert(0, "sample_id", [k for ks, _ in parts for k in ks])
+    return table
+
+
+def write_csv_atomic(table: pd.DataFrame, path) -> None:
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def run(args) -> int:
+    try:
+        table = predict(args.checkpoint, args.shards, args.split, tta=args.tta, batch_size=args.batch_size,
+                        workers=args.workers, device_pref=args.device)
+        if table is not None:
+            write_csv_atomic(table, args.out)
+            print(f"wrote {len(table)} rows to {args.out}")
+    finally:
+        distributed.teardown()
+    return 0
