@@ -78,7 +78,8 @@ def predict(checkpoints, shards, split="test", *, tta=False, batch_size=16, work
     parts = distributed.gather_objects((keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES)))))
     if parts is None:
         return None
-    table = pd.DataFrame(np.concatenate([r for _, r in parts]), columns=list(CLASS_NAMES))
+    values = np.concatenate([r for _, r in parts])
+    table = pd.DataFrame(values / values.sum(axis=1, keepdims=True), columns=list(CLASS_NAMES))  # float64 rows
     table.insert(0, "sample_id", [k for ks, _ in parts for k in ks])
     return table
 

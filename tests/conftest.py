@@ -27,3 +27,16 @@ def packed_sample(sample_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "s2glc"
     pack(sample_root, out, folds=5, seed=0, samples_per_shard=16, workers=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_run(packed_sample, tmp_path_factory) -> Path:
+    """One epoch of the smoke recipe on fold 0 of the real shards (single process): a run folder."""
+    from dist_lc.config import load_config
+    from dist_lc.train import train
+
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"data.shards={packed_sample}", "data.crop=32",
+                                                       "train.epochs=1", "data.workers=0"])
+    train(cfg, run)
+    return run
