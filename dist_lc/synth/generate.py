@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -49,7 +50,7 @@ PARCEL_CLASSES = (CULTIVATED, HERBACEOUS)  # their patch-level spectral shift is
 # set's (constants.json "target_frequencies"); tests/test_synth.py checks the result.
 LANDSCAPES = {
     "farmland": (0.345, {CULTIVATED: .64, HERBACEOUS: .17, BROADLEAF: .10, CONIFEROUS: .02,
-                        ARTIFICIAL: .045, WATER: .01}, 7.0),
+                         ARTIFICIAL: .045, WATER: .01}, 7.0),
     "bocage": (0.21, {CULTIVATED: .30, HERBACEOUS: .31, BROADLEAF: .28, CONIFEROUS: .06,
                       ARTIFICIAL: .04, WATER: .01}, 9.0),
     "broadleaf_forest": (0.13, {BROADLEAF: .70, CONIFEROUS: .10, HERBACEOUS: .11, CULTIVATED: .06,
@@ -59,11 +60,11 @@ LANDSCAPES = {
     "pasture": (0.16, {HERBACEOUS: .62, CULTIVATED: .14, BROADLEAF: .15, CONIFEROUS: .03,
                        ARTIFICIAL: .035, WATER: .01}, 7.0),
     "town": (0.043, {ARTIFICIAL: .45, HERBACEOUS: .19, CULTIVATED: .15, BROADLEAF: .14,
-                    CONIFEROUS: .02, WATER: .05}, 8.0),
+                     CONIFEROUS: .02, WATER: .05}, 8.0),
     "water": (0.017, {WATER: .50, HERBACEOUS: .16, CULTIVATED: .14, BROADLEAF: .11, ARTIFICIAL: .05,
-                     NATURAL: .03, CONIFEROUS: .01}, 6.0),
+                      NATURAL: .03, CONIFEROUS: .01}, 6.0),
     "mountain": (0.035, {NATURAL: .22, CONIFEROUS: .34, HERBACEOUS: .30, BROADLEAF: .09,
-                        ARTIFICIAL: .01, WATER: .04}, 6.0),
+                         ARTIFICIAL: .01, WATER: .04}, 6.0),
 }
 GOLDEN = (np.sqrt(5) - 1) / 2  # landscape sequence step (see landscape_for)
 FLOOR = 0.1         # share of a tile's composition pinned to its landscape's mean
@@ -271,7 +272,7 @@ def water_layer(rng: np.random.Generator, landscape: str, share: float) -> np.nd
 
 
 def artificial_layer(rng: np.random.Generator, share: float, free: np.ndarray) -> np.ndarray:
-    """Hamlets and towns (clusters around centres, largest first) and roads."""
+    """Hamlets and towns (clusters of varied size around random centres) and roads."""
     yy, xx = _grid()
     n_centres = 1 + rng.poisson(6)
     density = np.zeros((SIZE, SIZE))
@@ -345,6 +346,7 @@ def field_layer(rng: np.random.Generator, parcels: np.ndarray, cultivated_fracti
 
 
 def cloud_layer(rng: np.random.Generator, area: int) -> np.ndarray:
+    """A ragged cloud of ``area`` pixels."""
     yy, xx = _grid()
     cy, cx = rng.uniform(0, SIZE, size=2)
     bump = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (3 * np.sqrt(area)) ** 2))
@@ -415,22 +417,33 @@ def box_mean(image: np.ndarray) -> np.ndarray:
     return out / 9.0
 
 
+def _per_pixel(fields: np.ndarray) -> np.ndarray:
+    """(4, SIZE, SIZE) fields as (N_PIXELS, 4) float32 rows."""
+    return np.ascontiguousarray(fields.reshape(len(fields), -1).T, dtype=np.float32)
+
+
 def render_image(rng: np.random.Generator, mask: np.ndarray, parcels: np.ndarray,
                  spectra: Spectra) -> np.ndarray:
-    """The uint16 SIZE×SIZE×4 image of a mask."""
+    """The uint16 SIZE×SIZE×4 image of a mask.
+
+    Per pixel of class c: y = mean_c + tile shift_c + [L_patch L_texture L_white]_c · z, where z
+    stacks the patch noise (the parcel's draw for field classes, a smooth field otherwise), the
+    smooth texture and white noise (4 unit-variance bands each).
+    """
     flat_mask = mask.ravel()
-    patch_smooth = fractal_fields(rng, 4, PATCH_SCALE, 3.0).reshape(4, -1).T
-    parcel_shift = rng.standard_normal((parcels.max() + 1, 4))[parcels.ravel()]
-    texture = gaussian_fields(rng, 4, spectra.texture_sigma).reshape(4, -1).T
-    white = rng.standard_normal((N_PIXELS, 4))
-    y = np.empty((N_PIXELS, 4))
-    for c in np.flatnonzero(np.bincount(flat_mask, minlength=NUM_CLASSES)):
-        idx = np.flatnonzero(flat_mask == c)
-        patch = (parcel_shift if c in PARCEL_CLASSES else patch_smooth)[idx]
-        tile_shift = spectra.chol_tile[c] @ rng.standard_normal(4)
-        y[idx] = (spectra.mean[c] + tile_shift + patch @ spectra.chol_patch[c].T
-                  + texture[idx] @ spectra.chol_texture[c].T + white[idx] @ spectra.chol_white[c].T)
-    dn = (np.exp(y) - spectra.offset).reshape(SIZE, SIZE, 4)
+    smooth = _per_pixel(fractal_fields(rng, 4, PATCH_SCALE, 3.0))
+    per_parcel = rng.standard_normal((parcels.max() + 1, 4), dtype=np.float32)[parcels.ravel()]
+    in_parcels = np.isin(flat_mask, PARCEL_CLASSES)[:, None]
+    z = np.concatenate([
+        np.where(in_parcels, per_parcel, smooth),
+        _per_pixel(gaussian_fields(rng, 4, spectra.texture_sigma)),
+        rng.standard_normal((N_PIXELS, 4), dtype=np.float32),
+    ], axis=1)
+    levels = np.concatenate([spectra.chol_patch, spectra.chol_texture, spectra.chol_white], axis=2)
+    tile_shift = np.einsum("cij,cj->ci", spectra.chol_tile, rng.standard_normal((NUM_CLASSES, 4)))
+    centre = (spectra.mean + tile_shift).astype(np.float32)
+    y = centre[flat_mask] + np.einsum("nij,nj->ni", levels.astype(np.float32)[flat_mask], z)
+    dn = (np.exp(y) - np.float32(spectra.offset)).reshape(SIZE, SIZE, 4)
     edge = boundary_pixels(mask)
     dn[edge] = 0.5 * dn[edge] + 0.5 * box_mean(dn)[edge]
     return np.clip(np.rint(dn), 1, MAX_PIXEL_VALUE).astype(IMAGE_DTYPE)
@@ -504,25 +517,37 @@ def generate(out, n_train: int = 150, n_test: int = 24, seed: int = 0, progress:
     """Write ``n_train`` train tiles (ids 1..n_train) with masks, ``n_test`` test tiles (ids after
     them) and ``train_labels.csv`` under ``out`` in the challenge layout; return ``out``.
 
-    Refuses an existing non-empty ``out``. ``workers`` processes (default: up to 2 by CPU count).
+    Refuses an existing non-empty ``out``. The tiles are written to a hidden sibling folder that is
+    renamed to ``out`` at the end, so a failed run leaves nothing behind. ``workers`` processes
+    (default: up to 2 by CPU count).
     """
-    out = Path(out)
-    _check_out(out)
     if n_train < 0 or n_test < 0:
         raise InputError(f"tile counts must be >= 0 (train {n_train}, test {n_test})")
+    out = Path(out)
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        _write_all(staging, n_train, n_test, seed, progress, workers or min(2, os.cpu_count() or 1))
+        _check_out(out)
+        staging.replace(out)  # onto a missing or empty folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_all(root: Path, n_train: int, n_test: int, seed: int, progress: bool, workers: int) -> None:
     for sub in ("train/images", "train/masks", "test/images"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub).mkdir(parents=True)
     train_ids = list(range(1, n_train + 1))
-    jobs = [(out, seed, sid, True) for sid in train_ids]
-    jobs += [(out, seed, sid, False) for sid in range(n_train + 1, n_train + n_test + 1)]
-    workers = workers or min(2, os.cpu_count() or 1)
+    jobs = [(root, seed, sid, True) for sid in train_ids]
+    jobs += [(root, seed, sid, False) for sid in range(n_train + 1, n_train + n_test + 1)]
     if workers > 1 and len(jobs) > 8:
         with ProcessPoolExecutor(workers) as pool:
             results = list(_progress(pool.map(_write_one, jobs, chunksize=4), len(jobs), progress))
     else:
         results = [_write_one(job) for job in _progress(jobs, len(jobs), progress)]
-    write_labels(out / "train_labels.csv", train_ids, results[:n_train])
-    return out
+    write_labels(root / "train_labels.csv", train_ids, results[:n_train])
 
 
 def class_frequencies(root: Path) -> np.ndarray:
