@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     time_limit: float | None = None  # minutes; stop at the last epoch boundary that fits
+    val_every: int = 1               # epochs between validations (and at the last epoch / time limit)
     plot_every: int = 10             # epochs between prediction plots (0 = never)
     plot_tiles: int = 4
     ema_decay: float | None = None   # exponential moving average of weights, evaluated and saved
@@ -82,18 +83,21 @@ class TrainConfig:
 
 @dataclass
 class LauncherConfig:
-    """Where `dist-lc cv` runs each job (Slurm through submitit, or local processes)."""
-    executor: str = "local"          # local | slurm
-    nodes: int = 1
-    tasks_per_node: int = 1          # one task per device
+    """Where `dist-lc cv` runs each job (Slurm through submitit, or local processes); see docs/slurm.md."""
+    executor: str = "local"          # local | slurm (`cv --executor` overrides)
+    nodes: int = 1                   # Slurm only (the local executor has one node)
+    tasks_per_node: int = 1          # one task per device (= gpus_per_node on GPU nodes)
     gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: float | None = None
+    cpus_per_task: int = 1           # loader workers + 1 is a good start
+    mem_gb: float | None = None      # per node; null = the partition's default
     partition: str | None = None
     account: str | None = None
-    time_min: int = 60
-    max_parallel: int = 0            # local executor: jobs at once (0 = all); slurm: array parallelism (0 = no cap)
+    time_min: int = 60               # per job (one attempt); longer trainings are requeued and resume
+    max_parallel: int = 0            # jobs at once; 0 = local: what the machine allows, slurm: no cap
     max_requeues: int = 3            # timeouts tolerated per job (preemptions are unlimited)
+    signal_delay_s: int = 120        # the stop signal (USR2) comes this long before time_min is up
+    wait_min: int | None = None      # how long `cv` waits for its jobs; null = derived from time_min
+    setup: list = field(default_factory=list)         # shell lines run before the job (module load ...)
     slurm_extra: dict = field(default_factory=dict)   # extra #SBATCH options, e.g. {qos: high}
 
 
@@ -231,6 +235,8 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise InputError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
     t = cfg.train
+    if t.val_every < 1:
+        raise InputError(f"config: train.val_every must be at least 1, got {t.val_every}")
     if t.micro_batch_size <= 0 or t.batch_size <= 0:
         raise InputError("config: train.batch_size and train.micro_batch_size must be positive")
     if t.batch_size % t.micro_batch_size:

@@ -332,7 +332,8 @@ def resume(s: Setup, path: Path) -> tuple[int, int, float]:
 # ----------------------------------------------------------------------------- the run
 
 def should_stop_for_time(s: Setup, started: float, epoch_times: list) -> bool:
-    """Rank 0's clock decides: stop if another epoch would not fit in train.time_limit."""
+    """Rank 0's clock decides: stop if another epoch (the longest so far, validation included)
+    would not fit in train.time_limit."""
     limit = s.cfg.train.time_limit
     if not limit:
         return False
@@ -361,24 +362,27 @@ def train(cfg: Config, run_dir) -> dict:
     stop.install()
     epoch_times, row = [], {}
     while epoch < cfg.train.epochs:
+        epoch_started = time.monotonic()
         with runlog.progress(s.steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}") as bar:
             result = train_epoch(s, epoch, step, stop, bar)
         step = result["step"]
         if result["stopped"]:
             runlog.info(f"stop requested during epoch {epoch + 1}; last.pt holds epoch {epoch}")
             break
-        eval_net = s.ema.module if s.ema is not None else s.net
-        val, shown = validate(s, eval_net) if s.val_folds is not None else ({}, None)
-        score = val.get("val_kl", result["train_loss"])
-        if isinstance(s.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            s.scheduler.step(score)
         epoch += 1
+        out_of_time = should_stop_for_time(s, started, epoch_times + [time.monotonic() - epoch_started])
+        val, shown = {}, None
+        if s.val_folds is not None and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs or out_of_time):
+            val, shown = validate(s, s.ema.module if s.ema is not None else s.net)
+        score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
+        if score is not None and isinstance(s.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            s.scheduler.step(score)
         row = {"epoch": epoch, "step": step, "train_loss": result["train_loss"], **val,
                "lr": s.optimizer.param_groups[0]["lr"], "epoch_time_s": result["epoch_time_s"],
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
-        improved = score < best
-        best = min(best, score)
+        improved = score is not None and score < best
+        best = min(best, score) if score is not None else best
         if main:
             state = state_dict(s, epoch, step, best)
             ckpt.save_atomic(state, last_path)
@@ -387,8 +391,8 @@ def train(cfg: Config, run_dir) -> dict:
             runlog.epoch(row, best=improved)
             if shown and cfg.train.plot_every and epoch % cfg.train.plot_every == 0:
                 runlog.plot(epoch, shown)
-        epoch_times.append(result["epoch_time_s"])
-        if should_stop_for_time(s, started, epoch_times):
+        epoch_times.append(time.monotonic() - epoch_started)
+        if out_of_time:
             runlog.info(f"train.time_limit {cfg.train.time_limit} min: stopping after epoch {epoch}")
             break
     if dist.is_initialized():
