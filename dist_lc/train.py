@@ -117,6 +117,15 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
+def ema_update(decay: float):
+    """EMA with a warm-up, ``min(decay, (1+n)/(10+n))`` after n updates, so that the random initial
+    weights do not linger in short runs (0.98**15 of them would remain after 15 plain steps)."""
+    def update(averaged, current, num_averaged):
+        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+        return averaged * d + current * (1.0 - d)
+    return update
+
+
 def build_setup(cfg: Config) -> Setup:
     env, device = distributed.setup(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
@@ -141,8 +150,7 @@ def build_setup(cfg: Config) -> Setup:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     ema = None
     if t.ema_decay:
-        ema = torch.optim.swa_utils.AveragedModel(
-            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+        ema = torch.optim.swa_utils.AveragedModel(net, avg_fn=ema_update(t.ema_decay), use_buffers=True)
     model = net
     if t.compile:
         model.compile()

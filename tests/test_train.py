@@ -95,10 +95,11 @@ def test_two_torchrun_nodes_train_together(packed_sample, tmp_path):
 def test_time_limit_stops_at_an_epoch_boundary(packed_sample, tmp_path):
     run = tmp_path / "run"
     proc = dist_lc(["train", *SMOKE, *small(packed_sample), "--set", "train.epochs=50",
-                    "--set", "train.time_limit=0.01", "--run-dir", str(run)])
+                    "--set", "train.time_limit=0.01", "--set", "train.ema_decay=0.9", "--run-dir", str(run)])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(read_metrics(run)) == 1
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert len(read_metrics(run)) == 1 and read_metrics(run)[0]["val_kl"]  # the last epoch is validated
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["ema"] is not None  # validated and saved with EMA weights
 
 
 @pytest.mark.parametrize("override,message", [
