@@ -1,0 +1,319 @@
+"""``dist-lc report CVDIR``: the CV report from what the jobs left in the CV folder.
+
+Reads cv.json (the plan) and each fold's run dir (done.json, metrics.csv, oof.csv, test.csv); needs
+no job and no GPU. Writes, per grid point, ``oof.csv`` (every finished fold's held-out tiles, as
+predicted by that fold's best.pt); then ``oof.csv`` and ``submission.csv`` of the best point (lowest
+mean validation KL; the submission is the mean of the folds' test predictions, i.e. the ensemble of
+their best checkpoints), ``report.json``, ``report.md`` and ``plots/*.png``.
+
+Scores: ``mean_kl ± std_kl`` over folds of each fold's best validation KL (from training;
+std with ddof=1); ``oof_kl`` all out-of-fold tiles scored together (dist_lc.metrics.kl_score) with
+its per-class contributions; ``baseline_kl`` the same tiles predicted by the mean class proportions
+of their fold's training folds. Tiles whose truth holds no scored class (clouds/no_data only) have
+no score and are left out, as in training's validation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tarfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from shard_tools.errors import InputError  # noqa: E402
+from shard_tools.format import CLASS_NAMES  # noqa: E402
+from shard_tools.manifest import load_manifest, write_json_atomic  # noqa: E402
+
+from . import jobs  # noqa: E402
+from .cv import Plan, Point, load_plan  # noqa: E402
+from .metrics import SCORED_CLASSES, SCORED_NAMES, kl_per_class, kl_per_sample  # noqa: E402
+from .predict import write_csv_atomic  # noqa: E402
+
+CLASSES = list(CLASS_NAMES)
+TRUTH = "truth.csv"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _props_of_shard(path: Path) -> dict[str, np.ndarray]:
+    """``{id: proportions}`` from a train shard's ``.props.npy`` members (images are skipped, not read)."""
+    import io
+
+    out = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.name.endswith(".props.npy"):
+                out[member.name.split(".", 1)[0]] = np.load(io.BytesIO(tar.extractfile(member).read()))
+    return out
+
+
+def read_truth(cv_dir: Path, shards) -> pd.DataFrame:
+    """True proportions and fold of every train tile (from the shards; cached in truth.csv)."""
+    cache = cv_dir / TRUTH
+    manifest = load_manifest(shards)
+    if cache.exists():
+        truth = pd.read_csv(cache, dtype={"sample_id": str}).set_index("sample_id")
+        if len(truth) == len(manifest.data["folds"]):
+            return truth
+    props = {}
+    for entry in manifest.shards("train"):
+        props.update(_props_of_shard(manifest.shard_path(entry)))
+    ids = list(props)
+    truth = pd.DataFrame(np.stack([props[i] for i in ids]), index=pd.Index(ids, name="sample_id"), columns=CLASSES)
+    truth.insert(0, "fold", [int(manifest.data["folds"][i]) for i in ids])
+    write_csv_atomic(truth.reset_index(), cache)
+    return truth
+
+
+def read_pred(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"sample_id": str}).set_index("sample_id")[CLASSES]
+
+
+def fold_row(plan: Plan, point: Point, fold: int, truth: pd.DataFrame) -> dict:
+    """A finished fold's figures (done.json + its oof score), or ``{"fold", "status": "missing"}``."""
+    run_dir = plan.run_dir(point, fold)
+    if not (run_dir / jobs.DONE).exists():
+        return {"fold": fold, "status": "missing", "run_dir": str(run_dir)}
+    done = json.loads((run_dir / jobs.DONE).read_text())
+    oof = read_pred(run_dir / jobs.OOF)
+    score = _score(truth, oof)
+    return {"fold": fold, "status": "done", "best_epoch": done["best_epoch"], "best_val_kl": done["best_val_kl"],
+            "final_train_loss": done["final_train_loss"], "epochs_done": done["epochs_done"],
+            "epochs": done["epochs"], "oof_kl": score["kl"], "oof_tiles": score["tiles"],
+            "train_s": round(done["train_s"], 1), "predict_s": round(done["predict_s"], 1),
+            "world_size": done["world_size"], "job_id": done.get("job_id"), "run_dir": str(run_dir)}
+
+
+# ----------------------------------------------------------------------------- scores
+
+def _score(truth: pd.DataFrame, pred: pd.DataFrame) -> dict:
+    """KL of predicted tiles against the truth (tiles with no scored class left out)."""
+    y = truth.loc[pred.index, CLASSES].to_numpy(np.float64)
+    scored = y[:, list(SCORED_CLASSES)].sum(axis=1) > 0
+    y_true, y_pred = y[scored], pred.to_numpy(np.float64)[scored]
+    if not len(y_true):
+        return {"kl": None, "per_class": {}, "tiles": 0, "unscored": int((~scored).sum())}
+    return {"kl": float(kl_per_sample(y_true, y_pred).mean()), "per_class": kl_per_class(y_true, y_pred),
+            "tiles": int(scored.sum()), "unscored": int((~scored).sum())}
+
+
+def baseline(truth: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
+    """Each tile predicted by the mean proportions of the tiles of the other folds (its training folds)."""
+    rows = []
+    for fold, group in truth.loc[ids].groupby("fold"):
+        prior = truth.loc[truth["fold"] != fold, CLASSES].mean().to_numpy()
+        rows.append(pd.DataFrame(np.tile(prior, (len(group), 1)), index=group.index, columns=CLASSES))
+    return pd.concat(rows).loc[ids]
+
+
+def point_block(plan: Plan, point: Point, truth: pd.DataFrame) -> dict:
+    """Fold table, mean ± std, out-of-fold and baseline scores of one grid point; writes its oof.csv."""
+    rows = [fold_row(plan, point, k, truth) for k in plan.folds]
+    done = [r for r in rows if r["status"] == "done"]
+    block = {"name": point.name, "params": point.params, "folds": done,
+             "missing_folds": [r["fold"] for r in rows if r["status"] != "done"], "complete": len(done) == len(rows)}
+    if not done:
+        return {**block, "mean_kl": None, "std_kl": None, "oof_kl": None, "baseline_kl": None}
+    scores = np.array([r["best_val_kl"] for r in done])
+    oof = pd.concat([read_pred(Path(r["run_dir"]) / jobs.OOF) for r in done])
+    write_csv_atomic(oof.reset_index(), plan.point_dir(point) / jobs.OOF)
+    score, base = _score(truth, oof), _score(truth, baseline(truth, oof.index))
+    return {**block, "mean_kl": float(scores.mean()), "std_kl": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+            "oof_kl": score["kl"], "oof_tiles": score["tiles"], "oof_unscored_tiles": score["unscored"],
+            "per_class": score["per_class"], "baseline_kl": base["kl"], "baseline_per_class": base["per_class"]}
+
+
+def best_point(blocks: list[dict]) -> dict:
+    """Lowest mean validation KL, complete points first."""
+    scored = [b for b in blocks if b["mean_kl"] is not None]
+    return min(scored, key=lambda b: (not b["complete"], b["mean_kl"]))
+
+
+def write_submission(plan: Plan, point: Point, block: dict) -> dict | None:
+    """The mean of the finished folds' test predictions (= the ensemble of their best.pt)."""
+    paths = [Path(r["run_dir"]) / jobs.TEST for r in block["folds"]]
+    paths = [p for p in paths if p.exists()]
+    if not paths:
+        return None
+    tables = [read_pred(p) for p in paths]
+    mean = sum(t.loc[tables[0].index] for t in tables) / len(tables)
+    mean = mean.div(mean.sum(axis=1), axis=0)
+    write_csv_atomic(mean.reset_index(), plan.cv_dir / "submission.csv")
+    return {"path": "submission.csv", "point": point.name, "folds": [r["fold"] for r in block["folds"]],
+            "tiles": len(mean), "tta": plan.config.cv.tta}
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _series(rows: list[dict], column: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of a metrics.csv column, skipping epochs without it (train.val_every)."""
+    kept = [r for r in rows if r.get(column)]
+    return [int(r["epoch"]) for r in kept], [float(r[column]) for r in kept]
+
+
+def plot_learning_curves(plan: Plan, point: Point, path: Path) -> None:
+    fig, (ax_loss, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
+    for k in plan.folds:
+        rows = jobs.read_metrics(plan.run_dir(point, k))
+        if not rows:
+            continue
+        line, = ax_loss.plot(*_series(rows, "train_loss"), marker=".", label=f"fold {k} train")
+        ax_loss.plot(*_series(rows, "val_loss"), ls="--", color=line.get_color(), label=f"fold {k} val")
+        ax_kl.plot(*_series(rows, "val_kl"), marker=".", color=line.get_color(), label=f"fold {k}")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
+    ax_kl.set(xlabel="epoch", ylabel="validation KL", title="validation KL per epoch")
+    for ax in (ax_loss, ax_kl):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"learning curves {point.name}".strip())
+    _save(fig, path)
+
+
+def plot_fold_scores(block: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    folds = [r["fold"] for r in block["folds"]]
+    ax.bar([str(k) for k in folds], [r["best_val_kl"] for r in block["folds"]], color="tab:blue", label="best val KL")
+    ax.axhline(block["mean_kl"], color="k", label=f"mean {block['mean_kl']:.4f}")
+    if block["baseline_kl"] is not None:
+        ax.axhline(block["baseline_kl"], color="tab:red", ls="--", label=f"baseline {block['baseline_kl']:.4f}")
+    ax.set(xlabel="fold", ylabel="KL (lower is better)", title="per-fold best validation score")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_per_class(block: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(len(SCORED_NAMES))
+    ax.bar(x - 0.2, [block["per_class"].get(c, 0) for c in SCORED_NAMES], 0.4, label=f"oof {block['oof_kl']:.4f}")
+    ax.bar(x + 0.2, [block["baseline_per_class"].get(c, 0) for c in SCORED_NAMES], 0.4,
+           label=f"baseline {block['baseline_kl']:.4f}", color="tab:gray")
+    ax.set_xticks(x, SCORED_NAMES, rotation=30)
+    ax.set(ylabel="contribution to KL", title="per-class contributions, out-of-fold")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_grid(blocks: list[dict], path: Path) -> None:
+    shown = [b for b in blocks if b["mean_kl"] is not None]
+    fig, ax = plt.subplots(figsize=(max(6, len(shown)), 4))
+    ax.errorbar(range(len(shown)), [b["mean_kl"] for b in shown], yerr=[b["std_kl"] for b in shown], fmt="o", capsize=4)
+    ax.set_xticks(range(len(shown)), [b["name"] for b in shown], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="mean validation KL ± std", title="grid points")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def make_plots(plan: Plan, blocks: list[dict], best: dict) -> list[str]:
+    plots = plan.cv_dir / "plots"
+    names = []
+    for point, block in zip(plan.points, blocks):
+        name = f"learning_curves{'_' + point.name if point.name else ''}.png"
+        plot_learning_curves(plan, point, plots / name)
+        names.append(name)
+    plot_fold_scores(best, plots / "fold_scores.png")
+    plot_per_class(best, plots / "per_class.png")
+    names += ["fold_scores.png", "per_class.png"]
+    if plan.grid:
+        plot_grid(blocks, plots / "grid_scores.png")
+        names.append("grid_scores.png")
+    return [f"plots/{n}" for n in names]
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def _f(value, digits: int = 4) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    best = f" · best grid point **{report['name']}**" if report.get("grid") else ""
+    lines = [f"# Cross-validation report: {report['cv_dir']}", "",
+             f"{report['created']} · executor {report['executor']} · folds {report['folds_planned']} · "
+             f"TTA {'on' if report['tta'] else 'off'}{best}",
+             "", "| fold | best epoch | best val KL | oof KL | final train loss | epochs | train s | predict s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["folds"]:
+        lines.append(f"| {r['fold']} | {r['best_epoch']} | {_f(r['best_val_kl'])} | {_f(r['oof_kl'])} | "
+                     f"{_f(r['final_train_loss'])} | {r['epochs_done']}/{r['epochs']} | {r['train_s']} | "
+                     f"{r['predict_s']} |")
+    lines += ["", f"- mean ± std of the best validation KL over {len(report['folds'])} fold(s): "
+              f"**{_f(report['mean_kl'])} ± {_f(report['std_kl'])}**",
+              f"- out-of-fold KL ({report.get('oof_tiles', 0)} tiles scored together): **{_f(report['oof_kl'])}**",
+              f"- baseline KL (mean class proportions of the training folds): {_f(report['baseline_kl'])}"]
+    if report["missing_folds"]:
+        lines.append(f"- **unfinished folds: {report['missing_folds']}** (scores above are over the finished ones)")
+    lines += ["", "## Per-class contributions (out-of-fold)", "", "| class | oof | baseline |", "|---|---|---|"]
+    for c in SCORED_NAMES:
+        lines.append(f"| {c} | {_f(report['per_class'].get(c))} | {_f(report['baseline_per_class'].get(c))} |")
+    if report.get("grid"):
+        lines += ["", "## Grid points, ranked by mean validation KL", "",
+                  "| rank | point | params | mean KL | std | oof KL | folds done |", "|---|---|---|---|---|---|---|"]
+        by_name = {b["name"]: b for b in report["grid"]}
+        for i, b in enumerate((by_name[n] for n in report["grid_ranking"]), 1):
+            lines.append(f"| {i} | {b['name']} | {json.dumps(b['params'])} | {_f(b['mean_kl'])} | {_f(b['std_kl'])} | "
+                         f"{_f(b['oof_kl'])} | {len(b['folds'])}/{len(b['folds']) + len(b['missing_folds'])} |")
+    sub = report["submission"]
+    lines += ["", "## Submission", "",
+              f"`submission.csv`: {sub['tiles']} test tiles, ensemble of the best checkpoints of folds {sub['folds']}"
+              if sub else "no test tiles in the shards: no submission"]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def build(cv_dir) -> dict:
+    """Write oof.csv files, submission.csv, report.json, report.md and plots; return the report."""
+    plan = load_plan(cv_dir)
+    truth = read_truth(plan.cv_dir, plan.config.data.shards)
+    blocks = [point_block(plan, p, truth) for p in plan.points]
+    if all(b["mean_kl"] is None for b in blocks):
+        raise InputError(f"{plan.cv_dir}: no fold has finished yet (no done.json); nothing to report")
+    best = best_point(blocks)
+    point = next(p for p in plan.points if p.name == best["name"])
+    if point.name:
+        shutil.copyfile(plan.point_dir(point) / jobs.OOF, plan.cv_dir / jobs.OOF)
+    report = {"cv_dir": str(plan.cv_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "executor": plan.executor, "tta": plan.config.cv.tta, "folds_planned": plan.folds,
+              "complete": all(b["complete"] for b in blocks), **best,
+              "submission": write_submission(plan, point, best), "plots": make_plots(plan, blocks, best)}
+    if plan.grid:
+        report["grid_axes"] = plan.grid
+        report["grid"] = blocks
+        ranked = sorted(blocks, key=lambda b: (b["mean_kl"] is None, b["mean_kl"] or 0))
+        report["grid_ranking"] = [b["name"] for b in ranked]
+    write_json_atomic(plan.cv_dir / "report.json", report)
+    (plan.cv_dir / "report.md").write_text(markdown(report))
+    return report
+
+
+def summary_line(report: dict) -> str:
+    head = f"grid point {report['name']}: " if report.get("grid") else ""
+    return (f"{head}mean KL {_f(report['mean_kl'])} ± {_f(report['std_kl'])} over {len(report['folds'])} fold(s), "
+            f"oof KL {_f(report['oof_kl'])}, baseline {_f(report['baseline_kl'])}; "
+            f"{report['cv_dir']}/report.md")
+
+
+def run(args) -> int:
+    """``dist-lc report CVDIR``: exit 0 when every fold is finished, 1 for a partial report."""
+    report = build(Path(args.cv_dir))
+    print(summary_line(report))
+    if not report["complete"]:
+        print("report: some folds are not finished; the scores cover the finished ones", file=sys.stderr)
+        return 1
+    return 0
