@@ -165,9 +165,18 @@ class ShardStream(IterableDataset):
             yield collate(batch)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals the whole process group: loader workers leave stopping to their rank."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _loader(dataset: ShardStream, workers: int, pin: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None,
+                      worker_init_fn=_ignore_stop_signals if workers else None)
 
 
 def train_loader(manifest: Manifest, folds, *, epoch, seed, world, rank, micro, accum, workers,
