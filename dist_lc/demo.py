@@ -1,0 +1,94 @@
+"""``dist-lc demo``: the whole pipeline on a built-in synthetic dataset (or a real challenge folder).
+
+synth → pack (3 folds) → 3-fold cross-validation, each fold a 2-process DDP job (local processes,
+or the local Slurm cluster when one answers) → report, out-of-fold and ensemble submission → summary.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from shard_tools.errors import InputError
+from shard_tools.pack import pack
+
+from . import cli
+from .jobs import slurm_problem
+from .synth.generate import generate
+
+MARKER = ".dist_lc_demo"
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def prepare_out(out: Path) -> None:
+    """A new folder, or the folder of an earlier demo (replaced); anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise InputError(f"{out}: holds files that are not an earlier demo's; choose another --out")
+        print(f"replacing the earlier demo in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `dist-lc demo`; the whole folder is replaced by the next demo\n")
+
+
+def check_challenge_folder(data: Path) -> None:
+    for sub in ("train/images", "train/masks"):
+        if not (data / sub).is_dir():
+            raise InputError(f"{data}: not a challenge folder (no {sub}/; expected train/images, "
+                             "train/masks, optionally test/images)")
+
+
+def recipe_path() -> Path:
+    if not RECIPE.is_file():  # installed without the repository's configs/
+        raise InputError(f"{RECIPE}: the demo recipe is missing; run the demo from a clone of the repository")
+    return RECIPE
+
+
+def pick_executor(requested: str | None) -> str:
+    if requested:
+        return requested
+    return "local" if slurm_problem() else "slurm"
+
+
+def summary(report: dict, cv_dir: Path, elapsed: float) -> str:
+    lines = ["", f"dist_lc demo finished in {elapsed / 60:.1f} min", "",
+             "| fold | best epoch | best val KL |", "|---|---|---|"]
+    lines += [f"| {f['fold']} | {f['best_epoch']} | {f['best_val_kl']:.4f} |" for f in report["folds"]]
+    lines += ["", f"mean KL over folds      {report['mean_kl']:.4f} ± {report['std_kl']:.4f}",
+              f"out-of-fold KL          {report['oof_kl']:.4f}",
+              f"mean-distribution KL    {report['baseline_kl']:.4f}   (predicting the training folds' mean)",
+              f"oof / baseline          {report['oof_kl'] / report['baseline_kl']:.2f}", "",
+              f"report      {cv_dir / 'report.md'}", f"plots       {cv_dir / 'plots'}/*.png",
+              f"oof         {cv_dir / 'oof.csv'}", f"submission  {cv_dir / 'submission.csv'}",
+              f"fold runs   {cv_dir}/fold<k>/ (metrics.csv, tensorboard/, plots/, checkpoints/)"]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    started = time.monotonic()
+    out = Path(args.out)
+    data = Path(args.data) if args.data else None
+    if data is not None:
+        check_challenge_folder(data)
+    recipe = recipe_path()
+    prepare_out(out)
+    if data is None:
+        print("1/4 synthesising a challenge-like dataset")
+        data = generate(out / "data", n_train=150, n_test=24, seed=0, progress=True)
+    print(f"2/4 packing {data} into shards (3 folds)")
+    pack(data, out / "shards", folds=3, seed=0, samples_per_shard=32, progress=True)
+    executor = pick_executor(args.executor)
+    print(f"3/4 3-fold cross-validation, each fold a 2-process DDP job ({executor} executor)")
+    cv_dir = out / "cv"
+    code = cli.main(["cv", "--config", str(recipe), "--out", str(cv_dir), "--executor", executor,
+                     "--set", f"data.shards={out / 'shards'}"])
+    report_path = cv_dir / "report.json"
+    if not report_path.is_file():
+        print("the cross-validation did not produce a report; see the messages above")
+        return code or 1
+    print("4/4 report")
+    print(summary(json.loads(report_path.read_text()), cv_dir, time.monotonic() - started))
+    return code

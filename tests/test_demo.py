@@ -1,0 +1,39 @@
+"""The main job a new user runs: `dist-lc demo` end to end, and its refusals."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from torchrun_util import dist_lc
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_learns(tmp_path):
+    out = tmp_path / "demo"
+    proc = dist_lc(["demo", "--out", str(out)], timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "cv" / "report.json").read_text())
+    assert len(report["folds"]) == 3
+    assert report["oof_kl"] < 0.5 * report["baseline_kl"], report  # the model learned
+    submission = pd.read_csv(out / "cv" / "submission.csv")
+    assert len(submission) == 24 and abs(submission.iloc[:, 1:].sum(axis=1) - 1).max() < 1e-9
+    assert "out-of-fold KL" in proc.stdout and "mean-distribution KL" in proc.stdout
+    assert list((out / "cv" / "plots").glob("*.png"))
+
+
+def test_demo_refuses_a_folder_holding_other_files(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    proc = dist_lc(["demo", "--out", str(out)], timeout=120)
+    assert proc.returncode == 2 and "not an earlier demo" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+def test_demo_refuses_data_that_is_not_the_challenge_layout(tmp_path):
+    (tmp_path / "data").mkdir()
+    proc = dist_lc(["demo", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "data")], timeout=120)
+    assert proc.returncode == 2 and "not a challenge folder" in proc.stderr
+    assert not (tmp_path / "o").exists()
