@@ -11,7 +11,7 @@ on 32-pixel crops. Rounds alternate the two modes. Reported: the wall time of ea
 (submission to report), its ratio, and the work inside the jobs (training and prediction seconds
 from each fold's done.json) to show the per-job overhead (interpreter start, imports, scheduling).
 
-Results: docs/benchmarks_cv.md. The speed-up is bounded by the machine: on 2 cores, 4 concurrent
+Results: docs/BENCHMARKS.md. The speed-up is bounded by the machine: on 2 cores, 4 concurrent
 single-task jobs share 2 cores, so the best one can hope for is about 2× plus the overlap of
 start-up and I/O waits.
 """

@@ -472,7 +472,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=V ...'",
                     help="an ablation variant (repeatable); default: DEFAULT_VARIANTS")
     ap.add_argument("--reuse", action="store_true", help="reuse finished fold runs (same recipe, overrides, budget)")
-    ap.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks_quality.md")
+    ap.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     ap.add_argument("--section", help="markdown section name (default: main, or ablation)")
     ap.add_argument("--json", type=Path, help="write every number (and the oof predictions) here")
     args = ap.parse_args(argv)

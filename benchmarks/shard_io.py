@@ -1,4 +1,4 @@
-"""I/O benchmark of the shard format (results: docs/benchmarks_shards.md).
+"""I/O benchmark of the shard format (results: docs/BENCHMARKS.md).
 
     python benchmarks/shard_io.py [--src DIR] [--work DIR] [--workers 2] [--json FILE]
 

@@ -15,7 +15,7 @@ vectors), in the spirit of iterative stratification (Sechidis et al., 2011):
    ties go to the lower position in a seeded fold order.
 
 Compared with dealing a sorted list round-robin and with a random split in
-docs/benchmarks_shards.md ("Fold stratification").
+docs/BENCHMARKS.md ("Fold stratification").
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ A shard is a WebDataset tar. One sample is a group of members sharing the key ``
 - ``<id>.mask.npy``   uint8 array H×W, class index 0..9 (train only)
 - ``<id>.props.npy``  float64 array (10,), class proportions computed from the mask (train only)
 
-Raw ``.npy`` was chosen by measurement (see docs/BENCHMARKS.md, "Shard encodings").
+Raw ``.npy`` was chosen by measurement (see docs/BENCHMARKS.md, "In-shard encoding").
 Everything that reads or writes a sample goes through :func:`encode_sample` / :func:`decode_sample`.
 """
 from __future__ import annotations

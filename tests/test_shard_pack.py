@@ -114,7 +114,7 @@ def test_channel_stats_and_class_pixels_exact(packed_sample, sample_root):
 def test_folds_are_stratified(packed_sample):
     kl = fold_kl(load_manifest(packed_sample))
     assert len(kl) == 5
-    assert max(kl.values()) < 1e-3, kl  # a random split of these 300 tiles: ~4e-3 (docs/benchmarks_shards.md)
+    assert max(kl.values()) < 1e-3, kl  # a random split of these 300 tiles: ~4e-3 (docs/BENCHMARKS.md)
 
 
 def test_describe_reports_folds_kl_and_channels(packed_sample):
