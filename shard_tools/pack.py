@@ -20,7 +20,7 @@ from collections import deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +174,8 @@ def _mapper(workers: int):
     if workers <= 1:
         yield lambda fn, items: map(fn, items)
         return
-    with Pool(workers) as pool:
+    # spawn, not fork: a caller that already runs threads (torch, OpenMP) would deadlock forked children
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield lambda fn, items: _ordered_imap(pool, fn, items, window=8 * workers)
 
 

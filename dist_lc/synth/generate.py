@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -543,7 +544,8 @@ def _write_all(root: Path, n_train: int, n_test: int, seed: int, progress: bool,
     jobs = [(root, seed, sid, True) for sid in train_ids]
     jobs += [(root, seed, sid, False) for sid in range(n_train + 1, n_train + n_test + 1)]
     if workers > 1 and len(jobs) > 8:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: forked children of a threaded caller (torch, OpenMP) can deadlock
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(_progress(pool.map(_write_one, jobs, chunksize=4), len(jobs), progress))
     else:
         results = [_write_one(job) for job in _progress(jobs, len(jobs), progress)]
