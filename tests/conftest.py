@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# As if the venv were activated: jobs started through sbatch/srun inherit this PATH and find the
+# interpreter that runs the tests (CI runs `.venv/bin/python -m pytest` without activating).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 SHARED = Path(os.environ.get("DIST_LC_SHARED", REPO.parent / "shared"))
 SAMPLE = SHARED / "data" / "s2glc-sample"
 
