@@ -68,7 +68,7 @@ class TrainConfig:
     batch_size: int = 32             # effective batch = micro_batch_size × accumulation × world size
     micro_batch_size: int = 8        # per device per forward/backward
     precision: str = "auto"          # auto | fp32 | bf16 | fp16
-    channels_last: bool = False
+    channels_last: bool = True      # NHWC: faster convolutions with oneDNN on CPU and tensor cores on GPU
     compile: bool = False
     sync_batchnorm: bool = False
     seed: int = 0

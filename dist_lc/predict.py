@@ -33,17 +33,21 @@ def load_network(path, device: torch.device):
     except (InputError, RuntimeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: written by an incompatible model config "
                          f"({str(exc).splitlines()[0][:160]})") from None
-    return net.to(device).eval(), cfg
+    net = net.to(device).eval()
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net, cfg
 
 
 @torch.no_grad()
-def proportions(net, image: torch.Tensor, dtype, tta: bool = False) -> torch.Tensor:
+def proportions(net, image: torch.Tensor, dtype, tta: bool = False, channels_last: bool = False) -> torch.Tensor:
     """(B, 10) tile proportions; with ``tta`` the mean over the 8 flips/rotations."""
     views = DIHEDRAL if tta else DIHEDRAL[:1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     total = 0
     for k, flip in views:
         x = torch.rot90(image, k, dims=(2, 3))
-        x = torch.flip(x, dims=(3,)) if flip else x
+        x = (torch.flip(x, dims=(3,)) if flip else x).contiguous(memory_format=fmt)
         with torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None):
             logits = net(x)
         total = total + tile_proportions(logits, net.logit_bias)
@@ -72,7 +76,8 @@ def predict(checkpoints, shards, split="test", *, tta=False, batch_size=16, work
     keys, rows = [], []
     for batch in loader:
         image = batch["image"].to(device)
-        p = sum(proportions(net, image, resolve_precision(cfg.train.precision, device), tta) for net, cfg in models)
+        p = sum(proportions(net, image, resolve_precision(cfg.train.precision, device), tta, cfg.train.channels_last)
+                for net, cfg in models)
         keys += batch["key"]
         rows.append((p / len(models)).double().cpu().numpy())
     parts = distributed.gather_objects((keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES)))))

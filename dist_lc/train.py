@@ -7,6 +7,7 @@ logging and checkpointing on rank 0 after each.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -63,13 +64,24 @@ class Setup:
 
 # ----------------------------------------------------------------------------- setup
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bf16 natively (AVX512-BF16/AMX, or AVX512 emulation it deems fast enough)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype; ``auto``: bf16 where the device runs it natively, else fp16 (CUDA) or fp32 (CPU)."""
     if precision == "fp32":
         return None
     if precision == "fp16":
         return torch.float16
-    if precision == "bf16" or device.type == "cpu":
+    if precision == "bf16":
         return torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
@@ -183,27 +195,27 @@ def to_device(s: Setup, batch: dict) -> dict:
     return out
 
 
-def train_step(s: Setup, micro_batches: list[dict], stop_requested: bool = False) -> tuple[float, bool]:
-    """One optimizer step over ``accum`` micro-batches; gradients synchronised on the last one only.
+def micro_step(s: Setup, batch: dict, last: bool) -> float:
+    """Forward and backward of one micro-batch; DDP synchronises gradients on the step's last only.
 
-    The per-tile losses are summed and divided by the rank's tiles in the step; DDP's gradient
-    average over ranks then makes the update equal to one batch of ``train.batch_size`` tiles.
-    Returns the step's mean tile loss over all ranks and whether any rank asked to stop.
+    The per-tile losses are divided by the rank's tiles in the whole step (micro-batch × accum), so
+    the accumulated gradient is the step's mean; DDP's average over ranks then makes the update equal
+    to one batch of ``train.batch_size`` tiles.
     """
-    tiles = sum(len(b["key"]) for b in micro_batches)
-    total = 0.0
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not s.env.distributed else s.model.no_sync()
-        b = to_device(s, batch)
-        with sync:
-            with autocast(s):
-                logits = s.model(b["image"])
-            loss = s.loss_fn(logits, b["mask"], b["props"]).sum() / tiles
-            s.scaler.scale(loss).backward()
-        total += loss.item()
+    sync = contextlib.nullcontext() if last or not s.env.distributed else s.model.no_sync()
+    b = to_device(s, batch)
+    with sync:
+        with autocast(s):
+            logits = s.model(b["image"])
+        loss = s.loss_fn(logits, b["mask"], b["props"]).sum() / (s.cfg.train.micro_batch_size * s.accum)
+        s.scaler.scale(loss).backward()
+    return loss.item()
+
+
+def optimizer_step(s: Setup, loss: float, stop_requested: bool) -> tuple[float, bool]:
+    """Agree on loss, NaN and stop across ranks, then step optimizer, scaler, EMA and schedule."""
     loss_sum, bad, stop = distributed.all_reduce_sum(
-        [total, float(not math.isfinite(total)), float(stop_requested)], s.device)
+        [loss, float(not math.isfinite(loss)), float(stop_requested)], s.device)
     if bad:
         raise TrainingError(f"loss is not finite (NaN/inf) on {int(bad)} rank(s); "
                             "nothing saved from this epoch; lower optim.lr or use train.precision=fp32")
@@ -215,6 +227,25 @@ def train_step(s: Setup, micro_batches: list[dict], stop_requested: bool = False
     if not isinstance(s.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         s.scheduler.step()
     return loss_sum / s.env.world_size, stop > 0
+
+
+def train_step(s: Setup, micro_batches, stop_requested: bool = False) -> tuple[float, bool]:
+    """One optimizer step over ``accum`` full micro-batches, each computed as it arrives.
+
+    ``micro_batches`` is any iterable (the loader itself in :func:`train_epoch`): only one micro-batch
+    is held at a time, so the effective batch costs no memory beyond the micro-batch's.
+    Returns the step's mean tile loss over all ranks and whether any rank asked to stop.
+    """
+    total, count = 0.0, 0
+    for batch in micro_batches:
+        if len(batch["key"]) != s.cfg.train.micro_batch_size or count == s.accum:
+            raise TrainingError(f"train_step: expected {s.accum} micro-batches of {s.cfg.train.micro_batch_size} "
+                                f"tiles, got a batch of {len(batch['key'])} after {count}")
+        count += 1
+        total += micro_step(s, batch, last=count == s.accum)
+    if count != s.accum:
+        raise TrainingError(f"train_step: the loader ended after {count} of {s.accum} micro-batches")
+    return optimizer_step(s, total, stop_requested)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -257,24 +288,33 @@ def train_epoch(s: Setup, epoch: int, step: int, stop: StopFlag, progress) -> di
                                  workers=s.cfg.data.workers, augment_on=s.cfg.data.augment, crop=s.cfg.data.crop,
                                  shuffle_buffer=s.cfg.data.shuffle_buffer, pin=s.device.type == "cuda")
     s.model.train()
-    losses, pending, wait, start = [], [], 0.0, time.perf_counter()
-    tick = time.perf_counter()
-    for batch in loader:
-        wait += time.perf_counter() - tick
-        pending.append(batch)
-        if len(pending) == s.accum:
-            loss, stopping = train_step(s, pending, stop.set)
-            pending, step = [], step + 1
-            losses.append(loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
-            if stopping:
-                return {"stopped": True, "step": step}
-            _fault_injection(step)
-        tick = time.perf_counter()
+    losses, waited, start = [], [0.0], time.perf_counter()
+    batches = timed(loader, waited)
+    for _ in range(steps):
+        loss, stopping = train_step(s, itertools.islice(batches, s.accum), stop.set)
+        step += 1
+        losses.append(loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
+        if stopping:
+            return {"stopped": True, "step": step}
+        _fault_injection(step)
     elapsed = time.perf_counter() - start
     return {"stopped": False, "step": step, "train_loss": float(np.mean(losses)), "epoch_time_s": elapsed,
-            "images_per_s": steps * t.batch_size / elapsed, "data_wait_frac": wait / elapsed}
+            "images_per_s": steps * t.batch_size / elapsed, "data_wait_frac": waited[0] / elapsed}
+
+
+def timed(loader, waited: list):
+    """The loader's batches, adding the seconds spent waiting for each to ``waited[0]``."""
+    it = iter(loader)
+    while True:
+        tick = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - tick
+        yield batch
 
 
 @torch.no_grad()

@@ -89,6 +89,23 @@ def test_upconv_uses_tensorflow_same_alignment():
     assert torch.equal(up(corner)[0, 0, 6:, 6:], torch.tensor([[1.0, 2.0], [4.0, 5.0]]))
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_upconv_equals_cropped_unpadded_transposed_conv(memory_format):
+    # The padded-kernel computation must equal the definition: unpadded ConvTranspose2d cropped to 2H x 2W,
+    # in values and in gradients.
+    torch.manual_seed(0)
+    up = UpConv(6, 5)
+    x = torch.randn(2, 6, 8, 12).to(memory_format=memory_format).requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    out = up(x)
+    ref = up.conv(ref_x)[..., :16, :24]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad_w = torch.autograd.grad(out.square().sum(), [x, up.conv.weight, up.conv.bias])
+    ref_w = torch.autograd.grad(ref.square().sum(), [ref_x, up.conv.weight, up.conv.bias])
+    for g, r in zip(grad_w, ref_w):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_channels_last_matches_contiguous(unet):
     unet.eval()
     x = torch.rand(2, 4, 32, 32)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from dist_lc import train as train_mod
 from torchrun_util import REPO, dist_lc, free_port, torchrun
 
 SMOKE = ["--config", "configs/smoke.yaml"]
@@ -130,3 +131,12 @@ def test_nan_loss_stops_with_error_and_saves_nothing_new(packed_sample, tmp_path
     assert proc.returncode == 1
     assert "loss is not finite" in proc.stderr.strip().splitlines()[-1]
     assert not (run / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch, native, expected):
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert train_mod.resolve_precision("auto", cpu) is expected
+    assert train_mod.resolve_precision("bf16", cpu) is torch.bfloat16   # asked for explicitly: honoured
+    assert train_mod.resolve_precision("fp32", cpu) is None
