@@ -14,7 +14,7 @@ SCORED_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in IGNORED_CLASSES
 SCORED_NAMES = tuple(CLASS_NAMES[c] for c in SCORED_CLASSES)
 
 
-def _scored(p: np.ndarray) -> np.ndarray:
+def scored_proportions(p) -> np.ndarray:
     """Rows restricted to the 8 scored classes and renormalised (accepts 10 or 8 columns)."""
     p = np.asarray(p, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] not in (NUM_CLASSES, len(SCORED_CLASSES)):
@@ -27,8 +27,8 @@ def _scored(p: np.ndarray) -> np.ndarray:
 
 def kl_terms(y_true, y_pred) -> np.ndarray:
     """Per-sample, per-scored-class terms y*log(y/yhat), shape (n, 8). Sum over classes = per-sample KL."""
-    t = _scored(y_true) + EPSILON
-    p = _scored(y_pred) + EPSILON
+    t = scored_proportions(y_true) + EPSILON
+    p = scored_proportions(y_pred) + EPSILON
     return t * np.log(t / p)
 
 

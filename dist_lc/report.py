@@ -6,6 +6,10 @@ predicted by that fold's best.pt); then ``oof.csv`` and ``submission.csv`` of th
 mean validation KL; the submission is the mean of the folds' test predictions, i.e. the ensemble of
 their best checkpoints), ``report.json``, ``report.md`` and ``plots/*.png``.
 
+Calibration (``cv.calibrate``, :mod:`dist_lc.calibration`): fitted on the best point's out-of-fold
+tiles and applied to ``submission.csv`` when its cross-fitted out-of-fold score (``oof_calibrated.csv``,
+each fold calibrated by a fit on the others) is lower than the uncalibrated one.
+
 Scores: ``mean_kl ± std_kl`` over folds of each fold's best validation KL (from training;
 std with ddof=1); ``oof_kl`` all out-of-fold tiles scored together (dist_lc.metrics.kl_score) with
 its per-class contributions; ``baseline_kl`` the same tiles predicted by the mean class proportions
@@ -33,7 +37,7 @@ from shard_tools.errors import InputError  # noqa: E402
 from shard_tools.format import CLASS_NAMES  # noqa: E402
 from shard_tools.manifest import load_manifest, write_json_atomic  # noqa: E402
 
-from . import jobs  # noqa: E402
+from . import calibration, jobs  # noqa: E402
 from .cv import Plan, Point, load_plan  # noqa: E402
 from .metrics import SCORED_CLASSES, SCORED_NAMES, kl_per_class, kl_per_sample  # noqa: E402
 from .predict import write_csv_atomic  # noqa: E402
@@ -138,8 +142,31 @@ def best_point(blocks: list[dict]) -> dict:
     return min(scored, key=lambda b: (not b["complete"], b["mean_kl"]))
 
 
-def write_submission(plan: Plan, point: Point, block: dict) -> dict | None:
-    """The mean of the finished folds' test predictions (= the ensemble of their best.pt)."""
+def calibrate_block(plan: Plan, point: Point, block: dict, truth: pd.DataFrame) -> dict:
+    """Fit the calibration on the point's out-of-fold tiles; score it cross-fitted; applied if it helps.
+
+    Writes ``oof_calibrated.csv`` (each fold calibrated by a fit on the other folds).
+    """
+    if not plan.config.cv.calibrate:
+        return {"enabled": False, "applied": False, "reason": "cv.calibrate is false"}
+    if len(block["folds"]) < 2:
+        return {"enabled": True, "applied": False, "reason": "needs at least 2 finished folds"}
+    oof = read_pred(plan.point_dir(point) / jobs.OOF)
+    y, folds = truth.loc[oof.index, CLASSES].to_numpy(np.float64), truth.loc[oof.index, "fold"].to_numpy()
+    crossed = pd.DataFrame(calibration.cross_fitted(y, oof.to_numpy(np.float64), folds), index=oof.index,
+                           columns=CLASSES)
+    write_csv_atomic(crossed.reset_index(), plan.cv_dir / "oof_calibrated.csv")
+    score = _score(truth, crossed)
+    fitted = calibration.fit(y, oof.to_numpy(np.float64))
+    applied = score["kl"] is not None and score["kl"] < block["oof_kl"]
+    return {"enabled": True, "applied": applied, "oof_kl": score["kl"], "per_class": score["per_class"],
+            "params": fitted.to_dict(), "reason": "lowers the cross-fitted oof KL" if applied else
+            "does not lower the cross-fitted oof KL: submission left uncalibrated"}
+
+
+def write_submission(plan: Plan, point: Point, block: dict, calib: dict) -> dict | None:
+    """The mean of the finished folds' test predictions (= the ensemble of their best.pt), calibrated
+    when ``calib["applied"]`` (the uncalibrated mean is kept as submission_uncalibrated.csv)."""
     paths = [Path(r["run_dir"]) / jobs.TEST for r in block["folds"]]
     paths = [p for p in paths if p.exists()]
     if not paths:
@@ -147,9 +174,14 @@ def write_submission(plan: Plan, point: Point, block: dict) -> dict | None:
     tables = [read_pred(p) for p in paths]
     mean = sum(t.loc[tables[0].index] for t in tables) / len(tables)
     mean = mean.div(mean.sum(axis=1), axis=0)
-    write_csv_atomic(mean.reset_index(), plan.cv_dir / "submission.csv")
+    final = mean
+    if calib["applied"]:
+        write_csv_atomic(mean.reset_index(), plan.cv_dir / "submission_uncalibrated.csv")
+        cal = calibration.Calibration(**calib["params"])
+        final = pd.DataFrame(cal.apply(mean.to_numpy(np.float64)), index=mean.index, columns=CLASSES)
+    write_csv_atomic(final.reset_index(), plan.cv_dir / "submission.csv")
     return {"path": "submission.csv", "point": point.name, "folds": [r["fold"] for r in block["folds"]],
-            "tiles": len(mean), "tta": plan.config.cv.tta}
+            "tiles": len(final), "tta": plan.config.cv.tta, "calibrated": calib["applied"]}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -255,11 +287,21 @@ def markdown(report: dict) -> str:
               f"**{_f(report['mean_kl'])} ± {_f(report['std_kl'])}**",
               f"- out-of-fold KL ({report.get('oof_tiles', 0)} tiles scored together): **{_f(report['oof_kl'])}**",
               f"- baseline KL (mean class proportions of the training folds): {_f(report['baseline_kl'])}"]
+    cal = report["calibration"]
+    if cal.get("oof_kl") is not None:
+        lines.append(f"- out-of-fold KL **with calibration** (cross-fitted: each fold calibrated by a fit on the "
+                     f"others): **{_f(cal['oof_kl'])}**; {cal['reason']} (scale {cal['params']['scale']:.3f}, "
+                     f"biases {', '.join(f'{b:+.2f}' for b in cal['params']['bias'])})")
+    elif cal["enabled"]:
+        lines.append(f"- calibration not fitted: {cal['reason']}")
     if report["missing_folds"]:
         lines.append(f"- **unfinished folds: {report['missing_folds']}** (scores above are over the finished ones)")
-    lines += ["", "## Per-class contributions (out-of-fold)", "", "| class | oof | baseline |", "|---|---|---|"]
+    calibrated = cal.get("per_class", {})
+    lines += ["", "## Per-class contributions (out-of-fold)", "", "| class | oof | oof calibrated | baseline |",
+              "|---|---|---|---|"]
     for c in SCORED_NAMES:
-        lines.append(f"| {c} | {_f(report['per_class'].get(c))} | {_f(report['baseline_per_class'].get(c))} |")
+        lines.append(f"| {c} | {_f(report['per_class'].get(c))} | {_f(calibrated.get(c))} | "
+                     f"{_f(report['baseline_per_class'].get(c))} |")
     if report.get("grid"):
         lines += ["", "## Grid points, ranked by mean validation KL", "",
                   "| rank | point | params | mean KL | std | oof KL | folds done |", "|---|---|---|---|---|---|---|"]
@@ -270,6 +312,7 @@ def markdown(report: dict) -> str:
     sub = report["submission"]
     lines += ["", "## Submission", "",
               f"`submission.csv`: {sub['tiles']} test tiles, ensemble of the best checkpoints of folds {sub['folds']}"
+              + (", calibrated (uncalibrated: `submission_uncalibrated.csv`)" if sub["calibrated"] else "")
               if sub else "no test tiles in the shards: no submission"]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
@@ -290,8 +333,10 @@ def build(cv_dir) -> dict:
         shutil.copyfile(plan.point_dir(point) / jobs.OOF, plan.cv_dir / jobs.OOF)
     report = {"cv_dir": str(plan.cv_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "executor": plan.executor, "tta": plan.config.cv.tta, "folds_planned": plan.folds,
-              "complete": all(b["complete"] for b in blocks), **best,
-              "submission": write_submission(plan, point, best), "plots": make_plots(plan, blocks, best)}
+              "complete": all(b["complete"] for b in blocks), **best}
+    report["calibration"] = calibrate_block(plan, point, best, truth)
+    report["submission"] = write_submission(plan, point, best, report["calibration"])
+    report["plots"] = make_plots(plan, blocks, best)
     if plan.grid:
         report["grid_axes"] = plan.grid
         report["grid"] = blocks
@@ -304,8 +349,10 @@ def build(cv_dir) -> dict:
 
 def summary_line(report: dict) -> str:
     head = f"grid point {report['name']}: " if report.get("grid") else ""
+    cal = report.get("calibration", {})
+    calibrated = f" ({_f(cal['oof_kl'])} calibrated)" if cal.get("oof_kl") is not None else ""
     return (f"{head}mean KL {_f(report['mean_kl'])} ± {_f(report['std_kl'])} over {len(report['folds'])} fold(s), "
-            f"oof KL {_f(report['oof_kl'])}, baseline {_f(report['baseline_kl'])}; "
+            f"oof KL {_f(report['oof_kl'])}{calibrated}, baseline {_f(report['baseline_kl'])}; "
             f"{report['cv_dir']}/report.md")
 
 

@@ -20,7 +20,7 @@ import pytest
 from slurm_util import require_slurm
 from torchrun_util import REPO, dist_lc
 
-from dist_lc import cli, jobs
+from dist_lc import calibration, cli, jobs
 from dist_lc.config import load_config
 from dist_lc.cv import build_points, parse_grid
 from dist_lc.metrics import kl_score
@@ -28,7 +28,7 @@ from shard_tools.format import CLASS_NAMES
 
 CLASSES = list(CLASS_NAMES)
 REPORT_KEYS = {"folds", "mean_kl", "std_kl", "oof_kl", "baseline_kl", "per_class", "baseline_per_class",
-               "missing_folds", "submission", "plots", "complete"}
+               "missing_folds", "submission", "plots", "complete", "calibration"}
 
 
 def tiny(shards, *extra) -> list[str]:
@@ -85,6 +85,7 @@ def check_cv_folder(cv_dir: Path, sample_root, shards: Path) -> dict:
     prior = {k: truth.loc[[i for i, f in folds.items() if f != k]].mean().to_numpy() for k in (0, 1)}
     base = np.stack([prior[folds[i]] for i in oof.index])
     assert report["baseline_kl"] == pytest.approx(kl_score(truth.loc[oof.index].to_numpy(), base))
+    check_calibration(cv_dir, report, truth, oof, folds)
     sub = pd.read_csv(cv_dir / "submission.csv", dtype={"sample_id": str})
     assert list(sub.columns) == ["sample_id", *CLASSES] and len(sub) == 8
     np.testing.assert_allclose(sub[CLASSES].sum(axis=1), 1.0, atol=1e-9)
@@ -92,6 +93,19 @@ def check_cv_folder(cv_dir: Path, sample_root, shards: Path) -> dict:
         assert (cv_dir / name).is_file(), name
     assert json.loads((cv_dir / "fold0" / jobs.DONE).read_text())["world_size"] == 2
     return report
+
+
+def check_calibration(cv_dir: Path, report: dict, truth, oof, folds) -> None:
+    """The calibrated oof score is cross-fitted (each fold by a fit on the other) and decides the submission."""
+    cal = report["calibration"]
+    assert cal["enabled"]
+    y, f = truth.loc[oof.index].to_numpy(), np.array([folds[i] for i in oof.index])
+    crossed = calibration.cross_fitted(y, oof[CLASSES].to_numpy(), f)
+    assert cal["oof_kl"] == pytest.approx(kl_score(y, crossed))
+    written = pd.read_csv(cv_dir / "oof_calibrated.csv", dtype={"sample_id": str}).set_index("sample_id")
+    np.testing.assert_allclose(written.loc[oof.index, CLASSES], crossed, atol=1e-9)
+    assert cal["applied"] == (cal["oof_kl"] < report["oof_kl"]) == report["submission"]["calibrated"]
+    assert (cv_dir / "submission_uncalibrated.csv").exists() == cal["applied"]
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +141,15 @@ def test_submission_is_the_ensemble_of_the_folds_best_checkpoints(slurm_cv, tiny
 
     best = [slurm_cv / f"fold{k}" / "checkpoints" / "best.pt" for k in (0, 1)]
     expected = predict(best, tiny_shards, "test", workers=0).set_index("sample_id")
-    sub = pd.read_csv(slurm_cv / "submission.csv", dtype={"sample_id": str}).set_index("sample_id")
-    np.testing.assert_allclose(sub.loc[expected.index, CLASSES], expected[CLASSES], atol=1e-6)
+    report = json.loads((slurm_cv / "report.json").read_text())
+    name = "submission_uncalibrated.csv" if report["calibration"]["applied"] else "submission.csv"
+    ensemble = pd.read_csv(slurm_cv / name, dtype={"sample_id": str}).set_index("sample_id")
+    np.testing.assert_allclose(ensemble.loc[expected.index, CLASSES], expected[CLASSES], atol=1e-6)
+    if report["calibration"]["applied"]:   # submission.csv = the fitted calibration of that ensemble
+        cal = calibration.Calibration(**report["calibration"]["params"])
+        sub = pd.read_csv(slurm_cv / "submission.csv", dtype={"sample_id": str}).set_index("sample_id")
+        np.testing.assert_allclose(sub.loc[expected.index, CLASSES], cal.apply(ensemble.loc[expected.index, CLASSES]
+                                                                                .to_numpy()), atol=1e-9)
 
 
 def test_local_executor_gives_the_same_report(local_cv, sample_root, tiny_shards):

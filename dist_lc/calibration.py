@@ -1,0 +1,86 @@
+"""Calibration of predicted tile proportions, fitted on out-of-fold predictions.
+
+A tile's 8 scored proportions ``p`` become ``softmax(scale · log(p + 1e-7) + bias)``: one
+temperature (``1 / scale``) and one bias per scored class, 9 numbers fitted by minimising the mean
+KL divergence to the true proportions (the challenge's score) with a small L2 pull toward the
+identity (``scale = 1``, ``bias = 0``). It corrects what a U-Net trained for a few epochs gets
+wrong systematically: proportions too sharp or too flat, a class under- or over-predicted.
+
+The CV report fits it on every out-of-fold tile and applies it to the ensemble's test predictions;
+its out-of-fold score *with* calibration is cross-fitted (each fold calibrated by a fit on the
+other folds), so that it is not scored on the tiles it was fitted on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from shard_tools.format import NUM_CLASSES
+
+from .metrics import EPSILON, SCORED_CLASSES, scored_proportions
+
+L2 = 1e-3   # pull toward the identity; small against a mean KL of ~1e-2
+
+
+@dataclass
+class Calibration:
+    scale: float
+    bias: list          # one per scored class (dist_lc.metrics.SCORED_NAMES)
+
+    def apply(self, pred) -> np.ndarray:
+        """(n, 10) calibrated proportions (0 for the unscored classes) from (n, 10) or (n, 8) predictions."""
+        logits = self.scale * np.log(scored_proportions(pred) + EPSILON) + np.asarray(self.bias)
+        logits -= logits.max(axis=1, keepdims=True)
+        q = np.exp(logits)
+        out = np.zeros((len(q), NUM_CLASSES))
+        out[:, list(SCORED_CLASSES)] = q / q.sum(axis=1, keepdims=True)
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+IDENTITY = Calibration(1.0, [0.0] * len(SCORED_CLASSES))
+
+
+def fit(truth, pred, l2: float = L2) -> Calibration:
+    """The calibration minimising mean KL(truth ‖ calibrated pred) (+ ``l2`` × squared distance to identity).
+
+    Tiles whose truth has no scored class are left out, as in the score.
+    """
+    y = scored_proportions(truth)
+    keep = np.isfinite(y).all(axis=1)
+    if not keep.any():
+        return IDENTITY
+    y = torch.as_tensor(y[keep] + EPSILON, dtype=torch.float64)
+    y = y / y.sum(dim=1, keepdim=True)
+    z = torch.as_tensor(np.log(scored_proportions(pred)[keep] + EPSILON), dtype=torch.float64)
+    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_scale, bias], lr=1.0, max_iter=200, tolerance_grad=1e-10,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        logq = torch.log_softmax(log_scale.exp() * z + bias, dim=1)
+        loss = (y * (y.log() - logq)).sum(dim=1).mean() + l2 * (log_scale ** 2 + (bias ** 2).sum())
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    return Calibration(float(log_scale.detach().exp()), [float(b) for b in bias.detach()])
+
+
+def cross_fitted(truth, pred, folds) -> np.ndarray:
+    """Each fold's predictions calibrated by a fit on the other folds' (an honest out-of-fold score)."""
+    folds = np.asarray(folds)
+    out = np.zeros((len(folds), NUM_CLASSES))
+    for k in np.unique(folds):
+        mine = folds == k
+        if (~mine).any():
+            out[mine] = fit(np.asarray(truth)[~mine], np.asarray(pred)[~mine]).apply(np.asarray(pred)[mine])
+        else:
+            out[mine] = IDENTITY.apply(np.asarray(pred)[mine])
+    return out

@@ -1,0 +1,71 @@
+"""Calibration of tile proportions (dist_lc.calibration) on the real sample's true proportions."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dist_lc import calibration
+from dist_lc.metrics import SCORED_CLASSES, kl_score, scored_proportions
+from shard_tools.format import CLASS_NAMES
+
+
+@pytest.fixture(scope="module")
+def truth(sample_root):
+    """True proportions of the sample's 300 train tiles (10 columns), from the official labels."""
+    labels = pd.read_csv(sample_root / "train_labels.csv", dtype={"sample_id": str}).set_index("sample_id")
+    ids = sorted(p.stem for p in (sample_root / "train" / "images").glob("*.tif"))
+    y = labels.loc[ids, list(CLASS_NAMES)]
+    y = y.to_numpy(np.float64)
+    return y[scored_proportions(y).sum(axis=1) > 0]
+
+
+def distort(y, scale, bias, seed=0):
+    """Predictions that are the truth blurred by noise, then sharpened/flattened and shifted per class."""
+    rng = np.random.default_rng(seed)
+    z = np.log(scored_proportions(y) + 1e-3) + rng.normal(0, 0.3, (len(y), len(SCORED_CLASSES)))
+    z = scale * z + bias
+    q = np.exp(z - z.max(axis=1, keepdims=True))
+    out = np.zeros_like(y)
+    out[:, list(SCORED_CLASSES)] = q / q.sum(axis=1, keepdims=True)
+    return out
+
+
+def test_apply_gives_proportions_over_the_scored_classes(truth):
+    pred = distort(truth, 0.5, np.linspace(-1, 1, 8))
+    cal = calibration.Calibration(1.3, list(np.linspace(0.5, -0.5, 8)))
+    out = cal.apply(pred)
+    assert out.shape == pred.shape
+    assert np.allclose(out.sum(axis=1), 1.0)
+    assert (out[:, [0, 1]] == 0).all() and (out[:, list(SCORED_CLASSES)] > 0).all()
+
+
+def test_identity_leaves_proportions_unchanged_up_to_epsilon(truth):
+    pred = distort(truth, 1.0, np.zeros(8))
+    out = calibration.IDENTITY.apply(pred)[:, list(SCORED_CLASSES)]
+    assert np.allclose(out, scored_proportions(pred), atol=1e-6)
+
+
+def test_fit_undoes_a_systematic_miscalibration(truth):
+    pred = distort(truth, 0.4, np.array([1.5, -1.0, 0.5, 0.0, -0.5, 1.0, -1.5, 0.2]))
+    cal = calibration.fit(truth, pred)
+    before, after = kl_score(truth, pred), kl_score(truth, cal.apply(pred))
+    assert after < 0.5 * before
+    assert cal.scale > 1.5   # predictions were too flat: calibration sharpens them
+
+
+def test_fit_on_calibrated_predictions_stays_near_identity(truth):
+    pred = distort(truth, 1.0, np.zeros(8))
+    cal = calibration.fit(truth, pred)
+    assert kl_score(truth, cal.apply(pred)) <= kl_score(truth, pred) + 1e-4
+    assert abs(cal.scale - 1) < 0.3
+
+
+def test_cross_fitted_calibrates_each_fold_with_the_other_folds_only(truth):
+    pred = distort(truth, 0.4, np.array([1.5, -1.0, 0.5, 0.0, -0.5, 1.0, -1.5, 0.2]))
+    folds = np.arange(len(truth)) % 5
+    out = calibration.cross_fitted(truth, pred, folds)
+    mine = folds == 2
+    expected = calibration.fit(truth[~mine], pred[~mine]).apply(pred[mine])
+    assert np.allclose(out[mine], expected)
+    assert kl_score(truth, out) < 0.6 * kl_score(truth, pred)
