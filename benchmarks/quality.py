@@ -79,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pixel_gbm  # noqa: E402
 from common import REPO, SAMPLE_SRC, log, machine_line, table  # noqa: E402
 
+from dist_lc import calibration  # noqa: E402
 from dist_lc.metrics import SCORED_NAMES, kl_per_class, kl_per_sample  # noqa: E402
 from shard_tools.format import CLASS_NAMES  # noqa: E402
 
@@ -323,6 +324,47 @@ def run_unet(name: str, config: Path, overrides: list[str], tiles, shards: Path,
     return res
 
 
+def calibrated(res: dict, tiles) -> dict:
+    """The method's oof predictions calibrated by dist_lc.calibration, cross-fitted: each fold by a fit
+    on the other folds' oof tiles (what ``dist-lc cv`` reports and applies to its submission)."""
+    idx = np.array(sorted(res["oof"]))
+    pred = np.stack([res["oof"][i] for i in idx])
+    out = calibration.cross_fitted(tiles.props[idx], pred, tiles.folds[idx])
+    per_fold = {k: score(tiles.props[idx][tiles.folds[idx] == k], out[tiles.folds[idx] == k]) for k in res["per_fold"]}
+    return {**{k: v for k, v in res.items() if k not in ("per_fold", "oof", "name")},
+            "name": f"{res['name']} + calibration", "per_fold": per_fold, "oof": dict(zip(idx.tolist(), out)),
+            "calibrated_from": res["name"]}
+
+
+def with_calibration(results: list[dict], tiles, folds) -> list[dict]:
+    """Each method followed by its cross-fitted calibration (needs 2 folds; not for the baseline)."""
+    if len(folds) < 2:
+        return results
+    out = []
+    for r in results:
+        out.append(r)
+        if r["kind"] != "baseline" and not r.get("calibrated_from") and not r.get("same_model_as_above"):
+            out.append(calibrated(r, tiles))
+    return out
+
+
+def from_json(path: Path, tiles, folds) -> list[dict]:
+    """Results saved by an earlier run's ``--json`` (same shards and folds), e.g. the slow pixel GBM."""
+    index = {k: i for i, k in enumerate(tiles.keys)}
+    out = []
+    for d in json.loads(path.read_text()):
+        if d.get("calibrated_from"):
+            continue
+        per_fold = {int(k): v for k, v in d["per_fold"].items()}
+        if sorted(per_fold) != sorted(folds):
+            raise SystemExit(f"--include {path}: {d['name']} has folds {sorted(per_fold)}, this run {sorted(folds)}")
+        res = {k: v for k, v in d.items() if k not in ("summary", "oof_tiles")}
+        res.update(per_fold=per_fold, folds_info={int(k): v for k, v in d.get("folds_info", {}).items()},
+                   oof={index[key]: np.asarray(p) for key, p in d["oof_tiles"].items()}, included_from=str(path))
+        out.append(res)
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -374,15 +416,16 @@ def render(results: list[dict], tiles, args, started: str, title: str, ablation:
     sums = [summarise(r, tiles) for r in results]
     if ablation:
         base = sums[0]["oof"]
+        cal = len(folds) >= 2   # calibration is cross-fitted over folds
         headers = ["variant", "overrides", *[f"fold {k}" for k in folds], "mean ± std", "oof KL", "Δ oof vs base",
-                   "train min/fold", "img/s", "epochs"]
+                   *(["oof KL calibrated"] if cal else []), "train min/fold", "img/s", "epochs"]
         rows = []
         for r, s in zip(results, sums):
             wall, ips, ep = unet_cols(r)
             rows.append([r["name"], " ".join(f"`{o}`" for o in r.get("overrides", [])) or "–",
                          *[fmt(r["per_fold"][k]) for k in folds], f"{fmt(s['mean'])} ± {fmt(s['std'])}",
                          f"**{fmt(s['oof'])}**", "–" if r is results[0] else f"{s['oof'] - base:+.4f}",
-                         wall, ips, ep])
+                         *([fmt(summarise(calibrated(r, tiles), tiles)["oof"])] if cal else []), wall, ips, ep])
         lines.append(table(headers, rows, "ll" + "r" * (len(headers) - 2)))
     else:
         headers = ["method", *[f"fold {k}" for k in folds], "mean ± std", "oof KL", "train min/fold", "img/s",
@@ -475,6 +518,9 @@ def main(argv=None) -> int:
     ap.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     ap.add_argument("--section", help="markdown section name (default: main, or ablation)")
     ap.add_argument("--json", type=Path, help="write every number (and the oof predictions) here")
+    ap.add_argument("--include", type=Path, action="append", default=[], metavar="JSON",
+                    help="add the methods of an earlier run's --json (same shards and folds), e.g. "
+                         "'--methods baseline gbm --json gbm.json' once, then '--methods unet --include gbm.json'")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.epochs not in ("auto", "recipe") and not args.epochs.isdigit():
@@ -489,10 +535,11 @@ def main(argv=None) -> int:
     results: list[dict] = []
 
     def flush(title, ablation):
-        text = render(results, tiles, args, started, title, ablation)
+        shown = results if ablation else with_calibration(results, tiles, args.folds)
+        text = render(shown, tiles, args, started, title, ablation)
         write_section(args.md, args.section or ("ablation" if ablation else "main"), text)
         if args.json:
-            args.json.write_text(json.dumps(to_json(results, tiles), indent=1, default=str))
+            args.json.write_text(json.dumps(to_json(shown, tiles), indent=1, default=str))
         return text
 
     if args.ablate:
@@ -518,6 +565,8 @@ def main(argv=None) -> int:
     results.append(run_baseline(tiles, args.folds))
     if "baseline" not in args.methods:
         results.clear()
+    for path in args.include:
+        results += from_json(path, tiles, args.folds)
     if "gbm" in args.methods:
         results += run_gbm(tiles, args.folds, args)
         flush(title, False)
