@@ -50,6 +50,11 @@ ends just inside the budget. ``train.time_limit`` stays as the hard stop (it end
 boundary that fits). Plateau/constant schedules keep the recipe's ``train.epochs`` and stop on time.
 ``--epochs recipe`` keeps every recipe's epochs; ``--epochs N`` forces N.
 
+Launch (``--nproc N``): each U-Net training runs under ``torchrun --nproc_per_node=N`` (gloo on
+CPU, one thread per rank) instead of one process; the effective batch stays the recipe's (the
+micro-batch is split when the accumulation is not a multiple of N). On the 2-core machine two
+ranks use the cores better than one process with two threads (docs/BENCHMARKS.md, training).
+
 Outputs: a markdown section (``--md``, replaced in place between markers named after
 ``--section``), a JSON file of everything (``--json``), and the run folders under ``--work``.
 Runs shorter than the full protocol are labelled "SHORT RUN" in the table's heading.
@@ -224,12 +229,34 @@ def run_gbm(tiles, folds, args) -> list[dict]:
     return [corrected, plain]
 
 
+NPROC = 1   # set from --nproc in main(): DDP ranks per U-Net training run
+
+
 def train_cmd(config: Path, shards: Path, fold: int, overrides: list[str], run_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "dist_lc", "train", "--config", str(config), "--run-dir", str(run_dir),
+    """``python -m dist_lc train``, under ``torchrun --nproc_per_node=NPROC`` when NPROC > 1."""
+    launch = [sys.executable, "-m", "dist_lc"]
+    if NPROC > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
+                  "-m", "dist_lc"]
+    cmd = [*launch, "train", "--config", str(config), "--run-dir", str(run_dir),
            "--set", f"data.shards={shards}", "--set", f"data.fold={fold}", "--set", "train.plot_every=0"]
-    for o in overrides:
+    for o in overrides + rank_overrides(config, overrides):
         cmd += ["--set", o]
     return cmd
+
+
+def rank_overrides(config: Path, overrides: list[str]) -> list[str]:
+    """The micro-batch split over NPROC ranks when the recipe's accumulation is not a multiple of it
+    (e.g. batch 16 = micro 16 × 1 becomes micro 8 × 2 ranks): same effective batch."""
+    from dist_lc.config import load_config
+
+    t = load_config(config, overrides).train
+    accum = t.batch_size // t.micro_batch_size
+    if NPROC == 1 or accum % NPROC == 0:
+        return []
+    if t.batch_size % NPROC:
+        raise SystemExit(f"{config}: train.batch_size {t.batch_size} cannot be split over --nproc {NPROC}")
+    return [f"train.micro_batch_size={t.batch_size // NPROC}"]
 
 
 def probe_epochs(config: Path, shards: Path, fold: int, overrides: list[str], minutes: float, work: Path) -> dict:
@@ -268,7 +295,8 @@ def run_unet(name: str, config: Path, overrides: list[str], tiles, shards: Path,
         runs = reuse_train["runs"]
         res["epoch_plan"] = reuse_train.get("epoch_plan")
     else:
-        key = tag_of(Path(config).read_text(), train_over, args.minutes, args.epochs, str(shards))
+        key = tag_of(Path(config).read_text(), train_over, args.minutes, args.epochs, str(shards),
+                     *([NPROC] if NPROC > 1 else []))
         base = work / "runs" / f"{Path(config).stem}-{key}"
         runs, plan = {}, None
         if args.epochs == "auto" and schedule_depends_on_epochs(config, train_over):
@@ -408,6 +436,7 @@ def render(results: list[dict], tiles, args, started: str, title: str, ablation:
              f"Started {started}; data: `{args.src}` packed with 5 folds (seed 0), "
              f"out-of-fold tiles scored: {summarise(results[0], tiles)['tiles']}."
              + (f" U-Net budget: train.time_limit = {args.minutes:g} min per fold (epochs: {args.epochs}), "
+                f"{'1 process' if args.nproc == 1 else f'{args.nproc} DDP ranks (torchrun, gloo)'}, "
                 f"oof tiles predicted from {'best' if 'predict.checkpoint=best' in args.set else 'last'}.pt"
                 f"{' with TTA' if args.tta else ''}." if any(r["kind"] == "unet" for r in results) else "")
              + (f" Pixel GBM: {args.gbm_pixels} px sample, {args.gbm_rounds} rounds, {args.gbm_threads} thread(s), "
@@ -505,6 +534,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every U-Net run (dist_lc config key, or predict.tta / predict.checkpoint)")
     ap.add_argument("--epochs", default="auto", help="auto (probe for cosine schedules) | recipe | N")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="DDP ranks per U-Net run (torchrun --nproc_per_node; the effective batch is kept)")
     ap.add_argument("--tta", action="store_true", help="predict the U-Nets' oof tiles with the 8 flips/rotations")
     ap.add_argument("--gbm-pixels", type=int, default=FULL["gbm_pixels"])
     ap.add_argument("--gbm-rounds", type=int, default=pixel_gbm.DEFAULT_ROUNDS)
@@ -523,6 +554,8 @@ def main(argv=None) -> int:
                          "'--methods baseline gbm --json gbm.json' once, then '--methods unet --include gbm.json'")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    global NPROC
+    NPROC = args.nproc
     if args.epochs not in ("auto", "recipe") and not args.epochs.isdigit():
         ap.error("--epochs: auto, recipe or a number")
     started = datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -36,6 +36,7 @@ class ModelConfig:
     bn_eps: float = 1e-3
     groups: int = 8
     init: str = "he_normal"          # "he_normal" (Keras) | "torch"
+    indices: bool = False            # add NDVI and NDWI as input channels (computed from the raw bands)
 
 
 @dataclass

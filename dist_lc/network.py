@@ -14,10 +14,21 @@ from shard_tools.format import IGNORED_CLASSES, MAX_PIXEL_VALUE, NUM_CLASSES
 from .model import build_model
 
 
+RED, GREEN, NIR = 0, 1, 3   # band order of the challenge tiles: R, G, B, NIR
+INDEX_CHANNELS = 2         # NDVI, NDWI
+
+
+def spectral_indices(image: torch.Tensor) -> torch.Tensor:
+    """NDVI = (NIR−R)/(NIR+R) and NDWI = (G−NIR)/(G+NIR) per pixel, (B, 2, H, W), 0 where both bands are 0."""
+    r, g, nir = image[:, RED:RED + 1], image[:, GREEN:GREEN + 1], image[:, NIR:NIR + 1]
+    return torch.cat([(nir - r) / (nir + r).clamp_min(1.0), (g - nir) / (g + nir).clamp_min(1.0)], dim=1)
+
+
 class LandCoverNet(nn.Module):
-    def __init__(self, unet: nn.Module, mean, std, logit_bias=None):
+    def __init__(self, unet: nn.Module, mean, std, logit_bias=None, indices: bool = False):
         super().__init__()
         self.unet = unet
+        self.indices = indices
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         bias = torch.zeros(NUM_CLASSES) if logit_bias is None else torch.as_tensor(logit_bias, dtype=torch.float32)
@@ -25,7 +36,10 @@ class LandCoverNet(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Raw per-pixel logits (the training target); ``image`` in sensor units."""
-        return self.unet((image - self.mean) / self.std)
+        x = (image - self.mean) / self.std
+        if self.indices:
+            x = torch.cat([x, spectral_indices(image.float())], dim=1)
+        return self.unet(x)
 
 
 def normalisation_stats(mode: str, manifest=None):
@@ -43,7 +57,12 @@ def prior_bias(class_weights: torch.Tensor) -> torch.Tensor:
 
 
 def build_network(model_cfg: dict, mean, std, logit_bias=None) -> LandCoverNet:
-    return LandCoverNet(build_model(model_cfg), mean, std, logit_bias)
+    """The U-Net of ``model_cfg`` behind the input transform (``indices``: 2 more input channels)."""
+    cfg = dict(model_cfg)
+    indices = bool(cfg.pop("indices", False))
+    if indices:
+        cfg["in_channels"] = cfg.get("in_channels", len(mean)) + INDEX_CHANNELS
+    return LandCoverNet(build_model(cfg), mean, std, logit_bias, indices)
 
 
 def tile_proportions(logits: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:

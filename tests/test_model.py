@@ -152,3 +152,21 @@ def test_build_model_from_config_dict():
 def test_build_model_rejects_bad_config(cfg, message):
     with pytest.raises(InputError, match=message):
         build_model(cfg)
+
+
+def test_spectral_indices_add_two_input_channels_computed_from_raw_bands():
+    from dist_lc.network import build_network, spectral_indices
+
+    image = torch.zeros(1, 4, 16, 16)
+    image[0, :, 0, 0] = torch.tensor([1000.0, 2000.0, 500.0, 3000.0])   # R, G, B, NIR
+    idx = spectral_indices(image)
+    assert idx.shape == (1, 2, 16, 16)
+    assert idx[0, 0, 0, 0].item() == pytest.approx((3000 - 1000) / 4000)   # NDVI
+    assert idx[0, 1, 0, 0].item() == pytest.approx((2000 - 3000) / 5000)   # NDWI
+    assert idx[0, :, 1, 1].abs().sum() == 0                                   # empty pixel: 0, not NaN
+    cfg = {"num_layers": 1, "filters": 8, "upconv_filters": 8, "indices": True}
+    net = build_network(cfg, [0.0] * 4, [1.0] * 4)
+    assert net.unet.stem[0].in_channels == 6
+    assert net(image).shape == (1, 10, 16, 16)
+    plain = build_network({**cfg, "indices": False}, [0.0] * 4, [1.0] * 4)
+    assert plain.unet.stem[0].in_channels == 4
