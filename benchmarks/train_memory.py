@@ -15,6 +15,7 @@ peak after each optimizer step, and the largest DataLoader worker's peak. On CUD
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -51,7 +52,7 @@ def child(args) -> int:
 
     from dist_lc.config import load_config
     from dist_lc.data import train_loader
-    from dist_lc.train import build_setup, train_step
+    from dist_lc.train import build_setup, timed, train_step
 
     sets = [f"data.shards={args.shards}", "data.fold=null", f"train.precision={args.precision}",
             f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro}",
@@ -66,23 +67,16 @@ def child(args) -> int:
                              augment_on=cfg.data.augment, crop=cfg.data.crop,
                              shuffle_buffer=cfg.data.shuffle_buffer, pin=s.device.type == "cuda")
     s.model.train()
-    pending = []
-    tick = time.perf_counter()
-    for batch in loader:
-        pending.append(batch)
-        if len(pending) == s.accum:
-            started = time.perf_counter()
-            train_step(s, pending)
-            step = {"seconds": time.perf_counter() - started, "collect_s": started - tick,
-                    "peak_mb": _peak_mb(), "rss_mb": _rss_mb()}
-            if s.device.type == "cuda":
-                step["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(s.device) / 2**20
-            out["steps"].append(step)
-            pending = []
-            if len(out["steps"]) == args.steps:
-                break
-            tick = time.perf_counter()
-    del loader, pending, batch
+    batches = timed(loader, waited := [0.0])
+    for _ in range(args.steps):   # as train_epoch: each micro-batch computed as the loader yields it
+        waited[0], started = 0.0, time.perf_counter()
+        train_step(s, itertools.islice(batches, s.accum))
+        step = {"seconds": time.perf_counter() - started, "collect_s": waited[0],
+                "peak_mb": _peak_mb(), "rss_mb": _rss_mb()}
+        if s.device.type == "cuda":
+            step["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(s.device) / 2**20
+        out["steps"].append(step)
+    del loader, batches
     import gc
 
     gc.collect()
