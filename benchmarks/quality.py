@@ -598,8 +598,8 @@ def main(argv=None) -> int:
     results.append(run_baseline(tiles, args.folds))
     if "baseline" not in args.methods:
         results.clear()
-    for path in args.include:   # methods this run computes itself are not taken twice
-        results += [r for r in from_json(path, tiles, args.folds) if r["name"] not in {x["name"] for x in results}]
+    for path in args.include:   # kinds of method this run computes itself are not taken twice
+        results += [r for r in from_json(path, tiles, args.folds) if r["kind"] not in args.methods]
     if "gbm" in args.methods:
         results += run_gbm(tiles, args.folds, args)
         flush(title, False)

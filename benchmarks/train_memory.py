@@ -62,13 +62,13 @@ def child(args) -> int:
     out = {"precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[s.dtype], "accum": s.accum, "threads": torch.get_num_threads(),
            "rss_setup_mb": _rss_mb(), "peak_setup_mb": _peak_mb(), "steps": []}
     t = cfg.train
-    loader, _ = train_loader(s.manifest, s.train_folds, epoch=0, seed=t.seed, world=s.env.world_size,
+    loader, steps = train_loader(s.manifest, s.train_folds, epoch=0, seed=t.seed, world=s.env.world_size,
                              rank=s.env.rank, micro=t.micro_batch_size, accum=s.accum, workers=cfg.data.workers,
                              augment_on=cfg.data.augment, crop=cfg.data.crop,
                              shuffle_buffer=cfg.data.shuffle_buffer, pin=s.device.type == "cuda")
     s.model.train()
     batches = timed(loader, waited := [0.0])
-    for _ in range(args.steps):   # as train_epoch: each micro-batch computed as the loader yields it
+    for _ in range(min(args.steps, steps)):   # as train_epoch: each micro-batch computed as the loader yields it
         waited[0], started = 0.0, time.perf_counter()
         train_step(s, itertools.islice(batches, s.accum))
         step = {"seconds": time.perf_counter() - started, "collect_s": waited[0],

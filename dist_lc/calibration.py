@@ -48,15 +48,15 @@ IDENTITY = Calibration(1.0, [0.0] * len(SCORED_CLASSES))
 def fit(truth, pred, l2: float = L2) -> Calibration:
     """The calibration minimising mean KL(truth ‖ calibrated pred) (+ ``l2`` × squared distance to identity).
 
-    Tiles whose truth has no scored class are left out, as in the score.
+    Tiles whose truth has no scored class are left out, as in the score, and so are non-finite predictions.
     """
-    y = scored_proportions(truth)
-    keep = np.isfinite(y).all(axis=1)
+    y, p = scored_proportions(truth), scored_proportions(pred)
+    keep = np.isfinite(y).all(axis=1) & np.isfinite(p).all(axis=1)
     if not keep.any():
         return IDENTITY
     y = torch.as_tensor(y[keep] + EPSILON, dtype=torch.float64)
     y = y / y.sum(dim=1, keepdim=True)
-    z = torch.as_tensor(np.log(scored_proportions(pred)[keep] + EPSILON), dtype=torch.float64)
+    z = torch.as_tensor(np.log(p[keep] + EPSILON), dtype=torch.float64)
     log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_scale, bias], lr=1.0, max_iter=200, tolerance_grad=1e-10,

@@ -452,7 +452,7 @@ def prepare_array(config_path, sets: list[str], cv_dir: Path) -> Plan:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (cv_dir / PLAN).exists():
             plan = load_plan(cv_dir)
-            if plan.grid or plan.points[0].config != points[0].config:
+            if plan.grid or to_dict(from_dict(plan.points[0].config)) != points[0].config:
                 raise InputError(f"{cv_dir / PLAN}: written for another config or a grid; use a fresh CV folder")
             return plan
         others = [p.name for p in cv_dir.iterdir() if p.name != ".cv.lock"]

@@ -38,7 +38,9 @@ class LandCoverNet(nn.Module):
         """Raw per-pixel logits (the training target); ``image`` in sensor units."""
         x = (image - self.mean) / self.std
         if self.indices:
-            x = torch.cat([x, spectral_indices(image.float())], dim=1)
+            layout = torch.channels_last if image.is_contiguous(memory_format=torch.channels_last) \
+                else torch.contiguous_format
+            x = torch.cat([x, spectral_indices(image.float())], dim=1).contiguous(memory_format=layout)
         return self.unet(x)
 
 

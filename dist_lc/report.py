@@ -164,21 +164,28 @@ def calibrate_block(plan: Plan, point: Point, block: dict, truth: pd.DataFrame) 
             "does not lower the cross-fitted oof KL: submission left uncalibrated"}
 
 
+def ensemble(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Row-wise mean of prediction tables (on the first one's ids), renormalised."""
+    mean = sum(t.loc[tables[0].index] for t in tables) / len(tables)
+    return mean.div(mean.sum(axis=1), axis=0)
+
+
 def write_submission(plan: Plan, point: Point, block: dict, calib: dict) -> dict | None:
-    """The mean of the finished folds' test predictions (= the ensemble of their best.pt), calibrated
-    when ``calib["applied"]`` (the uncalibrated mean is kept as submission_uncalibrated.csv)."""
+    """The mean of the finished folds' test predictions (= the ensemble of their best.pt); when
+    ``calib["applied"]``, the mean of the calibrated fold predictions (the calibration was fitted on
+    single models' out-of-fold tiles, so it is applied to single models), the uncalibrated mean kept
+    as submission_uncalibrated.csv."""
     paths = [Path(r["run_dir"]) / jobs.TEST for r in block["folds"]]
     paths = [p for p in paths if p.exists()]
     if not paths:
         return None
     tables = [read_pred(p) for p in paths]
-    mean = sum(t.loc[tables[0].index] for t in tables) / len(tables)
-    mean = mean.div(mean.sum(axis=1), axis=0)
-    final = mean
-    if calib["applied"]:
+    final = mean = ensemble(tables)
+    if calib["applied"]:   # fitted on single models' oof tiles: applied to each fold's model, then averaged
         write_csv_atomic(mean.reset_index(), plan.cv_dir / "submission_uncalibrated.csv")
         cal = calibration.Calibration(**calib["params"])
-        final = pd.DataFrame(cal.apply(mean.to_numpy(np.float64)), index=mean.index, columns=CLASSES)
+        final = ensemble([pd.DataFrame(cal.apply(t.to_numpy(np.float64)), index=t.index, columns=CLASSES)
+                          for t in tables])
     write_csv_atomic(final.reset_index(), plan.cv_dir / "submission.csv")
     return {"path": "submission.csv", "point": point.name, "folds": [r["fold"] for r in block["folds"]],
             "tiles": len(final), "tta": plan.config.cv.tta, "calibrated": calib["applied"]}

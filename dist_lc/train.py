@@ -27,7 +27,7 @@ from shard_tools.manifest import load_manifest
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import Config, save_config, to_dict
+from .config import Config, from_dict, save_config, to_dict
 from .data import eval_loader, train_loader
 from .losses import SegmentationLoss, class_weights
 from .metrics import kl_per_sample
@@ -290,15 +290,18 @@ def train_epoch(s: Setup, epoch: int, step: int, stop: StopFlag, progress) -> di
     s.model.train()
     losses, waited, start = [], [0.0], time.perf_counter()
     batches = timed(loader, waited)
-    for _ in range(steps):
-        loss, stopping = train_step(s, itertools.islice(batches, s.accum), stop.set)
-        step += 1
-        losses.append(loss)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
-        if stopping:
-            return {"stopped": True, "step": step}
-        _fault_injection(step)
+    try:
+        for _ in range(steps):
+            loss, stopping = train_step(s, itertools.islice(batches, s.accum), stop.set)
+            step += 1
+            losses.append(loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if stopping:
+                return {"stopped": True, "step": step}
+            _fault_injection(step)
+    finally:
+        batches.close()   # shuts the loader's workers down now, also on an error
     elapsed = time.perf_counter() - start
     return {"stopped": False, "step": step, "train_loss": float(np.mean(losses)), "epoch_time_s": elapsed,
             "images_per_s": steps * t.batch_size / elapsed, "data_wait_frac": waited[0] / elapsed}
@@ -365,7 +368,8 @@ def resume(s: Setup, path: Path) -> tuple[int, int, float]:
     state = ckpt.load(path)
     if state["manifest_sha256"] != s.manifest.sha256:
         raise InputError(f"{path}: trained on other shards than {s.manifest.root}; use a fresh --run-dir")
-    if state["config"]["model"] != to_dict(s.cfg)["model"]:
+    saved = to_dict(from_dict(state["config"]))["model"]   # fields added since it was written take their defaults
+    if saved != to_dict(s.cfg)["model"]:
         raise InputError(f"{path}: written with another model config; use a fresh --run-dir")
     s.net.load_state_dict(state["model"])
     if s.ema is not None and state["ema"] is not None:

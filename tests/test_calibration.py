@@ -69,3 +69,12 @@ def test_cross_fitted_calibrates_each_fold_with_the_other_folds_only(truth):
     expected = calibration.fit(truth[~mine], pred[~mine]).apply(pred[mine])
     assert np.allclose(out[mine], expected)
     assert kl_score(truth, out) < 0.6 * kl_score(truth, pred)
+
+
+def test_non_finite_predictions_are_left_out_of_the_fit(truth):
+    pred = distort(truth, 0.4, np.array([1.5, -1.0, 0.5, 0.0, -0.5, 1.0, -1.5, 0.2]))
+    clean = calibration.fit(truth, pred)
+    pred[3] = np.nan
+    cal = calibration.fit(truth, pred)
+    assert np.isfinite(cal.scale) and np.isfinite(cal.bias).all()
+    assert cal.scale == pytest.approx(clean.scale, rel=0.05)
