@@ -393,6 +393,13 @@ def from_json(path: Path, tiles, folds) -> list[dict]:
     return out
 
 
+def recomputed(res: dict, args) -> bool:
+    """Whether this run computes the method of an included result again (baseline, GBM, a recipe)."""
+    if res["kind"] == "unet":
+        return "unet" in args.methods and res["name"] in {f"U-Net `{r.name}`" for r in args.recipes}
+    return res["kind"] in args.methods
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -598,8 +605,8 @@ def main(argv=None) -> int:
     results.append(run_baseline(tiles, args.folds))
     if "baseline" not in args.methods:
         results.clear()
-    for path in args.include:   # kinds of method this run computes itself are not taken twice
-        results += [r for r in from_json(path, tiles, args.folds) if r["kind"] not in args.methods]
+    for path in args.include:   # what this run computes itself is not taken twice
+        results += [r for r in from_json(path, tiles, args.folds) if not recomputed(r, args)]
     if "gbm" in args.methods:
         results += run_gbm(tiles, args.folds, args)
         flush(title, False)
