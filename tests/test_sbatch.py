@@ -62,18 +62,24 @@ def test_train_sbatch_wait_trains_with_two_tasks(tiny_shards, tmp_path):  # noqa
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def train_interrupted(tiny_shards, tmp_path, run, epochs, interrupt: list[str]):
+    """train.sbatch for ``epochs`` epochs, ``interrupt + [job id]`` once last.pt exists; waits for COMPLETED."""
+    job, log = submit(tmp_path, "train.sbatch", ["configs/smoke.yaml", str(run), *overrides(tiny_shards, epochs)])
+    try:
+        wait_for(run / "checkpoints" / "last.pt", job)
+        subprocess.run([*interrupt, str(job)], check=True, timeout=30)
+        assert wait_job(job, timeout_s=240) == "COMPLETED", log.read_text()[-3000:]
+    finally:
+        scancel(job)
+    return log
+
+
 @pytest.mark.slurm
 def test_job_requeued_by_slurm_resumes_from_its_checkpoint(tiny_shards, tmp_path):  # noqa: F811
     """`scontrol requeue` during epoch 2+ (SIGTERM to the tasks): the rerun resumes from last.pt and finishes."""
     require_slurm()
     run, epochs = tmp_path / "run", 5
-    job, log = submit(tmp_path, "train.sbatch", ["configs/smoke.yaml", str(run), *overrides(tiny_shards, epochs)])
-    try:
-        wait_for(run / "checkpoints" / "last.pt", job)
-        subprocess.run(["scontrol", "requeue", str(job)], check=True, timeout=30)
-        assert wait_job(job, timeout_s=240) == "COMPLETED", log.read_text()[-3000:]
-    finally:
-        scancel(job)
+    log = train_interrupted(tiny_shards, tmp_path, run, epochs, ["scontrol", "requeue"])
     text = log.read_text()
     assert "attempt 2" in text and "DUE TO JOB REQUEUE" in text
     resumed = int(text.split("resuming after epoch ")[1].split()[0])
@@ -87,13 +93,7 @@ def test_usr2_before_the_time_limit_makes_the_script_requeue_itself(tiny_shards,
     """--signal=B:USR2: the trap stops the tasks at a step boundary and requeues; the rerun resumes."""
     require_slurm()
     run, epochs = tmp_path / "run", 5
-    job, log = submit(tmp_path, "train.sbatch", ["configs/smoke.yaml", str(run), *overrides(tiny_shards, epochs)])
-    try:
-        wait_for(run / "checkpoints" / "last.pt", job)
-        subprocess.run(["scancel", "--batch", "--signal=USR2", str(job)], check=True, timeout=30)
-        assert wait_job(job, timeout_s=240) == "COMPLETED", log.read_text()[-3000:]
-    finally:
-        scancel(job)
+    log = train_interrupted(tiny_shards, tmp_path, run, epochs, ["scancel", "--batch", "--signal=USR2"])
     text = log.read_text()
     assert "stopping the tasks at a step boundary" in text and "requeueing job" in text
     assert "stop requested during epoch" in text and "resuming after epoch" in text
