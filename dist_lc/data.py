@@ -66,17 +66,22 @@ def train_steps(total: int, world: int, micro: int, accum: int) -> int:
 def read_segment(seg: Segment):
     """Raw samples of one shard piece through webdataset; a corrupt shard is an InputError naming it."""
     pipe = wds.DataPipeline(wds.SimpleShardList([seg.path]), wds.tarfile_to_samples())
+    end, seen = seg.skip + seg.take, 0
     try:
-        for i, sample in enumerate(pipe):
-            if i >= seg.skip + seg.take:
+        for sample in pipe:
+            if seen >= end:
                 return
-            if i >= seg.skip:
+            if seen >= seg.skip:
                 yield sample
+            seen += 1
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - tar or decode failure inside a shard
         raise InputError(f"{seg.path}: corrupt shard ({type(exc).__name__}: {exc}); "
                          f"run `lc-shard verify` on its folder") from None
+    if seen < end:  # a rank short of samples would leave the others waiting in the all-reduce
+        raise InputError(f"{seg.path}: the shard ends after {seen} samples, its manifest lists at least {end}; "
+                         f"run `lc-shard verify` on its folder")
 
 
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):

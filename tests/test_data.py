@@ -11,6 +11,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from shard_tools.errors import InputError
 from shard_tools.format import class_proportions, encode_sample
 from dist_lc.data import ShardStream, augment, balanced_range, random_crop, segments, train_steps
 
@@ -109,6 +110,13 @@ def test_cropped_tiles_carry_the_crop_proportions(uneven_shards):
     for batch in ds:
         for mask, props in zip(batch["mask"], batch["props"]):
             np.testing.assert_allclose(props.numpy(), class_proportions(mask.numpy()), atol=1e-7)
+
+
+def test_a_shard_shorter_than_its_manifest_is_one_clear_error(uneven_shards):
+    """A shard that lost samples (the manifest says 9) is named, not a silent short rank."""
+    path, count = uneven_shards[-1]
+    with pytest.raises(InputError, match=rf"{path}: the shard ends after {count} samples, .* at least {count + 2}"):
+        list(ShardStream([(path, count + 2)], 0, count + 2, 1, train=True))
 
 
 def test_uneven_real_shards_two_ranks_finish_with_equal_steps(sample_root, tmp_path):
