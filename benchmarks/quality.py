@@ -62,7 +62,6 @@ Runs shorter than the full protocol are labelled "SHORT RUN" in the table's head
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -84,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pixel_gbm  # noqa: E402
 from common import REPO, SAMPLE_SRC, log, machine_line, table  # noqa: E402
 
-from dist_lc import calibration  # noqa: E402
+from dist_lc import calibration, run_log  # noqa: E402
 from dist_lc.metrics import SCORED_NAMES, kl_per_class, kl_per_sample  # noqa: E402
 from shard_tools.format import CLASS_NAMES  # noqa: E402
 
@@ -163,11 +162,9 @@ def tag_of(*parts) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+    """metrics.csv as numbers (None where an epoch skipped validation)."""
+    return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in run_log.read_metrics(run_dir)]
 
 
 EPOCH_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d) epoch (\d+):")

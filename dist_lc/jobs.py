@@ -31,7 +31,6 @@ never from a blocking ``job.result()`` (without accounting a killed job never wr
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import signal
@@ -52,6 +51,7 @@ from shard_tools.manifest import load_manifest, write_json_atomic
 from . import distributed
 from .config import Config, LauncherConfig, from_dict
 from .predict import predict, write_csv_atomic
+from .run_log import read_metrics
 from .train import train
 
 DONE, OOF, TEST = "done.json", "oof.csv", "test.csv"
@@ -105,14 +105,6 @@ def epochs_done(run_dir: Path) -> int:
     if not last.exists():
         return 0
     return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"])
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def fold_summary(cfg: Config, run_dir: Path) -> dict:

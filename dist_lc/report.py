@@ -41,6 +41,7 @@ from . import calibration, jobs  # noqa: E402
 from .cv import Plan, Point, load_plan  # noqa: E402
 from .metrics import SCORED_CLASSES, SCORED_NAMES, kl_per_class, kl_per_sample  # noqa: E402
 from .predict import write_csv_atomic  # noqa: E402
+from .run_log import read_metrics  # noqa: E402
 
 CLASSES = list(CLASS_NAMES)
 TRUTH = "truth.csv"
@@ -202,7 +203,7 @@ def _series(rows: list[dict], column: str) -> tuple[list[int], list[float]]:
 def plot_learning_curves(plan: Plan, point: Point, path: Path) -> None:
     fig, (ax_loss, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for k in plan.folds:
-        rows = jobs.read_metrics(plan.run_dir(point, k))
+        rows = read_metrics(plan.run_dir(point, k))
         if not rows:
             continue
         line, = ax_loss.plot(*_series(rows, "train_loss"), marker=".", label=f"fold {k} train")

@@ -16,6 +16,15 @@ COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_kl", "val_tiles", "lr
            "images_per_s", "data_wait_frac", "peak_mem_mb")
 
 
+def read_metrics(run_dir) -> list[dict]:
+    """A run's metrics.csv rows as written (strings; "" where an epoch skipped validation), [] if none yet."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 class _NoBar:
     def update(self, n=1):
         pass
@@ -45,12 +54,8 @@ class RunLog:
 
     def _keep_rows_up_to(self, epoch: int) -> None:
         """On resume, drop rows of epochs the checkpoint does not hold (they will be trained again)."""
-        path = self.run_dir / "metrics.csv"
-        if not path.exists():
-            return
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
-        self._write_rows(rows, mode="w")
+        if (self.run_dir / "metrics.csv").exists():
+            self._write_rows([r for r in read_metrics(self.run_dir) if int(r["epoch"]) <= epoch], mode="w")
 
     def _write_rows(self, rows, mode="a") -> None:
         path = self.run_dir / "metrics.csv"
