@@ -393,6 +393,23 @@ def should_stop_for_time(s: Setup, started: float, epoch_times: list) -> bool:
     return bool(distributed.broadcast_object(late))
 
 
+def unsettled_batchnorm(cfg: Config, updates: int) -> float:
+    """The share of BatchNorm running statistics still at their initial (0, 1) after ``updates``
+    training forward passes: (1 − momentum)^updates; 0 without BatchNorm."""
+    if cfg.model.norm != "batch":
+        return 0.0
+    return (1.0 - cfg.model.bn_momentum) ** updates
+
+
+def warn_if_batchnorm_unsettled(cfg: Config, runlog: RunLog, step: int, accum: int) -> None:
+    left = unsettled_batchnorm(cfg, step * accum)
+    if left > 0.05:
+        runlog.info(f"warning: after {step * accum} training forward passes, {left:.0%} of the BatchNorm "
+                    f"running statistics are still their initial values (model.bn_momentum "
+                    f"{cfg.model.bn_momentum:g}); validation and prediction use them. Train longer or "
+                    f"raise model.bn_momentum (0.1 settles within about 30 passes)")
+
+
 def train(cfg: Config, run_dir) -> dict:
     """Train (or resume) in ``run_dir``; returns the final epoch's metrics on every rank."""
     started = time.monotonic()
@@ -447,6 +464,7 @@ def train(cfg: Config, run_dir) -> dict:
         if out_of_time:
             runlog.info(f"train.time_limit {cfg.train.time_limit} min: stopping after epoch {epoch}")
             break
+    warn_if_batchnorm_unsettled(cfg, runlog, step, s.accum)
     if dist.is_initialized():
         dist.barrier()
     runlog.close()

@@ -103,6 +103,24 @@ def test_time_limit_stops_at_an_epoch_boundary(packed_sample, tmp_path):
     assert state["epoch"] == 1 and state["ema"] is not None  # validated and saved with EMA weights
 
 
+def test_unsettled_batchnorm_statistics_are_reported(packed_sample, tmp_path):
+    """Keras' momentum over a short run leaves the running statistics near (0, 1): the log says so."""
+    run = tmp_path / "run"
+    proc = dist_lc(["train", *SMOKE, *small(packed_sample), "--set", "train.epochs=1",
+                    "--set", "model.bn_momentum=0.01", "--run-dir", str(run)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in (run / "train.log").read_text().splitlines() if "BatchNorm" in x)
+    assert "still their initial values (model.bn_momentum 0.01)" in line and "warning" in line
+
+
+def test_unsettled_share_is_one_minus_momentum_to_the_passes():
+    from dist_lc.config import from_dict
+
+    cfg = from_dict({"model": {"norm": "batch", "bn_momentum": 0.01}})
+    assert math.isclose(train_mod.unsettled_batchnorm(cfg, 56), 0.99 ** 56)
+    assert train_mod.unsettled_batchnorm(from_dict({"model": {"norm": "group"}}), 1) == 0.0
+
+
 @pytest.mark.parametrize("override,message", [
     (["--set", "data.shards=/nonexistent/shards"], "shard folder does not exist"),
     (["--set", "data.fold=7"], "has folds 0..4"),
