@@ -251,9 +251,16 @@ def train_step(s: Setup, micro_batches, stop_requested: bool = False) -> tuple[f
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # this process's own RSS high-water mark; ru_maxrss would include its parent's peak (kept across exec)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS so far (kB on Linux)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
 
 
 class StopFlag:
@@ -395,7 +402,8 @@ def should_stop_for_time(s: Setup, started: float, epoch_times: list) -> bool:
 
 def unsettled_batchnorm(cfg: Config, updates: int) -> float:
     """The share of BatchNorm running statistics still at their initial (0, 1) after ``updates``
-    training forward passes: (1 − momentum)^updates; 0 without BatchNorm."""
+    training forward passes: (1 − momentum)^updates; 0 without BatchNorm. With train.ema_decay the
+    evaluated model's buffers are averaged too, so its share is, if anything, larger."""
     if cfg.model.norm != "batch":
         return 0.0
     return (1.0 - cfg.model.bn_momentum) ** updates
@@ -429,13 +437,14 @@ def train(cfg: Config, run_dir) -> dict:
                     + (f", resuming after epoch {epoch}" if epoch else ""))
     stop = StopFlag()
     stop.install()
-    epoch_times, row = [], {}
+    epoch_times, row, stopped = [], {}, False
     while epoch < cfg.train.epochs:
         epoch_started = time.monotonic()
         with runlog.progress(s.steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}") as bar:
             result = train_epoch(s, epoch, step, stop, bar)
         step = result["step"]
         if result["stopped"]:
+            stopped = True
             runlog.info(f"stop requested during epoch {epoch + 1}; last.pt holds epoch {epoch}")
             break
         epoch += 1
@@ -464,7 +473,8 @@ def train(cfg: Config, run_dir) -> dict:
         if out_of_time:
             runlog.info(f"train.time_limit {cfg.train.time_limit} min: stopping after epoch {epoch}")
             break
-    warn_if_batchnorm_unsettled(cfg, runlog, step, s.accum)
+    if not stopped:  # a preempted run resumes; its statistics are judged when it ends
+        warn_if_batchnorm_unsettled(cfg, runlog, step, s.accum)
     if dist.is_initialized():
         dist.barrier()
     runlog.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -113,9 +114,9 @@ def test_cropped_tiles_carry_the_crop_proportions(uneven_shards):
 
 
 def test_a_shard_shorter_than_its_manifest_is_one_clear_error(uneven_shards):
-    """A shard that lost samples (the manifest says 9) is named, not a silent short rank."""
+    """A shard of 9 samples that its manifest lists as 11 is named, not left as a silently short rank."""
     path, count = uneven_shards[-1]
-    with pytest.raises(InputError, match=rf"{path}: the shard ends after {count} samples, .* at least {count + 2}"):
+    with pytest.raises(InputError, match=rf"{re.escape(path)}: the shard ends after {count} samples, .* at least {count + 2}"):
         list(ShardStream([(path, count + 2)], 0, count + 2, 1, train=True))
 
 
