@@ -151,6 +151,16 @@ def test_nan_loss_stops_with_error_and_saves_nothing_new(packed_sample, tmp_path
     assert not (run / "checkpoints" / "last.pt").exists()
 
 
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """ru_maxrss survives exec (a child of a big process reports the parent's peak); peak_mem_mb must not."""
+    ballast = bytearray(1536 * 2**20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page: 1.5 GiB resident here
+    code = "import torch; from dist_lc.train import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    del ballast
+    assert float(out.stdout.split()[-1]) < 1024, out.stdout  # torch imported: a few hundred MB
+
+
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
 def test_auto_precision_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch, native, expected):
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: native)
