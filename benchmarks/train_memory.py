@@ -4,7 +4,7 @@
     python benchmarks/train_memory.py --quick    # smoke run
 
 Each configuration runs in a fresh process (``--child``), so its RSS high-water mark
-(``getrusage(RUSAGE_SELF).ru_maxrss``, the figure the trainer logs as ``peak_mem_mb``) belongs to it
+(``dist_lc.train.peak_memory_mb``, the figure the trainer logs as ``peak_mem_mb``) belongs to it
 alone. The child builds everything with the trainer's own code, ``dist_lc.train.build_setup`` from
 ``configs/benchmark.yaml`` (+ ``--set`` overrides, 256×256 tiles, the real sample's shards), feeds
 ``dist_lc.train.train_step`` from ``dist_lc.data.train_loader`` exactly as ``train_epoch`` does
@@ -43,8 +43,9 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _peak_mb(who=resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024  # kB on Linux
+def _workers_peak_mb() -> float:
+    """The largest reaped child's (DataLoader worker's) RSS high-water mark."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # kB on Linux
 
 
 def child(args) -> int:
@@ -52,7 +53,7 @@ def child(args) -> int:
 
     from dist_lc.config import load_config
     from dist_lc.data import train_loader
-    from dist_lc.train import build_setup, timed, train_step
+    from dist_lc.train import build_setup, peak_memory_mb, timed, train_step
 
     sets = [f"data.shards={args.shards}", "data.fold=null", f"train.precision={args.precision}",
             f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro}",
@@ -60,7 +61,7 @@ def child(args) -> int:
     cfg = load_config(REPO / "configs" / "benchmark.yaml", sets)
     s = build_setup(cfg)
     out = {"precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[s.dtype], "accum": s.accum, "threads": torch.get_num_threads(),
-           "rss_setup_mb": _rss_mb(), "peak_setup_mb": _peak_mb(), "steps": []}
+           "rss_setup_mb": _rss_mb(), "peak_setup_mb": peak_memory_mb(torch.device("cpu")), "steps": []}
     t = cfg.train
     loader, steps = train_loader(s.manifest, s.train_folds, epoch=0, seed=t.seed, world=s.env.world_size,
                              rank=s.env.rank, micro=t.micro_batch_size, accum=s.accum, workers=cfg.data.workers,
@@ -72,7 +73,7 @@ def child(args) -> int:
         waited[0], started = 0.0, time.perf_counter()
         train_step(s, itertools.islice(batches, s.accum))
         step = {"seconds": time.perf_counter() - started, "collect_s": waited[0],
-                "peak_mb": _peak_mb(), "rss_mb": _rss_mb()}
+                "peak_mb": peak_memory_mb(torch.device("cpu")), "rss_mb": _rss_mb()}
         if s.device.type == "cuda":
             step["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(s.device) / 2**20
         out["steps"].append(step)
@@ -81,7 +82,7 @@ def child(args) -> int:
 
     gc.collect()
     time.sleep(0.5)  # let the workers exit so that RUSAGE_CHILDREN covers them
-    out["worker_peak_mb"] = _peak_mb(resource.RUSAGE_CHILDREN)
+    out["worker_peak_mb"] = _workers_peak_mb()
     print(json.dumps(out), flush=True)
     return 0
 

@@ -212,6 +212,12 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def normalized(data: dict) -> dict:
+    """A saved config as this version reads it (fields added since it was written take their
+    defaults): what resume and array plans compare, so an added field does not orphan old runs."""
+    return to_dict(from_dict(data))
+
+
 def save_config(cfg: Config, path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

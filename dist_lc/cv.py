@@ -38,7 +38,7 @@ from shard_tools.errors import InputError
 from shard_tools.manifest import load_manifest, write_json_atomic
 
 from . import jobs
-from .config import Config, apply_overrides, from_dict, load_config, to_dict
+from .config import Config, apply_overrides, from_dict, load_config, normalized, to_dict
 
 PLAN, JOBS = "cv.json", "jobs.json"
 PLAN_FORMAT = "dist_lc.cv/1"
@@ -218,7 +218,7 @@ def resumed_plan(args) -> Plan:
         raise InputError(f"--resume: only launcher.* keys can be changed, not {other[0]!r}")
     plan = load_plan(args.out)
     for point in plan.points:
-        point.config = to_dict(from_dict(apply_overrides(point.config, list(args.set))))
+        point.config = normalized(apply_overrides(point.config, list(args.set)))
     plan.executor = args.executor or (plan.executor if plan.executor in ("local", "slurm") else "slurm")
     for point in plan.points:
         check_launcher(from_dict(point.config), plan.executor)
@@ -452,7 +452,7 @@ def prepare_array(config_path, sets: list[str], cv_dir: Path) -> Plan:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (cv_dir / PLAN).exists():
             plan = load_plan(cv_dir)
-            if plan.grid or to_dict(from_dict(plan.points[0].config)) != points[0].config:
+            if plan.grid or normalized(plan.points[0].config) != points[0].config:
                 raise InputError(f"{cv_dir / PLAN}: written for another config or a grid; use a fresh CV folder")
             return plan
         others = [p.name for p in cv_dir.iterdir() if p.name != ".cv.lock"]

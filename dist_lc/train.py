@@ -27,7 +27,7 @@ from shard_tools.manifest import load_manifest
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import Config, from_dict, save_config, to_dict
+from .config import Config, normalized, save_config, to_dict
 from .data import eval_loader, train_loader
 from .losses import SegmentationLoss, class_weights
 from .metrics import kl_per_sample
@@ -375,8 +375,7 @@ def resume(s: Setup, path: Path) -> tuple[int, int, float]:
     state = ckpt.load(path)
     if state["manifest_sha256"] != s.manifest.sha256:
         raise InputError(f"{path}: trained on other shards than {s.manifest.root}; use a fresh --run-dir")
-    saved = to_dict(from_dict(state["config"]))["model"]   # fields added since it was written take their defaults
-    if saved != to_dict(s.cfg)["model"]:
+    if normalized(state["config"])["model"] != to_dict(s.cfg)["model"]:
         raise InputError(f"{path}: written with another model config; use a fresh --run-dir")
     s.net.load_state_dict(state["model"])
     if s.ema is not None and state["ema"] is not None:
