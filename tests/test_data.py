@@ -120,6 +120,17 @@ def test_a_shard_shorter_than_its_manifest_is_one_clear_error(uneven_shards):
         list(ShardStream([(path, count + 2)], 0, count + 2, 1, train=True))
 
 
+def test_a_bad_shard_read_by_a_loader_worker_is_still_one_line(uneven_shards):
+    """torch re-raises a worker's error with the worker's traceback as its message; the user reads one line."""
+    path, count = uneven_shards[-1]
+    loader = DataLoader(ShardStream([(path, count + 2)], 0, count + 2, 1, train=True), batch_size=None,
+                        num_workers=1)
+    with pytest.raises(InputError) as caught:
+        list(loader)
+    assert str(caught.value) == (f"{path}: the shard ends after {count} samples, its manifest lists at least "
+                                 f"{count + 2}; run `lc-shard verify` on its folder")
+
+
 def test_uneven_real_shards_two_ranks_finish_with_equal_steps(sample_root, tmp_path):
     """13 real tiles in shards of 3, 3, 1 / 3, 3 (2 folds), 2 ranks × 2 loader workers: no hang."""
     src = tmp_path / "src"
