@@ -26,7 +26,7 @@ from common import machine_line, table  # noqa: E402
 from dist_lc.data import eval_loader  # noqa: E402
 from dist_lc.metrics import kl_score  # noqa: E402
 from dist_lc.predict import load_network, proportions  # noqa: E402
-from dist_lc.train import resolve_precision  # noqa: E402
+from dist_lc.precision import resolve_precision  # noqa: E402
 from shard_tools.manifest import load_manifest  # noqa: E402
 
 BATCH = 8

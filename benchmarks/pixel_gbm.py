@@ -17,7 +17,7 @@ benchmark-only model (``pip install .[bench]``: lightgbm, scipy):
    before the softmax. ``correct=False`` gives the uncorrected (balanced-prior) prediction.
 5. **Tile prediction**: the mean of the pixel probabilities over the tile (every ``stride``-th pixel
    in each direction; 1 = all), classes 0 and 1 removed and the rest renormalised
-   (``dist_lc.metrics.tile_proportions``).
+   (``dist_lc.metrics.scored_proportions``).
 
 Scores are computed by the caller with ``dist_lc.metrics`` only.
 
@@ -189,7 +189,7 @@ class PixelGBM:
                    rounds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(prior-corrected, uncorrected) mean pixel probabilities (10,) of one tile, one pass of the trees.
 
-        Classes 0/1 are still in; ``dist_lc.metrics.tile_proportions`` removes them."""
+        Classes 0/1 are still in; ``predict_tiles`` removes them."""
         feats = pixel_features(image)[::stride, ::stride].reshape(-1, len(FEATURE_NAMES))
         raw = self.raw_scores(feats, threads, rounds)
         out = []
@@ -227,7 +227,10 @@ def train(sample: Sample, *, rounds: int = DEFAULT_ROUNDS, params: dict | None =
 def predict_tiles(model: PixelGBM, tiles: Tiles, index: np.ndarray, *, stride: int = DEFAULT_STRIDE,
                   threads: int = 1, rounds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prior-corrected, uncorrected) tile proportions (n, 10): mean pixel probabilities, classes 0/1 dropped."""
-    from dist_lc.metrics import tile_proportions
+    from dist_lc.metrics import expand_scored, scored_proportions
+
+    def tile_proportions(mean_probs):
+        return expand_scored(scored_proportions(mean_probs))
 
     t0 = time.perf_counter()
     corr, plain = zip(*(model.tile_probs(tiles.images[i], stride=stride, threads=threads, rounds=rounds)

@@ -36,7 +36,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from shard_tools.describe import kl_divergence
-from shard_tools.folds import assign_folds, class_weights
+from shard_tools.folds import assign_folds, rarity_weights
 from shard_tools.format import MAX_PIXEL_VALUE, decode_sample
 from shard_tools.pack import pack
 
@@ -238,7 +238,7 @@ def bench_encodings(src: Path, n: int) -> dict:
 def _round_robin(props: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Sort by dominant class, then rarity; deal each block of k in a seeded random order."""
     rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.random(len(props)), -(props @ class_weights(props)), props.argmax(axis=1)))
+    order = np.lexsort((rng.random(len(props)), -(props @ rarity_weights(props)), props.argmax(axis=1)))
     folds = np.empty(len(props), dtype=np.int64)
     for start in range(0, len(order), k):
         block = order[start:start + k]

@@ -52,31 +52,34 @@ def child(args) -> int:
     import torch
 
     from dist_lc.config import load_config
-    from dist_lc.data import train_loader
-    from dist_lc.train import build_setup, peak_memory_mb, timed, train_step
+    from dist_lc.data import batches_of, train_loader
+    from dist_lc.memory import peak_memory_mb
+    from dist_lc.train import build_setup, timed, train_step
 
     sets = [f"data.shards={args.shards}", "data.fold=null", f"train.precision={args.precision}",
             f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro}",
             f"data.workers={args.workers}", *args.set]
     cfg = load_config(REPO / "configs" / "benchmark.yaml", sets)
     s = build_setup(cfg)
-    out = {"precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[s.dtype], "accum": s.accum, "threads": torch.get_num_threads(),
+    out = {"precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[s.dtype],
+           "accum": s.layout.accum, "threads": torch.get_num_threads(),
            "rss_setup_mb": _rss_mb(), "peak_setup_mb": peak_memory_mb(torch.device("cpu")), "steps": []}
     t = cfg.train
     loader, steps = train_loader(s.manifest, s.train_folds, epoch=0, seed=t.seed, world=s.env.world_size,
-                             rank=s.env.rank, micro=t.micro_batch_size, accum=s.accum, workers=cfg.data.workers,
-                             augment_on=cfg.data.augment, crop=cfg.data.crop,
-                             shuffle_buffer=cfg.data.shuffle_buffer, pin=s.device.type == "cuda")
+                                 rank=s.env.rank, micro=s.layout.micro, accum=s.layout.accum,
+                                 workers=cfg.data.workers, augment=cfg.data.augment, crop=cfg.data.crop,
+                                 shuffle_buffer=cfg.data.shuffle_buffer, pin=s.device.type == "cuda")
     s.model.train()
-    batches = timed(loader, waited := [0.0])
-    for _ in range(min(args.steps, steps)):   # as train_epoch: each micro-batch computed as the loader yields it
-        waited[0], started = 0.0, time.perf_counter()
-        train_step(s, itertools.islice(batches, s.accum))
-        step = {"seconds": time.perf_counter() - started, "collect_s": waited[0],
-                "peak_mb": peak_memory_mb(torch.device("cpu")), "rss_mb": _rss_mb()}
-        if s.device.type == "cuda":
-            step["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(s.device) / 2**20
-        out["steps"].append(step)
+    with batches_of(loader) as it:
+        batches = timed(it, waited := [0.0])
+        for _ in range(min(args.steps, steps)):   # as train_epoch: each micro-batch computed as the loader yields it
+            waited[0], started = 0.0, time.perf_counter()
+            train_step(s, itertools.islice(batches, s.layout.accum))
+            step = {"seconds": time.perf_counter() - started, "collect_s": waited[0],
+                    "peak_mb": peak_memory_mb(torch.device("cpu")), "rss_mb": _rss_mb()}
+            if s.device.type == "cuda":
+                step["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(s.device) / 2**20
+            out["steps"].append(step)
     del loader, batches
     import gc
 

@@ -8,7 +8,7 @@ Sections (``--sections``, default ``kernels,e2e``), one run, so that every ratio
 same machine load (``profile`` adds a torch.profiler breakdown of one bf16 step):
 
 ``kernels``: full optimizer steps (forward + backward + Adam, the trainer's loss) of the benchmark
-U-Net (``dist_lc.network.build_network`` with the defaults: 984,234 parameters) on synthetic
+U-Net (``dist_lc.model.build_network`` with the defaults: 984,234 parameters) on synthetic
 tiles held in memory, no data loading. Variants on CPU: fp32 NCHW, fp32 channels_last, bf16
 autocast, bf16 + channels_last, and ``torch.compile`` of the fastest eager variant (compile time
 reported apart, throughput measured after warm-up); on CUDA: fp32, bf16, compile, with peak GPU
@@ -216,18 +216,16 @@ def _sync(device) -> None:
 
 def make_variant(name, device, dtype=None, channels_last=False, compile=False, seed=0, threads=0):
     """Model, loss and optimizer as ``dist_lc.train.build_setup`` builds them for the benchmark recipe."""
-    import dataclasses
-
     import torch
 
     from dist_lc.config import ModelConfig
     from dist_lc.losses import SegmentationLoss, class_weights
-    from dist_lc.network import build_network, normalisation_stats
+    from dist_lc.model import build_network, normalisation_stats
     from shard_tools.format import NUM_CLASSES
 
     torch.manual_seed(seed)
     mean, std = normalisation_stats("max")
-    net = build_network(dataclasses.asdict(ModelConfig()), mean, std).to(device)
+    net = build_network(ModelConfig(), mean, std).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
     if compile:

@@ -19,7 +19,7 @@ import torch
 
 from shard_tools.format import NUM_CLASSES
 
-from .metrics import EPSILON, SCORED_CLASSES, scored_proportions
+from .metrics import EPSILON, SCORED_CLASSES, expand_scored, scored_proportions
 
 L2 = 1e-3   # pull toward the identity; small against a mean KL of ~1e-2
 
@@ -33,10 +33,7 @@ class Calibration:
         """(n, 10) calibrated proportions (0 for the unscored classes) from (n, 10) or (n, 8) predictions."""
         logits = self.scale * np.log(scored_proportions(pred) + EPSILON) + np.asarray(self.bias)
         logits -= logits.max(axis=1, keepdims=True)
-        q = np.exp(logits)
-        out = np.zeros((len(q), NUM_CLASSES))
-        out[:, list(SCORED_CLASSES)] = q / q.sum(axis=1, keepdims=True)
-        return out
+        return expand_scored(np.exp(logits))
 
     def to_dict(self) -> dict:
         return asdict(self)

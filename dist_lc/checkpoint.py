@@ -1,19 +1,24 @@
-"""Checkpoints: written by rank 0 atomically, loaded with ``weights_only=True``.
+"""Checkpoints: written by rank 0 atomically, loaded with ``weights_only=True``, resumed on every rank.
 
-``last.pt`` every epoch and ``best.pt`` at the lowest validation KL hold: model, optimizer,
-scaler, scheduler (and EMA) state dicts, ``epoch`` (epochs completed), ``step``, RNG states,
-``best_val_kl``, ``config`` (a plain dict), ``manifest_sha256``. Tensors and plain types only.
+``last.pt`` every epoch and ``best.pt`` at the lowest score hold: model, EMA, optimizer, scheduler
+and scaler state dicts, ``epoch`` (epochs completed), ``step``, RNG states, ``best_val_kl``,
+``config`` (a plain dict), ``manifest_sha256`` and the layout it was trained on (``world_size``,
+``device``). Tensors and plain types only.
 """
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from shard_tools.errors import InputError
+
+from . import distributed
+from .config import normalized, to_dict
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -58,10 +63,68 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    if state["cuda"] and torch.cuda.is_available():
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def strip_compile_prefix(state_dict: dict) -> dict:
-    """State dict keys without torch.compile's ``_orig_mod.`` prefix."""
-    return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+@dataclass
+class Progress:
+    """Where a run stands: epochs completed, optimizer steps taken, best score so far."""
+    epoch: int = 0
+    step: int = 0
+    best: float = float("inf")
+
+
+class Checkpointer:
+    """Owns the run's last/best policy: what goes into a checkpoint, when it is written, and resume.
+
+    ``parts``: the state-dict holders (``model``, ``ema`` or None, ``optimizer``, ``scheduler``,
+    ``scaler``). Only rank 0 writes; rank 0 decides whether to resume (so ranks whose shared
+    filesystem disagrees cannot diverge) and every rank loads the same file.
+    """
+
+    def __init__(self, run_dir, parts: dict, cfg, manifest_sha256: str, world_size: int, device: torch.device):
+        self.folder = Path(run_dir) / "checkpoints"
+        self.parts, self.cfg, self.sha = parts, cfg, manifest_sha256
+        self.world_size, self.device = world_size, device
+
+    @property
+    def last(self) -> Path:
+        return self.folder / LAST
+
+    def state(self, p: Progress) -> dict:
+        ema = self.parts["ema"]
+        return {"model": self.parts["model"].state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None,
+                "optimizer": self.parts["optimizer"].state_dict(), "scheduler": self.parts["scheduler"].state_dict(),
+                "scaler": self.parts["scaler"].state_dict(), "epoch": p.epoch, "step": p.step,
+                "best_val_kl": p.best, "rng": rng_state(), "config": to_dict(self.cfg),
+                "manifest_sha256": self.sha, "world_size": self.world_size, "device": self.device.type}
+
+    def save(self, p: Progress, improved: bool) -> None:
+        """last.pt, and best.pt when the score improved (rank 0 only; a no-op elsewhere)."""
+        if not distributed.is_main():
+            return
+        state = self.state(p)
+        save_atomic(state, self.last)
+        if improved:
+            save_atomic(state, self.folder / BEST)
+
+    def resume(self) -> tuple[Progress, dict | None]:
+        """(progress, the checkpoint's layout) from last.pt, or a fresh start when rank 0 sees none."""
+        exists = distributed.broadcast_object(self.last.exists())
+        if not exists:
+            return Progress(), None
+        state = load(self.last)
+        if state["manifest_sha256"] != self.sha:
+            raise InputError(f"{self.last}: trained on other shards than {self.cfg.data.shards}; use a fresh --run-dir")
+        if normalized(state["config"])["model"] != to_dict(self.cfg)["model"]:
+            raise InputError(f"{self.last}: written with another model config; use a fresh --run-dir")
+        self.parts["model"].load_state_dict(state["model"])
+        if self.parts["ema"] is not None and state["ema"] is not None:
+            self.parts["ema"].module.load_state_dict(state["ema"])
+        for name in ("optimizer", "scheduler", "scaler"):
+            self.parts[name].load_state_dict(state[name])
+        set_rng_state(state["rng"])
+        layout = {"world_size": state.get("world_size"), "device": state.get("device")}
+        return Progress(state["epoch"], state["step"], state["best_val_kl"]), layout

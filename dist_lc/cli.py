@@ -1,4 +1,8 @@
-"""``dist-lc`` / ``python -m dist_lc``: one sub-command per job; each lives in its own module."""
+"""``dist-lc`` / ``python -m dist_lc``: one sub-command per job; each lives in its own module.
+
+Exit status 0 on success, 2 on bad input (one line ``error: <message>`` on stderr), 1 when a job
+failed (training stopped, a fold failed).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,75 +12,123 @@ import sys
 from shard_tools.errors import InputError
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _config_options(p, what: str) -> None:
+    p.add_argument("--config", metavar="YAML", help=f"recipe (configs/*.yaml) {what}; built-in defaults when omitted")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.epochs=3 (YAML value; repeatable; after the recipe)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, its help and default) and exit")
+
+
 def _train(sub):
     p = sub.add_parser("train", help="train a model (also under torchrun / srun)")
-    p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults when omitted")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--run-dir", help="run folder; a folder holding checkpoints/last.pt is resumed")
+    _config_options(p, "to train")
+    p.add_argument("--run-dir", metavar="DIR", help="run folder; one holding checkpoints/last.pt is resumed "
+                   "(default: runs/<recipe>-<launch id>)")
     return "dist_lc.train"
 
 
 def _predict(sub):
     p = sub.add_parser("predict", help="submission CSV from one or more checkpoints")
-    p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint(s); several are averaged")
-    p.add_argument("--shards", required=True, help="shard folder")
-    p.add_argument("--split", default="test", help="test | train | fold:K")
-    p.add_argument("--out", required=True, help="CSV to write")
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
+                   help="checkpoint(s) (best.pt / last.pt); several are averaged (an ensemble)")
+    p.add_argument("--shards", required=True, metavar="DIR|URL", help="shard folder or URL (lc-shard pack)")
+    p.add_argument("--split", default="test", help="tiles to predict: test, train or fold:K (default: test)")
+    p.add_argument("--out", required=True, metavar="CSV", help="submission CSV to write (sample_id + 10 classes)")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of every tile (8× the time)")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
+                   help="tiles per forward pass (default: 16)")
+    p.add_argument("--workers", type=count, default=2, metavar="N",
+                   help="DataLoader worker processes per rank (default: 2; 0: read in the main process)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="device (default: auto, CUDA when visible)")
     return "dist_lc.predict"
 
 
 def _eval(sub):
-    p = sub.add_parser("eval", help="score a submission CSV against ground truth")
-    p.add_argument("--gt", required=True, help="ground-truth CSV (train_labels.csv layout)")
-    p.add_argument("--pred", required=True, help="predicted CSV")
-    p.add_argument("--out", help="write the score as JSON")
+    p = sub.add_parser("eval", help="score a submission CSV against ground truth (the challenge's KL)")
+    p.add_argument("--gt", required=True, metavar="CSV", help="ground-truth CSV (train_labels.csv layout)")
+    p.add_argument("--pred", required=True, metavar="CSV", help="predicted CSV (submission layout)")
+    p.add_argument("--out", metavar="JSON", help="also write the score and per-class contributions as JSON")
     return "dist_lc.evaluate"
 
 
 def _cv(sub):
     p = sub.add_parser("cv", help="cross-validation (and grids) as parallel jobs through submitit")
-    p.add_argument("--config", help="YAML recipe")
-    p.add_argument("--out", required=True, help="CV folder")
-    p.add_argument("--executor", choices=("slurm", "local"), help="overrides launcher.executor")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis")
-    p.add_argument("--resume", action="store_true", help="resubmit only the jobs that did not finish")
+    _config_options(p, "of every fold")
+    p.add_argument("--out", required=True, metavar="DIR", help="CV folder (new, or an earlier one with --resume)")
+    p.add_argument("--executor", choices=("slurm", "local"),
+                   help="where the jobs run (default: launcher.executor of the recipe)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a grid axis: every combination of the axes is a grid point (repeatable)")
+    p.add_argument("--resume", action="store_true", help="resubmit only the jobs of --out that did not finish")
     p.add_argument("--no-wait", action="store_true", help="submit and return; `dist-lc report` later")
-    return "dist_lc.cv"
+    return "dist_lc.cv.launch"
+
+
+def _cv_array(sub):
+    p = sub.add_parser("cv-array", help="the steps of slurm/cv_array.sbatch (prepare the CV folder; run a fold)")
+    steps = p.add_subparsers(dest="step", required=True)
+    prep = steps.add_parser("prepare", help="write cv.json for a one-point CV, or check an existing one")
+    prep.add_argument("--config", required=True, metavar="YAML", help="recipe of every fold")
+    prep.add_argument("--cv-dir", required=True, metavar="DIR", help="CV folder")
+    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    fold = steps.add_parser("fold", help="train and predict one fold (every srun task runs it)")
+    fold.add_argument("--cv-dir", required=True, metavar="DIR", help="CV folder written by `prepare`")
+    fold.add_argument("--fold", required=True, type=count, metavar="K", help="the fold (the array task id)")
+    return "dist_lc.cv.array"
 
 
 def _report(sub):
     p = sub.add_parser("report", help="(re)build the report of a CV folder")
-    p.add_argument("cv_dir")
-    return "dist_lc.report"
+    p.add_argument("cv_dir", metavar="CVDIR", help="CV folder written by `dist-lc cv` or cv_array.sbatch")
+    return "dist_lc.cv.report"
 
 
 def _synth(sub):
     p = sub.add_parser("synth", help="write a realistic synthetic dataset in the challenge layout")
-    p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=150)
-    p.add_argument("--test", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to create (train/, test/, train_labels.csv)")
+    p.add_argument("--train", type=count, default=150, metavar="N", help="train tiles with masks (default: 150)")
+    p.add_argument("--test", type=count, default=24, metavar="N", help="test tiles (default: 24)")
+    p.add_argument("--seed", type=count, default=0, metavar="S", help="random seed (default: 0)")
     return "dist_lc.synth.generate"
 
 
 def _demo(sub):
     p = sub.add_parser("demo", help="the whole pipeline end to end on synthetic (or given) data")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--data", help="a challenge folder instead of synthetic data")
-    p.add_argument("--executor", choices=("slurm", "local"), help="default: slurm if a cluster answers")
+    p.add_argument("--out", default="demo_out", metavar="DIR",
+                   help="output folder, replaced by the next demo (default: demo_out)")
+    p.add_argument("--data", metavar="DIR", help="a challenge folder to use instead of synthetic data")
+    p.add_argument("--executor", choices=("slurm", "local"),
+                   help="where the folds run (default: slurm if a cluster answers, else local)")
     return "dist_lc.demo"
 
 
-COMMANDS = (_train, _predict, _eval, _cv, _report, _synth, _demo)
+COMMANDS = (_train, _predict, _eval, _cv, _cv_array, _report, _synth, _demo)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="dist-lc", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dist-lc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for add in COMMANDS:

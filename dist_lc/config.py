@@ -1,112 +1,149 @@
-"""Typed run configuration: YAML → dataclasses, ``--set a.b=c`` overrides, unknown keys are errors.
+"""Typed run configuration: YAML → dataclasses, ``base:`` recipes, ``--set a.b=c`` overrides.
 
-The one place that loads a config. The resolved config is saved as ``config.yaml`` in every run folder.
+The one place that loads a config. Every key is declared once, here, with its type (choices are
+``Literal`` types), its default, a one-line help and its allowed range; the loader checks all of
+them and names the key of any error in one line ("did you mean" for unknown keys). The resolved
+config is saved as ``config.yaml`` in every run folder and inside every checkpoint.
+
+A recipe may start from another: ``base: benchmark.yaml`` (relative to the recipe's folder) is
+loaded first and the recipe's own keys are merged over it, section by section; ``--set``
+overrides come last. :func:`describe` prints the resolved config with every key's help and default
+(``dist-lc train --print-config``).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from shard_tools.errors import InputError
+from shard_tools.format import IMAGE_SHAPE
+
+BASE_KEY = "base"
+
+
+def option(default, help: str, *, min=None, max=None, factory=None):
+    """A config field: its default, one line of help, and the inclusive range of a number."""
+    meta = {"help": help, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    shards: str = ""                 # shard folder written by `lc-shard pack`
-    fold: int | None = 0             # validation fold (train on the others); null = train on all, no validation
-    crop: int | None = None          # random square crop at train time (validation sees whole tiles)
-    augment: bool = True             # flips and 90/180/270° rotations, image and mask alike
-    normalize: str = "manifest"      # "manifest": per-band standardisation | "max": divide by 24356 (benchmark)
-    workers: int = 2                 # DataLoader workers per rank
-    shuffle_buffer: int = 64         # samples per worker shuffle buffer
+    shards: str = option("", "shard folder or URL written by `lc-shard pack` (https://, file://, pipe:CMD)")
+    fold: int | None = option(0, "validation fold (train on the others); null: train on all folds, no validation",
+                              min=0)
+    crop: int | None = option(None, "random square crop in pixels at train time (validation sees whole tiles)",
+                              min=8, max=IMAGE_SHAPE[0])
+    augment: bool = option(True, "random flips and 90/180/270° rotations, image and mask alike")
+    normalize: Literal["manifest", "max"] = option(
+        "manifest", "manifest: per-band standardisation from the shards' statistics | max: divide by 24356")
+    workers: int = option(2, "DataLoader worker processes per rank (0: read in the training process)",
+                          min=0, max=64)
+    shuffle_buffer: int = option(64, "samples in each worker's shuffle buffer (training only)", min=0)
 
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 2
-    filters: int = 64
-    upconv_filters: int = 96
-    norm: str = "batch"              # "batch" | "group"
-    bn_momentum: float = 0.01        # torch convention; Keras momentum 0.99 == 0.01
-    bn_eps: float = 1e-3
-    groups: int = 8
-    init: str = "he_normal"          # "he_normal" (Keras) | "torch"
-    indices: bool = False            # add NDVI and NDWI as input channels (computed from the raw bands)
+    num_layers: int = option(2, "U-Net depth: the input is halved num_layers + 1 times", min=0, max=6)
+    filters: int = option(64, "channels of every 3×3 convolution", min=1)
+    upconv_filters: int = option(96, "channels of the first convolution after each skip concatenation", min=1)
+    norm: Literal["batch", "group"] = option("batch", "normalisation layers: BatchNorm or GroupNorm")
+    bn_momentum: float = option(0.01, "BatchNorm momentum, torch convention (Keras 0.99 is 0.01)", min=0.0, max=1.0)
+    bn_eps: float = option(1e-3, "epsilon of the normalisation layers", min=0.0)
+    groups: int = option(8, "GroupNorm groups (norm: group)", min=1)
+    init: Literal["he_normal", "torch"] = option("he_normal", "weight init: Keras' he_normal/glorot or torch's")
+    indices: bool = option(False, "add NDVI and NDWI (from the raw bands) as input channels")
 
 
 @dataclass
 class LossConfig:
-    class_weights: str = "inverse_frequency"   # "none" | "inverse_frequency" | "sqrt_inverse_frequency"
-    kl_weight: float = 0.0                     # weight of the tile-proportion KL term
-    prior_correction: bool = False             # subtract log class weights from logits at prediction
+    class_weights: Literal["none", "inverse_frequency", "sqrt_inverse_frequency"] = option(
+        "inverse_frequency", "per-class weights of the pixel cross-entropy (no_data and clouds always 0)")
+    kl_weight: float = option(0.0, "weight of the tile-proportion KL term (the score itself)", min=0.0)
+    prior_correction: bool = option(False, "subtract the log class weights from the logits at prediction")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"               # adam | adamw | rmsprop | adagrad | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9            # sgd / rmsprop only
+    name: Literal["adam", "adamw", "rmsprop", "adagrad", "sgd"] = option("adam", "optimizer")
+    lr: float = option(1e-3, "learning rate (peak of the schedule)", min=1e-12)
+    weight_decay: float = option(0.0, "weight decay (decoupled for adamw)", min=0.0)
+    momentum: float = option(0.9, "momentum (sgd, rmsprop)", min=0.0, max=1.0)
+    clip_grad_norm: float | None = option(None, "clip the gradients' global L2 norm to this (null: no clipping)",
+                                          min=1e-9)
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "plateau"            # plateau (benchmark) | cosine (with warmup) | constant
-    patience: int = 20               # plateau: epochs without val improvement
-    factor: float = 0.5              # plateau: lr multiplier
-    warmup_epochs: int = 0           # cosine: linear warmup length
-    min_lr: float = 0.0
+    name: Literal["plateau", "cosine", "constant"] = option(
+        "plateau", "plateau: ×factor after patience epochs without improvement | cosine (after warmup) | constant")
+    patience: int = option(20, "plateau: epochs without a better validation score", min=0)
+    factor: float = option(0.5, "plateau: learning-rate multiplier", min=1e-6, max=1.0)
+    warmup_epochs: int = option(0, "cosine: epochs of linear warmup", min=0)
+    min_lr: float = option(0.0, "learning rate at the end of the cosine (and plateau's floor)", min=0.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 90
-    batch_size: int = 32             # effective batch = micro_batch_size × accumulation × world size
-    micro_batch_size: int = 8        # per device per forward/backward
-    precision: str = "auto"          # auto | fp32 | bf16 | fp16
-    channels_last: bool = True      # NHWC: faster convolutions with oneDNN on CPU and tensor cores on GPU
-    compile: bool = False
-    sync_batchnorm: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    time_limit: float | None = None  # minutes; stop at the last epoch boundary that fits
-    val_every: int = 1               # epochs between validations (and at the last epoch / time limit)
-    plot_every: int = 10             # epochs between prediction plots (0 = never)
-    plot_tiles: int = 4
-    ema_decay: float | None = None   # exponential moving average of weights, evaluated and saved
-    device: str = "auto"             # auto | cpu | cuda
+    epochs: int = option(90, "epochs to train (the cosine schedule's length)", min=1)
+    batch_size: int = option(32, "effective batch: micro-batch × accumulation × ranks (exact, whatever the layout)",
+                             min=1)
+    micro_batch_size: int = option(
+        8, "the most tiles one device computes at once; accumulation is derived per world size", min=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "auto: bf16 where the device runs it natively, fp16 + gradient scaler on older GPUs, else fp32")
+    channels_last: bool = option(True, "NHWC tensors: faster convolutions with oneDNN (CPU) and tensor cores")
+    compile: bool = option(False, "torch.compile the model")
+    sync_batchnorm: bool = option(False, "BatchNorm statistics over all ranks (SyncBatchNorm)")
+    seed: int = option(0, "seed of initialisation, data order and augmentation", min=0)
+    deterministic: bool = option(False, "torch.use_deterministic_algorithms (slower)")
+    time_limit: float | None = option(None, "minutes; stop at the last epoch boundary that fits", min=0.0)
+    val_every: int = option(1, "epochs between validations (the last epoch is always validated)", min=1)
+    early_stop: int | None = option(None, "stop after this many validations without a better score "
+                                    "(null: never)", min=1)
+    plot_every: int = option(10, "epochs between prediction plots (0: never)", min=0)
+    plot_tiles: int = option(4, "validation tiles in each prediction plot", min=0, max=64)
+    ema_decay: float | None = option(None, "decay of an exponential moving average of the weights, evaluated "
+                                     "and saved (0 < decay < 1; null: none)")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: CUDA when visible, else CPU")
+    dist_timeout_s: int = option(600, "seconds a rank waits in a collective for its peers before it fails "
+                                 "(bounds how long a job outlives a dead rank)", min=10)
 
 
 @dataclass
 class LauncherConfig:
     """Where `dist-lc cv` runs each job (Slurm through submitit, or local processes); see docs/slurm.md."""
-    executor: str = "local"          # local | slurm (`cv --executor` overrides)
-    nodes: int = 1                   # Slurm only (the local executor has one node)
-    tasks_per_node: int = 1          # one task per device (= gpus_per_node on GPU nodes)
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1           # loader workers + 1 is a good start
-    mem_gb: float | None = None      # per node; null = the partition's default
-    partition: str | None = None
-    account: str | None = None
-    time_min: int = 60               # per job (one attempt); longer trainings are requeued and resume
-    max_parallel: int = 0            # jobs at once; 0 = local: what the machine allows, slurm: no cap
-    max_requeues: int = 3            # timeouts tolerated per job (preemptions are unlimited)
-    signal_delay_s: int = 120        # the stop signal (USR2) comes this long before time_min is up
-    wait_min: int | None = None      # how long `cv` waits for its jobs; null = derived from time_min
-    setup: list = field(default_factory=list)         # shell lines run before the job (module load ...)
-    slurm_extra: dict = field(default_factory=dict)   # extra #SBATCH options, e.g. {qos: high}
+    executor: Literal["local", "slurm"] = option("local", "local processes or Slurm jobs (`cv --executor` wins)")
+    nodes: int = option(1, "nodes per job (Slurm only; the local executor has one)", min=1)
+    tasks_per_node: int = option(1, "ranks per node: one per GPU (= gpus_per_node on GPU nodes)", min=1)
+    gpus_per_node: int = option(0, "GPUs per node (0: CPU ranks, gloo)", min=0)
+    cpus_per_task: int = option(1, "CPU cores per rank: data.workers + 1 is a good start", min=1)
+    mem_gb: float | None = option(None, "memory per node in GB; null: the partition's default", min=0.1)
+    partition: str | None = option(None, "Slurm partition")
+    account: str | None = option(None, "Slurm account to charge")
+    time_min: int = option(60, "minutes per job attempt; longer trainings are requeued and resume", min=1)
+    max_parallel: int = option(0, "jobs at once; 0: local: what the machine allows, slurm: no cap", min=0)
+    max_requeues: int = option(3, "timeouts tolerated per job (preemptions are unlimited)", min=0)
+    signal_delay_s: int = option(120, "seconds before time_min at which the stop signal (USR2) comes", min=0)
+    wait_min: int | None = option(None, "minutes `cv` waits for its jobs; null: derived from time_min", min=1)
+    setup: list = option(None, "shell lines run before each job (module load ...)", factory=list)
+    slurm_extra: dict = option(None, "extra #SBATCH options, e.g. {qos: high}", factory=dict)
 
 
 @dataclass
 class CVConfig:
-    folds: list | None = None        # folds to run (null = all in the manifest)
-    tta: bool = False                # 8 flips/rotations when predicting oof and test
-    calibrate: bool = True           # fit per-class calibration on out-of-fold predictions
+    folds: list | None = option(None, "folds to run (null: every fold of the shards)")
+    tta: bool = option(False, "average the 8 flips/rotations when predicting out-of-fold and test tiles")
+    calibrate: bool = option(True, "fit a per-class calibration on the out-of-fold tiles (applied when it helps)")
 
 
 @dataclass
@@ -121,8 +158,11 @@ class Config:
     cv: CVConfig = field(default_factory=CVConfig)
 
 
-def _field_types(cls) -> dict:
-    return typing.get_type_hints(cls)
+# ----------------------------------------------------------------------------- reading values
+
+def _did_you_mean(word: str, known, prefix: str = "") -> str:
+    hint = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
+    return f" (did you mean {prefix + hint[0]!r}?)" if hint else ""
 
 
 def _coerce(value, typ, key: str):
@@ -132,37 +172,62 @@ def _coerce(value, typ, key: str):
             raise InputError(f"config key {key!r}: expected a mapping, got {value!r}")
         return _from_dict(typ, value, key + ".")
     args = typing.get_args(typ)
-    if type(None) in args:
-        if value is None:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or (args and type(None) in args):
+        if value is None and type(None) in args:
             return None
         typ = next(a for a in args if a is not type(None))
+        return _coerce(value, typ, key)
+    if origin is Literal:
+        if value not in args:
+            raise InputError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, args))}"
+                             + _did_you_mean(value, args))
+        return value
     if typ is float:  # PyYAML reads 1e-3 (no dot) as a string: accept it as the number it is
         try:
             if not isinstance(value, bool):
-                return float(value)
+                number = float(value)
+                if math.isfinite(number):
+                    return number
         except (TypeError, ValueError):
             pass
         raise InputError(f"config key {key!r}: expected a number, got {value!r}")
-    origin = typing.get_origin(typ) or typ
-    if origin is bool and not isinstance(value, bool):
+    if typ is bool and not isinstance(value, bool):
         raise InputError(f"config key {key!r}: expected true/false, got {value!r}")
-    if origin is int and (isinstance(value, bool) or not isinstance(value, int)):
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise InputError(f"config key {key!r}: expected an integer, got {value!r}")
-    if origin in (str, list, dict) and not isinstance(value, origin):
-        raise InputError(f"config key {key!r}: expected {origin.__name__}, got {value!r}")
+    if typ in (str, list, dict) and not isinstance(value, typ):
+        raise InputError(f"config key {key!r}: expected {typ.__name__}, got {value!r}")
     return value
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
-    types = _field_types(cls)
+    types = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in types]
     if unknown:
         k = unknown[0]
-        hint = difflib.get_close_matches(k, list(types), n=1)
-        more = f" (did you mean {prefix + hint[0]!r}?)" if hint else f" (known: {', '.join(types)})"
-        raise InputError(f"unknown config key {prefix + k!r}{more}")
+        more = _did_you_mean(k, types, prefix) or f" (known: {', '.join(types)})"
+        raise InputError(f"unknown config key {prefix + str(k)!r}{more}")
     return cls(**{k: _coerce(v, types[k], prefix + k) for k, v in data.items()})
 
+
+def _check_ranges(obj, prefix: str = "") -> None:
+    """Every number within its field's declared range (one line naming the key, value and range)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".")
+            continue
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            allowed = (f"{lo} to {hi}" if lo is not None and hi is not None
+                       else f"at least {lo}" if lo is not None else f"at most {hi}")
+            raise InputError(f"config key {key!r}: {value!r} is out of range (allowed: {allowed})")
+
+
+# ----------------------------------------------------------------------------- files and overrides
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``["train.epochs=3", "data.crop=null"]`` applied to a nested dict (values parsed as YAML)."""
@@ -176,12 +241,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InputError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise InputError(f"--set {item!r}: invalid YAML value ({str(exc).splitlines()[0]})") from None
     return raw
 
 
-def read_yaml(path) -> dict:
-    path = Path(path)
+def merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: sections merge key by key, other values are replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_one(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: config file does not exist")
     try:
@@ -193,16 +268,30 @@ def read_yaml(path) -> dict:
     return raw
 
 
+def read_yaml(path, _chain: tuple = ()) -> dict:
+    """A recipe as a dict, its ``base:`` recipes merged under it (cycles refused)."""
+    path = Path(path)
+    key = path.resolve()
+    if key in _chain:
+        cycle = " → ".join(p.name for p in (*_chain, key)[list(_chain).index(key):])
+        raise InputError(f"{path}: base recipes form a cycle ({cycle})")
+    raw = _read_one(path)
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise InputError(f"{path}: config key 'base': expected the file name of a recipe, got {base!r}")
+    return merge(read_yaml(path.parent / base, (*_chain, key)), raw)
+
+
 def load_config(path=None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file (or defaults) plus ``--set`` overrides, validated."""
     raw = read_yaml(path) if path else {}
-    cfg = _from_dict(Config, apply_overrides(raw, overrides or []))
-    validate(cfg)
-    return cfg
+    return from_dict(apply_overrides(raw, overrides or []))
 
 
 def from_dict(data: dict) -> Config:
-    """A config saved in a run folder or a checkpoint, back into objects."""
+    """A config (a recipe, or one saved in a run folder or a checkpoint) back into objects, validated."""
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
@@ -222,34 +311,66 @@ def save_config(cfg: Config, path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-CHOICES = {
-    "data.normalize": ("manifest", "max"),
-    "model.norm": ("batch", "group"),
-    "model.init": ("he_normal", "torch"),
-    "loss.class_weights": ("none", "inverse_frequency", "sqrt_inverse_frequency"),
-    "optim.name": ("adam", "adamw", "rmsprop", "adagrad", "sgd"),
-    "schedule.name": ("plateau", "cosine", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "launcher.executor": ("local", "slurm"),
-}
-
+# ----------------------------------------------------------------------------- checks and derived values
 
 def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise InputError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
+    _check_ranges(cfg)
     t = cfg.train
-    if t.val_every < 1:
-        raise InputError(f"config: train.val_every must be at least 1, got {t.val_every}")
-    if t.micro_batch_size <= 0 or t.batch_size <= 0:
-        raise InputError("config: train.batch_size and train.micro_batch_size must be positive")
-    if t.batch_size % t.micro_batch_size:
-        raise InputError(f"config: train.micro_batch_size {t.micro_batch_size} does not divide "
-                         f"train.batch_size {t.batch_size}")
     factor = 2 ** (cfg.model.num_layers + 1)  # the U-Net halves the image num_layers + 1 times
     if cfg.data.crop is not None and cfg.data.crop % factor:
-        raise InputError(f"config: data.crop {cfg.data.crop} must be divisible by {factor} "
+        raise InputError(f"config key 'data.crop': {cfg.data.crop} must be divisible by {factor} "
                          f"(2**(model.num_layers + 1))")
+    if IMAGE_SHAPE[0] % factor:
+        raise InputError(f"config key 'model.num_layers': {cfg.model.num_layers} halves a {IMAGE_SHAPE[0]}-pixel "
+                         f"tile to fractions (at most {int(math.log2(IMAGE_SHAPE[0])) - 1})")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise InputError(f"config key 'train.ema_decay': {t.ema_decay} is out of range (allowed: between 0 "
+                         "and 1, exclusive; null: no EMA)")
+    if cfg.model.norm == "group":
+        for key in ("filters", "upconv_filters"):
+            if getattr(cfg.model, key) % cfg.model.groups:
+                raise InputError(f"config key 'model.{key}': {getattr(cfg.model, key)} channels are not divisible "
+                                 f"by model.groups {cfg.model.groups} (GroupNorm)")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the effective batch is computed on ``world`` ranks: ``micro × accum × world == batch``."""
+    batch: int
+    micro: int
+    accum: int
+    world: int
+
+
+def batch_layout(train: TrainConfig, world: int) -> BatchLayout:
+    """The largest micro-batch up to ``train.micro_batch_size`` that divides the batch per rank;
+    the accumulation follows. An error naming both ways out when the ranks do not divide the batch."""
+    if train.batch_size % world:
+        raise InputError(f"config key 'train.batch_size': {train.batch_size} tiles cannot be split evenly over "
+                         f"{world} ranks; set train.batch_size to a multiple of {world} (and scale optim.lr with "
+                         f"it) or run on a number of ranks that divides {train.batch_size}")
+    per_rank = train.batch_size // world
+    micro = max(d for d in range(1, min(train.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+    return BatchLayout(train.batch_size, micro, per_rank // micro, world)
+
+
+# ----------------------------------------------------------------------------- printing
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config as YAML, each key followed by its help and default (``--print-config``)."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        lines.append(f"{section.name}:")
+        rows = []
+        for f in dataclasses.fields(obj):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"  {f.name}: {_yaml_value(getattr(obj, f.name))}",
+                         f"# {f.metadata.get('help', '')} [default: {_yaml_value(default)}]"))
+        width = max(len(a) for a, _ in rows)
+        lines += [f"{a:<{width}}  {b}" for a, b in rows]
+    return "\n".join(lines)

@@ -14,6 +14,8 @@ How an epoch is laid out (the same on every rank, computed from the manifest alo
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,7 +86,7 @@ def read_segment(seg: Segment):
                          f"run `lc-shard verify` on its folder")
 
 
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+def random_flip_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
     """One of the 8 flips/rotations (the benchmark's flips and 90°/270° rotations), image and mask alike."""
     k = int(rng.integers(4))
     image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k, axes=(0, 1))
@@ -139,7 +141,7 @@ class ShardStream(IterableDataset):
             for raw in read_segment(seg):
                 key, image, mask, props = decode_sample(raw)
                 if self.augment and mask is not None:
-                    image, mask = augment(image, mask, rng)
+                    image, mask = random_flip_rotate(image, mask, rng)
                 if self.crop and mask is not None:
                     image, mask = random_crop(image, mask, self.crop, rng)
                     props = class_proportions(mask)
@@ -171,11 +173,26 @@ class ShardStream(IterableDataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Slurm signals the whole process group: loader workers leave stopping to their rank."""
-    import signal
-
+    """Slurm signals every process of a job step: loader workers leave stopping to their rank."""
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def batches_of(loader: DataLoader):
+    """Iterate a loader and shut its workers down when the block ends, also on an error.
+
+    The workers ignore SIGTERM (above), so they must be told to stop: left to the garbage collector,
+    an iterator kept alive by an exception's traceback survives until interpreter exit, where
+    multiprocessing terminates its workers with SIGTERM and then waits for them forever.
+    """
+    it = iter(loader)
+    try:
+        yield it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # the multi-process iterator's own clean-up
+        if shutdown is not None:
+            shutdown()
 
 
 def _loader(dataset: ShardStream, workers: int, pin: bool) -> DataLoader:
@@ -185,7 +202,7 @@ def _loader(dataset: ShardStream, workers: int, pin: bool) -> DataLoader:
 
 
 def train_loader(manifest: Manifest, folds, *, epoch, seed, world, rank, micro, accum, workers,
-                 augment_on=True, crop=None, shuffle_buffer=64, pin=False) -> tuple[DataLoader, int]:
+                 augment=True, crop=None, shuffle_buffer=64, pin=False) -> tuple[DataLoader, int]:
     """The rank's training loader for an epoch and the number of optimizer steps it feeds."""
     shards = ordered_shards(manifest, "train", folds, shuffle_seed=seed * 100_003 + epoch)
     total = sum(c for _, c in shards)
@@ -194,7 +211,7 @@ def train_loader(manifest: Manifest, folds, *, epoch, seed, world, rank, micro, 
         raise InputError(f"{manifest.root}: {total} training tiles are fewer than one effective batch "
                          f"({world} ranks × {micro} × {accum} accumulation)")
     n = steps * accum * micro
-    ds = ShardStream(shards, rank * n, (rank + 1) * n, micro, train=True, augment=augment_on, crop=crop,
+    ds = ShardStream(shards, rank * n, (rank + 1) * n, micro, train=True, augment=augment, crop=crop,
                      shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch, rank=rank)
     return _loader(ds, workers, pin), steps
 

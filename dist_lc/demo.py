@@ -14,7 +14,7 @@ from shard_tools.errors import InputError
 from shard_tools.pack import pack
 
 from . import cli
-from .jobs import slurm_problem
+from .cv.executors import slurm_problem
 from .synth.generate import generate
 
 MARKER = ".dist_lc_demo"

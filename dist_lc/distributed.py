@@ -7,17 +7,29 @@ Order of precedence (see docs/ARCHITECTURE.md):
 3. an srun step: SLURM_PROCID, SLURM_STEP_NUM_TASKS (not SLURM_NTASKS, which a batch script
    also sees), SLURM_LOCALID, master = first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST;
 4. otherwise a single plain process.
+
+Under torchrun the ranks watch their launcher: torchrun starts each rank in a session of its own, so
+a SIGKILL of the agent would leave them training as orphans; they exit when their parent is gone.
 """
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
+import threading
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from shard_tools.errors import InputError
+from shard_tools.resources import usable_cores
+
+WATCH_PARENT_S = 0.5   # how often a torchrun rank checks that its agent still lives
 
 
 @dataclass(frozen=True)
@@ -61,35 +73,54 @@ def _port_for_job(job_id: str) -> int:
     return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
 
 
+def _int(e, name: str, default=None) -> int:
+    """An integer environment variable; InputError naming it when it is not one."""
+    text = e.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def _check(env: DistEnv) -> DistEnv:
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size or not 0 <= env.local_rank:
+        raise InputError(f"launcher environment: rank {env.rank} of world size {env.world_size} "
+                         f"(local rank {env.local_rank}) is impossible")
+    if not 0 < env.master_port < 65536:
+        raise InputError(f"launcher environment: MASTER_PORT {env.master_port} is not a port (1..65535)")
+    return env
+
+
 def read_env(environ=None) -> DistEnv:
     e = os.environ if environ is None else environ
     if "RANK" in e and "WORLD_SIZE" in e:
-        world = int(e["WORLD_SIZE"])
-        return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)),
-                       int(e.get("LOCAL_WORLD_SIZE", world)), e.get("MASTER_ADDR", "127.0.0.1"),
-                       int(e.get("MASTER_PORT", 29500)), "torchrun")
+        world = _int(e, "WORLD_SIZE")
+        return _check(DistEnv(_int(e, "RANK"), world, _int(e, "LOCAL_RANK", 0), _int(e, "LOCAL_WORLD_SIZE", world),
+                              e.get("MASTER_ADDR", "127.0.0.1"), _int(e, "MASTER_PORT", 29500), "torchrun"))
     if "SUBMITIT_EXECUTOR" in e:
         import submitit
 
         job = submitit.JobEnvironment()
         hosts = job.hostnames
-        return DistEnv(job.global_rank, job.num_tasks, job.local_rank,
-                       job.num_tasks // max(job.num_nodes, 1), hosts[0] if hosts else "127.0.0.1",
-                       int(e.get("MASTER_PORT", _port_for_job(str(job.job_id)))), "submitit")
+        return _check(DistEnv(job.global_rank, job.num_tasks, job.local_rank,
+                              job.num_tasks // max(job.num_nodes, 1), hosts[0] if hosts else "127.0.0.1",
+                              _int(e, "MASTER_PORT", _port_for_job(str(job.job_id))), "submitit"))
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
-        world = int(e["SLURM_STEP_NUM_TASKS"])
+        world = _int(e, "SLURM_STEP_NUM_TASKS")
         nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        local_world = int(e.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
-        return DistEnv(int(e["SLURM_PROCID"]), world, int(e.get("SLURM_LOCALID", 0)), local_world,
-                       e.get("MASTER_ADDR") or first_host(nodes),
-                       int(e.get("MASTER_PORT", _port_for_job(e.get("SLURM_JOB_ID", "0")))), "slurm")
+        local_world = int(re.match(r"\d*", e.get("SLURM_STEP_TASKS_PER_NODE", "1")).group() or 1)
+        return _check(DistEnv(_int(e, "SLURM_PROCID"), world, _int(e, "SLURM_LOCALID", 0), local_world,
+                              e.get("MASTER_ADDR") or first_host(nodes),
+                              _int(e, "MASTER_PORT", _port_for_job(e.get("SLURM_JOB_ID", "0"))), "slurm"))
     return DistEnv()
 
 
 def pick_device(env: DistEnv, preference: str = "auto") -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+            raise InputError("train.device=cuda (or --device cuda) but no CUDA device is visible")
         index = env.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -97,8 +128,7 @@ def pick_device(env: DistEnv, preference: str = "auto") -> torch.device:
 
 
 def _cpu_threads(env: DistEnv) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(env.local_world_size, 1))
+    return max(1, usable_cores() // max(env.local_world_size, 1))
 
 
 def _store(env: DistEnv, timeout: timedelta) -> dist.Store:
@@ -113,23 +143,84 @@ def _store(env: DistEnv, timeout: timedelta) -> dist.Store:
     return store
 
 
-def setup(preference: str = "auto", timeout_min: float = 30) -> tuple[DistEnv, torch.device]:
-    """Read the environment, choose the device, join the process group (nccl on CUDA, gloo on CPU)."""
+def setup(preference: str = "auto", timeout_s: float = 600) -> tuple[DistEnv, torch.device]:
+    """Read the environment, choose the device, join the process group (nccl on CUDA, gloo on CPU).
+
+    ``timeout_s`` bounds every collective: when a peer dies, the others fail after at most this
+    long instead of NCCL's 30-minute default. A second call returns the same environment.
+    """
     env = read_env()
     device = pick_device(env, preference)
     if device.type == "cpu":
         torch.set_num_threads(_cpu_threads(env))
+    if env.source == "torchrun":
+        watch_parent()
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = timedelta(minutes=timeout_min)
+        timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend, store=_store(env, timeout), rank=env.rank, world_size=env.world_size,
                                 timeout=timeout, device_id=device if device.type == "cuda" else None)
     return env, device
 
 
+_watching: list = []
+
+
+def watch_parent() -> None:
+    """Exit when the launcher that started this process dies (it is then reparented)."""
+    if _watching:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(WATCH_PARENT_S)
+        print(f"error: the launcher of this rank (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    _watching.append(threading.Thread(target=watch, name="dist_lc-watch-parent", daemon=True))
+    _watching[0].start()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def new_launch_name() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def launch_id() -> str:
+    """A name for this launch, the same on every rank and across restarts of the launch, different
+    for every launch: torchrun's rendezvous id, else the Slurm job id (a requeued job keeps it), else
+    one chosen by the first rank to ask torchrun's agent store (kept across ``--max-restarts``),
+    else a new timestamped name (broadcast from rank 0)."""
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if rdzv and rdzv != "none":
+        return rdzv
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_" \
+        f"{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}" or os.environ.get("SLURM_JOB_ID")
+    if job:
+        return job
+    env = read_env()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timedelta(seconds=60))
+        return store.compare_set("dist_lc/launch_name", "", new_launch_name()).decode()
+    return broadcast_object(new_launch_name())
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts them before each
+    training forward, so after the last one every rank holds its own update; evaluating with rank 0's
+    makes every rank score the model that rank 0 saves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -1,7 +1,20 @@
 """Score a prediction CSV against a ground-truth CSV with the challenge's KL (``dist-lc eval``).
 
-Both files: ``sample_id`` then the 10 class columns (extra columns are ignored). Rows are matched by
-``sample_id``, in any order; every id must be in both files exactly once.
+It accepts the files that the challenge's own evaluation (``framework/eval.py`` of
+preligens-lab/challenge-ens) accepts, scores them the same, and refuses what it refuses, each with
+one line naming the file and the problem:
+
+- both files are read as that script reads them (``pd.read_csv(path, index_col=0)``): the first
+  column holds the tile ids, whatever its name, and ids are matched as pandas parses them;
+- the scored columns are the ground truth's minus ``no_data`` and ``clouds``; the prediction must
+  have each of them (it may leave out ``no_data`` and ``clouds``; other columns are ignored);
+- every predicted id must be in the ground truth once, and the prediction must not be empty nor
+  name an id twice; only the predicted ids of the ground truth are used;
+- a value that is missing, not a number, infinite or negative, and a row whose scored classes sum
+  to 0, make the score NaN in that script, which then refuses the file: refused here too, by id.
+
+One deliberate difference: a ground truth with columns that are not the challenge's classes is
+refused here, where that script would score them as classes if the prediction had them too.
 """
 from __future__ import annotations
 
@@ -11,13 +24,13 @@ import numpy as np
 import pandas as pd
 
 from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES
-from shard_tools.manifest import write_json_atomic
+from shard_tools.format import CLASS_NAMES, IGNORED_CLASSES
 
-from .metrics import SCORED_CLASSES, kl_per_class, kl_score
+from .files import check_parent, write_json_atomic
+from .metrics import SCORED_NAMES, kl_per_class, kl_score
 
 ID = "sample_id"
-COLUMNS = (ID, *CLASS_NAMES)
+DROPPED = tuple(CLASS_NAMES[c] for c in IGNORED_CLASSES)
 SHOWN_IDS = 5
 
 
@@ -28,79 +41,88 @@ def _few(ids) -> str:
     return text + (f" (and {len(ids) - SHOWN_IDS} more)" if len(ids) > SHOWN_IDS else "")
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table(path) -> pd.DataFrame:
+    """A proportions CSV as the challenge's script reads it: indexed by its first column."""
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file does not exist")
     if not path.is_file():
         raise InputError(f"{path}: not a file")
     try:
-        df = pd.read_csv(path, dtype={ID: str})
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        df = pd.read_csv(path, index_col=0)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
         raise InputError(f"{path}: not a CSV file ({type(exc).__name__})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if len(missing) == len(COLUMNS):
-        raise InputError(f"{path}: not a proportions CSV (no {ID} nor class column in its header)")
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    names = [str(c) for c in df.columns]
+    if str(df.index.name) in CLASS_NAMES:
+        raise InputError(f"{path}: missing column {ID}: the first column must hold the tile ids, "
+                         f"not the class {df.index.name!r}")
+    if not set(names) & set(CLASS_NAMES):
+        raise InputError(f"{path}: not a proportions CSV (no class column in its header)")
     return df
 
 
-def _check_ids(df: pd.DataFrame, path: Path) -> None:
-    ids = df[ID]
-    if ids.isna().any():
-        raise InputError(f"{path}: empty {ID} on data row(s) {_few(np.flatnonzero(ids.isna()) + 1)}")
-    dup = ids[ids.duplicated()].unique()
-    if len(dup):
-        raise InputError(f"{path}: duplicate {ID}(s) {_few(dup)}")
+def _scored_columns(gt: pd.DataFrame, path) -> list[str]:
+    columns = [c for c in gt.columns if c not in DROPPED]
+    unknown = [c for c in columns if c not in SCORED_NAMES]
+    if unknown:
+        raise InputError(f"{path}: column(s) {', '.join(map(repr, unknown))} are not classes of the challenge")
+    missing = [c for c in SCORED_NAMES if c not in columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    return list(SCORED_NAMES)
 
 
-def _check_values(values: pd.DataFrame, path: Path) -> np.ndarray:
-    """Class columns as float64 (n, 10); NaN, non-numeric, infinite and negative values are refused."""
-    numeric = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+def _columns_of(pred: pd.DataFrame, columns: list[str], path) -> pd.DataFrame:
+    missing = [c for c in columns if c not in pred.columns]
+    if missing:
+        spaced = [c for c in pred.columns if str(c).strip() in missing and c != str(c).strip()]
+        hint = f" (column {spaced[0]!r} has spaces around its name)" if spaced else ""
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}{hint}")
+    return pred[columns]
+
+
+def _values(table: pd.DataFrame, path) -> np.ndarray:
+    """Float64 values; missing, non-numeric, infinite, negative and all-zero rows refused by id."""
+    numeric = table.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(numeric)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise InputError(f"{path}: {ID} {values.index[row]}: missing, non-numeric or infinite value "
-                         f"in column {values.columns[col]} ({bad.any(axis=1).sum()} row(s) affected)")
+        raise InputError(f"{path}: {ID} {table.index[row]}: missing, non-numeric or infinite value "
+                         f"in column {table.columns[col]} ({bad.any(axis=1).sum()} row(s) affected)")
     negative = (numeric < 0).any(axis=1)
     if negative.any():
-        raise InputError(f"{path}: negative proportion(s) for {ID} {_few(values.index[negative])}")
-    zero = numeric[:, list(SCORED_CLASSES)].sum(axis=1) == 0
+        raise InputError(f"{path}: negative proportion(s) for {ID} {_few(table.index[negative])}")
+    zero = numeric.sum(axis=1) == 0
     if zero.any():
-        raise InputError(f"{path}: row sums to 0 over the scored classes for {ID} {_few(values.index[zero])}")
+        raise InputError(f"{path}: row sums to 0 over the scored classes for {ID} {_few(table.index[zero])}")
     return numeric
 
 
-def load_proportions(path) -> pd.DataFrame:
-    """A checked proportions CSV: float64 DataFrame indexed by ``sample_id`` (str), the 10 class columns."""
-    path = Path(path)
-    df = _read_csv(path)
-    df[ID] = df[ID].str.strip()
-    _check_ids(df, path)
-    values = df.set_index(ID)[list(CLASS_NAMES)]
-    return pd.DataFrame(_check_values(values, path), index=values.index, columns=list(CLASS_NAMES))
-
-
-def _match(gt: pd.DataFrame, pred: pd.DataFrame, gt_path, pred_path) -> pd.DataFrame:
-    """Ground-truth rows of the predicted ids, in the prediction's order.
-
-    Every predicted id must be in the ground truth (the challenge errs otherwise); the ground truth
-    may hold more ids (e.g. the whole train_labels.csv against one fold's predictions).
-    """
+def matched(gt_path, pred_path) -> tuple[np.ndarray, np.ndarray, pd.Index]:
+    """(truth, prediction) over the 8 scored classes, rows in the prediction's order, and the ids."""
+    gt, pred = read_table(gt_path), read_table(pred_path)
+    columns = _scored_columns(gt, gt_path)
+    if len(pred) == 0:
+        raise InputError(f"{pred_path}: no prediction rows (only a header)")
+    if pred.index.hasnans:
+        raise InputError(f"{pred_path}: empty {ID} on data row(s) {_few(np.flatnonzero(pred.index.isna()) + 1)}")
+    dup = pred.index[pred.index.duplicated()].unique()
+    if len(dup):
+        raise InputError(f"{pred_path}: duplicate {ID}(s) {_few(dup)}")
     extra = pred.index.difference(gt.index, sort=False)
     if len(extra):
         raise InputError(f"{pred_path}: {len(extra)} {ID}(s) not in the ground truth {gt_path}: {_few(extra)}")
-    return gt.loc[pred.index]
+    twice = gt.index[gt.index.duplicated()].unique().intersection(pred.index)
+    if len(twice):
+        raise InputError(f"{gt_path}: duplicate {ID}(s) {_few(twice)}")
+    truth = gt.loc[pred.index, columns]
+    return _values(truth, gt_path), _values(_columns_of(pred, columns, pred_path), pred_path), pred.index
 
 
 def evaluate_csv(gt_path, pred_path) -> dict:
     """``{"kl": score, "per_class": {class name: contribution}, "n": rows}`` (contributions sum to kl)."""
-    gt = load_proportions(gt_path)
-    pred = load_proportions(pred_path)
-    gt = _match(gt, pred, gt_path, pred_path)
-    y_true, y_pred = gt.to_numpy(), pred.to_numpy()
-    return {"kl": kl_score(y_true, y_pred), "per_class": kl_per_class(y_true, y_pred), "n": len(pred)}
+    y_true, y_pred, ids = matched(gt_path, pred_path)
+    return {"kl": kl_score(y_true, y_pred), "per_class": kl_per_class(y_true, y_pred), "n": len(ids)}
 
 
 def format_report(result: dict) -> str:
@@ -117,8 +139,8 @@ def format_report(result: dict) -> str:
 def run(args) -> int:
     """CLI entry: ``args.gt``, ``args.pred``, optional ``args.out`` (JSON). Returns the exit status 0."""
     out = getattr(args, "out", None)
-    if out is not None and not Path(out).parent.is_dir():
-        raise InputError(f"{out}: folder {Path(out).parent} does not exist")
+    if out is not None:
+        check_parent(out, "--out")
     result = evaluate_csv(args.gt, args.pred)
     print(format_report(result))
     if out is not None:

@@ -6,12 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shard_tools.errors import InputError
 from shard_tools.format import NUM_CLASSES
 
 from .metrics import EPSILON, SCORED_CLASSES
-
-SCHEMES = ("none", "inverse_frequency", "sqrt_inverse_frequency")
 
 
 def _inverse_frequency(counts: np.ndarray) -> np.ndarray:
@@ -36,8 +33,8 @@ def class_weights(pixel_counts, scheme: str) -> torch.Tensor:
     counts = np.asarray(pixel_counts, dtype=np.float64).reshape(-1)
     if counts.shape != (NUM_CLASSES,) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
         raise ValueError(f"pixel_counts must be {NUM_CLASSES} non-negative numbers, got {pixel_counts!r}")
-    if scheme not in SCHEMES:
-        raise InputError(f"class weights: unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    if scheme not in ("none", "inverse_frequency", "sqrt_inverse_frequency"):  # config.LossConfig's choices
+        raise ValueError(f"class weights: unknown scheme {scheme!r}")
     if scheme == "none":
         w = np.zeros(NUM_CLASSES)
         w[list(SCORED_CLASSES)] = 1.0

@@ -47,8 +47,9 @@ def kl_per_class(y_true, y_pred) -> dict[str, float]:
     return {name: float(v) for name, v in zip(SCORED_NAMES, terms)}
 
 
-def tile_proportions(probs_mean: np.ndarray) -> np.ndarray:
-    """A tile's predicted proportions (10,) from its mean pixel softmax: classes 0 and 1 removed, renormalised."""
-    p = np.asarray(probs_mean, dtype=np.float64).copy()
-    p[..., list(IGNORED_CLASSES)] = 0.0
-    return p / p.sum(axis=-1, keepdims=True)
+def expand_scored(p8) -> np.ndarray:
+    """(n, 10) rows from (n, 8) scored proportions: 0 for no_data and clouds, the rest renormalised."""
+    p8 = np.asarray(p8, dtype=np.float64)
+    out = np.zeros((len(p8), NUM_CLASSES))
+    out[:, list(SCORED_CLASSES)] = p8 / p8.sum(axis=1, keepdims=True)
+    return out

@@ -1,4 +1,8 @@
-"""The Preligens benchmark U-Net, layer for layer, in PyTorch.
+"""The model as trained and predicted: :class:`LandCoverNet` = input normalisation (+ NDVI/NDWI)
+→ the Preligens benchmark U-Net (:class:`UNet`) → per-pixel logits, plus the prediction-time logit
+bias; :func:`tile_proportions` turns logits into the tile's class proportions (the one place).
+
+The U-Net, layer for layer, in PyTorch.
 
 The original is Keras (preligens-lab/challenge-ens, ``framework/model.py``, ``UNet``, itself adapted
 from keras-unet's ``satellite_unet``). With ``f = filters`` (64) and ``u = upconv_filters`` (96)::
@@ -31,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shard_tools.errors import InputError
+from shard_tools.format import IGNORED_CLASSES, MAX_PIXEL_VALUE, NUM_CLASSES
 
-NORMS = ("batch", "group")
-INITS = ("he_normal", "torch")
+from .config import ModelConfig
+
 # TensorFlow's truncated_normal initialisers divide the stddev by the std of a unit normal cut at ±2.
 _TRUNC_STD = 0.87962566103423978
 
@@ -76,10 +80,6 @@ class UNet(nn.Module):
                  bn_momentum: float = 0.01, bn_eps: float = 1e-3, groups: int = 8,
                  init: str = "he_normal"):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         self.num_layers = num_layers
@@ -147,21 +147,72 @@ class UNet(nn.Module):
         return self.classifier(x)
 
 
-MODEL_KEYS = ("in_channels", "num_classes", "num_layers", "filters", "upconv_filters", "norm",
-              "bn_momentum", "bn_eps", "groups", "init")
-
-
-def build_model(cfg: dict) -> UNet:
-    """A :class:`UNet` from the config's model section (keys: :data:`MODEL_KEYS`, all optional)."""
-    unknown = sorted(set(cfg) - set(MODEL_KEYS))
-    if unknown:
-        raise InputError(f"model config: unknown key(s) {', '.join(unknown)}; known: {', '.join(MODEL_KEYS)}")
-    try:
-        return UNet(**cfg)
-    except ValueError as exc:
-        raise InputError(f"model config: {exc}") from None
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- around the U-Net
+
+RED, GREEN, NIR = 0, 1, 3   # band order of the challenge tiles: R, G, B, NIR
+INDEX_CHANNELS = 2         # NDVI, NDWI
+BANDS = 4
+
+
+def spectral_indices(image: torch.Tensor) -> torch.Tensor:
+    """NDVI = (NIR−R)/(NIR+R) and NDWI = (G−NIR)/(G+NIR) per pixel, (B, 2, H, W), 0 where both bands are 0."""
+    r, g, nir = image[:, RED:RED + 1], image[:, GREEN:GREEN + 1], image[:, NIR:NIR + 1]
+    return torch.cat([(nir - r) / (nir + r).clamp_min(1.0), (g - nir) / (g + nir).clamp_min(1.0)], dim=1)
+
+
+class LandCoverNet(nn.Module):
+    """Sensor units in, logits out. Normalisation statistics and the logit bias are buffers, so a
+    checkpoint carries everything ``predict`` needs."""
+
+    def __init__(self, unet: nn.Module, mean, std, logit_bias=None, indices: bool = False):
+        super().__init__()
+        self.unet = unet
+        self.indices = indices
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        bias = torch.zeros(NUM_CLASSES) if logit_bias is None else torch.as_tensor(logit_bias, dtype=torch.float32)
+        self.register_buffer("logit_bias", bias.view(1, -1, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Raw per-pixel logits (the training target); ``image`` in sensor units, any dtype."""
+        x = (image.float() - self.mean) / self.std
+        if self.indices:
+            layout = torch.channels_last if image.is_contiguous(memory_format=torch.channels_last) \
+                else torch.contiguous_format
+            x = torch.cat([x, spectral_indices(image.float())], dim=1).contiguous(memory_format=layout)
+        return self.unet(x)
+
+
+def normalisation_stats(mode: str, manifest=None):
+    if mode == "max":
+        return [0.0] * BANDS, [float(MAX_PIXEL_VALUE)] * BANDS
+    return manifest.channel_mean.tolist(), manifest.channel_std.tolist()
+
+
+def prior_bias(class_weights: torch.Tensor) -> torch.Tensor:
+    """−log w_c: undoes the tilt that a class-weighted cross-entropy gives the softmax."""
+    bias = torch.zeros(NUM_CLASSES)
+    used = class_weights > 0
+    bias[used] = -torch.log(class_weights[used] / class_weights[used].mean())
+    return bias
+
+
+def build_network(model: ModelConfig, mean=(0.0,) * BANDS, std=(1.0,) * BANDS, logit_bias=None) -> LandCoverNet:
+    """The U-Net of the config's model section behind the input transform (``indices``: 2 more inputs)."""
+    unet = UNet(in_channels=BANDS + (INDEX_CHANNELS if model.indices else 0), num_classes=NUM_CLASSES,
+                num_layers=model.num_layers, filters=model.filters, upconv_filters=model.upconv_filters,
+                norm=model.norm, bn_momentum=model.bn_momentum, bn_eps=model.bn_eps, groups=model.groups,
+                init=model.init)
+    return LandCoverNet(unet, mean, std, logit_bias, model.indices)
+
+
+def tile_proportions(logits: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
+    """Mean pixel softmax per tile, classes 0 and 1 removed, renormalised: (B, 10) float32."""
+    probs = F.softmax(logits.float() + logit_bias, dim=1).mean(dim=(2, 3))
+    probs[:, list(IGNORED_CLASSES)] = 0.0
+    return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)

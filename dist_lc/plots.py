@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-
-from shard_tools.format import CLASS_NAMES  # noqa: E402
+from shard_tools.format import CLASS_NAMES
 
 # The challenge's colour palette (LandCoverData.CLASSES_COLORPALETTE in the benchmark).
 PALETTE = np.array([[0, 0, 0], [255, 25, 236], [215, 25, 28], [211, 154, 92], [33, 115, 55],
@@ -25,10 +23,11 @@ def rgb(image_chw: np.ndarray) -> np.ndarray:
     return np.clip((img - lo) / max(hi - lo, 1.0), 0, 1)
 
 
-def save_prediction_plot(path, keys, images, masks, preds, title: str = "") -> None:
+def prediction_figure(keys, images, masks, preds, title: str = "") -> Figure:
     """One row per tile: RGB image, true mask, predicted mask (argmax)."""
     n = len(keys)
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    fig = Figure(figsize=(9, 3 * n))
+    axes = fig.subplots(n, 3, squeeze=False)
     for i in range(n):
         for ax, pic, name in zip(axes[i], (rgb(images[i]), masks[i], preds[i]), ("image", "mask", "predicted")):
             if pic.ndim == 2:
@@ -37,10 +36,16 @@ def save_prediction_plot(path, keys, images, masks, preds, title: str = "") -> N
                 ax.imshow(pic)
             ax.set_title(f"{keys[i]} {name}", fontsize=9)
             ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=PALETTE[c]) for c in range(len(CLASS_NAMES))]
-    fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=5, fontsize=8)
+    fig.legend(legend_handles(), CLASS_NAMES, loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return fig
+
+
+def legend_handles() -> list:
+    return [Rectangle((0, 0), 1, 1, color=PALETTE[c]) for c in range(len(CLASS_NAMES))]
+
+
+def save_figure(fig: Figure, path, dpi: int = 80) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)

@@ -1,8 +1,6 @@
 """Checkpoints → tile proportions → the challenge's submission CSV (also under torchrun)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +13,11 @@ from shard_tools.manifest import load_manifest
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import from_dict, to_dict
-from .data import eval_loader
-from .network import build_network, tile_proportions
-from .train import resolve_precision
+from .config import from_dict
+from .data import batches_of, eval_loader
+from .files import check_parent, write_csv_atomic
+from .model import build_network, tile_proportions
+from .precision import resolve_precision
 
 DIHEDRAL = [(k, flip) for k in range(4) for flip in (False, True)]  # the 8 flips/rotations
 
@@ -28,7 +27,7 @@ def load_network(path, device: torch.device):
     state = ckpt.load(path)
     try:
         cfg = from_dict(state["config"])
-        net = build_network(to_dict(cfg)["model"], [0.0] * 4, [1.0] * 4)
+        net = build_network(cfg.model)
         net.load_state_dict(state["ema"] if state.get("ema") else state["model"])
     except (InputError, RuntimeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: written by an incompatible model config "
@@ -74,12 +73,13 @@ def predict(checkpoints, shards, split="test", *, tta=False, batch_size=16, work
     loader = eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank,
                          batch_size=batch_size, workers=workers, pin=device.type == "cuda")
     keys, rows = [], []
-    for batch in loader:
-        image = batch["image"].to(device)
-        p = sum(proportions(net, image, resolve_precision(cfg.train.precision, device), tta, cfg.train.channels_last)
-                for net, cfg in models)
-        keys += batch["key"]
-        rows.append((p / len(models)).double().cpu().numpy())
+    with batches_of(loader) as batches:
+        for batch in batches:
+            image = batch["image"].to(device)
+            p = sum(proportions(net, image, resolve_precision(cfg.train.precision, device), tta,
+                                cfg.train.channels_last) for net, cfg in models)
+            keys += batch["key"]
+            rows.append((p / len(models)).double().cpu().numpy())
     parts = distributed.gather_objects((keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES)))))
     if parts is None:
         return None
@@ -89,20 +89,8 @@ def predict(checkpoints, shards, split="test", *, tta=False, batch_size=16, work
     return table
 
 
-def write_csv_atomic(table: pd.DataFrame, path) -> None:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def run(args) -> int:
+    check_parent(args.out, "--out")
     try:
         table = predict(args.checkpoint, args.shards, args.split, tta=args.tta, batch_size=args.batch_size,
                         workers=args.workers, device_pref=args.device)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .plots import save_prediction_plot
+from .plots import prediction_figure, save_figure
 
 COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_kl", "val_tiles", "lr", "epoch_time_s",
            "images_per_s", "data_wait_frac", "peak_mem_mb")
@@ -90,8 +90,9 @@ class RunLog:
 
     def plot(self, epoch: int, shown: dict) -> None:
         if self.enabled and shown["key"]:
-            save_prediction_plot(self.run_dir / "plots" / f"epoch_{epoch:03d}.png", shown["key"], shown["image"],
-                                 shown["mask"], shown["pred"], title=f"epoch {epoch}")
+            fig = prediction_figure(shown["key"], shown["image"], shown["mask"], shown["pred"], title=f"epoch {epoch}")
+            save_figure(fig, self.run_dir / "plots" / f"epoch_{epoch:03d}.png")
+            self.writer.add_figure("predictions", fig, epoch)
 
     def close(self) -> None:
         if self.writer is not None:

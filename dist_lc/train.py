@@ -1,17 +1,15 @@
 """The training loop: one process per device, DDP when there are several.
 
-Read top to bottom: :func:`train` sets up (environment, data, model, optimiser, resume), then runs
-epochs of :func:`train_epoch` (accumulated, mixed-precision optimizer steps) and :func:`validate`,
-logging and checkpointing on rank 0 after each.
+Read top to bottom: :func:`train` sets up (:func:`build_setup`: environment, data, model,
+optimiser), takes the run folder's lock and resumes from its last checkpoint, then runs epochs of
+:func:`train_epoch` (accumulated, mixed-precision optimizer steps) and :func:`validate`, logging
+and checkpointing on rank 0 after each.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,16 +23,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from shard_tools.errors import InputError
 from shard_tools.manifest import load_manifest
 
-from . import checkpoint as ckpt
 from . import distributed
-from .config import Config, normalized, save_config, to_dict
-from .data import eval_loader, train_loader
+from .checkpoint import Checkpointer, Progress
+from .config import BatchLayout, Config, batch_layout, save_config
+from .data import batches_of, eval_loader, train_loader
 from .losses import SegmentationLoss, class_weights
+from .memory import peak_memory_mb
 from .metrics import kl_per_sample
-from .network import build_network, normalisation_stats, prior_bias, tile_proportions
+from .model import build_network, normalisation_stats, prior_bias, tile_proportions
+from .optim import build_optimizer, build_scheduler, is_per_epoch
+from .precision import autocast, resolve_precision
+from .run_dir import RunLock, check_output_folder, default_run_dir
 from .run_log import RunLog
+from .stopping import StopSignals
 
-log = logging.getLogger("dist_lc.train")
+FP16_SKIPS_ALLOWED = 20   # consecutive non-finite fp16 steps the gradient scaler may skip before the run stops
 
 
 class TrainingError(RuntimeError):
@@ -50,6 +53,7 @@ class Setup:
     manifest: object
     train_folds: list
     val_folds: list | None
+    layout: BatchLayout           # micro-batch × accumulation × ranks = train.batch_size
     net: torch.nn.Module          # the plain module (normalisation + U-Net)
     model: torch.nn.Module        # what the forward/backward goes through (DDP-wrapped when distributed)
     ema: torch.nn.Module | None
@@ -58,32 +62,11 @@ class Setup:
     scheduler: object
     scaler: torch.amp.GradScaler
     dtype: torch.dtype | None     # autocast dtype, None for fp32
-    accum: int
     steps_per_epoch: int
+    fp16_skips: int = 0           # consecutive steps the gradient scaler skipped
 
 
 # ----------------------------------------------------------------------------- setup
-
-def cpu_has_native_bf16() -> bool:
-    """oneDNN runs bf16 natively (AVX512-BF16/AMX, or AVX512 emulation it deems fast enough)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype; ``auto``: bf16 where the device runs it natively, else fp16 (CUDA) or fp32 (CPU)."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
 
 def split_folds(cfg: Config, manifest) -> tuple[list, list | None]:
     k = manifest.num_folds
@@ -91,42 +74,8 @@ def split_folds(cfg: Config, manifest) -> tuple[list, list | None]:
     if fold is None:
         return list(range(k)), None
     if not 0 <= fold < k:
-        raise InputError(f"data.fold={fold}: {manifest.root} has folds 0..{k - 1}")
+        raise InputError(f"config key 'data.fold': {fold} is not a fold of {manifest.root}, which has folds 0..{k - 1}")
     return [f for f in range(k) if f != fold], [fold]
-
-
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-    if o.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-
-
-def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    """Plateau is stepped once per epoch with the validation score; the others once per step."""
-    s = cfg.schedule
-    if s.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=s.factor,
-                                                          patience=s.patience, min_lr=s.min_lr)
-    if s.name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    warmup = s.warmup_epochs * steps_per_epoch
-    total = max(cfg.train.epochs * steps_per_epoch, 1)
-    floor = s.min_lr / cfg.optim.lr
-
-    def cosine(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
 def ema_update(decay: float):
@@ -139,7 +88,7 @@ def ema_update(decay: float):
 
 
 def build_setup(cfg: Config) -> Setup:
-    env, device = distributed.setup(cfg.train.device)
+    env, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     if cfg.train.deterministic:
@@ -147,15 +96,11 @@ def build_setup(cfg: Config) -> Setup:
     manifest = load_manifest(cfg.data.shards)
     train_folds, val_folds = split_folds(cfg, manifest)
     t = cfg.train
-    accum = t.batch_size // t.micro_batch_size
-    if accum % env.world_size:
-        raise InputError(f"config: train.batch_size {t.batch_size} is not micro_batch_size "
-                         f"{t.micro_batch_size} × accumulation × {env.world_size} ranks")
-    accum //= env.world_size
+    layout = batch_layout(t, env.world_size)
     weights = class_weights(manifest.class_pixels(train_folds), cfg.loss.class_weights)
     bias = prior_bias(weights) if cfg.loss.prior_correction else None
     mean, std = normalisation_stats(cfg.data.normalize, manifest)
-    net = build_network(to_dict(cfg)["model"], mean, std, bias).to(device)
+    net = build_network(cfg.model, mean, std, bias).to(device)
     if t.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if t.sync_batchnorm and env.distributed:
@@ -170,21 +115,15 @@ def build_setup(cfg: Config) -> Setup:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg, net.parameters())
     _, steps = train_loader(manifest, train_folds, epoch=0, seed=t.seed, world=env.world_size, rank=env.rank,
-                            micro=t.micro_batch_size, accum=accum, workers=0)
+                            micro=layout.micro, accum=layout.accum, workers=0)
     dtype = resolve_precision(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Setup(cfg, env, device, manifest, train_folds, val_folds, net, model, ema,
+    return Setup(cfg, env, device, manifest, train_folds, val_folds, layout, net, model, ema,
                  SegmentationLoss(weights.to(device), cfg.loss.kl_weight), optimizer,
-                 build_scheduler(cfg, optimizer, steps), scaler, dtype, accum, steps)
+                 build_scheduler(cfg, optimizer, steps), scaler, dtype, steps)
 
 
 # ----------------------------------------------------------------------------- steps
-
-def autocast(s: Setup):
-    if s.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(s.device.type, dtype=s.dtype)
-
 
 def to_device(s: Setup, batch: dict) -> dict:
     fmt = torch.channels_last if s.cfg.train.channels_last else torch.contiguous_format
@@ -205,26 +144,37 @@ def micro_step(s: Setup, batch: dict, last: bool) -> float:
     sync = contextlib.nullcontext() if last or not s.env.distributed else s.model.no_sync()
     b = to_device(s, batch)
     with sync:
-        with autocast(s):
+        with autocast(s.device, s.dtype):
             logits = s.model(b["image"])
-        loss = s.loss_fn(logits, b["mask"], b["props"]).sum() / (s.cfg.train.micro_batch_size * s.accum)
+        loss = s.loss_fn(logits, b["mask"], b["props"]).sum() / (s.layout.micro * s.layout.accum)
         s.scaler.scale(loss).backward()
     return loss.item()
 
 
 def optimizer_step(s: Setup, loss: float, stop_requested: bool) -> tuple[float, bool]:
-    """Agree on loss, NaN and stop across ranks, then step optimizer, scaler, EMA and schedule."""
+    """Agree on loss, NaN and stop across ranks, then step optimizer, scaler, EMA and schedule.
+
+    A non-finite loss stops the run, except under fp16 where the gradient scaler skips the step and
+    lowers its scale (as it is meant to) up to FP16_SKIPS_ALLOWED times in a row.
+    """
     loss_sum, bad, stop = distributed.all_reduce_sum(
         [loss, float(not math.isfinite(loss)), float(stop_requested)], s.device)
-    if bad:
-        raise TrainingError(f"loss is not finite (NaN/inf) on {int(bad)} rank(s); "
-                            "nothing saved from this epoch; lower optim.lr or use train.precision=fp32")
+    fp16 = s.scaler.is_enabled()
+    if bad and (not fp16 or s.fp16_skips >= FP16_SKIPS_ALLOWED):
+        raise TrainingError(f"loss is not finite (NaN/inf) on {int(bad)} rank(s)"
+                            + (f" for {s.fp16_skips + 1} steps in a row under fp16" if fp16 else "")
+                            + "; nothing saved from this epoch; lower optim.lr or use train.precision=fp32")
+    s.fp16_skips = s.fp16_skips + 1 if bad else 0
+    clip = s.cfg.optim.clip_grad_norm
+    if clip:
+        s.scaler.unscale_(s.optimizer)   # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(s.net.parameters(), clip)
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
-    if s.ema is not None:
+    if s.ema is not None and not bad:
         s.ema.update_parameters(s.net)
-    if not isinstance(s.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+    if not is_per_epoch(s.scheduler):
         s.scheduler.step()
     return loss_sum / s.env.world_size, stop > 0
 
@@ -236,112 +186,72 @@ def train_step(s: Setup, micro_batches, stop_requested: bool = False) -> tuple[f
     is held at a time, so the effective batch costs no memory beyond the micro-batch's.
     Returns the step's mean tile loss over all ranks and whether any rank asked to stop.
     """
-    total, count = 0.0, 0
+    total, count, micro, accum = 0.0, 0, s.layout.micro, s.layout.accum
     for batch in micro_batches:
-        if len(batch["key"]) != s.cfg.train.micro_batch_size or count == s.accum:
-            raise TrainingError(f"train_step: expected {s.accum} micro-batches of {s.cfg.train.micro_batch_size} "
+        if len(batch["key"]) != micro or count == accum:
+            raise TrainingError(f"train_step: expected {accum} micro-batches of {micro} "
                                 f"tiles, got a batch of {len(batch['key'])} after {count}")
         count += 1
-        total += micro_step(s, batch, last=count == s.accum)
-    if count != s.accum:
-        raise TrainingError(f"train_step: the loader ended after {count} of {s.accum} micro-batches")
+        total += micro_step(s, batch, last=count == accum)
+    if count != accum:
+        raise TrainingError(f"train_step: the loader ended after {count} of {accum} micro-batches")
     return optimizer_step(s, total, stop_requested)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:  # this process's own RSS high-water mark; ru_maxrss would include its parent's peak (kept across exec)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
-
-
-class StopFlag:
-    """Set by SIGUSR2/SIGTERM (preemption, time limit); ranks agree on it at each step."""
-
-    def __init__(self):
-        self.set = False
-
-    def install(self):
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. inside some launchers)
-                pass
-
-    def _handler(self, signum, frame):
-        self.set = True
-
-
-def _fault_injection(step: int) -> None:
-    """Tests only: SIGKILL rank 0 once at a given global step (DIST_LC_FAULT_KILL_AT_STEP)."""
-    at, marker = os.environ.get("DIST_LC_FAULT_KILL_AT_STEP"), os.environ.get("DIST_LC_FAULT_MARKER")
-    if at and marker and step == int(at) and not Path(marker).exists():
-        Path(marker).write_text("killed")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def train_epoch(s: Setup, epoch: int, step: int, stop: StopFlag, progress) -> dict:
-    t = s.cfg.train
-    loader, steps = train_loader(s.manifest, s.train_folds, epoch=epoch, seed=t.seed, world=s.env.world_size,
-                                 rank=s.env.rank, micro=t.micro_batch_size, accum=s.accum,
-                                 workers=s.cfg.data.workers, augment_on=s.cfg.data.augment, crop=s.cfg.data.crop,
-                                 shuffle_buffer=s.cfg.data.shuffle_buffer, pin=s.device.type == "cuda")
-    s.model.train()
-    losses, waited, start = [], [0.0], time.perf_counter()
-    batches = timed(loader, waited)
-    try:
-        for _ in range(steps):
-            loss, stopping = train_step(s, itertools.islice(batches, s.accum), stop.set)
-            step += 1
-            losses.append(loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
-            if stopping:
-                return {"stopped": True, "step": step}
-            _fault_injection(step)
-    finally:
-        batches.close()   # shuts the loader's workers down now, also on an error
-    elapsed = time.perf_counter() - start
-    return {"stopped": False, "step": step, "train_loss": float(np.mean(losses)), "epoch_time_s": elapsed,
-            "images_per_s": steps * t.batch_size / elapsed, "data_wait_frac": waited[0] / elapsed}
-
-
-def timed(loader, waited: list):
-    """The loader's batches, adding the seconds spent waiting for each to ``waited[0]``."""
-    it = iter(loader)
+def timed(batches, waited: list):
+    """The batches, adding the seconds spent waiting for each to ``waited[0]``."""
     while True:
         tick = time.perf_counter()
         try:
-            batch = next(it)
+            batch = next(batches)
         except StopIteration:
             return
         waited[0] += time.perf_counter() - tick
         yield batch
 
 
+def train_epoch(s: Setup, epoch: int, step: int, stop: StopSignals, progress) -> dict:
+    t, d = s.cfg.train, s.cfg.data
+    loader, steps = train_loader(s.manifest, s.train_folds, epoch=epoch, seed=t.seed, world=s.env.world_size,
+                                 rank=s.env.rank, micro=s.layout.micro, accum=s.layout.accum, workers=d.workers,
+                                 augment=d.augment, crop=d.crop, shuffle_buffer=d.shuffle_buffer,
+                                 pin=s.device.type == "cuda")
+    s.model.train()
+    losses, waited, start = [], [0.0], time.perf_counter()
+    with batches_of(loader) as batches:
+        stream = timed(batches, waited)
+        for _ in range(steps):
+            loss, stopping = train_step(s, itertools.islice(stream, s.layout.accum), stop.set)
+            step += 1
+            losses.append(loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if stopping:
+                return {"stopped": True, "step": step}
+    elapsed = time.perf_counter() - start
+    return {"stopped": False, "step": step, "train_loss": float(np.mean(losses)), "epoch_time_s": elapsed,
+            "images_per_s": steps * t.batch_size / elapsed, "data_wait_frac": waited[0] / elapsed}
+
+
 @torch.no_grad()
-def predict_batches(s: Setup, net, loader, keep: int = 0):
-    """Yields (batch, logits, proportions) for each batch, through the plain module (no DDP collective)."""
+def predict_batches(s: Setup, net, loader):
+    """Yields (batch as loaded, batch on the device, logits, tile proportions) through the plain
+    module (no DDP collective)."""
     net.eval()
-    for batch in loader:
-        b = to_device(s, batch)
-        with autocast(s):
-            logits = net(b["image"])
-        yield batch, b, logits, tile_proportions(logits, net.logit_bias)
+    with batches_of(loader) as batches:
+        for batch in batches:
+            b = to_device(s, batch)
+            with autocast(s.device, s.dtype):
+                logits = net(b["image"])
+            yield batch, b, logits, tile_proportions(logits, net.logit_bias)
 
 
 def validate(s: Setup, net) -> tuple[dict, dict]:
-    """Validation loss and score over the held-out fold, every tile once across ranks."""
+    """Validation loss and score over the held-out fold, every tile once across ranks, all ranks
+    scoring with rank 0's BatchNorm statistics (those that the checkpoint holds)."""
+    distributed.broadcast_buffers(net)
     loader = eval_loader(s.manifest, "train", s.val_folds, world=s.env.world_size, rank=s.env.rank,
-                         batch_size=s.cfg.train.micro_batch_size, workers=s.cfg.data.workers)
+                         batch_size=s.layout.micro, workers=s.cfg.data.workers)
     kl_sum = loss_sum = n = skipped = 0.0
     shown = {"key": [], "image": [], "mask": [], "pred": []}
     for batch, b, logits, props in predict_batches(s, net, loader):
@@ -359,32 +269,6 @@ def validate(s: Setup, net) -> tuple[dict, dict]:
             shown["pred"] += list(logits[:room].argmax(1).cpu().numpy())
     kl_sum, loss_sum, n, tiles = distributed.all_reduce_sum([kl_sum, loss_sum, n, n + skipped], s.device)
     return {"val_loss": loss_sum / max(tiles, 1), "val_kl": kl_sum / max(n, 1), "val_tiles": int(tiles)}, shown
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def state_dict(s: Setup, epoch: int, step: int, best: float) -> dict:
-    return {"model": ckpt.strip_compile_prefix(s.net.state_dict()),
-            "ema": s.ema.module.state_dict() if s.ema is not None else None,
-            "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-            "scaler": s.scaler.state_dict(), "epoch": epoch, "step": step, "best_val_kl": best,
-            "rng": ckpt.rng_state(), "config": to_dict(s.cfg), "manifest_sha256": s.manifest.sha256}
-
-
-def resume(s: Setup, path: Path) -> tuple[int, int, float]:
-    state = ckpt.load(path)
-    if state["manifest_sha256"] != s.manifest.sha256:
-        raise InputError(f"{path}: trained on other shards than {s.manifest.root}; use a fresh --run-dir")
-    if normalized(state["config"])["model"] != to_dict(s.cfg)["model"]:
-        raise InputError(f"{path}: written with another model config; use a fresh --run-dir")
-    s.net.load_state_dict(state["model"])
-    if s.ema is not None and state["ema"] is not None:
-        s.ema.module.load_state_dict(state["ema"])
-    s.optimizer.load_state_dict(state["optimizer"])
-    s.scheduler.load_state_dict(state["scheduler"])
-    s.scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng"])
-    return state["epoch"], state["step"], state["best_val_kl"]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -408,13 +292,25 @@ def unsettled_batchnorm(cfg: Config, updates: int) -> float:
     return (1.0 - cfg.model.bn_momentum) ** updates
 
 
-def warn_if_batchnorm_unsettled(cfg: Config, runlog: RunLog, step: int, accum: int) -> None:
-    left = unsettled_batchnorm(cfg, step * accum)
+def warn_if_batchnorm_unsettled(cfg: Config, runlog: RunLog, passes: int) -> None:
+    left = unsettled_batchnorm(cfg, passes)
     if left > 0.05:
-        runlog.info(f"warning: after {step * accum} training forward passes, {left:.0%} of the BatchNorm "
+        runlog.info(f"warning: after {passes} training forward passes, {left:.0%} of the BatchNorm "
                     f"running statistics are still their initial values (model.bn_momentum "
                     f"{cfg.model.bn_momentum:g}); validation and prediction use them. Train longer or "
                     f"raise model.bn_momentum (0.1 settles within about 30 passes)")
+
+
+def describe_start(s: Setup, p: Progress, layout: dict | None) -> str:
+    line = (f"{s.env.source}: {s.env.world_size} rank(s) on {s.device}, precision {s.dtype or 'fp32'}, "
+            f"{s.steps_per_epoch} steps/epoch of {s.layout.batch} tiles ({s.layout.micro} × {s.layout.accum} "
+            f"accumulation × {s.env.world_size} ranks)")
+    if p.epoch:
+        line += f", resuming after epoch {p.epoch}"
+        if layout and (layout["world_size"], layout["device"]) != (s.env.world_size, s.device.type):
+            line += (f" (trained so far on {layout['world_size']} rank(s) on {layout['device']}: the same "
+                     "batch size and schedule, a different tile order within each step)")
+    return line
 
 
 def train(cfg: Config, run_dir) -> dict:
@@ -423,77 +319,84 @@ def train(cfg: Config, run_dir) -> dict:
     run_dir = Path(run_dir)
     s = build_setup(cfg)
     main = s.env.is_main
-    last_path, best_path = run_dir / "checkpoints" / ckpt.LAST, run_dir / "checkpoints" / ckpt.BEST
-    epoch, step, best = 0, 0, math.inf
-    if last_path.exists():
-        epoch, step, best = resume(s, last_path)
-    runlog = RunLog(run_dir, enabled=main, resume_epoch=epoch)
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
-        runlog.info(f"{s.env.source}: {s.env.world_size} rank(s) on {s.device}, precision "
-                    f"{s.dtype or 'fp32'}, {s.steps_per_epoch} steps/epoch of {cfg.train.batch_size} tiles "
-                    f"({cfg.train.micro_batch_size} × {s.accum} accumulation × {s.env.world_size} ranks)"
-                    + (f", resuming after epoch {epoch}" if epoch else ""))
-    stop = StopFlag()
-    stop.install()
-    epoch_times, row, stopped = [], {}, False
-    while epoch < cfg.train.epochs:
-        epoch_started = time.monotonic()
-        with runlog.progress(s.steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}") as bar:
-            result = train_epoch(s, epoch, step, stop, bar)
-        step = result["step"]
-        if result["stopped"]:
-            stopped = True
-            runlog.info(f"stop requested during epoch {epoch + 1}; last.pt holds epoch {epoch}")
-            break
-        epoch += 1
-        out_of_time = should_stop_for_time(s, started, epoch_times + [time.monotonic() - epoch_started])
-        val, shown = {}, None
-        if s.val_folds is not None and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs or out_of_time):
-            val, shown = validate(s, s.ema.module if s.ema is not None else s.net)
-        score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
-        if score is not None and isinstance(s.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            s.scheduler.step(score)
-        row = {"epoch": epoch, "step": step, "train_loss": result["train_loss"], **val,
-               "lr": s.optimizer.param_groups[0]["lr"], "epoch_time_s": result["epoch_time_s"],
-               "images_per_s": result["images_per_s"],
-               "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
-        improved = score is not None and score < best
-        best = min(best, score) if score is not None else best
-        if main:
-            state = state_dict(s, epoch, step, best)
-            ckpt.save_atomic(state, last_path)
-            if improved:
-                ckpt.save_atomic(state, best_path)
-            runlog.epoch(row, best=improved)
-            if shown and cfg.train.plot_every and epoch % cfg.train.plot_every == 0:
-                runlog.plot(epoch, shown)
-        epoch_times.append(time.monotonic() - epoch_started)
-        if out_of_time:
-            runlog.info(f"train.time_limit {cfg.train.time_limit} min: stopping after epoch {epoch}")
-            break
-    if not stopped:  # a preempted run resumes; its statistics are judged when it ends
-        warn_if_batchnorm_unsettled(cfg, runlog, step, s.accum)
+    with RunLock(run_dir, enabled=main), StopSignals() as stop:
+        ckpt = Checkpointer(run_dir, {"model": s.net, "ema": s.ema, "optimizer": s.optimizer,
+                                      "scheduler": s.scheduler, "scaler": s.scaler},
+                            cfg, s.manifest.sha256, s.env.world_size, s.device)
+        p, layout = ckpt.resume()
+        runlog = RunLog(run_dir, enabled=main, resume_epoch=p.epoch)
+        try:
+            if main:
+                save_config(cfg, run_dir / "config.yaml")
+            runlog.info(describe_start(s, p, layout))
+            row = run_epochs(s, p, ckpt, runlog, stop, started)
+        finally:
+            runlog.close()
     if dist.is_initialized():
         dist.barrier()
-    runlog.close()
     return row
 
 
-def default_run_dir(config_path) -> Path:
-    """``runs/<recipe>-<id>``, the same on every rank: torchrun's run id, the Slurm job id, or the time."""
-    run_id = (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-              or time.strftime("%Y%m%d-%H%M%S"))
-    return Path("runs") / f"{Path(config_path or 'default').stem}-{run_id}"
+def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: StopSignals,
+               started: float) -> dict:
+    cfg = s.cfg
+    epoch_times, row, stopped, waited = [], {}, False, 0
+    while p.epoch < cfg.train.epochs:
+        epoch_started = time.monotonic()
+        with runlog.progress(s.steps_per_epoch, f"epoch {p.epoch + 1}/{cfg.train.epochs}") as bar:
+            result = train_epoch(s, p.epoch, p.step, stop, bar)
+        p.step = result["step"]
+        if result["stopped"]:
+            stopped = True
+            runlog.info(f"stop requested during epoch {p.epoch + 1}; last.pt holds epoch {p.epoch}")
+            break
+        p.epoch += 1
+        out_of_time = should_stop_for_time(s, started, epoch_times + [time.monotonic() - epoch_started])
+        val, shown = {}, None
+        if s.val_folds is not None and (p.epoch % cfg.train.val_every == 0 or p.epoch == cfg.train.epochs
+                                        or out_of_time):
+            val, shown = validate(s, s.ema.module if s.ema is not None else s.net)
+        score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
+        if score is not None and is_per_epoch(s.scheduler):
+            s.scheduler.step(score)
+        row = {"epoch": p.epoch, "step": p.step, "train_loss": result["train_loss"], **val,
+               "lr": s.optimizer.param_groups[0]["lr"], "epoch_time_s": result["epoch_time_s"],
+               "images_per_s": result["images_per_s"],
+               "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
+        improved = score is not None and score < p.best
+        p.best = min(p.best, score) if score is not None else p.best
+        waited = 0 if improved else waited + (score is not None)
+        ckpt.save(p, improved)
+        runlog.epoch(row, best=improved)
+        if shown and cfg.train.plot_every and p.epoch % cfg.train.plot_every == 0:
+            runlog.plot(p.epoch, shown)
+        epoch_times.append(time.monotonic() - epoch_started)
+        if out_of_time:
+            runlog.info(f"train.time_limit {cfg.train.time_limit} min: stopping after epoch {p.epoch}")
+            break
+        if cfg.train.early_stop and waited >= cfg.train.early_stop:
+            runlog.info(f"train.early_stop {cfg.train.early_stop}: no better score in {waited} validations; "
+                        f"stopping after epoch {p.epoch} (best {p.best:.5g})")
+            break
+    if not stopped:  # a preempted run resumes; its statistics are judged when it ends
+        warn_if_batchnorm_unsettled(cfg, runlog, p.step * s.layout.accum)
+    return row
 
 
 def run(args) -> int:
-    """CLI entry: ``dist-lc train --config X.yaml [--set k=v ...] [--run-dir DIR]``."""
-    from .config import load_config
+    """CLI entry: ``dist-lc train --config X.yaml [--set k=v ...] [--run-dir DIR] [--print-config]``."""
+    from .config import describe, load_config
 
     cfg = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or default_run_dir(args.config))
+    if args.print_config:
+        print(describe(cfg))
+        return 0
+    if args.run_dir:
+        check_output_folder(Path(args.run_dir))
     try:
+        distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+        check_output_folder(run_dir)
         train(cfg, run_dir)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,7 +32,7 @@ def fold_sizes(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return sizes
 
 
-def class_weights(props: np.ndarray) -> np.ndarray:
+def rarity_weights(props: np.ndarray) -> np.ndarray:
     """1 / global mean proportion per class (floored), so rare classes count as much as common ones."""
     return 1.0 / np.maximum(props.mean(axis=0), WEIGHT_FLOOR)
 
@@ -55,7 +55,7 @@ def assign_folds(props, k: int, seed: int = 0) -> np.ndarray:
         raise ValueError(f"cannot split {n} tiles into {k} folds")
     rng = np.random.default_rng(seed)
     sizes = fold_sizes(n, k, rng)
-    weights = class_weights(props)
+    weights = rarity_weights(props)
     target = sizes[:, None] * props.mean(axis=0)[None, :]
     mass = np.zeros_like(target)
     filled = np.zeros(k, dtype=np.int64)

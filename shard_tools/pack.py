@@ -32,6 +32,7 @@ from .errors import InputError
 from .folds import assign_folds
 from .format import (CLASS_NAMES, ENCODING, FORMAT_VERSION, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE,
                      NUM_CLASSES, one_line, check_image, check_mask, encode_sample)
+from .resources import usable_cores
 from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Manifest, load_manifest, shard_name, write_json_atomic
 
 DEFAULT_SHARD_MB = 100  # ~150 tiles: enough shards per fold to spread over ranks × loader workers
@@ -56,17 +57,31 @@ def id_sort_key(tile_id: str):
     return (0, int(tile_id), tile_id) if tile_id.isdigit() else (1, 0, tile_id)
 
 
+def _listing(folder: Path) -> list[Path]:
+    """The entries of a split's folder; [] when it does not exist, an error when it cannot be read."""
+    if not folder.exists() and not folder.is_symlink():
+        return []
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (expected the tiles of a split)")
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+
+
 def _tiffs_by_id(folder: Path) -> dict[str, Path]:
-    """``{id: path}`` of the TIFFs in a folder (hidden files ignored); refuses dotted and duplicate ids."""
+    """``{id: path}`` of the TIFFs in a folder (hidden files ignored); ids must be integers, once each."""
     found: dict[str, Path] = {}
     numeric: dict[int, Path] = {}
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for path in _listing(folder):
         suffix = path.suffix.lower()
         if path.name.startswith(".") or suffix not in TIFF_SUFFIXES or not path.is_file():
             continue
         tile_id = path.name[: -len(suffix)]
         if "." in tile_id:
             raise InputError(f"{path}: id {tile_id!r} contains a dot (WebDataset keys end at the first dot)")
+        if not (tile_id.isascii() and tile_id.isdigit()):
+            raise InputError(f"{path}: id {tile_id!r} is not an integer (the challenge's tiles are <integer>.tif)")
         other = found.get(tile_id) or (numeric.get(int(tile_id)) if tile_id.isdigit() else None)
         if other is not None:
             raise InputError(f"{path}: duplicate id {tile_id!r} (also {other.name})")
@@ -105,9 +120,19 @@ def scan_source(src: Path) -> tuple[list[Tile], list[Tile]]:
 # ---------------------------------------------------------------- per-tile work (runs in workers)
 
 
+def _one_page(tif: tifffile.TiffFile, path: Path) -> None:
+    pages = len(tif.pages)
+    if pages != 1:
+        raise InputError(f"{path}: multi-page TIFF ({pages} pages); a tile is a single page")
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     try:
-        return tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            _one_page(tif, path)
+            return tif.asarray()
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever tifffile says, the file is unreadable
         text = one_line(exc)
         problem = "truncated TIFF" if text.startswith("failed to read") else "cannot read TIFF"
@@ -117,8 +142,11 @@ def _read_tiff(path: Path) -> np.ndarray:
 def _check_image_header(path: Path) -> None:
     try:
         with tifffile.TiffFile(path) as tif:
+            _one_page(tif, path)
             series = tif.series[0]
             shape, dtype = series.shape, series.dtype
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path}: cannot read TIFF ({one_line(exc)})") from None
     check_image(shape, dtype, path)
@@ -180,7 +208,7 @@ def _mapper(workers: int):
 
 
 def default_workers() -> int:
-    return max(1, min(16, len(os.sched_getaffinity(0))))
+    return min(16, usable_cores())
 
 
 # ---------------------------------------------------------------- shard writing
@@ -330,7 +358,10 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         for path in out.iterdir():
             if SHARD_NAME_PATTERN.match(path.name) or path.name.startswith(f".{MANIFEST_NAME}."):
                 path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out}: --out cannot be created ({exc.strerror or exc})") from None
 
 
 def _check_folds(folds: int, n_train: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from shard_tools.errors import InputError
-from dist_lc.config import from_dict, load_config, save_config, to_dict, read_yaml
+from dist_lc.config import batch_layout, describe, from_dict, load_config, save_config, to_dict, read_yaml
 from dist_lc.distributed import first_host, read_env
 
 
@@ -30,8 +30,16 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     ("train.channels_last=3", "'train.channels_last': expected true/false"),
     ("optim.lr=fast", "'optim.lr': expected a number"),
     ("optim.name=lamb", "'optim.name': 'lamb' is not one of"),
-    ("train.micro_batch_size=5", "does not divide train.batch_size 32"),
-    ("data.crop=100", "data.crop 100 must be divisible by 8"),
+    ("data.crop=100", "'data.crop': 100 must be divisible by 8"),
+    ("data.crop=512", "'data.crop': 512 is out of range (allowed: 8 to 256)"),
+    ("optim.lr=-0.1", "'optim.lr': -0.1 is out of range"),
+    ("optim.lr=0", "'optim.lr': 0.0 is out of range"),
+    ("train.epochs=0", "'train.epochs': 0 is out of range (allowed: at least 1)"),
+    ("data.workers=-1", "'data.workers': -1 is out of range (allowed: 0 to 64)"),
+    ("train.ema_decay=1.5", "'train.ema_decay': 1.5 is out of range"),
+    ("optim.lr=.nan", "'optim.lr': expected a number"),
+    ("train.precision=bf61", "'train.precision': 'bf61' is not one of auto, fp32, bf16, fp16 (did you mean 'bf16'?)"),
+    ("train.epochs=[1", "invalid YAML value"),
     ("train", "expected key=value"),
 ])
 def test_bad_config_is_one_clear_error(override, message):
@@ -86,3 +94,63 @@ def test_batch_script_outside_srun_is_a_single_process():
 def test_first_host_of_a_node_list(nodelist, first, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # the parser, not scontrol
     assert first_host(nodelist) == first
+
+
+def test_a_recipe_can_start_from_a_base_recipe(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 7\n  batch_size: 64\noptim:\n  lr: 0.01\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 3\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.lr=0.02"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (3, 64, 0.02)   # child, base, --set
+
+
+def test_base_recipes_in_a_cycle_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(InputError, match=r"base recipes form a cycle \(a.yaml → b.yaml → a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(InputError, match="missing.yaml: config file does not exist"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_cv5_is_the_benchmark_recipe_with_its_changes():
+    cv5, bench = to_dict(load_config("configs/cv5.yaml")), to_dict(load_config("configs/benchmark.yaml"))
+    for section in ("model", "loss", "optim", "schedule"):
+        assert cv5[section] == bench[section], section
+    assert cv5["launcher"]["executor"] == "slurm" and cv5["cv"]["tta"] is True
+
+
+@pytest.mark.parametrize("recipe", ["benchmark", "cv5", "recommended", "smoke", "demo"])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_shipped_recipes_run_on_1_2_4_and_8_ranks(recipe, world):
+    t = load_config(f"configs/{recipe}.yaml").train
+    layout = batch_layout(t, world)
+    assert layout.micro * layout.accum * world == t.batch_size and layout.micro <= t.micro_batch_size
+
+
+def test_a_batch_that_ranks_cannot_share_names_both_ways_out():
+    with pytest.raises(InputError) as err:
+        batch_layout(load_config("configs/benchmark.yaml").train, 3)
+    assert "multiple of 3" in str(err.value) and "optim.lr" in str(err.value) and "divides 32" in str(err.value)
+
+
+def test_print_config_lists_every_key_with_help_and_default():
+    text = describe(load_config("configs/smoke.yaml"))
+    cfg = to_dict(load_config("configs/smoke.yaml"))
+    for section, keys in cfg.items():
+        assert f"\n{section}:" in f"\n{text}"
+        for key in keys:
+            line = next(x for x in text.splitlines() if x.startswith(f"  {key}:"))
+            assert "# " in line and "[default: " in line
+    assert "  epochs: 2 " in text and "[default: 90]" in text   # smoke's value, the built-in default
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "http"}, "MASTER_PORT='http' is not an integer"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "rank 3 of world size 2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "not a port"),
+])
+def test_a_bad_launcher_environment_is_one_clear_error(environ, message):
+    with pytest.raises(InputError, match=message):
+        read_env(environ)

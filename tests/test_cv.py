@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 
 from slurm_util import require_slurm
-from torchrun_util import REPO, dist_lc
+from torchrun_util import REPO, dist_lc, fault
 
-from dist_lc import calibration, cli, jobs
+from dist_lc import calibration, cli
+from dist_lc.cv import executors, fold, plan
 from dist_lc.config import load_config
-from dist_lc.cv import build_points, parse_grid
+from dist_lc.cv.plan import build_points, parse_grid
 from dist_lc.metrics import kl_score
 from shard_tools.format import CLASS_NAMES
 
@@ -91,7 +92,7 @@ def check_cv_folder(cv_dir: Path, sample_root, shards: Path) -> dict:
     np.testing.assert_allclose(sub[CLASSES].sum(axis=1), 1.0, atol=1e-9)
     for name in ("report.md", "plots/learning_curves.png", "plots/fold_scores.png", "plots/per_class.png"):
         assert (cv_dir / name).is_file(), name
-    assert json.loads((cv_dir / "fold0" / jobs.DONE).read_text())["world_size"] == 2
+    assert json.loads((cv_dir / "fold0" / plan.DONE).read_text())["world_size"] == 2
     return report
 
 
@@ -182,8 +183,7 @@ def test_failed_fold_is_reported_then_resume_reruns_only_it(tiny_shards, tmp_pat
     --resume reruns only the failed one."""
     cv_dir = tmp_path / "cv"
     args = [*tiny(tiny_shards, "launcher.tasks_per_node=1", "launcher.max_parallel=2"), "--out", str(cv_dir)]
-    fault = {"DIST_LC_FAULT_KILL_AT_STEP": "2", "DIST_LC_FAULT_MARKER": str(tmp_path / "killed")}
-    proc = run_cv(args, extra_env=fault)
+    proc = run_cv(args, extra_env=fault(f"kill step=2 marker={tmp_path / 'killed'}"))
     assert proc.returncode == 1
     report = json.loads((cv_dir / "report.json").read_text())
     assert len(report["folds"]) == 1 and len(report["missing_folds"]) == 1 and not report["complete"]
@@ -236,7 +236,7 @@ def test_signal_log_sees_signals_whatever_handler_is_installed():
 
     before = signal.getsignal(signal.SIGUSR2)
     try:
-        with jobs.SignalLog() as log:
+        with fold.SignalLog() as log:
             signal.signal(signal.SIGUSR2, lambda *_: None)  # as train() does
             os.kill(os.getpid(), signal.SIGUSR2)
         assert signal.SIGUSR2 in log.received and signal.SIGTERM not in log.received
@@ -268,7 +268,7 @@ def cv_error(argv: list[str], capsys) -> str:
     (["--grid", "launcher.nodes=1,2"], "--grid launcher.nodes: cannot vary within a CV"),
     (["--set", "cv.folds=[0,7]"], "config key 'cv.folds': fold 7 is not in"),
     (["--set", "launcher.time_min=2"], "launcher.time_min=2 leaves no time before the stop signal"),
-    (["--set", "launcher.tasks_per_node=3"], "is not micro_batch_size 4 × accumulation × 3 ranks"),
+    (["--set", "launcher.tasks_per_node=3"], "8 tiles cannot be split evenly over 3 ranks"),
 ])
 def test_bad_input_is_one_clear_error_and_nothing_is_written(tiny_shards, tmp_path, capsys, extra, message):
     line = cv_error([*tiny(tiny_shards), "--out", str(tmp_path / "cv"), *extra], capsys)
@@ -280,7 +280,7 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(tiny_shards, tmp_pa
 def test_unreachable_slurm_is_refused_before_submitting(tiny_shards, tmp_path, capsys, monkeypatch, how):
     if how == "no scontrol on PATH":
         monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
-    elif not jobs.shutil.which("scontrol"):
+    elif not executors.shutil.which("scontrol"):
         pytest.skip("scontrol not installed")
     else:  # a readable config whose controller does not exist: scontrol ping says DOWN at once
         conf = tmp_path / "slurm.conf"
@@ -313,12 +313,12 @@ def test_resume_refuses_a_new_config(local_cv, capsys):
 
 
 def test_launcher_section_becomes_slurm_parameters(tmp_path):
-    if not jobs.shutil.which("srun"):
+    if not executors.shutil.which("srun"):
         pytest.skip("submitit's Slurm executor needs srun on PATH")
     cfg = load_config("configs/cv5.yaml", ["launcher.partition=gpu", "launcher.account=proj",
                                            "launcher.setup=[module load cuda]", "launcher.slurm_extra={qos: high}",
                                            "launcher.max_parallel=2"])
-    params = jobs.make_executor(cfg.launcher, "slurm", tmp_path, jobs=5).parameters
+    params = executors.make_executor(cfg.launcher, "slurm", tmp_path, jobs=5).parameters
     assert params["partition"] == "gpu" and params["account"] == "proj" and params["gpus_per_node"] == 4
     assert params["ntasks_per_node"] == 4 and params["cpus_per_task"] == 8 and params["time"] == 240
     assert params["additional_parameters"] == {"qos": "high"} and params["setup"] == ["module load cuda"]

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from shard_tools.errors import InputError
 from shard_tools.format import class_proportions, encode_sample
-from dist_lc.data import ShardStream, augment, balanced_range, random_crop, segments, train_steps
+from dist_lc.data import ShardStream, balanced_range, random_flip_rotate, random_crop, segments, train_steps
 
 from torchrun_util import torchrun
 
@@ -91,7 +91,7 @@ def test_augmentation_moves_image_and_mask_together():
     image = np.stack([mask.astype(np.uint16) * 7 + c for c in range(4)], axis=-1)
     outcomes = set()
     for _ in range(40):
-        img, msk = augment(image, mask, rng)
+        img, msk = random_flip_rotate(image, mask, rng)
         assert np.array_equal(img[..., 0], msk.astype(np.uint16) * 7)
         outcomes.add(msk.tobytes())
     assert len(outcomes) == 8  # all flips and rotations occur

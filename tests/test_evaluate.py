@@ -107,7 +107,7 @@ def test_not_a_csv(pair, tmp_path):
 
 def test_missing_columns_are_named(pair, tmp_path):
     gt, _, t, _ = pair
-    bad = write(tmp_path / "bad.csv", range(6), np.delete(t, [3, 9], axis=1),
+    bad = write(tmp_path / "bad.csv", [10, 11, 12, 20, 21, 30], np.delete(t, [3, 9], axis=1),
                 [n for i, n in enumerate(NAMES) if i not in (3, 9)])
     with pytest.raises(InputError, match=r"bad\.csv: missing column\(s\) cultivated, water"):
         evaluate_csv(gt, bad)
@@ -123,7 +123,8 @@ def test_duplicate_ids(pair, tmp_path):
     with pytest.raises(InputError, match=r"dup\.csv: duplicate sample_id\(s\) 20"):
         evaluate_csv(gt, dup)
     with pytest.raises(InputError, match="dup.csv: duplicate"):
-        evaluate_csv(dup, gt)
+        evaluate_csv(dup, write(tmp_path / "two.csv", [10, 20], t[:2]))
+    assert evaluate_csv(dup, write(tmp_path / "ok.csv", [10, 11], t[:2]))["n"] == 2   # not predicted: unused
 
 
 def test_prediction_ids_missing_from_ground_truth(pair, tmp_path):
@@ -183,3 +184,56 @@ def test_real_labels_against_the_mean_distribution(sample_root, tmp_path):
     assert result["n"] == len(truth)
     assert result["kl"] == pytest.approx(reference_kl(values, mean), rel=1e-9)
     assert 0.1 < result["kl"] < 10
+
+
+# ---------------------------------------------------------------- as the challenge's own eval.py reads files
+
+def test_prediction_may_leave_out_no_data_and_clouds_and_carry_extra_columns(pair, tmp_path):
+    gt, _, t, p = pair
+    eight = write(tmp_path / "eight.csv", [10, 11, 12, 20, 21, 30], p[:, 2:], NAMES[2:])
+    extra = pd.read_csv(eight)
+    extra["model"] = "unet"
+    extra.to_csv(tmp_path / "extra.csv", index=False)
+    for path in (eight, tmp_path / "extra.csv"):
+        assert evaluate_csv(gt, path)["kl"] == pytest.approx(reference_kl(t, p), rel=1e-12)
+
+
+def test_the_first_column_is_the_id_whatever_its_name_and_rows_need_not_sum_to_one(pair, tmp_path):
+    gt, _, t, p = pair
+    renamed = pd.DataFrame(p * 7.0, columns=NAMES)   # unnormalised: the score renormalises
+    renamed.insert(0, "id", [10, 11, 12, 20, 21, 30])
+    renamed.to_csv(tmp_path / "renamed.csv", index=False)
+    assert evaluate_csv(gt, tmp_path / "renamed.csv")["kl"] == pytest.approx(reference_kl(t, p), rel=1e-12)
+
+
+def test_an_empty_prediction_is_refused(pair, tmp_path):
+    gt, _, _, _ = pair
+    (tmp_path / "header.csv").write_text(",".join(["sample_id", *NAMES]) + "\n")
+    with pytest.raises(InputError, match=r"header\.csv: no prediction rows"):
+        evaluate_csv(gt, tmp_path / "header.csv")
+
+
+def test_a_ground_truth_row_without_scored_classes_counts_only_when_predicted(pair, tmp_path):
+    gt, _, t, p = pair
+    t2 = t.copy()
+    t2[5] = [1.0] + [0.0] * 9                            # tile 30: all no_data
+    cloudy = write(tmp_path / "cloudy.csv", [10, 11, 12, 20, 21, 30], t2)
+    assert evaluate_csv(cloudy, write(tmp_path / "p5.csv", [10, 11, 12, 20, 21], p[:5]))["n"] == 5
+    with pytest.raises(InputError, match=r"cloudy\.csv: row sums to 0 over the scored classes for sample_id 30"):
+        evaluate_csv(cloudy, write(tmp_path / "p6.csv", [10, 11, 12, 20, 21, 30], p))
+
+
+def test_header_names_are_not_trimmed_and_the_line_says_so(pair, tmp_path):
+    gt, _, t, p = pair
+    spaced = write(tmp_path / "spaced.csv", [10, 11, 12, 20, 21, 30], p, [f" {n}" if n == "water" else n for n in NAMES])
+    with pytest.raises(InputError, match=r"missing column\(s\) water \(column ' water' has spaces"):
+        evaluate_csv(gt, spaced)
+
+
+def test_a_ground_truth_with_columns_that_are_not_classes_is_refused(pair, tmp_path):
+    gt, _, t, _ = pair
+    df = pd.read_csv(gt)
+    df["fold"] = 0
+    df.to_csv(tmp_path / "gt_fold.csv", index=False)
+    with pytest.raises(InputError, match="'fold' are not classes of the challenge"):
+        evaluate_csv(tmp_path / "gt_fold.csv", gt)

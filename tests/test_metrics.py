@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dist_lc.metrics import kl_per_class, kl_per_sample, kl_score, kl_terms, tile_proportions
+from dist_lc.metrics import kl_per_class, kl_per_sample, kl_score, kl_terms, expand_scored, scored_proportions
 
 NAMES = ["no_data", "clouds", "artificial", "cultivated", "broadleaf",
          "coniferous", "herbaceous", "natural", "snow", "water"]
@@ -89,12 +89,11 @@ def test_bad_shape_is_refused():
         kl_score(np.ones((3, 9)), np.ones((3, 9)))
 
 
-def test_tile_proportions_drops_no_data_and_clouds(rng):
+def test_expand_scored_gives_submission_rows_without_no_data_and_clouds(rng):
     probs = rng.random((6, 10))
     probs /= probs.sum(axis=1, keepdims=True)
-    out = tile_proportions(probs)
-    assert np.all(out[:, :2] == 0)
+    out = expand_scored(scored_proportions(probs))
+    assert out.shape == (6, 10) and np.all(out[:, :2] == 0)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-12)
     np.testing.assert_allclose(out[:, 2:], probs[:, 2:] / probs[:, 2:].sum(axis=1, keepdims=True), rtol=1e-12)
-    np.testing.assert_allclose(tile_proportions(probs[0]), out[0], rtol=1e-12)  # one tile (10,)
     assert np.all(probs[:, :2] > 0)  # the input is not modified

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from dist_lc.model import UNet, UpConv, build_model, count_parameters
+from dist_lc.config import from_dict
+from dist_lc.model import UNet, UpConv, build_network, count_parameters, spectral_indices
 from shard_tools.errors import InputError
 
 
@@ -135,28 +136,30 @@ def test_torch_init_option_differs_from_keras():
     assert torch.count_nonzero(default.stem[0].bias) > 0  # PyTorch's default bias init is not zero
 
 
-def test_build_model_from_config_dict():
-    cfg = dict(in_channels=4, num_classes=10, num_layers=2, filters=64, upconv_filters=96, norm="batch",
-               bn_momentum=0.01, bn_eps=1e-3, groups=8, init="he_normal")
-    assert count_parameters(build_model(cfg)) == 984_234
-    small = build_model({"num_layers": 1, "filters": 16, "upconv_filters": 24, "norm": "group", "groups": 4})
+def model_config(**keys):
+    return from_dict({"model": keys}).model
+
+
+def test_build_network_from_the_model_section():
+    assert count_parameters(build_network(model_config()).unet) == 984_234   # the defaults: the benchmark's
+    small = build_network(model_config(num_layers=1, filters=16, upconv_filters=24, norm="group", groups=4))
     assert small(torch.rand(1, 4, 16, 16)).shape == (1, 10, 16, 16)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"filter": 64}, "unknown key"),
-    ({"norm": "layer"}, "norm must be one of"),
-    ({"init": "xavier"}, "init must be one of"),
-    ({"norm": "group", "groups": 7}, "not divisible"),
+@pytest.mark.parametrize("keys, message", [
+    ({"filter": 64}, "unknown config key 'model.filter' (did you mean 'model.filters'?)"),
+    ({"norm": "layer"}, "'model.norm': 'layer' is not one of batch, group"),
+    ({"init": "xavier"}, "'model.init': 'xavier' is not one of he_normal, torch"),
+    ({"norm": "group", "groups": 7}, "not divisible by model.groups 7"),
+    ({"num_layers": 9}, "out of range"),
 ])
-def test_build_model_rejects_bad_config(cfg, message):
-    with pytest.raises(InputError, match=message):
-        build_model(cfg)
+def test_a_bad_model_section_is_refused_by_the_config(keys, message):
+    with pytest.raises(InputError) as err:
+        model_config(**keys)
+    assert message in str(err.value)
 
 
 def test_spectral_indices_add_two_input_channels_computed_from_raw_bands():
-    from dist_lc.network import build_network, spectral_indices
-
     image = torch.zeros(1, 4, 16, 16)
     image[0, :, 0, 0] = torch.tensor([1000.0, 2000.0, 500.0, 3000.0])   # R, G, B, NIR
     idx = spectral_indices(image)
@@ -164,9 +167,9 @@ def test_spectral_indices_add_two_input_channels_computed_from_raw_bands():
     assert idx[0, 0, 0, 0].item() == pytest.approx((3000 - 1000) / 4000)   # NDVI
     assert idx[0, 1, 0, 0].item() == pytest.approx((2000 - 3000) / 5000)   # NDWI
     assert idx[0, :, 1, 1].abs().sum() == 0                                   # empty pixel: 0, not NaN
-    cfg = {"num_layers": 1, "filters": 8, "upconv_filters": 8, "indices": True}
-    net = build_network(cfg, [0.0] * 4, [1.0] * 4)
+    cfg = {"num_layers": 1, "filters": 8, "upconv_filters": 8}
+    net = build_network(model_config(**cfg, indices=True))
     assert net.unet.stem[0].in_channels == 6
     assert net(image).shape == (1, 10, 16, 16)
-    plain = build_network({**cfg, "indices": False}, [0.0] * 4, [1.0] * 4)
+    plain = build_network(model_config(**cfg, indices=False))
     assert plain.unet.stem[0].in_channels == 4

@@ -76,6 +76,17 @@ CASES = [
      "test/images/2.tif", "both a train and a test tile"),
     ("id with a dot", lambda s: _write(s / "test/images/11.5.tif", _image()),
      "11.5.tif", "contains a dot"),
+    ("id not an integer", lambda s: _write(s / "test/images/tile_a.tif", _image()),
+     "tile_a.tif", "is not an integer"),
+    ("multi-page image", lambda s: tifffile.imwrite(s / "train/images/2.tif", np.stack([_image(), _image()]),
+                                                    photometric="minisblack", planarconfig="contig"),
+     "2.tif", "multi-page TIFF (2 pages)"),
+    ("multi-page test image", lambda s: tifffile.imwrite(s / "test/images/10.tif", np.stack([_image()] * 3),
+                                                         photometric="minisblack", planarconfig="contig"),
+     "10.tif", "multi-page TIFF (3 pages)"),
+    ("test/images is a file", lambda s: (__import__("shutil").rmtree(s / "test/images"),
+                                         (s / "test/images").write_text("x")),
+     "test/images", "not a folder"),
 ]
 
 
@@ -147,3 +158,5 @@ def test_output_is_a_file(src, tmp_path, capsys):
     (tmp_path / "out").write_text("x")
     assert main(["pack", "--src", str(src), "--out", str(tmp_path / "out"), "--folds", "2"]) == 2
     assert "not a folder" in capsys.readouterr().err
+    assert main(["pack", "--src", str(src), "--out", str(tmp_path / "out" / "shards"), "--folds", "2"]) == 2
+    assert "--out cannot be created" in capsys.readouterr().err

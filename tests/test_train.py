@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from dist_lc import precision
 from dist_lc import train as train_mod
-from torchrun_util import REPO, dist_lc, free_port, torchrun
+from torchrun_util import REPO, dist_lc, fault, free_port, torchrun
 
 SMOKE = ["--config", "configs/smoke.yaml"]
 
@@ -68,7 +69,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(packed_sample, tmp_path)
     torchrun(["-m", "dist_lc", "train", *args, "--run-dir", str(straight)])
     marker = tmp_path / "killed.marker"
     torchrun(["--max-restarts=1", "-m", "dist_lc", "train", *args, "--run-dir", str(killed)],
-             extra_env={"DIST_LC_FAULT_KILL_AT_STEP": "20", "DIST_LC_FAULT_MARKER": str(marker)})
+             extra_env=fault(f"kill step=20 rank=0 marker={marker}"))
     assert marker.exists(), "the fault was not injected"
     a, b = final_weights(straight), final_weights(killed)
     assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["step"] == 3 * 15
@@ -125,7 +126,7 @@ def test_unsettled_share_is_one_minus_momentum_to_the_passes():
     (["--set", "data.shards=/nonexistent/shards"], "shard folder does not exist"),
     (["--set", "data.fold=7"], "has folds 0..4"),
     (["--set", "train.epoch=3"], "unknown config key 'train.epoch'"),
-    (["--set", "train.micro_batch_size=5"], "does not divide"),
+    (["--set", "train.epochs=0"], "'train.epochs': 0 is out of range (allowed: at least 1)"),
 ])
 def test_bad_input_is_one_clear_error(packed_sample, tmp_path, override, message):
     proc = dist_lc(["train", *SMOKE, "--set", f"data.shards={packed_sample}", *override,
@@ -155,7 +156,7 @@ def test_peak_memory_is_the_process_own_not_its_parents():
     """ru_maxrss survives exec (a child of a big process reports the parent's peak); peak_mem_mb must not."""
     ballast = bytearray(1536 * 2**20)
     ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page: 1.5 GiB resident here
-    code = "import torch; from dist_lc.train import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
+    code = "import torch; from dist_lc.memory import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     del ballast
     assert float(out.stdout.split()[-1]) < 1024, out.stdout  # torch imported: a few hundred MB
@@ -163,8 +164,8 @@ def test_peak_memory_is_the_process_own_not_its_parents():
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
 def test_auto_precision_uses_bf16_on_cpu_only_where_it_is_native(monkeypatch, native, expected):
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert train_mod.resolve_precision("auto", cpu) is expected
-    assert train_mod.resolve_precision("bf16", cpu) is torch.bfloat16   # asked for explicitly: honoured
-    assert train_mod.resolve_precision("fp32", cpu) is None
+    assert precision.resolve_precision("auto", cpu) is expected
+    assert precision.resolve_precision("bf16", cpu) is torch.bfloat16   # asked for explicitly: honoured
+    assert precision.resolve_precision("fp32", cpu) is None

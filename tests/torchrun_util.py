@@ -16,6 +16,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FAULTS = REPO / "tests" / "faults"
+
+
+def fault(spec: str) -> dict:
+    """Environment that injects a fault into every process started with it (tests/faults/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {"DIST_LC_TEST_FAULT": spec, "PYTHONPATH": path}
+
+
 def env(**extra) -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_"))}
     e.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, **extra)

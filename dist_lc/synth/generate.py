@@ -35,6 +35,7 @@ import numpy as np
 import tifffile
 
 from shard_tools.errors import InputError
+from shard_tools.resources import usable_cores
 from shard_tools.format import (
     CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions,
 )
@@ -529,7 +530,7 @@ def generate(out, n_train: int = 150, n_test: int = 24, seed: int = 0, progress:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
-        _write_all(staging, n_train, n_test, seed, progress, workers or min(2, os.cpu_count() or 1))
+        _write_all(staging, n_train, n_test, seed, progress, workers or min(2, usable_cores()))
         _check_out(out)
         staging.replace(out)  # onto a missing or empty folder
     finally:

@@ -18,30 +18,28 @@ no score and are left out, as in training's validation.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
 import sys
 import tarfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from shard_tools.errors import InputError
+from shard_tools.format import CLASS_NAMES
+from shard_tools.manifest import load_manifest
 
-from shard_tools.errors import InputError  # noqa: E402
-from shard_tools.format import CLASS_NAMES  # noqa: E402
-from shard_tools.manifest import load_manifest, write_json_atomic  # noqa: E402
-
-from . import calibration, jobs  # noqa: E402
-from .cv import Plan, Point, load_plan  # noqa: E402
-from .metrics import SCORED_CLASSES, SCORED_NAMES, kl_per_class, kl_per_sample  # noqa: E402
-from .predict import write_csv_atomic  # noqa: E402
-from .run_log import read_metrics  # noqa: E402
+from .. import calibration
+from ..files import write_csv_atomic, write_json_atomic
+from ..plots import save_figure
+from ..metrics import SCORED_CLASSES, SCORED_NAMES, kl_per_class, kl_per_sample
+from ..run_log import read_metrics
+from .plan import DONE, OOF, TEST, Plan, Point, load_plan, now
 
 CLASSES = list(CLASS_NAMES)
 TRUTH = "truth.csv"
@@ -51,8 +49,6 @@ TRUTH = "truth.csv"
 
 def _props_of_shard(path: Path) -> dict[str, np.ndarray]:
     """``{id: proportions}`` from a train shard's ``.props.npy`` members (images are skipped, not read)."""
-    import io
-
     out = {}
     with tarfile.open(path) as tar:
         for member in tar:
@@ -86,10 +82,10 @@ def read_pred(path: Path) -> pd.DataFrame:
 def fold_row(plan: Plan, point: Point, fold: int, truth: pd.DataFrame) -> dict:
     """A finished fold's figures (done.json + its oof score), or ``{"fold", "status": "missing"}``."""
     run_dir = plan.run_dir(point, fold)
-    if not (run_dir / jobs.DONE).exists():
+    if not (run_dir / DONE).exists():
         return {"fold": fold, "status": "missing", "run_dir": str(run_dir)}
-    done = json.loads((run_dir / jobs.DONE).read_text())
-    oof = read_pred(run_dir / jobs.OOF)
+    done = json.loads((run_dir / DONE).read_text())
+    oof = read_pred(run_dir / OOF)
     score = _score(truth, oof)
     return {"fold": fold, "status": "done", "best_epoch": done["best_epoch"], "best_val_kl": done["best_val_kl"],
             "final_train_loss": done["final_train_loss"], "epochs_done": done["epochs_done"],
@@ -129,8 +125,8 @@ def point_block(plan: Plan, point: Point, truth: pd.DataFrame) -> dict:
     if not done:
         return {**block, "mean_kl": None, "std_kl": None, "oof_kl": None, "baseline_kl": None}
     scores = np.array([r["best_val_kl"] for r in done])
-    oof = pd.concat([read_pred(Path(r["run_dir"]) / jobs.OOF) for r in done])
-    write_csv_atomic(oof.reset_index(), plan.point_dir(point) / jobs.OOF)
+    oof = pd.concat([read_pred(Path(r["run_dir"]) / OOF) for r in done])
+    write_csv_atomic(oof.reset_index(), plan.point_dir(point) / OOF)
     score, base = _score(truth, oof), _score(truth, baseline(truth, oof.index))
     return {**block, "mean_kl": float(scores.mean()), "std_kl": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
             "oof_kl": score["kl"], "oof_tiles": score["tiles"], "oof_unscored_tiles": score["unscored"],
@@ -152,7 +148,7 @@ def calibrate_block(plan: Plan, point: Point, block: dict, truth: pd.DataFrame) 
         return {"enabled": False, "applied": False, "reason": "cv.calibrate is false"}
     if len(block["folds"]) < 2:
         return {"enabled": True, "applied": False, "reason": "needs at least 2 finished folds"}
-    oof = read_pred(plan.point_dir(point) / jobs.OOF)
+    oof = read_pred(plan.point_dir(point) / OOF)
     y, folds = truth.loc[oof.index, CLASSES].to_numpy(np.float64), truth.loc[oof.index, "fold"].to_numpy()
     crossed = pd.DataFrame(calibration.cross_fitted(y, oof.to_numpy(np.float64), folds), index=oof.index,
                            columns=CLASSES)
@@ -176,7 +172,7 @@ def write_submission(plan: Plan, point: Point, block: dict, calib: dict) -> dict
     ``calib["applied"]``, the mean of the calibrated fold predictions (the calibration was fitted on
     single models' out-of-fold tiles, so it is applied to single models), the uncalibrated mean kept
     as submission_uncalibrated.csv."""
-    paths = [Path(r["run_dir"]) / jobs.TEST for r in block["folds"]]
+    paths = [Path(r["run_dir"]) / TEST for r in block["folds"]]
     paths = [p for p in paths if p.exists()]
     if not paths:
         return None
@@ -201,7 +197,8 @@ def _series(rows: list[dict], column: str) -> tuple[list[int], list[float]]:
 
 
 def plot_learning_curves(plan: Plan, point: Point, path: Path) -> None:
-    fig, (ax_loss, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_kl = fig.subplots(1, 2)
     for k in plan.folds:
         rows = read_metrics(plan.run_dir(point, k))
         if not rows:
@@ -219,7 +216,8 @@ def plot_learning_curves(plan: Plan, point: Point, path: Path) -> None:
 
 
 def plot_fold_scores(block: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     folds = [r["fold"] for r in block["folds"]]
     ax.bar([str(k) for k in folds], [r["best_val_kl"] for r in block["folds"]], color="tab:blue", label="best val KL")
     ax.axhline(block["mean_kl"], color="k", label=f"mean {block['mean_kl']:.4f}")
@@ -231,7 +229,8 @@ def plot_fold_scores(block: dict, path: Path) -> None:
 
 
 def plot_per_class(block: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
     x = np.arange(len(SCORED_NAMES))
     ax.bar(x - 0.2, [block["per_class"].get(c, 0) for c in SCORED_NAMES], 0.4, label=f"oof {block['oof_kl']:.4f}")
     ax.bar(x + 0.2, [block["baseline_per_class"].get(c, 0) for c in SCORED_NAMES], 0.4,
@@ -244,7 +243,8 @@ def plot_per_class(block: dict, path: Path) -> None:
 
 def plot_grid(blocks: list[dict], path: Path) -> None:
     shown = [b for b in blocks if b["mean_kl"] is not None]
-    fig, ax = plt.subplots(figsize=(max(6, len(shown)), 4))
+    fig = Figure(figsize=(max(6, len(shown)), 4))
+    ax = fig.subplots()
     ax.errorbar(range(len(shown)), [b["mean_kl"] for b in shown], yerr=[b["std_kl"] for b in shown], fmt="o", capsize=4)
     ax.set_xticks(range(len(shown)), [b["name"] for b in shown], rotation=30, ha="right", fontsize=7)
     ax.set(ylabel="mean validation KL ± std", title="grid points")
@@ -252,10 +252,8 @@ def plot_grid(blocks: list[dict], path: Path) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def make_plots(plan: Plan, blocks: list[dict], best: dict) -> list[str]:
@@ -336,10 +334,10 @@ def build(cv_dir) -> dict:
     if all(b["mean_kl"] is None for b in blocks):
         raise InputError(f"{plan.cv_dir}: no fold has finished yet (no done.json); nothing to report")
     best = best_point(blocks)
-    point = next(p for p in plan.points if p.name == best["name"])
+    point = plan.point(best["name"])
     if point.name:
-        shutil.copyfile(plan.point_dir(point) / jobs.OOF, plan.cv_dir / jobs.OOF)
-    report = {"cv_dir": str(plan.cv_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        shutil.copyfile(plan.point_dir(point) / OOF, plan.cv_dir / OOF)
+    report = {"cv_dir": str(plan.cv_dir), "created": now(),
               "executor": plan.executor, "tta": plan.config.cv.tta, "folds_planned": plan.folds,
               "complete": all(b["complete"] for b in blocks), **best}
     report["calibration"] = calibrate_block(plan, point, best, truth)

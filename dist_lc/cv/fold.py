@@ -1,0 +1,198 @@
+"""What runs inside one CV job (one grid point × fold), on every task of it.
+
+:func:`run_fold`, on each of the job's ``nodes × tasks_per_node`` ranks:
+
+1. ``train(cfg, run_dir)`` with ``data.fold = k`` (DDP over the job's tasks; resumes from
+   ``run_dir/checkpoints/last.pt`` when a previous attempt left one);
+2. if a stop signal cut training short, the tasks agree on it and leave (see below);
+3. otherwise the fold's ``best.pt`` predicts its held-out fold (``oof.csv``) and the test tiles
+   (``test.csv``), over all the job's ranks (cv.tta → the 8 flips/rotations);
+4. rank 0 writes ``done.json`` last, atomically: **a fold is finished iff its run dir holds
+   done.json**. Everything the report needs is in the run dir.
+
+Stops, requeues, resubmission. ``train`` replaces submitit's SIGUSR2 handler by its own (stop all
+ranks at a step boundary, keep last.pt) for as long as it trains, so the job records which signals
+arrived (:class:`SignalLog`) and, after ``train`` returns early:
+
+* SIGUSR2 (submitit's time-limit / preemption signal): rank 0 calls submitit's own handler, which
+  calls :meth:`FoldJob.checkpoint` (a resubmission of the same callable) and requeues the job
+  (``scontrol requeue``, or exit 144 under the local executor; a time-out counts against
+  ``launcher.max_requeues``, a preemption does not). The other ranks wait for it at a barrier,
+  then leave with status 0, so that srun's ``--kill-on-bad-exit`` cannot cut rank 0's requeue short.
+* SIGTERM (Slurm ends the job: ``scontrol requeue``, ``scancel``, preemption by requeue): every rank
+  exits without a result; Slurm either reruns the job (which resumes) or the launcher sees it gone.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import submitit
+import torch
+import torch.distributed as dist
+
+from shard_tools.errors import InputError
+from shard_tools.manifest import load_manifest, write_json_atomic
+
+from .. import distributed
+from ..checkpoint import LAST
+from ..config import Config, from_dict
+from ..files import write_csv_atomic
+from ..predict import predict
+from ..run_log import read_metrics
+from ..train import train
+from .plan import DONE, OOF, TEST, load_plan, now
+
+STOPPED_EXIT = 0   # a task that leaves after a stop signal, without a result (0: srun must not kill the others)
+
+
+class SignalLog:
+    """Which signals reached this process inside the block, whatever Python handler was installed.
+
+    Python writes the number of every signal it handles to the wakeup fd; train() installing its
+    own handlers does not change that.
+    """
+
+    def __enter__(self):
+        self.received: set[int] = set()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        try:
+            self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: no Python signal handlers run here anyway
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.set_wakeup_fd(self._previous)
+        try:
+            self.received = set(os.read(self._read, 1 << 16))
+        except BlockingIOError:
+            pass
+        os.close(self._read)
+        os.close(self._write)
+        return False
+
+
+def _agree(values: list[float]) -> list[float]:
+    """Sum over the job's ranks (identity without a process group)."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return distributed.all_reduce_sum(values, device)
+
+
+def epochs_done(run_dir: Path) -> int:
+    last = run_dir / "checkpoints" / LAST
+    if not last.exists():
+        return 0
+    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
+def fold_summary(cfg: Config, run_dir: Path) -> dict:
+    """Best epoch, best validation KL, final train loss (from metrics.csv, rank 0)."""
+    rows = read_metrics(run_dir)
+    best = min((r for r in rows if r["val_kl"]), key=lambda r: float(r["val_kl"]))  # train.val_every may skip
+    return {"fold": cfg.data.fold, "epochs": cfg.train.epochs, "epochs_done": int(rows[-1]["epoch"]),
+            "best_epoch": int(best["epoch"]), "best_val_kl": float(best["val_kl"]),
+            "final_train_loss": float(rows[-1]["train_loss"]),
+            "train_s": sum(float(r["epoch_time_s"]) for r in rows)}
+
+
+def predict_fold(cfg: Config, run_dir: Path, tta: bool) -> dict:
+    """oof.csv (held-out fold) and test.csv from the fold's best.pt, on all ranks; files on rank 0."""
+    best = [run_dir / "checkpoints" / "best.pt"]
+    common = {"tta": tta, "batch_size": cfg.train.micro_batch_size, "workers": cfg.data.workers,
+              "device_pref": cfg.train.device}
+    started = time.perf_counter()
+    oof = predict(best, cfg.data.shards, f"fold:{cfg.data.fold}", **common)
+    has_test = bool(load_manifest(cfg.data.shards).shards("test"))
+    test = predict(best, cfg.data.shards, "test", **common) if has_test else None
+    if oof is not None:
+        write_csv_atomic(oof, run_dir / OOF)
+        if test is not None:
+            write_csv_atomic(test, run_dir / TEST)
+    return {"oof_tiles": len(oof) if oof is not None else None,
+            "test_tiles": len(test) if test is not None else 0, "predict_s": time.perf_counter() - started}
+
+
+def run_fold(cfg: Config, run_dir, tta: bool = False) -> dict:
+    """Train, then predict and mark the fold done; ``{"status": "stopped", ...}`` after a stop signal.
+
+    Every task of the job calls this; the process group stays up (the caller tears it down).
+    """
+    run_dir = Path(run_dir)
+    with SignalLog() as signals:
+        train(cfg, run_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    usr2, term, done = _agree([float(signal.SIGUSR2 in signals.received),
+                               float(signal.SIGTERM in signals.received),
+                               float(epochs_done(run_dir)) if rank == 0 else 0.0])
+    if done < cfg.train.epochs and (usr2 or term):
+        return {"status": "stopped", "signal": "USR2" if usr2 else "TERM", "rank": rank, "epochs_done": int(done)}
+    result = {"status": "done", "rank": rank, **predict_fold(cfg, run_dir, tta)}
+    if rank == 0:
+        result.update(fold_summary(cfg, run_dir), tta=tta, job_id=_job_id(),
+                      world_size=dist.get_world_size() if dist.is_initialized() else 1, finished=now())
+        write_json_atomic(run_dir / DONE, result)
+    return result
+
+
+def _job_id() -> str | None:
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        return str(submitit.JobEnvironment().job_id)
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class FoldJob(submitit.helpers.Checkpointable):
+    """The submitit callable of one CV job (every task runs it)."""
+
+    def __init__(self, config: dict, run_dir: str, tta: bool = False):
+        self.config, self.run_dir, self.tta = config, str(run_dir), tta
+
+    def __call__(self) -> dict:
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        try:
+            result = run_fold(from_dict(self.config), self.run_dir, self.tta)
+            if result["status"] == "stopped":
+                self._leave(result, requeue)
+        finally:
+            distributed.teardown()
+        return result
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """Called on rank 0 only: resubmit this same callable; training resumes from last.pt."""
+        print(f"checkpoint: {self.run_dir} will resume from last.pt", file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    @staticmethod
+    def _leave(result: dict, requeue) -> None:
+        """Rank 0 requeues (after USR2) while the others wait at a barrier; then every rank exits
+        without a result pickle (so the job is not marked finished)."""
+        print(f"stopped by SIG{result['signal']} after epoch {result['epochs_done']}", file=sys.stderr, flush=True)
+        code = STOPPED_EXIT
+        if result["signal"] == "USR2" and result["rank"] == 0 and callable(requeue):
+            try:
+                requeue(signal.SIGUSR2, None)  # checkpoint(), requeue, then sys.exit; raises if out of timeouts
+            except SystemExit as exc:
+                code = exc.code
+        if dist.is_initialized():
+            dist.barrier()
+        sys.exit(code)
+
+
+def run_array_fold(cv_dir: Path, fold: int) -> dict:
+    """One array task of slurm/cv_array.sbatch (every srun task): the fold of the folder's plan."""
+    plan = load_plan(cv_dir)
+    if fold not in plan.folds:
+        raise InputError(f"{cv_dir}: fold {fold} is not in the plan's cv.folds {plan.folds}")
+    point = plan.points[0]
+    cfg = from_dict(plan.fold_config(point, fold))
+    try:
+        return run_fold(cfg, plan.run_dir(point, fold), cfg.cv.tta)
+    finally:
+        distributed.teardown()

@@ -1,0 +1,212 @@
+"""A CV folder's plan and the names of the files its jobs leave; building a plan from a recipe.
+
+The CV folder::
+
+    cv.json                      the plan: resolved config of every grid point, grid, folds, executor
+    jobs.json                    every submission (job id, stderr log, result pickle)
+    submitit/launch<n>/          submitit's pickles and logs, a fresh folder per launch
+    [<point>/]fold<k>/           run dir of a job (train's files + oof.csv, test.csv, done.json)
+    [<point>/]oof.csv            out-of-fold predictions of a grid point
+    oof.csv, submission.csv      of the best grid point (the only one without --grid)
+    report.md, report.json, plots/
+
+A fold is finished iff its run dir holds ``done.json`` (written last, atomically, by rank 0).
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from shard_tools.errors import InputError
+from shard_tools.manifest import load_manifest, write_json_atomic
+
+from ..config import Config, from_dict, load_config, normalized, to_dict
+
+PLAN, JOBS = "cv.json", "jobs.json"
+DONE, OOF, TEST = "done.json", "oof.csv", "test.csv"
+PLAN_FORMAT = "dist_lc.cv/1"
+FORBIDDEN_GRID = ("data.fold", "data.shards", "launcher.", "cv.")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Point:
+    """One grid point (the only one, named "", without --grid)."""
+    name: str
+    params: dict
+    config: dict   # resolved; data.fold is set per job
+
+
+@dataclass
+class Plan:
+    cv_dir: Path
+    points: list[Point]
+    folds: list[int]
+    grid: dict = field(default_factory=dict)
+    executor: str = "local"
+    created: str = ""
+
+    @property
+    def config(self) -> Config:
+        return from_dict(self.points[0].config)
+
+    def point(self, name: str) -> Point:
+        return next(p for p in self.points if p.name == name)
+
+    def point_dir(self, point: Point) -> Path:
+        return self.cv_dir / point.name if point.name else self.cv_dir
+
+    def run_dir(self, point: Point, fold: int) -> Path:
+        return self.point_dir(point) / f"fold{fold}"
+
+    def fold_config(self, point: Point, fold: int) -> dict:
+        config = copy.deepcopy(point.config)
+        config["data"]["fold"] = fold
+        return config
+
+    def is_done(self, point: Point, fold: int) -> bool:
+        return (self.run_dir(point, fold) / DONE).exists()
+
+    def save(self) -> None:
+        write_json_atomic(self.cv_dir / PLAN, {
+            "format": PLAN_FORMAT, "created": self.created, "executor": self.executor, "folds": self.folds,
+            "grid": self.grid, "points": [vars(p) for p in self.points]})
+
+
+def load_plan(cv_dir) -> Plan:
+    cv_dir = Path(cv_dir)
+    path = cv_dir / PLAN
+    if not path.is_file():
+        raise InputError(f"{cv_dir}: not a CV folder (no {PLAN})")
+    try:
+        data = json.loads(path.read_text())
+        points = [Point(**p) for p in data["points"]]
+        folds = [int(k) for k in data["folds"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable CV plan ({type(exc).__name__}: {exc})") from None
+    for p in points:
+        try:
+            from_dict(p.config)
+        except InputError as exc:
+            raise InputError(f"{path}: grid point {p.name or '(the only one)'} was written by another version "
+                             f"of dist_lc ({exc})") from None
+    return Plan(cv_dir, points, folds, data.get("grid", {}), data.get("executor", "local"), data.get("created", ""))
+
+
+@dataclass
+class Submission:
+    """One submitted job, as kept in ``cv_dir/jobs.json`` (enough to watch it from another process)."""
+    point: str
+    fold: int
+    executor: str
+    job_id: str
+    stderr: str      # rank 0's log
+    result: str      # rank 0's result pickle
+    submitted: str
+    tasks: int = 1   # ranks of the job: each has its own log and result pickle
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_submissions(cv_dir: Path) -> list[Submission]:
+    path = Path(cv_dir) / JOBS
+    return [Submission(**row) for row in json.loads(path.read_text())["jobs"]] if path.exists() else []
+
+
+def add_submissions(cv_dir: Path, new: list[Submission]) -> None:
+    rows = [r.to_dict() for r in read_submissions(cv_dir)]
+    write_json_atomic(Path(cv_dir) / JOBS, {"jobs": rows + [r.to_dict() for r in new]})
+
+
+# ----------------------------------------------------------------------------- building a plan
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["optim.lr=0.001,0.0003", ...]`` → ``{"optim.lr": ["0.001", "0.0003"]}`` (values as typed)."""
+    grid: dict[str, list[str]] = {}
+    for item in items or []:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise InputError(f"--grid {item!r}: expected key=v1,v2,...")
+        if key in grid:
+            raise InputError(f"--grid {key}: given twice")
+        if key.startswith(FORBIDDEN_GRID) or key in FORBIDDEN_GRID:
+            raise InputError(f"--grid {key}: cannot vary within a CV (the launcher, cv, data.fold and "
+                             "data.shards are shared by every job)")
+        grid[key] = [v.strip() for v in values.split(",")]
+    return grid
+
+
+def _point_name(index: int, params: dict) -> str:
+    parts = [f"{key.split('.')[-1]}={value}" for key, value in params.items()]
+    return "-".join([f"g{index:02d}", *parts]).replace("/", "_").replace(" ", "")
+
+
+def build_points(config_path, sets: list[str], grid: dict[str, list[str]]) -> list[Point]:
+    """Every grid point's config through load_config (the cartesian product of the axes)."""
+    for key, values in grid.items():  # each axis on its own first: an error names its key
+        for text in values:
+            try:
+                load_config(config_path, [*sets, f"{key}={text}"])
+            except InputError as exc:
+                raise InputError(f"--grid {key}={','.join(values)}: {exc}") from None
+    if not grid:
+        return [Point("", {}, to_dict(load_config(config_path, sets)))]
+    points = []
+    for index, combo in enumerate(itertools.product(*grid.values())):
+        overrides = [f"{key}={text}" for key, text in zip(grid, combo)]
+        params = {key: yaml.safe_load(text) for key, text in zip(grid, combo)}
+        points.append(Point(_point_name(index, params), params, to_dict(load_config(config_path, [*sets, *overrides]))))
+    return points
+
+
+def check_folds(cfg: Config) -> list[int]:
+    """cv.folds (all the manifest's folds when null), each one the shards have."""
+    if not cfg.data.shards:
+        raise InputError("config key 'data.shards' is empty: --set data.shards=DIR")
+    manifest = load_manifest(cfg.data.shards)
+    k = manifest.num_folds
+    folds = list(range(k)) if cfg.cv.folds is None else cfg.cv.folds
+    if not folds:
+        raise InputError("config key 'cv.folds' is empty")
+    for fold in folds:
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < k:
+            raise InputError(f"config key 'cv.folds': fold {fold!r} is not in {manifest.root} "
+                             f"(its manifest has folds 0..{k - 1})")
+    if len(set(folds)) != len(folds):
+        raise InputError(f"config key 'cv.folds': a fold is listed twice ({folds})")
+    return list(folds)
+
+
+def prepare_array(config_path, sets: list[str], cv_dir: Path) -> Plan:
+    """cv.json for slurm/cv_array.sbatch (no grid); an existing one must hold the same config.
+
+    Every array task calls this at its start (and again after a requeue): a lock file serialises them.
+    """
+    points = build_points(config_path, sets, {})
+    folds = check_folds(from_dict(points[0].config))
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    with open(cv_dir / ".cv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (cv_dir / PLAN).exists():
+            plan = load_plan(cv_dir)
+            if plan.grid or normalized(plan.points[0].config) != points[0].config:
+                raise InputError(f"{cv_dir / PLAN}: written for another config or a grid; use a fresh CV folder")
+            return plan
+        others = [p.name for p in cv_dir.iterdir() if p.name != ".cv.lock"]
+        if others:
+            raise InputError(f"{cv_dir}: exists and is not empty nor a CV folder ({others[0]}); use a fresh folder")
+        plan = Plan(cv_dir, points, folds, {}, "sbatch", now())
+        plan.save()
+        return plan

@@ -1,0 +1,42 @@
+"""Mixed precision: which autocast dtype a device gets, and the autocast context."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bf16 natively (AVX512-BF16/AMX, or AVX512 emulation it deems fast enough)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cuda_has_native_bf16() -> bool:
+    """bf16 in hardware (Ampere and later); ``is_bf16_supported()`` alone also counts emulation (V100, T4)."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3 had no emulation path to exclude
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype (None: fp32). ``auto``: native bf16, else fp16 on CUDA (with a gradient
+    scaler), else fp32; an explicit choice is honoured."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,81 @@
+"""The run folder: its default name, and the lock that keeps two trainings out of one folder."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+
+from pathlib import Path
+
+from shard_tools.errors import InputError
+
+from . import distributed
+
+LOCK = ".lock"
+
+
+def default_run_dir(config_path) -> Path:
+    """``runs/<recipe>-<launch id>``: the same on every rank and across restarts of one launch,
+    different for every launch (see :func:`distributed.launch_id`)."""
+    return Path("runs") / f"{Path(config_path or 'default').stem}-{distributed.launch_id()}"
+
+
+def check_output_folder(path: Path, what: str = "--run-dir") -> None:
+    """Fail before any work when ``path`` cannot become a folder (a file on the way, no permission)."""
+    probe = Path(path)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{path}: {what} cannot be created ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: {what} cannot be created (no write permission in {probe})")
+    if Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"{path}: {what} is a file, not a folder")
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock`` held by rank 0 while it trains.
+
+    A second training on the same folder is refused with one line naming the holder; the kernel
+    drops the lock of a process that died (SIGKILL, OOM), so a stale lock file is simply taken over.
+    Every rank learns rank 0's outcome, so all of them stop together when the folder is taken.
+    """
+
+    def __init__(self, run_dir, enabled: bool):
+        self.path, self.enabled, self._file = Path(run_dir) / LOCK, enabled, None
+
+    def __enter__(self) -> "RunLock":
+        problem = self._acquire() if self.enabled else None
+        problem = distributed.broadcast_object(problem)
+        if problem:
+            self.__exit__()
+            raise InputError(problem)
+        return self
+
+    def _acquire(self) -> str | None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None  # a filesystem without locks: nothing to guard with
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            return (f"{self.path.parent}: run folder in use by another training ({holder}); wait for it to end "
+                    "or choose another --run-dir")
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self._file.flush()
+        return None
+
+    def __exit__(self, *exc) -> bool:
+        if self._file is not None:
+            self._file.close()   # closing drops the flock
+            self._file = None
+        return False
+
+

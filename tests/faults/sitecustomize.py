@@ -1,0 +1,78 @@
+"""Fault injection for the tests, never part of the product: a test puts this folder on PYTHONPATH
+and sets DIST_LC_TEST_FAULT, and every Python process it starts (torchrun ranks, submitit jobs)
+loads this module at start-up and wraps one trainer function.
+
+    DIST_LC_TEST_FAULT="ACTION step=N [rank=R] [marker=PATH]"
+
+ACTION, after the N-th optimizer step of this process (on rank R only, if given):
+- ``kill``: SIGKILL itself;
+- ``raise``: raise RuntimeError (an exception in one rank only);
+- ``term-in-save`` / ``kill-in-save``: at the next checkpoint write, SIGTERM its process group /
+  SIGKILL itself halfway through writing the temporary file.
+With ``marker``, the fault fires once across processes: only the process that creates PATH acts.
+"""
+import os
+
+SPEC = os.environ.get("DIST_LC_TEST_FAULT")
+
+if SPEC:
+    import signal
+
+    action, *pairs = SPEC.split()
+    opts = dict(p.split("=", 1) for p in pairs)
+    at, only_rank, marker = int(opts["step"]), opts.get("rank"), opts.get("marker")
+    state = {"steps": 0, "armed": False}
+
+    def _my_turn() -> bool:
+        if only_rank is not None and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != only_rank:
+            return False
+        if marker:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return False
+        return True
+
+    import dist_lc.checkpoint as _ckpt
+    import dist_lc.train as _train
+
+    _step, _save = _train.optimizer_step, _ckpt.save_atomic
+
+    def optimizer_step(*args, **kwargs):
+        out = _step(*args, **kwargs)
+        state["steps"] += 1
+        if state["steps"] == at and _my_turn():
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif action == "raise":
+                raise RuntimeError(f"injected fault after step {at}")
+            else:
+                state["armed"] = True
+        return out
+
+    def save_atomic(state_dict, path):
+        if not state["armed"]:
+            return _save(state_dict, path)
+        state["armed"] = False
+        import torch
+
+        real = torch.save
+
+        def half_then_fault(obj, f, *a, **k):
+            real(obj, f, *a, **k)
+            f.flush()
+            f.truncate(f.tell() // 2)   # as if the signal came halfway through the write
+            if action == "kill-in-save":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+            f.seek(0)
+            real(obj, f, *a, **k)       # TERM only asks to stop: the write completes
+
+        torch.save = half_then_fault
+        try:
+            return _save(state_dict, path)
+        finally:
+            torch.save = real
+
+    _train.optimizer_step = optimizer_step
+    _ckpt.save_atomic = save_atomic
