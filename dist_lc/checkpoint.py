@@ -112,6 +112,9 @@ class Checkpointer:
 
     def resume(self) -> tuple[Progress, dict | None]:
         """(progress, the checkpoint's layout) from last.pt, or a fresh start when rank 0 sees none."""
+        if distributed.is_main():  # temporary files of writes a SIGKILL cut short
+            for stale in self.folder.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         exists = distributed.broadcast_object(self.last.exists())
         if not exists:
             return Progress(), None

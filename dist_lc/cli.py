@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from shard_tools.errors import InputError
+from shard_tools.errors import InputError, OneLineArgumentParser
 
 
 def positive_int(text: str) -> int:
@@ -128,7 +128,7 @@ COMMANDS = (_train, _predict, _eval, _cv, _cv_array, _report, _synth, _demo)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="dist-lc", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="dist-lc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for add in COMMANDS:

@@ -15,6 +15,7 @@ How an epoch is laid out (the same on every rank, computed from the manifest alo
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from dataclasses import dataclass
 
@@ -53,8 +54,25 @@ def segments(shards: list[tuple[str, int]], start: int, stop: int) -> list[Segme
     return out
 
 
+def check_present(manifest: Manifest, entries: list[dict]) -> None:
+    """Every shard of the list is there with its manifest's size: checked by every rank before an
+    epoch, so that all of them stop with the same line instead of one rank failing mid-epoch."""
+    for entry in entries:
+        path = manifest.shard_path(entry)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise InputError(f"{path}: shard missing (its manifest lists it); run `lc-shard verify` on its "
+                             "folder") from None
+        if size != entry["bytes"]:
+            raise InputError(f"{path}: shard is {size} bytes, its manifest says {entry['bytes']} (truncated or "
+                             "replaced); run `lc-shard verify` on its folder")
+
+
 def ordered_shards(manifest: Manifest, split: str, folds, shuffle_seed: int | None) -> list[tuple[str, int]]:
-    entries = [(str(manifest.shard_path(e)), int(e["count"])) for e in manifest.shards(split, folds)]
+    listed = manifest.shards(split, folds)
+    check_present(manifest, listed)
+    entries = [(str(manifest.shard_path(e)), int(e["count"])) for e in listed]
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(entries))
         entries = [entries[i] for i in order]

@@ -79,3 +79,46 @@ class RunLock:
         return False
 
 
+
+
+# ----------------------------------------------------------------------------- failures across ranks
+
+FAILURES = ".failures"
+
+
+def record_failure(run_dir, rank: int, exc: BaseException) -> None:
+    """One line saying why this rank stopped, in the run folder every rank shares, written before the
+    process exits: a peer that only sees a closed connection reports the cause instead."""
+    folder = Path(run_dir) / FAILURES
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        kind = "input" if isinstance(exc, InputError) else "error"
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        (folder / f"rank{rank}").write_text(f"{time.time():.3f} {kind} {type(exc).__name__}: {text}\n")
+    except OSError:
+        pass
+
+
+def first_peer_failure(run_dir, rank: int, wait_s: float = 3.0) -> tuple[int, str, str] | None:
+    """(rank, "input" | "error", message) of the first other rank that recorded a failure, or None."""
+    folder = Path(run_dir) / FAILURES
+    deadline = time.monotonic() + wait_s
+    while True:
+        notes = []
+        for path in folder.glob("rank*") if folder.is_dir() else []:
+            other = int(path.name[4:])
+            if other != rank:
+                stamp, kind, message = path.read_text().strip().split(" ", 2)
+                notes.append((float(stamp), other, kind, message))
+        if notes:
+            _, other, kind, message = min(notes)
+            return other, kind, message
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+def clear_failures(run_dir) -> None:
+    folder = Path(run_dir) / FAILURES
+    for path in folder.glob("rank*") if folder.is_dir() else []:
+        path.unlink(missing_ok=True)

@@ -33,7 +33,8 @@ from .metrics import kl_per_sample
 from .model import build_network, normalisation_stats, prior_bias, tile_proportions
 from .optim import build_optimizer, build_scheduler, is_per_epoch
 from .precision import autocast, resolve_precision
-from .run_dir import RunLock, check_output_folder, default_run_dir
+from .run_dir import (RunLock, check_output_folder, clear_failures, default_run_dir, first_peer_failure,
+                      record_failure)
 from .run_log import RunLog
 from .stopping import StopSignals
 
@@ -172,10 +173,11 @@ def optimizer_step(s: Setup, loss: float, stop_requested: bool) -> tuple[float, 
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
-    if s.ema is not None and not bad:
-        s.ema.update_parameters(s.net)
-    if not is_per_epoch(s.scheduler):
-        s.scheduler.step()
+    if not bad:   # a step the scaler skipped is no step: no EMA update, no schedule step
+        if s.ema is not None:
+            s.ema.update_parameters(s.net)
+        if not is_per_epoch(s.scheduler):
+            s.scheduler.step()
     return loss_sum / s.env.world_size, stop > 0
 
 
@@ -314,27 +316,56 @@ def describe_start(s: Setup, p: Progress, layout: dict | None) -> str:
 
 
 def train(cfg: Config, run_dir) -> dict:
-    """Train (or resume) in ``run_dir``; returns the final epoch's metrics on every rank."""
+    """Train (or resume) in ``run_dir``; returns the final epoch's metrics on every rank.
+
+    A rank that fails records why in the run folder; a peer that then fails in a collective (the
+    failed rank's connection closed) raises with that cause instead of a bare network error.
+    """
     started = time.monotonic()
     run_dir = Path(run_dir)
     s = build_setup(cfg)
-    main = s.env.is_main
-    with RunLock(run_dir, enabled=main), StopSignals() as stop:
-        ckpt = Checkpointer(run_dir, {"model": s.net, "ema": s.ema, "optimizer": s.optimizer,
-                                      "scheduler": s.scheduler, "scaler": s.scaler},
-                            cfg, s.manifest.sha256, s.env.world_size, s.device)
-        p, layout = ckpt.resume()
-        runlog = RunLog(run_dir, enabled=main, resume_epoch=p.epoch)
+    with RunLock(run_dir, enabled=s.env.is_main), StopSignals() as stop:
         try:
-            if main:
-                save_config(cfg, run_dir / "config.yaml")
-            runlog.info(describe_start(s, p, layout))
-            row = run_epochs(s, p, ckpt, runlog, stop, started)
-        finally:
-            runlog.close()
+            row = _train(s, run_dir, stop, started)
+        except Exception as exc:
+            cause = explained(exc, s, run_dir)
+            if cause is exc:
+                raise
+            raise cause from exc
     if dist.is_initialized():
         dist.barrier()
     return row
+
+
+def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
+    """The exception to raise: this rank's own, or the first failed peer's cause when this one is
+    only the consequence (a collective that failed because the peer is gone)."""
+    record_failure(run_dir, s.env.rank, exc)
+    if not s.env.distributed or isinstance(exc, (InputError, TrainingError)):
+        return exc
+    peer = first_peer_failure(run_dir, s.env.rank)
+    if peer is None:
+        return exc
+    rank, kind, message = peer
+    return (InputError if kind == "input" else TrainingError)(f"rank {rank} failed first: {message}")
+
+
+def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
+    cfg, main = s.cfg, s.env.is_main
+    if main:
+        clear_failures(run_dir)
+    ckpt = Checkpointer(run_dir, {"model": s.net, "ema": s.ema, "optimizer": s.optimizer,
+                                  "scheduler": s.scheduler, "scaler": s.scaler},
+                        cfg, s.manifest.sha256, s.env.world_size, s.device)
+    p, layout = ckpt.resume()
+    runlog = RunLog(run_dir, enabled=main, resume_epoch=p.epoch)
+    try:
+        if main:
+            save_config(cfg, run_dir / "config.yaml")
+        runlog.info(describe_start(s, p, layout))
+        return run_epochs(s, p, ckpt, runlog, stop, started)
+    finally:
+        runlog.close()
 
 
 def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: StopSignals,

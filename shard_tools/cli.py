@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import InputError
+from .errors import InputError, OneLineArgumentParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lc-shard", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="lc-shard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     pack = sub.add_parser("pack", help="pack the challenge's TIFF tiles into fold-pure shards")

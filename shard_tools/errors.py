@@ -1,4 +1,6 @@
-"""The one error type for bad user input (files, folders, configs)."""
+"""The one error type for bad user input (files, folders, configs), and a parser that reports bad
+options the same way."""
+import argparse
 
 WORKER_PREFIX = "Caught InputError in DataLoader worker"
 
@@ -17,3 +19,10 @@ class InputError(Exception):
             last = message.rstrip().splitlines()[-1]   # "shard_tools.errors.InputError: <message>"
             message = last.split("InputError: ", 1)[-1]
         super().__init__(message)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad option reported like every other bad input: one ``error:`` line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")

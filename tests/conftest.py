@@ -44,3 +44,23 @@ def smoke_run(packed_sample, tmp_path_factory) -> Path:
                                                        "train.epochs=1", "data.workers=0"])
     train(cfg, run)
     return run
+
+
+# ----------------------------------------------------------------------------- fault-injection summary
+
+FAULT_OUTCOMES: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Tests marked ``fault`` are scenarios of tests/test_faults.py: each one survived or not."""
+    if report.when == "call" and "fault" in report.keywords:
+        FAULT_OUTCOMES.append((report.nodeid.split("::", 1)[-1], "survived" if report.passed else "FAILED"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULT_OUTCOMES:
+        terminalreporter.section("fault injection")
+        for name, outcome in FAULT_OUTCOMES:
+            terminalreporter.write_line(f"fault {outcome}: {name}")
+        survived = sum(outcome == "survived" for _, outcome in FAULT_OUTCOMES)
+        terminalreporter.write_line(f"faults survived: {survived} of {len(FAULT_OUTCOMES)}")

@@ -1,0 +1,289 @@
+"""Faults on a cluster, injected for real on CPU: killed ranks, damaged shards, an exception in one
+rank, signals during a checkpoint write, a killed launcher, two trainings on one folder.
+
+Every scenario is marked ``fault``; the run ends with ``faults survived: N of M`` (tests/conftest.py).
+Faults come from tests/faults/sitecustomize.py (a test hook, not part of the product). The jobs train
+a tiny U-Net on 32-pixel crops of 60 real tiles (5 folds of 12): 48 training tiles, batch 8, so an
+epoch is 6 optimizer steps.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from slurm_util import require_slurm, sbatch, scancel, wait_job
+from test_cv import run_cv, tiny, tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
+from torchrun_util import REPO, env, fault, torchrun
+
+EPOCHS, STEPS_PER_EPOCH = 3, 6
+BOUND_S = 60          # a failing job must end within this (train.dist_timeout_s is 20 here)
+pytestmark = pytest.mark.fault
+
+
+def recipe(shards, *extra) -> list[str]:
+    sets = [f"data.shards={shards}", "data.crop=32", "data.workers=0", "data.shuffle_buffer=8",
+            "model.filters=8", "model.upconv_filters=8", f"train.epochs={EPOCHS}", "train.batch_size=8",
+            "train.micro_batch_size=4", "train.precision=fp32", "train.plot_every=0", "train.dist_timeout_s=20",
+            *extra]
+    return ["-m", "dist_lc", "train", "--config", "configs/smoke.yaml", *[a for s in sets for a in ("--set", s)]]
+
+
+def epochs_in(run: Path) -> list[int]:
+    return list(pd.read_csv(run / "metrics.csv")["epoch"])
+
+
+def weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def rank_logs(log_dir: Path) -> dict[int, str]:
+    """Each rank's stderr of a torchrun started with --tee 3 --log-dir, all attempts joined."""
+    out: dict[int, str] = {}
+    for path in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+        out[int(path.parent.name)] = out.get(int(path.parent.name), "") + path.read_text()
+    return out
+
+
+def logged_torchrun(args, log_dir: Path, **kw):
+    return torchrun(["--tee", "3", "--log-dir", str(log_dir), *args], **kw)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_shards, tmp_path_factory):  # noqa: F811
+    """The uninterrupted 2-rank run every interrupted one must reproduce."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    torchrun([*recipe(tiny_shards), "--run-dir", str(run)])
+    return run
+
+
+_ALL_POINTS = [(rank, step) for rank in (0, 1) for step in range(1, EPOCHS * STEPS_PER_EPOCH)]
+KILL_POINTS = [_ALL_POINTS[i] for i in sorted(np.random.default_rng(7).choice(len(_ALL_POINTS), 10, replace=False))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank,step", KILL_POINTS, ids=[f"rank{r}-step{s}" for r, s in KILL_POINTS])
+def test_sigkill_of_one_rank_resumes_to_the_same_weights(tiny_shards, straight, tmp_path, rank, step):  # noqa: F811
+    run, marker = tmp_path / "run", tmp_path / "killed"
+    torchrun(["--max-restarts=1", *recipe(tiny_shards), "--run-dir", str(run)],
+             extra_env=fault(f"kill step={step} rank={rank} marker={marker}"))
+    assert marker.exists(), "the fault was not injected"
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert epochs_in(run) == list(range(1, EPOCHS + 1))
+    a, b = weights(straight), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights differ from the uninterrupted run's"
+
+
+def _damage(shards: Path, how: str) -> str:
+    """Break one training shard of fold 1 (read by one rank only: 2 ranks, fold 0 validates)."""
+    path = sorted(shards.glob("train-f1-*.tar"))[-1]
+    data = path.read_bytes()
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # zeroed: same size, the tar ends early: only the rank that reads it can tell, mid-epoch
+        path.write_bytes(data[: len(data) // 3] + bytes(len(data) - len(data) // 3))
+    return path.name
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("how", ["deleted", "truncated", "zeroed"])
+def test_a_damaged_shard_stops_every_rank_with_its_name(tiny_shards, tmp_path, how, workers):  # noqa: F811
+    shards = tmp_path / "shards"
+    subprocess.run(["cp", "-r", str(tiny_shards), str(shards)], check=True)
+    name = _damage(shards, how)
+    started = time.monotonic()
+    proc = logged_torchrun([*recipe(shards, f"data.workers={workers}"), "--run-dir", str(tmp_path / "run")],
+                           tmp_path / "logs", check=False, timeout=BOUND_S + 60)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0 and elapsed < BOUND_S, (elapsed, proc.stderr[-3000:])
+    logs = rank_logs(tmp_path / "logs")
+    for rank in (0, 1):
+        last = [x for x in logs[rank].splitlines() if x.startswith("error: ")]
+        assert last and name in last[-1], f"rank {rank}: {logs[rank][-2000:]}"
+
+
+def test_an_exception_in_one_rank_ends_every_rank_with_its_cause(tiny_shards, tmp_path):  # noqa: F811
+    started = time.monotonic()
+    proc = logged_torchrun([*recipe(tiny_shards, "data.workers=1"), "--run-dir", str(tmp_path / "run")],
+                           tmp_path / "logs", check=False, extra_env=fault("raise step=2 rank=1"),
+                           timeout=BOUND_S + 60)
+    assert proc.returncode != 0 and time.monotonic() - started < BOUND_S
+    logs = rank_logs(tmp_path / "logs")
+    assert "RuntimeError: injected fault after step 2" in logs[1]
+    assert "error: rank 1 failed first: RuntimeError: injected fault after step 2" in logs[0], logs[0][-2000:]
+
+
+def _single(args, tmp_path, extra_env=None, timeout=180):
+    """dist-lc in a process group of its own (the faults may signal the whole group)."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env(**(extra_env or {})), capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True)
+
+
+@pytest.mark.parametrize("action", ["term-in-save", "kill-in-save"])
+def test_a_signal_during_a_checkpoint_write_never_leaves_a_truncated_checkpoint(tiny_shards, tmp_path, action):  # noqa: F811
+    """SIGTERM to the process group halfway through writing last.pt (the run stops at the next step
+    and resumes), or SIGKILL there (last.pt stays the previous epoch's): last.pt always loads, the
+    resumed run ends where the uninterrupted one does."""
+    straight_run, run = tmp_path / "straight", tmp_path / "run"
+    assert _single([*recipe(tiny_shards), "--run-dir", str(straight_run)], tmp_path).returncode == 0
+    first = _single([*recipe(tiny_shards), "--run-dir", str(run)], tmp_path, fault(f"{action} step=7"))
+    assert first.returncode == (0 if action == "term-in-save" else -signal.SIGKILL), first.stderr[-2000:]
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)   # loads: not truncated
+    assert state["epoch"] == (2 if action == "term-in-save" else 1)
+    if action == "term-in-save":
+        assert "stop requested during epoch 3" in (run / "train.log").read_text()
+    again = _single([*recipe(tiny_shards), "--run-dir", str(run)], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    assert epochs_in(run) == list(range(1, EPOCHS + 1))
+    a, b = weights(straight_run), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ranks_of(run: Path) -> list[int]:
+    """Pids of the processes whose command line names this run folder (the training ranks)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(run).encode() in (proc / "cmdline").read_bytes():
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if stat[0] not in ("Z", "X"):
+                    pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_ranks_exit_when_their_launcher_is_killed_and_a_restart_never_crosses_them(tiny_shards, tmp_path):  # noqa: F811
+    run, epochs = tmp_path / "run", 8
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           *recipe(tiny_shards, f"train.epochs={epochs}"), "--run-dir", str(run)]
+    agent = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.csv").exists():
+            assert time.monotonic() < deadline and agent.poll() is None, "no epoch finished"
+            time.sleep(0.2)
+        os.killpg(agent.pid, signal.SIGKILL)   # the agent's own group: its ranks live in sessions of their own
+        agent.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while _ranks_of(run) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _ranks_of(run), "ranks outlived their launcher"
+    finally:
+        for pid in _ranks_of(run):
+            os.kill(pid, signal.SIGKILL)
+    torchrun([*recipe(tiny_shards, f"train.epochs={epochs}"), "--run-dir", str(run)], timeout=300)
+    assert epochs_in(run) == list(range(1, epochs + 1))
+    assert "resuming after epoch" in (run / "train.log").read_text()
+
+
+def test_a_second_training_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(tiny_shards, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, *recipe(tiny_shards, "train.epochs=30"), "--run-dir", str(run)],
+                             cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / ".lock").exists() or "pid" not in (run / ".lock").read_text():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.1)
+        second = _single([*recipe(tiny_shards), "--run-dir", str(run)], tmp_path)
+        assert second.returncode == 2
+        line = second.stderr.strip().splitlines()[-1]
+        assert f"run folder in use by another training (pid {first.pid} on " in line, line
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / ".lock").exists()   # left behind by the killed holder: stale, taken over
+    again = _single([*recipe(tiny_shards, "train.epochs=1"), "--run-dir", str(run)], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_launches_without_a_run_dir_never_share_one(tiny_shards, tmp_path):  # noqa: F811
+    """torchrun without --standalone or --rdzv-id has the run id 'none': two launches must still get two
+    folders, and a restart within one launch (--max-restarts) keeps its folder and resumes."""
+    args = [a if a != "configs/smoke.yaml" else str(REPO / "configs" / "smoke.yaml")
+            for a in recipe(tiny_shards, "train.epochs=2")]
+    for _ in range(2):
+        port = str(__import__("torchrun_util").free_port())
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               f"--master-port={port}", *args], cwd=tmp_path, env=env(PYTHONPATH=str(REPO)),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("smoke-") for f in folders)
+    assert all(epochs_in(f) == [1, 2] for f in folders)
+
+
+def test_a_run_resumes_on_another_world_size_and_says_so(tiny_shards, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    torchrun([*recipe(tiny_shards, "train.epochs=1"), "--run-dir", str(run)])
+    proc = _single([*recipe(tiny_shards, "train.epochs=2"), "--run-dir", str(run)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "resuming after epoch 1 (trained so far on 2 rank(s) on cpu" in log
+    assert epochs_in(run) == [1, 2]
+
+
+@pytest.mark.slurm
+def test_an_exception_in_one_srun_task_ends_the_job(tiny_shards, tmp_path):  # noqa: F811
+    """train.sbatch's srun --kill-on-bad-exit: rank 1 raises, the job fails at once, not at its time limit."""
+    require_slurm()
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    sets = recipe(tiny_shards, "train.epochs=20")[5:]   # the --set pairs
+    overrides = [v for k, v in zip(sets[::2], sets[1::2])]
+    started = time.monotonic()
+    job = sbatch(["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+                  f"--export=ALL,DIST_LC_TEST_FAULT=raise step=2 rank=1,PYTHONPATH={REPO / 'tests' / 'faults'}",
+                  "-J", f"dlc-fault-{tmp_path.name[:16]}", "-o", str(log), str(REPO / "slurm" / "train.sbatch"),
+                  "configs/smoke.yaml", str(run), *overrides])
+    try:
+        state = wait_job(job, timeout_s=BOUND_S + 60)
+    finally:
+        scancel(job)
+    text = log.read_text()
+    assert state == "FAILED" and time.monotonic() - started < BOUND_S + 30, text[-3000:]
+    assert "injected fault after step 2" in text
+
+
+@pytest.mark.slurm
+def test_cv_names_the_failed_task_and_its_log_when_one_rank_fails(tiny_shards, tmp_path):  # noqa: F811
+    """submitit job of 2 tasks, rank 1 raises: srun ends rank 0 too, cv reports rank 1's error and log."""
+    require_slurm()
+    cv_dir = tmp_path / "cv"
+    started = time.monotonic()
+    proc = run_cv([*tiny(tiny_shards, "train.epochs=20", "cv.folds=[0]", "train.dist_timeout_s=20"), "--out",
+                   str(cv_dir), "--executor", "slurm"], extra_env=fault("raise step=2 rank=1"), timeout=BOUND_S + 120)
+    assert proc.returncode == 1 and time.monotonic() - started < BOUND_S + 60, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if "fold0 failed" in x)
+    assert "rank 1: RuntimeError: injected fault after step 2" in line, line
+    log = Path(line.split("log: ")[1].strip())
+    assert log.name.endswith("_1_log.err") and "injected fault" in log.read_text()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_predict_on_a_damaged_shard_exits_with_its_name(tiny_shards, smoke_run, tmp_path, workers):  # noqa: F811
+    """A loader worker's error used to leave its workers alive at exit (SIGTERM ignored): a hang."""
+    shards = tmp_path / "shards"
+    subprocess.run(["cp", "-r", str(tiny_shards), str(shards)], check=True)
+    path = sorted(shards.glob("test-*.tar"))[-1]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] + bytes(len(data) - len(data) // 3))
+    started = time.monotonic()
+    proc = _single(["-m", "dist_lc", "predict", "--checkpoint", str(smoke_run / "checkpoints" / "best.pt"),
+                    "--shards", str(shards), "--out", str(tmp_path / "p.csv"), "--workers", str(workers)],
+                   tmp_path, timeout=BOUND_S)
+    assert proc.returncode == 2 and time.monotonic() - started < BOUND_S
+    assert path.name in proc.stderr.strip().splitlines()[-1] and not (tmp_path / "p.csv").exists()
