@@ -69,10 +69,14 @@ def set_rng_state(state: dict) -> None:
 
 @dataclass
 class Progress:
-    """Where a run stands: epochs completed, optimizer steps taken, best score so far."""
+    """Where a run stands: epochs completed, optimizer steps taken, best score so far, validations
+    since the score last improved (early stopping), and the epochs planned when the schedule was
+    fitted to a time limit (None: train.epochs)."""
     epoch: int = 0
     step: int = 0
     best: float = float("inf")
+    stale: int = 0
+    planned: int | None = None
 
 
 class Checkpointer:
@@ -98,7 +102,8 @@ class Checkpointer:
                 "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": self.parts["optimizer"].state_dict(), "scheduler": self.parts["scheduler"].state_dict(),
                 "scaler": self.parts["scaler"].state_dict(), "epoch": p.epoch, "step": p.step,
-                "best_val_kl": p.best, "rng": rng_state(), "config": to_dict(self.cfg),
+                "best_val_kl": p.best, "stale_validations": p.stale, "planned_epochs": p.planned,
+                "rng": rng_state(), "config": to_dict(self.cfg),
                 "manifest_sha256": self.sha, "world_size": self.world_size, "device": self.device.type}
 
     def save(self, p: Progress, improved: bool) -> None:
@@ -130,4 +135,5 @@ class Checkpointer:
             self.parts[name].load_state_dict(state[name])
         set_rng_state(state["rng"])
         layout = {"world_size": state.get("world_size"), "device": state.get("device")}
-        return Progress(state["epoch"], state["step"], state["best_val_kl"]), layout
+        return Progress(state["epoch"], state["step"], state["best_val_kl"], state.get("stale_validations", 0),
+                        state.get("planned_epochs")), layout

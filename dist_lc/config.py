@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,12 @@ class TrainConfig:
     epochs: int = option(90, "epochs to train (the cosine schedule's length)", min=1)
     batch_size: int = option(32, "effective batch: micro-batch × accumulation × ranks (exact, whatever the layout)",
                              min=1)
-    micro_batch_size: int = option(
-        8, "the most tiles one device computes at once; accumulation is derived per world size", min=1)
+    micro_batch_size: int | Literal["auto"] = option(
+        8, "the most tiles one device computes at once; accumulation is derived per world size. auto: the "
+        "largest that fits (CUDA: trial steps; CPU: train.memory_limit_gb), same on every rank", min=1)
+    memory_limit_gb: float | None = option(None, "micro_batch_size auto on a CPU: the memory one rank may use "
+                                           "(null: 80% of the available memory, shared by the node's ranks)",
+                                           min=0.1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "auto: bf16 where the device runs it natively, fp16 + gradient scaler on older GPUs, else fp32")
     channels_last: bool = option(True, "NHWC tensors: faster convolutions with oneDNN (CPU) and tensor cores")
@@ -110,6 +115,15 @@ class TrainConfig:
     val_every: int = option(1, "epochs between validations (the last epoch is always validated)", min=1)
     early_stop: int | None = option(None, "stop after this many validations without a better score "
                                     "(null: never)", min=1)
+    early_stop_min_delta: float = option(0.0, "early_stop: how much lower a score must be to count as better",
+                                         min=0.0)
+    fit_schedule: bool = option(True, "with time_limit and a cosine schedule, shorten the schedule after the first "
+                                "epochs so that it ends inside the time limit")
+    loggers: list = option(None, "where metrics go besides metrics.csv (always written): tensorboard, mlflow",
+                           factory=lambda: ["tensorboard"])
+    mlflow_uri: str | None = option(None, "MLflow tracking URI (null: MLFLOW_TRACKING_URI, else a file store "
+                                    "mlruns/ beside the run folder)")
+    experiment: str | None = option(None, "MLflow experiment (null: the recipe's name; dist-lc cv: its folder's name)")
     plot_every: int = option(10, "epochs between prediction plots (0: never)", min=0)
     plot_tiles: int = option(4, "validation tiles in each prediction plot", min=0, max=64)
     ema_decay: float | None = option(None, "decay of an exponential moving average of the weights, evaluated "
@@ -165,6 +179,12 @@ def _did_you_mean(word: str, known, prefix: str = "") -> str:
     return f" (did you mean {prefix + hint[0]!r}?)" if hint else ""
 
 
+def _kind_name(typ) -> str:
+    if typing.get_origin(typ) is Literal:
+        return " or ".join(map(repr, typing.get_args(typ)))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(typ, typ.__name__)
+
+
 def _coerce(value, typ, key: str):
     """Check/convert a YAML value against a field annotation; InputError naming the key otherwise."""
     if dataclasses.is_dataclass(typ):
@@ -173,11 +193,18 @@ def _coerce(value, typ, key: str):
         return _from_dict(typ, value, key + ".")
     args = typing.get_args(typ)
     origin = typing.get_origin(typ)
-    if origin is typing.Union or (args and type(None) in args):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        typ = next(a for a in args if a is not type(None))
-        return _coerce(value, typ, key)
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:
+            return _coerce(value, kinds[0], key)
+        for kind in kinds:   # e.g. int | Literal["auto"]: the first kind that takes the value
+            try:
+                return _coerce(value, kind, key)
+            except InputError:
+                pass
+        raise InputError(f"config key {key!r}: expected {' or '.join(map(_kind_name, kinds))}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise InputError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, args))}"
@@ -313,9 +340,16 @@ def save_config(cfg: Config, path) -> None:
 
 # ----------------------------------------------------------------------------- checks and derived values
 
+LOGGERS = ("tensorboard", "mlflow")
+
+
 def validate(cfg: Config) -> None:
     _check_ranges(cfg)
     t = cfg.train
+    for name in t.loggers:
+        if name not in LOGGERS:
+            raise InputError(f"config key 'train.loggers': {name!r} is not one of {', '.join(LOGGERS)}"
+                             + _did_you_mean(name, LOGGERS) + " (metrics.csv is always written)")
     factor = 2 ** (cfg.model.num_layers + 1)  # the U-Net halves the image num_layers + 1 times
     if cfg.data.crop is not None and cfg.data.crop % factor:
         raise InputError(f"config key 'data.crop': {cfg.data.crop} must be divisible by {factor} "
@@ -342,15 +376,22 @@ class BatchLayout:
     world: int
 
 
-def batch_layout(train: TrainConfig, world: int) -> BatchLayout:
-    """The largest micro-batch up to ``train.micro_batch_size`` that divides the batch per rank;
-    the accumulation follows. An error naming both ways out when the ranks do not divide the batch."""
+def per_rank_batch(train: TrainConfig, world: int) -> int:
+    """Tiles per rank and optimizer step; an error naming both ways out when the ranks do not divide the batch."""
     if train.batch_size % world:
         raise InputError(f"config key 'train.batch_size': {train.batch_size} tiles cannot be split evenly over "
                          f"{world} ranks; set train.batch_size to a multiple of {world} (and scale optim.lr with "
                          f"it) or run on a number of ranks that divides {train.batch_size}")
-    per_rank = train.batch_size // world
-    micro = max(d for d in range(1, min(train.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+    return train.batch_size // world
+
+
+def batch_layout(train: TrainConfig, world: int, micro_cap: int | None = None) -> BatchLayout:
+    """The largest micro-batch up to ``train.micro_batch_size`` (or ``micro_cap`` when it is auto) that
+    divides the batch per rank; the accumulation follows."""
+    per_rank = per_rank_batch(train, world)
+    cap = micro_cap if train.micro_batch_size == "auto" else train.micro_batch_size
+    cap = per_rank if cap is None else cap
+    micro = max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
     return BatchLayout(train.batch_size, micro, per_rank // micro, world)
 
 

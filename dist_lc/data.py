@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shard_tools.errors import InputError
 from shard_tools.format import class_proportions, decode_sample
-from shard_tools.manifest import Manifest
+from shard_tools.manifest import Manifest, remote_reason
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ def segments(shards: list[tuple[str, int]], start: int, stop: int) -> list[Segme
 def check_present(manifest: Manifest, entries: list[dict]) -> None:
     """Every shard of the list is there with its manifest's size: checked by every rank before an
     epoch, so that all of them stop with the same line instead of one rank failing mid-epoch."""
+    if manifest.root.remote:   # a URL has no size to look at without a request: read errors name it
+        return
     for entry in entries:
         path = manifest.shard_path(entry)
         try:
@@ -96,6 +99,11 @@ def read_segment(seg: Segment):
             seen += 1
     except InputError:
         raise
+    except OSError as exc:  # a URL that cannot be read (webdataset reports curl's exit status)
+        if re.search(r"exit \d+", str(exc)):
+            raise InputError(f"{seg.path}: cannot read the shard ({remote_reason(exc)})") from None
+        raise InputError(f"{seg.path}: corrupt shard ({type(exc).__name__}: {exc}); "
+                         f"run `lc-shard verify` on its folder") from None
     except Exception as exc:  # noqa: BLE001 - tar or decode failure inside a shard
         raise InputError(f"{seg.path}: corrupt shard ({type(exc).__name__}: {exc}); "
                          f"run `lc-shard verify` on its folder") from None

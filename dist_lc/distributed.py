@@ -231,6 +231,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_min(value: float, device: torch.device) -> float:
+    """The smallest of the ranks' values; the value itself on a single process."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

@@ -1,19 +1,28 @@
-"""What a run writes besides checkpoints, on rank 0 only: log lines, metrics.csv, TensorBoard,
-a tqdm bar, prediction plots. On other ranks every method does nothing."""
+"""What a run writes besides checkpoints, on rank 0 only: log lines, metrics.csv (always), a tqdm
+bar, prediction plots, and the trackers of ``train.loggers``: TensorBoard (scalars, the prediction
+plots, the resolved config) and MLflow (the resolved config as parameters, the metrics per epoch).
+On other ranks every method does nothing."""
 from __future__ import annotations
 
 import contextlib
 import csv
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
+from shard_tools.errors import InputError
+
+from .config import Config, to_dict
 from .plots import prediction_figure, save_figure
 
 COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_kl", "val_tiles", "lr", "epoch_time_s",
            "images_per_s", "data_wait_frac", "peak_mem_mb")
+MLFLOW_RUN = "mlflow_run_id"   # the run folder's MLflow run, continued on resume
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -33,11 +42,65 @@ class _NoBar:
         pass
 
 
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The resolved config as ``section.key: value`` strings (MLflow parameters)."""
+    return {f"{section}.{key}": str(value) for section, keys in to_dict(cfg).items() for key, value in keys.items()}
+
+
+class MLflowRun:
+    """One run folder as one MLflow run (the same run after a resume), through MlflowClient."""
+
+    def __init__(self, run_dir: Path, cfg: Config, resumed: bool):
+        try:
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric, Param
+        except ImportError:
+            raise InputError("train.loggers lists mlflow but MLflow is not installed: "
+                             "pip install 'dist-lc[mlflow]' (or mlflow-skinny)") from None
+        self._metric = Metric
+        uri = (cfg.train.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+               or (run_dir.parent.resolve() / "mlruns").as_uri())
+        if uri.startswith("file:"):
+            # A file store is what many ranks and jobs can share on a cluster filesystem (SQLite is not
+            # safe over NFS); MLflow 3 asks for this opt-in before it uses one.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        id_file = run_dir / MLFLOW_RUN
+        if resumed and id_file.exists():
+            self.run_id = id_file.read_text().strip()
+            return
+        experiment = self._experiment(cfg.train.experiment or "dist_lc")
+        run = self.client.create_run(experiment, run_name=run_dir.name, tags={"run_dir": str(run_dir.resolve())})
+        self.run_id = run.info.run_id
+        params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
+        for i in range(0, len(params), 100):   # MLflow takes at most 100 parameters per call
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        id_file.write_text(self.run_id + "\n")
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # noqa: BLE001 - another fold created it at the same moment
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def epoch(self, row: dict) -> None:
+        stamp = int(time.time() * 1000)
+        metrics = [self._metric(k, float(v), stamp, int(row["epoch"])) for k, v in row.items()
+                   if k not in ("epoch", "step") and isinstance(v, (int, float)) and v == v]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
 class RunLog:
-    def __init__(self, run_dir, enabled: bool, resume_epoch: int = 0):
+    def __init__(self, run_dir, enabled: bool, resume_epoch: int = 0, cfg: Config | None = None):
         self.enabled, self.run_dir = enabled, Path(run_dir)
         self.log = logging.getLogger("dist_lc")
-        self.writer = None
+        self.writer = self.mlflow = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,9 +111,16 @@ class RunLog:
             for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(self.run_dir / "train.log")):
                 handler.setFormatter(fmt)
                 self.log.addHandler(handler)
-        from torch.utils.tensorboard import SummaryWriter
+        loggers = cfg.train.loggers if cfg is not None else ["tensorboard"]
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_epoch + 1)
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_epoch + 1)
+            if cfg is not None and not resume_epoch:
+                text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+                self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)   # markdown code block
+        if "mlflow" in loggers:
+            self.mlflow = MLflowRun(self.run_dir, cfg, resumed=resume_epoch > 0)
 
     def _keep_rows_up_to(self, epoch: int) -> None:
         """On resume, drop rows of epochs the checkpoint does not hold (they will be trained again)."""
@@ -80,10 +150,13 @@ class RunLog:
         if not self.enabled:
             return
         self._write_rows([row])
-        for name, value in row.items():
-            if name not in ("epoch", "step") and value is not None:
-                self.writer.add_scalar(name, value, row["epoch"])
-        self.writer.flush()
+        if self.writer is not None:
+            for name, value in row.items():
+                if name not in ("epoch", "step") and value is not None:
+                    self.writer.add_scalar(name, value, row["epoch"])
+            self.writer.flush()
+        if self.mlflow is not None:
+            self.mlflow.epoch(row)
         parts = [f"{k} {row[k]:.4g}" for k in ("train_loss", "val_loss", "val_kl", "lr", "images_per_s")
                  if row.get(k) is not None]
         self.info(f"epoch {row['epoch']}: " + ", ".join(parts) + ("  *best*" if best else ""))
@@ -92,8 +165,11 @@ class RunLog:
         if self.enabled and shown["key"]:
             fig = prediction_figure(shown["key"], shown["image"], shown["mask"], shown["pred"], title=f"epoch {epoch}")
             save_figure(fig, self.run_dir / "plots" / f"epoch_{epoch:03d}.png")
-            self.writer.add_figure("predictions", fig, epoch)
+            if self.writer is not None:
+                self.writer.add_figure("predictions", fig, epoch)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.mlflow is not None:
+            self.mlflow.close(status)

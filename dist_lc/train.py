@@ -8,6 +8,7 @@ and checkpointing on rank 0 after each.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import sys
@@ -21,17 +22,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shard_tools.errors import InputError
+from shard_tools.format import IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
 from . import distributed
 from .checkpoint import Checkpointer, Progress
-from .config import BatchLayout, Config, batch_layout, save_config
+from .config import BatchLayout, Config, batch_layout, from_dict, per_rank_batch, read_yaml, save_config
 from .data import batches_of, eval_loader, train_loader
 from .losses import SegmentationLoss, class_weights
-from .memory import peak_memory_mb
+from .memory import fit_micro_batch, peak_memory_mb
 from .metrics import kl_per_sample
 from .model import build_network, normalisation_stats, prior_bias, tile_proportions
-from .optim import build_optimizer, build_scheduler, is_per_epoch
+from .optim import WarmupCosine, build_optimizer, build_scheduler, is_per_epoch
 from .precision import autocast, resolve_precision
 from .run_dir import (RunLock, check_output_folder, clear_failures, default_run_dir, first_peer_failure,
                       record_failure)
@@ -39,6 +41,7 @@ from .run_log import RunLog
 from .stopping import StopSignals
 
 FP16_SKIPS_ALLOWED = 20   # consecutive non-finite fp16 steps the gradient scaler may skip before the run stops
+SCHEDULE_MARGIN = 0.97    # of the time left that the fitted schedule plans to use
 
 
 class TrainingError(RuntimeError):
@@ -64,6 +67,7 @@ class Setup:
     scaler: torch.amp.GradScaler
     dtype: torch.dtype | None     # autocast dtype, None for fp32
     steps_per_epoch: int
+    notes: list                   # set-up decisions worth a line in the log
     fp16_skips: int = 0           # consecutive steps the gradient scaler skipped
 
 
@@ -97,13 +101,24 @@ def build_setup(cfg: Config) -> Setup:
     manifest = load_manifest(cfg.data.shards)
     train_folds, val_folds = split_folds(cfg, manifest)
     t = cfg.train
-    layout = batch_layout(t, env.world_size)
     weights = class_weights(manifest.class_pixels(train_folds), cfg.loss.class_weights)
     bias = prior_bias(weights) if cfg.loss.prior_correction else None
     mean, std = normalisation_stats(cfg.data.normalize, manifest)
     net = build_network(cfg.model, mean, std, bias).to(device)
     if t.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    dtype = resolve_precision(t.precision, device)
+    loss_fn = SegmentationLoss(weights.to(device), cfg.loss.kl_weight)
+    notes = []
+    if t.micro_batch_size == "auto":   # the resolved config (config.yaml, checkpoints) records the choice
+        micro, how = fit_micro_batch(net, loss_fn, per_rank=per_rank_batch(t, env.world_size),
+                                     size=cfg.data.crop or IMAGE_SHAPE[0], device=device, dtype=dtype,
+                                     channels_last=t.channels_last, limit_gb=t.memory_limit_gb,
+                                     local_ranks=env.local_world_size)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch_size=micro))
+        t = cfg.train
+        notes.append(f"train.micro_batch_size auto: {micro} ({how})")
+    layout = batch_layout(t, env.world_size)
     if t.sync_batchnorm and env.distributed:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     ema = None
@@ -117,11 +132,9 @@ def build_setup(cfg: Config) -> Setup:
     optimizer = build_optimizer(cfg, net.parameters())
     _, steps = train_loader(manifest, train_folds, epoch=0, seed=t.seed, world=env.world_size, rank=env.rank,
                             micro=layout.micro, accum=layout.accum, workers=0)
-    dtype = resolve_precision(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Setup(cfg, env, device, manifest, train_folds, val_folds, layout, net, model, ema,
-                 SegmentationLoss(weights.to(device), cfg.loss.kl_weight), optimizer,
-                 build_scheduler(cfg, optimizer, steps), scaler, dtype, steps)
+    return Setup(cfg, env, device, manifest, train_folds, val_folds, layout, net, model, ema, loss_fn, optimizer,
+                 build_scheduler(cfg, optimizer, steps), scaler, dtype, steps, notes)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -170,10 +183,12 @@ def optimizer_step(s: Setup, loss: float, stop_requested: bool) -> tuple[float, 
     if clip:
         s.scaler.unscale_(s.optimizer)   # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(s.net.parameters(), clip)
+    scale = s.scaler.get_scale() if fp16 else None
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
-    if not bad:   # a step the scaler skipped is no step: no EMA update, no schedule step
+    skipped = bad or (fp16 and s.scaler.get_scale() < scale)   # the scaler found inf/NaN gradients
+    if not skipped:   # a step the scaler skipped is no step: no EMA update, no schedule step
         if s.ema is not None:
             s.ema.update_parameters(s.net)
         if not is_per_epoch(s.scheduler):
@@ -316,14 +331,16 @@ def describe_start(s: Setup, p: Progress, layout: dict | None) -> str:
 
 
 def train(cfg: Config, run_dir) -> dict:
-    """Train (or resume) in ``run_dir``; returns the final epoch's metrics on every rank.
+    """Train (or resume) in ``run_dir``; returns, on every rank, the last epoch's metrics, whether a
+    stop request (SIGUSR2/SIGTERM) ended it early, and the epochs planned.
 
     A rank that fails records why in the run folder; a peer that then fails in a collective (the
     failed rank's connection closed) raises with that cause instead of a bare network error.
     """
     started = time.monotonic()
     run_dir = Path(run_dir)
-    s = build_setup(cfg)
+    distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
+    s = build_setup(keep_chosen_micro_batch(cfg, run_dir))
     with RunLock(run_dir, enabled=s.env.is_main), StopSignals() as stop:
         try:
             row = _train(s, run_dir, stop, started)
@@ -335,6 +352,19 @@ def train(cfg: Config, run_dir) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return row
+
+
+def keep_chosen_micro_batch(cfg: Config, run_dir: Path) -> Config:
+    """A resumed run keeps the micro-batch that ``auto`` chose when it started (rank 0 reads it)."""
+    if cfg.train.micro_batch_size != "auto":
+        return cfg
+    saved = None
+    if distributed.is_main() and (run_dir / "config.yaml").is_file():
+        saved = from_dict(read_yaml(run_dir / "config.yaml")).train.micro_batch_size
+    saved = distributed.broadcast_object(saved)
+    if not isinstance(saved, int):
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=saved))
 
 
 def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
@@ -358,23 +388,48 @@ def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
                                   "scheduler": s.scheduler, "scaler": s.scaler},
                         cfg, s.manifest.sha256, s.env.world_size, s.device)
     p, layout = ckpt.resume()
-    runlog = RunLog(run_dir, enabled=main, resume_epoch=p.epoch)
+    runlog = RunLog(run_dir, enabled=main, resume_epoch=p.epoch, cfg=cfg)
+    status = "FAILED"
     try:
         if main:
             save_config(cfg, run_dir / "config.yaml")
         runlog.info(describe_start(s, p, layout))
-        return run_epochs(s, p, ckpt, runlog, stop, started)
+        for note in s.notes:
+            runlog.info(note)
+        result = run_epochs(s, p, ckpt, runlog, stop, started)
+        status = "KILLED" if result["stopped"] else "FINISHED"   # a stopped run resumes later
+        return result
     finally:
-        runlog.close()
+        runlog.close(status)
+
+
+def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, val_s: list, runlog: RunLog) -> None:
+    """After each of the first two epochs: shorten a cosine schedule so that it anneals inside
+    train.time_limit, from the measured cost of an epoch (its training + its share of validation).
+    The length is kept in the scheduler's state and the checkpoint, so a resumed run keeps it."""
+    t = s.cfg.train
+    shape = getattr(s.scheduler, "lr_lambdas", [None])[0]
+    if not (t.time_limit and t.fit_schedule and isinstance(shape, WarmupCosine)) or p.epoch > 2:
+        return
+    per_epoch = train_s[-1] + (np.mean(val_s) / t.val_every if val_s else 0.0)
+    left = t.time_limit * 60 - (time.monotonic() - started)
+    fits = p.epoch + int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)
+    planned = int(distributed.broadcast_object(max(p.epoch, min(t.epochs, fits))))
+    if planned != p.planned:
+        shape.total = planned * s.steps_per_epoch
+        p.planned = planned
+        runlog.info(f"train.time_limit {t.time_limit:g} min: the cosine schedule now ends after epoch {planned} "
+                    f"({per_epoch:.1f} s per epoch measured)")
 
 
 def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: StopSignals,
                started: float) -> dict:
-    cfg = s.cfg
-    epoch_times, row, stopped, waited = [], {}, False, 0
-    while p.epoch < cfg.train.epochs:
+    cfg, t = s.cfg, s.cfg.train
+    epoch_times, train_s, val_s, row, stopped = [], [], [], {}, False
+    while p.epoch < (p.planned or t.epochs):
         epoch_started = time.monotonic()
-        with runlog.progress(s.steps_per_epoch, f"epoch {p.epoch + 1}/{cfg.train.epochs}") as bar:
+        last = p.planned or t.epochs
+        with runlog.progress(s.steps_per_epoch, f"epoch {p.epoch + 1}/{last}") as bar:
             result = train_epoch(s, p.epoch, p.step, stop, bar)
         p.step = result["step"]
         if result["stopped"]:
@@ -382,11 +437,13 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             runlog.info(f"stop requested during epoch {p.epoch + 1}; last.pt holds epoch {p.epoch}")
             break
         p.epoch += 1
-        out_of_time = should_stop_for_time(s, started, epoch_times + [time.monotonic() - epoch_started])
+        train_s.append(time.monotonic() - epoch_started)
+        out_of_time = should_stop_for_time(s, started, epoch_times + [train_s[-1]])
         val, shown = {}, None
-        if s.val_folds is not None and (p.epoch % cfg.train.val_every == 0 or p.epoch == cfg.train.epochs
-                                        or out_of_time):
+        if s.val_folds is not None and (p.epoch % t.val_every == 0 or p.epoch == last or out_of_time):
+            val_started = time.monotonic()
             val, shown = validate(s, s.ema.module if s.ema is not None else s.net)
+            val_s.append(time.monotonic() - val_started)
         score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
         if score is not None and is_per_epoch(s.scheduler):
             s.scheduler.step(score)
@@ -395,23 +452,25 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
         improved = score is not None and score < p.best
+        if score is not None:
+            p.stale = 0 if score < p.best - t.early_stop_min_delta else p.stale + 1
         p.best = min(p.best, score) if score is not None else p.best
-        waited = 0 if improved else waited + (score is not None)
         ckpt.save(p, improved)
         runlog.epoch(row, best=improved)
-        if shown and cfg.train.plot_every and p.epoch % cfg.train.plot_every == 0:
+        if shown and t.plot_every and p.epoch % t.plot_every == 0:
             runlog.plot(p.epoch, shown)
         epoch_times.append(time.monotonic() - epoch_started)
+        fit_schedule_to_time(s, p, started, train_s, val_s, runlog)
         if out_of_time:
-            runlog.info(f"train.time_limit {cfg.train.time_limit} min: stopping after epoch {p.epoch}")
+            runlog.info(f"train.time_limit {t.time_limit} min: stopping after epoch {p.epoch}")
             break
-        if cfg.train.early_stop and waited >= cfg.train.early_stop:
-            runlog.info(f"train.early_stop {cfg.train.early_stop}: no better score in {waited} validations; "
+        if t.early_stop and p.stale >= t.early_stop:
+            runlog.info(f"train.early_stop {t.early_stop}: no better score in {p.stale} validations; "
                         f"stopping after epoch {p.epoch} (best {p.best:.5g})")
             break
     if not stopped:  # a preempted run resumes; its statistics are judged when it ends
         warn_if_batchnorm_unsettled(cfg, runlog, p.step * s.layout.accum)
-    return row
+    return {**row, "stopped": stopped, "epochs_planned": p.planned or t.epochs}
 
 
 def run(args) -> int:

@@ -17,6 +17,10 @@ Schema (format_version 1)::
     }
 
 A folder without ``manifest.json`` is incomplete and is refused.
+
+A shard folder is a local path or a URL that webdataset's ``gopen`` reads: ``https://host/shards``,
+``file:///data/shards``, or ``pipe:CMD`` where CMD writes the file ``{name}`` to its standard output
+(e.g. ``pipe:aws s3 cp s3://bucket/shards/{name} -``).
 """
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -44,10 +50,67 @@ def shard_name(split: str, fold, index: int) -> str:
     return f"train-f{fold}-{index:06d}.tar" if split == "train" else f"test-{index:06d}.tar"
 
 
+CURL_EXIT = {6: "cannot resolve the host", 7: "cannot connect to the server", 22: "the server answered with an "
+             "HTTP error (not found?)", 28: "timed out"}
+
+
+class Location:
+    """Where a shard folder lives: a local folder, or a URL read through webdataset's gopen."""
+
+    def __init__(self, text):
+        text = str(text)
+        if text.startswith("file://"):
+            text = url2pathname(urlparse(text).path)
+        self.remote = text.startswith("pipe:") or "://" in text
+        self.text = text.rstrip("/") if self.remote else text
+        self.path = None if self.remote else Path(text).resolve()
+
+    def __truediv__(self, name: str):
+        """The path (local) or URL of a file of the folder."""
+        if not self.remote:
+            return self.path / name
+        return self.text.replace("{name}", name) if self.text.startswith("pipe:") else f"{self.text}/{name}"
+
+    def __str__(self) -> str:
+        return self.text if self.remote else str(self.path)
+
+    def exists(self) -> bool:
+        return True if self.remote else self.path.is_dir()
+
+    def open(self, name: str):
+        """A binary stream of one file of the folder; InputError naming it when it cannot be read."""
+        target = self / name
+        if not self.remote:
+            try:
+                return open(target, "rb")
+            except OSError as exc:
+                raise InputError(f"{target}: cannot read ({exc.strerror or exc})") from None
+        from webdataset.gopen import gopen   # imports torch: only for URLs
+
+        return gopen(target, "rb")
+
+    def read(self, name: str) -> bytes:
+        try:
+            with self.open(name) as f:
+                return f.read()
+        except OSError as exc:
+            raise InputError(f"{self / name}: cannot read ({remote_reason(exc)})") from None
+
+
+def remote_reason(exc: BaseException) -> str:
+    """Why a URL could not be read, in words (curl's exit status, as webdataset reports it)."""
+    match = re.search(r"exit (\d+)", str(exc))
+    if match:
+        code = int(match.group(1))
+        return f"{CURL_EXIT.get(code, 'the command failed')}, exit status {code}"
+    return " ".join(str(exc).split())[:200]
+
+
 @dataclass(frozen=True)
 class Manifest:
-    root: Path
+    root: Location
     data: dict
+    raw: bytes = field(default=b"", repr=False)
 
     @property
     def num_folds(self) -> int:
@@ -56,7 +119,7 @@ class Manifest:
     @property
     def sha256(self) -> str:
         """Hash of the manifest file: identifies the exact shard set a checkpoint was trained on."""
-        return hashlib.sha256((self.root / MANIFEST_NAME).read_bytes()).hexdigest()
+        return hashlib.sha256(self.raw).hexdigest()
 
     def shards(self, split: str, folds=None) -> list[dict]:
         """Shard entries of a split, optionally only those of the given folds, in manifest order."""
@@ -66,7 +129,8 @@ class Manifest:
             out = [s for s in out if s["fold"] in folds]
         return out
 
-    def shard_path(self, entry: dict) -> Path:
+    def shard_path(self, entry: dict):
+        """The shard's path (a local folder) or URL."""
         return self.root / entry["name"]
 
     def class_pixels(self, folds=None) -> np.ndarray:
@@ -89,22 +153,28 @@ class Manifest:
 
 def load_manifest(root) -> Manifest:
     """Read and check a shard folder's manifest; :class:`InputError` with one clear line otherwise."""
-    root = Path(root)
-    if not root.is_dir():
+    location = Location(root)
+    if not location.exists():
         raise InputError(f"{root}: shard folder does not exist")
-    path = root / MANIFEST_NAME
-    if not path.is_file():
+    path = location / MANIFEST_NAME
+    if not location.remote and not path.is_file():
         raise InputError(f"{path}: no manifest; the shard folder is incomplete (re-run `lc-shard pack`)")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = location.read(MANIFEST_NAME)
+    except InputError as exc:
+        raise InputError(f"{exc}; no manifest there (the shard folder is incomplete or the URL wrong)") from None
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: unreadable manifest: not a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise InputError(f"{path}: manifest lacks {', '.join(missing)}")
     if data["format_version"] != FORMAT_VERSION:
         raise InputError(f"{path}: format version {data['format_version']}, this tool reads {FORMAT_VERSION}")
-    return Manifest(root=root.resolve(), data=data)
+    return Manifest(root=location, data=data, raw=raw)
 
 
 def _umask() -> int:

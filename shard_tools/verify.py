@@ -13,6 +13,7 @@ with the number of further problems found.
 from __future__ import annotations
 
 import hashlib
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from .errors import InputError
 from .format import (ENCODING, IMAGE_SHAPE, NUM_CLASSES, one_line, check_image, check_mask, class_proportions,
                      decode_sample)
-from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Manifest, load_manifest
+from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Location, Manifest, load_manifest, remote_reason
 from .pack import ChannelStats, channel_sums
 
 ENTRY_KEYS = ("name", "split", "fold", "count", "bytes", "sha256", "keys")
@@ -105,11 +106,11 @@ class _Totals:
         self.channels.add(channel_sums(image))
 
 
-def _read_shard(path: Path, entry: dict, totals: _Totals) -> tuple[list[str], _HashingReader]:
+def _read_shard(root: Location, entry: dict, totals: _Totals) -> tuple[list[str], _HashingReader]:
     """Read, decode and check every sample of one shard (a sample named in any error)."""
     keys: list[str] = []
     seen: list[str] = []
-    with open(path, "rb") as file:
+    with root.open(entry["name"]) as file:
         reader = _HashingReader(file)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
@@ -118,6 +119,8 @@ def _read_shard(path: Path, entry: dict, totals: _Totals) -> tuple[list[str], _H
                     keys.append(key)
                     totals.add(entry, key, image, mask)
         except (tarfile.TarError, OSError, EOFError) as exc:
+            if root.remote and re.search(r"exit \d+", str(exc)):
+                raise
             at = f"at sample {seen[-1]!r}" if seen else "before the first sample"
             raise InputError(f"truncated or corrupt tar {at} ({one_line(exc)})") from None
         reader.drain()
@@ -131,16 +134,18 @@ def _first_key_difference(found: list[str], listed: list[str]) -> str:
     return f"{len(found)} keys in the shard, {len(listed)} in the manifest"
 
 
-def verify_shard(root: Path, entry: dict, totals: _Totals) -> None:
+def verify_shard(root: Location, entry: dict, totals: _Totals) -> None:
     """Check one shard against its manifest entry; :class:`InputError` naming the shard otherwise."""
     name = entry["name"]
     path = root / name
-    if not path.is_file():
+    if not root.remote and not path.is_file():
         raise InputError(f"{path}: shard missing")
     try:
-        keys, reader = _read_shard(path, entry, totals)
+        keys, reader = _read_shard(root, entry, totals)
     except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
+        raise InputError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+    except OSError as exc:   # a URL that cannot be read
+        raise InputError(f"{path}: cannot read the shard ({remote_reason(exc)})") from None
     if len(keys) != entry["count"]:
         raise InputError(f"{path}: {len(keys)} samples, manifest says {entry['count']}")
     if keys != list(entry["keys"]):
@@ -181,7 +186,8 @@ def _index_problems(manifest: Manifest) -> list[str]:
         if wrong:
             problems.append(f"{manifest.root / entry['name']}: sample {wrong[0]!r} is in fold "
                             f"{data['folds'].get(wrong[0])} by the manifest's folds, the shard is fold {entry['fold']}")
-    stray = sorted(p.name for p in manifest.root.iterdir() if SHARD_NAME_PATTERN.match(p.name) and p.name not in names)
+    local = [] if manifest.root.remote else manifest.root.path.iterdir()   # a URL cannot be listed
+    stray = sorted(p.name for p in local if SHARD_NAME_PATTERN.match(p.name) and p.name not in names)
     problems += [f"{manifest.root / n}: shard file not listed in the manifest" for n in stray]
     return problems
 

@@ -121,7 +121,8 @@ def slurm_cv(tiny_shards, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_cv(tiny_shards, tmp_path_factory) -> Path:
     cv_dir = tmp_path_factory.mktemp("local-cv") / "cv"
-    proc = run_cv([*tiny(tiny_shards), "--out", str(cv_dir), "--executor", "local"])
+    proc = run_cv([*tiny(tiny_shards, "train.loggers=[tensorboard,mlflow]"), "--out", str(cv_dir),
+                   "--executor", "local"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cv_dir
 
@@ -168,6 +169,17 @@ def test_slurm_and_local_reports_have_the_same_structure(slurm_cv, local_cv):
     assert set(a["folds"][0]) == set(b["folds"][0])
     plots = [sorted(p.name for p in (d / "plots").iterdir()) for d in (slurm_cv, local_cv)]
     assert plots[0] == plots[1]
+
+
+def test_the_folds_of_a_cv_are_one_mlflow_experiment_named_after_its_folder(local_cv):
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=(local_cv / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name(local_cv.name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["fold0", "fold1"]
+    assert {r.data.params["data.fold"] for r in runs} == {"0", "1"}
 
 
 def test_report_rebuilds_from_the_folder_alone(local_cv, capsys):

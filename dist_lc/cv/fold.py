@@ -39,7 +39,7 @@ from shard_tools.manifest import load_manifest, write_json_atomic
 
 from .. import distributed
 from ..checkpoint import LAST
-from ..config import Config, from_dict
+from ..config import Config, from_dict, read_yaml
 from ..files import write_csv_atomic
 from ..predict import predict
 from ..run_log import read_metrics
@@ -93,11 +93,11 @@ def epochs_done(run_dir: Path) -> int:
     return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"])
 
 
-def fold_summary(cfg: Config, run_dir: Path) -> dict:
+def fold_summary(cfg: Config, run_dir: Path, planned: int) -> dict:
     """Best epoch, best validation KL, final train loss (from metrics.csv, rank 0)."""
     rows = read_metrics(run_dir)
     best = min((r for r in rows if r["val_kl"]), key=lambda r: float(r["val_kl"]))  # train.val_every may skip
-    return {"fold": cfg.data.fold, "epochs": cfg.train.epochs, "epochs_done": int(rows[-1]["epoch"]),
+    return {"fold": cfg.data.fold, "epochs": planned, "epochs_done": int(rows[-1]["epoch"]),
             "best_epoch": int(best["epoch"]), "best_val_kl": float(best["val_kl"]),
             "final_train_loss": float(rows[-1]["train_loss"]),
             "train_s": sum(float(r["epoch_time_s"]) for r in rows)}
@@ -106,7 +106,8 @@ def fold_summary(cfg: Config, run_dir: Path) -> dict:
 def predict_fold(cfg: Config, run_dir: Path, tta: bool) -> dict:
     """oof.csv (held-out fold) and test.csv from the fold's best.pt, on all ranks; files on rank 0."""
     best = [run_dir / "checkpoints" / "best.pt"]
-    common = {"tta": tta, "batch_size": cfg.train.micro_batch_size, "workers": cfg.data.workers,
+    resolved = from_dict(read_yaml(run_dir / "config.yaml")).train   # the micro-batch auto chose, if auto
+    common = {"tta": tta, "batch_size": resolved.micro_batch_size, "workers": cfg.data.workers,
               "device_pref": cfg.train.device}
     started = time.perf_counter()
     oof = predict(best, cfg.data.shards, f"fold:{cfg.data.fold}", **common)
@@ -127,16 +128,17 @@ def run_fold(cfg: Config, run_dir, tta: bool = False) -> dict:
     """
     run_dir = Path(run_dir)
     with SignalLog() as signals:
-        train(cfg, run_dir)
+        trained = train(cfg, run_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    usr2, term, done = _agree([float(signal.SIGUSR2 in signals.received),
-                               float(signal.SIGTERM in signals.received),
-                               float(epochs_done(run_dir)) if rank == 0 else 0.0])
-    if done < cfg.train.epochs and (usr2 or term):
-        return {"status": "stopped", "signal": "USR2" if usr2 else "TERM", "rank": rank, "epochs_done": int(done)}
+    usr2, term, stopped, done = _agree([float(signal.SIGUSR2 in signals.received),
+                                        float(signal.SIGTERM in signals.received), float(trained["stopped"]),
+                                        float(epochs_done(run_dir)) if rank == 0 else 0.0])
+    if stopped:
+        return {"status": "stopped", "signal": "USR2" if usr2 or not term else "TERM", "rank": rank,
+                "epochs_done": int(done)}
     result = {"status": "done", "rank": rank, **predict_fold(cfg, run_dir, tta)}
     if rank == 0:
-        result.update(fold_summary(cfg, run_dir), tta=tta, job_id=_job_id(),
+        result.update(fold_summary(cfg, run_dir, trained["epochs_planned"]), tta=tta, job_id=_job_id(),
                       world_size=dist.get_world_size() if dist.is_initialized() else 1, finished=now())
         write_json_atomic(run_dir / DONE, result)
     return result

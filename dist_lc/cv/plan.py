@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import os
 import itertools
 import json
 from dataclasses import asdict, dataclass, field
@@ -70,8 +71,13 @@ class Plan:
         return self.point_dir(point) / f"fold{fold}"
 
     def fold_config(self, point: Point, fold: int) -> dict:
+        """The point's config for one fold; its MLflow runs grouped under the CV folder's experiment."""
         config = copy.deepcopy(point.config)
         config["data"]["fold"] = fold
+        train = config["train"]
+        train["experiment"] = train.get("experiment") or self.cv_dir.resolve().name
+        if not train.get("mlflow_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
+            train["mlflow_uri"] = (self.cv_dir.resolve() / "mlruns").as_uri()
         return config
 
     def is_done(self, point: Point, fold: int) -> bool:

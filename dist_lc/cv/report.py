@@ -47,10 +47,12 @@ TRUTH = "truth.csv"
 
 # ----------------------------------------------------------------------------- inputs
 
-def _props_of_shard(path: Path) -> dict[str, np.ndarray]:
-    """``{id: proportions}`` from a train shard's ``.props.npy`` members (images are skipped, not read)."""
+def _props_of_shard(manifest, entry: dict) -> dict[str, np.ndarray]:
+    """``{id: proportions}`` from a train shard's ``.props.npy`` members (a local shard is read by seeking
+    over the images; a URL is streamed)."""
     out = {}
-    with tarfile.open(path) as tar:
+    stream = manifest.root.open(entry["name"])
+    with stream, tarfile.open(fileobj=stream, mode="r|" if manifest.root.remote else "r") as tar:
         for member in tar:
             if member.name.endswith(".props.npy"):
                 out[member.name.split(".", 1)[0]] = np.load(io.BytesIO(tar.extractfile(member).read()))
@@ -67,7 +69,7 @@ def read_truth(cv_dir: Path, shards) -> pd.DataFrame:
             return truth
     props = {}
     for entry in manifest.shards("train"):
-        props.update(_props_of_shard(manifest.shard_path(entry)))
+        props.update(_props_of_shard(manifest, entry))
     ids = list(props)
     truth = pd.DataFrame(np.stack([props[i] for i in ids]), index=pd.Index(ids, name="sample_id"), columns=CLASSES)
     truth.insert(0, "fold", [int(manifest.data["folds"][i]) for i in ids])

@@ -1,0 +1,178 @@
+"""Options users expect from a training tool: the largest micro-batch that fits, a schedule that fits
+the time limit, early stopping, gradient clipping, experiment tracking, help on every option."""
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dist_lc import cli, memory
+from dist_lc import train as train_mod
+from dist_lc.config import load_config
+from shard_tools import cli as shard_cli
+from torchrun_util import REPO, dist_lc
+
+SMALL = ["data.crop=32", "data.workers=0", "model.filters=8", "model.upconv_filters=8", "train.plot_every=0",
+         "train.precision=fp32"]
+
+
+def sets(shards, *extra) -> list[str]:
+    return [a for s in [f"data.shards={shards}", *SMALL, *extra] for a in ("--set", s)]
+
+
+def run_train(shards, run, *extra, timeout=300):
+    proc = dist_lc(["train", "--config", "configs/smoke.yaml", *sets(shards, *extra), "--run-dir", str(run)],
+                   timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+# ----------------------------------------------------------------------------- micro-batch auto
+
+def test_auto_micro_batch_under_a_small_memory_budget_accumulates_and_equals_the_fixed_run(packed_sample, tmp_path,
+                                                                                         monkeypatch):
+    """A budget with room for 5 tiles' activations: auto picks 4 (the largest divisor of 16 that fits)
+    and trains exactly as micro-batch 4 does; the run folder's config records the 4."""
+    cfg = load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", *SMALL, "train.micro_batch_size=auto",
+                                             "train.batch_size=16"])
+    probe = train_mod.build_setup(load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", *SMALL]))
+    per_tile = memory.saved_bytes_per_tile(probe.net, probe.loss_fn, 32, probe.device, None, True)
+    states = sum(p.numel() * p.element_size() for p in probe.net.parameters()) * 4
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 1e9)   # the process's present footprint, fixed for the test
+    budget_gb = (1e9 + states + 5 * per_tile * memory.BACKWARD_FACTOR) / 2**30
+    auto = train_mod.build_setup(load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", *SMALL,
+                                                                    "train.micro_batch_size=auto", "train.batch_size=16",
+                                                                    f"train.memory_limit_gb={budget_gb}"]))
+    assert (auto.layout.micro, auto.layout.accum) == (4, 4) and auto.cfg.train.micro_batch_size == 4
+    assert "train.micro_batch_size auto: 4" in auto.notes[0]
+    assert cfg.train.micro_batch_size == "auto"
+    run_a, run_f = tmp_path / "auto", tmp_path / "fixed"
+    run_train(packed_sample, run_a, "train.epochs=1", "train.micro_batch_size=auto", f"train.memory_limit_gb={budget_gb}",
+              "train.batch_size=16")
+    chosen = yaml.safe_load((run_a / "config.yaml").read_text())["train"]["micro_batch_size"]
+    run_train(packed_sample, run_f, "train.epochs=1", f"train.micro_batch_size={chosen}", "train.batch_size=16")
+    a = torch.load(run_a / "checkpoints" / "last.pt", weights_only=True)["model"]
+    f = torch.load(run_f / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], f[k]) for k in a), "auto trained differently from the fixed micro-batch it chose"
+    again = run_train(packed_sample, run_a, "train.epochs=2", "train.micro_batch_size=auto", "train.batch_size=16")
+    assert f"({chosen} × " in again.stderr   # resumed with the micro-batch chosen when it started
+
+
+def test_micro_batch_candidates_keep_the_batch_exact():
+    assert memory.candidates(16) == [16, 8, 4, 2, 1] and memory.candidates(12) == [12, 6, 4, 3, 2, 1]
+
+
+# ----------------------------------------------------------------------------- schedule, early stop, clipping
+
+def test_a_time_limit_fits_the_cosine_schedule_and_a_resume_keeps_it(packed_sample, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(packed_sample, run, "train.epochs=1000", "train.time_limit=0.4", "schedule.name=cosine",
+                     "schedule.warmup_epochs=1", "optim.lr=0.002", "schedule.min_lr=0.00002")
+    log = (run / "train.log").read_text()
+    assert "the cosine schedule now ends after epoch" in log, proc.stderr[-2000:]
+    planned = int(log.rsplit("the cosine schedule now ends after epoch ", 1)[1].split()[0])
+    rows = pd.read_csv(run / "metrics.csv")
+    assert 2 <= planned < 1000 and len(rows) <= planned
+    if len(rows) == planned:   # it ended inside the limit: at the end of its schedule, at min_lr
+        assert rows["lr"].iloc[-1] == pytest.approx(2e-5, rel=1e-6)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["planned_epochs"] == planned
+
+
+def test_no_fitted_schedule_without_a_time_limit(packed_sample, tmp_path):
+    run = tmp_path / "run"
+    run_train(packed_sample, run, "train.epochs=2", "schedule.name=cosine")
+    assert "cosine schedule now ends" not in (run / "train.log").read_text()
+    assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_early_stop_after_patience_validations_without_a_better_score(packed_sample, tmp_path):
+    run = tmp_path / "run"
+    run_train(packed_sample, run, "train.epochs=20", "train.early_stop=2", "train.early_stop_min_delta=0.01",
+              "optim.lr=1e-9", "model.norm=group", "model.groups=4")
+    assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    assert "train.early_stop 2: no better score in 2 validations; stopping after epoch 3" in \
+        (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gradient_clipping_bounds_the_true_gradient(packed_sample, precision):
+    """SGD with lr 1 moves the weights by exactly the clipped gradient; under fp16 the clip applies to
+    the unscaled gradient (the scaler's factor of 65536 would otherwise shrink the step by as much)."""
+    from dist_lc.data import batches_of, train_loader
+
+    clip = 1e-3
+    cfg = load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", "data.crop=16", "data.workers=0",
+                                             "model.filters=4", "model.upconv_filters=4", "model.norm=group",
+                                             "model.groups=4", f"train.precision={precision}", "optim.name=sgd",
+                                             "optim.lr=1.0", "optim.momentum=0", f"optim.clip_grad_norm={clip}",
+                                             "train.batch_size=4", "train.micro_batch_size=4",
+                                             "schedule.name=constant"])
+    s = train_mod.build_setup(cfg)
+    if s.scaler.is_enabled():   # a scale that does not overflow fp16 on the first step (the scaler would skip it)
+        s.scaler.scale(torch.ones(()))
+        s.scaler.update(new_scale=64.0)
+    loader, _ = train_loader(s.manifest, s.train_folds, epoch=0, seed=0, world=1, rank=0, micro=4, accum=1,
+                             workers=0, crop=16)
+    with batches_of(loader) as it:
+        batch = next(it)
+    before = [p.detach().clone() for p in s.net.parameters()]
+    train_mod.train_step(s, [batch])
+    moved = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(s.net.parameters(), before)))
+    assert moved == pytest.approx(clip, rel=0.02)
+
+
+# ----------------------------------------------------------------------------- tracking
+
+def test_tensorboard_gets_prediction_plots_and_the_config_and_mlflow_the_run(packed_sample, tmp_path):
+    import os
+
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "runs" / "tracked"
+    run_train(packed_sample, run, "train.epochs=2", "train.plot_every=1", "train.loggers=[tensorboard,mlflow]",
+              "train.experiment=landcover")
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert "predictions" in events.Tags()["images"] and len(events.Images("predictions")) == 2
+    assert any("config" in tag for tag in events.Tags()["tensors"])
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("landcover")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_name == "tracked" and found.info.status == "FINISHED"
+    assert found.data.params["train.epochs"] == "2" and found.data.params["model.filters"] == "8"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "val_kl")] == [1, 2]
+    run_train(packed_sample, run, "train.epochs=3", "train.loggers=[tensorboard,mlflow]", "train.experiment=landcover")
+    (again,) = client.search_runs([experiment.experiment_id])   # the resumed run continues the same MLflow run
+    assert [m.step for m in client.get_metric_history(again.info.run_id, "val_kl")] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- command-line help
+
+def _actions(parser: argparse.ArgumentParser, prefix: str):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{prefix} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield prefix, action
+
+
+def test_every_option_of_every_command_has_a_help_line():
+    parsers = [(cli.build_parser()[0], "dist-lc"), (shard_cli._parser(), "lc-shard")]
+    missing = [f"{prefix} {'/'.join(a.option_strings) or a.dest}" for parser, prefix in parsers
+               for prefix, a in _actions(parser, prefix) if not (a.help and a.help.strip())]
+    assert not missing, missing
+
+
+def test_help_of_synth_says_what_each_option_is():
+    out = subprocess.run([sys.executable, "-m", "dist_lc", "synth", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "train tiles with masks (default: 150)" in out and "random seed" in out
