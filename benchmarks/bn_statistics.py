@@ -23,10 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, table  # noqa: E402
 
-from dist_lc.data import eval_loader  # noqa: E402
+from dist_lc.data import eval_loader, to_nchw  # noqa: E402
 from dist_lc.metrics import kl_score  # noqa: E402
-from dist_lc.predict import load_network, proportions  # noqa: E402
-from dist_lc.precision import resolve_precision  # noqa: E402
+from dist_lc.predict import Ensemble  # noqa: E402
 from shard_tools.manifest import load_manifest  # noqa: E402
 
 BATCH = 8
@@ -40,11 +39,10 @@ def set_batchnorm(net: torch.nn.Module, batch_statistics: bool) -> None:
                 m.momentum = 0.0  # normalise by the batch, leave the running statistics as they are
 
 
-def fold_kl(net, cfg, manifest, fold: int) -> float:
-    dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
+def fold_kl(ensemble: Ensemble, manifest, fold: int) -> float:
     preds, truth = [], []
     for batch in eval_loader(manifest, "train", [fold], world=1, rank=0, batch_size=BATCH, workers=0):
-        preds.append(proportions(net, batch["image"], dtype, channels_last=cfg.train.channels_last).float().numpy())
+        preds.append(ensemble(to_nchw(batch["image"]))[0].float().numpy())
         truth.append(batch["props"].numpy())
     return kl_score(np.concatenate(truth), np.concatenate(preds))
 
@@ -60,9 +58,10 @@ def main() -> int:
     for path in args.checkpoints:
         scores = {}
         for batch_statistics in (False, True):
-            net, cfg = load_network(path, torch.device("cpu"))
+            ensemble = Ensemble([path], torch.device("cpu"))
+            net, cfg = ensemble.members[0]
             set_batchnorm(net, batch_statistics)
-            scores[batch_statistics] = fold_kl(net, cfg, manifest, args.fold)
+            scores[batch_statistics] = fold_kl(ensemble, manifest, args.fold)
         rows.append([f"`{path}`", f"{scores[False]:.4f}", f"{scores[True]:.4f}", cfg.model.bn_momentum])
     print(f"Machine: {machine_line()}; fold {args.fold}, batches of {BATCH} tiles\n")
     print(table(["checkpoint", "KL, running statistics (as predicted)", "KL, batch statistics",

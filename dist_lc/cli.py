@@ -52,8 +52,11 @@ def _predict(sub):
     p = sub.add_parser("predict", help="submission CSV from one or more checkpoints")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
                    help="checkpoint(s) (best.pt / last.pt); several are averaged (an ensemble)")
-    p.add_argument("--shards", required=True, metavar="DIR|URL", help="shard folder or URL (lc-shard pack)")
-    p.add_argument("--split", default="test", help="tiles to predict: test, train or fold:K (default: test)")
+    tiles = p.add_mutually_exclusive_group(required=True)
+    tiles.add_argument("--shards", metavar="DIR|URL", help="shard folder or URL (lc-shard pack)")
+    tiles.add_argument("--images", metavar="DIR", help="a folder of <id>.tif tiles as the challenge ships them "
+                       "(e.g. DATA/test/images), instead of shards")
+    p.add_argument("--split", default="test", help="with --shards: test, train or fold:K (default: test)")
     p.add_argument("--out", required=True, metavar="CSV", help="submission CSV to write (sample_id + 10 classes)")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of every tile (8× the time)")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
@@ -71,6 +74,27 @@ def _eval(sub):
     p.add_argument("--pred", required=True, metavar="CSV", help="predicted CSV (submission layout)")
     p.add_argument("--out", metavar="JSON", help="also write the score and per-class contributions as JSON")
     return "dist_lc.evaluate"
+
+
+def _map(sub):
+    p = sub.add_parser("map", help="land-cover maps (GeoTIFF, quicklook, proportions) of scenes of any size")
+    p.add_argument("scenes", nargs="+", metavar="SCENE", help="GeoTIFF scene(s) with the 4 bands R, G, B, NIR "
+                   "(uint16), or folders of them")
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
+                   help="checkpoint(s); several are averaged (an ensemble)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--overlap", type=count, default=64, metavar="PX",
+                   help="pixels by which neighbouring 256² windows overlap, blended (default: 64)")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of every window (8× the time)")
+    p.add_argument("--probabilities", choices=("uint8", "float32"),
+                   help="also write the per-class probabilities (uint8: × 255) as a GeoTIFF (default: none)")
+    p.add_argument("--aoi", metavar="AREA", help="an area to report the proportions of: x0,y0,x1,y1 in the "
+                   "scene's CRS, lonlat:x0,y0,x1,y1, or a GeoJSON polygon file")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                   help="windows per forward pass (default: 8)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="device (default: auto, CUDA when visible)")
+    return "dist_lc.mapping"
 
 
 def _cv(sub):
@@ -124,7 +148,7 @@ def _demo(sub):
     return "dist_lc.demo"
 
 
-COMMANDS = (_train, _predict, _eval, _cv, _cv_array, _report, _synth, _demo)
+COMMANDS = (_train, _predict, _eval, _map, _cv, _cv_array, _report, _synth, _demo)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

@@ -11,6 +11,12 @@ How an epoch is laid out (the same on every rank, computed from the manifest alo
 * evaluation: ranges split as evenly as possible with nothing dropped: each tile once overall;
 * inside a rank, the range is split into contiguous pieces for the DataLoader workers
   (in whole micro-batches for training), each worker streams only the shards its piece touches.
+
+What crosses from a worker to its rank is what the shards hold: uint16 images (N, H, W, 4) and
+uint8 masks, written straight into a batch tensor in shared memory (no copy on the way); the float
+conversion and the normalisation happen on the device, in the network (:func:`to_nchw` turns the
+batch into NCHW with the channels-last layout, without a copy). Shards are read by
+:mod:`shard_tools.tarstream`: the samples a worker skips are seeked over, not read.
 """
 from __future__ import annotations
 
@@ -19,12 +25,13 @@ import os
 import re
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shard_tools import tarstream
 from shard_tools.errors import InputError
 from shard_tools.format import class_proportions, decode_sample
 from shard_tools.manifest import Manifest, remote_reason
@@ -86,29 +93,35 @@ def train_steps(total: int, world: int, micro: int, accum: int) -> int:
     return total // (world * micro * accum)
 
 
+def _open_shard(path: str):
+    """(binary stream, seekable) of a shard: a local file, or a URL through webdataset's gopen."""
+    if "://" not in path and not path.startswith("pipe:"):
+        return open(path, "rb", buffering=1 << 20), True
+    from webdataset.gopen import gopen
+
+    return gopen(path, "rb"), False
+
+
 def read_segment(seg: Segment):
-    """Raw samples of one shard piece through webdataset; a corrupt shard is an InputError naming it."""
-    pipe = wds.DataPipeline(wds.SimpleShardList([seg.path]), wds.tarfile_to_samples())
-    end, seen = seg.skip + seg.take, 0
+    """Raw samples of one shard piece; a missing, short or corrupt shard is an InputError naming it."""
+    end, seen = seg.skip + seg.take, []
     try:
-        for sample in pipe:
-            if seen >= end:
-                return
-            if seen >= seg.skip:
+        stream, seekable = _open_shard(seg.path)
+        with stream:
+            for count, sample in enumerate(tarstream.samples(stream, seg.skip, seekable=seekable, seen=seen), 1):
                 yield sample
-            seen += 1
-    except InputError:
-        raise
+                if count == seg.take:
+                    return
+    except InputError as exc:
+        raise InputError(f"{seg.path}: {exc}; run `lc-shard verify` on its folder"
+                         if isinstance(exc, tarstream.TarError) else str(exc)) from None
     except OSError as exc:  # a URL that cannot be read (webdataset reports curl's exit status)
         if re.search(r"exit \d+", str(exc)):
             raise InputError(f"{seg.path}: cannot read the shard ({remote_reason(exc)})") from None
-        raise InputError(f"{seg.path}: corrupt shard ({type(exc).__name__}: {exc}); "
+        raise InputError(f"{seg.path}: cannot read the shard ({exc.strerror or exc}); "
                          f"run `lc-shard verify` on its folder") from None
-    except Exception as exc:  # noqa: BLE001 - tar or decode failure inside a shard
-        raise InputError(f"{seg.path}: corrupt shard ({type(exc).__name__}: {exc}); "
-                         f"run `lc-shard verify` on its folder") from None
-    if seen < end:  # a rank short of samples would leave the others waiting in the all-reduce
-        raise InputError(f"{seg.path}: the shard ends after {seen} samples, its manifest lists at least {end}; "
+    if len(seen) < end:  # a rank short of samples would leave the others waiting in the all-reduce
+        raise InputError(f"{seg.path}: the shard ends after {len(seen)} samples, its manifest lists at least {end}; "
                          f"run `lc-shard verify` on its folder")
 
 
@@ -127,20 +140,46 @@ def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.G
     return image[y:y + size, x:x + size], mask[y:y + size, x:x + size]
 
 
-def to_tensors(key, image, mask, props) -> dict:
-    out = {"key": key, "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))}
-    if mask is not None:
-        out["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
-        out["props"] = torch.from_numpy(np.asarray(props, dtype=np.float32))
-    return out
+class BatchBuilder:
+    """Fills one batch in shared memory: each sample's (possibly flipped or cropped) views are
+    copied once, into the tensors the DataLoader hands to the rank without another copy."""
+
+    def __init__(self, size: int):
+        self.size, self.rows = size, []
+
+    def add(self, key, image, mask, props) -> dict | None:
+        self.rows.append((key, image, mask, props))
+        return self.take() if len(self.rows) == self.size else None
+
+    @staticmethod
+    def _empty(shape, dtype) -> torch.Tensor:
+        """A tensor in shared memory inside a DataLoader worker (so that sending it copies nothing)."""
+        out = torch.empty(shape, dtype=dtype)
+        return out.share_memory_() if get_worker_info() is not None else out
+
+    def take(self) -> dict | None:
+        if not self.rows:
+            return None
+        rows, self.rows = self.rows, []
+        h, w, c = rows[0][1].shape
+        image = self._empty((len(rows), h, w, c), torch.uint16)
+        view = image.numpy()
+        for i, (_, img, _, _) in enumerate(rows):
+            view[i] = img
+        batch = {"key": [r[0] for r in rows], "image": image}
+        if rows[0][2] is not None:
+            mask = self._empty((len(rows), h, w), torch.uint8)
+            mview = mask.numpy()
+            for i, (_, _, msk, _) in enumerate(rows):
+                mview[i] = msk
+            batch["mask"] = mask
+            batch["props"] = torch.from_numpy(np.stack([r[3] for r in rows]).astype(np.float32))
+        return batch
 
 
-def collate(samples: list[dict]) -> dict:
-    batch = {"key": [s["key"] for s in samples]}
-    for name in ("image", "mask", "props"):
-        if name in samples[0]:
-            batch[name] = torch.stack([s[name] for s in samples])
-    return batch
+def to_nchw(image: torch.Tensor) -> torch.Tensor:
+    """A batch as loaded (N, H, W, C) as the network takes it: (N, C, H, W), channels-last, no copy."""
+    return image.permute(0, 3, 1, 2)
 
 
 class ShardStream(IterableDataset):
@@ -166,12 +205,12 @@ class ShardStream(IterableDataset):
         for seg in segments(self.shards, start, stop):
             for raw in read_segment(seg):
                 key, image, mask, props = decode_sample(raw)
-                if self.augment and mask is not None:
-                    image, mask = random_flip_rotate(image, mask, rng)
                 if self.crop and mask is not None:
                     image, mask = random_crop(image, mask, self.crop, rng)
                     props = class_proportions(mask)
-                yield to_tensors(key, image, mask, props)
+                if self.augment and mask is not None:
+                    image, mask = random_flip_rotate(image, mask, rng)
+                yield key, image, mask, props
 
     def _shuffled(self, samples, rng):
         buf = []
@@ -188,14 +227,14 @@ class ShardStream(IterableDataset):
         stream = self._samples(start, stop, rng)
         if self.train and self.shuffle_buffer > 1:
             stream = self._shuffled(stream, rng)
-        batch = []
+        builder = BatchBuilder(self.batch_size)
         for sample in stream:
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch = []
-        if batch:
-            yield collate(batch)
+            batch = builder.add(*sample)
+            if batch is not None:
+                yield batch
+        batch = builder.take()
+        if batch is not None:
+            yield batch
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -250,3 +289,42 @@ def eval_loader(manifest: Manifest, split: str, folds, *, world, rank, batch_siz
     start, stop = balanced_range(total, world, rank)
     ds = ShardStream(shards, start, stop, batch_size)
     return _loader(ds, min(workers, max(1, stop - start)) if workers else 0, pin)
+
+
+class TiffStream(IterableDataset):
+    """Batches of image tiles read straight from the challenge's TIFF files (no shards)."""
+
+    def __init__(self, items: list[tuple[str, str]], batch_size: int):
+        super().__init__()
+        self.items, self.batch_size = items, batch_size
+
+    def __iter__(self):
+        from shard_tools.pack import read_image
+
+        info = get_worker_info()
+        lo, hi = balanced_range(len(self.items), info.num_workers if info else 1, info.id if info else 0)
+        builder = BatchBuilder(self.batch_size)
+        for key, path in self.items[lo:hi]:
+            batch = builder.add(key, read_image(Path(path)), None, None)
+            if batch is not None:
+                yield batch
+        batch = builder.take()
+        if batch is not None:
+            yield batch
+
+
+def tiff_loader(folder, *, world, rank, batch_size, workers, pin=False) -> DataLoader:
+    """Each ``<id>.tif`` of a folder exactly once across ranks, in id order."""
+    from shard_tools.pack import id_sort_key, tiffs_by_id
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: --images folder does not exist" if not folder.exists() else
+                         f"{folder}: --images is not a folder")
+    found = tiffs_by_id(folder)
+    if not found:
+        raise InputError(f"{folder}: no <id>.tif tiles in the folder")
+    items = [(key, str(found[key])) for key in sorted(found, key=id_sort_key)]
+    start, stop = balanced_range(len(items), world, rank)
+    mine = items[start:stop]
+    return _loader(TiffStream(mine, batch_size), min(workers, max(1, len(mine))) if workers else 0, pin)

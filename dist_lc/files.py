@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from shard_tools.errors import InputError
-from shard_tools.manifest import write_json_atomic
+from shard_tools.manifest import current_umask, write_json_atomic
 
 __all__ = ["write_csv_atomic", "write_json_atomic", "check_parent"]
 
@@ -26,6 +26,7 @@ def check_parent(path, what: str = "output") -> Path:
 def write_csv_atomic(table: pd.DataFrame, path) -> None:
     path = check_parent(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())   # mkstemp makes 0600; others sharing the folder must read it
     os.close(fd)
     try:
         table.to_csv(tmp, index=False)

@@ -211,8 +211,18 @@ def build_network(model: ModelConfig, mean=(0.0,) * BANDS, std=(1.0,) * BANDS, l
     return LandCoverNet(unet, mean, std, logit_bias, model.indices)
 
 
-def tile_proportions(logits: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
-    """Mean pixel softmax per tile, classes 0 and 1 removed, renormalised: (B, 10) float32."""
-    probs = F.softmax(logits.float() + logit_bias, dim=1).mean(dim=(2, 3))
+def pixel_probabilities(logits: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
+    """Per-pixel softmax (B, 10, H, W) float32, with the prediction-time logit bias."""
+    return F.softmax(logits.float() + logit_bias, dim=1)
+
+
+def drop_unscored(mean_probs: torch.Tensor) -> torch.Tensor:
+    """Mean probabilities (B, 10) → proportions: classes 0 and 1 removed, the rest renormalised."""
+    probs = mean_probs.clone()
     probs[:, list(IGNORED_CLASSES)] = 0.0
     return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def tile_proportions(logits: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
+    """Mean pixel softmax per tile, classes 0 and 1 removed, renormalised: (B, 10) float32."""
+    return drop_unscored(pixel_probabilities(logits, logit_bias).mean(dim=(2, 3)))

@@ -43,7 +43,8 @@ def prediction_figure(keys, images, masks, preds, title: str = "") -> Figure:
 
 
 def legend_handles() -> list:
-    return [Rectangle((0, 0), 1, 1, color=PALETTE[c]) for c in range(len(CLASS_NAMES))]
+    return [Rectangle((0, 0), 1, 1, facecolor=PALETTE[c], edgecolor="0.5", linewidth=0.5)
+            for c in range(len(CLASS_NAMES))]
 
 
 def save_figure(fig: Figure, path, dpi: int = 80) -> None:

@@ -1,23 +1,28 @@
-"""Checkpoints → tile proportions → the challenge's submission CSV (also under torchrun)."""
-from __future__ import annotations
+"""Checkpoints → tile proportions → the challenge's submission CSV (also under torchrun).
 
-from pathlib import Path
+The tiles come from shards (``--shards``, a split of them) or straight from a folder of the
+challenge's TIFFs (``--images``, e.g. ``test/images/`` as it comes); both give the same rows.
+:class:`Ensemble` is the one place that runs checkpoints on images: tile proportions for
+``predict``, per-pixel probabilities for ``dist-lc map`` and the pixel metrics.
+"""
+from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from shard_tools.errors import InputError
 from shard_tools.format import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, pixel_metrics
 from .config import from_dict
-from .data import batches_of, eval_loader
+from .data import batches_of, eval_loader, tiff_loader, to_nchw
 from .files import check_parent, write_csv_atomic
-from .model import build_network, tile_proportions
-from .precision import resolve_precision
+from .model import build_network, pixel_probabilities, tile_proportions
+from .precision import autocast, resolve_precision
 
 DIHEDRAL = [(k, flip) for k in range(4) for flip in (False, True)]  # the 8 flips/rotations
 
@@ -38,19 +43,41 @@ def load_network(path, device: torch.device):
     return net, cfg
 
 
-@torch.no_grad()
-def proportions(net, image: torch.Tensor, dtype, tta: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """(B, 10) tile proportions; with ``tta`` the mean over the 8 flips/rotations."""
-    views = DIHEDRAL if tta else DIHEDRAL[:1]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    total = 0
-    for k, flip in views:
-        x = torch.rot90(image, k, dims=(2, 3))
-        x = (torch.flip(x, dims=(3,)) if flip else x).contiguous(memory_format=fmt)
-        with torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None):
-            logits = net(x)
-        total = total + tile_proportions(logits, net.logit_bias)
-    return total / len(views)
+def _view(image: torch.Tensor, k: int, flip: bool, fmt) -> torch.Tensor:
+    x = torch.rot90(image, k, dims=(2, 3))
+    return (torch.flip(x, dims=(3,)) if flip else x).contiguous(memory_format=fmt)
+
+
+def _unview(probs: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    return torch.rot90(torch.flip(probs, dims=(3,)) if flip else probs, -k, dims=(2, 3))
+
+
+class Ensemble:
+    """One or more checkpoints on a device, each in its own precision; ``tta``: the 8 flips/rotations."""
+
+    def __init__(self, checkpoints, device: torch.device, tta: bool = False):
+        self.members = [load_network(p, device) for p in checkpoints]
+        self.device, self.tta = device, tta
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, pixels: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tile proportions (B, 10), per-pixel probabilities (B, 10, H, W) or None). Proportions are the
+        mean over members and views of each one's tile proportions; probabilities the mean of their
+        softmax (with each member's logit bias), every view turned back."""
+        views = DIHEDRAL if self.tta else DIHEDRAL[:1]
+        image = image.float()
+        props, probs = 0, 0
+        for net, cfg in self.members:
+            fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+            dtype = resolve_precision(cfg.train.precision, self.device)
+            for k, flip in views:
+                with autocast(self.device, dtype):
+                    logits = net(_view(image, k, flip, fmt))
+                props = props + tile_proportions(logits, net.logit_bias)
+                if pixels:
+                    probs = probs + _unview(pixel_probabilities(logits, net.logit_bias), k, flip)
+        count = len(self.members) * len(views)
+        return props / count, (probs / count if pixels else None)
 
 
 def parse_split(split: str, num_folds: int) -> tuple[str, list | None]:
@@ -61,39 +88,52 @@ def parse_split(split: str, num_folds: int) -> tuple[str, list | None]:
     raise InputError(f"--split {split!r}: expected test, train or fold:K with K < {num_folds}")
 
 
-def predict(checkpoints, shards, split="test", *, tta=False, batch_size=16, workers=2,
-            device_pref="auto") -> pd.DataFrame | None:
-    """Ensemble prediction of a split; the table on rank 0, None on the other ranks."""
+def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, batch_size=16, workers=2,
+            device_pref="auto", with_confusion: bool = False):
+    """Ensemble prediction of a split of shards, or of a folder of TIFF tiles (``images``).
+
+    Returns the table on rank 0 (None on the other ranks); with ``with_confusion`` (tiles with
+    masks), ``(table, 8×8 pixel confusion matrix)``.
+    """
     env, device = distributed.setup(device_pref)
-    manifest = load_manifest(shards)
-    split_name, folds = parse_split(split, manifest.num_folds)
-    if not manifest.shards(split_name, folds):
-        raise InputError(f"{manifest.root}: no {split} shards")
-    models = [load_network(p, device) for p in checkpoints]
-    loader = eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank,
-                         batch_size=batch_size, workers=workers, pin=device.type == "cuda")
+    ensemble = Ensemble(checkpoints, device, tta)
+    if images is not None:
+        loader = tiff_loader(images, world=env.world_size, rank=env.rank, batch_size=batch_size, workers=workers,
+                             pin=device.type == "cuda")
+    else:
+        manifest = load_manifest(shards)
+        split_name, folds = parse_split(split, manifest.num_folds)
+        if not manifest.shards(split_name, folds):
+            raise InputError(f"{manifest.root}: no {split} shards")
+        loader = eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank,
+                             batch_size=batch_size, workers=workers, pin=device.type == "cuda")
     keys, rows = [], []
+    matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=device)
     with batches_of(loader) as batches:
         for batch in batches:
-            image = batch["image"].to(device)
-            p = sum(proportions(net, image, resolve_precision(cfg.train.precision, device), tta,
-                                cfg.train.channels_last) for net, cfg in models)
+            props, probs = ensemble(to_nchw(batch["image"]).to(device), pixels=with_confusion)
+            if with_confusion:
+                matrix += pixel_metrics.confusion(batch["mask"].to(device), probs)
             keys += batch["key"]
-            rows.append((p / len(models)).double().cpu().numpy())
+            rows.append(props.double().cpu().numpy())
+    if with_confusion and dist.is_initialized():
+        dist.all_reduce(matrix)
     parts = distributed.gather_objects((keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES)))))
     if parts is None:
         return None
     values = np.concatenate([r for _, r in parts])
     table = pd.DataFrame(values / values.sum(axis=1, keepdims=True), columns=list(CLASS_NAMES))  # float64 rows
     table.insert(0, "sample_id", [k for ks, _ in parts for k in ks])
-    return table
+    return (table, matrix.cpu().numpy()) if with_confusion else table
 
 
 def run(args) -> int:
     check_parent(args.out, "--out")
+    if (args.shards is None) == (args.images is None):
+        raise InputError("predict: give the tiles either as --shards DIR (with --split) or as --images DIR")
     try:
-        table = predict(args.checkpoint, args.shards, args.split, tta=args.tta, batch_size=args.batch_size,
-                        workers=args.workers, device_pref=args.device)
+        table = predict(args.checkpoint, args.shards, args.split, images=args.images, tta=args.tta,
+                        batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
         if table is not None:
             write_csv_atomic(table, args.out)
             print(f"wrote {len(table)} rows to {args.out}")

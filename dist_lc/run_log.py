@@ -17,11 +17,12 @@ from tqdm import tqdm
 
 from shard_tools.errors import InputError
 
+from . import pixel_metrics
 from .config import Config, to_dict
 from .plots import prediction_figure, save_figure
 
-COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_kl", "val_tiles", "lr", "epoch_time_s",
-           "images_per_s", "data_wait_frac", "peak_mem_mb")
+COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_kl", "val_tiles", *pixel_metrics.COLUMNS, "lr",
+           "epoch_time_s", "images_per_s", "data_wait_frac", "peak_mem_mb")
 MLFLOW_RUN = "mlflow_run_id"   # the run folder's MLflow run, continued on resume
 
 
@@ -157,7 +158,7 @@ class RunLog:
             self.writer.flush()
         if self.mlflow is not None:
             self.mlflow.epoch(row)
-        parts = [f"{k} {row[k]:.4g}" for k in ("train_loss", "val_loss", "val_kl", "lr", "images_per_s")
+        parts = [f"{k} {row[k]:.4g}" for k in ("train_loss", "val_loss", "val_kl", "miou", "lr", "images_per_s")
                  if row.get(k) is not None]
         self.info(f"epoch {row['epoch']}: " + ", ".join(parts) + ("  *best*" if best else ""))
 

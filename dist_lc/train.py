@@ -25,10 +25,10 @@ from shard_tools.errors import InputError
 from shard_tools.format import IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
-from . import distributed
+from . import distributed, pixel_metrics
 from .checkpoint import Checkpointer, Progress
 from .config import BatchLayout, Config, batch_layout, from_dict, per_rank_batch, read_yaml, save_config
-from .data import batches_of, eval_loader, train_loader
+from .data import batches_of, eval_loader, to_nchw, train_loader
 from .losses import SegmentationLoss, class_weights
 from .memory import fit_micro_batch, peak_memory_mb
 from .metrics import kl_per_sample
@@ -140,8 +140,9 @@ def build_setup(cfg: Config) -> Setup:
 # ----------------------------------------------------------------------------- steps
 
 def to_device(s: Setup, batch: dict) -> dict:
+    """The batch on the device: uint16 NCHW images (the network makes them float), masks, proportions."""
     fmt = torch.channels_last if s.cfg.train.channels_last else torch.contiguous_format
-    out = {"image": batch["image"].to(s.device, non_blocking=True, memory_format=fmt)}
+    out = {"image": to_nchw(batch["image"]).to(s.device, non_blocking=True, memory_format=fmt)}
     for name in ("mask", "props"):
         if name in batch:
             out[name] = batch[name].to(s.device, non_blocking=True)
@@ -264,15 +265,17 @@ def predict_batches(s: Setup, net, loader):
 
 
 def validate(s: Setup, net) -> tuple[dict, dict]:
-    """Validation loss and score over the held-out fold, every tile once across ranks, all ranks
-    scoring with rank 0's BatchNorm statistics (those that the checkpoint holds)."""
+    """Validation loss, score and pixel metrics over the held-out fold, every tile once across ranks,
+    all ranks scoring with rank 0's BatchNorm statistics (those that the checkpoint holds)."""
     distributed.broadcast_buffers(net)
     loader = eval_loader(s.manifest, "train", s.val_folds, world=s.env.world_size, rank=s.env.rank,
                          batch_size=s.layout.micro, workers=s.cfg.data.workers)
     kl_sum = loss_sum = n = skipped = 0.0
+    matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=s.device)
     shown = {"key": [], "image": [], "mask": [], "pred": []}
     for batch, b, logits, props in predict_batches(s, net, loader):
         loss_sum += s.loss_fn(logits, b["mask"], b["props"]).sum().item()
+        matrix += pixel_metrics.confusion(b["mask"], logits)
         truth = batch["props"].double().numpy()
         scored = truth[:, 2:].sum(axis=1) > 0  # a tile of clouds/no_data only has no score
         kl_sum += float(kl_per_sample(truth[scored], props.double().cpu().numpy()[scored]).sum())
@@ -281,11 +284,14 @@ def validate(s: Setup, net) -> tuple[dict, dict]:
         room = s.cfg.train.plot_tiles - len(shown["key"])
         if room > 0:
             shown["key"] += batch["key"][:room]
-            shown["image"] += list(batch["image"][:room].numpy())
+            shown["image"] += list(to_nchw(batch["image"][:room]).numpy())
             shown["mask"] += list(batch["mask"][:room].numpy())
             shown["pred"] += list(logits[:room].argmax(1).cpu().numpy())
     kl_sum, loss_sum, n, tiles = distributed.all_reduce_sum([kl_sum, loss_sum, n, n + skipped], s.device)
-    return {"val_loss": loss_sum / max(tiles, 1), "val_kl": kl_sum / max(n, 1), "val_tiles": int(tiles)}, shown
+    if dist.is_initialized():
+        dist.all_reduce(matrix)
+    return {"val_loss": loss_sum / max(tiles, 1), "val_kl": kl_sum / max(n, 1), "val_tiles": int(tiles),
+            **pixel_metrics.summary(matrix.cpu().numpy())}, shown
 
 
 # ----------------------------------------------------------------------------- the run

@@ -67,9 +67,36 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NPY_HEADERS: dict[bytes, tuple] = {}   # header bytes → (dtype, shape, offset): every tile of a set shares one
+
+
+def _npy_layout(data: bytes) -> tuple:
+    """(dtype, shape, data offset) of .npy bytes, parsed once per distinct header."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not .npy bytes (no magic)")
+    major = data[6]
+    offset = (10 + int.from_bytes(data[8:10], "little")) if major == 1 else (12 + int.from_bytes(data[8:12], "little"))
+    header = data[:offset]
+    layout = _NPY_HEADERS.get(header)
+    if layout is None:
+        stream = io.BytesIO(header)
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(stream)
+        if fortran or dtype.hasobject:
+            raise ValueError("a Fortran-ordered or object array")
+        layout = _NPY_HEADERS.setdefault(header, (dtype, shape, offset))
+    return layout
+
+
 def _npy_array(data: bytes, what: str, key: str) -> np.ndarray:
+    """A read-only array over the bytes (no copy)."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        dtype, shape, offset = _npy_layout(data)
+        count = int(np.prod(shape))
+        if len(data) - offset != count * dtype.itemsize:
+            raise ValueError(f"{len(data) - offset} data bytes for {shape} {dtype}")
+        return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
     except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt sample
         raise InputError(f"sample {key!r}: cannot decode {what}: {one_line(exc)}") from None
 

@@ -177,7 +177,7 @@ def load_manifest(root) -> Manifest:
     return Manifest(root=location, data=data, raw=raw)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -188,7 +188,7 @@ def write_json_atomic(path, obj) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; others sharing the folder must read it
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; others sharing the folder must read it
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.flush()

@@ -69,7 +69,7 @@ def _listing(folder: Path) -> list[Path]:
         raise InputError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
 
 
-def _tiffs_by_id(folder: Path) -> dict[str, Path]:
+def tiffs_by_id(folder: Path) -> dict[str, Path]:
     """``{id: path}`` of the TIFFs in a folder (hidden files ignored); ids must be integers, once each."""
     found: dict[str, Path] = {}
     numeric: dict[int, Path] = {}
@@ -105,9 +105,9 @@ def scan_source(src: Path) -> tuple[list[Tile], list[Tile]]:
     """Train and test tiles of a folder in the challenge layout, each list sorted by id."""
     if not src.is_dir():
         raise InputError(f"{src}: source folder does not exist" if not src.exists() else f"{src}: not a folder")
-    train = _pair_masks(_tiffs_by_id(src / "train" / "images"), _tiffs_by_id(src / "train" / "masks"),
+    train = _pair_masks(tiffs_by_id(src / "train" / "images"), tiffs_by_id(src / "train" / "masks"),
                         src / "train" / "masks")
-    test_images = _tiffs_by_id(src / "test" / "images")
+    test_images = tiffs_by_id(src / "test" / "images")
     test = [Tile(i, test_images[i], None) for i in sorted(test_images, key=id_sort_key)]
     if not train and not test:
         raise InputError(f"{src}: no tiles found (expected train/images/<id>.tif and/or test/images/<id>.tif)")
@@ -166,10 +166,16 @@ def survey_tile(tile: Tile) -> np.ndarray | None:
     return np.bincount(_read_mask(tile.mask).ravel(), minlength=NUM_CLASSES).astype(np.int64)
 
 
+def read_image(path: Path) -> np.ndarray:
+    """A tile's image (256×256×4 uint16), checked; InputError naming the file otherwise."""
+    image = _read_tiff(path)
+    check_image(image.shape, image.dtype, path)
+    return image
+
+
 def load_tile(tile: Tile) -> tuple[dict, dict | None]:
     """Pass 2: the encoded sample and, for train tiles, the image's integer channel sums."""
-    image = _read_tiff(tile.image)
-    check_image(image.shape, image.dtype, tile.image)
+    image = read_image(tile.image)
     if tile.mask is None:
         return encode_sample(tile.id, image), None
     return encode_sample(tile.id, image, _read_mask(tile.mask)), channel_sums(image)

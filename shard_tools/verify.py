@@ -13,13 +13,12 @@ with the number of further problems found.
 from __future__ import annotations
 
 import hashlib
-import re
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from . import tarstream
 from .errors import InputError
 from .format import (ENCODING, IMAGE_SHAPE, NUM_CLASSES, one_line, check_image, check_mask, class_proportions,
                      decode_sample)
@@ -48,26 +47,6 @@ class _HashingReader:
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
-
-
-def _raw_samples(tar: tarfile.TarFile, seen: list[str]):
-    """WebDataset grouping: consecutive members sharing the text before the first dot form a sample.
-
-    The key of every member started is appended to ``seen``, so an error can name its sample.
-    """
-    sample = None
-    for member in tar:
-        key, _, suffix = member.name.partition(".")
-        seen.append(key)
-        if not member.isfile():
-            raise InputError(f"sample {key!r}: member {member.name!r} is not a regular file")
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key}
-        sample[suffix] = tar.extractfile(member).read()
-    if sample is not None:
-        yield sample
 
 
 def check_sample(raw: dict, split: str) -> tuple[str, np.ndarray, np.ndarray | None]:
@@ -113,14 +92,11 @@ def _read_shard(root: Location, entry: dict, totals: _Totals) -> tuple[list[str]
     with root.open(entry["name"]) as file:
         reader = _HashingReader(file)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for raw in _raw_samples(tar, seen):
-                    key, image, mask = check_sample(raw, entry["split"])
-                    keys.append(key)
-                    totals.add(entry, key, image, mask)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            if root.remote and re.search(r"exit \d+", str(exc)):
-                raise
+            for raw in tarstream.samples(reader, seen=seen, strict=True):
+                key, image, mask = check_sample(raw, entry["split"])
+                keys.append(key)
+                totals.add(entry, key, image, mask)
+        except (tarstream.TarError, EOFError) as exc:
             at = f"at sample {seen[-1]!r}" if seen else "before the first sample"
             raise InputError(f"truncated or corrupt tar {at} ({one_line(exc)})") from None
         reader.drain()

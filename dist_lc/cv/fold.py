@@ -37,14 +37,15 @@ import torch.distributed as dist
 from shard_tools.errors import InputError
 from shard_tools.manifest import load_manifest, write_json_atomic
 
-from .. import distributed
+from .. import distributed, pixel_metrics
 from ..checkpoint import LAST
 from ..config import Config, from_dict, read_yaml
 from ..files import write_csv_atomic
 from ..predict import predict
 from ..run_log import read_metrics
 from ..train import train
-from .plan import DONE, OOF, TEST, load_plan, now
+from ..metrics import SCORED_NAMES
+from .plan import CONFUSION, DONE, OOF, TEST, load_plan, now
 
 STOPPED_EXIT = 0   # a task that leaves after a stop signal, without a result (0: srun must not kill the others)
 
@@ -110,15 +111,18 @@ def predict_fold(cfg: Config, run_dir: Path, tta: bool) -> dict:
     common = {"tta": tta, "batch_size": resolved.micro_batch_size, "workers": cfg.data.workers,
               "device_pref": cfg.train.device}
     started = time.perf_counter()
-    oof = predict(best, cfg.data.shards, f"fold:{cfg.data.fold}", **common)
+    oof = predict(best, cfg.data.shards, f"fold:{cfg.data.fold}", with_confusion=True, **common)
     has_test = bool(load_manifest(cfg.data.shards).shards("test"))
     test = predict(best, cfg.data.shards, "test", **common) if has_test else None
-    if oof is not None:
-        write_csv_atomic(oof, run_dir / OOF)
-        if test is not None:
-            write_csv_atomic(test, run_dir / TEST)
-    return {"oof_tiles": len(oof) if oof is not None else None,
-            "test_tiles": len(test) if test is not None else 0, "predict_s": time.perf_counter() - started}
+    if oof is None:   # not rank 0
+        return {"predict_s": time.perf_counter() - started}
+    table, matrix = oof
+    write_csv_atomic(table, run_dir / OOF)
+    write_json_atomic(run_dir / CONFUSION, {"classes": list(SCORED_NAMES), "rows": "true", "matrix": matrix.tolist()})
+    if test is not None:
+        write_csv_atomic(test, run_dir / TEST)
+    return {"oof_tiles": len(table), "test_tiles": len(test) if test is not None else 0,
+            "pixel": pixel_metrics.summary(matrix), "predict_s": time.perf_counter() - started}
 
 
 def run_fold(cfg: Config, run_dir, tta: bool = False) -> dict:

@@ -5,7 +5,8 @@ The CV folder::
     cv.json                      the plan: resolved config of every grid point, grid, folds, executor
     jobs.json                    every submission (job id, stderr log, result pickle)
     submitit/launch<n>/          submitit's pickles and logs, a fresh folder per launch
-    [<point>/]fold<k>/           run dir of a job (train's files + oof.csv, test.csv, done.json)
+    [<point>/]fold<k>/           run dir of a job (train's files + oof.csv, oof_confusion.json, test.csv,
+                                 done.json)
     [<point>/]oof.csv            out-of-fold predictions of a grid point
     oof.csv, submission.csv      of the best grid point (the only one without --grid)
     report.md, report.json, plots/
@@ -31,7 +32,7 @@ from shard_tools.manifest import load_manifest, write_json_atomic
 from ..config import Config, from_dict, load_config, normalized, to_dict
 
 PLAN, JOBS = "cv.json", "jobs.json"
-DONE, OOF, TEST = "done.json", "oof.csv", "test.csv"
+DONE, OOF, TEST, CONFUSION = "done.json", "oof.csv", "test.csv", "oof_confusion.json"
 PLAN_FORMAT = "dist_lc.cv/1"
 FORBIDDEN_GRID = ("data.fold", "data.shards", "launcher.", "cv.")
 

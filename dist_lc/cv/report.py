@@ -34,12 +34,12 @@ from shard_tools.errors import InputError
 from shard_tools.format import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
-from .. import calibration
+from .. import calibration, pixel_metrics
 from ..files import write_csv_atomic, write_json_atomic
 from ..plots import save_figure
 from ..metrics import SCORED_CLASSES, SCORED_NAMES, kl_per_class, kl_per_sample
 from ..run_log import read_metrics
-from .plan import DONE, OOF, TEST, Plan, Point, load_plan, now
+from .plan import CONFUSION, DONE, OOF, TEST, Plan, Point, load_plan, now
 
 CLASSES = list(CLASS_NAMES)
 TRUTH = "truth.csv"
@@ -89,11 +89,19 @@ def fold_row(plan: Plan, point: Point, fold: int, truth: pd.DataFrame) -> dict:
     done = json.loads((run_dir / DONE).read_text())
     oof = read_pred(run_dir / OOF)
     score = _score(truth, oof)
+    matrix = read_confusion(run_dir)
     return {"fold": fold, "status": "done", "best_epoch": done["best_epoch"], "best_val_kl": done["best_val_kl"],
+            "pixel": pixel_metrics.summary(matrix) if matrix is not None else None,
             "final_train_loss": done["final_train_loss"], "epochs_done": done["epochs_done"],
             "epochs": done["epochs"], "oof_kl": score["kl"], "oof_tiles": score["tiles"],
             "train_s": round(done["train_s"], 1), "predict_s": round(done["predict_s"], 1),
             "world_size": done["world_size"], "job_id": done.get("job_id"), "run_dir": str(run_dir)}
+
+
+def read_confusion(run_dir: Path) -> np.ndarray | None:
+    """The fold's out-of-fold pixel confusion matrix (folds written before it existed have none)."""
+    path = run_dir / CONFUSION
+    return np.asarray(json.loads(path.read_text())["matrix"], dtype=np.int64) if path.exists() else None
 
 
 # ----------------------------------------------------------------------------- scores
@@ -130,9 +138,13 @@ def point_block(plan: Plan, point: Point, truth: pd.DataFrame) -> dict:
     oof = pd.concat([read_pred(Path(r["run_dir"]) / OOF) for r in done])
     write_csv_atomic(oof.reset_index(), plan.point_dir(point) / OOF)
     score, base = _score(truth, oof), _score(truth, baseline(truth, oof.index))
+    matrices = [m for m in (read_confusion(Path(r["run_dir"])) for r in done) if m is not None]
+    confusion = sum(matrices) if len(matrices) == len(done) else None
     return {**block, "mean_kl": float(scores.mean()), "std_kl": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
             "oof_kl": score["kl"], "oof_tiles": score["tiles"], "oof_unscored_tiles": score["unscored"],
-            "per_class": score["per_class"], "baseline_kl": base["kl"], "baseline_per_class": base["per_class"]}
+            "per_class": score["per_class"], "baseline_kl": base["kl"], "baseline_per_class": base["per_class"],
+            "oof_pixel": pixel_metrics.summary(confusion) if confusion is not None else None,
+            "oof_confusion": confusion.tolist() if confusion is not None else None}
 
 
 def best_point(blocks: list[dict]) -> dict:
@@ -243,6 +255,25 @@ def plot_per_class(block: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_confusion(block: dict, path: Path) -> None:
+    """Out-of-fold pixel confusion matrix, each true class's row as shares of its pixels."""
+    m = np.asarray(block["oof_confusion"], dtype=np.float64)
+    shares = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(m)):
+        for j in range(len(m)):
+            ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(SCORED_NAMES)), SCORED_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(len(SCORED_NAMES)), SCORED_NAMES)
+    miou = block["oof_pixel"]["miou"]
+    ax.set(xlabel="predicted", ylabel="true", title=f"out-of-fold pixels (mIoU {_f(miou)})")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
 def plot_grid(blocks: list[dict], path: Path) -> None:
     shown = [b for b in blocks if b["mean_kl"] is not None]
     fig = Figure(figsize=(max(6, len(shown)), 4))
@@ -268,6 +299,9 @@ def make_plots(plan: Plan, blocks: list[dict], best: dict) -> list[str]:
     plot_fold_scores(best, plots / "fold_scores.png")
     plot_per_class(best, plots / "per_class.png")
     names += ["fold_scores.png", "per_class.png"]
+    if best.get("oof_confusion") is not None:
+        plot_confusion(best, plots / "confusion.png")
+        names.append("confusion.png")
     if plan.grid:
         plot_grid(blocks, plots / "grid_scores.png")
         names.append("grid_scores.png")
@@ -304,6 +338,18 @@ def markdown(report: dict) -> str:
         lines.append(f"- calibration not fitted: {cal['reason']}")
     if report["missing_folds"]:
         lines.append(f"- **unfinished folds: {report['missing_folds']}** (scores above are over the finished ones)")
+    if report.get("oof_pixel"):
+        px = report["oof_pixel"]
+        lines += ["", "## Pixel metrics (best checkpoint of each fold on its held-out tiles)", "",
+                  "| fold | pixel accuracy | mIoU | " + " | ".join(SCORED_NAMES) + " |",
+                  "|---|---|---|" + "---|" * len(SCORED_NAMES)]
+        for r in [*report["folds"], {"fold": "out-of-fold", "pixel": px}]:
+            p = r.get("pixel") or {}
+            lines.append(f"| {r['fold']} | {_f(p.get('pixel_acc'))} | {_f(p.get('miou'))} | "
+                         + " | ".join(_f(p.get(f"iou_{c}")) for c in SCORED_NAMES) + " |")
+        lines.append("")
+        lines.append("IoU per class; mIoU over the classes present in the truth or the prediction; the KL score "
+                     "(above) is the one that selects models.")
     calibrated = cal.get("per_class", {})
     lines += ["", "## Per-class contributions (out-of-fold)", "", "| class | oof | oof calibrated | baseline |",
               "|---|---|---|---|"]

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from dist_lc.config import load_config
-from dist_lc.data import collate, eval_loader
+from dist_lc.data import eval_loader
 from dist_lc.train import build_setup, train_step
 
 
@@ -25,10 +25,11 @@ def main(shards, out, batch, micro, steps):
     per_rank = batch // s.env.world_size
     for k in range(steps):
         mine = tiles[k * batch + s.env.rank * per_rank:k * batch + (s.env.rank + 1) * per_rank]
-        crops = [{"key": t["key"], "image": t["image"][:, :, :32, :32], "mask": t["mask"][:, :32, :32],
+        crops = [{"key": t["key"], "image": t["image"][:, :32, :32], "mask": t["mask"][:, :32, :32],
                   "props": t["props"]} for t in mine]
-        micro_batches = [collate([{n: (c[n][0] if n != "key" else c[n][0]) for n in c} for c in crops[i:i + micro]])
-                         for i in range(0, per_rank, micro)]
+        micro_batches = [{"key": [k for c in group for k in c["key"]],
+                          **{n: torch.cat([c[n] for c in group]) for n in ("image", "mask", "props")}}
+                         for group in (crops[i:i + micro] for i in range(0, per_rank, micro))]
         train_step(s, micro_batches)
     if s.env.rank == 0:
         torch.save({"init": init, "final": {k: v.detach().clone() for k, v in s.net.state_dict().items()}}, out)

@@ -1,0 +1,274 @@
+"""``dist-lc map``: land-cover maps of Sentinel-2 scenes of any size, with their georeferencing.
+
+    dist-lc map --checkpoint CKPT [CKPT ...] --out DIR SCENE.tif|FOLDER [...] [--overlap 64] [--tta]
+                [--probabilities uint8|float32] [--aoi x0,y0,x1,y1 | lonlat:x0,y0,x1,y1 | area.geojson]
+
+Per scene, in ``--out``: ``<scene>_classes.tif`` (uint8 class ids, the challenge palette as its
+colour table, the scene's CRS and transform, 0 = no_data), optionally ``<scene>_probabilities.tif``
+(the 8 scored classes, one band each; uint8 = probability × 255, or float32; GDAL 3.10 has no
+float16), ``<scene>_quicklook.png``, ``<scene>_proportions.json``; and ``proportions.csv`` for all
+scenes (and their AOI). Every file appears under its final name only once it is complete.
+
+How a scene is read and predicted (bounded memory: one row of windows at a time): the scene's
+window rows (:mod:`dist_lc.scene`) are dealt to the ranks in turns; a rank reads the 256 rows of
+its window row, predicts its windows in batches (ensemble, TTA, each checkpoint's precision) and
+blends them along the row; rank 0 gathers each turn's rows, blends them into a running
+accumulator of 256 rows and writes every row no later window will touch. The class of a pixel is
+its most probable scored class; pixels whose every band is 0 (or the scene's nodata value) are
+no_data. A scene's class proportions are the mean probabilities over its valid pixels, classes 0
+and 1 removed (as ``predict`` computes them for a tile), next to the share of each class in the map.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from shard_tools.errors import InputError
+from shard_tools.format import CLASS_NAMES
+
+from . import distributed
+from .files import write_csv_atomic, write_json_atomic
+from .memory import peak_memory_mb
+from .metrics import SCORED_CLASSES, SCORED_NAMES
+from .plots import PALETTE, legend_handles, rgb, save_figure
+from .predict import Ensemble
+from .scene import WINDOW, aoi_mask_for, open_scene, parse_aoi, positions, scene_paths, taper
+
+QUICKLOOK_PX = 1024   # the longer side of a quicklook, at most
+FIRST = SCORED_CLASSES[0]
+
+
+def row_probabilities(scene, ensemble: Ensemble, y: int, xs: list[int], weight: torch.Tensor,
+                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One window row, its windows blended: (scored probabilities (8, h, width) float16, weights (h, width))."""
+    strip = scene.read_rows(y, WINDOW)
+    h, w = strip.shape[1:]
+    if h < WINDOW or w < WINDOW:   # a scene smaller than one window: reflected, the reflection cut off later
+        strip = np.pad(strip, ((0, 0), (0, WINDOW - h if h < WINDOW else 0), (0, WINDOW - w if w < WINDOW else 0)),
+                       mode="reflect")
+    width = strip.shape[2]
+    total = torch.zeros(len(SCORED_CLASSES), WINDOW, width, device=ensemble.device)
+    weights = torch.zeros(WINDOW, width, device=ensemble.device)
+    for i in range(0, len(xs), batch_size):
+        starts = xs[i:i + batch_size]
+        image = torch.from_numpy(np.stack([strip[:, :, x:x + WINDOW] for x in starts]).astype(np.float32))
+        _, probs = ensemble(image.to(ensemble.device), pixels=True)
+        for x, p in zip(starts, probs[:, FIRST:FIRST + len(SCORED_CLASSES)]):
+            total[:, :, x:x + WINDOW] += p * weight
+            weights[:, x:x + WINDOW] += weight
+    probs = (total / weights).cpu().numpy()[:, :h, :w].astype(np.float16)
+    return probs, weights.cpu().numpy()[:h, :w]
+
+
+class MapWriter:
+    """Rank 0's side of one scene: the blending accumulator, the output files, the proportions."""
+
+    def __init__(self, scene, out_dir: Path, probabilities: str | None, aoi):
+        import rasterio
+
+        self.scene, self.aoi, self.probabilities = scene, aoi, probabilities
+        width = scene.width
+        self.acc = np.zeros((len(SCORED_CLASSES), WINDOW, width), np.float32)
+        self.wacc = np.zeros((WINDOW, width), np.float32)
+        self.base = 0
+        stem = scene.path.stem
+        self.finals = {"classes": out_dir / f"{stem}_classes.tif", "quicklook": out_dir / f"{stem}_quicklook.png",
+                       "proportions": out_dir / f"{stem}_proportions.json"}
+        if probabilities:
+            self.finals["probabilities"] = out_dir / f"{stem}_probabilities.tif"
+        self.partial = {k: p.with_name(f".{p.name}.partial{p.suffix}") for k, p in self.finals.items()}
+        profile = {"driver": "GTiff", "width": width, "height": scene.height, "crs": scene.dataset.crs,
+                   "transform": scene.dataset.transform, "tiled": True, "blockxsize": 256, "blockysize": 256,
+                   "compress": "deflate"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            self.classes = rasterio.open(self.partial["classes"], "w", count=1, dtype="uint8", nodata=0, **profile)
+            self.classes.write_colormap(1, {c: tuple(int(round(v * 255)) for v in PALETTE[c]) + (255,)
+                                            for c in range(len(CLASS_NAMES))})
+            self.classes.set_band_description(1, "land-cover class (0 no_data, 2..9 as the challenge)")
+            self.probs_file = None
+            if probabilities:
+                self.probs_file = rasterio.open(self.partial["probabilities"], "w", count=len(SCORED_CLASSES),
+                                                dtype=probabilities, predictor=2 if probabilities == "uint8" else 3,
+                                                **profile)
+                for i, name in enumerate(SCORED_NAMES, 1):
+                    self.probs_file.set_band_description(i, f"P({name})" + (" × 255" if probabilities == "uint8"
+                                                                            else ""))
+        self.sums = {"scene": np.zeros(len(SCORED_CLASSES)), "aoi": np.zeros(len(SCORED_CLASSES))}
+        self.counts = {"scene": np.zeros(len(CLASS_NAMES), np.int64), "aoi": np.zeros(len(CLASS_NAMES), np.int64)}
+        self.step = max(1, math.ceil(max(scene.height, scene.width) / QUICKLOOK_PX))
+        self.look_rgb, self.look_classes = [], []
+
+    def add(self, y: int, probs: np.ndarray, weights: np.ndarray, until: int) -> None:
+        """Blend one window row (at scene row ``y``) in, then write the rows before ``until``."""
+        rows = probs.shape[1]
+        offset = y - self.base
+        self.acc[:, offset:offset + rows] += probs.astype(np.float32) * weights
+        self.wacc[offset:offset + rows] += weights
+        self._flush(until - self.base)
+
+    def _flush(self, n: int) -> None:
+        from rasterio.windows import Window
+
+        probs = self.acc[:, :n] / self.wacc[:n]
+        valid = self.scene.valid(pixels := self.scene.read_rows(self.base, n))
+        classes = (probs.argmax(axis=0) + FIRST).astype(np.uint8)
+        classes[~valid] = 0
+        window = Window(0, self.base, self.scene.width, n)
+        self.classes.write(classes[None], window=window)
+        if self.probs_file is not None:
+            out = np.round(probs * 255).astype(np.uint8) if self.probabilities == "uint8" else probs
+            out[:, ~valid] = 0
+            self.probs_file.write(out, window=window)
+        self._count("scene", probs, classes, valid)
+        if self.aoi is not None:
+            self._count("aoi", probs, classes, valid & self.aoi.rows(self.base, n))
+        keep = [i for i in range(n) if (self.base + i) % self.step == 0]
+        self.look_rgb.append(pixels[:, keep, ::self.step])
+        self.look_classes.append(classes[keep, ::self.step])
+        self.acc[:, :-n or None] = self.acc[:, n:] if n < WINDOW else 0
+        self.acc[:, WINDOW - n:] = 0
+        self.wacc[:-n or None] = self.wacc[n:] if n < WINDOW else 0
+        self.wacc[WINDOW - n:] = 0
+        self.base += n
+
+    def _count(self, region: str, probs, classes, inside) -> None:
+        self.sums[region] += probs[:, inside].astype(np.float64).sum(axis=1)
+        self.counts[region] += np.bincount(classes[inside], minlength=len(CLASS_NAMES))
+
+    def summary(self, region: str) -> dict:
+        valid = int(self.counts[region].sum())
+        props = np.zeros(len(CLASS_NAMES))
+        if valid:
+            props[list(SCORED_CLASSES)] = self.sums[region] / self.sums[region].sum()
+        return {"valid_pixels": valid, "proportions": dict(zip(CLASS_NAMES, props.tolist())),
+                "map_fractions": dict(zip(CLASS_NAMES, (self.counts[region] / max(valid, 1)).tolist()))}
+
+    def finish(self) -> dict:
+        self.classes.close()
+        if self.probs_file is not None:
+            self.probs_file.close()
+        self._quicklook()
+        record = {"scene": str(self.scene.path), "width": self.scene.width, "height": self.scene.height,
+                  "crs": str(self.scene.dataset.crs) if self.scene.georeferenced else None,
+                  "scene_region": self.summary("scene"),
+                  "aoi_region": self.summary("aoi") if self.aoi is not None else None}
+        write_json_atomic(self.partial["proportions"], record)
+        for key, final in self.finals.items():
+            os.replace(self.partial[key], final)
+        return record
+
+    def abort(self) -> None:
+        for handle in (self.classes, self.probs_file):
+            if handle is not None:
+                handle.close()
+        for path in self.partial.values():
+            path.unlink(missing_ok=True)
+
+    def _quicklook(self) -> None:
+        from matplotlib.colors import ListedColormap
+        from matplotlib.figure import Figure
+
+        image, classes = np.concatenate(self.look_rgb, axis=1), np.concatenate(self.look_classes, axis=0)
+        ratio = image.shape[1] / max(image.shape[2], 1)
+        fig = Figure(figsize=(12, 6 * ratio + 1.2))
+        ax_rgb, ax_map = fig.subplots(1, 2)
+        ax_rgb.imshow(rgb(image))
+        ax_map.imshow(classes, cmap=ListedColormap(PALETTE), vmin=0, vmax=len(CLASS_NAMES) - 1,
+                      interpolation="nearest")
+        for ax, title in ((ax_rgb, "RGB"), (ax_map, "land cover")):
+            ax.set_title(f"{self.scene.path.name}: {title}", fontsize=9)
+            ax.axis("off")
+        names = [n for i, n in enumerate(CLASS_NAMES) if i != 1]
+        fig.legend([h for i, h in enumerate(legend_handles()) if i != 1], names, loc="lower center", ncol=5,
+                   fontsize=8)
+        fig.tight_layout(rect=(0, 1.0 / (6 * ratio + 1.2), 1, 1))
+        save_figure(fig, self.partial["quicklook"], dpi=90)
+
+
+def map_scene(scene, ensemble: Ensemble, env, out_dir: Path, overlap: int, batch_size: int,
+              probabilities: str | None, aoi, progress) -> dict | None:
+    """Predict and write one scene (window rows dealt to the ranks); its record on rank 0."""
+    ys = positions(scene.height, WINDOW, WINDOW - overlap)
+    xs = positions(scene.width, WINDOW, WINDOW - overlap)
+    weight = torch.from_numpy(taper(WINDOW)).to(ensemble.device)
+    writer = MapWriter(scene, out_dir, probabilities, aoi) if env.is_main else None
+    try:
+        for turn in range(0, len(ys), env.world_size):
+            mine = turn + env.rank
+            part = (mine, *row_probabilities(scene, ensemble, ys[mine], xs, weight, batch_size)) \
+                if mine < len(ys) else None
+            parts = distributed.gather_objects(part)
+            if writer is not None:
+                for r, probs, weights in sorted(p for p in parts if p is not None):
+                    writer.add(ys[r], probs, weights, ys[r + 1] if r + 1 < len(ys) else scene.height)
+            progress.update(len(xs) * min(env.world_size, len(ys) - turn))
+        return writer.finish() if writer is not None else None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def _rows_of(record: dict) -> list[dict]:
+    out = []
+    for region in ("scene", "aoi"):
+        found = record[f"{region}_region"]
+        if found is not None:
+            out.append({"scene": Path(record["scene"]).stem, "region": region, "valid_pixels": found["valid_pixels"],
+                        **found["proportions"]})
+    return out
+
+
+def run(args) -> int:
+    if not 0 <= args.overlap < WINDOW:
+        raise InputError(f"--overlap {args.overlap}: must be 0 to {WINDOW - 1} pixels")
+    out_dir = Path(args.out)
+    paths = scene_paths(args.scenes)
+    aoi = parse_aoi(args.aoi)
+    scenes = [open_scene(p) for p in paths]   # every scene checked before any work
+    try:
+        aois = [aoi_mask_for(s, aoi) for s in scenes]
+        for s in scenes:
+            if not s.georeferenced:
+                print(f"warning: {s.path}: no georeferencing; its map is written without a CRS", file=sys.stderr)
+        env, device = distributed.setup(args.device)
+        ensemble = Ensemble(args.checkpoint, device, tta=args.tta)
+        if env.is_main:
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"{out_dir}: --out cannot be created ({exc.strerror or exc})") from None
+        from tqdm import tqdm
+
+        total = sum(len(positions(s.height, WINDOW, WINDOW - args.overlap))
+                    * len(positions(s.width, WINDOW, WINDOW - args.overlap)) for s in scenes)
+        records = []
+        with tqdm(total=total, desc="map windows", unit="window", file=sys.stderr,
+                  disable=not (env.is_main and sys.stderr.isatty())) as bar:
+            for scene, mask in zip(scenes, aois):
+                records.append(map_scene(scene, ensemble, env, out_dir, args.overlap, args.batch_size,
+                                         args.probabilities, mask, bar))
+        if env.is_main:
+            write_csv_atomic(pd.DataFrame([row for r in records for row in _rows_of(r)]), out_dir / "proportions.csv")
+            for r in records:
+                print(f"mapped {r['scene']} ({r['width']} × {r['height']} px) → {out_dir}")
+            print(f"peak memory of rank 0: {peak_memory_mb(device):.0f} MB")
+    finally:
+        for s in scenes:
+            s.close()
+        distributed.teardown()
+    return 0
+
+
+def scene_record(out_dir: Path, stem: str) -> dict:
+    """A mapped scene's proportions record (``<scene>_proportions.json``)."""
+    return json.loads((Path(out_dir) / f"{stem}_proportions.json").read_text())

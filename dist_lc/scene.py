@@ -1,0 +1,218 @@
+"""Sentinel-2 scenes of any size as GeoTIFFs (rasterio): what a scene must be, the grid of
+overlapping windows a model sees it through, the weight that blends them, and areas of interest.
+
+A scene has the bands of the challenge tiles (R, G, B, NIR; uint16). Windows of ``size`` pixels
+(the tiles' 256) step by ``size - overlap``; the last window of a row or column is flush with the
+scene's edge, so no window reads outside a scene at least one window large (a smaller scene is
+padded by reflection and the padding is cut off). Each window's probabilities are weighted by a
+2-D Hann taper (plus a small floor, so that a scene's edge pixels, seen by one window only, keep a
+weight): window borders, where a window's context is poorest, count least, and no seam shows.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shard_tools.errors import InputError
+from shard_tools.format import IMAGE_DTYPE, IMAGE_SHAPE
+
+WINDOW = IMAGE_SHAPE[0]
+TAPER_FLOOR = 1e-3
+SUFFIXES = (".tif", ".tiff")
+
+
+def positions(length: int, size: int, step: int) -> list[int]:
+    """Window starts along an axis: every ``step``, the last one flush with the end."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size, step))
+    return starts + [length - size]
+
+
+def taper(size: int) -> np.ndarray:
+    """(size, size) float32 blending weight: a 2-D Hann window plus a floor."""
+    w = np.sin(np.pi * (np.arange(size) + 0.5) / size) ** 2 + TAPER_FLOOR
+    return np.outer(w, w).astype(np.float32)
+
+
+@dataclass
+class Scene:
+    """An open scene: its rasterio dataset and what the map needs to know about it."""
+    path: Path
+    dataset: object
+    georeferenced: bool
+
+    @property
+    def height(self) -> int:
+        return self.dataset.height
+
+    @property
+    def width(self) -> int:
+        return self.dataset.width
+
+    @property
+    def nodata(self):
+        return self.dataset.nodata
+
+    def read_rows(self, top: int, rows: int) -> np.ndarray:
+        """(4, rows, width) uint16 of the scene's rows [top, top + rows) (clipped to the scene)."""
+        from rasterio.windows import Window
+
+        rows = min(rows, self.height - top)
+        return self.dataset.read(window=Window(0, top, self.width, rows))
+
+    def valid(self, pixels: np.ndarray) -> np.ndarray:
+        """(rows, width) bool: False where every band is 0 or the scene's nodata value (no_data)."""
+        empty = pixels == 0
+        if self.nodata is not None:
+            empty |= pixels == self.nodata
+        return ~empty.all(axis=0)
+
+    def close(self) -> None:
+        self.dataset.close()
+
+
+def open_scene(path) -> Scene:
+    """A scene checked for the model's bands: 4 bands, uint16; one clear line naming the file otherwise.
+
+    A scene without georeferencing is accepted with a warning (its map has no CRS either).
+    """
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: scene does not exist" if not path.exists() else f"{path}: not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            dataset = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise InputError(f"{path}: cannot read the scene ({' '.join(str(exc).split())[:200]})") from None
+    scene = Scene(path, dataset, dataset.crs is not None)
+    try:
+        if dataset.count != IMAGE_SHAPE[2]:
+            raise InputError(f"{path}: {dataset.count} band(s); a scene needs the {IMAGE_SHAPE[2]} bands of the "
+                             "challenge tiles (R, G, B, NIR)")
+        if np.dtype(dataset.dtypes[0]) != IMAGE_DTYPE:
+            raise InputError(f"{path}: bands of type {dataset.dtypes[0]}, expected {IMAGE_DTYPE} (Sentinel-2 digital "
+                             "numbers, as in the challenge tiles)")
+    except InputError:
+        dataset.close()
+        raise
+    return scene
+
+
+def scene_paths(items: list[str]) -> list[Path]:
+    """The scenes named on the command line; a folder stands for the GeoTIFFs in it."""
+    out = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+            if not found:
+                raise InputError(f"{path}: no .tif scene in the folder")
+            out += found
+        elif not path.exists():
+            raise InputError(f"{path}: scene does not exist")
+        else:
+            out.append(path)
+    stems = [p.stem for p in out]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise InputError(f"two scenes are named {twice[0]!r}: their outputs would collide; rename one")
+    return out
+
+
+# ----------------------------------------------------------------------------- areas of interest
+
+def parse_aoi(text: str | None):
+    """``--aoi``: ``x0,y0,x1,y1`` in the scene's CRS, ``lonlat:x0,y0,x1,y1``, or a GeoJSON file
+    (lon/lat, as GeoJSON is). Returns (geometry as a GeoJSON dict, its CRS or None for the scene's)."""
+    if text is None:
+        return None
+    crs = None
+    body = text
+    if text.startswith("lonlat:"):
+        crs, body = "EPSG:4326", text[len("lonlat:"):]
+    path = Path(body)
+    if path.suffix.lower() in (".geojson", ".json"):
+        if not path.is_file():
+            raise InputError(f"{path}: --aoi GeoJSON file does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: --aoi is not GeoJSON ({exc})") from None
+        return _geometry(data, path), "EPSG:4326"
+    try:
+        x0, y0, x1, y1 = (float(v) for v in body.split(","))
+    except ValueError:
+        raise InputError(f"--aoi {text!r}: expected x0,y0,x1,y1 (scene CRS), lonlat:x0,y0,x1,y1 or a .geojson file"
+                         ) from None
+    if not (x0 < x1 and y0 < y1):
+        raise InputError(f"--aoi {text!r}: the box is empty (expected x0 < x1 and y0 < y1)")
+    box = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+    return box, crs
+
+
+def _geometry(data: dict, path: Path) -> dict:
+    if data.get("type") == "FeatureCollection":
+        geoms = [f.get("geometry") for f in data.get("features", [])]
+        if len(geoms) != 1:
+            raise InputError(f"{path}: --aoi GeoJSON must hold one polygon, found {len(geoms)} features")
+        data = geoms[0]
+    elif data.get("type") == "Feature":
+        data = data.get("geometry")
+    if not isinstance(data, dict) or data.get("type") not in ("Polygon", "MultiPolygon"):
+        raise InputError(f"{path}: --aoi GeoJSON must be a Polygon or MultiPolygon")
+    return data
+
+
+def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
+    """The AOI on the scene's grid; an error when the scene lacks a CRS it needs or misses it entirely."""
+    if aoi is None:
+        return None
+    from rasterio.warp import transform_geom
+
+    geometry, crs = aoi
+    if crs is not None:
+        if not scene.georeferenced:
+            raise InputError(f"{scene.path}: the scene has no CRS, so a lon/lat --aoi cannot be placed on it")
+        geometry = transform_geom(crs, scene.dataset.crs, geometry)
+    mask = AoiMask(geometry, scene.dataset.transform, scene.width)
+    x0, y0, x1, y1 = _bounds(geometry)
+    left, bottom, right, top = scene.dataset.bounds
+    if x1 <= min(left, right) or x0 >= max(left, right) or y1 <= min(bottom, top) or y0 >= max(bottom, top):
+        raise InputError(f"{scene.path}: --aoi lies outside the scene (AOI {x0:.6g},{y0:.6g},{x1:.6g},{y1:.6g}; "
+                         f"scene {left:.6g},{bottom:.6g},{right:.6g},{top:.6g} in its CRS)")
+    return mask
+
+
+def _bounds(geometry: dict) -> tuple[float, float, float, float]:
+    coords = np.asarray([p for ring in _rings(geometry) for p in ring], dtype=np.float64)
+    return coords[:, 0].min(), coords[:, 1].min(), coords[:, 0].max(), coords[:, 1].max()
+
+
+def _rings(geometry: dict):
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    for polygon in polygons:
+        yield from polygon
+
+
+class AoiMask:
+    """Which pixels of a block of rows lie inside the AOI (rasterised block by block: bounded memory)."""
+
+    def __init__(self, geometry: dict, transform, width: int):
+        self.geometry, self.transform, self.width = geometry, transform, width
+
+    def rows(self, top: int, count: int) -> np.ndarray:
+        from rasterio.features import geometry_mask
+        from rasterio.windows import Window, transform as window_transform
+
+        return geometry_mask([self.geometry], out_shape=(count, self.width),
+                             transform=window_transform(Window(0, top, self.width, count), self.transform),
+                             invert=True)

@@ -1,0 +1,120 @@
+"""Samples of a WebDataset tar shard, read member by member without the tarfile module.
+
+A sample is the run of consecutive members whose names share the text before the first dot (the
+WebDataset convention). The shards ``pack`` writes hold regular files only, with short names; this
+reader also takes directories (skipped), GNU long names and pax headers (skipped), and checks every
+header's checksum, so that damage is reported where it is instead of being read as data.
+
+Skipping is cheap: the members of the first ``skip`` samples, and members not asked for, are passed
+over with a seek on a local file (read and dropped on a stream such as a URL).
+"""
+from __future__ import annotations
+
+import io
+
+from .errors import InputError
+
+BLOCK = 512
+
+
+class TarError(InputError):
+    """A shard that is not a well-formed tar where it is read."""
+
+
+def _read_exact(stream, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:   # pipes and sockets return what they have
+        more = stream.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _skip(stream, size: int, seekable: bool) -> None:
+    if seekable:
+        stream.seek(size, io.SEEK_CUR)
+        return
+    while size > 0:
+        chunk = stream.read(min(size, 1 << 20))
+        if not chunk:
+            raise TarError("the tar ends inside a member")
+        size -= len(chunk)
+
+
+def _header(block: bytes) -> tuple[str, int, bytes]:
+    """(name, data size, type flag) of a 512-byte header; TarError on a bad checksum."""
+    stored = block[148:156].split(b"\0", 1)[0].strip()
+    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    try:
+        if int(stored or b"-1", 8) != computed:
+            raise ValueError
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise TarError("corrupt tar header (bad checksum)") from None
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
+        name = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+    return name, size, block[156:157]
+
+
+def members(stream, seekable: bool = False, strict: bool = False):
+    """``(name, size, read)`` of every regular member, in order. ``read()`` returns the member's bytes;
+    a member whose bytes the caller does not read is passed over. ``strict``: any other kind of
+    member (a directory, a link, a pax header) is an error instead of being passed over."""
+    long_name = None
+    while True:
+        block = _read_exact(stream, BLOCK)
+        if not block or block == bytes(BLOCK):   # end of archive (or a tar cut at a member boundary)
+            return
+        if len(block) < BLOCK:
+            raise TarError("the tar ends inside a header")
+        name, size, kind = _header(block)
+        padded = -(-size // BLOCK) * BLOCK
+        if kind == b"L":   # GNU long name: the next member's
+            long_name = _read_exact(stream, padded)[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
+            continue
+        if kind not in (b"0", b"\0", b"7"):   # directories, links, pax headers: nothing to yield
+            if strict:
+                raise TarError(f"member {name!r} is not a regular file")
+            _skip(stream, padded, seekable)
+            continue
+        name, long_name = long_name or name, None
+        done = []
+
+        def read(name=name, size=size, padded=padded) -> bytes:
+            data = _read_exact(stream, padded)
+            done.append(True)
+            if len(data) < size:
+                raise TarError(f"the tar ends inside member {name!r}")
+            return data[:size] if padded != size else data
+
+        yield name, size, read
+        if not done:
+            _skip(stream, padded, seekable)
+
+
+def samples(stream, skip: int = 0, wanted=None, seekable: bool = False, seen: list | None = None,
+            strict: bool = False):
+    """Raw samples ``{"__key__": key, suffix: bytes, ...}`` after the first ``skip``, whose members are
+    passed over unread, as are members whose suffix is not in ``wanted`` (None: all). ``seen``
+    collects the key of every sample started, so that an error can name it."""
+    index, key, sample = -1, None, None
+    for name, _, read in members(stream, seekable, strict):
+        this, _, suffix = name.partition(".")
+        if this != key:
+            if sample is not None:
+                yield sample
+            index, key = index + 1, this
+            if seen is not None:
+                seen.append(this)
+            sample = {"__key__": this} if index >= skip else None
+        if sample is not None and (wanted is None or suffix in wanted):
+            sample[suffix] = read()
+    if sample is not None:
+        yield sample
