@@ -135,6 +135,8 @@ def _synth(sub):
     p.add_argument("--train", type=count, default=150, metavar="N", help="train tiles with masks (default: 150)")
     p.add_argument("--test", type=count, default=24, metavar="N", help="test tiles (default: 24)")
     p.add_argument("--seed", type=count, default=0, metavar="S", help="random seed (default: 0)")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="processes drawing tiles (default: the cores this process may use)")
     return "dist_lc.synth.generate"
 
 

@@ -140,9 +140,16 @@ def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.G
     return image[y:y + size, x:x + size], mask[y:y + size, x:x + size]
 
 
+def as_pixels(image: np.ndarray) -> np.ndarray:
+    """An (H, W, 4) uint16 image as an (H, W) array of 8-byte pixels (a view): flipping, rotating and
+    copying whole pixels is several times faster than moving 2-byte values with a stride of 4."""
+    return image.view(np.uint64)[..., 0]
+
+
 class BatchBuilder:
     """Fills one batch in shared memory: each sample's (possibly flipped or cropped) views are
-    copied once, into the tensors the DataLoader hands to the rank without another copy."""
+    copied once, into the tensors the DataLoader hands to the rank without another copy. Images
+    arrive as 8-byte pixels (:func:`as_pixels`) and leave as (N, H, W, 4) uint16."""
 
     def __init__(self, size: int):
         self.size, self.rows = size, []
@@ -161,9 +168,9 @@ class BatchBuilder:
         if not self.rows:
             return None
         rows, self.rows = self.rows, []
-        h, w, c = rows[0][1].shape
-        image = self._empty((len(rows), h, w, c), torch.uint16)
-        view = image.numpy()
+        h, w = rows[0][1].shape
+        image = self._empty((len(rows), h, w, 4), torch.uint16)
+        view = image.numpy().view(np.uint64)[..., 0]
         for i, (_, img, _, _) in enumerate(rows):
             view[i] = img
         batch = {"key": [r[0] for r in rows], "image": image}
@@ -205,6 +212,7 @@ class ShardStream(IterableDataset):
         for seg in segments(self.shards, start, stop):
             for raw in read_segment(seg):
                 key, image, mask, props = decode_sample(raw)
+                image = as_pixels(image)
                 if self.crop and mask is not None:
                     image, mask = random_crop(image, mask, self.crop, rng)
                     props = class_proportions(mask)
@@ -305,7 +313,7 @@ class TiffStream(IterableDataset):
         lo, hi = balanced_range(len(self.items), info.num_workers if info else 1, info.id if info else 0)
         builder = BatchBuilder(self.batch_size)
         for key, path in self.items[lo:hi]:
-            batch = builder.add(key, read_image(Path(path)), None, None)
+            batch = builder.add(key, as_pixels(np.ascontiguousarray(read_image(Path(path)))), None, None)
             if batch is not None:
                 yield batch
         batch = builder.take()

@@ -72,11 +72,11 @@ _NPY_HEADERS: dict[bytes, tuple] = {}   # header bytes → (dtype, shape, offset
 
 def _npy_layout(data: bytes) -> tuple:
     """(dtype, shape, data offset) of .npy bytes, parsed once per distinct header."""
-    if data[:6] != b"\x93NUMPY":
+    if bytes(data[:6]) != b"\x93NUMPY":
         raise ValueError("not .npy bytes (no magic)")
     major = data[6]
     offset = (10 + int.from_bytes(data[8:10], "little")) if major == 1 else (12 + int.from_bytes(data[8:12], "little"))
-    header = data[:offset]
+    header = bytes(data[:offset])
     layout = _NPY_HEADERS.get(header)
     if layout is None:
         stream = io.BytesIO(header)

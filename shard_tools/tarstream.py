@@ -87,12 +87,13 @@ def members(stream, seekable: bool = False, strict: bool = False):
         name, long_name = long_name or name, None
         done = []
 
-        def read(name=name, size=size, padded=padded) -> bytes:
+        def read(name=name, size=size, padded=padded):
+            """The member's bytes (a memoryview over the block-padded read: no copy to trim it)."""
             data = _read_exact(stream, padded)
             done.append(True)
             if len(data) < size:
                 raise TarError(f"the tar ends inside member {name!r}")
-            return data[:size] if padded != size else data
+            return memoryview(data)[:size] if padded != size else data
 
         yield name, size, read
         if not done:

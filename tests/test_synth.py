@@ -197,20 +197,30 @@ def test_refuses_a_non_empty_output_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
-def test_a_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_a_failed_run_leaves_no_output_and_the_same_command_resumes_it(tmp_path, monkeypatch):
     calls = []
 
     def failing(seed, sid):
         calls.append(sid)
-        if len(calls) > 1:
+        if len(calls) > 2:
             raise OSError("disk full")
         return real(seed, sid)
 
     real = gen.make_tile
     monkeypatch.setattr(gen, "make_tile", failing)
     with pytest.raises(OSError):
-        gen.generate(tmp_path / "out", n_train=3, n_test=0, progress=False, workers=1)
-    assert list(tmp_path.iterdir()) == []
+        gen.generate(tmp_path / "out", n_train=4, n_test=1, progress=False, workers=1)
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
+    with pytest.raises(InputError, match="half-written synth of another request"):
+        gen.generate(tmp_path / "out", n_train=5, n_test=1, progress=False, workers=1)
+    calls.clear()
+    monkeypatch.setattr(gen, "make_tile", lambda seed, sid: (calls.append(sid), real(seed, sid))[1])
+    gen.generate(tmp_path / "out", n_train=4, n_test=1, progress=False, workers=1)
+    assert calls == [3, 4, 5]                                   # tiles 1 and 2 were kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    fresh = gen.generate(tmp_path / "fresh", n_train=4, n_test=1, progress=False, workers=1)
+    for name in ("train/images/1.tif", "train/masks/4.tif", "test/images/5.tif", "train_labels.csv"):
+        assert (tmp_path / "out" / name).read_bytes() == (fresh / name).read_bytes(), name
 
 
 def test_an_empty_existing_folder_is_accepted(tmp_path):
@@ -221,7 +231,7 @@ def test_an_empty_existing_folder_is_accepted(tmp_path):
 
 def test_run_prints_where_and_the_class_frequencies(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert gen.run(argparse.Namespace(out=str(out), train=2, test=1, seed=0)) == 0
+    assert gen.run(argparse.Namespace(out=str(out), train=2, test=1, seed=0, workers=1)) == 0
     text = capsys.readouterr().out
     assert str(out) in text and "cultivated" in text and "water" in text
     _, rows = read_labels(out / "train_labels.csv")

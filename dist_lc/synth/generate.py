@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 import multiprocessing
@@ -479,15 +478,20 @@ def write_mask(path: Path, mask: np.ndarray) -> None:
     tifffile.imwrite(path, mask, photometric="minisblack", rowsperstrip=32, metadata=None, software=False)
 
 
-def _write_one(job: tuple[Path, int, int, bool]) -> np.ndarray | None:
+def _write_atomic(path: Path, write, array: np.ndarray) -> None:
+    """Write to a temporary name, then rename: a tile on disk under its name is complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp, array)
+    os.replace(tmp, path)
+
+
+def _write_one(job: tuple[Path, int, int, bool]) -> None:
     root, seed, sid, train = job
     image, mask = make_tile(seed, sid)
     split = "train" if train else "test"
-    write_image(root / split / "images" / f"{sid}.tif", image)
-    if not train:
-        return None
-    write_mask(root / split / "masks" / f"{sid}.tif", mask)
-    return class_proportions(mask)
+    if train:
+        _write_atomic(root / split / "masks" / f"{sid}.tif", write_mask, mask)
+    _write_atomic(root / split / "images" / f"{sid}.tif", write_image, image)   # last: the tile's done mark
 
 
 def write_labels(path: Path, ids: list[int], props: list[np.ndarray]) -> None:
@@ -504,14 +508,36 @@ def _check_out(out: Path) -> None:
         raise InputError(f"{out}: output folder exists and is not empty; nothing written (choose a new folder)")
 
 
-def _progress(iterable, total: int, enabled: bool):
+def _progress(iterable, total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a declared dependency
-        return iterable
-    return tqdm(iterable, total=total, desc="synth tiles", unit="tile", file=sys.stderr)
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, desc="synth tiles", unit="tile", file=sys.stderr)
+
+
+PLAN = "synth.json"   # what a half-written folder was asked for
+
+
+def _staging(out: Path, plan: dict) -> Path:
+    """The hidden folder the tiles are written to: a new one, or the half-written one of an earlier
+    run with the same request (resumed); one with another request is refused."""
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        try:
+            saved = json.loads((staging / PLAN).read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if saved != plan:
+            raise InputError(f"{staging}: a half-written synth of another request ({saved}); run again with the "
+                             f"same --train/--test/--seed to resume it, or remove it")
+        for tmp in staging.rglob(".*.tmp"):
+            tmp.unlink()
+        return staging
+    for sub in ("train/images", "train/masks", "test/images"):
+        (staging / sub).mkdir(parents=True)
+    (staging / PLAN).write_text(json.dumps(plan))
+    return staging
 
 
 def generate(out, n_train: int = 150, n_test: int = 24, seed: int = 0, progress: bool = True,
@@ -519,38 +545,40 @@ def generate(out, n_train: int = 150, n_test: int = 24, seed: int = 0, progress:
     """Write ``n_train`` train tiles (ids 1..n_train) with masks, ``n_test`` test tiles (ids after
     them) and ``train_labels.csv`` under ``out`` in the challenge layout; return ``out``.
 
-    Refuses an existing non-empty ``out``. The tiles are written to a hidden sibling folder that is
-    renamed to ``out`` at the end, so a failed run leaves nothing behind. ``workers`` processes
-    (default: up to 2 by CPU count).
+    Refuses an existing non-empty ``out``. The tiles are written to a hidden sibling folder
+    (``.<out>.partial``) that is renamed to ``out`` at the end, so ``out`` never holds a half-written
+    set; a run that was cut short is resumed by the same command (the tiles already written are
+    kept). ``workers`` processes (default: the cores this process may use).
     """
     if n_train < 0 or n_test < 0:
         raise InputError(f"tile counts must be >= 0 (train {n_train}, test {n_test})")
     out = Path(out)
     _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        _write_all(staging, n_train, n_test, seed, progress, workers or min(2, usable_cores()))
-        _check_out(out)
-        staging.replace(out)  # onto a missing or empty folder
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    staging = _staging(out, {"train": n_train, "test": n_test, "seed": seed})
+    _write_all(staging, n_train, n_test, seed, progress, workers or usable_cores())
+    (staging / PLAN).unlink()
+    _check_out(out)
+    staging.replace(out)  # onto a missing or empty folder
     return out
 
 
 def _write_all(root: Path, n_train: int, n_test: int, seed: int, progress: bool, workers: int) -> None:
-    for sub in ("train/images", "train/masks", "test/images"):
-        (root / sub).mkdir(parents=True)
     train_ids = list(range(1, n_train + 1))
-    jobs = [(root, seed, sid, True) for sid in train_ids]
-    jobs += [(root, seed, sid, False) for sid in range(n_train + 1, n_train + n_test + 1)]
+    every = [(root, seed, sid, True) for sid in train_ids]
+    every += [(root, seed, sid, False) for sid in range(n_train + 1, n_train + n_test + 1)]
+    jobs = [j for j in every if not (root / ("train" if j[3] else "test") / "images" / f"{j[2]}.tif").exists()]
+    done = len(every) - len(jobs)
     if workers > 1 and len(jobs) > 8:
         # spawn, not fork: forked children of a threaded caller (torch, OpenMP) can deadlock
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(_progress(pool.map(_write_one, jobs, chunksize=4), len(jobs), progress))
+            for _ in _progress(pool.map(_write_one, jobs, chunksize=4), len(every), progress, done):
+                pass
     else:
-        results = [_write_one(job) for job in _progress(jobs, len(jobs), progress)]
-    write_labels(root / "train_labels.csv", train_ids, results[:n_train])
+        for job in _progress(jobs, len(every), progress, done):
+            _write_one(job)
+    props = [class_proportions(tifffile.imread(root / "train" / "masks" / f"{sid}.tif")) for sid in train_ids]
+    write_labels(root / "train_labels.csv", train_ids, props)
 
 
 def class_frequencies(root: Path) -> np.ndarray:
@@ -562,9 +590,10 @@ def class_frequencies(root: Path) -> np.ndarray:
 
 
 def run(args) -> int:
-    """CLI: ``dist-lc synth --out DIR --train N --test N --seed S``."""
+    """CLI: ``dist-lc synth --out DIR --train N --test N --seed S [--workers W]``."""
     start = time.perf_counter()
-    out = generate(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
+    out = generate(args.out, n_train=args.train, n_test=args.test, seed=args.seed,
+                   progress=sys.stderr.isatty(), workers=getattr(args, "workers", None))
     elapsed = time.perf_counter() - start
     print(f"wrote {args.train} train + {args.test} test tiles to {out} in {elapsed:.1f} s")
     target = load_constants()["target_frequencies"]
