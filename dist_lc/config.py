@@ -112,7 +112,10 @@ class TrainConfig:
     seed: int = option(0, "seed of initialisation, data order and augmentation", min=0)
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (slower)")
     time_limit: float | None = option(None, "minutes; stop at the last epoch boundary that fits", min=0.0)
-    val_every: int = option(1, "epochs between validations (the last epoch is always validated)", min=1)
+    val_every: int = option(1, "epochs between validations (the first and the last epoch are always validated)",
+                            min=1)
+    val_from: float = option(0.0, "validate only from this share of the planned epochs on (0: from the start); "
+                             "a cosine schedule's best epochs are its last ones", min=0.0, max=1.0)
     early_stop: int | None = option(None, "stop after this many validations without a better score "
                                     "(null: never)", min=1)
     early_stop_min_delta: float = option(0.0, "early_stop: how much lower a score must be to count as better",
@@ -158,6 +161,8 @@ class CVConfig:
     folds: list | None = option(None, "folds to run (null: every fold of the shards)")
     tta: bool = option(False, "average the 8 flips/rotations when predicting out-of-fold and test tiles")
     calibrate: bool = option(True, "fit a per-class calibration on the out-of-fold tiles (applied when it helps)")
+    second_stage: bool = option(True, "fit boosted trees on the out-of-fold log-proportions and tile features "
+                                "(applied when their cross-fitted score is the lowest)")
 
 
 @dataclass

@@ -53,11 +53,14 @@ def pick_executor(requested: str | None) -> str:
     return "local" if slurm_problem() else "slurm"
 
 
-def calibration_line(cal: dict) -> list[str]:
-    if cal.get("oof_kl") is None:
-        return []
-    use = "applied to submission.csv" if cal["applied"] else "not applied: no gain"
-    return [f"  calibrated            {cal['oof_kl']:.4f}   (cross-fitted over folds; {use})"]
+def correction_lines(report: dict) -> list[str]:
+    lines = []
+    for key, label in (("calibration", "calibrated          "), ("second_stage", "second stage        ")):
+        part = report.get(key, {})
+        if part.get("oof_kl") is not None:
+            use = "applied to submission.csv" if part["applied"] else "not applied"
+            lines.append(f"  {label}  {part['oof_kl']:.4f}   (cross-fitted over folds; {use})")
+    return lines
 
 
 def summary(report: dict, cv_dir: Path, elapsed: float) -> str:
@@ -66,7 +69,7 @@ def summary(report: dict, cv_dir: Path, elapsed: float) -> str:
     lines += [f"| {f['fold']} | {f['best_epoch']} | {f['best_val_kl']:.4f} |" for f in report["folds"]]
     lines += ["", f"mean KL over folds      {report['mean_kl']:.4f} ± {report['std_kl']:.4f}",
               f"out-of-fold KL          {report['oof_kl']:.4f}",
-              *calibration_line(report.get("calibration", {})),
+              *correction_lines(report),
               f"mean-distribution KL    {report['baseline_kl']:.4f}   (predicting the training folds' mean)",
               f"oof / baseline          {report['oof_kl'] / report['baseline_kl']:.2f}", "",
               f"report      {cv_dir / 'report.md'}", f"plots       {cv_dir / 'plots'}/*.png",

@@ -31,10 +31,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES
+from shard_tools import tarstream
+from shard_tools.format import CLASS_NAMES, decode_sample
 from shard_tools.manifest import load_manifest
 
-from .. import calibration, pixel_metrics
+from .. import calibration, pixel_metrics, second_stage, tile_features
 from ..files import write_csv_atomic, write_json_atomic
 from ..plots import save_figure
 from ..metrics import SCORED_CLASSES, SCORED_NAMES, kl_per_class, kl_per_sample
@@ -42,7 +43,7 @@ from ..run_log import read_metrics
 from .plan import CONFUSION, DONE, OOF, TEST, Plan, Point, load_plan, now
 
 CLASSES = list(CLASS_NAMES)
-TRUTH = "truth.csv"
+TRUTH, FEATURES = "truth.csv", "tile_features.csv"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -95,7 +96,8 @@ def fold_row(plan: Plan, point: Point, fold: int, truth: pd.DataFrame) -> dict:
             "final_train_loss": done["final_train_loss"], "epochs_done": done["epochs_done"],
             "epochs": done["epochs"], "oof_kl": score["kl"], "oof_tiles": score["tiles"],
             "train_s": round(done["train_s"], 1), "predict_s": round(done["predict_s"], 1),
-            "world_size": done["world_size"], "job_id": done.get("job_id"), "run_dir": str(run_dir)}
+            "world_size": done["world_size"], "job_id": done.get("job_id"), "run_dir": str(run_dir),
+            "timeline": done.get("timeline")}
 
 
 def read_confusion(run_dir: Path) -> np.ndarray | None:
@@ -169,10 +171,61 @@ def calibrate_block(plan: Plan, point: Point, block: dict, truth: pd.DataFrame) 
     write_csv_atomic(crossed.reset_index(), plan.cv_dir / "oof_calibrated.csv")
     score = _score(truth, crossed)
     fitted = calibration.fit(y, oof.to_numpy(np.float64))
-    applied = score["kl"] is not None and score["kl"] < block["oof_kl"]
-    return {"enabled": True, "applied": applied, "oof_kl": score["kl"], "per_class": score["per_class"],
-            "params": fitted.to_dict(), "reason": "lowers the cross-fitted oof KL" if applied else
-            "does not lower the cross-fitted oof KL: submission left uncalibrated"}
+    return {"enabled": True, "applied": False, "oof_kl": score["kl"], "per_class": score["per_class"],
+            "params": fitted.to_dict()}
+
+
+def tile_features_table(plan: Plan, manifest) -> pd.DataFrame:
+    """Every tile's cheap features (:mod:`dist_lc.tile_features`), from one pass over the shards'
+    images; cached in the CV folder as tile_features.csv."""
+    cache = plan.cv_dir / FEATURES
+    if cache.exists():
+        table = pd.read_csv(cache, dtype={"sample_id": str}).set_index("sample_id")
+        if len(table) == sum(s["count"] for s in manifest.data["shards"]):
+            return table
+
+    def tiles():
+        for entry in manifest.data["shards"]:
+            with manifest.root.open(entry["name"]) as stream:
+                for raw in tarstream.samples(stream, wanted={"image.npy"}, seekable=not manifest.root.remote):
+                    key, image, _, _ = decode_sample(raw)
+                    yield key, image, entry["split"] == "train"
+
+    keys, values = tile_features.features(tiles())
+    table = pd.DataFrame(values, index=pd.Index(keys, name="sample_id"), columns=tile_features.names())
+    write_csv_atomic(table.reset_index(), cache)
+    return table
+
+
+def second_stage_block(plan: Plan, point: Point, block: dict, truth: pd.DataFrame) -> dict:
+    """Score the second stage cross-fitted on the point's out-of-fold tiles (``oof_second_stage.csv``)."""
+    if not plan.config.cv.second_stage:
+        return {"enabled": False, "applied": False, "reason": "cv.second_stage is false"}
+    oof = read_pred(plan.point_dir(point) / OOF)
+    if len(block["folds"]) < 2 or len(oof) < second_stage.MIN_TILES:
+        return {"enabled": True, "applied": False, "reason": f"needs at least 2 finished folds and "
+                f"{second_stage.MIN_TILES} out-of-fold tiles (has {len(block['folds'])} and {len(oof)})"}
+    features = tile_features_table(plan, load_manifest(plan.config.data.shards)).loc[oof.index]
+    y, folds = truth.loc[oof.index, CLASSES].to_numpy(np.float64), truth.loc[oof.index, "fold"].to_numpy()
+    crossed = pd.DataFrame(second_stage.cross_fitted(y, oof.to_numpy(np.float64), features.to_numpy(), folds),
+                           index=oof.index, columns=CLASSES)
+    write_csv_atomic(crossed.reset_index(), plan.cv_dir / "oof_second_stage.csv")
+    score = _score(truth, crossed)
+    return {"enabled": True, "applied": False, "oof_kl": score["kl"], "per_class": score["per_class"],
+            "rounds": second_stage.ROUNDS, "features": features.shape[1] + 8}
+
+
+def choose_correction(block: dict, calib: dict, stage: dict) -> str:
+    """The submission's correction: the one with the lowest cross-fitted out-of-fold KL, or none."""
+    options = {"none": block["oof_kl"], "calibration": calib.get("oof_kl"), "second_stage": stage.get("oof_kl")}
+    scored = {k: v for k, v in options.items() if v is not None}
+    chosen = min(scored, key=scored.get) if scored else "none"
+    for name, part in (("calibration", calib), ("second_stage", stage)):
+        if part.get("oof_kl") is not None:
+            part["applied"] = chosen == name
+            part["reason"] = ("lowest cross-fitted oof KL: applied to submission.csv" if chosen == name else
+                              f"not applied: {chosen.replace('_', ' ')} scores lower cross-fitted")
+    return chosen
 
 
 def ensemble(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -181,25 +234,38 @@ def ensemble(tables: list[pd.DataFrame]) -> pd.DataFrame:
     return mean.div(mean.sum(axis=1), axis=0)
 
 
-def write_submission(plan: Plan, point: Point, block: dict, calib: dict) -> dict | None:
-    """The mean of the finished folds' test predictions (= the ensemble of their best.pt); when
-    ``calib["applied"]``, the mean of the calibrated fold predictions (the calibration was fitted on
-    single models' out-of-fold tiles, so it is applied to single models), the uncalibrated mean kept
-    as submission_uncalibrated.csv."""
+def write_submission(plan: Plan, point: Point, block: dict, calib: dict, correction: str,
+                     truth: pd.DataFrame) -> dict | None:
+    """The mean of the finished folds' test predictions (= the ensemble of their best.pt), or, with a
+    correction, the mean of the corrected fold predictions (a correction is fitted on single models'
+    out-of-fold tiles, so it is applied to each fold's model, then averaged); the plain mean is then
+    kept as submission_uncalibrated.csv."""
     paths = [Path(r["run_dir"]) / TEST for r in block["folds"]]
     paths = [p for p in paths if p.exists()]
     if not paths:
         return None
     tables = [read_pred(p) for p in paths]
     final = mean = ensemble(tables)
-    if calib["applied"]:   # fitted on single models' oof tiles: applied to each fold's model, then averaged
+    if correction != "none":
         write_csv_atomic(mean.reset_index(), plan.cv_dir / "submission_uncalibrated.csv")
-        cal = calibration.Calibration(**calib["params"])
-        final = ensemble([pd.DataFrame(cal.apply(t.to_numpy(np.float64)), index=t.index, columns=CLASSES)
-                          for t in tables])
+        correct = _corrector(plan, point, calib, correction, truth)
+        final = ensemble([pd.DataFrame(correct(t), index=t.index, columns=CLASSES) for t in tables])
     write_csv_atomic(final.reset_index(), plan.cv_dir / "submission.csv")
     return {"path": "submission.csv", "point": point.name, "folds": [r["fold"] for r in block["folds"]],
-            "tiles": len(final), "tta": plan.config.cv.tta, "calibrated": calib["applied"]}
+            "tiles": len(final), "tta": plan.config.cv.tta, "calibrated": correction == "calibration",
+            "correction": correction}
+
+
+def _corrector(plan: Plan, point: Point, calib: dict, correction: str, truth: pd.DataFrame):
+    """table → corrected (n, 10) array, fitted on every out-of-fold tile of the point."""
+    if correction == "calibration":
+        cal = calibration.Calibration(**calib["params"])
+        return lambda t: cal.apply(t.to_numpy(np.float64))
+    oof = read_pred(plan.point_dir(point) / OOF)
+    features = tile_features_table(plan, load_manifest(plan.config.data.shards))
+    stage = second_stage.fit(truth.loc[oof.index, CLASSES].to_numpy(np.float64), oof.to_numpy(np.float64),
+                             features.loc[oof.index].to_numpy())
+    return lambda t: stage.apply(t.to_numpy(np.float64), features.loc[t.index].to_numpy())
 
 
 # ----------------------------------------------------------------------------- plots
@@ -319,12 +385,14 @@ def markdown(report: dict) -> str:
     lines = [f"# Cross-validation report: {report['cv_dir']}", "",
              f"{report['created']} · executor {report['executor']} · folds {report['folds_planned']} · "
              f"TTA {'on' if report['tta'] else 'off'}{best}",
-             "", "| fold | best epoch | best val KL | oof KL | final train loss | epochs | train s | predict s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| fold | best epoch | best val KL | oof KL | final train loss | epochs | train s | predict s | "
+             "job s | outside epochs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["folds"]:
+        t = r.get("timeline") or {}
+        outside = f"{1 - t['epochs_s'] / t['job_s']:.0%}" if t.get("job_s") else "–"
         lines.append(f"| {r['fold']} | {r['best_epoch']} | {_f(r['best_val_kl'])} | {_f(r['oof_kl'])} | "
                      f"{_f(r['final_train_loss'])} | {r['epochs_done']}/{r['epochs']} | {r['train_s']} | "
-                     f"{r['predict_s']} |")
+                     f"{r['predict_s']} | {t.get('job_s', 0):.0f} | {outside} |")
     lines += ["", f"- mean ± std of the best validation KL over {len(report['folds'])} fold(s): "
               f"**{_f(report['mean_kl'])} ± {_f(report['std_kl'])}**",
               f"- out-of-fold KL ({report.get('oof_tiles', 0)} tiles scored together): **{_f(report['oof_kl'])}**",
@@ -336,6 +404,13 @@ def markdown(report: dict) -> str:
                      f"biases {', '.join(f'{b:+.2f}' for b in cal['params']['bias'])})")
     elif cal["enabled"]:
         lines.append(f"- calibration not fitted: {cal['reason']}")
+    stage = report.get("second_stage", {})
+    if stage.get("oof_kl") is not None:
+        lines.append(f"- out-of-fold KL **with the second stage** (boosted trees on the log-proportions and "
+                     f"{stage['features'] - 8} tile features, cross-fitted): **{_f(stage['oof_kl'])}**; "
+                     f"{stage['reason']}")
+    elif stage.get("enabled"):
+        lines.append(f"- second stage not fitted: {stage['reason']}")
     if report["missing_folds"]:
         lines.append(f"- **unfinished folds: {report['missing_folds']}** (scores above are over the finished ones)")
     if report.get("oof_pixel"):
@@ -350,11 +425,11 @@ def markdown(report: dict) -> str:
         lines.append("")
         lines.append("IoU per class; mIoU over the classes present in the truth or the prediction; the KL score "
                      "(above) is the one that selects models.")
-    calibrated = cal.get("per_class", {})
-    lines += ["", "## Per-class contributions (out-of-fold)", "", "| class | oof | oof calibrated | baseline |",
-              "|---|---|---|---|"]
+    calibrated, staged = cal.get("per_class", {}), stage.get("per_class", {})
+    lines += ["", "## Per-class contributions (out-of-fold)", "",
+              "| class | oof | oof calibrated | oof second stage | baseline |", "|---|---|---|---|---|"]
     for c in SCORED_NAMES:
-        lines.append(f"| {c} | {_f(report['per_class'].get(c))} | {_f(calibrated.get(c))} | "
+        lines.append(f"| {c} | {_f(report['per_class'].get(c))} | {_f(calibrated.get(c))} | {_f(staged.get(c))} | "
                      f"{_f(report['baseline_per_class'].get(c))} |")
     if report.get("grid"):
         lines += ["", "## Grid points, ranked by mean validation KL", "",
@@ -389,7 +464,9 @@ def build(cv_dir) -> dict:
               "executor": plan.executor, "tta": plan.config.cv.tta, "folds_planned": plan.folds,
               "complete": all(b["complete"] for b in blocks), **best}
     report["calibration"] = calibrate_block(plan, point, best, truth)
-    report["submission"] = write_submission(plan, point, best, report["calibration"])
+    report["second_stage"] = second_stage_block(plan, point, best, truth)
+    correction = choose_correction(best, report["calibration"], report["second_stage"])
+    report["submission"] = write_submission(plan, point, best, report["calibration"], correction, truth)
     report["plots"] = make_plots(plan, blocks, best)
     if plan.grid:
         report["grid_axes"] = plan.grid
@@ -403,11 +480,12 @@ def build(cv_dir) -> dict:
 
 def summary_line(report: dict) -> str:
     head = f"grid point {report['name']}: " if report.get("grid") else ""
-    cal = report.get("calibration", {})
-    calibrated = f" ({_f(cal['oof_kl'])} calibrated)" if cal.get("oof_kl") is not None else ""
+    cal, stage = report.get("calibration", {}), report.get("second_stage", {})
+    extra = [f"{_f(cal['oof_kl'])} calibrated"] if cal.get("oof_kl") is not None else []
+    extra += [f"{_f(stage['oof_kl'])} second stage"] if stage.get("oof_kl") is not None else []
     return (f"{head}mean KL {_f(report['mean_kl'])} ± {_f(report['std_kl'])} over {len(report['folds'])} fold(s), "
-            f"oof KL {_f(report['oof_kl'])}{calibrated}, baseline {_f(report['baseline_kl'])}; "
-            f"{report['cv_dir']}/report.md")
+            f"oof KL {_f(report['oof_kl'])}" + (f" ({', '.join(extra)})" if extra else "")
+            + f", baseline {_f(report['baseline_kl'])}; {report['cv_dir']}/report.md")
 
 
 def run(args) -> int:
