@@ -347,9 +347,11 @@ def train(cfg: Config, run_dir) -> dict:
     run_dir = Path(run_dir)
     distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     s = build_setup(keep_chosen_micro_batch(cfg, run_dir))
+    setup_s = time.monotonic() - started
     with RunLock(run_dir, enabled=s.env.is_main), StopSignals() as stop:
         try:
             row = _train(s, run_dir, stop, started)
+            row["timing"].update(setup_s=setup_s, train_call_s=time.monotonic() - started)
         except Exception as exc:
             cause = explained(exc, s, run_dir)
             if cause is exc:
@@ -409,6 +411,17 @@ def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
         runlog.close(status)
 
 
+def validates(t, epoch: int, last: int) -> bool:
+    """Whether an epoch ends with a validation: the first (a measure of its cost, and a sanity check),
+    every train.val_every-th from train.val_from × the planned epochs on, and the last."""
+    return epoch == 1 or epoch == last or (epoch >= t.val_from * last and epoch % t.val_every == 0)
+
+
+def validated_share(t) -> float:
+    """The share of the epochs still to come that validate (for the cost of an epoch)."""
+    return 1.0 - t.val_from
+
+
 def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, val_s: list, runlog: RunLog) -> None:
     """After each of the first two epochs: shorten a cosine schedule so that it anneals inside
     train.time_limit, from the measured cost of an epoch (its training + its share of validation).
@@ -417,7 +430,7 @@ def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, v
     shape = getattr(s.scheduler, "lr_lambdas", [None])[0]
     if not (t.time_limit and t.fit_schedule and isinstance(shape, WarmupCosine)) or p.epoch > 2:
         return
-    per_epoch = train_s[-1] + (np.mean(val_s) / t.val_every if val_s else 0.0)
+    per_epoch = train_s[-1] + (np.mean(val_s) / t.val_every if val_s else 0.0) * validated_share(t)
     left = t.time_limit * 60 - (time.monotonic() - started)
     fits = p.epoch + int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)
     planned = int(distributed.broadcast_object(max(p.epoch, min(t.epochs, fits))))
@@ -432,6 +445,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                started: float) -> dict:
     cfg, t = s.cfg, s.cfg.train
     epoch_times, train_s, val_s, row, stopped = [], [], [], {}, False
+    other_s = 0.0   # checkpoints, logs, plots
     while p.epoch < (p.planned or t.epochs):
         epoch_started = time.monotonic()
         last = p.planned or t.epochs
@@ -446,7 +460,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         train_s.append(time.monotonic() - epoch_started)
         out_of_time = should_stop_for_time(s, started, epoch_times + [train_s[-1]])
         val, shown = {}, None
-        if s.val_folds is not None and (p.epoch % t.val_every == 0 or p.epoch == last or out_of_time):
+        if s.val_folds is not None and (validates(t, p.epoch, last) or out_of_time):
             val_started = time.monotonic()
             val, shown = validate(s, s.ema.module if s.ema is not None else s.net)
             val_s.append(time.monotonic() - val_started)
@@ -455,8 +469,10 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             s.scheduler.step(score)
         row = {"epoch": p.epoch, "step": p.step, "train_loss": result["train_loss"], **val,
                "lr": s.optimizer.param_groups[0]["lr"], "epoch_time_s": result["epoch_time_s"],
+               "val_time_s": val_s[-1] if val else None,
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
+        bookkeeping = time.monotonic()
         improved = score is not None and score < p.best
         if score is not None:
             p.stale = 0 if score < p.best - t.early_stop_min_delta else p.stale + 1
@@ -465,6 +481,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         runlog.epoch(row, best=improved)
         if shown and t.plot_every and p.epoch % t.plot_every == 0:
             runlog.plot(p.epoch, shown)
+        other_s += time.monotonic() - bookkeeping
         epoch_times.append(time.monotonic() - epoch_started)
         fit_schedule_to_time(s, p, started, train_s, val_s, runlog)
         if out_of_time:
@@ -476,7 +493,9 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             break
     if not stopped:  # a preempted run resumes; its statistics are judged when it ends
         warn_if_batchnorm_unsettled(cfg, runlog, p.step * s.layout.accum)
-    return {**row, "stopped": stopped, "epochs_planned": p.planned or t.epochs}
+    timing = {"epochs_s": float(sum(train_s)), "validation_s": float(sum(val_s)), "bookkeeping_s": other_s,
+              "validations": len(val_s)}
+    return {**row, "stopped": stopped, "epochs_planned": p.planned or t.epochs, "timing": timing}
 
 
 def run(args) -> int:

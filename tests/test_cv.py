@@ -105,8 +105,18 @@ def check_calibration(cv_dir: Path, report: dict, truth, oof, folds) -> None:
     assert cal["oof_kl"] == pytest.approx(kl_score(y, crossed))
     written = pd.read_csv(cv_dir / "oof_calibrated.csv", dtype={"sample_id": str}).set_index("sample_id")
     np.testing.assert_allclose(written.loc[oof.index, CLASSES], crossed, atol=1e-9)
-    assert cal["applied"] == (cal["oof_kl"] < report["oof_kl"]) == report["submission"]["calibrated"]
-    assert (cv_dir / "submission_uncalibrated.csv").exists() == cal["applied"]
+    check_correction_choice(cv_dir, report)
+
+
+def check_correction_choice(cv_dir: Path, report: dict) -> None:
+    """submission.csv carries the correction with the lowest cross-fitted out-of-fold KL (or none)."""
+    options = {"none": report["oof_kl"], **{k: report[k]["oof_kl"] for k in ("calibration", "second_stage")
+                                            if report[k].get("oof_kl") is not None}}
+    chosen = report["submission"]["correction"]
+    assert chosen == min(options, key=options.get)
+    assert report["calibration"]["applied"] == (chosen == "calibration") == report["submission"]["calibrated"]
+    assert report["second_stage"]["applied"] == (chosen == "second_stage")
+    assert (cv_dir / "submission_uncalibrated.csv").exists() == (chosen != "none")
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +198,25 @@ def test_report_rebuilds_from_the_folder_alone(local_cv, capsys):
     after = json.loads((local_cv / "report.json").read_text())
     assert after["oof_kl"] == before["oof_kl"] and after["folds"] == before["folds"]
     assert "oof KL" in capsys.readouterr().out
+
+
+def test_the_second_stage_is_cross_fitted_and_chosen_only_when_it_scores_lowest(local_cv, sample_root, monkeypatch):
+    """24 out-of-fold tiles are too few for the second stage by default; allowed here, it is fitted on one
+    fold's tiles and scored on the other's, and the submission takes whichever correction scores lowest."""
+    from dist_lc import second_stage
+
+    assert json.loads((local_cv / "report.json").read_text())["second_stage"]["applied"] is False
+    monkeypatch.setattr(second_stage, "MIN_TILES", 10)
+    monkeypatch.setitem(second_stage.PARAMS, "min_data_in_leaf", 3)
+    assert cli.main(["report", str(local_cv)]) == 0
+    report = json.loads((local_cv / "report.json").read_text())
+    stage = report["second_stage"]
+    crossed = pd.read_csv(local_cv / "oof_second_stage.csv", dtype={"sample_id": str}).set_index("sample_id")
+    truth = labels(sample_root).loc[crossed.index]
+    assert stage["oof_kl"] == pytest.approx(kl_score(truth.to_numpy(), crossed[CLASSES].to_numpy()))
+    features = pd.read_csv(local_cv / "tile_features.csv", dtype={"sample_id": str})
+    assert len(features) == 68 and features.shape[1] == 1 + 34   # 60 train + 8 test tiles
+    check_correction_choice(local_cv, report)
 
 
 def test_failed_fold_is_reported_then_resume_reruns_only_it(tiny_shards, tmp_path):

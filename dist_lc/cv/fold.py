@@ -131,6 +131,7 @@ def run_fold(cfg: Config, run_dir, tta: bool = False) -> dict:
     Every task of the job calls this; the process group stays up (the caller tears it down).
     """
     run_dir = Path(run_dir)
+    started_at = process_age_s()   # interpreter start, imports, the executor's own set-up
     with SignalLog() as signals:
         trained = train(cfg, run_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -142,10 +143,20 @@ def run_fold(cfg: Config, run_dir, tta: bool = False) -> dict:
                 "epochs_done": int(done)}
     result = {"status": "done", "rank": rank, **predict_fold(cfg, run_dir, tta)}
     if rank == 0:
+        timeline = {"process_start_s": started_at, **trained["timing"], "predict_s": result["predict_s"],
+                    "job_s": process_age_s()}
         result.update(fold_summary(cfg, run_dir, trained["epochs_planned"]), tta=tta, job_id=_job_id(),
+                      timeline=timeline,
                       world_size=dist.get_world_size() if dist.is_initialized() else 1, finished=now())
         write_json_atomic(run_dir / DONE, result)
     return result
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (from /proc: the interpreter's start-up included)."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _job_id() -> str | None:

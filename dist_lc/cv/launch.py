@@ -25,7 +25,7 @@ from . import executors
 from .plan import (Plan, Submission, add_submissions, build_points, check_folds, load_plan, now, parse_grid,
                    read_submissions)
 
-POLL_S = 2.0           # between two looks at the jobs
+POLL_S = {"slurm": 2.0, "local": 0.5}   # between two looks at the jobs (squeue for Slurm; local: cheap)
 GRACE_S = {"slurm": 15.0, "local": 2.0}  # a job gone without done.json is failed after this long
 
 
@@ -232,7 +232,7 @@ class Launch:
                 return True
             if time.monotonic() - self.started > deadline_s:
                 return False
-            time.sleep(POLL_S)
+            time.sleep(POLL_S[self.kind])
 
     @property
     def failed(self) -> list[Job]:
