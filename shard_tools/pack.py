@@ -1,13 +1,15 @@
 """Pack the challenge's TIFF tiles into fold-pure WebDataset shards plus ``manifest.json``.
 
-Two passes over the source, both in a worker pool (the parent only writes):
+Two passes over the source, both in a worker pool (the parent only plans and collects):
 
 1. *survey*: every mask is read and checked (shape, dtype, values 0..9) and its class pixel
    counts taken; every image's TIFF header is checked (shape, dtype). Folds are then assigned
    from the class proportions (:mod:`shard_tools.folds`).
-2. *pack*: every tile is read in full, checked, encoded (:func:`format.encode_sample`) and
-   written, fold by fold in id order, into ``train-f<k>-<nnnnnn>.tar`` and ``test-<nnnnnn>.tar``.
-   Channel statistics are summed exactly in integers along the way.
+2. *pack*: the shards are planned, fold by fold in id order (``train-f<k>-<nnnnnn>.tar``, then
+   ``test-<nnnnnn>.tar``; every sample has the same size, so where a shard ends is known in
+   advance); each worker writes whole shards: it reads, checks and encodes their tiles
+   (:func:`format.encode_sample`), writes and hashes the tar, and sums the channel statistics
+   exactly in integers. The parent receives only the manifest entries.
 
 The manifest is written last and atomically. On any error the shards written by this run are
 removed, so a failed run leaves no manifest and no partial shards.
@@ -15,10 +17,12 @@ removed, so a failed run leaves no manifest and no partial shards.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import tarfile
 from collections import deque
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 import multiprocessing
 from pathlib import Path
@@ -265,60 +269,71 @@ def shard_limit(samples_per_shard, shard_size_mb) -> ShardLimit:
     return ShardLimit(bytes=int(size_mb * 1_000_000))
 
 
-@dataclass
-class ShardSet:
-    """Writes the samples of consecutive groups (a fold, or the test split) into numbered shards."""
-    out: Path
-    limit: ShardLimit
-    entries: list = field(default_factory=list)
-    created: list = field(default_factory=list)
-    _group: tuple | None = None
-    _index: int = 0
-    _file: _HashingFile | None = None
-    _tar: "TarWriter | None" = None  # noqa: F821
-    _entry: dict | None = None
-    _size: int = 0
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its name and tiles, fixed before any is written."""
+    path: Path
+    split: str
+    fold: int | None
+    tiles: tuple
 
-    def add(self, split: str, fold: int | None, sample: dict) -> None:
-        incoming = sum(len(v) + TAR_MEMBER_OVERHEAD for k, v in sample.items() if k != "__key__")
-        if (split, fold) != self._group or self.limit.full(self._entry["count"], self._size, incoming):
-            self._open(split, fold)
-        self._tar.write(sample)
-        self._entry["count"] += 1
-        self._entry["keys"].append(sample["__key__"])
-        self._size += incoming
 
-    def _open(self, split: str, fold: int | None) -> None:
-        self.close()
-        self._index = 0 if (split, fold) != self._group else self._index + 1
-        name = shard_name(split, fold, self._index)
-        self.created.append(self.out / name)
-        from webdataset import TarWriter  # imports torch: only when writing
+def sample_bytes(split: str) -> int:
+    """Bytes a sample takes in a shard (members + tar headers and padding): fixed by the data contract."""
+    image = np.zeros(IMAGE_SHAPE, IMAGE_DTYPE)
+    sample = encode_sample("0", image, np.zeros(IMAGE_SHAPE[:2], MASK_DTYPE) if split == "train" else None)
+    return sum(len(v) + TAR_MEMBER_OVERHEAD for k, v in sample.items() if k != "__key__")
 
-        self._file = _HashingFile(self.out / name)
-        self._tar = TarWriter(self._file, mtime=SHARD_MTIME)
-        self._group, self._size = (split, fold), 0
-        self._entry = {"name": name, "split": split, "fold": fold, "count": 0, "bytes": 0,
-                       "sha256": "", "keys": []}
 
-    def close(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        self._file.close()
-        self._entry.update(bytes=self._file.bytes, sha256=self._file.sha.hexdigest())
-        self.entries.append(self._entry)
-        self._tar = self._file = None
+def plan_shards(out: Path, order: list[tuple[Tile, str, int | None]], limit: ShardLimit) -> list[ShardJob]:
+    """Consecutive tiles of each group (a fold, or the test split) cut into numbered shards by ``limit``.
 
-    def remove_created(self) -> None:
-        """After a failure: close what is open (errors ignored, the file goes anyway) and delete every shard."""
-        if self._tar is not None:
-            with suppress(Exception):
-                self._tar.close()
-            self._file.file.close()
-            self._tar = self._file = None
-        for path in self.created:
-            path.unlink(missing_ok=True)
+    Every sample of a split has the same size, so the cut is known before anything is read: each
+    shard can then be written by a worker of its own, the parent only collecting its entry.
+    """
+    jobs, current, group, index, size = [], [], None, 0, 0
+    for tile, split, fold in order:
+        incoming = sample_bytes(split)
+        if (split, fold) != group or limit.full(len(current), size, incoming):
+            if current:
+                jobs.append(ShardJob(out / shard_name(*group, index), *group, tuple(current)))
+            index = 0 if (split, fold) != group else index + 1
+            group, current, size = (split, fold), [], 0
+        current.append(tile)
+        size += incoming
+    if current:
+        jobs.append(ShardJob(out / shard_name(*group, index), *group, tuple(current)))
+    return jobs
+
+
+def write_sample(tar: tarfile.TarFile, sample: dict) -> None:
+    """One sample's members, in name order, with a fixed mtime, mode and owner (as webdataset's TarWriter
+    writes them): shards are byte-for-byte reproducible."""
+    key = sample["__key__"]
+    for suffix in sorted(k for k in sample if k != "__key__"):
+        data = sample[suffix]
+        info = tarfile.TarInfo(f"{key}.{suffix}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), SHARD_MTIME, 0o444, "bigdata", "bigdata"
+        tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(job: ShardJob) -> tuple[dict, dict | None]:
+    """Read, check and write one shard's tiles (in a worker); its manifest entry and its train
+    tiles' channel sums. A tile that fails its checks raises, naming it."""
+    stats = ChannelStats(IMAGE_SHAPE[2])
+    keys = []
+    file = _HashingFile(job.path)
+    with tarfile.open(fileobj=file, mode="w|") as tar:
+        for tile in job.tiles:
+            sample, sums = load_tile(tile)
+            write_sample(tar, sample)
+            keys.append(tile.id)
+            if sums is not None:
+                stats.add(sums)
+    file.close()
+    entry = {"name": job.path.name, "split": job.split, "fold": job.fold, "count": len(keys),
+             "bytes": file.bytes, "sha256": file.sha.hexdigest(), "keys": keys}
+    return entry, stats.totals() if job.split == "train" else None
 
 
 # ---------------------------------------------------------------- statistics
@@ -334,7 +349,13 @@ class ChannelStats:
         self.min = [None] * channels
         self.max = [None] * channels
 
+    def totals(self) -> dict:
+        """These sums in the form :meth:`add` takes (to add one set of statistics to another)."""
+        return {"n": self.n, "sum": self.sum, "sumsq": self.sumsq, "min": self.min, "max": self.max}
+
     def add(self, tile: dict) -> None:
+        if not tile["n"]:
+            return
         self.n += tile["n"]
         self.sum = [a + b for a, b in zip(self.sum, tile["sum"])]
         self.sumsq = [a + b for a, b in zip(self.sumsq, tile["sumsq"])]
@@ -390,19 +411,19 @@ def _survey(mapper, tiles: list[Tile], progress: bool) -> list:
     return counts
 
 
-def _write(mapper, shards: ShardSet, order: list[tuple[Tile, str, int | None]], stats: ChannelStats,
-           progress: bool) -> None:
-    bar = tqdm(total=len(order), desc="pack", unit="tile", disable=not progress)
-    for (tile, split, fold), (sample, sums) in zip(order, mapper(load_tile, [t for t, _, _ in order])):
-        shards.add(split, fold, sample)
+def _write(mapper, jobs: list[ShardJob], stats: ChannelStats, progress: bool) -> list[dict]:
+    bar = tqdm(total=sum(len(j.tiles) for j in jobs), desc="pack", unit="tile", disable=not progress)
+    entries = []
+    for job, (entry, sums) in zip(jobs, mapper(write_shard, jobs)):
+        entries.append(entry)
         if sums is not None:
             stats.add(sums)
-        bar.update()
-    shards.close()
+        bar.update(len(job.tiles))
     bar.close()
+    return entries
 
 
-def _manifest(src, train, test, fold_of, counts, folds, seed, shards, stats) -> dict:
+def _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats) -> dict:
     fold_pixels = {str(k): [0] * NUM_CLASSES for k in range(folds)}
     for f, c in zip(fold_of, counts):
         fold_pixels[str(f)] = [a + int(b) for a, b in zip(fold_pixels[str(f)], c)]
@@ -413,7 +434,7 @@ def _manifest(src, train, test, fold_of, counts, folds, seed, shards, stats) -> 
         "image_shape": list(IMAGE_SHAPE), "image_dtype": IMAGE_DTYPE.name, "mask_dtype": MASK_DTYPE.name,
         "num_folds": int(folds), "seed": int(seed),
         "counts": {"train": len(train), "test": len(test)},
-        "shards": shards.entries,
+        "shards": entries,
         "folds": {t.id: int(f) for t, f in zip(train, fold_of)},
         "fold_class_pixels": fold_pixels,
         "channel_stats": stats.to_json(),
@@ -435,18 +456,21 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
     train, test = scan_source(src)
     _check_folds(folds, len(train))
     prepare_out(out, overwrite)
-    shards, stats = ShardSet(out, limit), ChannelStats(IMAGE_SHAPE[2])
+    stats = ChannelStats(IMAGE_SHAPE[2])
     workers = default_workers() if workers is None else int(workers)
+    jobs: list[ShardJob] = []
     try:
         with _mapper(workers) as mapper:
             counts = _survey(mapper, train + test, progress)[: len(train)]
             props = np.asarray(counts, dtype=np.float64).reshape(-1, NUM_CLASSES) / PIXELS_PER_TILE
             fold_of = assign_folds(props, folds, seed) if train else np.empty(0, dtype=np.int64)
             order = sorted(((t, "train", int(f)) for t, f in zip(train, fold_of)), key=lambda x: x[2])
-            _write(mapper, shards, order + [(t, "test", None) for t in test], stats, progress)
+            jobs = plan_shards(out, order + [(t, "test", None) for t in test], limit)
+            entries = _write(mapper, jobs, stats, progress)
         write_json_atomic(out / MANIFEST_NAME, _manifest(src, train, test, fold_of, counts, folds, seed,
-                                                         shards, stats))
+                                                         entries, stats))
     except BaseException:
-        shards.remove_created()
+        for job in jobs:   # whatever a worker had written of this run
+            job.path.unlink(missing_ok=True)
         raise
     return load_manifest(out)
