@@ -59,7 +59,7 @@ class UpConv(nn.Module):
     earlier. The same output is an unpadded transposed convolution (2H+1 rows) cropped to its first
     2H rows; computed here, faster, as a transposed convolution with the 3×3 kernel zero-padded to 4×4
     at the top/left and ``padding=1``, which yields exactly 2H rows (oneDNN has a fast path for
-    kernel 4 stride 2; the crop version spent twice the time on this layer, benchmarks/upconv.py).
+    kernel 4 stride 2; benchmarks/upconv.py compares the two forms).
     The parameters stay those of a 3×3 ``ConvTranspose2d`` (checkpoints and parameter count unchanged).
     """
 

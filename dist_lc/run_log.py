@@ -19,10 +19,9 @@ from shard_tools.errors import InputError
 
 from . import pixel_metrics
 from .config import Config, to_dict
-from .plots import prediction_figure, save_figure
 
 COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_kl", "val_tiles", *pixel_metrics.COLUMNS, "lr",
-           "epoch_time_s", "images_per_s", "data_wait_frac", "peak_mem_mb")
+           "epoch_time_s", "val_time_s", "images_per_s", "data_wait_frac", "peak_mem_mb")
 MLFLOW_RUN = "mlflow_run_id"   # the run folder's MLflow run, continued on resume
 
 
@@ -164,6 +163,8 @@ class RunLog:
 
     def plot(self, epoch: int, shown: dict) -> None:
         if self.enabled and shown["key"]:
+            from .plots import prediction_figure, save_figure   # matplotlib: only when a run plots
+
             fig = prediction_figure(shown["key"], shown["image"], shown["mask"], shown["pred"], title=f"epoch {epoch}")
             save_figure(fig, self.run_dir / "plots" / f"epoch_{epoch:03d}.png")
             if self.writer is not None:
