@@ -1,4 +1,4 @@
-"""How much of a checkpoint's score is its BatchNorm running statistics (issue 9's diagnosis).
+"""How much of a checkpoint's score is its BatchNorm running statistics (why the benchmark recipe fails short).
 
 Scores each checkpoint's held-out fold twice: as ``dist-lc predict`` does (BatchNorm in eval mode,
 the running statistics) and with every BatchNorm layer normalising by the statistics of the batch

@@ -48,7 +48,9 @@ def cpu_flags() -> set[str]:
 
 def machine_line() -> str:
     """One line: cores, arch, CPU model, ISA extensions that matter for the kernels, date, load."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from shard_tools.resources import usable_cores
+
+    cores = usable_cores()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (f"{cores}-core {platform.machine()} ({cpu_model()}; {', '.join(isa) or 'no AVX2'}), "
@@ -89,3 +91,81 @@ def ensure_shards(out: Path, src: Path = SAMPLE_SRC) -> Path:
 def log(msg: str) -> None:
     """Progress on stderr (the report goes to stdout)."""
     print(f"[{time.strftime('%H:%M:%S')} load {loadavg()}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- processes and their memory
+
+def _proc_table() -> dict[int, tuple[int, float, float]]:
+    """{pid: (parent pid, RSS MB, CPU seconds)} of every live process."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(entry.name)] = (int(fields[1]), int(fields[21]) * page_mb, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+class TreeSampler:
+    """Samples a command's process tree every ``interval`` seconds: the peak RSS of the root process
+    and of each descendant, and their CPU seconds (what ``time`` cannot split by process)."""
+
+    def __init__(self, root_pid: int, interval: float = 0.2):
+        import threading
+
+        self.root, self.interval = root_pid, interval
+        self.peak: dict[int, float] = {}
+        self.cpu: dict[int, float] = {}
+        self.parent: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            table = _proc_table()
+            tree, frontier = {self.root}, [self.root]
+            while frontier:
+                pid = frontier.pop()
+                for child, (ppid, _, _) in table.items():
+                    if ppid == pid and child not in tree:
+                        tree.add(child)
+                        frontier.append(child)
+                        self.parent[child] = pid
+            for pid in tree & table.keys():
+                _, rss, cpu = table[pid]
+                self.peak[pid] = max(self.peak.get(pid, 0.0), rss)
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict:
+        """{"root_peak_mb", "child_peak_mb" (the largest descendant), "root_cpu_s", "children_cpu_s"}."""
+        self._stop.set()
+        self._thread.join()
+        children = [p for p in self.peak if p != self.root]
+        direct = [p for p in children if self.parent.get(p) == self.root]
+        return {"root_peak_mb": self.peak.get(self.root, float("nan")),
+                "child_peak_mb": max((self.peak[p] for p in children), default=0.0),
+                "direct_child_peaks_mb": sorted((self.peak[p] for p in direct), reverse=True),
+                "deeper_peak_mb": max((self.peak[p] for p in children if p not in direct), default=0.0),
+                "root_cpu_s": self.cpu.get(self.root, 0.0),
+                "children_cpu_s": sum(self.cpu[p] for p in children)}
+
+
+def measured(cmd: list[str], log_path: Path | None = None, cwd=REPO, env=None, timeout: float | None = None) -> dict:
+    """Run a command, its process tree sampled: wall seconds, exit status, peaks and CPU seconds."""
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    started = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        sampler = TreeSampler(proc.pid)
+        rc = proc.wait(timeout=timeout)
+        stats = sampler.stop()
+    finally:
+        if log_path:
+            out.close()
+    return {"cmd": " ".join(map(str, cmd)), "rc": rc, "wall_s": time.perf_counter() - started, **stats}

@@ -19,24 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "s2glc-sample"
-
-
-def machine() -> str:
-    cores = len(os.sched_getaffinity(0))
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return f"{cores} cores ({model}), {platform.system()} {platform.machine()}, load average {load}"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SAMPLE_SRC, machine_line  # noqa: E402
 
 
 def shards(work: Path) -> Path:
@@ -44,7 +34,7 @@ def shards(work: Path) -> Path:
     if not (out / "manifest.json").exists():
         from shard_tools.pack import pack
 
-        pack(SAMPLE, out, folds=4, seed=0, samples_per_shard=16, workers=2, progress=False)
+        pack(SAMPLE_SRC, out, folds=4, seed=0, samples_per_shard=16, workers=2, progress=False)
     return out
 
 
@@ -53,7 +43,7 @@ def cv_args(shard_dir: Path, args, max_parallel: int) -> list[str]:
             "model.upconv_filters=8", f"train.epochs={args.epochs}", "train.batch_size=8",
             "train.micro_batch_size=4", "train.precision=fp32", "train.plot_every=0",
             f"launcher.tasks_per_node={args.tasks}", "launcher.cpus_per_task=1", "launcher.time_min=30",
-            f"launcher.max_parallel={max_parallel}", "cv.folds=[0,1,2,3]"]
+            f"launcher.max_parallel={max_parallel}", f"cv.folds={list(range(args.folds))}"]
     return ["--config", "configs/smoke.yaml", "--executor", args.executor, *[a for s in sets for a in ("--set", s)]]
 
 
@@ -66,7 +56,7 @@ def one_run(shard_dir: Path, work: Path, args, mode: str, round_: int) -> dict:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    done = [json.loads((out / f"fold{k}" / "done.json").read_text()) for k in range(4)]
+    done = [json.loads((out / f"fold{k}" / "done.json").read_text()) for k in range(args.folds)]
     return {"mode": mode, "round": round_, "wall_s": wall, "train_s": sum(d["train_s"] for d in done),
             "predict_s": sum(d["predict_s"] for d in done)}
 
@@ -79,22 +69,26 @@ def report(runs: list[dict], args) -> str:
     best = {m: min(r["wall_s"] for r in runs if r["mode"] == m) for m in ("parallel", "sequential")}
     speedup = best["sequential"] / best["parallel"]
     lines += ["", f"speed-up (best sequential / best parallel wall time): {speedup:.2f}×",
-              f"executor {args.executor}, 4 folds × {args.tasks} task(s), {args.epochs} epoch(s)"]
+              f"executor {args.executor}, {args.folds} folds × {args.tasks} task(s), {args.epochs} epoch(s)"]
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--executor", default="slurm", choices=("slurm", "local"))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--tasks", type=int, default=1, help="tasks (ranks) per fold job")
+    p.add_argument("--folds", type=int, default=4, choices=(1, 2, 3, 4), help="folds run (of the 4 packed)")
     p.add_argument("--work", type=Path, help="scratch folder (default: a new temporary one)")
     p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    p.add_argument("--quick", action="store_true", help="1 round of 1 epoch on the local executor (a smoke run)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.epochs, args.executor, args.folds = 1, 1, "local", 2
     work = args.work or Path(tempfile.mkdtemp(prefix="cv_parallel-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    print(f"machine: {machine_line()}", flush=True)
     shard_dir = shards(work)
     runs = []
     for round_ in range(1, args.rounds + 1):
@@ -103,9 +97,9 @@ def main() -> int:
             runs.append(one_run(shard_dir, work, args, mode, round_))
             print(f"{mode} round {round_}: {runs[-1]['wall_s']:.1f} s", flush=True)
     print(report(runs, args))
-    print(f"machine at the end: {machine()}")
+    print(f"machine at the end: {machine_line()}")
     if args.json:
-        record = {"machine": machine(), "runs": runs, "args": vars(args)}
+        record = {"machine": machine_line(), "runs": runs, "args": vars(args)}
         args.json.write_text(json.dumps(record, default=str, indent=1))
     return 0
 

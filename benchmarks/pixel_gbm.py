@@ -1,6 +1,6 @@
 """Per-pixel gradient-boosting reference for the quality benchmark (``benchmarks/quality.py``).
 
-The strongest classical pipeline measured on the real sample (issue 9), rebuilt here as a
+The strongest classical pipeline measured on the real sample, rebuilt here as a
 benchmark-only model (``pip install .[bench]``: lightgbm, scipy):
 
 1. **Features per pixel** (30): the 4 bands (R, G, B, NIR, sensor units), NDVI = (NIR-R)/(NIR+R),
@@ -262,7 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument("--stride", type=int, nargs="+", default=[DEFAULT_STRIDE],
                     help="prediction pixel stride(s); several values compare the tile means")
     ap.add_argument("--threads", type=int, default=1, help="LightGBM threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--quick", action="store_true", help="20,000 pixels, 10 rounds, stride 8 (a smoke run)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.pixels, args.rounds, args.stride = 20_000, 10, [8]
     tiles = load_tiles(args.shards)
     val = tiles.select([args.fold])
     trn = np.flatnonzero(tiles.folds != args.fold)

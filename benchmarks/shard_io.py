@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -40,8 +39,9 @@ from shard_tools.folds import assign_folds, rarity_weights
 from shard_tools.format import MAX_PIXEL_VALUE, decode_sample
 from shard_tools.pack import pack
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SRC = REPO.parent / "shared" / "data" / "s2glc-sample"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SAMPLE_SRC as DEFAULT_SRC, machine_line  # noqa: E402
+
 BATCH = 16
 
 
@@ -302,12 +302,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="runs per reader and cache state (best kept)")
     parser.add_argument("--encode-tiles", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--quick", action="store_true", help="1 round, 8 tiles per encoding (a smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.encode_tiles = 1, 8
     shards = args.work / "shards"
     torch.set_num_threads(1)
-    r = {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
-         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                    f"load average {os.getloadavg()[0]:.1f} at start",
+    r = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": f"{machine_line()}, torch {torch.__version__}",
          "pack": [bench_pack(args.src, shards, w) for w in sorted({1, args.workers})],
          "drop_caches": drop_caches()}
     r["read"] = {"cold": bench_read(args.src, shards, cold=True, rounds=args.rounds),
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
     r["encodings"] = bench_encodings(args.src, args.encode_tiles)
     r["float32_ms"] = float32_ms(args.src)
     r["folds"] = bench_folds(args.src)
-    r["machine"] += f", {os.getloadavg()[0]:.1f} at end"
+    r["machine"] += f"; at the end: load average {os.getloadavg()[0]:.1f}"
     _print_report(r)
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))

@@ -37,10 +37,9 @@ TF_QUOTED_PEAK_GB = {8: 4.8, 32: 14.3}
 
 
 def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    from dist_lc.memory import rss_bytes
+
+    return rss_bytes() / 2**20
 
 
 def _workers_peak_mb() -> float:

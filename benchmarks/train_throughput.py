@@ -230,7 +230,7 @@ def make_variant(name, device, dtype=None, channels_last=False, compile=False, s
     net = net.to(memory_format=fmt)
     if compile:
         net.compile()
-    counts = [0, 20643, 60971025, 404760981, 277012377, 96473046, 333407133, 9775295, 1071, 29404605]
+    from dist_lc.synth.derive_constants import FULL_TRAIN_COUNTS as counts
     assert len(counts) == NUM_CLASSES
     return {"name": name, "net": net, "dtype": dtype, "fmt": fmt, "compile": compile,
             "loss": SegmentationLoss(class_weights(counts, "inverse_frequency").to(device)),

@@ -66,7 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--md", type=Path, help="append the table to this markdown file")
+    ap.add_argument("--quick", action="store_true", help="1 repeat, batch 1 (a smoke run)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.batch = 1, 1
     rows = []
     for dtype, fmt in ((torch.bfloat16, torch.channels_last), (None, torch.channels_last),
                        (torch.bfloat16, torch.contiguous_format), (None, torch.contiguous_format)):

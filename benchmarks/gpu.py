@@ -1,0 +1,200 @@
+"""The GPU benchmark: training speed of the benchmark U-Net on one CUDA GPU, and the trainer end to end.
+
+On a machine with one CUDA GPU, from a clone of the repository:
+
+    make setup TORCH=torch          # or: python -m venv .venv && .venv/bin/pip install torch -e .
+    .venv/bin/python benchmarks/gpu.py --out gpu.md      # under 8 minutes on an H100/H200-class GPU
+
+(the CPU venv that ``make setup`` builds by default has a CPU torch: install a CUDA build of torch
+in it, e.g. ``.venv/bin/pip install --force-reinstall torch --index-url
+https://download.pytorch.org/whl/cu126``). It prints, and writes to ``--out``, a markdown table:
+
+1. **kernels**: full optimizer steps (forward, backward, Adam; the trainer's loss) of the benchmark
+   U-Net (``configs/benchmark.yaml``'s model, 984,234 parameters) on 256² tiles held on the GPU, at
+   micro-batch 32, 64 and 128, in fp32, bf16 autocast, bf16 + channels_last, and bf16 +
+   channels_last + ``torch.compile``: images/s, peak GPU memory (``max_memory_allocated``), and
+   MFU = images/s × training FLOPs per image ÷ the GPU's dense bf16 peak (the vendor's figure
+   for the device named in the table, e.g. 989 TFLOP/s for an H100/H200 SXM; training FLOPs = 3 ×
+   forward FLOPs counted by ``torch.utils.flop_counter``);
+2. **end to end**: ``dist-lc train`` of ``configs/benchmark.yaml`` (micro-batch 64) on 2,000 synthetic
+   tiles that the script generates and packs itself, loader workers = the machine's cores, two
+   epochs: images/s and the data-wait share of the second epoch, from metrics.csv.
+
+``--device cpu --quick`` runs a miniature of all of it (the test suite does, so that it cannot rot).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shard_tools.resources import usable_cores  # noqa: E402
+from common import REPO, log, machine_line, table  # noqa: E402
+
+DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
+                     "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}   # vendors' dense figures
+
+
+def peak_tflops(name: str) -> tuple[float | None, str]:
+    for key, value in DENSE_BF16_TFLOPS.items():
+        if key in name:
+            return value, f"{value:g} TFLOP/s dense bf16 ({key}, vendor figure)"
+    return None, "no bf16 peak known for this device"
+
+
+def training_flops(size: int) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dist_lc.config import ModelConfig
+    from dist_lc.model import build_network
+
+    net = build_network(ModelConfig())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 4, size, size))
+    return 3.0 * counter.get_total_flops()
+
+
+def kernel_case(device, micro: int, size: int, dtype, channels_last: bool, compile: bool, steps: int) -> dict:
+    import torch
+
+    from dist_lc.config import ModelConfig
+    from dist_lc.losses import SegmentationLoss, class_weights
+    from dist_lc.model import build_network, normalisation_stats
+    from dist_lc.precision import autocast
+
+    torch.manual_seed(0)
+    mean, std = normalisation_stats("max")
+    net = build_network(ModelConfig(), mean, std).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    model = net
+    compile_s = 0.0
+    if compile:
+        model.compile()
+    from dist_lc.synth.derive_constants import FULL_TRAIN_COUNTS as counts
+    loss_fn = SegmentationLoss(class_weights(counts, "inverse_frequency").to(device))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    image = torch.randint(1, 20000, (micro, 4, size, size), device=device, dtype=torch.float32).to(memory_format=fmt)
+    mask = torch.randint(0, 10, (micro, size, size), device=device)
+    props = torch.full((micro, 10), 0.1, device=device)
+
+    def step():
+        with autocast(device, dtype):
+            logits = model(image)
+        loss = loss_fn(logits, mask, props).sum() / micro
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        started = time.perf_counter()
+        for _ in range(3):   # warm-up (and compilation)
+            step()
+        sync()
+        compile_s = time.perf_counter() - started if compile else 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        seconds = time.perf_counter() - started
+    except torch.cuda.OutOfMemoryError:
+        return {"images_per_s": None, "peak_mb": None, "note": "out of memory"}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"images_per_s": micro * steps / seconds, "peak_mb": peak, "compile_s": compile_s}
+
+
+def kernels(device, micros, size: int, steps: int, with_compile: bool) -> tuple[list[list], dict]:
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak, peak_text = peak_tflops(name)
+    flops = training_flops(size)
+    variants = [("fp32", None, False, False), ("bf16", torch.bfloat16, False, False),
+                ("bf16 + channels_last", torch.bfloat16, True, False)]
+    if with_compile:
+        variants.append(("bf16 + channels_last + compile", torch.bfloat16, True, True))
+    rows = []
+    for micro in micros:
+        for label, dtype, cl, comp in variants:
+            log(f"kernels: micro-batch {micro}, {label}")
+            r = kernel_case(device, micro, size, dtype, cl, comp, steps)
+            ips = r["images_per_s"]
+            mfu = f"{ips * flops / (peak * 1e12):.1%}" if ips and peak else "–"
+            rows.append([micro, label, f"{ips:.1f}" if ips else r.get("note", "–"),
+                         f"{r['peak_mb']:.0f}" if r.get("peak_mb") else "–", mfu,
+                         f"{r['compile_s']:.0f} s" if r.get("compile_s") else ""])
+    return rows, {"device": name, "peak": peak_text, "train_gflop_per_image": flops / 1e9}
+
+
+def end_to_end(work: Path, device: str, tiles: int, epochs: int, quick: bool) -> dict:
+    """dist-lc train of the benchmark recipe on synthetic shards packed here; metrics of the last epoch."""
+    import pandas as pd
+
+    workers = usable_cores()
+    data, shards, run = work / "data", work / "shards", work / "run"
+    if not (shards / "manifest.json").exists():
+        if not (data / "train_labels.csv").exists():
+            subprocess.run([sys.executable, "-m", "dist_lc", "synth", "--out", str(data), "--train", str(tiles),
+                            "--test", "0", "--workers", str(workers)], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(data), "--out", str(shards),
+                        "--workers", str(workers)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    sets = [f"data.shards={shards}", f"data.workers={min(workers, 16)}", f"train.epochs={epochs}",
+            f"train.device={device}", "train.plot_every=0"]
+    sets += ["train.micro_batch_size=8", "train.batch_size=8", "data.crop=64"] if quick else \
+        ["train.micro_batch_size=64", "train.batch_size=64"]
+    subprocess.run([sys.executable, "-m", "dist_lc", "train", "--config", "configs/benchmark.yaml",
+                    *[a for s in sets for a in ("--set", s)], "--run-dir", str(run)], check=True, cwd=REPO)
+    last = pd.read_csv(run / "metrics.csv").iloc[-1]
+    return {"images_per_s": float(last["images_per_s"]), "data_wait_frac": float(last["data_wait_frac"]),
+            "epoch_time_s": float(last["epoch_time_s"]), "peak_mem_mb": float(last["peak_mem_mb"]),
+            "workers": workers, "tiles": tiles}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--out", type=Path, default=Path("gpu_benchmark.md"), help="where the table is written")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dist_lc_gpu_bench"), help="synthetic tiles and shards")
+    ap.add_argument("--quick", action="store_true", help="a miniature: micro-batch 2, 64² tiles, 200 tiles")
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device visible (install a CUDA build of torch, see this script's docstring; "
+              "--device cpu --quick runs the miniature)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    started = time.perf_counter()
+    micros, size, steps = ((2,), 64, 2) if args.quick else ((32, 64, 128), 256, 10)
+    rows, info = kernels(device, micros, size, steps, with_compile=not args.quick)
+    e2e = end_to_end(args.work, args.device, 200 if args.quick else 2000, 1 if args.quick else 2, args.quick)
+    text = "\n".join([
+        f"Machine: {machine_line()}; device {info['device']}; torch {torch.__version__}", "",
+        f"Kernels: the benchmark U-Net, {size}² tiles on the device, {steps} timed optimizer steps after 3 "
+        f"warm-up steps; {info['train_gflop_per_image']:.0f} GFLOP per training image; MFU against "
+        f"{info['peak']}.", "",
+        table(["micro-batch", "variant", "images/s", "peak GPU MB", "MFU", "compile"], rows), "",
+        f"End to end: dist-lc train, configs/benchmark.yaml, {e2e['tiles']} synthetic tiles, {e2e['workers']} loader "
+        f"workers: {e2e['images_per_s']:.1f} images/s, data wait {e2e['data_wait_frac']:.1%} of the epoch, "
+        f"epoch {e2e['epoch_time_s']:.1f} s, peak {e2e['peak_mem_mb']:.0f} MB.", "",
+        f"Whole benchmark: {time.perf_counter() - started:.0f} s."])
+    print(text)
+    args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

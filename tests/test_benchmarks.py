@@ -1,0 +1,76 @@
+"""Every benchmark script runs in its --quick mode, so that a refactor that breaks one fails the suite
+(the figures themselves are measured by running the scripts in full: docs/BENCHMARKS.md)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from torchrun_util import REPO, env
+
+pytestmark = pytest.mark.slow
+
+
+def bench(script: str, *args, timeout: float = 600) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args)], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_loader(packed_sample):
+    assert "per loader core" in bench("loader.py", "--quick", "--shards", packed_sample, "--crops", "96")
+
+
+def test_shard_io(tmp_path):
+    assert "max fold KL" in bench("shard_io.py", "--quick", "--work", tmp_path / "w")
+
+
+def test_train_throughput(tmp_path):
+    out = bench("train_throughput.py", "--quick", "--sections", "kernels", "--size", "64", "--work", tmp_path)
+    assert "images/s" in out
+
+
+def test_train_memory(packed_sample):
+    assert "peak" in bench("train_memory.py", "--quick", "--shards", packed_sample, "--set", "data.crop=64",
+                           "--set", "model.filters=8", "--set", "model.upconv_filters=8").lower()
+
+
+def test_upconv():
+    assert "speed-up" in bench("upconv.py", "--quick")
+
+
+def test_pixel_gbm(packed_sample):
+    assert "KL" in bench("pixel_gbm.py", "--quick", "--shards", packed_sample)
+
+
+def test_bn_statistics(packed_sample, smoke_run):
+    assert "batch statistics" in bench("bn_statistics.py", smoke_run / "checkpoints" / "last.pt", "--shards",
+                                       packed_sample)
+
+
+def test_cv_parallel(tmp_path):
+    assert "speed-up" in bench("cv_parallel.py", "--quick", "--work", tmp_path)
+
+
+def test_quality(tmp_path):
+    out = bench("quality.py", "--quick", "--work", tmp_path)
+    assert "pixel GBM" in out and "dist-lc cv" in out and "second stage" in out
+
+
+def test_scale(tmp_path):
+    assert "predict tta" in bench("scale.py", "--quick", "--work", tmp_path)
+
+
+def test_gpu_benchmark_on_cpu(tmp_path):
+    out = bench("gpu.py", "--device", "cpu", "--quick", "--work", tmp_path, "--out", tmp_path / "gpu.md")
+    assert "End to end" in out and (tmp_path / "gpu.md").is_file()
+
+
+def test_map_speed(tmp_path):
+    assert "Mpx/s" in bench("map_speed.py", "--quick", "--work", tmp_path)
+
+
+def test_cv_overhead(tmp_path):
+    assert "outside the epochs" in bench("cv_overhead.py", "--quick", "--work", tmp_path)
