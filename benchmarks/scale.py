@@ -140,7 +140,8 @@ def render(results: dict) -> str:
                              f"{v['root_peak_mb']:.0f} MB (workers {v['child_peak_mb']:.0f})"])
         else:
             rows.append([name, f"{r['wall_s']:.0f} s", f"{r.get('tiles_per_s', 0):.0f} tiles/s" if "tiles_per_s" in r
-                         else "", f"{r['root_peak_mb']:.0f} MB (children {r['child_peak_mb']:.0f})"])
+                         else "", f"{r['root_peak_mb']:.0f} MB (children {r['child_peak_mb']:.0f})"
+                         if "root_peak_mb" in r else f"{r.get('max_rss_kb_gnu_time', 0) / 1024:.0f} MB"])
     return table(["step", "wall", "rate", "peak RSS"], rows)
 
 

@@ -4,7 +4,7 @@ Per tile, on every 4th pixel of every 4th row (4,096 of 65,536): the bands as ``
 NDVI = (NIR−R)/(NIR+R) and NDWI = (G−NIR)/(G+NIR); the tile's features are their means and standard
 deviations, the 10/50/90 % quantiles of NDVI and NDWI, and a histogram of pixel types: the share of
 the tile's pixels (every 8th of every 8th row) nearest to each of ``K`` k-means centres fitted,
-without labels, on pixels of the training tiles. No label enters them, so they are the same
+without labels, on 256 pixels of each of at most 1,024 training tiles. No label enters them, so they are the same
 whichever fold is held out. One pass over the tiles; what is kept between the passes' halves is
 1,024 pixels per tile in float16 (12 KB: 290 MB for the challenge's 23,534 tiles).
 """
@@ -15,6 +15,7 @@ import numpy as np
 STRIDE = 4
 K = 16
 SAMPLE_PER_TILE = 256      # pixels per tile that the k-means fit draws
+KMEANS_TILES = 1024        # tiles whose samples the fit uses, at most: its memory and time stay flat
 KMEANS_ITERATIONS = 25
 BANDS = ("R", "G", "B", "NIR")
 PIXEL_NAMES = (*(f"log_{b}" for b in BANDS), "ndvi", "ndwi")
@@ -79,6 +80,8 @@ def features(tiles, k: int = K, seed: int = 0) -> tuple[list, np.ndarray]:
             sample.append(pixels[rng.choice(len(pixels), size=min(SAMPLE_PER_TILE, len(pixels)), replace=False)])
     if not keys:
         return [], np.zeros((0, 18 + k))
+    if len(sample) > KMEANS_TILES:
+        sample = [sample[i] for i in np.sort(rng.choice(len(sample), size=KMEANS_TILES, replace=False))]
     types = PixelTypes(np.concatenate(sample) if sample else np.concatenate(kept).astype(np.float32), k, seed)
     histograms = [types.histogram(p.astype(np.float32)) for p in kept]
     return keys, np.column_stack([np.stack(summaries), np.stack(histograms)])
