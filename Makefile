@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/python -m dist_lc demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 clean:
 	rm -rf $(VENV) demo_out

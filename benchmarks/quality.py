@@ -131,11 +131,12 @@ def run_cv(args, shards: Path, out: Path, minutes: float, sets: list[str]) -> di
            "--set", f"cv.folds={list(args.folds)}", *[a for s in [*args.set, *sets] for a in ("--set", s)]]
     log(f"dist-lc cv {args.recipe.name} at {minutes:g} min per fold {' '.join(sets)} → {out}")
     started = time.monotonic()
-    with open(out.with_suffix(".log"), "w") as f:
+    log_file = out.parent / f"{out.name}.log"     # not with_suffix: "cv-5.4" has a dot
+    with open(log_file, "w") as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     wall = time.monotonic() - started
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed; see {out.with_suffix('.log')}")
+        raise SystemExit(f"{' '.join(cmd)} failed; see {log_file}")
     report = json.loads((out / "report.json").read_text())
     read = {name: pd.read_csv(out / f, dtype={"sample_id": str}).set_index("sample_id")
             for name, f in (("plain", "oof.csv"), ("calibrated", "oof_calibrated.csv"),
