@@ -100,17 +100,22 @@ class RunLog:
     def __init__(self, run_dir, enabled: bool, resume_epoch: int = 0, cfg: Config | None = None):
         self.enabled, self.run_dir = enabled, Path(run_dir)
         self.log = logging.getLogger("dist_lc")
-        self.writer = self.mlflow = None
+        self.writer = self.mlflow = self.file_handler = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._keep_rows_up_to(resume_epoch)
-        if not self.log.handlers:
-            self.log.setLevel(logging.INFO)
-            fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-            for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(self.run_dir / "train.log")):
-                handler.setFormatter(fmt)
-                self.log.addHandler(handler)
+        self.log.setLevel(logging.INFO)
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        if not any(getattr(h, "dist_lc_stderr", False) for h in self.log.handlers):
+            console = logging.StreamHandler(sys.stderr)
+            console.dist_lc_stderr = True
+            console.setFormatter(fmt)
+            self.log.addHandler(console)
+        # this run's own file: a second run in the same process must not write into the first one's log
+        self.file_handler = logging.FileHandler(self.run_dir / "train.log")
+        self.file_handler.setFormatter(fmt)
+        self.log.addHandler(self.file_handler)
         loggers = cfg.train.loggers if cfg is not None else ["tensorboard"]
         if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
@@ -171,6 +176,10 @@ class RunLog:
                 self.writer.add_figure("predictions", fig, epoch)
 
     def close(self, status: str = "FINISHED") -> None:
+        if getattr(self, "file_handler", None) is not None:
+            self.log.removeHandler(self.file_handler)
+            self.file_handler.close()
+            self.file_handler = None
         if self.writer is not None:
             self.writer.close()
         if self.mlflow is not None:

@@ -330,7 +330,8 @@ def describe_start(s: Setup, p: Progress, layout: dict | None) -> str:
             f"accumulation × {s.env.world_size} ranks)")
     if p.epoch:
         line += f", resuming after epoch {p.epoch}"
-        if layout and (layout["world_size"], layout["device"]) != (s.env.world_size, s.device.type):
+        if layout and layout.get("world_size") is not None and \
+                (layout["world_size"], layout["device"]) != (s.env.world_size, s.device.type):
             line += (f" (trained so far on {layout['world_size']} rank(s) on {layout['device']}: the same "
                      "batch size and schedule, a different tile order within each step)")
     return line
