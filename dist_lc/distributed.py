@@ -41,6 +41,7 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     source: str = "single"
+    cpus_per_task: int | None = None   # Slurm's --cpus-per-task, where the job asked for it
 
     @property
     def is_main(self) -> bool:
@@ -106,14 +107,16 @@ def read_env(environ=None) -> DistEnv:
         hosts = job.hostnames
         return _check(DistEnv(job.global_rank, job.num_tasks, job.local_rank,
                               job.num_tasks // max(job.num_nodes, 1), hosts[0] if hosts else "127.0.0.1",
-                              _int(e, "MASTER_PORT", _port_for_job(str(job.job_id))), "submitit"))
+                              _int(e, "MASTER_PORT", _port_for_job(str(job.job_id))), "submitit",
+                              _int(e, "SLURM_CPUS_PER_TASK")))
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
         world = _int(e, "SLURM_STEP_NUM_TASKS")
         nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "127.0.0.1")
         local_world = int(re.match(r"\d*", e.get("SLURM_STEP_TASKS_PER_NODE", "1")).group() or 1)
         return _check(DistEnv(_int(e, "SLURM_PROCID"), world, _int(e, "SLURM_LOCALID", 0), local_world,
                               e.get("MASTER_ADDR") or first_host(nodes),
-                              _int(e, "MASTER_PORT", _port_for_job(e.get("SLURM_JOB_ID", "0"))), "slurm"))
+                              _int(e, "MASTER_PORT", _port_for_job(e.get("SLURM_JOB_ID", "0"))), "slurm",
+                              _int(e, "SLURM_CPUS_PER_TASK")))
     return DistEnv()
 
 
@@ -128,7 +131,10 @@ def pick_device(env: DistEnv, preference: str = "auto") -> torch.device:
 
 
 def _cpu_threads(env: DistEnv) -> int:
-    return max(1, usable_cores() // max(env.local_world_size, 1))
+    """Intra-op threads of one CPU rank: its share of the cores it may run on, and no more than the
+    cores Slurm granted it (a cluster without CPU binding leaves every job the whole node's mask)."""
+    share = max(1, usable_cores() // max(env.local_world_size, 1))
+    return min(share, env.cpus_per_task) if env.cpus_per_task else share
 
 
 def _store(env: DistEnv, timeout: timedelta) -> dist.Store:

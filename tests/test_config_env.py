@@ -1,6 +1,8 @@
 """Config loading (unknown keys, types, overrides, round trip) and reading the distributed environment."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from shard_tools.errors import InputError
@@ -81,6 +83,28 @@ def test_srun_step_variables():
     assert env.master_addr == "gpu07" and env.source == "slurm"
     assert env.master_port == read_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "8",
                                         "SLURM_JOB_ID": "4242"}).master_port  # same port on every task
+
+
+def test_a_rank_uses_no_more_threads_than_slurm_granted_its_task():
+    """A cluster without CPU binding leaves each job the node's whole mask: --cpus-per-task bounds the threads."""
+    from dist_lc.distributed import _cpu_threads
+
+    step = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_JOB_ID": "7"}
+    assert read_env(step).cpus_per_task is None
+    granted = read_env({**step, "SLURM_CPUS_PER_TASK": "1"})
+    assert granted.cpus_per_task == 1 and _cpu_threads(granted) == 1
+    assert _cpu_threads(read_env(step)) == max(1, len(os.sched_getaffinity(0)))
+
+
+def test_concurrent_local_jobs_get_disjoint_cores():
+    from dist_lc.cv.executors import cpu_slice
+
+    cores = sorted(os.sched_getaffinity(0))
+    assert cpu_slice(0, 1) is None  # one job at a time: the whole machine
+    slices = [cpu_slice(k, len(cores)) for k in range(len(cores))]
+    assert sorted(c for s in slices for c in s) == cores
+    assert all(len(s) == 1 for s in slices)
+    assert cpu_slice(len(cores), len(cores) + 1) == (cores[len(cores) % len(cores)],)  # more jobs than cores
 
 
 def test_batch_script_outside_srun_is_a_single_process():

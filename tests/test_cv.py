@@ -172,6 +172,17 @@ def test_local_executor_gives_the_same_report(local_cv, sample_root, tiny_shards
     assert {r["executor"] for r in records} == {"local"}
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to run 2 jobs side by side")
+def test_concurrent_local_jobs_each_run_on_their_own_cores(tiny_shards, tmp_path):
+    """Two single-rank folds at once: each sizes its threads for its share, not for the whole machine."""
+    cv_dir = tmp_path / "cv"
+    proc = run_cv([*tiny(tiny_shards, "launcher.tasks_per_node=1", "launcher.max_parallel=2"),
+                   "--out", str(cv_dir), "--executor", "local"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = [json.loads((cv_dir / f"fold{k}" / plan.DONE).read_text()) for k in (0, 1)]
+    assert [d["threads"] for d in done] == [len(os.sched_getaffinity(0)) // 2] * 2
+
+
 @pytest.mark.slurm
 def test_slurm_and_local_reports_have_the_same_structure(slurm_cv, local_cv):
     a, b = (json.loads((d / "report.json").read_text()) for d in (slurm_cv, local_cv))

@@ -54,6 +54,21 @@ def local_capacity(launcher: LauncherConfig) -> int:
     return max(1, usable_cores() // (launcher.tasks_per_node * launcher.cpus_per_task))
 
 
+def cpu_slice(slot: int, slots: int) -> tuple[int, ...] | None:
+    """The cores local job ``slot`` of ``slots`` concurrent ones runs on, as Slurm's cgroups would
+    give them: without it every job sizes its thread pool for the whole machine, and two jobs'
+    OpenMP pools spinning on the same cores run many times slower than one job after the other."""
+    if slots <= 1:
+        return None
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cores:
+        return None
+    per = len(cores) // slots
+    if per == 0:  # more jobs than cores (max_parallel above capacity): one core each, shared
+        return (cores[slot % len(cores)],)
+    return tuple(cores[slot * per:(slot + 1) * per])
+
+
 def make_executor(launcher: LauncherConfig, kind: str, folder: Path, jobs: int):
     """A submitit executor of the kind asked (never guessed), its parameters from the config."""
     if kind == "slurm":
@@ -77,17 +92,21 @@ def make_executor(launcher: LauncherConfig, kind: str, folder: Path, jobs: int):
 
 
 def submit(ex, kind: str, work: list[tuple[str, int, dict, str, bool]], tasks: int,
-           gpu_slot: int | None = None) -> list[tuple[Submission, object]]:
-    """Submit (point, fold, config, run_dir, tta) items, one array on Slurm; (record, submitit job) pairs."""
-    if kind == "local" and gpu_slot is not None and ex.parameters.get("gpus_per_node"):
+           slot: int | None = None, slots: int = 1) -> list[tuple[Submission, object]]:
+    """Submit (point, fold, config, run_dir, tta) items, one array on Slurm; (record, submitit job) pairs.
+    A local job runs on its ``slot`` of ``slots`` concurrent ones: its GPUs, or else its cores."""
+    cpus = None
+    if kind == "local" and slot is not None and ex.parameters.get("gpus_per_node"):
         g = ex.parameters["gpus_per_node"]
-        gpu_slot %= max(1, torch.cuda.device_count() // g)  # max_parallel above the GPUs: jobs share them
-        ex.update_parameters(visible_gpus=tuple(range(gpu_slot * g, (gpu_slot + 1) * g)))
+        slot %= max(1, torch.cuda.device_count() // g)  # max_parallel above the GPUs: jobs share them
+        ex.update_parameters(visible_gpus=tuple(range(slot * g, (slot + 1) * g)))
+    elif kind == "local" and slot is not None:
+        cpus = cpu_slice(slot, slots)
     if kind == "slurm":
         with ex.batch():
             handles = [ex.submit(FoldJob(config, run_dir, tta)) for _, _, config, run_dir, tta in work]
     else:
-        handles = [ex.submit(FoldJob(config, run_dir, tta)) for _, _, config, run_dir, tta in work]
+        handles = [ex.submit(FoldJob(config, run_dir, tta, cpus)) for _, _, config, run_dir, tta in work]
     stamp = now()
     return [(Submission(point, fold, kind, str(job.job_id), str(job.paths.stderr), str(job.paths.result_pickle),
                         stamp, tasks), job) for (point, fold, *_), job in zip(work, handles)]

@@ -147,7 +147,8 @@ def run_fold(cfg: Config, run_dir, tta: bool = False) -> dict:
                     "job_s": process_age_s()}
         result.update(fold_summary(cfg, run_dir, trained["epochs_planned"]), tta=tta, job_id=_job_id(),
                       timeline=timeline,
-                      world_size=dist.get_world_size() if dist.is_initialized() else 1, finished=now())
+                      world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                      threads=torch.get_num_threads(), finished=now())
         write_json_atomic(run_dir / DONE, result)
     return result
 
@@ -168,10 +169,13 @@ def _job_id() -> str | None:
 class FoldJob(submitit.helpers.Checkpointable):
     """The submitit callable of one CV job (every task runs it)."""
 
-    def __init__(self, config: dict, run_dir: str, tta: bool = False):
-        self.config, self.run_dir, self.tta = config, str(run_dir), tta
+    def __init__(self, config: dict, run_dir: str, tta: bool = False, cpus: tuple[int, ...] | None = None):
+        self.config, self.run_dir, self.tta, self.cpus = config, str(run_dir), tta, cpus
 
     def __call__(self) -> dict:
+        cpus = getattr(self, "cpus", None)  # absent from jobs pickled by earlier releases
+        if cpus:  # the local executor's share of the machine; threads and loader workers inherit it
+            os.sched_setaffinity(0, cpus)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         try:
             result = run_fold(from_dict(self.config), self.run_dir, self.tta)

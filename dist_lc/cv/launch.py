@@ -181,7 +181,8 @@ class Launch:
         for job, item in zip(take, work):  # local: one at a time, each on its own device slot
             used = {j.slot for j in self.jobs if j.active and j.slot is not None}
             job.slot = min(set(range(int(self.capacity()))) - used, default=0)
-            self._record([job], executors.submit(self.executor(), self.kind, [item], tasks, gpu_slot=job.slot))
+            self._record([job], executors.submit(self.executor(), self.kind, [item], tasks, slot=job.slot,
+                                                 slots=int(self.capacity())))
 
     def _record(self, jobs: list[Job], submitted: list[tuple[Submission, object]]) -> None:
         for job, (record, handle) in zip(jobs, submitted):
