@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SAMPLE_SRC, log, machine_line, table  # noqa: E402
+from common import REPO, SAMPLE_SRC, cv_command, log, machine_line, table  # noqa: E402
 
 
 def run(args) -> dict:
@@ -33,10 +33,7 @@ def run(args) -> dict:
         subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(SAMPLE_SRC), "--out", str(shards)],
                        check=True, cwd=repo, env=env, stdout=subprocess.DEVNULL)
     out = args.work / f"cv-{args.label}"
-    sets = [f"data.shards={shards}", f"train.time_limit={args.fold_minutes}", "train.epochs=1000",
-            "launcher.tasks_per_node=2", "launcher.max_parallel=1", f"cv.folds={args.folds}", *args.set]
-    cmd = [sys.executable, "-m", "dist_lc", "cv", "--config", "configs/recommended.yaml", "--out", str(out),
-           "--executor", "local", *[a for s in sets for a in ("--set", s)]]
+    cmd = cv_command("configs/recommended.yaml", out, shards, args.fold_minutes, args.folds, sets=args.set)
     log(f"{args.label}: {' '.join(cmd)}")
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)

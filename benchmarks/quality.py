@@ -41,7 +41,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pixel_gbm  # noqa: E402
-from common import REPO, SAMPLE_SRC, ensure_shards, log, machine_line, table  # noqa: E402
+from common import REPO, SAMPLE_SRC, cv_command, ensure_shards, log, machine_line, table  # noqa: E402
 
 from dist_lc import calibration, second_stage, tile_features  # noqa: E402
 from dist_lc.metrics import kl_per_sample  # noqa: E402
@@ -87,7 +87,7 @@ def method_baseline(tiles, truth, folds) -> pd.DataFrame:
 
 def method_gbm(tiles, args) -> tuple[pd.DataFrame, dict]:
     rows, info = {}, {}
-    for k in sorted(set(tiles.folds)):
+    for k in sorted(set(args.folds)):
         log(f"pixel GBM fold {k}: {args.gbm_pixels} px, {args.gbm_rounds} rounds")
         started = time.monotonic()
         val, corrected, _, stats = pixel_gbm.fit_fold(tiles, k, pixels=args.gbm_pixels, rounds=args.gbm_rounds,
@@ -124,11 +124,7 @@ def method_stack(gbm: pd.DataFrame, truth, folds, features) -> dict:
 
 def run_cv(args, shards: Path, out: Path, minutes: float, sets: list[str]) -> dict:
     """``dist-lc cv`` of the recipe at ``minutes`` per fold: its wall time and its report."""
-    cmd = [sys.executable, "-m", "dist_lc", "cv", "--config", str(args.recipe), "--out", str(out),
-           "--executor", "local", "--set", f"data.shards={shards}", "--set", f"train.time_limit={minutes}",
-           "--set", "train.epochs=1000", "--set", f"launcher.tasks_per_node={args.nproc}",
-           "--set", "launcher.max_parallel=1", "--set", f"launcher.time_min={int(minutes * 3) + 10}",
-           "--set", f"cv.folds={list(args.folds)}", *[a for s in [*args.set, *sets] for a in ("--set", s)]]
+    cmd = cv_command(args.recipe, out, shards, minutes, args.folds, args.nproc, [*args.set, *sets])
     log(f"dist-lc cv {args.recipe.name} at {minutes:g} min per fold {' '.join(sets)} → {out}")
     started = time.monotonic()
     log_file = out.parent / f"{out.name}.log"     # not with_suffix: "cv-5.4" has a dot
