@@ -118,13 +118,22 @@ def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, b
             rows.append(props.double().cpu().numpy())
     if with_confusion and dist.is_initialized():
         dist.all_reduce(matrix)
-    parts = distributed.gather_objects((keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES)))))
+    table = gathered_table(keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES))))
+    if table is None:
+        return None
+    return (table, matrix.cpu().numpy()) if with_confusion else table
+
+
+def gathered_table(keys: list, props: np.ndarray) -> pd.DataFrame | None:
+    """Every rank's (tile ids, proportions) as one table on rank 0, rows summing to 1 in float64
+    (None on the other ranks; every rank must call it)."""
+    parts = distributed.gather_objects((keys, props))
     if parts is None:
         return None
     values = np.concatenate([r for _, r in parts])
-    table = pd.DataFrame(values / values.sum(axis=1, keepdims=True), columns=list(CLASS_NAMES))  # float64 rows
+    table = pd.DataFrame(values / values.sum(axis=1, keepdims=True), columns=list(CLASS_NAMES))
     table.insert(0, "sample_id", [k for ks, _ in parts for k in ks])
-    return (table, matrix.cpu().numpy()) if with_confusion else table
+    return table
 
 
 def run(args) -> int:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shard_tools.errors import InputError
-from shard_tools.format import IMAGE_SHAPE
+from shard_tools.format import CLASS_NAMES, IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
 from . import distributed, pixel_metrics
@@ -264,7 +264,17 @@ def predict_batches(s: Setup, net, loader):
             yield batch, b, logits, tile_proportions(logits, net.logit_bias)
 
 
-def validate(s: Setup, net) -> tuple[dict, dict]:
+@dataclass
+class HeldOut:
+    """One validation's predictions of this rank's held-out tiles, and the fold's pixel confusion:
+    the fold job writes them as its out-of-fold table when they come from the best checkpoint."""
+    epoch: int
+    keys: list
+    props: np.ndarray
+    matrix: np.ndarray
+
+
+def validate(s: Setup, net, epoch: int) -> tuple[dict, dict, HeldOut]:
     """Validation loss, score and pixel metrics over the held-out fold, every tile once across ranks,
     all ranks scoring with rank 0's BatchNorm statistics (those that the checkpoint holds)."""
     distributed.broadcast_buffers(net)
@@ -273,12 +283,15 @@ def validate(s: Setup, net) -> tuple[dict, dict]:
     kl_sum = loss_sum = n = skipped = 0.0
     matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=s.device)
     shown = {"key": [], "image": [], "mask": [], "pred": []}
+    keys, rows = [], []
     for batch, b, logits, props in predict_batches(s, net, loader):
         loss_sum += s.loss_fn(logits, b["mask"], b["props"]).sum().item()
-        matrix += pixel_metrics.confusion(b["mask"], logits)
-        truth = batch["props"].double().numpy()
+        matrix += pixel_metrics.confusion(b["mask"], logits.float() + net.logit_bias)  # as the maps are argmaxed
+        truth, pred = batch["props"].double().numpy(), props.double().cpu().numpy()
+        keys += batch["key"]
+        rows.append(pred)
         scored = truth[:, 2:].sum(axis=1) > 0  # a tile of clouds/no_data only has no score
-        kl_sum += float(kl_per_sample(truth[scored], props.double().cpu().numpy()[scored]).sum())
+        kl_sum += float(kl_per_sample(truth[scored], pred[scored]).sum())
         n += float(scored.sum())
         skipped += float((~scored).sum())
         room = s.cfg.train.plot_tiles - len(shown["key"])
@@ -290,8 +303,10 @@ def validate(s: Setup, net) -> tuple[dict, dict]:
     kl_sum, loss_sum, n, tiles = distributed.all_reduce_sum([kl_sum, loss_sum, n, n + skipped], s.device)
     if dist.is_initialized():
         dist.all_reduce(matrix)
+    matrix = matrix.cpu().numpy()
+    held = HeldOut(epoch, keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES))), matrix)
     return {"val_loss": loss_sum / max(tiles, 1), "val_kl": kl_sum / max(n, 1), "val_tiles": int(tiles),
-            **pixel_metrics.summary(matrix.cpu().numpy())}, shown
+            **pixel_metrics.summary(matrix)}, shown, held
 
 
 # ----------------------------------------------------------------------------- the run
@@ -446,6 +461,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                started: float) -> dict:
     cfg, t = s.cfg, s.cfg.train
     epoch_times, train_s, val_s, row, stopped = [], [], [], {}, False
+    best_held = None   # the held-out predictions of best.pt, when this process validated it
     other_s = 0.0   # checkpoints, logs, plots
     while p.epoch < (p.planned or t.epochs):
         epoch_started = time.monotonic()
@@ -463,7 +479,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         val, shown = {}, None
         if s.val_folds is not None and (validates(t, p.epoch, last) or out_of_time):
             val_started = time.monotonic()
-            val, shown = validate(s, s.ema.module if s.ema is not None else s.net)
+            val, shown, held = validate(s, s.ema.module if s.ema is not None else s.net, p.epoch)
             val_s.append(time.monotonic() - val_started)
         score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
         if score is not None and is_per_epoch(s.scheduler):
@@ -479,6 +495,8 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             p.stale = 0 if score < p.best - t.early_stop_min_delta else p.stale + 1
         p.best = min(p.best, score) if score is not None else p.best
         ckpt.save(p, improved)
+        if improved and val:
+            best_held = held
         runlog.epoch(row, best=improved)
         if shown and t.plot_every and p.epoch % t.plot_every == 0:
             runlog.plot(p.epoch, shown)
@@ -496,7 +514,8 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         warn_if_batchnorm_unsettled(cfg, runlog, p.step * s.layout.accum)
     timing = {"epochs_s": float(sum(train_s)), "validation_s": float(sum(val_s)), "bookkeeping_s": other_s,
               "validations": len(val_s)}
-    return {**row, "stopped": stopped, "epochs_planned": p.planned or t.epochs, "timing": timing}
+    return {**row, "stopped": stopped, "epochs_planned": p.planned or t.epochs, "timing": timing,
+            "best_held_out": best_held}
 
 
 def run(args) -> int:

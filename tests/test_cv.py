@@ -172,6 +172,23 @@ def test_local_executor_gives_the_same_report(local_cv, sample_root, tiny_shards
     assert {r["executor"] for r in records} == {"local"}
 
 
+def test_the_out_of_fold_table_is_what_the_best_checkpoint_predicts(local_cv, tiny_shards):
+    """A fold job takes its best validation's predictions as oof.csv rather than predicting again."""
+    from dist_lc.predict import predict
+
+    for k in (0, 1):
+        run_dir = local_cv / f"fold{k}"
+        done = json.loads((run_dir / plan.DONE).read_text())
+        assert done["oof_from"] == f"validation of epoch {done['best_epoch']}"
+        table, matrix = predict([run_dir / "checkpoints" / "best.pt"], tiny_shards, f"fold:{k}", workers=0,
+                                with_confusion=True)
+        written = pd.read_csv(run_dir / plan.OOF, dtype={"sample_id": str}).set_index("sample_id")
+        again = table.set_index("sample_id").loc[written.index]
+        np.testing.assert_allclose(written[CLASSES], again[CLASSES], atol=1e-5)
+        confusion = np.array(json.loads((run_dir / plan.CONFUSION).read_text())["matrix"])
+        assert confusion.sum() == matrix.sum() and np.abs(confusion - matrix).sum() <= 1e-3 * matrix.sum()
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to run 2 jobs side by side")
 def test_concurrent_local_jobs_each_run_on_their_own_cores(tiny_shards, tmp_path):
     """Two single-rank folds at once: each sizes its threads for its share, not for the whole machine."""

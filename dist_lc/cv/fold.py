@@ -41,9 +41,9 @@ from .. import distributed, pixel_metrics
 from ..checkpoint import LAST
 from ..config import Config, from_dict, read_yaml
 from ..files import write_csv_atomic
-from ..predict import predict
+from ..predict import gathered_table, predict
 from ..run_log import read_metrics
-from ..train import train
+from ..train import HeldOut, train
 from ..metrics import SCORED_NAMES
 from .plan import CONFUSION, DONE, OOF, TEST, load_plan, now
 
@@ -104,14 +104,23 @@ def fold_summary(cfg: Config, run_dir: Path, planned: int) -> dict:
             "train_s": sum(float(r["epoch_time_s"]) for r in rows)}
 
 
-def predict_fold(cfg: Config, run_dir: Path, tta: bool) -> dict:
-    """oof.csv (held-out fold) and test.csv from the fold's best.pt, on all ranks; files on rank 0."""
+def predict_fold(cfg: Config, run_dir: Path, tta: bool, held: HeldOut | None = None) -> dict:
+    """oof.csv (held-out fold) and test.csv from the fold's best.pt, on all ranks; files on rank 0.
+
+    ``held``: the predictions of the validation that made best.pt, taken as the out-of-fold table
+    instead of predicting the same tiles with the same weights again (not with TTA, which
+    validation does not use)."""
     best = [run_dir / "checkpoints" / "best.pt"]
     resolved = from_dict(read_yaml(run_dir / "config.yaml")).train   # the micro-batch auto chose, if auto
     common = {"tta": tta, "batch_size": resolved.micro_batch_size, "workers": cfg.data.workers,
               "device_pref": cfg.train.device}
     started = time.perf_counter()
-    oof = predict(best, cfg.data.shards, f"fold:{cfg.data.fold}", with_confusion=True, **common)
+    reuse = held is not None and not tta
+    if reuse:
+        table = gathered_table(held.keys, held.props)
+        oof = None if table is None else (table, held.matrix)
+    else:
+        oof = predict(best, cfg.data.shards, f"fold:{cfg.data.fold}", with_confusion=True, **common)
     has_test = bool(load_manifest(cfg.data.shards).shards("test"))
     test = predict(best, cfg.data.shards, "test", **common) if has_test else None
     if oof is None:   # not rank 0
@@ -121,7 +130,8 @@ def predict_fold(cfg: Config, run_dir: Path, tta: bool) -> dict:
     write_json_atomic(run_dir / CONFUSION, {"classes": list(SCORED_NAMES), "rows": "true", "matrix": matrix.tolist()})
     if test is not None:
         write_csv_atomic(test, run_dir / TEST)
-    return {"oof_tiles": len(table), "test_tiles": len(test) if test is not None else 0,
+    return {"oof_tiles": len(table), "oof_from": f"validation of epoch {held.epoch}" if reuse else "best.pt",
+            "test_tiles": len(test) if test is not None else 0,
             "pixel": pixel_metrics.summary(matrix), "predict_s": time.perf_counter() - started}
 
 
@@ -141,7 +151,8 @@ def run_fold(cfg: Config, run_dir, tta: bool = False) -> dict:
     if stopped:
         return {"status": "stopped", "signal": "USR2" if usr2 or not term else "TERM", "rank": rank,
                 "epochs_done": int(done)}
-    result = {"status": "done", "rank": rank, **predict_fold(cfg, run_dir, tta)}
+    held = trained["best_held_out"]
+    result = {"status": "done", "rank": rank, **predict_fold(cfg, run_dir, tta, held)}
     if rank == 0:
         timeline = {"process_start_s": started_at, **trained["timing"], "predict_s": result["predict_s"],
                     "job_s": process_age_s()}
