@@ -88,15 +88,16 @@ def ensure_shards(out: Path, src: Path = SAMPLE_SRC) -> Path:
     return out
 
 
-def cv_command(recipe, out: Path, shards: Path, minutes: float, folds, nproc: int = 2, sets=()) -> list[str]:
+def cv_command(recipe, out: Path, shards: Path, minutes: float, folds, nproc: int = 2, sets=(),
+               executor: str = "local") -> list[str]:
     """``dist-lc cv`` of a recipe on a time budget per fold, as the quality and overhead benchmarks run
-    it: local executor, ``nproc`` DDP ranks per fold job, one job at a time, ``train.time_limit``
-    minutes of training each (the epoch count left to the fitted schedule)."""
+    it: ``nproc`` DDP ranks per fold job, one job at a time, ``train.time_limit`` minutes of training
+    each (the epoch count left to the fitted schedule)."""
     sets = [f"data.shards={shards}", f"train.time_limit={minutes}", "train.epochs=1000",
             f"launcher.tasks_per_node={nproc}", "launcher.max_parallel=1",
             f"launcher.time_min={int(minutes * 3) + 10}", f"cv.folds={list(folds)}", *sets]
     return [sys.executable, "-m", "dist_lc", "cv", "--config", str(recipe), "--out", str(out),
-            "--executor", "local", *[a for s in sets for a in ("--set", s)]]
+            "--executor", executor, *[a for s in sets for a in ("--set", s)]]
 
 
 def log(msg: str) -> None:

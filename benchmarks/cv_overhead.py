@@ -2,10 +2,12 @@
 
     python benchmarks/cv_overhead.py --work /tmp/ov --fold-minutes 3          # this checkout
     python benchmarks/cv_overhead.py --work /tmp/ov --fold-minutes 3 --repo /tmp/old --label before
+    python benchmarks/cv_overhead.py --work /tmp/ov-slurm --executor slurm    # through the local Slurm
     python benchmarks/cv_overhead.py --quick --work /tmp/ov-quick             # the suite's smoke run
 
-Runs ``dist-lc cv`` of ``configs/recommended.yaml`` on the real sample's 5 folds (local executor,
-2 DDP ranks per fold, one fold at a time, ``train.time_limit = --fold-minutes``) from ``--repo`` (a
+Runs ``dist-lc cv`` of ``configs/recommended.yaml`` on the real sample's 5 folds (the local
+executor or ``--executor slurm``, 2 DDP ranks per fold, one fold at a time, ``train.time_limit =
+--fold-minutes``) from ``--repo`` (a
 checkout; another commit's, to compare before and after in one session), and reports the command's
 wall time, the seconds of training epochs (metrics.csv's ``epoch_time_s``, summed), the share of
 the wall time outside them, and, where the checkout records it (done.json's ``timeline``), each
@@ -33,7 +35,8 @@ def run(args) -> dict:
         subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(SAMPLE_SRC), "--out", str(shards)],
                        check=True, cwd=repo, env=env, stdout=subprocess.DEVNULL)
     out = args.work / f"cv-{args.label}"
-    cmd = cv_command("configs/recommended.yaml", out, shards, args.fold_minutes, args.folds, sets=args.set)
+    cmd = cv_command("configs/recommended.yaml", out, shards, args.fold_minutes, args.folds, sets=args.set,
+                     executor=args.executor)
     log(f"{args.label}: {' '.join(cmd)}")
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
@@ -60,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--repo", type=Path, default=REPO, help="the checkout to run (default: this one)")
     ap.add_argument("--label", default="this checkout")
+    ap.add_argument("--executor", choices=("local", "slurm"), default="local",
+                    help="slurm: the cluster sbatch reaches (slurm/local-cluster.sh starts one on this machine)")
     ap.add_argument("--fold-minutes", type=float, default=3.0)
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     result = run(args)
     outside = 1 - result["epochs_s"] / result["wall_s"]
     print(f"Machine: {machine_line()}; {args.label} ({result['repo']}), {len(args.folds)} folds × "
-          f"{args.fold_minutes:g} min, 2 DDP ranks per fold, one fold at a time\n")
+          f"{args.fold_minutes:g} min, 2 DDP ranks per fold, one fold at a time, {args.executor} executor\n")
     print(f"dist-lc cv wall {result['wall_s']:.0f} s, training epochs {result['epochs_s']:.0f} s: "
           f"**{outside:.0%} outside the epochs**; oof KL {result['oof_kl']:.4f}\n")
     keys = ("process_start_s", "setup_s", "epochs_s", "validation_s", "bookkeeping_s", "predict_s", "job_s")
