@@ -7,8 +7,8 @@
 
 Runs ``dist-lc cv`` of ``configs/recommended.yaml`` on the real sample's 5 folds (the local
 executor or ``--executor slurm``, 2 DDP ranks per fold, one fold at a time, ``train.time_limit =
---fold-minutes``) from ``--repo`` (a
-checkout; another commit's, to compare before and after in one session), and reports the command's
+--fold-minutes``) from ``--repo`` (a checkout; another commit's, to compare before and after in one
+session), and reports the command's
 wall time, the seconds of training epochs (metrics.csv's ``epoch_time_s``, summed), the share of
 the wall time outside them, and, where the checkout records it (done.json's ``timeline``), each
 fold job's split: process start-up, set-up, epochs, validation, checkpoints and logs, prediction.
