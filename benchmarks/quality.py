@@ -91,7 +91,7 @@ def method_gbm(tiles, args) -> tuple[pd.DataFrame, dict]:
         log(f"pixel GBM fold {k}: {args.gbm_pixels} px, {args.gbm_rounds} rounds")
         started = time.monotonic()
         val, corrected, _, stats = pixel_gbm.fit_fold(tiles, k, pixels=args.gbm_pixels, rounds=args.gbm_rounds,
-                                                      threads=args.gbm_threads)
+                                                      stride=args.gbm_stride, threads=args.gbm_threads)
         info[k] = {**stats, "wall_s": time.monotonic() - started}
         rows.update({tiles.keys[i]: p for i, p in zip(val, corrected)})
     return pd.DataFrame.from_dict(rows, orient="index", columns=CLASSES), info
@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME: KEY=VALUE ...")
     ap.add_argument("--gbm-pixels", type=int, default=1_500_000)
     ap.add_argument("--gbm-rounds", type=int, default=pixel_gbm.DEFAULT_ROUNDS)
+    ap.add_argument("--gbm-stride", type=int, default=pixel_gbm.DEFAULT_STRIDE, help="prediction pixel stride")
     ap.add_argument("--gbm-threads", type=int, default=1)
     ap.add_argument("--gbm-from", type=Path, help="take the pixel GBM's predictions from an earlier run's JSON "
                     "(it costs ~50 minutes) and fit the stack on them")
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 folds, tiny budgets and models (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.folds, args.fold_minutes, args.gbm_pixels, args.gbm_rounds = [0, 1], [0.15], 20_000, 10
+        args.folds, args.fold_minutes, args.gbm_pixels, args.gbm_rounds, args.gbm_stride = [0, 1], [0.15], 20_000, 10, 8
         args.set += ["data.crop=32", "model.filters=8", "model.upconv_filters=8", "data.workers=0"]
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -222,14 +223,17 @@ def main(argv=None) -> int:
         for minutes in args.fold_minutes:
             for name, sets in variants:
                 run = run_cv(args, shards, args.work / f"cv-{minutes:g}-{name.replace(' ', '_')}", minutes, sets)
-                rows += rows_of(f"{name} ({minutes:g} min/fold)", run["predictions"], scorer, run["wall_s"],
-                                " ".join(f"`{s}`" for s in sets))
+                label = f"{name} ({minutes:g} min/fold)"
+                rows += rows_of(label, run["predictions"], scorer, run["wall_s"], " ".join(f"`{s}`" for s in sets))
+                saved.update({f"{label} / {v}": pred for v, pred in run["predictions"].items()})
     elif "cv" in methods:
         for minutes in args.fold_minutes:
             run = run_cv(args, shards, args.work / f"cv-{minutes:g}", minutes, [])
             outside = [1 - t["epochs_s"] / t["job_s"] for t in run["timelines"] if t]
-            rows += rows_of(f"dist-lc cv {args.recipe.name} ({minutes:g} min/fold)", run["predictions"], scorer,
-                            run["wall_s"], f"epochs {run['epochs']}; outside epochs {np.mean(outside):.0%} of a job")
+            label = f"dist-lc cv {args.recipe.name} ({minutes:g} min/fold)"
+            rows += rows_of(label, run["predictions"], scorer, run["wall_s"],
+                            f"epochs {run['epochs']}; outside epochs {np.mean(outside):.0%} of a job")
+            saved.update({f"{label} / {v}": pred for v, pred in run["predictions"].items()})
     if args.include and args.include.exists():
         earlier = json.loads(args.include.read_text())
         have = {r["method"] for r in rows}

@@ -4,7 +4,7 @@ prediction, report, submission) and predict with and without TTA. Every step's w
 peak RSS of each of its processes (sampled from /proc) are recorded.
 
     python benchmarks/scale.py --work /work/big [--train 18491 --test 5043] [--steps synth,pack,...]
-    python benchmarks/scale.py --quick --work /tmp/scale-quick      # 200 + 40 tiles: the suite's smoke run
+    python benchmarks/scale.py --quick --work /tmp/scale-quick      # 100 + 20 tiles: the suite's smoke run
 
 Steps (``--steps``, in this order; each one reuses what earlier ones left in ``--work``):
 ``synth`` (``dist-lc synth``), ``pack`` (``lc-shard pack``), ``verify``, ``describe``, ``plan``
@@ -155,10 +155,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cv-set", action="append", default=[], metavar="KEY=VALUE", help="more --set for the cv step")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--predict-modes", default="plain,tta", help="plain, tta or both (tta costs 8 forward passes)")
-    ap.add_argument("--quick", action="store_true", help="200 train + 40 test tiles, tiny model (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="100 train + 20 test tiles, tiny model (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.train, args.test = 200, 40
+        args.train, args.test = 100, 20
         args.cv_set += ["data.crop=32", "model.filters=8", "model.upconv_filters=8", "data.workers=0",
                         "cv.folds=[0,1]", "train.plot_every=0"]
     args.work.mkdir(parents=True, exist_ok=True)
