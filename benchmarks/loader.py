@@ -10,7 +10,9 @@ Measured, rounds interleaved so that all share the machine's state (page cache w
   page cache give), expressed in tiles/s;
 - ``loader``: ``dist_lc.data.train_loader`` as a rank uses it (one rank's epoch plan, shuffle
   buffer, augmentation), full 256² tiles and 96² crops, 0/1/2 DataLoader workers: batches taken
-  as fast as they come, each touched once (the first byte of its image) as a consumer would;
+  as fast as they come, each touched once (the first byte of its image) as a consumer would; the
+  flips/rotations the workers drew are applied by the consumer (``apply_views``, what the rank
+  does on its device) and timed apart: ``rank views`` is that step's rate on this CPU;
 - ``previous``: the data path dist_lc had before (webdataset's tar reader, ``np.load`` per
   member, float32 images and int64 masks made in the worker, a per-sample ``torch.stack``), with
   the same plan, also with 0/1/2 workers.
@@ -43,25 +45,31 @@ def raw_read(manifest) -> tuple[float, float]:
     return time.perf_counter() - started, tiles
 
 
-def _drain(loader) -> int:
-    from dist_lc.data import batches_of
+def _drain(loader) -> tuple[int, float]:
+    """(tiles, seconds the consumer spent turning them by their views on this CPU): the views are
+    the rank's work, not the loader's, so they are timed apart."""
+    from dist_lc.data import apply_views, batches_of
 
-    tiles = 0
+    tiles, views_s = 0, 0.0
     with batches_of(loader) as batches:
         for batch in batches:
             _ = batch["image"].reshape(-1)[0].item()   # a consumer touches what it gets
             tiles += len(batch["key"])
-    return tiles
+            if "views" in batch:
+                started = time.perf_counter()
+                apply_views(batch["image"], batch["mask"], batch["views"])
+                views_s += time.perf_counter() - started
+    return tiles, views_s
 
 
-def current(manifest, crop, workers, epoch) -> tuple[float, int]:
+def current(manifest, crop, workers, epoch) -> tuple[float, int, float]:
     from dist_lc.data import train_loader
 
     loader, _ = train_loader(manifest, list(range(manifest.num_folds)), epoch=epoch, seed=0, world=1, rank=0,
                              micro=16, accum=1, workers=workers, crop=crop, shuffle_buffer=64)
     started = time.perf_counter()
-    tiles = _drain(loader)
-    return time.perf_counter() - started, tiles
+    tiles, views_s = _drain(loader)
+    return time.perf_counter() - started - views_s, tiles, views_s
 
 
 def previous(manifest, crop, workers, epoch) -> tuple[float, int]:
@@ -119,7 +127,7 @@ def previous(manifest, crop, workers, epoch) -> tuple[float, int]:
 
     loader = DataLoader(Previous(), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     started = time.perf_counter()
-    tiles = _drain(loader)
+    tiles, _ = _drain(loader)
     return time.perf_counter() - started, tiles
 
 
@@ -141,12 +149,16 @@ def main(argv=None) -> int:
     manifest = load_manifest(shards)
     crops = [None if c == "none" else int(c) for c in args.crops.split(",")]
     cases = [(path, crop, w) for path in ("current", "previous") for crop in crops for w in args.workers]
-    results = {"raw": [], **{f"{p}|{c}|{w}": [] for p, c, w in cases}}
+    results = {"raw": [], **{f"{p}|{c}|{w}": [] for p, c, w in cases}, **{f"views|{c}": [] for c in crops}}
     for r in range(args.rounds):
         seconds, tiles = raw_read(manifest)
         results["raw"].append(tiles / seconds)
         for path, crop, w in cases[r % len(cases):] + cases[:r % len(cases)]:   # rotated order per round
-            seconds, tiles = (current if path == "current" else previous)(manifest, crop, w, epoch=r)
+            if path == "current":
+                seconds, tiles, views_s = current(manifest, crop, w, epoch=r)
+                results[f"views|{crop}"].append(tiles / views_s)
+            else:
+                seconds, tiles = previous(manifest, crop, w, epoch=r)
             results[f"{path}|{crop}|{w}"].append(tiles / seconds)
         log(f"round {r + 1}/{args.rounds} done")
     raw = median(results["raw"])
@@ -156,12 +168,13 @@ def main(argv=None) -> int:
             now, before = median(results[f"current|{crop}|{w}"]), median(results[f"previous|{crop}|{w}"])
             cores = max(w, 1)
             rows.append([f"{crop or 256}²", w, f"{now:.0f}", f"{now / cores:.0f}", f"{before:.0f}",
-                         f"{before / cores:.0f}", f"{now / before:.2f}×", f"{now / cores / raw:.0%}"])
+                         f"{before / cores:.0f}", f"{now / before:.2f}×", f"{now / cores / raw:.0%}",
+                         f"{median(results[f'views|{crop}']):.0f}"])
     print(f"Machine: {machine_line()}; {manifest.data['counts']['train']} training tiles, batches of 16, "
           f"median of {args.rounds} round(s)\n")
     print(f"Raw read of the shards (the ceiling): {raw:.0f} tiles/s\n")
     print(table(["tiles", "workers", "tiles/s", "per loader core", "previous tiles/s", "previous per core",
-                 "speed-up", "per core / raw read"], rows))
+                 "speed-up", "per core / raw read", "rank views on this CPU, tiles/s"], rows))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_line(), "raw_tiles_per_s": raw, "results": results},
                                         indent=1))

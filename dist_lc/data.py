@@ -13,9 +13,11 @@ How an epoch is laid out (the same on every rank, computed from the manifest alo
   (in whole micro-batches for training), each worker streams only the shards its piece touches.
 
 What crosses from a worker to its rank is what the shards hold: uint16 images (N, H, W, 4) and
-uint8 masks, written straight into a batch tensor in shared memory (no copy on the way); the float
-conversion and the normalisation happen on the device, in the network (:func:`to_nchw` turns the
-batch into NCHW with the channels-last layout, without a copy). Shards are read by
+uint8 masks (cropped, in training), written straight into a batch tensor in shared memory (no copy
+on the way), and each training sample's flip/rotation as a (quarter turns, flip) row, drawn in the
+worker and applied on the device (:func:`apply_views`); the float conversion and the normalisation
+happen on the device too, in the network (:func:`to_nchw` turns the batch into NCHW with the
+channels-last layout, without a copy). Shards are read by
 :mod:`shard_tools.tarstream`: the samples a worker skips are seeked over, not read.
 """
 from __future__ import annotations
@@ -125,13 +127,40 @@ def read_segment(seg: Segment):
                          f"run `lc-shard verify` on its folder")
 
 
-def random_flip_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
-    """One of the 8 flips/rotations (the benchmark's flips and 90°/270° rotations), image and mask alike."""
+def random_view(rng: np.random.Generator) -> tuple[int, bool]:
+    """One of the 8 flips/rotations (the benchmark's flips and 90°/270° rotations): (quarter turns, flip)."""
     k = int(rng.integers(4))
+    return k, bool(rng.random() < 0.5)
+
+
+def random_flip_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    """A random view of an (H, W, ...) image and its mask alike, in numpy (what :func:`apply_views`
+    does to a whole batch on the device, with the same draws)."""
+    k, flip = random_view(rng)
     image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k, axes=(0, 1))
-    if rng.random() < 0.5:
+    if flip:
         image, mask = image[:, ::-1], mask[:, ::-1]
     return image, mask
+
+
+def apply_views(image: torch.Tensor, mask: torch.Tensor, views: torch.Tensor):
+    """Turn each sample of a batch as loaded ((N, H, W, 4) uint16 images, (N, H, W) masks) by its
+    (quarter turns, flip) row of ``views``, where the batch already is (the training device).
+
+    Done there rather than in the loader workers: a rotation is a transposing copy, the costliest
+    step of a worker's sample; on a GPU it is a few microseconds per batch. Pixels move as 8-byte
+    words (:func:`as_pixels`), which every device supports, unlike uint16."""
+    pixels = image.view(torch.int64)[..., 0]
+    out_px, out_mask = torch.empty_like(pixels), torch.empty_like(mask)
+    code = views[:, 0].long() * 2 + views[:, 1].long()
+    for value in torch.unique(code).tolist():
+        idx = torch.nonzero(code == value).squeeze(1).to(image.device)
+        k, flip = divmod(value, 2)
+        px, msk = torch.rot90(pixels[idx], k, dims=(1, 2)), torch.rot90(mask[idx], k, dims=(1, 2))
+        if flip:
+            px, msk = px.flip(2), msk.flip(2)
+        out_px[idx], out_mask[idx] = px, msk
+    return out_px.unsqueeze(-1).view(torch.uint16), out_mask
 
 
 def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator):
@@ -154,8 +183,8 @@ class BatchBuilder:
     def __init__(self, size: int):
         self.size, self.rows = size, []
 
-    def add(self, key, image, mask, props) -> dict | None:
-        self.rows.append((key, image, mask, props))
+    def add(self, key, image, mask, props, view=None) -> dict | None:
+        self.rows.append((key, image, mask, props, view))
         return self.take() if len(self.rows) == self.size else None
 
     @staticmethod
@@ -171,16 +200,18 @@ class BatchBuilder:
         h, w = rows[0][1].shape
         image = self._empty((len(rows), h, w, 4), torch.uint16)
         view = image.numpy().view(np.uint64)[..., 0]
-        for i, (_, img, _, _) in enumerate(rows):
-            view[i] = img
+        for i, row in enumerate(rows):
+            view[i] = row[1]
         batch = {"key": [r[0] for r in rows], "image": image}
         if rows[0][2] is not None:
             mask = self._empty((len(rows), h, w), torch.uint8)
             mview = mask.numpy()
-            for i, (_, _, msk, _) in enumerate(rows):
-                mview[i] = msk
+            for i, row in enumerate(rows):
+                mview[i] = row[2]
             batch["mask"] = mask
             batch["props"] = torch.from_numpy(np.stack([r[3] for r in rows]).astype(np.float32))
+        if rows[0][4] is not None:  # the augmentation each sample still has to get (apply_views)
+            batch["views"] = torch.tensor([r[4] for r in rows], dtype=torch.int8)
         return batch
 
 
@@ -216,9 +247,8 @@ class ShardStream(IterableDataset):
                 if self.crop and mask is not None:
                     image, mask = random_crop(image, mask, self.crop, rng)
                     props = class_proportions(mask)
-                if self.augment and mask is not None:
-                    image, mask = random_flip_rotate(image, mask, rng)
-                yield key, image, mask, props
+                view = random_view(rng) if self.augment and mask is not None else None
+                yield key, image, mask, props, view
 
     def _shuffled(self, samples, rng):
         buf = []

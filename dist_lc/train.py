@@ -28,7 +28,7 @@ from shard_tools.manifest import load_manifest
 from . import distributed, pixel_metrics
 from .checkpoint import Checkpointer, Progress
 from .config import BatchLayout, Config, batch_layout, from_dict, per_rank_batch, read_yaml, save_config
-from .data import batches_of, eval_loader, to_nchw, train_loader
+from .data import apply_views, batches_of, eval_loader, to_nchw, train_loader
 from .losses import SegmentationLoss, class_weights
 from .memory import fit_micro_batch, peak_memory_mb
 from .metrics import kl_per_sample
@@ -140,12 +140,14 @@ def build_setup(cfg: Config) -> Setup:
 # ----------------------------------------------------------------------------- steps
 
 def to_device(s: Setup, batch: dict) -> dict:
-    """The batch on the device: uint16 NCHW images (the network makes them float), masks, proportions."""
+    """The batch on the device: uint16 NCHW images (the network makes them float), masks, proportions,
+    each training sample turned by the view its loader worker drew."""
     fmt = torch.channels_last if s.cfg.train.channels_last else torch.contiguous_format
-    out = {"image": to_nchw(batch["image"]).to(s.device, non_blocking=True, memory_format=fmt)}
-    for name in ("mask", "props"):
-        if name in batch:
-            out[name] = batch[name].to(s.device, non_blocking=True)
+    image = batch["image"].to(s.device, non_blocking=True)
+    out = {name: batch[name].to(s.device, non_blocking=True) for name in ("mask", "props") if name in batch}
+    if "views" in batch:
+        image, out["mask"] = apply_views(image, out["mask"], batch["views"])
+    out["image"] = to_nchw(image).contiguous(memory_format=fmt)
     return out
 
 

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from shard_tools.errors import InputError
 from shard_tools.format import class_proportions, encode_sample
-from dist_lc.data import ShardStream, balanced_range, random_flip_rotate, random_crop, segments, train_steps
+from dist_lc.data import (ShardStream, apply_views, balanced_range, random_crop, random_flip_rotate, random_view,
+                          segments, train_steps)
 
 from torchrun_util import torchrun
 
@@ -95,6 +96,32 @@ def test_augmentation_moves_image_and_mask_together():
         assert np.array_equal(img[..., 0], msk.astype(np.uint16) * 7)
         outcomes.add(msk.tobytes())
     assert len(outcomes) == 8  # all flips and rotations occur
+
+
+def test_the_device_applies_each_sample_the_view_its_worker_drew():
+    """apply_views on a batch = random_flip_rotate sample by sample, with the same draws, bit for bit."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 24356, (24, 10, 10, 4)).astype(np.uint16)
+    masks = rng.integers(0, 10, (24, 10, 10)).astype(np.uint8)
+    expected, views = [], []
+    for i in range(len(images)):
+        img, msk = random_flip_rotate(images[i], masks[i], np.random.default_rng(i))
+        expected.append((np.ascontiguousarray(img), np.ascontiguousarray(msk)))
+        views.append(random_view(np.random.default_rng(i)))
+    assert len(set(views)) == 8
+    out_img, out_mask = apply_views(torch.from_numpy(images), torch.from_numpy(masks),
+                                    torch.tensor(views, dtype=torch.int8))
+    assert out_img.dtype == torch.uint16
+    assert np.array_equal(out_img.numpy(), np.stack([e[0] for e in expected]))
+    assert np.array_equal(out_mask.numpy(), np.stack([e[1] for e in expected]))
+
+
+def test_training_batches_carry_their_views_and_the_pixels_as_stored(uneven_shards):
+    """The workers copy pixels as the shard holds them (no transposing copy); the view travels beside."""
+    batch = next(iter(ShardStream(uneven_shards, 0, 4, 4, train=True, augment=True, seed=0)))
+    plain = next(iter(ShardStream(uneven_shards, 0, 4, 4, train=True, augment=False, seed=0)))
+    assert batch["views"].shape == (4, 2) and "views" not in plain
+    assert torch.equal(batch["image"], plain["image"]) and torch.equal(batch["mask"], plain["mask"])
 
 
 def test_crop_cuts_image_and_mask_alike():
