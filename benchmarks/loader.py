@@ -13,6 +13,8 @@ Measured, rounds interleaved so that all share the machine's state (page cache w
   as fast as they come, each touched once (the first byte of its image) as a consumer would; the
   flips/rotations the workers drew are applied by the consumer (``apply_views``, what the rank
   does on its device) and timed apart: ``rank views`` is that step's rate on this CPU;
+- ``in worker``: the same loader with each sample flipped/rotated inside the worker (numpy views,
+  then a transposing copy into the batch), as it was before the views moved to the device;
 - ``previous``: the data path dist_lc had before (webdataset's tar reader, ``np.load`` per
   member, float32 images and int64 masks made in the worker, a per-sample ``torch.stack``), with
   the same plan, also with 0/1/2 workers.
@@ -22,6 +24,7 @@ Per loader core: with 0 workers the main process is the one core; with N workers
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import sys
@@ -62,14 +65,37 @@ def _drain(loader) -> tuple[int, float]:
     return tiles, views_s
 
 
-def current(manifest, crop, workers, epoch) -> tuple[float, int, float]:
-    from dist_lc.data import train_loader
+def current(manifest, crop, workers, epoch, in_worker: bool = False) -> tuple[float, int, float]:
+    """``train_loader`` as it is; ``in_worker``: with each sample turned inside the worker instead
+    (the path before the views moved to the device, same draws, same plan)."""
+    from unittest import mock
 
-    loader, _ = train_loader(manifest, list(range(manifest.num_folds)), epoch=epoch, seed=0, world=1, rank=0,
-                             micro=16, accum=1, workers=workers, crop=crop, shuffle_buffer=64)
+    from dist_lc import data
+
+    stream = _worker_views_class() if in_worker else data.ShardStream
+    with mock.patch.object(data, "ShardStream", stream):
+        loader, _ = data.train_loader(manifest, list(range(manifest.num_folds)), epoch=epoch, seed=0, world=1,
+                                      rank=0, micro=16, accum=1, workers=workers, crop=crop, shuffle_buffer=64)
     started = time.perf_counter()
     tiles, views_s = _drain(loader)
     return time.perf_counter() - started - views_s, tiles, views_s
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_views_class():
+    from dist_lc.data import ShardStream
+
+    class WorkerViews(ShardStream):
+        def _samples(self, start, stop, rng):
+            for key, image, mask, props, view in super()._samples(start, stop, rng):
+                if view is not None:   # numpy views: the batch builder then makes a transposing copy
+                    k, flip = view
+                    image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k, axes=(0, 1))
+                    if flip:
+                        image, mask = image[:, ::-1], mask[:, ::-1]
+                yield key, image, mask, props, None
+
+    return WorkerViews
 
 
 def previous(manifest, crop, workers, epoch) -> tuple[float, int]:
@@ -148,7 +174,7 @@ def main(argv=None) -> int:
     shards = args.shards or ensure_shards(args.work / "sample-shards")
     manifest = load_manifest(shards)
     crops = [None if c == "none" else int(c) for c in args.crops.split(",")]
-    cases = [(path, crop, w) for path in ("current", "previous") for crop in crops for w in args.workers]
+    cases = [(path, crop, w) for path in ("current", "in worker", "previous") for crop in crops for w in args.workers]
     results = {"raw": [], **{f"{p}|{c}|{w}": [] for p, c, w in cases}, **{f"views|{c}": [] for c in crops}}
     for r in range(args.rounds):
         seconds, tiles = raw_read(manifest)
@@ -157,6 +183,8 @@ def main(argv=None) -> int:
             if path == "current":
                 seconds, tiles, views_s = current(manifest, crop, w, epoch=r)
                 results[f"views|{crop}"].append(tiles / views_s)
+            elif path == "in worker":
+                seconds, tiles, _ = current(manifest, crop, w, epoch=r, in_worker=True)
             else:
                 seconds, tiles = previous(manifest, crop, w, epoch=r)
             results[f"{path}|{crop}|{w}"].append(tiles / seconds)
@@ -166,15 +194,17 @@ def main(argv=None) -> int:
     for crop in crops:
         for w in args.workers:
             now, before = median(results[f"current|{crop}|{w}"]), median(results[f"previous|{crop}|{w}"])
+            worker = median(results[f"in worker|{crop}|{w}"])
             cores = max(w, 1)
-            rows.append([f"{crop or 256}²", w, f"{now:.0f}", f"{now / cores:.0f}", f"{before:.0f}",
-                         f"{before / cores:.0f}", f"{now / before:.2f}×", f"{now / cores / raw:.0%}",
-                         f"{median(results[f'views|{crop}']):.0f}"])
+            rows.append([f"{crop or 256}²", w, f"{now:.0f}", f"{now / cores:.0f}", f"{worker / cores:.0f}",
+                         f"{before / cores:.0f}", f"{now / worker:.2f}×", f"{now / before:.2f}×",
+                         f"{now / cores / raw:.0%}", f"{median(results[f'views|{crop}']):.0f}"])
     print(f"Machine: {machine_line()}; {manifest.data['counts']['train']} training tiles, batches of 16, "
           f"median of {args.rounds} round(s)\n")
     print(f"Raw read of the shards (the ceiling): {raw:.0f} tiles/s\n")
-    print(table(["tiles", "workers", "tiles/s", "per loader core", "previous tiles/s", "previous per core",
-                 "speed-up", "per core / raw read", "rank views on this CPU, tiles/s"], rows))
+    print(table(["tiles", "workers", "tiles/s", "per loader core", "views in the worker, per core",
+                 "previous, per core", "vs views in the worker", "vs previous", "per core / raw read",
+                 "rank views on this CPU, tiles/s"], rows))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_line(), "raw_tiles_per_s": raw, "results": results},
                                         indent=1))
