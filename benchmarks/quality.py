@@ -1,6 +1,6 @@
 """Prediction quality on the real sample, side by side, on dist_lc's folds, per minute of the machine.
 
-    python benchmarks/quality.py --work /tmp/dq --fold-minutes 5 [--methods baseline,gbm,stack,cv]
+    python benchmarks/quality.py --work /tmp/dq --fold-minutes 5 [--methods baseline,gbm,stack,cv,joint]
     python benchmarks/quality.py --work /tmp/dq --methods cv --fold-minutes 2 4 6     # a curve
     python benchmarks/quality.py --work /tmp/dq --ablate --fold-minutes 3 --folds 0 1 \\
         --variant "no second stage: cv.second_stage=false" --variant "validate every epoch: train.val_from=0"
@@ -17,7 +17,11 @@ Methods, every one scored with ``dist_lc.metrics`` on the same 5 folds (the pack
 - ``cv``: the product itself, ``dist-lc cv`` of ``--recipe`` (default ``configs/recommended.yaml``)
   on the local executor, 2 DDP ranks per fold, ``train.time_limit = --fold-minutes``: its
   report's out-of-fold score, calibrated and second-stage scores (all cross-fitted), and the wall
-  time of the whole command, overhead included. Several ``--fold-minutes`` give a curve.
+  time of the whole command, overhead included. Several ``--fold-minutes`` give a curve;
+- ``joint``: each ``cv`` run's plain out-of-fold tiles corrected by the same second stage with the
+  pixel GBM's log-proportions added to its inputs (both models' views of a tile), cross-fitted; it
+  costs the GBM's time on top of the cv. ``--cv-from JSON`` takes the cv predictions of an earlier
+  run instead of running ``dist-lc cv``.
 
 ``--ablate``: ``dist-lc cv`` of the recipe, then of each ``--variant`` (``name: key=value ...``),
 one change at a time at the same budget. The noise of a score is shown as the standard deviation
@@ -44,7 +48,7 @@ import pixel_gbm  # noqa: E402
 from common import REPO, SAMPLE_SRC, cv_command, ensure_shards, log, machine_line, table  # noqa: E402
 
 from dist_lc import calibration, second_stage, tile_features  # noqa: E402
-from dist_lc.metrics import kl_per_sample  # noqa: E402
+from dist_lc.metrics import EPSILON, kl_per_sample, scored_proportions  # noqa: E402
 from shard_tools.format import CLASS_NAMES  # noqa: E402
 
 CLASSES = list(CLASS_NAMES)
@@ -122,6 +126,32 @@ def method_stack(gbm: pd.DataFrame, truth, folds, features) -> dict:
     return {k: pd.DataFrame(v, index=ids, columns=CLASSES) for k, v in out.items()}
 
 
+def method_joint(unet: pd.DataFrame, gbm: pd.DataFrame, truth, folds, features) -> pd.DataFrame:
+    """The U-Net path's out-of-fold tiles corrected by the second stage with the pixel GBM's
+    log-proportions among its inputs (both models' views of each tile), cross-fitted."""
+    ids = truth.index
+    gbm_log = np.log(scored_proportions(gbm.loc[ids, CLASSES].to_numpy()) + EPSILON)
+    inputs = np.column_stack([features.loc[ids].to_numpy(), gbm_log])
+    fixed = second_stage.cross_fitted(truth.to_numpy(), unet.loc[ids, CLASSES].to_numpy(), inputs, folds.to_numpy())
+    return pd.DataFrame(fixed, index=ids, columns=CLASSES)
+
+
+def cv_from(path: Path) -> dict[str, tuple[pd.DataFrame, float | None]]:
+    """The plain out-of-fold predictions of each ``dist-lc cv`` of an earlier run's JSON, with its wall."""
+    record = json.loads(path.read_text())
+    walls = {r["method"]: r["wall_min"] * 60 if r.get("wall_min") else None for r in record["rows"]}
+    out = {}
+    for key, pred in record["predictions"].items():
+        if key.startswith("dist-lc cv") and key.endswith(" / plain"):
+            label = key[: -len(" / plain")]
+            frame = pd.DataFrame.from_dict(pred, orient="index")[CLASSES]
+            frame.index = frame.index.astype(str)
+            out[label] = frame, walls.get(label)
+    if not out:
+        raise SystemExit(f"{path}: no dist-lc cv predictions in it")
+    return out
+
+
 def run_cv(args, shards: Path, out: Path, minutes: float, sets: list[str]) -> dict:
     """``dist-lc cv`` of the recipe at ``minutes`` per fold: its wall time and its report."""
     cmd = cv_command(args.recipe, out, shards, minutes, args.folds, args.nproc, [*args.set, *sets])
@@ -169,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--src", type=Path, default=SAMPLE_SRC)
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--methods", default="baseline,gbm,stack,cv")
+    ap.add_argument("--methods", default="baseline,gbm,stack,cv,joint")
     ap.add_argument("--recipe", type=Path, default=REPO / "configs" / "recommended.yaml")
     ap.add_argument("--fold-minutes", type=float, nargs="+", default=[5.0], help="train.time_limit of each fold")
     ap.add_argument("--nproc", type=int, default=2, help="DDP ranks per fold job")
@@ -182,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gbm-threads", type=int, default=1)
     ap.add_argument("--gbm-from", type=Path, help="take the pixel GBM's predictions from an earlier run's JSON "
                     "(it costs ~50 minutes) and fit the stack on them")
+    ap.add_argument("--cv-from", type=Path, help="score the dist-lc cv predictions of an earlier run's JSON "
+                    "(with --methods joint: fit the joint second stage on them) instead of running cv")
     ap.add_argument("--include", type=Path, help="keep the methods of an earlier run's JSON not computed here")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--json", type=Path)
@@ -199,7 +231,7 @@ def main(argv=None) -> int:
     folds = pd.Series(tiles.folds[keep], index=truth.index)
     scorer = Scorer(truth, folds)
     methods = args.methods.split(",")
-    rows, saved = [], {}
+    rows, saved, unet_runs = [], {}, {}
     if "baseline" in methods:
         rows += rows_of("mean distribution", {"plain": method_baseline(tiles, truth, folds)}, scorer, None)
     if args.gbm_from:
@@ -226,6 +258,11 @@ def main(argv=None) -> int:
                 label = f"{name} ({minutes:g} min/fold)"
                 rows += rows_of(label, run["predictions"], scorer, run["wall_s"], " ".join(f"`{s}`" for s in sets))
                 saved.update({f"{label} / {v}": pred for v, pred in run["predictions"].items()})
+    elif args.cv_from:
+        for label, (plain, wall) in cv_from(args.cv_from).items():
+            label = f"{label} ({args.cv_from.name})"
+            rows += rows_of(label, {"plain": plain}, scorer, wall)
+            unet_runs[label] = plain, wall
     elif "cv" in methods:
         for minutes in args.fold_minutes:
             run = run_cv(args, shards, args.work / f"cv-{minutes:g}", minutes, [])
@@ -234,6 +271,15 @@ def main(argv=None) -> int:
             rows += rows_of(label, run["predictions"], scorer, run["wall_s"],
                             f"epochs {run['epochs']}; outside epochs {np.mean(outside):.0%} of a job")
             saved.update({f"{label} / {v}": pred for v, pred in run["predictions"].items()})
+            unet_runs[label] = run["predictions"]["plain"], run["wall_s"]
+    if "joint" in methods:
+        if "gbm" not in saved:
+            raise SystemExit("--methods joint needs the pixel GBM's predictions: add gbm, or --gbm-from JSON")
+        for label, (plain, wall) in unet_runs.items():
+            joint = method_joint(plain, saved["gbm"], truth, folds, features_of(tiles))
+            rows += rows_of(f"{label} + second stage with the pixel GBM's tile means", {"plain": joint}, scorer,
+                            None, "cross-fitted; costs the pixel GBM's time on top of the cv")
+            saved[f"{label} / joint"] = joint
     if args.include and args.include.exists():
         earlier = json.loads(args.include.read_text())
         have = {r["method"] for r in rows}

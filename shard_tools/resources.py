@@ -1,11 +1,17 @@
-"""What this process may use of the machine (the one place that counts CPU cores)."""
+"""What this process may use of the machine (the one place that reads the CPU cores it may use)."""
 from __future__ import annotations
 
 import os
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: what Slurm or taskset gave it)."""
+def usable_core_ids() -> tuple[int, ...]:
+    """The ids of the CPU cores this process may run on (its affinity mask: what Slurm or taskset
+    gave it), ascending; empty where the platform does not say."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return ()
+
+
+def usable_cores() -> int:
+    """How many CPU cores this process may run on."""
+    return max(1, len(usable_core_ids()) or os.cpu_count() or 1)

@@ -57,6 +57,10 @@ def test_cv_parallel(tmp_path):
 def test_quality(tmp_path):
     out = bench("quality.py", "--quick", "--work", tmp_path)
     assert "pixel GBM" in out and "dist-lc cv" in out and "second stage" in out
+    assert "with the pixel GBM's tile means" in out
+    again = bench("quality.py", "--quick", "--work", tmp_path, "--methods", "joint", "--json", tmp_path / "again.json",
+                  "--cv-from", tmp_path / "quality.json", "--gbm-from", tmp_path / "quality.json")
+    assert "(quality.json) + second stage with the pixel GBM's tile means" in again
 
 
 def test_scale(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import submitit
 import torch
 
-from shard_tools.resources import usable_cores
+from shard_tools.resources import usable_core_ids, usable_cores
 
 from ..config import LauncherConfig
 from .fold import FoldJob
@@ -60,7 +60,7 @@ def cpu_slice(slot: int, slots: int) -> tuple[int, ...] | None:
     OpenMP pools spinning on the same cores run many times slower than one job after the other."""
     if slots <= 1:
         return None
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = usable_core_ids()
     if not cores:
         return None
     per = len(cores) // slots
