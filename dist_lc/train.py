@@ -42,6 +42,7 @@ from .stopping import StopSignals
 
 FP16_SKIPS_ALLOWED = 20   # consecutive non-finite fp16 steps the gradient scaler may skip before the run stops
 SCHEDULE_MARGIN = 0.97    # of the time left that the fitted schedule plans to use
+REFIT_EPOCHS = 3          # the recent epochs whose mean cost re-fits a schedule after epoch 2
 
 
 class TrainingError(RuntimeError):
@@ -440,18 +441,41 @@ def validated_share(t) -> float:
     return 1.0 - t.val_from
 
 
+def refit_length(t, epoch: int, planned: int, recent_train_s: list, val_s: list, left_s: float) -> int:
+    """The schedule's length after epoch ``epoch`` of ``planned``: shortened, never lengthened, so
+    that the epochs still to come (at the mean cost of the recent ones) and the validations the
+    plan puts among them fit in ``left_s`` seconds. Keeps at least one epoch to come, so that the
+    run still ends with a validated epoch at the end of its schedule."""
+    train_epoch = float(np.mean(recent_train_s))
+    val_cost = float(np.mean(val_s)) if val_s else 0.0
+    budget = max(left_s, 0.0) * SCHEDULE_MARGIN
+    last = planned
+    while last > epoch + 1:
+        todo = range(epoch + 1, last + 1)
+        if len(todo) * train_epoch + sum(validates(t, e, last) for e in todo) * val_cost <= budget:
+            break
+        last -= 1
+    return last
+
+
 def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, val_s: list, runlog: RunLog) -> None:
-    """After each of the first two epochs: shorten a cosine schedule so that it anneals inside
-    train.time_limit, from the measured cost of an epoch (its training + its share of validation).
-    The length is kept in the scheduler's state and the checkpoint, so a resumed run keeps it."""
+    """Fit a cosine schedule into train.time_limit from the measured cost of its epochs: after each
+    of the first two epochs to the time left (training + the share of validation), after every later
+    one shortened again if the recent epochs say its end would not fit (a node that slows down,
+    validations dearer than the first). A late schedule is never lengthened: its annealing would
+    restart. The length is kept in the scheduler's state and the checkpoint, so a resumed run keeps it."""
     t = s.cfg.train
     shape = getattr(s.scheduler, "lr_lambdas", [None])[0]
-    if not (t.time_limit and t.fit_schedule and isinstance(shape, WarmupCosine)) or p.epoch > 2:
+    if not (t.time_limit and t.fit_schedule and isinstance(shape, WarmupCosine)):
         return
-    per_epoch = train_s[-1] + (np.mean(val_s) / t.val_every if val_s else 0.0) * validated_share(t)
     left = t.time_limit * 60 - (time.monotonic() - started)
-    fits = p.epoch + int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)
-    planned = int(distributed.broadcast_object(max(p.epoch, min(t.epochs, fits))))
+    if p.epoch <= 2:
+        per_epoch = train_s[-1] + (np.mean(val_s) / t.val_every if val_s else 0.0) * validated_share(t)
+        fits = max(p.epoch, min(t.epochs, p.epoch + int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)))
+    else:
+        per_epoch = float(np.mean(train_s[-REFIT_EPOCHS:]))
+        fits = refit_length(t, p.epoch, p.planned or t.epochs, train_s[-REFIT_EPOCHS:], val_s, left)
+    planned = int(distributed.broadcast_object(fits))
     if planned != p.planned:
         shape.total = planned * s.steps_per_epoch
         p.planned = planned

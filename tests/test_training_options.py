@@ -85,6 +85,20 @@ def test_a_time_limit_fits_the_cosine_schedule_and_a_resume_keeps_it(packed_samp
     assert state["planned_epochs"] == planned
 
 
+def test_a_late_refit_only_shortens_the_schedule_to_what_still_fits():
+    from dist_lc.config import TrainConfig
+    from dist_lc.train import SCHEDULE_MARGIN, refit_length
+
+    t = TrainConfig(val_from=0.8, val_every=2)
+    # epochs 51..60 at 5 s and validations after 52, 54, ..., 60 at 4 s: 70 s, more than 60 s allow;
+    # ending after 58 leaves 8 epochs and 4 validations: 56 s
+    assert refit_length(t, 50, 60, [5.0, 5.0, 5.0], [4.0], 60.0) == 58
+    assert 56 <= 60 * SCHEDULE_MARGIN < 65
+    assert refit_length(t, 50, 60, [1.0], [1.0], 1e6) == 60      # faster epochs never lengthen it
+    assert refit_length(t, 50, 60, [5.0], [4.0], 0.0) == 51      # no time left: one epoch to come
+    assert refit_length(t, 60, 60, [5.0], [4.0], 0.0) == 60      # the schedule's end
+
+
 def test_no_fitted_schedule_without_a_time_limit(packed_sample, tmp_path):
     run = tmp_path / "run"
     run_train(packed_sample, run, "train.epochs=2", "schedule.name=cosine")
