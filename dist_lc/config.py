@@ -120,8 +120,8 @@ class TrainConfig:
                                     "(null: never)", min=1)
     early_stop_min_delta: float = option(0.0, "early_stop: how much lower a score must be to count as better",
                                          min=0.0)
-    fit_schedule: bool = option(True, "with time_limit and a cosine schedule, shorten the schedule after the first "
-                                "epochs so that it ends inside the time limit")
+    fit_schedule: bool = option(True, "with time_limit and a cosine schedule, fit the schedule after the first "
+                                "epochs so that it ends inside the time limit; shorten it later if epochs slow down")
     loggers: list = option(None, "where metrics go besides metrics.csv (always written): tensorboard, mlflow",
                            factory=lambda: ["tensorboard"])
     mlflow_uri: str | None = option(None, "MLflow tracking URI (null: MLFLOW_TRACKING_URI, else a file store "
