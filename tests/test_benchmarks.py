@@ -61,6 +61,10 @@ def test_quality(tmp_path):
     again = bench("quality.py", "--quick", "--work", tmp_path, "--methods", "joint", "--json", tmp_path / "again.json",
                   "--cv-from", tmp_path / "quality.json", "--gbm-from", tmp_path / "quality.json")
     assert "(quality.json) + second stage with the pixel GBM's tile means" in again
+    key = "dist-lc cv recommended.yaml (0.15 min/fold)"
+    paired = bench("paired_quality.py", "--work", tmp_path, "--a", tmp_path / "quality.json", f"{key} / plain",
+                   "--b", tmp_path / "quality.json", f"{key} / second stage")
+    assert "(paired bootstrap)" in paired and "B per fold: fold 0:" in paired
 
 
 def test_scale(tmp_path):
