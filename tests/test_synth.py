@@ -173,6 +173,23 @@ def test_pixels_are_not_constant_within_a_class(train_tiles):
     assert image[mask == c].std(0).min() > 10
 
 
+@pytest.mark.parametrize("kind, draw, amplitude", [
+    ("texture", lambda rng: gen.gaussian_fields(rng, 48, 1.0), lambda f: np.exp(-2 * (np.pi * f) ** 2)),
+    ("roughening", lambda rng: gen.gaussian_fields(rng, 48, 3.0), lambda f: np.exp(-2 * (3 * np.pi * f) ** 2)),
+    ("town blobs", lambda rng: gen.fractal_fields(rng, 48, 8.0, 3.5), lambda f: (1 + (8 * f) ** 2) ** -1.75),
+    ("patches", lambda rng: gen.fractal_fields(rng, 48, 24.0, 3.0), lambda f: (1 + (24 * f) ** 2) ** -1.5),
+])
+def test_noise_fields_keep_the_correlation_of_their_whole_spectrum(kind, draw, amplitude):
+    """Fields drawn from the low-frequency block only correlate as the full spectrum says they should."""
+    n = 512
+    radius = np.hypot(np.fft.fftfreq(n)[:, None], np.fft.fftfreq(n)[None, :])
+    covariance = np.fft.ifft2(amplitude(radius) ** 2).real
+    expected = covariance[0, :13] / covariance[0, 0]
+    fields = draw(np.random.default_rng(7))
+    measured = [1.0] + [float((fields[:, :, :-lag] * fields[:, :, lag:]).mean()) for lag in range(1, 13)]
+    assert np.allclose(measured, expected, atol=0.03), (kind, np.round(measured, 3), np.round(expected, 3))
+
+
 # --------------------------------------------------------------------------------- determinism, I/O
 
 def test_deterministic_for_a_seed_and_independent_of_workers(synth_root, train_tiles):

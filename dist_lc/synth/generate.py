@@ -26,6 +26,7 @@ import sys
 import time
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -73,6 +74,7 @@ MINOR_ABSENT = 0.3  # chance that a minor class of the landscape is absent from 
 CLOUD_TILE_PROB = 0.005  # tiles with a cloud; the cloud's size follows the target cloud frequency
 SNOW_TILE_PROB = 0.2     # mountain tiles with a snow patch; its size follows the target snow frequency
 RIVER_PROB, ROAD_RATE = 0.25, 0.7  # tiles with a river; mean number of roads per tile
+PARCEL_SEGMENTS, PARCEL_IDS = 64, 4096  # parcel id = strip * 64 + segment, below 4096 in one field system
 PATCH_SCALE = 24.0  # pixels: scale of the smooth patch shifts of the non-parcel classes
 JITTER_PROB, DISPLACEMENT = 0.35, 1.6  # boundary roughening: pixel jitter rate, smooth shift (pixels)
 
@@ -146,35 +148,48 @@ def _fft_size(pad: float) -> int:
     return int(np.ceil((SIZE + 2 * pad) / 32) * 32)
 
 
-@lru_cache(maxsize=None)
-def _frequency_radius(n: int) -> np.ndarray:
-    fy = np.fft.fftfreq(n)[:, None]
-    fx = np.fft.rfftfreq(n)[None, :]
-    return np.sqrt(fx ** 2 + fy ** 2).astype(np.float32)
-
-
-def _filtered_noise(rng: np.random.Generator, count: int, n: int, amplitude: np.ndarray) -> np.ndarray:
-    """``count`` standardised SIZE×SIZE fields of stationary Gaussian noise with a radial amplitude
-    spectrum, drawn directly in Fourier space on an n×n square (the FFT wraps) and cropped."""
-    shape = (count, n, n // 2 + 1)
-    spectrum = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
-    pad = (n - SIZE) // 2
-    fields = np.fft.irfft2(spectrum * amplitude, s=(n, n))[:, pad:pad + SIZE, pad:pad + SIZE]
+def _standardised(fields: np.ndarray) -> np.ndarray:
     fields -= fields.mean(axis=(1, 2), keepdims=True)
     fields /= fields.std(axis=(1, 2), keepdims=True) + 1e-12
     return fields
 
 
+KEPT_AMPLITUDE = 1e-2  # spectrum bins below this share of the peak amplitude are not drawn
+
+
+def _filtered_noise(rng: np.random.Generator, count: int, n: int, amplitude) -> np.ndarray:
+    """``count`` standardised SIZE×SIZE fields of stationary Gaussian noise with the radial amplitude
+    spectrum ``amplitude(f)`` (f in cycles per pixel), drawn directly in Fourier space on an n×n
+    square (the FFT wraps) and cropped.
+
+    Only the low-frequency block where the amplitude is at least ``KEPT_AMPLITUDE`` of its peak is
+    drawn (the rest holds well under 1 % of a smooth field's variance) and the inverse FFT skips the
+    zero columns and the cropped rows: normal draws are most of the cost, and a field of 50-pixel
+    blobs needs a few per cent of the bins.
+    """
+    fx = np.fft.rfftfreq(n)
+    keep = int(np.count_nonzero(amplitude(fx) >= KEPT_AMPLITUDE * amplitude(0.0)))
+    keep = max(keep, 2)
+    rows = np.arange(n) if 2 * keep - 1 >= n else np.r_[0:keep, n - keep + 1:n]
+    radius = np.hypot(np.fft.fftfreq(n)[rows, None], fx[None, :keep]).astype(np.float32)
+    draws = rng.standard_normal((count, len(rows), keep, 2), dtype=np.float32)
+    block = draws.view(np.complex64)[..., 0] * amplitude(radius).astype(np.float32)
+    spectrum = np.zeros((count, n, keep), np.complex64)
+    spectrum[:, rows] = block
+    pad = (n - SIZE) // 2
+    columns = np.fft.ifft(spectrum, axis=1)[:, pad:pad + SIZE]
+    return _standardised(np.fft.irfft(columns, n=n, axis=2)[:, :, pad:pad + SIZE])
+
+
 def gaussian_fields(rng: np.random.Generator, count: int, sigma: float) -> np.ndarray:
     """Gaussian-filtered white noise (correlation exp(-d²/4σ²))."""
-    n = _fft_size(3 * sigma)
-    return _filtered_noise(rng, count, n, np.exp(-2 * (np.pi * sigma * _frequency_radius(n)) ** 2))
+    return _filtered_noise(rng, count, _fft_size(3 * sigma), lambda f: np.exp(-2 * (np.pi * sigma * np.asarray(f)) ** 2))
 
 
 def fractal_fields(rng: np.random.Generator, count: int, scale: float, beta: float = 3.0) -> np.ndarray:
     """Power-law noise flattened below 1/scale: blobs of about ``scale`` pixels with rough edges."""
-    n = _fft_size(min(PAD, scale))
-    return _filtered_noise(rng, count, n, (1.0 + (_frequency_radius(n) * scale) ** 2) ** (-beta / 2))
+    return _filtered_noise(rng, count, _fft_size(min(PAD, scale)),
+                           lambda f: (1.0 + (np.asarray(f) * scale) ** 2) ** (-beta / 2))
 
 
 def take_top(field: np.ndarray, free: np.ndarray, n: int) -> np.ndarray:
@@ -274,14 +289,16 @@ def water_layer(rng: np.random.Generator, landscape: str, share: float) -> np.nd
 
 def artificial_layer(rng: np.random.Generator, share: float, free: np.ndarray) -> np.ndarray:
     """Hamlets and towns (clusters of varied size around random centres) and roads."""
-    yy, xx = _grid()
+    axis = np.arange(SIZE, dtype=np.float64)
     n_centres = 1 + rng.poisson(6)
     density = np.zeros((SIZE, SIZE))
     radius = np.sqrt(max(share, 0.002) * N_PIXELS / (np.pi * n_centres))
     for _ in range(n_centres):
         cy, cx = rng.uniform(0, SIZE, size=2)
         s = radius * rng.lognormal(0.0, 0.5)
-        density += rng.uniform(0.4, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+        weight = rng.uniform(0.4, 1.0)
+        # a round Gaussian is the outer product of two 1-D ones
+        density += np.outer(weight * np.exp(-(axis - cy) ** 2 / (2 * s * s)), np.exp(-(axis - cx) ** 2 / (2 * s * s)))
     field = density * np.exp(0.5 * fractal_fields(rng, 1, 8.0, 3.5)[0])
     built = take_top(field, free, int(share * N_PIXELS))
     for _ in range(rng.poisson(ROAD_RATE)):
@@ -323,10 +340,12 @@ def parcel_map(rng: np.random.Generator) -> np.ndarray:
         length = rng.uniform(20, 90, size=len(edges) + 1)
         shift = rng.uniform(0, length)
         segment = np.floor((v + shift[strip]) / length[strip]).astype(np.int64)
-        systems.append(strip * 64 + segment)
+        systems.append(strip * PARCEL_SEGMENTS + segment)
     selector = fractal_fields(rng, 1, 80.0, 3.0)[0] > rng.uniform(-0.8, 0.8)
-    ids = np.where(selector, systems[0], systems[1] + 1_000_000)
-    return np.unique(ids, return_inverse=True)[1].reshape(SIZE, SIZE)
+    ids = np.where(selector, systems[0], systems[1] + PARCEL_IDS)
+    # renumbered 0..n-1 in id order (np.unique's inverse, without its sort)
+    present = np.bincount(ids.ravel(), minlength=2 * PARCEL_IDS) > 0
+    return (np.cumsum(present) - 1)[ids]
 
 
 def field_layer(rng: np.random.Generator, parcels: np.ndarray, cultivated_fraction: float,
@@ -359,7 +378,8 @@ def roughen(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     """Ragged class boundaries like the S2GLC labels: a smooth shift plus pixel jitter."""
     yy, xx = _grid()
     shift = DISPLACEMENT * gaussian_fields(rng, 2, 3.0)
-    jitter = rng.integers(-1, 2, size=(2, SIZE, SIZE)) * (rng.random((2, SIZE, SIZE)) < JITTER_PROB)
+    jitter = rng.integers(-1, 2, size=(2, SIZE, SIZE), dtype=np.int8) * (
+        rng.random((2, SIZE, SIZE), dtype=np.float32) < JITTER_PROB)
     sy = np.clip(np.rint(yy + shift[0] + jitter[0]), 0, SIZE - 1).astype(np.intp)
     sx = np.clip(np.rint(xx + shift[1] + jitter[1]), 0, SIZE - 1).astype(np.intp)
     return mask[sy, sx]
@@ -408,19 +428,14 @@ def boundary_pixels(mask: np.ndarray) -> np.ndarray:
     return edge
 
 
-def box_mean(image: np.ndarray) -> np.ndarray:
-    """3×3 mean of an H×W×C array (edges replicated)."""
-    padded = np.pad(image, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    out = np.zeros_like(image)
+def box_mean(planes: np.ndarray) -> np.ndarray:
+    """3×3 mean of C×H×W planes (edges replicated)."""
+    padded = np.pad(planes, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    out = np.zeros_like(planes)
     for dy in range(3):
         for dx in range(3):
-            out += padded[dy:dy + SIZE, dx:dx + SIZE]
+            out += padded[:, dy:dy + SIZE, dx:dx + SIZE]
     return out / 9.0
-
-
-def _per_pixel(fields: np.ndarray) -> np.ndarray:
-    """(4, SIZE, SIZE) fields as (N_PIXELS, 4) float32 rows."""
-    return np.ascontiguousarray(fields.reshape(len(fields), -1).T, dtype=np.float32)
 
 
 def render_image(rng: np.random.Generator, mask: np.ndarray, parcels: np.ndarray,
@@ -429,25 +444,26 @@ def render_image(rng: np.random.Generator, mask: np.ndarray, parcels: np.ndarray
 
     Per pixel of class c: y = mean_c + tile shift_c + [L_patch L_texture L_white]_c · z, where z
     stacks the patch noise (the parcel's draw for field classes, a smooth field otherwise), the
-    smooth texture and white noise (4 unit-variance bands each).
+    smooth texture and white noise (4 unit-variance bands each). Computed band-major (bands × pixels).
     """
     flat_mask = mask.ravel()
-    smooth = _per_pixel(fractal_fields(rng, 4, PATCH_SCALE, 3.0))
-    per_parcel = rng.standard_normal((parcels.max() + 1, 4), dtype=np.float32)[parcels.ravel()]
-    in_parcels = np.isin(flat_mask, PARCEL_CLASSES)[:, None]
-    z = np.concatenate([
-        np.where(in_parcels, per_parcel, smooth),
-        _per_pixel(gaussian_fields(rng, 4, spectra.texture_sigma)),
-        rng.standard_normal((N_PIXELS, 4), dtype=np.float32),
-    ], axis=1)
+    z = np.empty((12, N_PIXELS), np.float32)
+    in_parcels = np.isin(flat_mask, PARCEL_CLASSES)
+    per_parcel = rng.standard_normal((4, parcels.max() + 1), dtype=np.float32)[:, parcels.ravel()]
+    z[0:4] = np.where(in_parcels, per_parcel, fractal_fields(rng, 4, PATCH_SCALE, 3.0).reshape(4, -1))
+    z[4:8] = gaussian_fields(rng, 4, spectra.texture_sigma).reshape(4, -1)
+    z[8:12] = rng.standard_normal((4, N_PIXELS), dtype=np.float32)
     levels = np.concatenate([spectra.chol_patch, spectra.chol_texture, spectra.chol_white], axis=2)
     tile_shift = np.einsum("cij,cj->ci", spectra.chol_tile, rng.standard_normal((NUM_CLASSES, 4)))
     centre = (spectra.mean + tile_shift).astype(np.float32)
-    y = centre[flat_mask] + np.einsum("nij,nj->ni", levels.astype(np.float32)[flat_mask], z)
-    dn = (np.exp(y) - np.float32(spectra.offset)).reshape(SIZE, SIZE, 4)
+    # every class's loadings applied to every pixel in one matrix product, then each pixel's own
+    # class: cheaper than gathering a 4×12 matrix per pixel
+    every_class = (levels.reshape(NUM_CLASSES * 4, -1).astype(np.float32) @ z).reshape(NUM_CLASSES, 4, N_PIXELS)
+    y = np.take_along_axis(every_class, flat_mask[None, None, :].astype(np.intp), axis=0)[0] + centre.T[:, flat_mask]
+    dn = (np.exp(y) - np.float32(spectra.offset)).reshape(4, SIZE, SIZE)
     edge = boundary_pixels(mask)
-    dn[edge] = 0.5 * dn[edge] + 0.5 * box_mean(dn)[edge]
-    return np.clip(np.rint(dn), 1, MAX_PIXEL_VALUE).astype(IMAGE_DTYPE)
+    dn = np.where(edge, 0.5 * (dn + box_mean(dn)), dn)
+    return np.clip(np.rint(dn), 1, MAX_PIXEL_VALUE).astype(IMAGE_DTYPE).transpose(1, 2, 0).copy()
 
 
 @lru_cache(maxsize=1)
@@ -485,13 +501,15 @@ def _write_atomic(path: Path, write, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _write_one(job: tuple[Path, int, int, bool]) -> None:
+def _write_one(job: tuple[Path, int, int, bool]) -> tuple[int, np.ndarray | None]:
+    """Write one tile; return its id and, for a train tile, its class proportions."""
     root, seed, sid, train = job
     image, mask = make_tile(seed, sid)
     split = "train" if train else "test"
     if train:
         _write_atomic(root / split / "masks" / f"{sid}.tif", write_mask, mask)
     _write_atomic(root / split / "images" / f"{sid}.tif", write_image, image)   # last: the tile's done mark
+    return sid, class_proportions(mask) if train else None
 
 
 def write_labels(path: Path, ids: list[int], props: list[np.ndarray]) -> None:
@@ -563,30 +581,54 @@ def generate(out, n_train: int = 150, n_test: int = 24, seed: int = 0, progress:
     return out
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextmanager
+def _one_thread_each():
+    """Spawned workers get single-threaded BLAS (unless the caller set the variables): the workers
+    already fill the cores, and a BLAS pool in each would only oversubscribe them. The libraries
+    read these when they load, so they are set in the environment the children inherit, and
+    restored afterwards."""
+    unset = [name for name in THREAD_VARIABLES if name not in os.environ]
+    os.environ.update({name: "1" for name in unset})
+    try:
+        yield
+    finally:
+        for name in unset:
+            os.environ.pop(name, None)
+
+
 def _write_all(root: Path, n_train: int, n_test: int, seed: int, progress: bool, workers: int) -> None:
     train_ids = list(range(1, n_train + 1))
     every = [(root, seed, sid, True) for sid in train_ids]
     every += [(root, seed, sid, False) for sid in range(n_train + 1, n_train + n_test + 1)]
     jobs = [j for j in every if not (root / ("train" if j[3] else "test") / "images" / f"{j[2]}.tif").exists()]
     done = len(every) - len(jobs)
+    props = {}
     if workers > 1 and len(jobs) > 8:
         # spawn, not fork: forked children of a threaded caller (torch, OpenMP) can deadlock
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for _ in _progress(pool.map(_write_one, jobs, chunksize=4), len(every), progress, done):
-                pass
+        with _one_thread_each(), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for sid, p in _progress(pool.map(_write_one, jobs, chunksize=4), len(every), progress, done):
+                props[sid] = p
     else:
         for job in _progress(jobs, len(every), progress, done):
-            _write_one(job)
-    props = [class_proportions(tifffile.imread(root / "train" / "masks" / f"{sid}.tif")) for sid in train_ids]
-    write_labels(root / "train_labels.csv", train_ids, props)
+            sid, p = _write_one(job)
+            props[sid] = p
+    for sid in train_ids:   # the tiles of an earlier, resumed run
+        if props.get(sid) is None:
+            props[sid] = class_proportions(tifffile.imread(root / "train" / "masks" / f"{sid}.tif"))
+    write_labels(root / "train_labels.csv", train_ids, [props[sid] for sid in train_ids])
 
 
 def class_frequencies(root: Path) -> np.ndarray:
-    """Pixel frequency of each class over the train masks under ``root``."""
-    counts = np.zeros(NUM_CLASSES, np.int64)
-    for path in sorted((Path(root) / "train" / "masks").glob("*.tif")):
-        counts += np.bincount(tifffile.imread(path).ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
-    return counts / max(counts.sum(), 1)
+    """Pixel frequency of each class over the train tiles under ``root``: the mean of the labels
+    (every tile has the same number of pixels)."""
+    with open(Path(root) / "train_labels.csv", newline="") as fh:
+        rows = list(csv.reader(fh))[1:]
+    if not rows:
+        return np.zeros(NUM_CLASSES)
+    return np.array([[float(v) for v in row[1:]] for row in rows]).mean(0)
 
 
 def run(args) -> int:
