@@ -11,8 +11,9 @@ Steps (``--steps``, in this order; each one reuses what earlier ones left in ``-
 (the epoch planner and the loaders' set-up at this size, in-process), ``cv`` (``dist-lc cv`` of
 ``configs/recommended.yaml``, ``train.epochs=1``, 5 folds, 2 DDP ranks per fold on the local
 executor: training on folds 1–4 validates on fold 0, and so on), ``report`` (``dist-lc report`` again,
-alone), ``predict`` (the 5,043 test tiles with fold 0's best.pt, then with ``--tta``). Results go to
-``--json`` (default ``WORK/scale.json``) as they come, so an interrupted run keeps its figures.
+alone), ``predict`` (the 5,043 test tiles with fold 0's best.pt or ``--checkpoint``, then with
+``--tta``). Results go to ``--json`` (default ``WORK/scale.json``) as they come, so an interrupted
+run keeps its figures.
 
 Disk: the tiles and the shards take about 27 GB; remove ``--work`` afterwards.
 """
@@ -115,7 +116,7 @@ def step_report(work: Path, args) -> dict:
 
 
 def step_predict(work: Path, args) -> dict:
-    ckpt = work / "cv" / "fold0" / "checkpoints" / "best.pt"
+    ckpt = args.checkpoint or work / "cv" / "fold0" / "checkpoints" / "best.pt"
     out = {}
     for name, extra in (m for m in (("plain", []), ("tta", ["--tta"])) if m[0] in args.predict_modes.split(",")):
         res = measured([PY, "-m", "dist_lc", "predict", "--checkpoint", str(ckpt), "--shards", str(work / "shards"),
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cv-set", action="append", default=[], metavar="KEY=VALUE", help="more --set for the cv step")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--predict-modes", default="plain,tta", help="plain, tta or both (tta costs 8 forward passes)")
+    ap.add_argument("--checkpoint", type=Path, help="the model predict runs (default: fold 0's best.pt of the cv "
+                    "step; the speed does not depend on the weights, only on the recipe's network)")
     ap.add_argument("--quick", action="store_true", help="100 train + 20 test tiles, tiny model (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
