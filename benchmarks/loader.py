@@ -83,16 +83,13 @@ def current(manifest, crop, workers, epoch, in_worker: bool = False) -> tuple[fl
 
 @functools.lru_cache(maxsize=1)
 def _worker_views_class():
-    from dist_lc.data import ShardStream
+    from dist_lc.data import ShardStream, turn
 
     class WorkerViews(ShardStream):
         def _samples(self, start, stop, rng):
             for key, image, mask, props, view in super()._samples(start, stop, rng):
                 if view is not None:   # numpy views: the batch builder then makes a transposing copy
-                    k, flip = view
-                    image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k, axes=(0, 1))
-                    if flip:
-                        image, mask = image[:, ::-1], mask[:, ::-1]
+                    image, mask = turn(image, mask, *view)
                 yield key, image, mask, props, None
 
     return WorkerViews

@@ -12,6 +12,7 @@ Everything that reads or writes a sample goes through :func:`encode_sample` / :f
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 
@@ -67,11 +68,11 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-_NPY_HEADERS: dict[bytes, tuple] = {}   # header bytes → (dtype, shape, offset): every tile of a set shares one
+_NPY_HEADERS: dict[bytes, tuple] = {}   # header bytes → layout: every tile of a set shares one
 
 
 def _npy_layout(data: bytes) -> tuple:
-    """(dtype, shape, data offset) of .npy bytes, parsed once per distinct header."""
+    """(dtype, shape, data offset, element count) of .npy bytes, parsed once per distinct header."""
     if bytes(data[:6]) != b"\x93NUMPY":
         raise ValueError("not .npy bytes (no magic)")
     major = data[6]
@@ -85,15 +86,14 @@ def _npy_layout(data: bytes) -> tuple:
         shape, fortran, dtype = read(stream)
         if fortran or dtype.hasobject:
             raise ValueError("a Fortran-ordered or object array")
-        layout = _NPY_HEADERS.setdefault(header, (dtype, shape, offset))
+        layout = _NPY_HEADERS.setdefault(header, (dtype, shape, offset, math.prod(shape)))
     return layout
 
 
 def _npy_array(data: bytes, what: str, key: str) -> np.ndarray:
     """A read-only array over the bytes (no copy)."""
     try:
-        dtype, shape, offset = _npy_layout(data)
-        count = int(np.prod(shape))
+        dtype, shape, offset, count = _npy_layout(data)
         if len(data) - offset != count * dtype.itemsize:
             raise ValueError(f"{len(data) - offset} data bytes for {shape} {dtype}")
         return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)

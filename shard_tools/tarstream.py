@@ -50,7 +50,7 @@ def _skip(stream, size: int, seekable: bool) -> None:
 def _header(block: bytes) -> tuple[str, int, bytes]:
     """(name, data size, type flag) of a 512-byte header; TarError on a bad checksum."""
     stored = block[148:156].split(b"\0", 1)[0].strip()
-    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    computed = sum(block) - sum(block[148:156]) + 8 * 32   # the checksum field counts as spaces
     try:
         if int(stored or b"-1", 8) != computed:
             raise ValueError
