@@ -98,7 +98,9 @@ def train_steps(total: int, world: int, micro: int, accum: int) -> int:
 def _open_shard(path: str):
     """(binary stream, seekable) of a shard: a local file, or a URL through webdataset's gopen."""
     if "://" not in path and not path.startswith("pipe:"):
-        return open(path, "rb", buffering=1 << 20), True
+        # a buffer smaller than a tile: Python's buffered reader reads a request larger than its
+        # buffer straight into the result (one copy), a smaller one through the buffer (two)
+        return open(path, "rb", buffering=1 << 16), True
     from webdataset.gopen import gopen
 
     return gopen(path, "rb"), False
