@@ -148,7 +148,7 @@ def render(results: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--work", type=lambda p: Path(p).resolve(), required=True)
     ap.add_argument("--train", type=int, default=18491)
     ap.add_argument("--test", type=int, default=5043)
     ap.add_argument("--workers", type=int, default=usable_cores())
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cv-set", action="append", default=[], metavar="KEY=VALUE", help="more --set for the cv step")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--predict-modes", default="plain,tta", help="plain, tta or both (tta costs 8 forward passes)")
-    ap.add_argument("--checkpoint", type=Path, help="the model predict runs (default: fold 0's best.pt of the cv "
+    ap.add_argument("--checkpoint", type=lambda p: Path(p).resolve(), help="the model predict runs (default: fold 0's best.pt of the cv "
                     "step; the speed does not depend on the weights, only on the recipe's network)")
     ap.add_argument("--quick", action="store_true", help="100 train + 20 test tiles, tiny model (a smoke run)")
     args = ap.parse_args(argv)

@@ -240,6 +240,19 @@ def test_a_failed_run_leaves_no_output_and_the_same_command_resumes_it(tmp_path,
         assert (tmp_path / "out" / name).read_bytes() == (fresh / name).read_bytes(), name
 
 
+def test_a_half_written_folder_of_another_generator_version_is_refused(tmp_path, monkeypatch):
+    staging = tmp_path / ".out.partial"
+    monkeypatch.setattr(gen, "GENERATOR_VERSION", gen.GENERATOR_VERSION - 1)
+    monkeypatch.setattr(gen, "_write_all", lambda *args: (_ for _ in ()).throw(OSError("stopped")))
+    with pytest.raises(OSError):
+        gen.generate(tmp_path / "out", n_train=2, n_test=0, progress=False, workers=1)
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="another version of the generator") as info:
+        gen.generate(tmp_path / "out", n_train=2, n_test=0, progress=False, workers=1)
+    assert str(staging) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_existing_folder_is_accepted(tmp_path):
     gen.generate(tmp_path, n_train=1, n_test=1, seed=3, progress=False, workers=1)
     assert (tmp_path / "train" / "images" / "1.tif").is_file()

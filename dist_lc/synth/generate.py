@@ -535,6 +535,9 @@ def _progress(iterable, total: int, enabled: bool, initial: int = 0):
 
 
 PLAN = "synth.json"   # what a half-written folder was asked for
+# Raised whenever the same seed would draw other tiles, so that a half-written folder is never
+# finished by another generator than the one that began it.
+GENERATOR_VERSION = 2
 
 
 def _staging(out: Path, plan: dict) -> Path:
@@ -546,6 +549,9 @@ def _staging(out: Path, plan: dict) -> Path:
             saved = json.loads((staging / PLAN).read_text())
         except (OSError, json.JSONDecodeError):
             saved = None
+        if isinstance(saved, dict) and saved.get("generator") != plan["generator"]:
+            raise InputError(f"{staging}: a half-written synth begun by another version of the generator "
+                             f"(it would mix two kinds of tiles); remove it")
         if saved != plan:
             raise InputError(f"{staging}: a half-written synth of another request ({saved}); run again with the "
                              f"same --train/--test/--seed to resume it, or remove it")
@@ -573,7 +579,7 @@ def generate(out, n_train: int = 150, n_test: int = 24, seed: int = 0, progress:
     out = Path(out)
     _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(out, {"train": n_train, "test": n_test, "seed": seed})
+    staging = _staging(out, {"train": n_train, "test": n_test, "seed": seed, "generator": GENERATOR_VERSION})
     _write_all(staging, n_train, n_test, seed, progress, workers or usable_cores())
     (staging / PLAN).unlink()
     _check_out(out)
