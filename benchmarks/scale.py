@@ -33,6 +33,11 @@ STEPS = ("synth", "pack", "verify", "describe", "plan", "cv", "report", "predict
 PY = sys.executable
 
 
+def absolute(text: str) -> Path:
+    """A path argument resolved where the command runs (the steps run in the repository root)."""
+    return Path(text).resolve()
+
+
 def du_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -148,7 +153,7 @@ def render(results: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=lambda p: Path(p).resolve(), required=True)
+    ap.add_argument("--work", type=absolute, required=True)
     ap.add_argument("--train", type=int, default=18491)
     ap.add_argument("--test", type=int, default=5043)
     ap.add_argument("--workers", type=int, default=usable_cores())
@@ -156,8 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cv-set", action="append", default=[], metavar="KEY=VALUE", help="more --set for the cv step")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--predict-modes", default="plain,tta", help="plain, tta or both (tta costs 8 forward passes)")
-    ap.add_argument("--checkpoint", type=lambda p: Path(p).resolve(), help="the model predict runs (default: fold 0's best.pt of the cv "
-                    "step; the speed does not depend on the weights, only on the recipe's network)")
+    ap.add_argument("--checkpoint", type=absolute, help="the model predict runs (default: fold 0's best.pt "
+                    "of the cv step; the speed depends on the recipe's network, not on its weights)")
     ap.add_argument("--quick", action="store_true", help="100 train + 20 test tiles, tiny model (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:

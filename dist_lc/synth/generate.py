@@ -183,7 +183,8 @@ def _filtered_noise(rng: np.random.Generator, count: int, n: int, amplitude) -> 
 
 def gaussian_fields(rng: np.random.Generator, count: int, sigma: float) -> np.ndarray:
     """Gaussian-filtered white noise (correlation exp(-d²/4σ²))."""
-    return _filtered_noise(rng, count, _fft_size(3 * sigma), lambda f: np.exp(-2 * (np.pi * sigma * np.asarray(f)) ** 2))
+    return _filtered_noise(rng, count, _fft_size(3 * sigma),
+                           lambda f: np.exp(-2 * (np.pi * sigma * np.asarray(f)) ** 2))
 
 
 def fractal_fields(rng: np.random.Generator, count: int, scale: float, beta: float = 3.0) -> np.ndarray:
@@ -298,7 +299,8 @@ def artificial_layer(rng: np.random.Generator, share: float, free: np.ndarray) -
         s = radius * rng.lognormal(0.0, 0.5)
         weight = rng.uniform(0.4, 1.0)
         # a round Gaussian is the outer product of two 1-D ones
-        density += np.outer(weight * np.exp(-(axis - cy) ** 2 / (2 * s * s)), np.exp(-(axis - cx) ** 2 / (2 * s * s)))
+        along_y, along_x = np.exp(-(axis - cy) ** 2 / (2 * s * s)), np.exp(-(axis - cx) ** 2 / (2 * s * s))
+        density += np.outer(weight * along_y, along_x)
     field = density * np.exp(0.5 * fractal_fields(rng, 1, 8.0, 3.5)[0])
     built = take_top(field, free, int(share * N_PIXELS))
     for _ in range(rng.poisson(ROAD_RATE)):
@@ -458,8 +460,10 @@ def render_image(rng: np.random.Generator, mask: np.ndarray, parcels: np.ndarray
     centre = (spectra.mean + tile_shift).astype(np.float32)
     # every class's loadings applied to every pixel in one matrix product, then each pixel's own
     # class: cheaper than gathering a 4×12 matrix per pixel
-    every_class = (levels.reshape(NUM_CLASSES * 4, -1).astype(np.float32) @ z).reshape(NUM_CLASSES, 4, N_PIXELS)
-    y = np.take_along_axis(every_class, flat_mask[None, None, :].astype(np.intp), axis=0)[0] + centre.T[:, flat_mask]
+    loadings = levels.reshape(NUM_CLASSES * 4, -1).astype(np.float32)
+    every_class = (loadings @ z).reshape(NUM_CLASSES, 4, N_PIXELS)
+    own_class = np.take_along_axis(every_class, flat_mask[None, None, :].astype(np.intp), axis=0)[0]
+    y = own_class + centre.T[:, flat_mask]
     dn = (np.exp(y) - np.float32(spectra.offset)).reshape(4, SIZE, SIZE)
     edge = boundary_pixels(mask)
     dn = np.where(edge, 0.5 * (dn + box_mean(dn)), dn)
