@@ -1,7 +1,7 @@
 """Per-pixel gradient-boosting reference for the quality benchmark (``benchmarks/quality.py``).
 
 The strongest classical pipeline measured on the real sample, rebuilt here as a
-benchmark-only model (``pip install .[bench]``: lightgbm, scipy):
+benchmark-only model (lightgbm and scipy, both in the main dependencies):
 
 1. **Features per pixel** (30): the 4 bands (R, G, B, NIR, sensor units), NDVI = (NIR-R)/(NIR+R),
    NDWI = (G-NIR)/(G+NIR), and the box-filtered local mean and standard deviation of each band over

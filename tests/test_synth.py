@@ -190,6 +190,19 @@ def test_noise_fields_keep_the_correlation_of_their_whole_spectrum(kind, draw, a
     assert np.allclose(measured, expected, atol=0.03), (kind, np.round(measured, 3), np.round(expected, 3))
 
 
+def test_boundary_pixels_take_the_mean_of_their_3x3_neighbourhood():
+    rng = np.random.default_rng(3)
+    mask = (gen.fractal_fields(rng, 1, 12.0)[0] > 0).astype(np.uint8) + 2
+    dn = rng.uniform(1, 5000, size=(4, gen.SIZE, gen.SIZE)).astype(np.float32)
+    padded = np.pad(dn, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    box = sum(padded[:, dy:dy + gen.SIZE, dx:dx + gen.SIZE] for dy in range(3) for dx in range(3)) / 9
+    edge = gen.boundary_pixels(mask)
+    expected = np.where(edge, 0.5 * (dn + box), dn)
+    gen.mix_boundaries(dn, mask)
+    assert 0.02 < edge.mean() < 0.5
+    assert np.allclose(dn, expected, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------- determinism, I/O
 
 def test_deterministic_for_a_seed_and_independent_of_workers(synth_root, train_tiles):

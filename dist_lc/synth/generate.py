@@ -20,6 +20,7 @@ only, not on the number of workers.
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import os
 import sys
@@ -32,7 +33,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
 import tifffile
+import torch
 
 from shard_tools.errors import InputError
 from shard_tools.resources import usable_cores
@@ -114,9 +117,9 @@ def spectra_from(constants: dict) -> Spectra:
         texture_sigma=float(constants["texture_sigma"]),
         mean=np.array([c["log_mean"] for c in classes]),
         chol_tile=chol("cov_tile"),
-        chol_patch=chol("cov_patch"),
-        chol_texture=chol("cov_texture"),
-        chol_white=chol("cov_white"),
+        chol_patch=chol("cov_patch").astype(np.float32),   # the pixel levels are rendered in float32
+        chol_texture=chol("cov_texture").astype(np.float32),
+        chol_white=chol("cov_white").astype(np.float32),
     )
 
 
@@ -148,13 +151,33 @@ def _fft_size(pad: float) -> int:
     return int(np.ceil((SIZE + 2 * pad) / 32) * 32)
 
 
+def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 standard normal draws, from a torch generator seeded by ``rng``: the per-pixel noise
+    of a tile is about a million draws, which torch makes about 3× faster than numpy."""
+    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
+    return torch.randn(shape, generator=generator).numpy()
+
+
 def _standardised(fields: np.ndarray) -> np.ndarray:
-    fields -= fields.mean(axis=(1, 2), keepdims=True)
-    fields /= fields.std(axis=(1, 2), keepdims=True) + 1e-12
-    return fields
+    """The fields (count×SIZE×SIZE, float32), each with zero mean and unit variance, in place when
+    they are contiguous (a crop is copied once). The variance is one dot product per field:
+    ``np.std`` makes three passes."""
+    flat = np.ascontiguousarray(fields).reshape(len(fields), -1)
+    flat -= flat.mean(axis=1, keepdims=True)
+    flat /= np.sqrt(np.einsum("ij,ij->i", flat, flat) / flat.shape[1])[:, None] + np.float32(1e-12)
+    return flat.reshape(len(fields), SIZE, SIZE)
 
 
 KEPT_AMPLITUDE = 1e-2  # spectrum bins below this share of the peak amplitude are not drawn
+
+
+@lru_cache(maxsize=64)
+def _spectrum_block(n: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of an n×n half spectrum that a block of ``keep`` frequencies per axis takes, and the
+    radial frequency of each of its bins (the same for every field of that size)."""
+    rows = np.arange(n) if 2 * keep - 1 >= n else np.r_[0:keep, n - keep + 1:n]
+    radius = np.hypot(np.fft.fftfreq(n)[rows, None], np.fft.rfftfreq(n)[None, :keep])
+    return rows, radius.astype(np.float32)
 
 
 def _filtered_noise(rng: np.random.Generator, count: int, n: int, amplitude) -> np.ndarray:
@@ -164,27 +187,40 @@ def _filtered_noise(rng: np.random.Generator, count: int, n: int, amplitude) -> 
 
     Only the low-frequency block where the amplitude is at least ``KEPT_AMPLITUDE`` of its peak is
     drawn (the rest holds well under 1 % of a smooth field's variance) and the inverse FFT skips the
-    zero columns and the cropped rows: normal draws are most of the cost, and a field of 50-pixel
-    blobs needs a few per cent of the bins.
+    zero columns and the cropped rows: a field of 50-pixel blobs needs a few per cent of the bins.
     """
     fx = np.fft.rfftfreq(n)
-    keep = int(np.count_nonzero(amplitude(fx) >= KEPT_AMPLITUDE * amplitude(0.0)))
-    keep = max(keep, 2)
-    rows = np.arange(n) if 2 * keep - 1 >= n else np.r_[0:keep, n - keep + 1:n]
-    radius = np.hypot(np.fft.fftfreq(n)[rows, None], fx[None, :keep]).astype(np.float32)
-    draws = rng.standard_normal((count, len(rows), keep, 2), dtype=np.float32)
-    block = draws.view(np.complex64)[..., 0] * amplitude(radius).astype(np.float32)
+    keep = max(int(np.count_nonzero(amplitude(fx) >= KEPT_AMPLITUDE * amplitude(0.0))), 2)
+    rows, radius = _spectrum_block(n, keep)
+    draws = standard_normal(rng, (count, len(rows), keep, 2))
     spectrum = np.zeros((count, n, keep), np.complex64)
-    spectrum[:, rows] = block
+    spectrum[:, rows] = draws.view(np.complex64)[..., 0] * amplitude(radius).astype(np.float32)
     pad = (n - SIZE) // 2
-    columns = np.fft.ifft(spectrum, axis=1)[:, pad:pad + SIZE]
-    return _standardised(np.fft.irfft(columns, n=n, axis=2)[:, :, pad:pad + SIZE])
+    columns = scipy.fft.ifft(spectrum, axis=1)[:, pad:pad + SIZE]
+    return _standardised(scipy.fft.irfft(columns, n=n, axis=2)[:, :, pad:pad + SIZE])
+
+
+SHORT_KERNEL = 1.5  # σ (pixels) up to which a Gaussian field is filtered in space rather than by FFT
 
 
 def gaussian_fields(rng: np.random.Generator, count: int, sigma: float) -> np.ndarray:
-    """Gaussian-filtered white noise (correlation exp(-d²/4σ²))."""
-    return _filtered_noise(rng, count, _fft_size(3 * sigma),
-                           lambda f: np.exp(-2 * (np.pi * sigma * np.asarray(f)) ** 2))
+    """Gaussian-filtered white noise (correlation exp(-d²/4σ²)).
+
+    A small σ keeps nearly the whole spectrum, so the FFT route would draw every bin: there the
+    white noise is convolved in space with the short separable kernel (±4σ) instead."""
+    if sigma > SHORT_KERNEL:
+        return _filtered_noise(rng, count, _fft_size(3 * sigma),
+                               lambda f: np.exp(-2 * (np.pi * sigma * np.asarray(f)) ** 2))
+    radius = int(np.ceil(4 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).astype(np.float32)
+    white = standard_normal(rng, (count, SIZE + 2 * radius, SIZE + 2 * radius))
+    rows = np.zeros((count, SIZE + 2 * radius, SIZE), np.float32)
+    for i, weight in enumerate(kernel):
+        rows += weight * white[:, :, i:i + SIZE]
+    fields = np.zeros((count, SIZE, SIZE), np.float32)
+    for i, weight in enumerate(kernel):
+        fields += weight * rows[:, i:i + SIZE]
+    return _standardised(fields)
 
 
 def fractal_fields(rng: np.random.Generator, count: int, scale: float, beta: float = 3.0) -> np.ndarray:
@@ -207,8 +243,9 @@ def take_top(field: np.ndarray, free: np.ndarray, n: int) -> np.ndarray:
 
 
 def _grid() -> tuple[np.ndarray, np.ndarray]:
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    return y.astype(np.float64), x.astype(np.float64)
+    """Row and column coordinates as a column and a row, which broadcast to the tile."""
+    axis = np.arange(SIZE, dtype=np.float64)
+    return axis[:, None], axis[None, :]
 
 
 # ------------------------------------------------------------------------------------- composition
@@ -430,43 +467,46 @@ def boundary_pixels(mask: np.ndarray) -> np.ndarray:
     return edge
 
 
-def box_mean(planes: np.ndarray) -> np.ndarray:
-    """3×3 mean of C×H×W planes (edges replicated)."""
-    padded = np.pad(planes, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    out = np.zeros_like(planes)
-    for dy in range(3):
-        for dx in range(3):
-            out += padded[:, dy:dy + SIZE, dx:dx + SIZE]
-    return out / 9.0
+def mix_boundaries(dn: np.ndarray, mask: np.ndarray) -> None:
+    """Pixels on a class boundary (a 4-neighbour of another class) become the mean of themselves and
+    the mean of their 3×3 neighbourhood (edges replicated), in place on the bands×SIZE×SIZE image."""
+    padded = np.pad(dn, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    rows = padded[:, :, :-2] + padded[:, :, 1:-1] + padded[:, :, 2:]   # the 3×3 sum, separably
+    box = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
+    edge = boundary_pixels(mask)
+    dn[:, edge] = 0.5 * (dn[:, edge] + box[:, edge] / 9.0)
 
 
 def render_image(rng: np.random.Generator, mask: np.ndarray, parcels: np.ndarray,
                  spectra: Spectra) -> np.ndarray:
     """The uint16 SIZE×SIZE×4 image of a mask.
 
-    Per pixel of class c: y = mean_c + tile shift_c + [L_patch L_texture L_white]_c · z, where z
-    stacks the patch noise (the parcel's draw for field classes, a smooth field otherwise), the
-    smooth texture and white noise (4 unit-variance bands each). Computed band-major (bands × pixels).
+    Per pixel of class c: y = mean_c + tile shift_c + L_patch,c·p + L_texture,c·t + L_white,c·w, where
+    p is the patch noise (the parcel's draw for field classes, a smooth field otherwise), t the smooth
+    texture and w white noise (4 unit-variance bands each). Computed band-major (bands × pixels),
+    one class at a time on its pixels, which are grouped by a stable sort of the mask.
     """
     flat_mask = mask.ravel()
-    z = np.empty((12, N_PIXELS), np.float32)
-    in_parcels = np.isin(flat_mask, PARCEL_CLASSES)
-    per_parcel = rng.standard_normal((4, parcels.max() + 1), dtype=np.float32)[:, parcels.ravel()]
-    z[0:4] = np.where(in_parcels, per_parcel, fractal_fields(rng, 4, PATCH_SCALE, 3.0).reshape(4, -1))
-    z[4:8] = gaussian_fields(rng, 4, spectra.texture_sigma).reshape(4, -1)
-    z[8:12] = rng.standard_normal((4, N_PIXELS), dtype=np.float32)
-    levels = np.concatenate([spectra.chol_patch, spectra.chol_texture, spectra.chol_white], axis=2)
+    patch = fractal_fields(rng, 4, PATCH_SCALE, 3.0).reshape(4, -1)
+    per_parcel = standard_normal(rng, (4, int(parcels.max()) + 1))
+    texture = gaussian_fields(rng, 4, spectra.texture_sigma).reshape(4, -1)
     tile_shift = np.einsum("cij,cj->ci", spectra.chol_tile, rng.standard_normal((NUM_CLASSES, 4)))
     centre = (spectra.mean + tile_shift).astype(np.float32)
-    # every class's loadings applied to every pixel in one matrix product, then each pixel's own
-    # class: cheaper than gathering a 4×12 matrix per pixel
-    loadings = levels.reshape(NUM_CLASSES * 4, -1).astype(np.float32)
-    every_class = (loadings @ z).reshape(NUM_CLASSES, 4, N_PIXELS)
-    own_class = np.take_along_axis(every_class, flat_mask[None, None, :].astype(np.intp), axis=0)[0]
-    y = own_class + centre.T[:, flat_mask]
-    dn = (np.exp(y) - np.float32(spectra.offset)).reshape(4, SIZE, SIZE)
-    edge = boundary_pixels(mask)
-    dn = np.where(edge, 0.5 * (dn + box_mean(dn)), dn)
+    order = np.argsort(flat_mask, kind="stable")
+    ends = np.cumsum(np.bincount(flat_mask, minlength=NUM_CLASSES))
+    y = np.empty((4, N_PIXELS), np.float32)   # class-grouped pixel order
+    for c, (start, end) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
+        if end == start:
+            continue
+        pixels = order[start:end]
+        own_patch = per_parcel[:, parcels.ravel()[pixels]] if c in PARCEL_CLASSES else patch[:, pixels]
+        white = standard_normal(rng, (4, int(end - start)))   # iid: drawn in any order
+        y[:, start:end] = (spectra.chol_patch[c] @ own_patch + spectra.chol_texture[c] @ texture[:, pixels]
+                           + spectra.chol_white[c] @ white + centre[c][:, None])
+    dn = np.empty_like(y)
+    dn[:, order] = np.exp(y) - np.float32(spectra.offset)
+    dn = dn.reshape(4, SIZE, SIZE)
+    mix_boundaries(dn, mask)
     return np.clip(np.rint(dn), 1, MAX_PIXEL_VALUE).astype(IMAGE_DTYPE).transpose(1, 2, 0).copy()
 
 
@@ -541,7 +581,7 @@ def _progress(iterable, total: int, enabled: bool, initial: int = 0):
 PLAN = "synth.json"   # what a half-written folder was asked for
 # Raised whenever the same seed would draw other tiles, so that a half-written folder is never
 # finished by another generator than the one that began it.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 def _staging(out: Path, plan: dict) -> Path:
@@ -609,6 +649,24 @@ def _one_thread_each():
             os.environ.pop(name, None)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
+
+
+def _keep_freed_memory() -> None:
+    """Pool initializer: freed arrays stay in this worker's heap for the next tile.
+
+    A tile allocates a few dozen arrays of 64 KB to 4 MB. By default glibc maps each one afresh and
+    unmaps it when freed, so every tile faults in thousands of new zeroed pages, which costs about
+    as much as drawing it. Holding them back costs a worker its peak working set, a few tens of MB.
+    Elsewhere than glibc this does nothing."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)   # its documented maximum
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def _write_all(root: Path, n_train: int, n_test: int, seed: int, progress: bool, workers: int) -> None:
     train_ids = list(range(1, n_train + 1))
     every = [(root, seed, sid, True) for sid in train_ids]
@@ -616,9 +674,10 @@ def _write_all(root: Path, n_train: int, n_test: int, seed: int, progress: bool,
     jobs = [j for j in every if not (root / ("train" if j[3] else "test") / "images" / f"{j[2]}.tif").exists()]
     done = len(every) - len(jobs)
     props = {}
-    if workers > 1 and len(jobs) > 8:
+    if len(jobs) > 8:   # in worker processes, even one: the caller's malloc settings stay untouched
         # spawn, not fork: forked children of a threaded caller (torch, OpenMP) can deadlock
-        with _one_thread_each(), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        context = multiprocessing.get_context("spawn")
+        with _one_thread_each(), ProcessPoolExecutor(workers, context, _keep_freed_memory) as pool:
             for sid, p in _progress(pool.map(_write_one, jobs, chunksize=4), len(every), progress, done):
                 props[sid] = p
     else:
