@@ -190,6 +190,18 @@ def test_noise_fields_keep_the_correlation_of_their_whole_spectrum(kind, draw, a
     assert np.allclose(measured, expected, atol=0.03), (kind, np.round(measured, 3), np.round(expected, 3))
 
 
+def test_normal_draws_are_standard_normal_and_independent():
+    from scipy import stats
+
+    draws = gen.standard_normal(np.random.default_rng(11), (1000, 1001)).astype(np.float64).ravel()
+    assert draws.size == 1001000
+    assert abs(draws.mean()) < 0.005 and abs(draws.var() - 1) < 0.005
+    assert stats.kstest(draws, "norm").pvalue > 0.01
+    assert np.abs(draws).max() > 4.5                       # tails not cut short
+    half = draws.size // 2                                  # the two halves share their radii
+    assert abs(np.corrcoef(draws[:half] ** 2, draws[half:2 * half] ** 2)[0, 1]) < 0.005
+
+
 def test_boundary_pixels_take_the_mean_of_their_3x3_neighbourhood():
     rng = np.random.default_rng(3)
     mask = (gen.fractal_fields(rng, 1, 12.0)[0] > 0).astype(np.uint8) + 2

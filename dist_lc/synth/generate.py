@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 import tifffile
-import torch
 
 from shard_tools.errors import InputError
 from shard_tools.resources import usable_cores
@@ -152,10 +151,19 @@ def _fft_size(pad: float) -> int:
 
 
 def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """float32 standard normal draws, from a torch generator seeded by ``rng``: the per-pixel noise
-    of a tile is about a million draws, which torch makes about 3× faster than numpy."""
-    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
-    return torch.randn(shape, generator=generator).numpy()
+    """float32 standard normal draws by the Box–Muller transform of uniform draws.
+
+    A tile takes about a million normal draws. numpy's own sampler makes them one at a time in C;
+    the transform is a few whole-array operations (log, sqrt, cos, sin), several times faster here.
+    The radius comes from a float64 uniform so that the tails are not cut short."""
+    count = int(np.prod(shape))
+    half = (count + 1) // 2
+    radius = np.sqrt(-2.0 * np.log1p(-rng.random(half))).astype(np.float32)
+    angle = np.float32(2 * np.pi) * rng.random(half, dtype=np.float32)
+    out = np.empty(2 * half, np.float32)
+    np.multiply(radius, np.cos(angle), out=out[:half])
+    np.multiply(radius, np.sin(angle), out=out[half:])
+    return out[:count].reshape(shape)
 
 
 def _standardised(fields: np.ndarray) -> np.ndarray:
@@ -492,6 +500,7 @@ def render_image(rng: np.random.Generator, mask: np.ndarray, parcels: np.ndarray
     texture = gaussian_fields(rng, 4, spectra.texture_sigma).reshape(4, -1)
     tile_shift = np.einsum("cij,cj->ci", spectra.chol_tile, rng.standard_normal((NUM_CLASSES, 4)))
     centre = (spectra.mean + tile_shift).astype(np.float32)
+    white = standard_normal(rng, (4, N_PIXELS))   # iid, so it needs no reordering
     order = np.argsort(flat_mask, kind="stable")
     ends = np.cumsum(np.bincount(flat_mask, minlength=NUM_CLASSES))
     y = np.empty((4, N_PIXELS), np.float32)   # class-grouped pixel order
@@ -500,9 +509,8 @@ def render_image(rng: np.random.Generator, mask: np.ndarray, parcels: np.ndarray
             continue
         pixels = order[start:end]
         own_patch = per_parcel[:, parcels.ravel()[pixels]] if c in PARCEL_CLASSES else patch[:, pixels]
-        white = standard_normal(rng, (4, int(end - start)))   # iid: drawn in any order
         y[:, start:end] = (spectra.chol_patch[c] @ own_patch + spectra.chol_texture[c] @ texture[:, pixels]
-                           + spectra.chol_white[c] @ white + centre[c][:, None])
+                           + spectra.chol_white[c] @ white[:, start:end] + centre[c][:, None])
     dn = np.empty_like(y)
     dn[:, order] = np.exp(y) - np.float32(spectra.offset)
     dn = dn.reshape(4, SIZE, SIZE)
