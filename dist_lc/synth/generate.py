@@ -153,9 +153,9 @@ def _fft_size(pad: float) -> int:
 def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """float32 standard normal draws by the Box–Muller transform of uniform draws.
 
-    A tile takes about a million normal draws. numpy's own sampler makes them one at a time in C;
-    the transform is a few whole-array operations (log, sqrt, cos, sin), several times faster here.
-    The radius comes from a float64 uniform so that the tails are not cut short."""
+    A tile takes a normal draw per pixel and band several times over. numpy's own sampler makes
+    them one element at a time; the transform is a few whole-array operations (log, sqrt, cos, sin),
+    which is faster. The radius comes from a float64 uniform so that the tails are not cut short."""
     count = int(np.prod(shape))
     half = (count + 1) // 2
     radius = np.sqrt(-2.0 * np.log1p(-rng.random(half))).astype(np.float32)
@@ -194,8 +194,8 @@ def _filtered_noise(rng: np.random.Generator, count: int, n: int, amplitude) -> 
     square (the FFT wraps) and cropped.
 
     Only the low-frequency block where the amplitude is at least ``KEPT_AMPLITUDE`` of its peak is
-    drawn (the rest holds well under 1 % of a smooth field's variance) and the inverse FFT skips the
-    zero columns and the cropped rows: a field of 50-pixel blobs needs a few per cent of the bins.
+    drawn (the rest holds a negligible share of a smooth field's variance) and the inverse FFT skips
+    the zero columns and the cropped rows: a field of 50-pixel blobs needs a small share of the bins.
     """
     fx = np.fft.rfftfreq(n)
     keep = max(int(np.count_nonzero(amplitude(fx) >= KEPT_AMPLITUDE * amplitude(0.0))), 2)
@@ -661,17 +661,18 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (mall
 
 
 def _keep_freed_memory() -> None:
-    """Pool initializer: freed arrays stay in this worker's heap for the next tile.
+    """Pool initializer: the memory a tile frees stays in this worker's heap for the next tile.
 
-    A tile allocates a few dozen arrays of 64 KB to 4 MB. By default glibc maps each one afresh and
-    unmaps it when freed, so every tile faults in thousands of new zeroed pages, which costs about
-    as much as drawing it. Holding them back costs a worker its peak working set, a few tens of MB.
-    Elsewhere than glibc this does nothing."""
+    By default glibc hands freed memory back to the kernel (it unmaps large blocks and trims the top
+    of the heap), so every tile faults its pages in again, zeroed, and the kernel time rivals the
+    drawing. Both limits are raised: fixing either one alone switches off glibc's adjustment of the
+    other and makes the faults worse. A worker then holds its peak working set. Does nothing where
+    the C library has no mallopt."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)   # its documented maximum
         libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):   # TypeError: CDLL(None) on Windows
         pass
 
 
