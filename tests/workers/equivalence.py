@@ -34,6 +34,9 @@ def main(shards, out, batch, micro, steps):
     if s.env.rank == 0:
         torch.save({"init": init, "final": {k: v.detach().clone() for k, v in s.net.state_dict().items()}}, out)
     if torch.distributed.is_initialized():
+        # as the trainer does: no rank tears gloo down while another still runs (rank 0 saves);
+        # a rank doing so once aborted in its gloo threads ("terminate called without an active exception")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
