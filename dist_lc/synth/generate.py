@@ -208,6 +208,11 @@ def _filtered_noise(rng: np.random.Generator, count: int, n: int, amplitude) -> 
     return _standardised(scipy.fft.irfft(columns, n=n, axis=2)[:, :, pad:pad + SIZE])
 
 
+def gaussian_kernel(sigma: float, half: int) -> np.ndarray:
+    """The unnormalised 1-D Gaussian exp(-x²/2σ²) at x = -half..half."""
+    return np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+
+
 SHORT_KERNEL = 1.5  # σ (pixels) up to which a Gaussian field is filtered in space rather than by FFT
 
 
@@ -220,7 +225,7 @@ def gaussian_fields(rng: np.random.Generator, count: int, sigma: float) -> np.nd
         return _filtered_noise(rng, count, _fft_size(3 * sigma),
                                lambda f: np.exp(-2 * (np.pi * sigma * np.asarray(f)) ** 2))
     radius = int(np.ceil(4 * sigma))
-    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).astype(np.float32)
+    kernel = gaussian_kernel(sigma, radius).astype(np.float32)
     white = standard_normal(rng, (count, SIZE + 2 * radius, SIZE + 2 * radius))
     rows = np.zeros((count, SIZE + 2 * radius, SIZE), np.float32)
     for i, weight in enumerate(kernel):
@@ -291,7 +296,7 @@ def sample_composition(rng: np.random.Generator, landscape: str) -> np.ndarray:
 def _smooth_series(rng: np.random.Generator, n: int, correlation: float) -> np.ndarray:
     """A standardised 1-D Gaussian series correlated over about ``correlation`` steps."""
     half = int(3 * correlation)
-    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / correlation) ** 2)
+    kernel = gaussian_kernel(correlation, half)
     series = np.convolve(rng.standard_normal(n + 2 * half), kernel, mode="valid")
     return series / np.sqrt((kernel ** 2).sum())
 
