@@ -50,6 +50,9 @@ class DataConfig:
     workers: int = option(2, "DataLoader worker processes per rank (0: read in the training process)",
                           min=0, max=64)
     shuffle_buffer: int = option(64, "samples in each worker's shuffle buffer (training only)", min=0)
+    wait_timeout_s: float = option(300.0, "seconds a rank waits for a batch from its loader workers before it "
+                                   "fails (keep it below train.dist_timeout_s, so that its cause is the one "
+                                   "reported)", min=1.0)
 
 
 @dataclass

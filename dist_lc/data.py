@@ -13,8 +13,8 @@ How an epoch is laid out (the same on every rank, computed from the manifest alo
   (in whole micro-batches for training), each worker streams only the shards its piece touches.
 
 What crosses from a worker to its rank is what the shards hold: uint16 images (N, H, W, 4) and
-uint8 masks (cropped, in training), written straight into a batch tensor in shared memory (no copy
-on the way), and each training sample's flip/rotation as a (quarter turns, flip) row, drawn in the
+uint8 masks (cropped, in training), written straight into the worker's next slot of the rank's batch
+ring in shared memory (:mod:`dist_lc.loading`: no copy on the way, no new segment per batch), and each training sample's flip/rotation as a (quarter turns, flip) row, drawn in the
 worker and applied on the device (:func:`apply_views`); the float conversion and the normalisation
 happen on the device too, in the network (:func:`to_nchw` turns the batch into NCHW with the
 channels-last layout, without a copy). Shards are read by
@@ -22,21 +22,21 @@ channels-last layout, without a copy). Shards are read by
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from shard_tools import tarstream
 from shard_tools.errors import InputError
-from shard_tools.format import class_proportions, decode_sample
+from shard_tools.format import IMAGE_SHAPE, class_proportions, decode_sample
 from shard_tools.manifest import Manifest, remote_reason
+
+from .loading import Loader
 
 
 @dataclass(frozen=True)
@@ -64,31 +64,44 @@ def segments(shards: list[tuple[str, int]], start: int, stop: int) -> list[Segme
     return out
 
 
-def check_present(manifest: Manifest, entries: list[dict]) -> None:
-    """Every shard of the list is there with its manifest's size: checked by every rank before an
-    epoch, so that all of them stop with the same line instead of one rank failing mid-epoch."""
-    if manifest.root.remote:   # a URL has no size to look at without a request: read errors name it
-        return
-    for entry in entries:
-        path = manifest.shard_path(entry)
+def check_present(sizes: list[tuple[str, int]]) -> None:
+    """Every shard of the list is there with its manifest's size: checked by every rank before each
+    pass, so that all of them stop with the same line instead of one rank failing mid-epoch."""
+    for path, expected in sizes:
+        if "://" in path or path.startswith("pipe:"):  # a URL has no size to look at without a request
+            continue
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
             raise InputError(f"{path}: shard missing (its manifest lists it); run `lc-shard verify` on its "
                              "folder") from None
-        if size != entry["bytes"]:
-            raise InputError(f"{path}: shard is {size} bytes, its manifest says {entry['bytes']} (truncated or "
+        if size != expected:
+            raise InputError(f"{path}: shard is {size} bytes, its manifest says {expected} (truncated or "
                              "replaced); run `lc-shard verify` on its folder")
 
 
-def ordered_shards(manifest: Manifest, split: str, folds, shuffle_seed: int | None) -> list[tuple[str, int]]:
+def listed_shards(manifest: Manifest, split: str, folds) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(path, sample count) of each shard of the split (and folds) in manifest order, and (path, bytes)."""
     listed = manifest.shards(split, folds)
-    check_present(manifest, listed)
-    entries = [(str(manifest.shard_path(e)), int(e["count"])) for e in listed]
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(len(entries))
-        entries = [entries[i] for i in order]
-    return entries
+    paths = [str(manifest.shard_path(e)) for e in listed]
+    return ([(p, int(e["count"])) for p, e in zip(paths, listed)],
+            [(p, int(e["bytes"])) for p, e in zip(paths, listed)])
+
+
+def shuffled(entries: list, seed: int) -> list:
+    """The shards in an epoch's order."""
+    order = np.random.default_rng(seed).permutation(len(entries))
+    return [entries[i] for i in order]
+
+
+def ordered_shards(manifest: Manifest, split: str, folds, shuffle_seed: int | None) -> list[tuple[str, int]]:
+    entries, sizes = listed_shards(manifest, split, folds)
+    check_present(sizes)
+    return entries if shuffle_seed is None else shuffled(entries, shuffle_seed)
+
+
+def epoch_shard_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
 
 
 def train_steps(total: int, world: int, micro: int, accum: int) -> int:
@@ -183,43 +196,73 @@ def as_pixels(image: np.ndarray) -> np.ndarray:
 
 
 class BatchBuilder:
-    """Fills one batch in shared memory: each sample's (possibly flipped or cropped) views are
-    copied once, into the tensors the DataLoader hands to the rank without another copy. Images
-    arrive as 8-byte pixels (:func:`as_pixels`) and leave as (N, H, W, 4) uint16."""
+    """Fills one batch: each sample's (possibly flipped or cropped) views are copied once, into the
+    memory the rank reads. Images arrive as 8-byte pixels (:func:`as_pixels`) and leave as
+    (N, H, W, 4) uint16.
 
-    def __init__(self, size: int):
-        self.size, self.rows = size, []
+    In a loader worker with a :class:`~dist_lc.loading.BatchRing`, that memory is the worker's next
+    slot and the batch carries ``ring = (worker, seq, rows)`` instead of the pixels; elsewhere (no
+    workers, or a tile that does not fit the slots) it is a new tensor, in shared memory inside a
+    worker. Proportions and views travel as numpy arrays (pickled by value: no shared segment)."""
+
+    def __init__(self, size: int, ring=None, counter=None):
+        self.size, self.rows, self.ring, self.counter = size, [], ring, counter
 
     def add(self, key, image, mask, props, view=None) -> dict | None:
         self.rows.append((key, image, mask, props, view))
         return self.take() if len(self.rows) == self.size else None
 
-    @staticmethod
-    def _empty(shape, dtype) -> torch.Tensor:
-        """A tensor in shared memory inside a DataLoader worker (so that sending it copies nothing)."""
-        out = torch.empty(shape, dtype=dtype)
-        return out.share_memory_() if get_worker_info() is not None else out
+    def _buffers(self, rows: int, h: int, w: int, masks: bool):
+        """(image, mask, ring reference or None) to write a batch of ``rows`` tiles into."""
+        info = get_worker_info()
+        if info is not None and self.ring is not None and self.ring.fits(rows, h, w) \
+                and (not masks or self.ring.mask is not None):
+            seq = self.counter.next()
+            image, mask = self.ring.claim(info.id, seq)
+            return image[:rows], (mask[:rows] if masks else None), (info.id, seq, rows)
+
+        def empty(shape, dtype):
+            out = torch.empty(shape, dtype=dtype)
+            return out.share_memory_() if info is not None else out   # sending it then copies nothing
+
+        return (empty((rows, h, w, 4), torch.uint16), empty((rows, h, w), torch.uint8) if masks else None, None)
 
     def take(self) -> dict | None:
         if not self.rows:
             return None
         rows, self.rows = self.rows, []
         h, w = rows[0][1].shape
-        image = self._empty((len(rows), h, w, 4), torch.uint16)
+        masks = rows[0][2] is not None
+        image, mask, ref = self._buffers(len(rows), h, w, masks)
         view = image.numpy().view(np.uint64)[..., 0]
         for i, row in enumerate(rows):
             view[i] = row[1]
-        batch = {"key": [r[0] for r in rows], "image": image}
-        if rows[0][2] is not None:
-            mask = self._empty((len(rows), h, w), torch.uint8)
+        batch = {"key": [r[0] for r in rows]}
+        if ref is None:
+            batch["image"] = image
+        else:
+            batch["ring"] = ref
+        if masks:
             mview = mask.numpy()
             for i, row in enumerate(rows):
                 mview[i] = row[2]
-            batch["mask"] = mask
-            batch["props"] = torch.from_numpy(np.stack([r[3] for r in rows]).astype(np.float32))
+            if ref is None:
+                batch["mask"] = mask
+            batch["props"] = np.stack([r[3] for r in rows]).astype(np.float32)
         if rows[0][4] is not None:  # the augmentation each sample still has to get (apply_views)
-            batch["views"] = torch.tensor([r[4] for r in rows], dtype=torch.int8)
+            batch["views"] = np.array([r[4] for r in rows], dtype=np.int8)
         return batch
+
+
+class Counter:
+    """A worker's count of the batches it has written, kept across passes (persistent workers)."""
+
+    def __init__(self):
+        self.value = -1
+
+    def next(self) -> int:
+        self.value += 1
+        return self.value
 
 
 def to_nchw(image: torch.Tensor) -> torch.Tensor:
@@ -228,14 +271,42 @@ def to_nchw(image: torch.Tensor) -> torch.Tensor:
 
 
 class ShardStream(IterableDataset):
-    """Batches of one rank's sample range; DataLoader workers take contiguous pieces of it."""
+    """Batches of one rank's sample range; DataLoader workers take contiguous pieces of it.
+
+    ``shards`` are in manifest order; with ``shuffle`` each pass puts them in its epoch's order
+    (:func:`shuffled`). The epoch lives in shared memory (:meth:`set_epoch`), so that persistent
+    workers, which hold their own copy of this object, follow the rank from one epoch to the next."""
 
     def __init__(self, shards, start, stop, batch_size, *, train=False, augment=False, crop=None,
-                 shuffle_buffer=0, seed=0, epoch=0, rank=0):
+                 shuffle_buffer=0, seed=0, epoch=0, rank=0, shuffle=False, sizes=()):
         super().__init__()
         self.shards, self.start, self.stop = shards, start, stop
         self.batch_size, self.train, self.augment, self.crop = batch_size, train, augment, crop
-        self.shuffle_buffer, self.seed, self.epoch, self.rank = shuffle_buffer, seed, epoch, rank
+        self.shuffle_buffer, self.seed, self.rank, self.shuffle = shuffle_buffer, seed, rank, shuffle
+        self.sizes = list(sizes)     # (path, bytes) to check before each pass
+        self.ring = None             # set by dist_lc.loading.Loader when the stream has workers
+        self._epoch = torch.tensor([epoch], dtype=torch.int64).share_memory_()
+        self._counter = None         # a worker's batch count (created in the worker)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_counter"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _counter=None)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    def check(self) -> None:
+        check_present(self.sizes)
+
+    def batch_shape(self) -> tuple[int, int, bool]:
+        """(tiles per batch, tile side, masks) of what the stream yields: the loader's slot size."""
+        return self.batch_size, (self.crop if self.train and self.crop else IMAGE_SHAPE[0]), True
 
     def _worker_range(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -246,8 +317,8 @@ class ShardStream(IterableDataset):
         lo, hi = balanced_range(self.stop - self.start, nw, wid)
         return wid, self.start + lo, self.start + hi
 
-    def _samples(self, start, stop, rng):
-        for seg in segments(self.shards, start, stop):
+    def _samples(self, shards, start, stop, rng):
+        for seg in segments(shards, start, stop):
             for raw in read_segment(seg):
                 key, image, mask, props = decode_sample(raw)
                 image = as_pixels(image)
@@ -268,11 +339,15 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         wid, start, stop = self._worker_range()
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid])
-        stream = self._samples(start, stop, rng)
+        epoch = self.epoch
+        rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
+        shards = shuffled(self.shards, epoch_shard_seed(self.seed, epoch)) if self.shuffle else self.shards
+        stream = self._samples(shards, start, stop, rng)
         if self.train and self.shuffle_buffer > 1:
             stream = self._shuffled(stream, rng)
-        builder = BatchBuilder(self.batch_size)
+        if self._counter is None:
+            self._counter = Counter()
+        builder = BatchBuilder(self.batch_size, self.ring, self._counter)
         for sample in stream:
             batch = builder.add(*sample)
             if batch is not None:
@@ -282,39 +357,12 @@ class ShardStream(IterableDataset):
             yield batch
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Slurm signals every process of a job step: loader workers leave stopping to their rank."""
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def batches_of(loader: DataLoader):
-    """Iterate a loader and shut its workers down when the block ends, also on an error.
-
-    The workers ignore SIGTERM (above), so they must be told to stop: left to the garbage collector,
-    an iterator kept alive by an exception's traceback survives until interpreter exit, where
-    multiprocessing terminates its workers with SIGTERM and then waits for them forever.
-    """
-    it = iter(loader)
-    try:
-        yield it
-    finally:
-        shutdown = getattr(it, "_shutdown_workers", None)  # the multi-process iterator's own clean-up
-        if shutdown is not None:
-            shutdown()
-
-
-def _loader(dataset: ShardStream, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
-                      prefetch_factor=4 if workers else None,
-                      worker_init_fn=_ignore_stop_signals if workers else None)
-
-
-def train_loader(manifest: Manifest, folds, *, epoch, seed, world, rank, micro, accum, workers,
-                 augment=True, crop=None, shuffle_buffer=64, pin=False) -> tuple[DataLoader, int]:
-    """The rank's training loader for an epoch and the number of optimizer steps it feeds."""
-    shards = ordered_shards(manifest, "train", folds, shuffle_seed=seed * 100_003 + epoch)
+def train_loader(manifest: Manifest, folds, *, seed, world, rank, micro, accum, workers, epoch=0,
+                 augment=True, crop=None, shuffle_buffer=64, device=None, timeout_s=300.0) -> tuple[Loader, int]:
+    """The rank's training loader (one pass per epoch: ``loader.batches(epoch)``) and the number of
+    optimizer steps each epoch feeds; the same on every epoch."""
+    shards, sizes = listed_shards(manifest, "train", folds)
+    check_present(sizes)
     total = sum(c for _, c in shards)
     steps = train_steps(total, world, micro, accum)
     if steps == 0:
@@ -322,18 +370,20 @@ def train_loader(manifest: Manifest, folds, *, epoch, seed, world, rank, micro, 
                          f"({world} ranks × {micro} × {accum} accumulation)")
     n = steps * accum * micro
     ds = ShardStream(shards, rank * n, (rank + 1) * n, micro, train=True, augment=augment, crop=crop,
-                     shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch, rank=rank)
-    return _loader(ds, workers, pin), steps
+                     shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch, rank=rank, shuffle=True, sizes=sizes)
+    return Loader(ds, workers, rank=rank, timeout_s=timeout_s, device=device), steps
 
 
-def eval_loader(manifest: Manifest, split: str, folds, *, world, rank, batch_size, workers,
-                pin=False) -> DataLoader:
+def eval_loader(manifest: Manifest, split: str, folds, *, world, rank, batch_size, workers, device=None,
+                timeout_s=300.0) -> Loader:
     """Each tile of the split (and folds) exactly once across ranks, in manifest order."""
-    shards = ordered_shards(manifest, split, folds, shuffle_seed=None)
+    shards, sizes = listed_shards(manifest, split, folds)
+    check_present(sizes)
     total = sum(c for _, c in shards)
     start, stop = balanced_range(total, world, rank)
-    ds = ShardStream(shards, start, stop, batch_size)
-    return _loader(ds, min(workers, max(1, stop - start)) if workers else 0, pin)
+    ds = ShardStream(shards, start, stop, batch_size, sizes=sizes)
+    return Loader(ds, min(workers, max(1, stop - start)) if workers else 0, rank=rank, timeout_s=timeout_s,
+                  device=device)
 
 
 class TiffStream(IterableDataset):
@@ -342,13 +392,25 @@ class TiffStream(IterableDataset):
     def __init__(self, items: list[tuple[str, str]], batch_size: int):
         super().__init__()
         self.items, self.batch_size = items, batch_size
+        self.ring, self._counter = None, None
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def batch_shape(self) -> tuple[int, int, bool]:
+        return self.batch_size, IMAGE_SHAPE[0], False
 
     def __iter__(self):
         from shard_tools.pack import read_image
 
         info = get_worker_info()
         lo, hi = balanced_range(len(self.items), info.num_workers if info else 1, info.id if info else 0)
-        builder = BatchBuilder(self.batch_size)
+        if self._counter is None:
+            self._counter = Counter()
+        builder = BatchBuilder(self.batch_size, self.ring, self._counter)
         for key, path in self.items[lo:hi]:
             batch = builder.add(key, as_pixels(np.ascontiguousarray(read_image(Path(path)))), None, None)
             if batch is not None:
@@ -358,7 +420,7 @@ class TiffStream(IterableDataset):
             yield batch
 
 
-def tiff_loader(folder, *, world, rank, batch_size, workers, pin=False) -> DataLoader:
+def tiff_loader(folder, *, world, rank, batch_size, workers, device=None, timeout_s=300.0) -> Loader:
     """Each ``<id>.tif`` of a folder exactly once across ranks, in id order."""
     from shard_tools.pack import id_sort_key, tiffs_by_id
 
@@ -372,4 +434,5 @@ def tiff_loader(folder, *, world, rank, batch_size, workers, pin=False) -> DataL
     items = [(key, str(found[key])) for key in sorted(found, key=id_sort_key)]
     start, stop = balanced_range(len(items), world, rank)
     mine = items[start:stop]
-    return _loader(TiffStream(mine, batch_size), min(workers, max(1, len(mine))) if workers else 0, pin)
+    return Loader(TiffStream(mine, batch_size), min(workers, max(1, len(mine))) if workers else 0, rank=rank,
+                  timeout_s=timeout_s, device=device)

@@ -7,6 +7,8 @@ challenge's TIFFs (``--images``, e.g. ``test/images/`` as it comes); both give t
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import torch
@@ -19,7 +21,8 @@ from shard_tools.manifest import load_manifest
 from . import checkpoint as ckpt
 from . import distributed, pixel_metrics
 from .config import from_dict
-from .data import batches_of, eval_loader, tiff_loader, to_nchw
+from .data import eval_loader, tiff_loader, to_nchw
+from .loading import LoaderTimeout
 from .files import check_parent, write_csv_atomic
 from .model import build_network, pixel_probabilities, tile_proportions
 from .precision import autocast, resolve_precision
@@ -89,7 +92,7 @@ def parse_split(split: str, num_folds: int) -> tuple[str, list | None]:
 
 
 def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, batch_size=16, workers=2,
-            device_pref="auto", with_confusion: bool = False):
+            device_pref="auto", with_confusion: bool = False, wait_timeout_s: float = 300.0):
     """Ensemble prediction of a split of shards, or of a folder of TIFF tiles (``images``).
 
     Returns the table on rank 0 (None on the other ranks); with ``with_confusion`` (tiles with
@@ -99,17 +102,18 @@ def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, b
     ensemble = Ensemble(checkpoints, device, tta)
     if images is not None:
         loader = tiff_loader(images, world=env.world_size, rank=env.rank, batch_size=batch_size, workers=workers,
-                             pin=device.type == "cuda")
+                             device=device, timeout_s=wait_timeout_s)
     else:
         manifest = load_manifest(shards)
         split_name, folds = parse_split(split, manifest.num_folds)
         if not manifest.shards(split_name, folds):
             raise InputError(f"{manifest.root}: no {split} shards")
         loader = eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank,
-                             batch_size=batch_size, workers=workers, pin=device.type == "cuda")
+                             batch_size=batch_size, workers=workers, device=device,
+                             timeout_s=wait_timeout_s)
     keys, rows = [], []
     matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=device)
-    with batches_of(loader) as batches:
+    with loader, loader.batches() as batches:
         for batch in batches:
             props, probs = ensemble(to_nchw(batch["image"]).to(device), pixels=with_confusion)
             if with_confusion:
@@ -146,6 +150,9 @@ def run(args) -> int:
         if table is not None:
             write_csv_atomic(table, args.out)
             print(f"wrote {len(table)} rows to {args.out}")
+    except LoaderTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         distributed.teardown()
     return 0

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from shard_tools.manifest import load_manifest
 from . import distributed, pixel_metrics
 from .checkpoint import Checkpointer, Progress
 from .config import BatchLayout, Config, batch_layout, from_dict, per_rank_batch, read_yaml, save_config
-from .data import apply_views, batches_of, eval_loader, to_nchw, train_loader
+from .data import apply_views, eval_loader, to_nchw, train_loader
+from .loading import Loader, LoaderTimeout
 from .losses import SegmentationLoss, class_weights
 from .memory import fit_micro_batch, peak_memory_mb
 from .metrics import kl_per_sample
@@ -69,7 +71,15 @@ class Setup:
     dtype: torch.dtype | None     # autocast dtype, None for fp32
     steps_per_epoch: int
     notes: list                   # set-up decisions worth a line in the log
+    train_data: Loader            # its workers serve every epoch
+    val_data: Loader | None       # its workers serve every validation
     fp16_skips: int = 0           # consecutive steps the gradient scaler skipped
+
+    def close(self) -> None:
+        """End the loader workers (they ignore SIGTERM: they must be told)."""
+        for loader in (self.train_data, self.val_data):
+            if loader is not None:
+                loader.close()
 
 
 # ----------------------------------------------------------------------------- setup
@@ -131,11 +141,17 @@ def build_setup(cfg: Config) -> Setup:
     if env.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg, net.parameters())
-    _, steps = train_loader(manifest, train_folds, epoch=0, seed=t.seed, world=env.world_size, rank=env.rank,
-                            micro=layout.micro, accum=layout.accum, workers=0)
+    d = cfg.data
+    train_data, steps = train_loader(manifest, train_folds, seed=t.seed, world=env.world_size, rank=env.rank,
+                                     micro=layout.micro, accum=layout.accum, workers=d.workers, augment=d.augment,
+                                     crop=d.crop, shuffle_buffer=d.shuffle_buffer, device=device,
+                                     timeout_s=d.wait_timeout_s)
+    val_data = None if val_folds is None else eval_loader(
+        manifest, "train", val_folds, world=env.world_size, rank=env.rank, batch_size=layout.micro,
+        workers=d.workers, device=device, timeout_s=d.wait_timeout_s)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return Setup(cfg, env, device, manifest, train_folds, val_folds, layout, net, model, ema, loss_fn, optimizer,
-                 build_scheduler(cfg, optimizer, steps), scaler, dtype, steps, notes)
+                 build_scheduler(cfg, optimizer, steps), scaler, dtype, steps, notes, train_data, val_data)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -232,14 +248,10 @@ def timed(batches, waited: list):
 
 
 def train_epoch(s: Setup, epoch: int, step: int, stop: StopSignals, progress) -> dict:
-    t, d = s.cfg.train, s.cfg.data
-    loader, steps = train_loader(s.manifest, s.train_folds, epoch=epoch, seed=t.seed, world=s.env.world_size,
-                                 rank=s.env.rank, micro=s.layout.micro, accum=s.layout.accum, workers=d.workers,
-                                 augment=d.augment, crop=d.crop, shuffle_buffer=d.shuffle_buffer,
-                                 pin=s.device.type == "cuda")
+    t, steps = s.cfg.train, s.steps_per_epoch
     s.model.train()
     losses, waited, start = [], [0.0], time.perf_counter()
-    with batches_of(loader) as batches:
+    with s.train_data.batches(epoch) as batches:
         stream = timed(batches, waited)
         for _ in range(steps):
             loss, stopping = train_step(s, itertools.islice(stream, s.layout.accum), stop.set)
@@ -249,6 +261,8 @@ def train_epoch(s: Setup, epoch: int, step: int, stop: StopSignals, progress) ->
             progress.set_postfix(loss=f"{loss:.4f}")
             if stopping:
                 return {"stopped": True, "step": step}
+        if next(stream, None) is not None:   # (and the workers now know the pass is over)
+            raise TrainingError(f"the loader yielded more than the epoch's {steps} steps of batches")
     elapsed = time.perf_counter() - start
     return {"stopped": False, "step": step, "train_loss": float(np.mean(losses)), "epoch_time_s": elapsed,
             "images_per_s": steps * t.batch_size / elapsed, "data_wait_frac": waited[0] / elapsed}
@@ -259,7 +273,7 @@ def predict_batches(s: Setup, net, loader):
     """Yields (batch as loaded, batch on the device, logits, tile proportions) through the plain
     module (no DDP collective)."""
     net.eval()
-    with batches_of(loader) as batches:
+    with loader.batches() as batches:
         for batch in batches:
             b = to_device(s, batch)
             with autocast(s.device, s.dtype):
@@ -281,13 +295,11 @@ def validate(s: Setup, net, epoch: int) -> tuple[dict, dict, HeldOut]:
     """Validation loss, score and pixel metrics over the held-out fold, every tile once across ranks,
     all ranks scoring with rank 0's BatchNorm statistics (those that the checkpoint holds)."""
     distributed.broadcast_buffers(net)
-    loader = eval_loader(s.manifest, "train", s.val_folds, world=s.env.world_size, rank=s.env.rank,
-                         batch_size=s.layout.micro, workers=s.cfg.data.workers)
     kl_sum = loss_sum = n = skipped = 0.0
     matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=s.device)
     shown = {"key": [], "image": [], "mask": [], "pred": []}
     keys, rows = [], []
-    for batch, b, logits, props in predict_batches(s, net, loader):
+    for batch, b, logits, props in predict_batches(s, net, s.val_data):
         loss_sum += s.loss_fn(logits, b["mask"], b["props"]).sum().item()
         matrix += pixel_metrics.confusion(b["mask"], logits.float() + net.logit_bias)  # as the maps are argmaxed
         truth, pred = batch["props"].double().numpy(), props.double().cpu().numpy()
@@ -300,8 +312,9 @@ def validate(s: Setup, net, epoch: int) -> tuple[dict, dict, HeldOut]:
         room = s.cfg.train.plot_tiles - len(shown["key"])
         if room > 0:
             shown["key"] += batch["key"][:room]
-            shown["image"] += list(to_nchw(batch["image"][:room]).numpy())
-            shown["mask"] += list(batch["mask"][:room].numpy())
+            # copies: the batch's memory is a loader slot, written again a few batches later
+            shown["image"] += list(to_nchw(batch["image"][:room]).numpy().copy())
+            shown["mask"] += list(batch["mask"][:room].numpy().copy())
             shown["pred"] += list(logits[:room].argmax(1).cpu().numpy())
     kl_sum, loss_sum, n, tiles = distributed.all_reduce_sum([kl_sum, loss_sum, n, n + skipped], s.device)
     if dist.is_initialized():
@@ -376,6 +389,8 @@ def train(cfg: Config, run_dir) -> dict:
             if cause is exc:
                 raise
             raise cause from exc
+        finally:
+            s.close()
     if dist.is_initialized():
         dist.barrier()
     return row
@@ -396,15 +411,27 @@ def keep_chosen_micro_batch(cfg: Config, run_dir: Path) -> Config:
 
 def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
     """The exception to raise: this rank's own, or the first failed peer's cause when this one is
-    only the consequence (a collective that failed because the peer is gone)."""
-    record_failure(run_dir, s.env.rank, exc)
-    if not s.env.distributed or isinstance(exc, (InputError, TrainingError)):
+    only the consequence (a collective that failed because the peer is gone or stuck). A collective
+    that timed out with no peer's cause on record says so, naming this rank and the limit."""
+    own = collective_timeout(exc, s)
+    record_failure(run_dir, s.env.rank, own or exc)
+    if not s.env.distributed or isinstance(exc, (InputError, TrainingError, LoaderTimeout)):
         return exc
     peer = first_peer_failure(run_dir, s.env.rank)
     if peer is None:
-        return exc
+        return own or exc
     rank, kind, message = peer
     return (InputError if kind == "input" else TrainingError)(f"rank {rank} failed first: {message}")
+
+
+def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:
+    """A TrainingError for a collective (gloo, NCCL) that gave up waiting for the peers, else None."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not re.search(r"[Tt]imed? ?out|[Tt]imeout", text):
+        return None
+    return TrainingError(f"rank {s.env.rank}: the other ranks did not answer in a collective within "
+                         f"train.dist_timeout_s = {s.cfg.train.dist_timeout_s} s "
+                         f"({text.strip().splitlines()[-1][:160] if text.strip() else type(exc).__name__})")
 
 
 def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
@@ -559,7 +586,7 @@ def run(args) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
         check_output_folder(run_dir)
         train(cfg, run_dir)
-    except TrainingError as exc:
+    except (TrainingError, LoaderTimeout) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
 
 from shard_tools.errors import InputError
 from shard_tools.format import class_proportions, encode_sample
+from dist_lc.loading import Loader
 from dist_lc.data import (ShardStream, apply_views, balanced_range, random_crop, random_flip_rotate, random_view,
                           segments, train_steps)
 
@@ -68,7 +68,7 @@ def test_every_rank_gets_the_same_full_batches(uneven_shards, world, micro, accu
     for rank in range(world):
         ds = ShardStream(uneven_shards, rank * n, (rank + 1) * n, micro, train=True, augment=True,
                          shuffle_buffer=4, seed=1, epoch=2, rank=rank)
-        batches, keys = keys_of(DataLoader(ds, batch_size=None, num_workers=workers))
+        batches, keys = keys_of(Loader(ds, workers))
         assert len(batches) == steps * accum, f"rank {rank} ran {len(batches)} micro-batches"
         assert all(len(b) == micro for b in batches)
         seen += keys
@@ -81,7 +81,7 @@ def test_evaluation_sees_every_tile_exactly_once(uneven_shards, world, workers):
     total, seen = sum(UNEVEN), []
     for rank in range(world):
         a, b = balanced_range(total, world, rank)
-        _, keys = keys_of(DataLoader(ShardStream(uneven_shards, a, b, 4), batch_size=None, num_workers=workers))
+        _, keys = keys_of(Loader(ShardStream(uneven_shards, a, b, 4), workers))
         seen += keys
     assert sorted(seen, key=int) == [str(i) for i in range(total)]
 
@@ -135,7 +135,7 @@ def test_crop_cuts_image_and_mask_alike():
 
 def test_cropped_tiles_carry_the_crop_proportions(uneven_shards):
     ds = ShardStream(uneven_shards, 0, 8, 4, train=True, crop=4, seed=0)
-    for batch in ds:
+    for batch in Loader(ds, 0):
         for mask, props in zip(batch["mask"], batch["props"]):
             np.testing.assert_allclose(props.numpy(), class_proportions(mask.numpy()), atol=1e-7)
 
@@ -150,8 +150,7 @@ def test_a_shard_shorter_than_its_manifest_is_one_clear_error(uneven_shards):
 def test_a_bad_shard_read_by_a_loader_worker_is_still_one_line(uneven_shards):
     """torch re-raises a worker's error with the worker's traceback as its message; the user reads one line."""
     path, count = uneven_shards[-1]
-    loader = DataLoader(ShardStream([(path, count + 2)], 0, count + 2, 1, train=True), batch_size=None,
-                        num_workers=1)
+    loader = Loader(ShardStream([(path, count + 2)], 0, count + 2, 1, train=True), 1)
     with pytest.raises(InputError) as caught:
         list(loader)
     assert str(caught.value) == (f"{path}: the shard ends after {count} samples, its manifest lists at least "

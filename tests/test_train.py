@@ -189,16 +189,13 @@ def test_auto_precision_on_cuda_is_native_bf16_else_fp16(monkeypatch, native_bf1
 
 def test_fp16_skips_a_non_finite_step_as_the_scaler_intends_then_gives_up(packed_sample, monkeypatch):
     from dist_lc.config import load_config
-    from dist_lc.data import batches_of, train_loader
-
+    
     cfg = load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", "data.crop=16", "data.workers=0",
                                              "model.filters=4", "model.upconv_filters=4", "train.precision=fp16",
                                              "train.batch_size=4", "train.micro_batch_size=4"])
     monkeypatch.setattr(train_mod, "FP16_SKIPS_ALLOWED", 2)   # fp16 on a CPU is slow: give up sooner
     s = train_mod.build_setup(cfg)
-    loader, _ = train_loader(s.manifest, s.train_folds, epoch=0, seed=0, world=1, rank=0, micro=4, accum=1, workers=0,
-                             crop=16)
-    with batches_of(loader) as it:
+    with s.train_data.batches(0) as it:
         batches = [next(it) for _ in range(3)]
     real = s.loss_fn.forward
     before = {k: v.detach().clone() for k, v in s.net.named_parameters()}

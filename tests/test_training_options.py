@@ -119,8 +119,7 @@ def test_early_stop_after_patience_validations_without_a_better_score(packed_sam
 def test_gradient_clipping_bounds_the_true_gradient(packed_sample, precision):
     """SGD with lr 1 moves the weights by exactly the clipped gradient; under fp16 the clip applies to
     the unscaled gradient (the scaler's factor of 65536 would otherwise shrink the step by as much)."""
-    from dist_lc.data import batches_of, train_loader
-
+    
     clip = 1e-3
     cfg = load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", "data.crop=16", "data.workers=0",
                                              "model.filters=4", "model.upconv_filters=4", "model.norm=group",
@@ -132,9 +131,7 @@ def test_gradient_clipping_bounds_the_true_gradient(packed_sample, precision):
     if s.scaler.is_enabled():   # a scale that does not overflow fp16 on the first step (the scaler would skip it)
         s.scaler.scale(torch.ones(()))
         s.scaler.update(new_scale=64.0)
-    loader, _ = train_loader(s.manifest, s.train_folds, epoch=0, seed=0, world=1, rank=0, micro=4, accum=1,
-                             workers=0, crop=16)
-    with batches_of(loader) as it:
+    with s.train_data.batches(0) as it:
         batch = next(it)
     before = [p.detach().clone() for p in s.net.parameters()]
     train_mod.train_step(s, [batch])

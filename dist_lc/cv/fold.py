@@ -113,7 +113,7 @@ def predict_fold(cfg: Config, run_dir: Path, tta: bool, held: HeldOut | None = N
     best = [run_dir / "checkpoints" / "best.pt"]
     resolved = from_dict(read_yaml(run_dir / "config.yaml")).train   # the micro-batch auto chose, if auto
     common = {"tta": tta, "batch_size": resolved.micro_batch_size, "workers": cfg.data.workers,
-              "device_pref": cfg.train.device}
+              "device_pref": cfg.train.device, "wait_timeout_s": cfg.data.wait_timeout_s}
     started = time.perf_counter()
     reuse = held is not None and not tta
     if reuse:

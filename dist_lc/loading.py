@@ -1,0 +1,353 @@
+"""A rank's loader workers: started once, never forked from the rank, batches passed in reused slots,
+every wait bounded.
+
+Three choices, each against a failure seen in practice:
+
+* **No fork of a threaded rank.** A rank runs threads (gloo's or NCCL's, torchrun's parent watch,
+  queue feeders, TensorBoard's writer); a ``fork()`` while one of them holds a lock leaves the child
+  blocked on that lock forever. Workers are therefore forked from a *forkserver*: a single-threaded
+  process that the rank starts once by fork+exec (no Python runs between the two), with this
+  package preloaded so that a worker starts in milliseconds.
+* **Workers persist.** A loader's workers start at its first pass and serve every later one
+  (training epochs, validations), so a run starts ``workers`` processes per loader, not per epoch.
+  The dataset reads the epoch from shared memory at the start of each pass
+  (:meth:`dist_lc.data.ShardStream.set_epoch`), so the epoch plan is unchanged.
+* **Batches cross in reused slots.** The rank allocates :class:`BatchRing` once: ``SLOTS`` batch
+  buffers per worker in shared memory (page-locked on CUDA, so the copy to the device is a direct,
+  asynchronous DMA). A worker writes a batch into its next slot and sends only the slot's number;
+  the rank releases a slot when the consumer has moved on (:class:`Batches`). A fresh shared-memory
+  segment per batch, as torch does by default, made both sides fault every page in again.
+
+Every wait is bounded: a rank that gets no batch from its workers within ``timeout_s`` raises
+:class:`LoaderTimeout` naming itself, which the trainer records as the run's cause.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import time
+import weakref
+from multiprocessing import forkserver, popen_forkserver, spawn
+from multiprocessing.context import ForkServerContext, ForkServerProcess
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+PREFETCH = 2          # batches each worker may be asked for ahead (torch's prefetch_factor)
+SLOTS = PREFETCH + 2  # ring slots per worker: what it may have in flight, plus the consumer's two
+HELD = 1              # earlier batches the consumer may still be using when it asks for the next
+POLL_S = 2e-4         # a worker's wait between two looks at a slot it needs back
+BOOT_MODULE = "dist_lc.worker_boot"   # what the forkserver imports before it forks any worker
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class LoaderTimeout(RuntimeError):
+    """A rank waited longer than its limit for a batch from its loader workers."""
+
+
+class RingClosed(Exception):
+    """The rank is shutting the workers down while one waits for a slot."""
+
+
+class _WorkerPopen(popen_forkserver.Popen):
+    """Starts a worker through the forkserver without the parent's ``__main__``: spawn's preparation
+    would run the user's script (or module) again in every worker, which needs the script's
+    ``if __name__ == "__main__"`` guard and costs an import; a worker needs only this package."""
+
+    def _launch(self, process_obj):
+        real = spawn.get_preparation_data
+
+        def without_main(name):
+            data = real(name)
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+            return data
+
+        spawn.get_preparation_data = without_main
+        try:
+            super()._launch(process_obj)
+        finally:
+            spawn.get_preparation_data = real
+
+
+class _WorkerProcess(ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _WorkerPopen(process_obj)
+
+
+class _WorkerContext(ForkServerContext):
+    Process = _WorkerProcess
+
+
+_CONTEXT = _WorkerContext()
+
+
+def worker_context() -> ForkServerContext:
+    """The start method of every loader worker: forkserver, with the data path preloaded."""
+    _CONTEXT.set_forkserver_preload([BOOT_MODULE])
+    return _CONTEXT
+
+
+def ignore_stop_signals() -> None:
+    """Slurm signals every process of a job step: loader workers leave stopping to their rank."""
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def init_worker(worker_id: int) -> None:
+    """A worker lives no longer than its rank. The forkserver exits when its rank does, unless a
+    child still holds the end of the pipe that tells it so (Python hands it to every child), and a
+    worker's own check only looks at its parent, the forkserver: so the worker closes that pipe end
+    and asks the kernel for SIGKILL when the forkserver goes."""
+    ignore_stop_signals()
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive is not None:
+        with contextlib.suppress(OSError):
+            os.close(alive)
+        forkserver._forkserver._forkserver_alive_fd = None
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent == 1 or os.getppid() != parent:   # the forkserver went before the request took effect
+        os._exit(1)
+
+
+class BatchRing:
+    """``SLOTS`` batch buffers per worker in shared memory, allocated by the rank, written by the
+    workers in turn: worker ``w`` writes its ``seq``-th batch into slot ``seq % SLOTS`` once the rank
+    has released the batch that used it last. Released counts only grow, one per batch, in order."""
+
+    def __init__(self, workers: int, batch: int, size: int, masks: bool):
+        self.workers, self.batch, self.size = workers, batch, size
+        self.image = torch.empty((workers, SLOTS, batch, size, size, 4), dtype=torch.uint16).share_memory_()
+        self.mask = (torch.empty((workers, SLOTS, batch, size, size), dtype=torch.uint8).share_memory_()
+                     if masks else None)
+        self.control = torch.zeros(workers + 1, dtype=torch.int64).share_memory_()  # released per worker; closing
+        self._pinned: list = []
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pinned", "_np")}
+
+    @property
+    def counters(self) -> np.ndarray:
+        """The control words as numpy (reading a tensor element from Python costs microseconds)."""
+        if "_np" not in self.__dict__:
+            self._np = self.control.numpy()
+        return self._np
+
+    def fits(self, rows: int, height: int, width: int) -> bool:
+        return rows <= self.batch and height == width == self.size
+
+    # -- worker side
+    def claim(self, worker: int, seq: int):
+        """(image, mask) buffers of the slot for the worker's ``seq``-th batch, once free."""
+        counters = self.counters
+        while counters[worker] < seq - SLOTS + 1:
+            if counters[self.workers]:
+                raise RingClosed
+            time.sleep(POLL_S)
+        slot = seq % SLOTS
+        return self.image[worker, slot], (self.mask[worker, slot] if self.mask is not None else None)
+
+    # -- rank side
+    def view(self, worker: int, seq: int, rows: int):
+        slot = seq % SLOTS
+        return self.image[worker, slot, :rows], (self.mask[worker, slot, :rows] if self.mask is not None else None)
+
+    def release(self, worker: int, seq: int) -> None:
+        self.counters[worker] = seq + 1
+
+    def close(self) -> None:
+        """Tell waiting workers to give up; then the counts start again for new workers."""
+        self.counters[self.workers] = 1
+
+    def reset(self) -> None:
+        self.counters[:] = 0
+
+    def pin(self) -> None:
+        """Page-lock the slots for CUDA (in place: the workers keep writing the same memory)."""
+        cudart = torch.cuda.cudart()
+        for t in (self.image, self.mask):
+            if t is not None and not t.is_pinned():
+                if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0:
+                    self._pinned.append(t)
+
+    def unpin(self) -> None:
+        cudart = torch.cuda.cudart()
+        while self._pinned:
+            cudart.cudaHostUnregister(self._pinned.pop().data_ptr())
+
+
+class Batches:
+    """The rank's side of a pass: batches as tensors (slot views resolved), each wait bounded, each
+    slot released once the consumer has asked for ``HELD`` + 1 later batches (and, on CUDA, once the
+    work queued while it was current has run: the asynchronous copy to the device)."""
+
+    def __init__(self, it, ring: BatchRing | None, describe_wait, cuda: bool):
+        self._it, self._ring, self._describe_wait, self._cuda = it, ring, describe_wait, cuda
+        self._held: collections.deque = collections.deque()   # (worker, seq, event)
+        self.exhausted = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._held and self._cuda:
+            worker, seq, _ = self._held[-1]
+            event = torch.cuda.Event()
+            event.record()
+            self._held[-1] = (worker, seq, event)
+        while len(self._held) > HELD:
+            self._release(*self._held.popleft())
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.exhausted = True
+            raise
+        except RuntimeError as exc:
+            if str(exc).startswith("DataLoader timed out"):
+                raise LoaderTimeout(self._describe_wait()) from None
+            raise
+        return self._resolve(batch)
+
+    def _resolve(self, batch: dict) -> dict:
+        ref = batch.pop("ring", None)
+        if ref is not None:
+            worker, seq, rows = ref
+            batch["image"], mask = self._ring.view(worker, seq, rows)
+            if "props" in batch:
+                batch["mask"] = mask
+            self._held.append((worker, seq, None))
+        for name in ("props", "views"):
+            if isinstance(batch.get(name), np.ndarray):
+                batch[name] = torch.from_numpy(batch[name])
+        return batch
+
+    def _release(self, worker: int, seq: int, event) -> None:
+        if event is not None:
+            event.synchronize()
+        self._ring.release(worker, seq)
+
+    def release_all(self) -> None:
+        if self._cuda and self._held:
+            torch.cuda.current_stream().synchronize()
+        while self._held:
+            worker, seq, _ = self._held.popleft()
+            self._ring.release(worker, seq)
+
+
+_OPEN: "weakref.WeakSet[Loader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """Workers ignore SIGTERM, which is all that multiprocessing's own exit handler sends them before
+    it waits for them: a loader left open (an error escaped its owner) must end its workers first.
+    Registered after multiprocessing's handler, so it runs before it."""
+    for loader in list(_OPEN):
+        with contextlib.suppress(Exception):
+            loader.close()
+
+
+class Loader:
+    """One rank's loader over a dataset (:class:`dist_lc.data.ShardStream` or ``TiffStream``).
+
+    ``workers`` processes start at the first pass and serve every later one until :meth:`close`;
+    ``with loader.batches(epoch) as it`` is one pass. A pass left before its end (an error, a stop
+    request) ends the workers, and the next pass starts new ones. Iterating the loader itself is one
+    whole pass."""
+
+    def __init__(self, dataset, workers: int, *, rank: int = 0, timeout_s: float = 300.0,
+                 device: torch.device | None = None):
+        self.dataset, self.workers, self.rank, self.timeout_s = dataset, workers, rank, timeout_s
+        self.cuda = device is not None and device.type == "cuda"
+        self.ring = None
+        if workers:
+            batch, size, masks = dataset.batch_shape()
+            self.ring = BatchRing(workers, batch, size, masks)
+            dataset.ring = self.ring
+            if self.cuda:
+                self.ring.pin()
+        self._loader: DataLoader | None = None
+        self._iterator = None
+        _OPEN.add(self)
+
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            w = self.workers
+            self._loader = DataLoader(
+                self.dataset, batch_size=None, num_workers=w, pin_memory=False,
+                prefetch_factor=PREFETCH if w else None, persistent_workers=bool(w),
+                worker_init_fn=init_worker if w else None,
+                multiprocessing_context=worker_context() if w else None, timeout=self.timeout_s if w else 0)
+        return self._loader
+
+    def _describe_wait(self) -> str:
+        return (f"rank {self.rank}: no batch from its {self.workers} data loader worker(s) in "
+                f"{self.timeout_s:g} s (data.wait_timeout_s): a worker is stuck or far too slow")
+
+    @contextlib.contextmanager
+    def batches(self, epoch: int | None = None):
+        if epoch is not None:
+            self.dataset.set_epoch(epoch)
+        self.dataset.check()
+        batches = None
+        try:
+            try:
+                it = iter(self._dataloader())
+            except RuntimeError as exc:   # persistent workers confirm each new pass: bounded too
+                if str(exc).startswith("DataLoader timed out"):
+                    raise LoaderTimeout(self._describe_wait()) from None
+                raise
+            self._iterator = it if self.workers else None
+            batches = Batches(it, self.ring, self._describe_wait, self.cuda)
+            yield batches
+        finally:
+            if batches is not None and self.ring is not None:
+                batches.release_all()
+            if batches is None or not batches.exhausted or not self.workers:
+                self._stop_workers()
+
+    def __iter__(self):
+        with self.batches() as batches:
+            yield from batches
+
+    def _stop_workers(self) -> None:
+        """End the workers (they ignore SIGTERM, so they must be told): left to the garbage
+        collector, an iterator kept alive by an exception's traceback survives until interpreter
+        exit, where multiprocessing terminates its workers and then waits for them forever."""
+        it = self._iterator if self._iterator is not None else getattr(self._loader, "_iterator", None)
+        self._iterator, self._loader = None, None
+        if it is None:
+            return
+        if self.ring is not None:
+            self.ring.close()
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()   # asks each worker to stop, waits a few seconds, then sends SIGTERM ...
+        for worker in getattr(it, "_workers", ()):
+            if worker.is_alive():   # ... which they ignore: one stuck in a read is killed
+                worker.kill()
+                worker.join(timeout=5)
+        if self.ring is not None:
+            self.ring.reset()
+
+    def close(self) -> None:
+        self._stop_workers()
+        if self.ring is not None and self.cuda:
+            self.ring.unpin()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
