@@ -1,210 +1,154 @@
-"""The data path alone (no model): how many tiles per second one loader core delivers, against the
-raw read rate of the same shards and against the previous data path, in the same run.
+"""The data path alone (no model): tiles per second one rank's loader delivers with 0, 1, 2, 4, 8 and
+all workers, and what the rank itself spends per tile, against the previous loader in the same run.
 
-    python benchmarks/loader.py [--shards DIR] [--rounds 3] [--epochs 2] [--json FILE]
+    python benchmarks/loader.py [--shards DIR] [--rounds 2] [--epochs 2] [--workers 0 1 2 4 8 all] [--json F]
     python benchmarks/loader.py --quick          # the test suite's smoke run
 
 Measured, rounds interleaved so that all share the machine's state (page cache warm):
 
 - ``raw read``: every training shard read with plain ``read()`` (the ceiling: what storage and the
-  page cache give), expressed in tiles/s;
-- ``loader``: ``dist_lc.data.train_loader`` as a rank uses it (one rank's epoch plan, shuffle
-  buffer, augmentation), full 256² tiles and 96² crops, 0/1/2 DataLoader workers: batches taken
-  as fast as they come, each touched once (the first byte of its image) as a consumer would; the
-  flips/rotations the workers drew are applied by the consumer (``apply_views``, what the rank
-  does on its device) and timed apart: ``rank views`` is that step's rate on this CPU;
-- ``in worker``: the same loader with each sample flipped/rotated inside the worker (numpy views,
-  then a transposing copy into the batch), as it was before the views moved to the device;
-- ``previous``: the data path dist_lc had before (webdataset's tar reader, ``np.load`` per
-  member, float32 images and int64 masks made in the worker, a per-sample ``torch.stack``), with
-  the same plan, also with 0/1/2 workers.
-
-Per loader core: with 0 workers the main process is the one core; with N workers, tiles/s ÷ N.
+  page cache give), in tiles/s;
+- ``now``: ``dist_lc.data.train_loader`` as the trainer uses it (one rank's epoch plan, shuffle
+  buffer, augmentation, full 256² tiles): one loader for ``--epochs`` epochs, its workers started
+  once, batches in the rank's slot ring; start-up included;
+- ``before``: the loader this one replaced, on the same stream: a new DataLoader per epoch whose
+  workers are forked from the rank, every tensor of every batch a new shared-memory segment;
+- ``rank side``: the same two loaders over workers that serve decoded tiles from memory (a copy per
+  tile), so that the rank's side is what is timed: the rank's CPU time per tile (all its threads)
+  and the tiles/s it reaches. The consumer touches every page of each batch, as a copy to the
+  device would.
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import io
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_shards, log, machine_line, median, table  # noqa: E402
+from common import ensure_shards, log, machine_line, median, table  # noqa: E402
+
+MICRO = 16
+PAGE_U16 = 2048   # uint16 values per 4 KiB page
 
 
-def raw_read(manifest) -> tuple[float, float]:
-    """(seconds, tiles) to read every training shard's bytes once."""
+def raw_read(manifest) -> float:
+    """Tiles/s of reading every training shard's bytes once."""
     started, tiles = time.perf_counter(), 0
     for entry in manifest.shards("train"):
         with open(manifest.shard_path(entry), "rb") as f:
             while f.read(1 << 22):
                 pass
         tiles += entry["count"]
-    return time.perf_counter() - started, tiles
+    return tiles / (time.perf_counter() - started)
 
 
-def _drain(loader) -> tuple[int, float]:
-    """(tiles, seconds the consumer spent turning them by their views on this CPU): the views are
-    the rank's work, not the loader's, so they are timed apart."""
-    from dist_lc.data import apply_views, batches_of
-
-    tiles, views_s = 0, 0.0
-    with batches_of(loader) as batches:
-        for batch in batches:
-            _ = batch["image"].reshape(-1)[0].item()   # a consumer touches what it gets
-            tiles += len(batch["key"])
-            if "views" in batch:
-                started = time.perf_counter()
-                apply_views(batch["image"], batch["mask"], batch["views"])
-                views_s += time.perf_counter() - started
-    return tiles, views_s
+def consume(batches) -> int:
+    """Tiles of a pass, each page of every batch touched (what a copy to the device reads)."""
+    tiles = 0
+    for batch in batches:
+        _ = batch["image"].reshape(-1)[::PAGE_U16].sum().item() + batch["mask"].reshape(-1)[::4096].sum().item()
+        tiles += len(batch["key"])
+    return tiles
 
 
-def current(manifest, crop, workers, epoch, in_worker: bool = False) -> tuple[float, int, float]:
-    """``train_loader`` as it is; ``in_worker``: with each sample turned inside the worker instead
-    (the path before the views moved to the device, same draws, same plan)."""
-    from unittest import mock
+def stream_args(manifest) -> tuple[dict, list]:
+    from dist_lc.data import listed_shards, train_steps
 
-    from dist_lc import data
-
-    stream = _worker_views_class() if in_worker else data.ShardStream
-    with mock.patch.object(data, "ShardStream", stream):
-        loader, _ = data.train_loader(manifest, list(range(manifest.num_folds)), epoch=epoch, seed=0, world=1,
-                                      rank=0, micro=16, accum=1, workers=workers, crop=crop, shuffle_buffer=64)
-    started = time.perf_counter()
-    tiles, views_s = _drain(loader)
-    return time.perf_counter() - started - views_s, tiles, views_s
+    shards, sizes = listed_shards(manifest, "train", None)
+    n = train_steps(sum(c for _, c in shards), 1, MICRO, 1) * MICRO
+    return dict(shards=shards, start=0, stop=n, batch_size=MICRO, train=True, augment=True, shuffle_buffer=64,
+                seed=0, shuffle=True, sizes=sizes), shards
 
 
-@functools.lru_cache(maxsize=1)
-def _worker_views_class():
-    from dist_lc.data import ShardStream, turn
-
-    class WorkerViews(ShardStream):
-        def _samples(self, start, stop, rng):
-            for key, image, mask, props, view in super()._samples(start, stop, rng):
-                if view is not None:   # numpy views: the batch builder then makes a transposing copy
-                    image, mask = turn(image, mask, *view)
-                yield key, image, mask, props, None
-
-    return WorkerViews
+def measure(open_pass, memory: bool) -> tuple[int, float, float]:
+    """(tiles, seconds, rank CPU seconds) of one pass, worker start-up included; from memory, from
+    the second batch on (the workers' caches fill before their first)."""
+    t, c = time.perf_counter(), time.process_time()
+    with open_pass() as batches:
+        if memory:
+            consume([next(batches)])
+            t, c = time.perf_counter(), time.process_time()
+        tiles = consume(batches)
+    return tiles, time.perf_counter() - t, time.process_time() - c
 
 
-def previous(manifest, crop, workers, epoch) -> tuple[float, int]:
-    """The data path before the shared-memory uint16 batches, rebuilt here as the reference."""
-    import torch
-    import webdataset as wds
-    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+def run_now(manifest, workers: int, epochs: int, memory: bool) -> tuple[float, float]:
+    """(tiles/s, rank CPU ms per tile) of ``epochs`` passes through one loader (workers started once)."""
+    from loader_streams import MemoryStream
 
-    from dist_lc.data import balanced_range, ordered_shards, segments, train_steps
-    from shard_tools.format import class_proportions
+    from dist_lc.data import ShardStream
+    from dist_lc.loading import Loader
 
-    shards = ordered_shards(manifest, "train", list(range(manifest.num_folds)), shuffle_seed=epoch)
-    total = sum(c for _, c in shards)
-    n = train_steps(total, 1, 16, 1) * 16
+    kwargs, _ = stream_args(manifest)
+    with Loader((MemoryStream if memory else ShardStream)(**kwargs), workers) as loader:
+        passes = [measure(lambda: loader.batches(epoch), memory) for epoch in range(epochs)]
+    return sum(p[0] for p in passes) / sum(p[1] for p in passes), 1e3 * sum(p[2] for p in passes) / sum(
+        p[0] for p in passes)
 
-    class Previous(IterableDataset):
-        def __iter__(self):
-            info = get_worker_info()
-            wid, nw = (info.id, info.num_workers) if info else (0, 1)
-            b0, b1 = balanced_range(n // 16, nw, wid)
-            rng = np.random.default_rng([0, epoch, 0, wid])
-            batch, buf = [], []
-            for seg in segments(shards, b0 * 16, b1 * 16):
-                pipe = wds.DataPipeline(wds.SimpleShardList([seg.path]), wds.tarfile_to_samples())
-                for i, raw in enumerate(pipe):
-                    if i < seg.skip:
-                        continue
-                    if i >= seg.skip + seg.take:
-                        break
-                    image = np.load(io.BytesIO(raw["image.npy"]))
-                    mask = np.load(io.BytesIO(raw["mask.npy"]))
-                    k = int(rng.integers(4))
-                    image, mask = np.rot90(image, k), np.rot90(mask, k)
-                    if crop:
-                        y, x = rng.integers(257 - crop, size=2)
-                        image, mask = image[y:y + crop, x:x + crop], mask[y:y + crop, x:x + crop]
-                    props = class_proportions(mask) if crop else np.load(io.BytesIO(raw["props.npy"]))
-                    buf.append({"key": raw["__key__"],
-                                "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1),
-                                                                               dtype=np.float32)),
-                                "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
-                                "props": torch.from_numpy(np.asarray(props, dtype=np.float32))})
-                    if len(buf) >= 64:
-                        batch.append(buf.pop(int(rng.integers(len(buf)))))
-                    if len(batch) == 16:
-                        yield {"key": [s["key"] for s in batch],
-                               **{k: torch.stack([s[k] for s in batch]) for k in ("image", "mask", "props")}}
-                        batch = []
-            for s in buf:
-                batch.append(s)
-                if len(batch) == 16:
-                    yield {"key": [s["key"] for s in batch],
-                           **{k: torch.stack([s[k] for s in batch]) for k in ("image", "mask", "props")}}
-                    batch = []
 
-    loader = DataLoader(Previous(), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
-    started = time.perf_counter()
-    tiles, _ = _drain(loader)
-    return time.perf_counter() - started, tiles
+def run_before(manifest, workers: int, epochs: int, memory: bool) -> tuple[float, float]:
+    """The same through the previous loader: workers forked from the rank for each pass."""
+    from loader_streams import PreviousMemoryStream, PreviousStream, previous_pass
+
+    kwargs, _ = stream_args(manifest)
+    stream = PreviousMemoryStream if memory else PreviousStream
+    passes = [measure(lambda: previous_pass(stream(**kwargs, epoch=epoch), workers), memory) for epoch in range(epochs)]
+    return sum(p[0] for p in passes) / sum(p[1] for p in passes), 1e3 * sum(p[2] for p in passes) / sum(
+        p[0] for p in passes)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", type=Path, help="shard folder (default: the real sample, packed under --work)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dist_lc_bench"))
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--crops", default="none,96", help="comma-separated crop sizes; none = full 256² tiles")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--workers", nargs="+", default=["0", "1", "2", "4", "8", "all"],
+                    help="worker counts; 'all' = the cores this process may use")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--quick", action="store_true", help="one round, workers 0 and 1 (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="one round, one epoch, workers 0 and 1 (a smoke run)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.workers = 1, [0, 1]
     from shard_tools.manifest import load_manifest
+    from shard_tools.resources import usable_cores
 
-    shards = args.shards or ensure_shards(args.work / "sample-shards")
-    manifest = load_manifest(shards)
-    crops = [None if c == "none" else int(c) for c in args.crops.split(",")]
-    cases = [(path, crop, w) for path in ("current", "in worker", "previous") for crop in crops for w in args.workers]
-    results = {"raw": [], **{f"{p}|{c}|{w}": [] for p, c, w in cases}, **{f"views|{c}": [] for c in crops}}
+    if args.quick:
+        args.rounds, args.epochs, args.workers = 1, 1, ["0", "1"]
+    counts = sorted({usable_cores() if w == "all" else int(w) for w in args.workers})
+    manifest = load_manifest(args.shards or ensure_shards(args.work / "sample-shards"))
+    side = [w for w in counts if 1 <= w <= 2] or counts[:1]
+    cases = [(p, w, False) for p in ("now", "before") for w in counts] + [(p, w, True) for p in ("now", "before")
+                                                                         for w in side]
+    results: dict = {"raw": [], **{f"{p}|{w}|{'memory' if m else 'shards'}": [] for p, w, m in cases}}
     for r in range(args.rounds):
-        seconds, tiles = raw_read(manifest)
-        results["raw"].append(tiles / seconds)
-        for path, crop, w in cases[r % len(cases):] + cases[:r % len(cases)]:   # rotated order per round
-            if path == "current":
-                seconds, tiles, views_s = current(manifest, crop, w, epoch=r)
-                results[f"views|{crop}"].append(tiles / views_s)
-            elif path == "in worker":
-                seconds, tiles, _ = current(manifest, crop, w, epoch=r, in_worker=True)
-            else:
-                seconds, tiles = previous(manifest, crop, w, epoch=r)
-            results[f"{path}|{crop}|{w}"].append(tiles / seconds)
+        results["raw"].append(raw_read(manifest))
+        for path, w, memory in cases[r % len(cases):] + cases[:r % len(cases)]:   # rotated order per round
+            run = run_now if path == "now" else run_before
+            results[f"{path}|{w}|{'memory' if memory else 'shards'}"].append(run(manifest, w, args.epochs, memory))
         log(f"round {r + 1}/{args.rounds} done")
-    raw = median(results["raw"])
-    rows = []
-    for crop in crops:
-        for w in args.workers:
-            now, before = median(results[f"current|{crop}|{w}"]), median(results[f"previous|{crop}|{w}"])
-            worker = median(results[f"in worker|{crop}|{w}"])
-            cores = max(w, 1)
-            rows.append([f"{crop or 256}²", w, f"{now:.0f}", f"{now / cores:.0f}", f"{worker / cores:.0f}",
-                         f"{before / cores:.0f}", f"{now / worker:.2f}×", f"{now / before:.2f}×",
-                         f"{now / cores / raw:.0%}", f"{median(results[f'views|{crop}']):.0f}"])
-    print(f"Machine: {machine_line()}; {manifest.data['counts']['train']} training tiles, batches of 16, "
-          f"median of {args.rounds} round(s)\n")
-    print(f"Raw read of the shards (the ceiling): {raw:.0f} tiles/s\n")
-    print(table(["tiles", "workers", "tiles/s", "per loader core", "views in the worker, per core",
-                 "previous, per core", "vs views in the worker", "vs previous", "per core / raw read",
-                 "rank views on this CPU, tiles/s"], rows))
+
+    def rate(key):
+        return median([x[0] for x in results[key]])
+
+    def cpu(key):
+        return median([x[1] for x in results[key]])
+
+    one = rate("now|1|shards") if 1 in counts else None
+    rows = [[w, f"{rate(f'now|{w}|shards'):.0f}", f"{rate(f'before|{w}|shards'):.0f}",
+             f"{rate(f'now|{w}|shards') / rate(f'before|{w}|shards'):.2f}×",
+             f"{rate(f'now|{w}|shards') / one:.2f}×" if one and w else "–"] for w in counts]
+    side_rows = [[w, f"{cpu(f'now|{w}|memory'):.3f}", f"{cpu(f'before|{w}|memory'):.3f}",
+                  f"{rate(f'now|{w}|memory'):.0f}", f"{rate(f'before|{w}|memory'):.0f}"] for w in side]
+    print(f"Machine: {machine_line()}; {manifest.data['counts']['train']} training tiles (256²), batches of "
+          f"{MICRO}, {args.epochs} epoch(s) per loader, median of {args.rounds} round(s)\n")
+    print(f"Raw read of the shards (the ceiling): {median(results['raw']):.0f} tiles/s\n")
+    print(table(["workers", "now, tiles/s", "before, tiles/s", "now / before", "now / 1 worker"], rows))
+    print()
+    print(table(["workers (tiles from memory)", "rank CPU ms/tile, now", "rank CPU ms/tile, before",
+                 "now, tiles/s", "before, tiles/s"], side_rows))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_line(), "raw_tiles_per_s": raw, "results": results},
-                                        indent=1))
+        args.json.write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
     return 0
 
 

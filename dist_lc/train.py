@@ -427,7 +427,8 @@ def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
 def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:
     """A TrainingError for a collective (gloo, NCCL) that gave up waiting for the peers, else None."""
     text = str(exc)
-    if not isinstance(exc, RuntimeError) or not re.search(r"[Tt]imed? ?out|[Tt]imeout", text):
+    if not isinstance(exc, RuntimeError) or isinstance(exc, (TrainingError, LoaderTimeout)) or \
+            not re.search(r"Timed out waiting|timed out|before timing out", text):   # gloo's, NCCL's
         return None
     return TrainingError(f"rank {s.env.rank}: the other ranks did not answer in a collective within "
                          f"train.dist_timeout_s = {s.cfg.train.dist_timeout_s} s "

@@ -123,6 +123,71 @@ def test_an_exception_in_one_rank_ends_every_rank_with_its_cause(tiny_shards, tm
     assert "error: rank 1 failed first: RuntimeError: injected fault after step 2" in logs[0], logs[0][-2000:]
 
 
+def test_a_stuck_loader_worker_ends_every_rank_with_its_cause(tiny_shards, tmp_path):  # noqa: F811
+    """A worker of rank 1 blocks forever in epoch 2: rank 1 stops after data.wait_timeout_s naming
+    itself and what it waited for, rank 0 reports it as the first failure, nothing is left running."""
+    started = time.monotonic()
+    proc = logged_torchrun([*recipe(tiny_shards, "data.workers=1", "data.wait_timeout_s=5"),
+                            "--run-dir", str(tmp_path / "run")], tmp_path / "logs", check=False,
+                           extra_env={**fault("hang-loader epoch=1 rank=1"), "DIST_LC_TEST_TAG": str(tmp_path)},
+                           timeout=BOUND_S + 60)
+    assert proc.returncode != 0 and time.monotonic() - started < BOUND_S
+    logs = rank_logs(tmp_path / "logs")
+    cause = "rank 1: no batch from its 1 data loader worker(s) in 5 s (data.wait_timeout_s)"
+    assert f"error: {cause}" in logs[1], logs[1][-2000:]
+    assert f"error: rank 1 failed first: LoaderTimeout: {cause}" in logs[0], logs[0][-2000:]
+    assert epochs_in(tmp_path / "run") == [1]
+    assert not tagged_processes(str(tmp_path), within_s=10)
+
+
+def test_a_stuck_loader_worker_fails_its_cv_fold_with_its_cause(tiny_shards, tmp_path):  # noqa: F811
+    """The same fault inside `dist-lc cv` (local executor, 2 tasks per fold): the fold is failed with
+    rank 1's cause within the limit, the CV exits, and no task, forkserver or worker is left."""
+    started = time.monotonic()
+    proc = run_cv([*tiny(tiny_shards, "train.epochs=3", "cv.folds=[0]", "data.workers=1", "data.wait_timeout_s=5",
+                         "train.dist_timeout_s=20"), "--out", str(tmp_path / "cv"), "--executor", "local"],
+                  extra_env={**fault("hang-loader epoch=1 rank=1"), "DIST_LC_TEST_TAG": str(tmp_path)},
+                  timeout=BOUND_S + 120)
+    assert proc.returncode == 1 and time.monotonic() - started < BOUND_S + 30, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if "fold0 FAILED" in x)
+    assert "LoaderTimeout: rank 1: no batch from its 1 data loader worker(s) in 5 s" in line, line
+    assert not tagged_processes(str(tmp_path), within_s=10)
+
+
+def test_the_local_executor_ends_a_job_whose_task_failed(tiny_shards, tmp_path):  # noqa: F811
+    """Rank 1 raises, rank 0 never notices (it sleeps): as srun's --kill-on-bad-exit does on Slurm,
+    the local executor ends the job's other task, and the fold is failed with rank 1's error."""
+    started = time.monotonic()
+    proc = run_cv([*tiny(tiny_shards, "train.epochs=20", "cv.folds=[0]", "train.dist_timeout_s=300"), "--out",
+                   str(tmp_path / "cv"), "--executor", "local"],
+                  extra_env={**fault("raise-peers-hang step=2 rank=1"), "DIST_LC_TEST_TAG": str(tmp_path)},
+                  timeout=BOUND_S + 120)
+    assert proc.returncode == 1 and time.monotonic() - started < BOUND_S + 30, proc.stderr[-3000:]
+    assert "a task failed 15 s ago and the job still runs; ending its other tasks" in proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if "fold0 FAILED" in x)
+    assert "rank 1: RuntimeError: injected fault after step 2" in line, line
+    assert not tagged_processes(str(tmp_path), within_s=10)
+
+
+def tagged_processes(tag: str, within_s: float = 0.0) -> list[str]:
+    """Command lines of the live processes started with DIST_LC_TEST_TAG=tag (ranks, forkservers,
+    loader workers, resource trackers: everything a launch started), once none is left or after
+    ``within_s`` (they exit as they notice that their parent is gone)."""
+    needle, deadline = f"DIST_LC_TEST_TAG={tag}\0".encode(), time.monotonic() + within_s
+    while True:
+        out = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if needle in (proc / "environ").read_bytes() and \
+                        open(proc / "stat").read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                    out.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+        if not out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
 def _single(args, tmp_path, extra_env=None, timeout=180):
     """dist-lc in a process group of its own (the faults may signal the whole group)."""
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env(**(extra_env or {})), capture_output=True,

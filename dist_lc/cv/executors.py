@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -170,6 +171,19 @@ def _pid_alive(pid: str) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, ValueError, IndexError):
         return False
+
+
+def cancel_local(record: Submission, job=None) -> None:
+    """End a local job: SIGINT to its controller, which interrupts its tasks and kills what is left
+    a second later (submitit's own cancel, also for a job of an earlier launch known by its pid)."""
+    if job is not None:
+        job.cancel(check=False)
+        return
+    if _pid_alive(record.job_id):
+        try:
+            os.kill(int(record.job_id), signal.SIGINT)
+        except (OSError, ValueError):
+            pass
 
 
 def job_status(record: Submission, run_dir: Path, slurm: dict | None, job=None) -> tuple[str, str, str]:

@@ -27,6 +27,7 @@ from .plan import (Plan, Submission, add_submissions, build_points, check_folds,
 
 POLL_S = {"slurm": 2.0, "local": 0.5}   # between two looks at the jobs (squeue for Slurm; local: cheap)
 GRACE_S = {"slurm": 15.0, "local": 2.0}  # a job gone without done.json is failed after this long
+TASK_FAILED_GRACE_S = 15.0   # local: a job whose task failed this long ago has its other tasks ended
 
 
 # ----------------------------------------------------------------------------- building and checking a plan
@@ -110,6 +111,7 @@ class Job:
     handle: object = None            # this launch's submitit Job (local executor: its processes)
     slot: int | None = None          # local executor: the device slot it runs on
     ended_at: float | None = None    # when it was first seen gone without done.json
+    task_failed_at: float | None = None  # local: when a task of the still running job was seen failed
 
     @property
     def label(self) -> str:
@@ -204,10 +206,26 @@ class Launch:
                 status, detail = "failed", f"{detail} without done.json"
             else:
                 job.ended_at = None
+            if status == "running" and job.submission.executor == "local":
+                self._end_if_a_task_failed(job, clock)
             job.state, job.detail, job.log = status, detail, log
             if status == "failed":
                 print(f"cv: {job.label} FAILED (job {job.submission.job_id}: {detail}); log: {log}",
                       file=sys.stderr, flush=True)
+
+    def _end_if_a_task_failed(self, job: Job, clock: float) -> None:
+        """What srun's --kill-on-bad-exit does on Slurm: a local job one of whose tasks failed is
+        ended after TASK_FAILED_GRACE_S (time for the others to record that they stop because of
+        it), so that a task stuck for another reason cannot keep the job, and the CV, waiting."""
+        if job.task_failed_at is None:
+            if executors.first_failure(job.submission) is not None:
+                job.task_failed_at = clock
+            return
+        if clock - job.task_failed_at >= TASK_FAILED_GRACE_S:
+            print(f"cv: {job.label}: a task failed {TASK_FAILED_GRACE_S:.0f} s ago and the job still runs; "
+                  f"ending its other tasks", file=sys.stderr, flush=True)
+            executors.cancel_local(job.submission, job.handle)
+            job.task_failed_at = math.inf   # asked once
 
     def counts(self, total: int) -> str:
         done = sum(j.state == "done" for j in self.jobs) + self.already_done

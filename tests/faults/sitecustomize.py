@@ -3,10 +3,16 @@ and sets DIST_LC_TEST_FAULT, and every Python process it starts (torchrun ranks,
 loads this module at start-up and wraps one trainer function.
 
     DIST_LC_TEST_FAULT="ACTION step=N [rank=R] [marker=PATH]"
+    DIST_LC_TEST_FAULT="hang-loader epoch=E [rank=R]"
+
+``hang-loader``: the loader workers of rank R block forever (as in a read that never returns) when
+they start the training pass of epoch E (0-based), so the rank waits for data that never comes.
 
 ACTION, after the N-th optimizer step of this process (on rank R only, if given):
 - ``kill``: SIGKILL itself;
 - ``raise``: raise RuntimeError (an exception in one rank only);
+- ``raise-peers-hang``: rank R raises as with ``raise``; every other rank sleeps forever instead
+  (a task that never notices the failure: only its executor can end it);
 - ``term-in-save`` / ``kill-in-save``: at the next checkpoint write, SIGTERM its process group /
   SIGKILL itself halfway through writing the temporary file.
 With ``marker``, the fault fires once across processes: only the process that creates PATH acts.
@@ -20,11 +26,11 @@ if SPEC:
 
     action, *pairs = SPEC.split()
     opts = dict(p.split("=", 1) for p in pairs)
-    at, only_rank, marker = int(opts["step"]), opts.get("rank"), opts.get("marker")
+    at, only_rank, marker = int(opts.get("step", 0)), opts.get("rank"), opts.get("marker")
     state = {"steps": 0, "armed": False}
 
     def _my_turn() -> bool:
-        if only_rank is not None and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != only_rank:
+        if only_rank is not None and os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0"))) != only_rank:
             return False
         if marker:
             try:
@@ -41,10 +47,15 @@ if SPEC:
     def optimizer_step(*args, **kwargs):
         out = _step(*args, **kwargs)
         state["steps"] += 1
+        if state["steps"] == at and action == "raise-peers-hang" and not _my_turn():
+            import time
+
+            while True:
+                time.sleep(3600)
         if state["steps"] == at and _my_turn():
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            elif action == "raise":
+            elif action in ("raise", "raise-peers-hang"):
                 raise RuntimeError(f"injected fault after step {at}")
             else:
                 state["armed"] = True
@@ -76,3 +87,20 @@ if SPEC:
 
     _train.optimizer_step = optimizer_step
     _ckpt.save_atomic = save_atomic
+
+    if action == "hang-loader":
+        import time
+
+        import dist_lc.data as _data
+        from torch.utils.data import get_worker_info
+
+        _iter = _data.ShardStream.__iter__
+
+        def hanging_iter(self):
+            if self.train and get_worker_info() is not None and self.epoch >= int(opts["epoch"]) and \
+                    (only_rank is None or str(self.rank) == only_rank):
+                while True:
+                    time.sleep(3600)
+            return _iter(self)
+
+        _data.ShardStream.__iter__ = hanging_iter

@@ -1,0 +1,97 @@
+"""The rank's loader workers: persistent across passes, started from the forkserver (never forked
+from the rank), batches in reused slots, every wait bounded; and a stress test of worker starts
+beside a rank's running threads."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dist_lc.data import ShardStream, eval_loader, train_loader
+from dist_lc.loading import SLOTS, Loader, LoaderTimeout
+from shard_tools.manifest import load_manifest
+
+from torchrun_util import torchrun
+
+
+def copied(batch: dict) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else list(v)) for k, v in batch.items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def worker_pids(loader: Loader) -> list[int]:
+    return [w.pid for w in loader._iterator._workers]
+
+
+def test_persistent_workers_give_each_epoch_the_batches_of_fresh_ones(packed_sample):
+    """Three epochs through one loader's workers = three epochs each through a new loader: the same
+    tiles, pixels, crops, views and order; the workers stay the same processes and are not the
+    rank's children (they come from the forkserver)."""
+    manifest = load_manifest(packed_sample)
+    args = dict(seed=3, world=2, rank=1, micro=4, accum=2, workers=2, crop=32, shuffle_buffer=8)
+    persistent, steps = train_loader(manifest, [1, 2, 3, 4], **args)
+    with persistent:
+        got, pids = [], []
+        for epoch in range(3):
+            with persistent.batches(epoch) as batches:
+                got.append([copied(b) for b in batches])
+                pids.append(worker_pids(persistent))
+        assert pids[0] == pids[1] == pids[2]
+        assert all(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] != str(os.getpid())
+                   for pid in pids[0])
+    for epoch in range(3):
+        fresh, _ = train_loader(manifest, [1, 2, 3, 4], epoch=epoch, **args)
+        with fresh:
+            expected = [copied(b) for b in fresh]
+        assert len(expected) == steps * 2 == len(got[epoch])
+        assert all(same(a, b) for a, b in zip(got[epoch], expected)), f"epoch {epoch} differs"
+    assert [b["key"] for b in got[0]] != [b["key"] for b in got[1]]   # the epoch reached the workers
+
+
+def test_batches_arrive_in_the_ring_and_a_consumer_may_keep_the_previous_one(packed_sample):
+    """Full tiles fill the workers' slots (no new shared-memory segment per batch); a batch held
+    while the next one is taken is not overwritten under the consumer's hands."""
+    loader = eval_loader(load_manifest(packed_sample), "train", None, world=1, rank=0, batch_size=8, workers=2)
+    ring = loader.ring
+    lo, hi = ring.image.data_ptr(), ring.image.data_ptr() + ring.image.numel() * 2
+    with loader, loader.batches() as batches:
+        previous = kept = None
+        count = 0
+        for batch in batches:
+            assert lo <= batch["image"].data_ptr() < hi
+            if previous is not None:
+                assert same(previous, kept), f"batch {count - 1} changed while it was held"
+            previous, kept = batch, copied(batch)
+            count += 1
+    assert count == 2 * -(-150 // 8) > 3 * SLOTS   # 2 workers × 150 tiles: every slot used several times
+
+
+def test_a_stuck_worker_ends_the_pass_within_the_limit_and_is_ended(tmp_path):
+    """A worker blocked in a read that never returns (a FIFO nobody writes): the rank gets one line
+    naming itself and the limit after ``timeout_s``, and the worker does not outlive the loader."""
+    fifo = tmp_path / "stuck.tar"
+    os.mkfifo(fifo)
+    loader = Loader(ShardStream([(str(fifo), 4)], 0, 4, 2, train=True), 1, rank=3, timeout_s=2)
+    started = time.monotonic()
+    with pytest.raises(LoaderTimeout, match=r"^rank 3: no batch from its 1 data loader worker\(s\) in 2 s "
+                                            r"\(data.wait_timeout_s\)"):
+        with loader.batches(0) as batches:
+            next(batches)
+    assert time.monotonic() - started < 15
+    assert loader._loader is None   # the pass was left early: its workers were ended (killed: stuck)
+
+
+@pytest.mark.slow
+def test_hundreds_of_worker_starts_beside_a_ranks_threads_never_hang(packed_sample, tmp_path):
+    """The deadlock this design removes needed a fork while another thread of the rank held a lock:
+    2 gloo ranks, each with a thread that keeps all-reducing and allocating, start and end their
+    training and validation loaders' workers 50 times over (400 worker starts in all)."""
+    proc = torchrun(["tests/workers/loader_stress.py", str(packed_sample), "50"], timeout=600)
+    assert "rank 0: 200 worker starts" in proc.stdout and "rank 1: 200 worker starts" in proc.stdout, proc.stdout
