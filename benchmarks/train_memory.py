@@ -51,7 +51,6 @@ def child(args) -> int:
     import torch
 
     from dist_lc.config import load_config
-    from dist_lc.data import batches_of, train_loader
     from dist_lc.memory import peak_memory_mb
     from dist_lc.train import build_setup, timed, train_step
 
@@ -63,13 +62,9 @@ def child(args) -> int:
     out = {"precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[s.dtype],
            "accum": s.layout.accum, "threads": torch.get_num_threads(),
            "rss_setup_mb": _rss_mb(), "peak_setup_mb": peak_memory_mb(torch.device("cpu")), "steps": []}
-    t = cfg.train
-    loader, steps = train_loader(s.manifest, s.train_folds, epoch=0, seed=t.seed, world=s.env.world_size,
-                                 rank=s.env.rank, micro=s.layout.micro, accum=s.layout.accum,
-                                 workers=cfg.data.workers, augment=cfg.data.augment, crop=cfg.data.crop,
-                                 shuffle_buffer=cfg.data.shuffle_buffer, pin=s.device.type == "cuda")
+    steps = s.steps_per_epoch
     s.model.train()
-    with batches_of(loader) as it:
+    with s.train_data.batches(0) as it:
         batches = timed(it, waited := [0.0])
         for _ in range(min(args.steps, steps)):   # as train_epoch: each micro-batch computed as the loader yields it
             waited[0], started = 0.0, time.perf_counter()

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 PREFETCH = 2          # batches each worker may be asked for ahead (torch's prefetch_factor)
 SLOTS = PREFETCH + 2  # ring slots per worker: what it may have in flight, plus the consumer's two
 HELD = 1              # earlier batches the consumer may still be using when it asks for the next
-POLL_S = 2e-4         # a worker's wait between two looks at a slot it needs back
+POLL_S = (1e-4, 4e-3)  # a worker's wait between two looks at a slot it needs back: first, longest
 BOOT_MODULE = "dist_lc.worker_boot"   # what the forkserver imports before it forks any worker
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -120,6 +120,12 @@ def init_worker(worker_id: int) -> None:
         os._exit(1)
 
 
+def as_sent(batch):
+    """A batch as its worker made it. torch's default for unbatched loading turns numpy arrays into
+    tensors, each of which would then cross in a shared-memory segment of its own."""
+    return batch
+
+
 class BatchRing:
     """``SLOTS`` batch buffers per worker in shared memory, allocated by the rank, written by the
     workers in turn: worker ``w`` writes its ``seq``-th batch into slot ``seq % SLOTS`` once the rank
@@ -149,11 +155,12 @@ class BatchRing:
     # -- worker side
     def claim(self, worker: int, seq: int):
         """(image, mask) buffers of the slot for the worker's ``seq``-th batch, once free."""
-        counters = self.counters
-        while counters[worker] < seq - SLOTS + 1:
+        counters, pause = self.counters, POLL_S[0]
+        while counters[worker] < seq - SLOTS + 1:   # a worker this far ahead can afford to wait longer
             if counters[self.workers]:
                 raise RingClosed
-            time.sleep(POLL_S)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_S[1])
         slot = seq % SLOTS
         return self.image[worker, slot], (self.mask[worker, slot] if self.mask is not None else None)
 
@@ -285,7 +292,7 @@ class Loader:
             w = self.workers
             self._loader = DataLoader(
                 self.dataset, batch_size=None, num_workers=w, pin_memory=False,
-                prefetch_factor=PREFETCH if w else None, persistent_workers=bool(w),
+                prefetch_factor=PREFETCH if w else None, persistent_workers=bool(w), collate_fn=as_sent,
                 worker_init_fn=init_worker if w else None,
                 multiprocessing_context=worker_context() if w else None, timeout=self.timeout_s if w else 0)
         return self._loader
