@@ -14,11 +14,12 @@ How an epoch is laid out (the same on every rank, computed from the manifest alo
 
 What crosses from a worker to its rank is what the shards hold: uint16 images (N, H, W, 4) and
 uint8 masks (cropped, in training), written straight into the worker's next slot of the rank's batch
-ring in shared memory (:mod:`dist_lc.loading`: no copy on the way, no new segment per batch), and each training sample's flip/rotation as a (quarter turns, flip) row, drawn in the
-worker and applied on the device (:func:`apply_views`); the float conversion and the normalisation
-happen on the device too, in the network (:func:`to_nchw` turns the batch into NCHW with the
-channels-last layout, without a copy). Shards are read by
-:mod:`shard_tools.tarstream`: the samples a worker skips are seeked over, not read.
+ring in shared memory (:mod:`dist_lc.loading`: no copy on the way, no new segment per batch), and
+each training sample's flip/rotation as a (quarter turns, flip) row, drawn in the worker and applied
+on the device (:func:`apply_views`); the float conversion and the normalisation happen on the device
+too, in the network (:func:`to_nchw` turns the batch into NCHW with the channels-last layout, without
+a copy). Shards are read by :mod:`shard_tools.tarstream`: the samples a worker skips are seeked
+over, not read.
 """
 from __future__ import annotations
 
@@ -92,12 +93,6 @@ def shuffled(entries: list, seed: int) -> list:
     """The shards in an epoch's order."""
     order = np.random.default_rng(seed).permutation(len(entries))
     return [entries[i] for i in order]
-
-
-def ordered_shards(manifest: Manifest, split: str, folds, shuffle_seed: int | None) -> list[tuple[str, int]]:
-    entries, sizes = listed_shards(manifest, split, folds)
-    check_present(sizes)
-    return entries if shuffle_seed is None else shuffled(entries, shuffle_seed)
 
 
 def epoch_shard_seed(seed: int, epoch: int) -> int:
@@ -254,7 +249,7 @@ class BatchBuilder:
         return batch
 
 
-class Counter:
+class BatchCount:
     """A worker's count of the batches it has written, kept across passes (persistent workers)."""
 
     def __init__(self):
@@ -346,7 +341,7 @@ class ShardStream(IterableDataset):
         if self.train and self.shuffle_buffer > 1:
             stream = self._shuffled(stream, rng)
         if self._counter is None:
-            self._counter = Counter()
+            self._counter = BatchCount()
         builder = BatchBuilder(self.batch_size, self.ring, self._counter)
         for sample in stream:
             batch = builder.add(*sample)
@@ -409,7 +404,7 @@ class TiffStream(IterableDataset):
         info = get_worker_info()
         lo, hi = balanced_range(len(self.items), info.num_workers if info else 1, info.id if info else 0)
         if self._counter is None:
-            self._counter = Counter()
+            self._counter = BatchCount()
         builder = BatchBuilder(self.batch_size, self.ring, self._counter)
         for key, path in self.items[lo:hi]:
             batch = builder.add(key, as_pixels(np.ascontiguousarray(read_image(Path(path)))), None, None)
