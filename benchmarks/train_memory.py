@@ -18,10 +18,8 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,9 +40,18 @@ def _rss_mb() -> float:
     return rss_bytes() / 2**20
 
 
-def _workers_peak_mb() -> float:
-    """The largest reaped child's (DataLoader worker's) RSS high-water mark."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # kB on Linux
+def _workers_peak_mb(loader) -> float:
+    """The largest loader worker's RSS high-water mark (VmHWM), read while the workers live: they are
+    the forkserver's children, not this process's, so RUSAGE_CHILDREN does not count them."""
+    peak = 0.0
+    for worker in getattr(loader._iterator, "_workers", ()):
+        try:
+            for line in Path(f"/proc/{worker.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+    return peak
 
 
 def child(args) -> int:
@@ -64,6 +71,7 @@ def child(args) -> int:
            "rss_setup_mb": _rss_mb(), "peak_setup_mb": peak_memory_mb(torch.device("cpu")), "steps": []}
     steps = s.steps_per_epoch
     s.model.train()
+    workers_peak = 0.0
     with s.train_data.batches(0) as it:
         batches = timed(it, waited := [0.0])
         for _ in range(min(args.steps, steps)):   # as train_epoch: each micro-batch computed as the loader yields it
@@ -74,12 +82,9 @@ def child(args) -> int:
             if s.device.type == "cuda":
                 step["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(s.device) / 2**20
             out["steps"].append(step)
-    del loader, batches
-    import gc
-
-    gc.collect()
-    time.sleep(0.5)  # let the workers exit so that RUSAGE_CHILDREN covers them
-    out["worker_peak_mb"] = _workers_peak_mb()
+            workers_peak = max(workers_peak, _workers_peak_mb(s.train_data))
+    s.close()
+    out["worker_peak_mb"] = workers_peak
     print(json.dumps(out), flush=True)
     return 0
 

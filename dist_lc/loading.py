@@ -5,9 +5,9 @@ Three choices, each against a failure seen in practice:
 
 * **No fork of a threaded rank.** A rank runs threads (gloo's or NCCL's, torchrun's parent watch,
   queue feeders, TensorBoard's writer); a ``fork()`` while one of them holds a lock leaves the child
-  blocked on that lock forever. Workers are therefore forked from a *forkserver*: a single-threaded
-  process that the rank starts once by fork+exec (no Python runs between the two), with this
-  package preloaded so that a worker starts in milliseconds.
+  blocked on that lock forever. Workers are therefore forked from a *forkserver*: a process that
+  the rank starts once by fork+exec (no Python runs between the two) and that runs nothing but its
+  accept loop, with this package preloaded so that a worker starts in milliseconds.
 * **Workers persist.** A loader's workers start at its first pass and serve every later one
   (training epochs, validations), so a run starts ``workers`` processes per loader, not per epoch.
   The dataset reads the epoch from shared memory at the start of each pass
@@ -18,8 +18,9 @@ Three choices, each against a failure seen in practice:
   the rank releases a slot when the consumer has moved on (:class:`Batches`). A fresh shared-memory
   segment per batch, as torch does by default, made both sides fault every page in again.
 
-Every wait is bounded: a rank that gets no batch from its workers within ``timeout_s`` raises
-:class:`LoaderTimeout` naming itself, which the trainer records as the run's cause.
+Every wait is bounded: a rank that gets no batch from its workers within ``timeout_s``, or one of
+whose workers died, raises :class:`LoaderError` naming itself, which the trainer records as the
+run's cause.
 """
 from __future__ import annotations
 
@@ -43,12 +44,13 @@ PREFETCH = 2          # batches each worker may be asked for ahead (torch's pref
 SLOTS = PREFETCH + 2  # ring slots per worker: what it may have in flight, plus the consumer's two
 HELD = 1              # earlier batches the consumer may still be using when it asks for the next
 POLL_S = (1e-4, 4e-3)  # a worker's wait between two looks at a slot it needs back: first, longest
+CHECK_S = 5.0         # the rank looks at its workers' health at least this often while it waits
 BOOT_MODULE = "dist_lc.worker_boot"   # what the forkserver imports before it forks any worker
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-class LoaderTimeout(RuntimeError):
-    """A rank waited longer than its limit for a batch from its loader workers."""
+class LoaderError(RuntimeError):
+    """A rank's loader workers gave no batch within its limit, or one of them died."""
 
 
 class RingClosed(Exception):
@@ -112,11 +114,11 @@ def init_worker(worker_id: int) -> None:
         with contextlib.suppress(OSError):
             os.close(alive)
         forkserver._forkserver._forkserver_alive_fd = None
-    parent = os.getppid()
+    boot = sys.modules.get(BOOT_MODULE)   # preloaded by the forkserver: its pid is the parent to watch
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent == 1 or os.getppid() != parent:   # the forkserver went before the request took effect
+    if boot is not None and os.getppid() != boot.FORKSERVER_PID:   # it went before the request took effect
         os._exit(1)
 
 
@@ -137,10 +139,11 @@ class BatchRing:
         self.mask = (torch.empty((workers, SLOTS, batch, size, size), dtype=torch.uint8).share_memory_()
                      if masks else None)
         self.control = torch.zeros(workers + 1, dtype=torch.int64).share_memory_()  # released per worker; closing
+        self.generation = 0   # the rank's count of resets: a release from before one is void
         self._pinned: list = []
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_pinned", "_np")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pinned", "_np", "_unpin")}
 
     @property
     def counters(self) -> np.ndarray:
@@ -169,8 +172,9 @@ class BatchRing:
         slot = seq % SLOTS
         return self.image[worker, slot, :rows], (self.mask[worker, slot, :rows] if self.mask is not None else None)
 
-    def release(self, worker: int, seq: int) -> None:
-        self.counters[worker] = seq + 1
+    def release(self, worker: int, seq: int, generation: int) -> None:
+        if generation == self.generation:
+            self.counters[worker] = seq + 1
 
     def close(self) -> None:
         """Tell waiting workers to give up; then the counts start again for new workers."""
@@ -178,19 +182,37 @@ class BatchRing:
 
     def reset(self) -> None:
         self.counters[:] = 0
+        self.generation += 1
 
-    def pin(self) -> None:
-        """Page-lock the slots for CUDA (in place: the workers keep writing the same memory)."""
+    def pin(self) -> bool:
+        """Page-lock the slots for CUDA, in place (the workers keep writing the same memory); False
+        if CUDA refused (the copies to the device are then synchronous, from pageable memory)."""
         cudart = torch.cuda.cudart()
         for t in (self.image, self.mask):
-            if t is not None and not t.is_pinned():
-                if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0:
-                    self._pinned.append(t)
+            if t is None or t.is_pinned():
+                continue
+            if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:
+                _clear_cuda_error(cudart)   # else the next kernel launch check would report it
+                self.unpin()
+                return False
+            self._pinned.append(t.data_ptr())
+        self._unpin = weakref.finalize(self, _unregister, self._pinned)
+        return True
 
     def unpin(self) -> None:
-        cudart = torch.cuda.cudart()
-        while self._pinned:
-            cudart.cudaHostUnregister(self._pinned.pop().data_ptr())
+        _unregister(self._pinned)
+
+
+def _unregister(pointers: list) -> None:
+    cudart = torch.cuda.cudart()
+    while pointers:
+        cudart.cudaHostUnregister(pointers.pop())
+
+
+def _clear_cuda_error(cudart) -> None:
+    clear = getattr(cudart, "cudaGetLastError", None)
+    if clear is not None:
+        clear()
 
 
 class Batches:
@@ -198,8 +220,9 @@ class Batches:
     slot released once the consumer has asked for ``HELD`` + 1 later batches (and, on CUDA, once the
     work queued while it was current has run: the asynchronous copy to the device)."""
 
-    def __init__(self, it, ring: BatchRing | None, describe_wait, cuda: bool):
+    def __init__(self, it, ring: BatchRing | None, describe_wait, cuda: bool, timeout_s: float):
         self._it, self._ring, self._describe_wait, self._cuda = it, ring, describe_wait, cuda
+        self._timeout_s, self._generation = timeout_s, ring.generation if ring is not None else 0
         self._held: collections.deque = collections.deque()   # (worker, seq, event)
         self.exhausted = False
 
@@ -214,16 +237,26 @@ class Batches:
             self._held[-1] = (worker, seq, event)
         while len(self._held) > HELD:
             self._release(*self._held.popleft())
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.exhausted = True
-            raise
-        except RuntimeError as exc:
-            if str(exc).startswith("DataLoader timed out"):
-                raise LoaderTimeout(self._describe_wait()) from None
-            raise
-        return self._resolve(batch)
+        return self._resolve(self._next_bounded())
+
+    def _next_bounded(self) -> dict:
+        """The next batch, looking at the workers every CHECK_S (torch's wait, which raises before it
+        changes any state, also finds a dead worker there) and giving up after ``timeout_s``."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.exhausted = True
+                raise
+            except RuntimeError as exc:
+                text = str(exc)
+                if "exited unexpectedly" in text or "killed by signal" in text:
+                    raise LoaderError(self._describe_wait(died=text)) from None
+                if not text.startswith("DataLoader timed out") or time.monotonic() >= deadline:
+                    if text.startswith("DataLoader timed out"):
+                        raise LoaderError(self._describe_wait()) from None
+                    raise
 
     def _resolve(self, batch: dict) -> dict:
         ref = batch.pop("ring", None)
@@ -241,14 +274,14 @@ class Batches:
     def _release(self, worker: int, seq: int, event) -> None:
         if event is not None:
             event.synchronize()
-        self._ring.release(worker, seq)
+        self._ring.release(worker, seq, self._generation)
 
     def release_all(self) -> None:
         if self._cuda and self._held:
             torch.cuda.current_stream().synchronize()
         while self._held:
             worker, seq, _ = self._held.popleft()
-            self._ring.release(worker, seq)
+            self._ring.release(worker, seq, self._generation)
 
 
 _OPEN: "weakref.WeakSet[Loader]" = weakref.WeakSet()
@@ -281,8 +314,11 @@ class Loader:
             batch, size, masks = dataset.batch_shape()
             self.ring = BatchRing(workers, batch, size, masks)
             dataset.ring = self.ring
-            if self.cuda:
-                self.ring.pin()
+            if self.cuda and not self.ring.pin():
+                print(f"warning: rank {rank}: CUDA could not page-lock the loader's "
+                      f"{self.ring.image.nbytes / 2**30:.1f} GiB batch ring; batches are copied to the GPU "
+                      "from pageable memory (fewer data.workers or a smaller micro-batch need less)",
+                      file=sys.stderr, flush=True)
         self._loader: DataLoader | None = None
         self._iterator = None
         _OPEN.add(self)
@@ -294,10 +330,13 @@ class Loader:
                 self.dataset, batch_size=None, num_workers=w, pin_memory=False,
                 prefetch_factor=PREFETCH if w else None, persistent_workers=bool(w), collate_fn=as_sent,
                 worker_init_fn=init_worker if w else None,
-                multiprocessing_context=worker_context() if w else None, timeout=self.timeout_s if w else 0)
+                multiprocessing_context=worker_context() if w else None,
+                timeout=min(CHECK_S, self.timeout_s) if w else 0)
         return self._loader
 
-    def _describe_wait(self) -> str:
+    def _describe_wait(self, died: str | None = None) -> str:
+        if died:
+            return f"rank {self.rank}: a data loader worker died ({died.strip().splitlines()[0][:200]})"
         return (f"rank {self.rank}: no batch from its {self.workers} data loader worker(s) in "
                 f"{self.timeout_s:g} s (data.wait_timeout_s): a worker is stuck or far too slow")
 
@@ -308,39 +347,58 @@ class Loader:
         self.dataset.check()
         batches = None
         try:
-            try:
-                it = iter(self._dataloader())
-            except RuntimeError as exc:   # persistent workers confirm each new pass: bounded too
-                if str(exc).startswith("DataLoader timed out"):
-                    raise LoaderTimeout(self._describe_wait()) from None
-                raise
-            self._iterator = it if self.workers else None
-            batches = Batches(it, self.ring, self._describe_wait, self.cuda)
+            it = self._start_pass()
+            batches = Batches(it, self.ring, self._describe_wait, self.cuda, self.timeout_s)
             yield batches
         finally:
             if batches is not None and self.ring is not None:
                 batches.release_all()
-            if batches is None or not batches.exhausted or not self.workers:
-                self._stop_workers()
+            if batches is None or not batches.exhausted:
+                self._stop_workers(kill=True)   # left early: nothing in the workers is worth waiting for
+
+    def _start_pass(self):
+        """The DataLoader's iterator for a new pass. Persistent workers confirm a new pass before
+        it starts (torch waits for each with the iterator's own timeout, which cannot be resumed
+        midway): that wait gets the whole limit, the batches then CHECK_S at a time."""
+        loader = self._dataloader()
+        previous = getattr(loader, "_iterator", None)
+        if previous is not None:
+            previous._timeout = self.timeout_s
+        try:
+            it = iter(loader)
+        except RuntimeError as exc:
+            if str(exc).startswith("DataLoader timed out"):
+                raise LoaderError(self._describe_wait()) from None
+            raise
+        if self.workers:
+            it._timeout = min(CHECK_S, self.timeout_s)
+        self._iterator = it if self.workers else None
+        return it
 
     def __iter__(self):
         with self.batches() as batches:
             yield from batches
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, kill: bool = False) -> None:
         """End the workers (they ignore SIGTERM, so they must be told): left to the garbage
         collector, an iterator kept alive by an exception's traceback survives until interpreter
-        exit, where multiprocessing terminates its workers and then waits for them forever."""
+        exit, where multiprocessing terminates its workers and then waits for them forever.
+        ``kill``: a pass was left early, so the workers may be busy or stuck: SIGKILL first."""
         it = self._iterator if self._iterator is not None else getattr(self._loader, "_iterator", None)
         self._iterator, self._loader = None, None
         if it is None:
             return
         if self.ring is not None:
             self.ring.close()
+        workers = list(getattr(it, "_workers", ()))
+        if kill:
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
-            shutdown()   # asks each worker to stop, waits a few seconds, then sends SIGTERM ...
-        for worker in getattr(it, "_workers", ()):
+            shutdown()   # asks each worker to stop, waits a few seconds for each, then SIGTERM ...
+        for worker in workers:
             if worker.is_alive():   # ... which they ignore: one stuck in a read is killed
                 worker.kill()
                 worker.join(timeout=5)

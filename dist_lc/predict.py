@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from . import distributed, pixel_metrics
 from .config import from_dict
 from .data import eval_loader, tiff_loader, to_nchw
-from .loading import LoaderTimeout
+from .loading import LoaderError
 from .files import check_parent, write_csv_atomic
 from .model import build_network, pixel_probabilities, tile_proportions
 from .precision import autocast, resolve_precision
@@ -150,7 +150,7 @@ def run(args) -> int:
         if table is not None:
             write_csv_atomic(table, args.out)
             print(f"wrote {len(table)} rows to {args.out}")
-    except LoaderTimeout as exc:
+    except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -30,7 +30,7 @@ from . import distributed, pixel_metrics
 from .checkpoint import Checkpointer, Progress
 from .config import BatchLayout, Config, batch_layout, from_dict, per_rank_batch, read_yaml, save_config
 from .data import apply_views, eval_loader, to_nchw, train_loader
-from .loading import Loader, LoaderTimeout
+from .loading import Loader, LoaderError
 from .losses import SegmentationLoss, class_weights
 from .memory import fit_micro_batch, peak_memory_mb
 from .metrics import kl_per_sample
@@ -415,7 +415,7 @@ def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
     that timed out with no peer's cause on record says so, naming this rank and the limit."""
     own = collective_timeout(exc, s)
     record_failure(run_dir, s.env.rank, own or exc)
-    if not s.env.distributed or isinstance(exc, (InputError, TrainingError, LoaderTimeout)):
+    if not s.env.distributed or isinstance(exc, (InputError, TrainingError, LoaderError)):
         return exc
     peer = first_peer_failure(run_dir, s.env.rank)
     if peer is None:
@@ -427,7 +427,7 @@ def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
 def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:
     """A TrainingError for a collective (gloo, NCCL) that gave up waiting for the peers, else None."""
     text = str(exc)
-    if not isinstance(exc, RuntimeError) or isinstance(exc, (TrainingError, LoaderTimeout)) or \
+    if not isinstance(exc, RuntimeError) or isinstance(exc, (TrainingError, LoaderError)) or \
             not re.search(r"Timed out waiting|timed out|before timing out", text):   # gloo's, NCCL's
         return None
     return TrainingError(f"rank {s.env.rank}: the other ranks did not answer in a collective within "
@@ -587,7 +587,7 @@ def run(args) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
         check_output_folder(run_dir)
         train(cfg, run_dir)
-    except (TrainingError, LoaderTimeout) as exc:
+    except (TrainingError, LoaderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -135,7 +135,7 @@ def test_a_stuck_loader_worker_ends_every_rank_with_its_cause(tiny_shards, tmp_p
     logs = rank_logs(tmp_path / "logs")
     cause = "rank 1: no batch from its 1 data loader worker(s) in 5 s (data.wait_timeout_s)"
     assert f"error: {cause}" in logs[1], logs[1][-2000:]
-    assert f"error: rank 1 failed first: LoaderTimeout: {cause}" in logs[0], logs[0][-2000:]
+    assert f"error: rank 1 failed first: LoaderError: {cause}" in logs[0], logs[0][-2000:]
     assert epochs_in(tmp_path / "run") == [1]
     assert not tagged_processes(str(tmp_path), within_s=10)
 
@@ -150,7 +150,7 @@ def test_a_stuck_loader_worker_fails_its_cv_fold_with_its_cause(tiny_shards, tmp
                   timeout=BOUND_S + 120)
     assert proc.returncode == 1 and time.monotonic() - started < BOUND_S + 30, proc.stderr[-3000:]
     line = next(x for x in proc.stderr.splitlines() if "fold0 FAILED" in x)
-    assert "LoaderTimeout: rank 1: no batch from its 1 data loader worker(s) in 5 s" in line, line
+    assert "LoaderError: rank 1: no batch from its 1 data loader worker(s) in 5 s" in line, line
     assert not tagged_processes(str(tmp_path), within_s=10)
 
 

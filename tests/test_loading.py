@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from dist_lc.data import ShardStream, eval_loader, train_loader
-from dist_lc.loading import SLOTS, Loader, LoaderTimeout
+from dist_lc.loading import SLOTS, Loader, LoaderError
 from shard_tools.manifest import load_manifest
 
 from torchrun_util import torchrun
@@ -80,12 +79,27 @@ def test_a_stuck_worker_ends_the_pass_within_the_limit_and_is_ended(tmp_path):
     os.mkfifo(fifo)
     loader = Loader(ShardStream([(str(fifo), 4)], 0, 4, 2, train=True), 1, rank=3, timeout_s=2)
     started = time.monotonic()
-    with pytest.raises(LoaderTimeout, match=r"^rank 3: no batch from its 1 data loader worker\(s\) in 2 s "
+    with pytest.raises(LoaderError, match=r"^rank 3: no batch from its 1 data loader worker\(s\) in 2 s "
                                             r"\(data.wait_timeout_s\)"):
         with loader.batches(0) as batches:
             next(batches)
     assert time.monotonic() - started < 15
     assert loader._loader is None   # the pass was left early: its workers were ended (killed: stuck)
+
+
+def test_a_worker_that_dies_ends_the_pass_at_once(packed_sample):
+    """A worker killed mid-pass (the OOM killer) is found within seconds, not after the limit: the
+    forkserver's children send no SIGCHLD to the rank, so torch's own check would not see it."""
+    loader = eval_loader(load_manifest(packed_sample), "train", None, world=1, rank=0, batch_size=4, workers=1,
+                         timeout_s=300)
+    started = time.monotonic()
+    with pytest.raises(LoaderError, match=r"^rank 0: a data loader worker died \(DataLoader worker \(pid"):
+        with loader, loader.batches() as batches:
+            next(batches)
+            os.kill(worker_pids(loader)[0], 9)
+            for _ in batches:
+                pass
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.slow
