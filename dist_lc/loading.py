@@ -354,7 +354,237 @@ class Loader:
             if batches is not None and self.ring is not None:
                 batches.release_all()
             if batches is None or not batches.exhausted:
-                self._stop_workers(kill=True)   # left early: nothing in the workers is worth waiting for
+                self._stop_workers()   # left early: the next pass starts new workers
+
+    def _start_pass(self):
+        """The DataLoader's iterator for a new pass. Persistent workers confirm a new pass before
+        it starts (torch waits for each with the iterator's own timeout, which cannot be resumed
+        midway): that wait gets the whole limit, the batches then CHECK_S at a time."""
+        loader = self._dataloader()
+        previous = getattr(loader, "_iterator", None)
+        if previous is not None:
+            previous._timeout = self.timeout_s
+        try:
+            it = iter(loader)
+        except RuntimeError as exc:
+            if str(exc).startswith("DataLoader timed out"):
+                raise LoaderError(self._describe_wait()) from None
+            raise
+        if self.workers:
+            it._timeout = min(CHECK_S, self.timeout_s)
+        self._iterator = it if self.workers else None
+        return it
+
+    def __iter__(self):
+        with self.batches() as batches:
+            yield from batches
+
+    def _stop_workers(self) -> None:
+        """End the workers (they ignore SIGTERM, so they must be told): left to the garbage
+        collector, an iterator kept alive by an exception's traceback survives until interpreter
+        exit, where multiprocessing terminates its workers and then waits for them forever.
+
+        Live workers are asked first (torch's own shutdown, a few seconds each) and killed if still
+        there; never killed first, as one killed inside the done event's lock, which the rank's
+        shutdown then takes, would hang the rank. If one is already dead, it may have died holding
+        that lock: nothing shared is touched, the others are killed."""
+        it = self._iterator if self._iterator is not None else getattr(self._loader, "_iterator", None)
+        self._iterator, self._loader = None, None
+        if it is None:
+            return
+        if self.ring is not None:
+            self.ring.close()
+        workers = list(getattr(it, "_workers", ()))
+        if any(not w.is_alive() for w in workers):
+            it._shutdown = True   # torch's clean-up (also at garbage collection) would take that lock
+        elif hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()   # asks each worker to stop, waits, then sends SIGTERM (ignored) ...
+        for worker in workers:
+            if worker.is_alive():   # ... so one still there (stuck in a read) is killed
+                worker.kill()
+            worker.join(timeout=5)
+        if self.ring is not None:
+            self.ring.reset()
+
+    def close(self) -> None:
+        """Tell waiting workers to give up; then the counts start again for new workers."""
+        self.counters[self.workers] = 1
+
+    def reset(self) -> None:
+        self.counters[:] = 0
+        self.generation += 1
+
+    def pin(self) -> bool:
+        """Page-lock the slots for CUDA, in place (the workers keep writing the same memory); False
+        if CUDA refused (the copies to the device are then synchronous, from pageable memory)."""
+        cudart = torch.cuda.cudart()
+        for t in (self.image, self.mask):
+            if t is None or t.is_pinned():
+                continue
+            if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:
+                _clear_cuda_error(cudart)   # else the next kernel launch check would report it
+                self.unpin()
+                return False
+            self._pinned.append(t.data_ptr())
+        self._unpin = weakref.finalize(self, _unregister, self._pinned)
+        return True
+
+    def unpin(self) -> None:
+        _unregister(self._pinned)
+
+
+def _unregister(pointers: list) -> None:
+    cudart = torch.cuda.cudart()
+    while pointers:
+        cudart.cudaHostUnregister(pointers.pop())
+
+
+def _clear_cuda_error(cudart) -> None:
+    clear = getattr(cudart, "cudaGetLastError", None)
+    if clear is not None:
+        clear()
+
+
+class Batches:
+    """The rank's side of a pass: batches as tensors (slot views resolved), each wait bounded, each
+    slot released once the consumer has asked for ``HELD`` + 1 later batches (and, on CUDA, once the
+    work queued while it was current has run: the asynchronous copy to the device)."""
+
+    def __init__(self, it, ring: BatchRing | None, describe_wait, cuda: bool, timeout_s: float):
+        self._it, self._ring, self._describe_wait, self._cuda = it, ring, describe_wait, cuda
+        self._timeout_s, self._generation = timeout_s, ring.generation if ring is not None else 0
+        self._held: collections.deque = collections.deque()   # (worker, seq, event)
+        self.exhausted = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._held and self._cuda:
+            worker, seq, _ = self._held[-1]
+            event = torch.cuda.Event()
+            event.record()
+            self._held[-1] = (worker, seq, event)
+        while len(self._held) > HELD:
+            self._release(*self._held.popleft())
+        return self._resolve(self._next_bounded())
+
+    def _next_bounded(self) -> dict:
+        """The next batch, looking at the workers every CHECK_S (torch's wait, which raises before it
+        changes any state, also finds a dead worker there) and giving up after ``timeout_s``."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.exhausted = True
+                raise
+            except RuntimeError as exc:
+                text = str(exc)
+                if "exited unexpectedly" in text or "killed by signal" in text:
+                    raise LoaderError(self._describe_wait(died=text)) from None
+                if not text.startswith("DataLoader timed out") or time.monotonic() >= deadline:
+                    if text.startswith("DataLoader timed out"):
+                        raise LoaderError(self._describe_wait()) from None
+                    raise
+
+    def _resolve(self, batch: dict) -> dict:
+        ref = batch.pop("ring", None)
+        if ref is not None:
+            worker, seq, rows = ref
+            batch["image"], mask = self._ring.view(worker, seq, rows)
+            if "props" in batch:
+                batch["mask"] = mask
+            self._held.append((worker, seq, None))
+        for name in ("props", "views"):
+            if isinstance(batch.get(name), np.ndarray):
+                batch[name] = torch.from_numpy(batch[name])
+        return batch
+
+    def _release(self, worker: int, seq: int, event) -> None:
+        if event is not None:
+            event.synchronize()
+        self._ring.release(worker, seq, self._generation)
+
+    def release_all(self) -> None:
+        if self._cuda and self._held:
+            torch.cuda.current_stream().synchronize()
+        while self._held:
+            worker, seq, _ = self._held.popleft()
+            self._ring.release(worker, seq, self._generation)
+
+
+_OPEN: "weakref.WeakSet[Loader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """Workers ignore SIGTERM, which is all that multiprocessing's own exit handler sends them before
+    it waits for them: a loader left open (an error escaped its owner) must end its workers first.
+    Registered after multiprocessing's handler, so it runs before it."""
+    for loader in list(_OPEN):
+        with contextlib.suppress(Exception):
+            loader.close()
+
+
+class Loader:
+    """One rank's loader over a dataset (:class:`dist_lc.data.ShardStream` or ``TiffStream``).
+
+    ``workers`` processes start at the first pass and serve every later one until :meth:`close`;
+    ``with loader.batches(epoch) as it`` is one pass. A pass left before its end (an error, a stop
+    request) ends the workers, and the next pass starts new ones. Iterating the loader itself is one
+    whole pass."""
+
+    def __init__(self, dataset, workers: int, *, rank: int = 0, timeout_s: float = 300.0,
+                 device: torch.device | None = None):
+        self.dataset, self.workers, self.rank, self.timeout_s = dataset, workers, rank, timeout_s
+        self.cuda = device is not None and device.type == "cuda"
+        self.ring = None
+        if workers:
+            batch, size, masks = dataset.batch_shape()
+            self.ring = BatchRing(workers, batch, size, masks)
+            dataset.ring = self.ring
+            if self.cuda and not self.ring.pin():
+                print(f"warning: rank {rank}: CUDA could not page-lock the loader's "
+                      f"{self.ring.image.nbytes / 2**30:.1f} GiB batch ring; batches are copied to the GPU "
+                      "from pageable memory (fewer data.workers or a smaller micro-batch need less)",
+                      file=sys.stderr, flush=True)
+        self._loader: DataLoader | None = None
+        self._iterator = None
+        _OPEN.add(self)
+
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            w = self.workers
+            self._loader = DataLoader(
+                self.dataset, batch_size=None, num_workers=w, pin_memory=False,
+                prefetch_factor=PREFETCH if w else None, persistent_workers=bool(w), collate_fn=as_sent,
+                worker_init_fn=init_worker if w else None,
+                multiprocessing_context=worker_context() if w else None,
+                timeout=min(CHECK_S, self.timeout_s) if w else 0)
+        return self._loader
+
+    def _describe_wait(self, died: str | None = None) -> str:
+        if died:
+            return f"rank {self.rank}: a data loader worker died ({died.strip().splitlines()[0][:200]})"
+        return (f"rank {self.rank}: no batch from its {self.workers} data loader worker(s) in "
+                f"{self.timeout_s:g} s (data.wait_timeout_s): a worker is stuck or far too slow")
+
+    @contextlib.contextmanager
+    def batches(self, epoch: int | None = None):
+        if epoch is not None:
+            self.dataset.set_epoch(epoch)
+        self.dataset.check()
+        batches = None
+        try:
+            it = self._start_pass()
+            batches = Batches(it, self.ring, self._describe_wait, self.cuda, self.timeout_s)
+            yield batches
+        finally:
+            if batches is not None and self.ring is not None:
+                batches.release_all()
+            if batches is None or not batches.exhausted:
+                self._stop_workers()   # left early: the next pass starts new workers
 
     def _start_pass(self):
         """The DataLoader's iterator for a new pass. Persistent workers confirm a new pass before
