@@ -397,6 +397,9 @@ class Loader:
         workers = list(getattr(it, "_workers", ()))
         if any(not w.is_alive() for w in workers):
             it._shutdown = True   # torch's clean-up (also at garbage collection) would take that lock
+            for queue in [*getattr(it, "_index_queues", ()), getattr(it, "_worker_result_queue", None)]:
+                if queue is not None:
+                    queue.cancel_join_thread()   # nor may exit wait for a feeder writing to the dead
         elif hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()   # asks each worker to stop, waits, then sends SIGTERM (ignored) ...
         for worker in workers:
