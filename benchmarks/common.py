@@ -48,7 +48,7 @@ def cpu_flags() -> set[str]:
 
 def machine_line() -> str:
     """One line: cores, arch, CPU model, ISA extensions that matter for the kernels, date, load."""
-    from shard_tools.resources import usable_cores
+    from lc_common.resources import usable_cores
 
     cores = usable_cores()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]

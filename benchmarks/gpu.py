@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_tools.resources import usable_cores  # noqa: E402
+from lc_common.resources import usable_cores  # noqa: E402
 from common import REPO, log, machine_line, table  # noqa: E402
 
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,

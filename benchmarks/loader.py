@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one round, one epoch, workers 0 and 1 (a smoke run)")
     args = ap.parse_args(argv)
     from shard_tools.manifest import load_manifest
-    from shard_tools.resources import usable_cores
+    from lc_common.resources import usable_cores
 
     if args.quick:
         args.rounds, args.epochs, args.workers = 1, 2, ["0", "1"]

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shard_tools.format import NUM_CLASSES, decode_sample
+from lc_common.tiles import NUM_CLASSES
+from shard_tools.format import decode_sample
 from shard_tools.manifest import load_manifest
 
 WINDOWS = (5, 15, 45)

@@ -49,7 +49,7 @@ from common import REPO, SAMPLE_SRC, cv_command, ensure_shards, log, machine_lin
 
 from dist_lc import calibration, second_stage, tile_features  # noqa: E402
 from dist_lc.metrics import EPSILON, kl_per_sample, scored_proportions  # noqa: E402
-from shard_tools.format import CLASS_NAMES  # noqa: E402
+from lc_common.tiles import CLASS_NAMES  # noqa: E402
 
 CLASSES = list(CLASS_NAMES)
 BOOTSTRAP = 1000

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_tools.resources import usable_cores  # noqa: E402
+from lc_common.resources import usable_cores  # noqa: E402
 from common import REPO, log, machine_line, measured, table  # noqa: E402
 
 STEPS = ("synth", "pack", "verify", "describe", "plan", "cv", "report", "predict")

@@ -34,9 +34,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
+from lc_common.tiles import MAX_PIXEL_VALUE
 from shard_tools.describe import kl_divergence
 from shard_tools.folds import assign_folds, rarity_weights
-from shard_tools.format import MAX_PIXEL_VALUE, decode_sample
+from shard_tools.format import decode_sample
 from shard_tools.pack import pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

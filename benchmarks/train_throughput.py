@@ -221,7 +221,7 @@ def make_variant(name, device, dtype=None, channels_last=False, compile=False, s
     from dist_lc.config import ModelConfig
     from dist_lc.losses import SegmentationLoss, class_weights
     from dist_lc.model import build_network, normalisation_stats
-    from shard_tools.format import NUM_CLASSES
+    from lc_common.tiles import NUM_CLASSES
 
     torch.manual_seed(seed)
     mean, std = normalisation_stats("max")

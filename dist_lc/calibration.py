@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from shard_tools.format import NUM_CLASSES
+from lc_common.tiles import NUM_CLASSES
 
 from .metrics import EPSILON, SCORED_CLASSES, expand_scored, scored_proportions
 

@@ -7,7 +7,6 @@ and scaler state dicts, ``epoch`` (epochs completed), ``step``, RNG states, ``be
 """
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shard_tools.errors import InputError
+from lc_common.atomic import write_atomic
+from lc_common.errors import InputError
 
 from . import distributed
 from .config import normalized, to_dict
@@ -24,18 +24,10 @@ LAST, BEST = "last.pt", "best.pt"
 
 
 def save_atomic(state: dict, path) -> None:
-    """torch.save to a temporary name in the same folder, fsync, rename: never a truncated file."""
+    """torch.save through an atomic write: never a truncated file; a failed write names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load(path) -> dict:

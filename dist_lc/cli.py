@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from shard_tools.errors import InputError, OneLineArgumentParser
+from lc_common.errors import InputError, OneLineArgumentParser
 
 
 def whole_number(minimum: int):

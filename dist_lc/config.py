@@ -23,8 +23,8 @@ from typing import Literal
 
 import yaml
 
-from shard_tools.errors import InputError
-from shard_tools.format import IMAGE_SHAPE
+from lc_common.errors import InputError
+from lc_common.tiles import IMAGE_SHAPE
 
 BASE_KEY = "base"
 

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lc_common.errors import InputError
+from lc_common.tiles import IMAGE_SHAPE, class_proportions
 from shard_tools import tarstream
-from shard_tools.errors import InputError
-from shard_tools.format import IMAGE_SHAPE, class_proportions, decode_sample
+from shard_tools.format import decode_sample
 from shard_tools.manifest import Manifest, remote_reason
 
 from .loading import Loader
@@ -399,7 +400,7 @@ class TiffStream(IterableDataset):
         return self.batch_size, IMAGE_SHAPE[0], False
 
     def __iter__(self):
-        from shard_tools.pack import read_image
+        from lc_common.tiles import read_image
 
         info = get_worker_info()
         lo, hi = balanced_range(len(self.items), info.num_workers if info else 1, info.id if info else 0)
@@ -417,7 +418,7 @@ class TiffStream(IterableDataset):
 
 def tiff_loader(folder, *, world, rank, batch_size, workers, device=None, timeout_s=300.0) -> Loader:
     """Each ``<id>.tif`` of a folder exactly once across ranks, in id order."""
-    from shard_tools.pack import id_sort_key, tiffs_by_id
+    from lc_common.tiles import id_sort_key, tiffs_by_id
 
     folder = Path(folder)
     if not folder.is_dir():

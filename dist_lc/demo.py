@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from shard_tools.errors import InputError
+from lc_common.errors import InputError
 from shard_tools.pack import pack
 
 from . import cli

@@ -26,8 +26,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shard_tools.errors import InputError
-from shard_tools.resources import usable_cores
+from lc_common.errors import InputError
+from lc_common.resources import usable_cores
 
 WATCH_PARENT_S = 0.5   # how often a torchrun rank checks that its agent still lives
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES, IGNORED_CLASSES
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES, IGNORED_CLASSES
 
-from .files import check_parent, write_json_atomic
+from lc_common.atomic import check_parent, write_json_atomic
 from .metrics import SCORED_NAMES, kl_per_class, kl_score
 
 ID = "sample_id"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shard_tools.format import NUM_CLASSES
+from lc_common.tiles import NUM_CLASSES
 
 from .metrics import EPSILON, SCORED_CLASSES
 

@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES
 
 from . import distributed
-from .files import write_csv_atomic, write_json_atomic
+from lc_common.atomic import write_csv_atomic, write_json_atomic
 from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES
 from .plots import PALETTE, legend_handles, rgb, save_figure
@@ -258,7 +258,7 @@ def run(args) -> int:
                 records.append(map_scene(scene, ensemble, env, out_dir, args.overlap, args.batch_size,
                                          args.probabilities, mask, bar))
         if env.is_main:
-            write_csv_atomic(pd.DataFrame([row for r in records for row in _rows_of(r)]), out_dir / "proportions.csv")
+            write_csv_atomic(out_dir / "proportions.csv", pd.DataFrame([row for r in records for row in _rows_of(r)]))
             for r in records:
                 print(f"mapped {r['scene']} ({r['width']} × {r['height']} px) → {out_dir}")
             print(f"peak memory of rank 0: {peak_memory_mb(device):.0f} MB")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shard_tools.format import CLASS_NAMES, IGNORED_CLASSES, NUM_CLASSES
+from lc_common.tiles import CLASS_NAMES, IGNORED_CLASSES, NUM_CLASSES
 
 EPSILON = 1e-7
 SCORED_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in IGNORED_CLASSES)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shard_tools.format import IGNORED_CLASSES, MAX_PIXEL_VALUE, NUM_CLASSES
+from lc_common.tiles import IGNORED_CLASSES, MAX_PIXEL_VALUE, NUM_CLASSES
 
 from .config import ModelConfig
 

@@ -8,7 +8,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from shard_tools.format import CLASS_NAMES
+from lc_common.tiles import CLASS_NAMES
 
 # The challenge's colour palette (LandCoverData.CLASSES_COLORPALETTE in the benchmark).
 PALETTE = np.array([[0, 0, 0], [255, 25, 236], [215, 25, 28], [211, 154, 92], [33, 115, 55],

@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
 from . import checkpoint as ckpt
@@ -23,7 +23,7 @@ from . import distributed, pixel_metrics
 from .config import from_dict
 from .data import eval_loader, tiff_loader, to_nchw
 from .loading import LoaderError
-from .files import check_parent, write_csv_atomic
+from lc_common.atomic import check_parent, write_csv_atomic
 from .model import build_network, pixel_probabilities, tile_proportions
 from .precision import autocast, resolve_precision
 
@@ -148,7 +148,7 @@ def run(args) -> int:
         table = predict(args.checkpoint, args.shards, args.split, images=args.images, tta=args.tta,
                         batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
         if table is not None:
-            write_csv_atomic(table, args.out)
+            write_csv_atomic(args.out, table)
             print(f"wrote {len(table)} rows to {args.out}")
     except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)

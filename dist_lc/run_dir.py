@@ -9,7 +9,7 @@ import time
 
 from pathlib import Path
 
-from shard_tools.errors import InputError
+from lc_common.errors import InputError
 
 from . import distributed
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from shard_tools.errors import InputError
+from lc_common.errors import InputError
 
 from . import pixel_metrics
 from .config import Config, to_dict

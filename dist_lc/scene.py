@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shard_tools.errors import InputError
-from shard_tools.format import IMAGE_DTYPE, IMAGE_SHAPE
+from lc_common.errors import InputError
+from lc_common.tiles import IMAGE_DTYPE, IMAGE_SHAPE
 
 WINDOW = IMAGE_SHAPE[0]
 TAPER_FLOOR = 1e-3

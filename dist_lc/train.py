@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES, IMAGE_SHAPE
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES, IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
 from . import distributed, pixel_metrics

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import InputError, OneLineArgumentParser
+from lc_common.errors import InputError, OneLineArgumentParser
 
 
 def _parser() -> argparse.ArgumentParser:

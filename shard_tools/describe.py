@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import CLASS_NAMES, IGNORED_CLASSES, NUM_CLASSES
+from lc_common.tiles import CLASS_NAMES, IGNORED_CLASSES, NUM_CLASSES
 from .manifest import Manifest, load_manifest
 
 EPSILON = 1e-7

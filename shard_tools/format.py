@@ -16,50 +16,11 @@ import math
 
 import numpy as np
 
-from .errors import InputError
+from lc_common.errors import InputError, one_line
+from lc_common.tiles import class_proportions
 
 FORMAT_VERSION = 1
-CLASS_NAMES = (
-    "no_data", "clouds", "artificial", "cultivated", "broadleaf",
-    "coniferous", "herbaceous", "natural", "snow", "water",
-)
-NUM_CLASSES = len(CLASS_NAMES)
-IGNORED_CLASSES = (0, 1)  # no_data, clouds: weight 0 in the loss, dropped from the score
-IMAGE_SHAPE = (256, 256, 4)
-IMAGE_DTYPE = np.dtype("uint16")
-MASK_DTYPE = np.dtype("uint8")
-MAX_PIXEL_VALUE = 24356  # the benchmark's normaliser (largest value in the training set)
 ENCODING = {"image": "npy", "mask": "npy", "props": "npy"}
-
-
-def class_proportions(mask: np.ndarray) -> np.ndarray:
-    """Proportion of each of the 10 classes in a mask, float64 (10,), as train_labels.csv has them."""
-    counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
-    return counts.astype(np.float64) / mask.size
-
-
-def one_line(text) -> str:
-    """An exception's text on one line (error messages are one line each)."""
-    return " ".join(str(text).split())
-
-
-def check_image(shape, dtype, where) -> None:
-    """:class:`InputError` naming ``where`` unless an image is ``IMAGE_SHAPE`` uint16."""
-    if tuple(shape) != IMAGE_SHAPE:
-        raise InputError(f"{where}: image shape {tuple(shape)}, expected {IMAGE_SHAPE}")
-    if np.dtype(dtype) != IMAGE_DTYPE:
-        raise InputError(f"{where}: image dtype {np.dtype(dtype)}, expected {IMAGE_DTYPE}")
-
-
-def check_mask(mask: np.ndarray, where) -> None:
-    """:class:`InputError` naming ``where`` unless a mask is H×W uint8 with classes 0..9."""
-    if mask.shape != IMAGE_SHAPE[:2]:
-        raise InputError(f"{where}: mask shape {mask.shape}, expected {IMAGE_SHAPE[:2]}")
-    if mask.dtype != MASK_DTYPE:
-        raise InputError(f"{where}: mask dtype {mask.dtype}, expected {MASK_DTYPE}")
-    top = int(mask.max())
-    if top >= NUM_CLASSES:
-        raise InputError(f"{where}: mask value {top} above {NUM_CLASSES - 1} (classes are 0..{NUM_CLASSES - 1})")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -36,8 +34,9 @@ from urllib.request import url2pathname
 
 import numpy as np
 
-from .errors import InputError
-from .format import FORMAT_VERSION, NUM_CLASSES
+from lc_common.errors import InputError
+from .format import FORMAT_VERSION
+from lc_common.tiles import NUM_CLASSES
 
 MANIFEST_NAME = "manifest.json"
 SHARD_NAME_PATTERN = re.compile(r"^(train-f\d+|test)-\d{6}\.tar$")
@@ -175,25 +174,3 @@ def load_manifest(root) -> Manifest:
     if data["format_version"] != FORMAT_VERSION:
         raise InputError(f"{path}: format version {data['format_version']}, this tool reads {FORMAT_VERSION}")
     return Manifest(root=location, data=data, raw=raw)
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_json_atomic(path, obj) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; others sharing the folder must read it
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

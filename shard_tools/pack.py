@@ -21,27 +21,27 @@ import io
 import os
 import tarfile
 from collections import deque
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 import multiprocessing
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from tqdm import tqdm
 
 from . import __version__
-from .errors import InputError
+from lc_common.errors import InputError
 from .folds import assign_folds
-from .format import (CLASS_NAMES, ENCODING, FORMAT_VERSION, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE,
-                     NUM_CLASSES, one_line, check_image, check_mask, encode_sample)
-from .resources import usable_cores
-from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Manifest, load_manifest, shard_name, write_json_atomic
+from .format import ENCODING, FORMAT_VERSION, encode_sample
+from lc_common.tiles import (CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE, NUM_CLASSES, check_image_header,
+                             id_sort_key, read_image, read_mask, tiffs_by_id)
+from lc_common.resources import usable_cores
+from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Manifest, load_manifest, shard_name
+from lc_common.atomic import write_json_atomic
 
 DEFAULT_SHARD_MB = 100  # ~150 tiles: enough shards per fold to spread over ranks × loader workers
 SHARD_MTIME = 0  # fixed member mtime: shards are byte-for-byte reproducible
-TIFF_SUFFIXES = (".tif", ".tiff")
 TAR_MEMBER_OVERHEAD = 1024  # header + padding per member, for the size-based shard limit
 PIXELS_PER_TILE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 
@@ -54,45 +54,6 @@ class Tile:
 
 
 # ---------------------------------------------------------------- source scan
-
-
-def id_sort_key(tile_id: str):
-    """Numeric ids in numeric order, then the others in string order."""
-    return (0, int(tile_id), tile_id) if tile_id.isdigit() else (1, 0, tile_id)
-
-
-def _listing(folder: Path) -> list[Path]:
-    """The entries of a split's folder; [] when it does not exist, an error when it cannot be read."""
-    if not folder.exists() and not folder.is_symlink():
-        return []
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder (expected the tiles of a split)")
-    try:
-        return sorted(folder.iterdir())
-    except OSError as exc:
-        raise InputError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
-
-
-def tiffs_by_id(folder: Path) -> dict[str, Path]:
-    """``{id: path}`` of the TIFFs in a folder (hidden files ignored); ids must be integers, once each."""
-    found: dict[str, Path] = {}
-    numeric: dict[int, Path] = {}
-    for path in _listing(folder):
-        suffix = path.suffix.lower()
-        if path.name.startswith(".") or suffix not in TIFF_SUFFIXES or not path.is_file():
-            continue
-        tile_id = path.name[: -len(suffix)]
-        if "." in tile_id:
-            raise InputError(f"{path}: id {tile_id!r} contains a dot (WebDataset keys end at the first dot)")
-        if not (tile_id.isascii() and tile_id.isdigit()):
-            raise InputError(f"{path}: id {tile_id!r} is not an integer (the challenge's tiles are <integer>.tif)")
-        other = found.get(tile_id) or (numeric.get(int(tile_id)) if tile_id.isdigit() else None)
-        if other is not None:
-            raise InputError(f"{path}: duplicate id {tile_id!r} (also {other.name})")
-        found[tile_id] = path
-        if tile_id.isdigit():
-            numeric[int(tile_id)] = path
-    return found
 
 
 def _pair_masks(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path) -> list[Tile]:
@@ -124,57 +85,12 @@ def scan_source(src: Path) -> tuple[list[Tile], list[Tile]]:
 # ---------------------------------------------------------------- per-tile work (runs in workers)
 
 
-def _one_page(tif: tifffile.TiffFile, path: Path) -> None:
-    pages = len(tif.pages)
-    if pages != 1:
-        raise InputError(f"{path}: multi-page TIFF ({pages} pages); a tile is a single page")
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    try:
-        with tifffile.TiffFile(path) as tif:
-            _one_page(tif, path)
-            return tif.asarray()
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever tifffile says, the file is unreadable
-        text = one_line(exc)
-        problem = "truncated TIFF" if text.startswith("failed to read") else "cannot read TIFF"
-        raise InputError(f"{path}: {problem} ({text})") from None
-
-
-def _check_image_header(path: Path) -> None:
-    try:
-        with tifffile.TiffFile(path) as tif:
-            _one_page(tif, path)
-            series = tif.series[0]
-            shape, dtype = series.shape, series.dtype
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read TIFF ({one_line(exc)})") from None
-    check_image(shape, dtype, path)
-
-
-def _read_mask(path: Path) -> np.ndarray:
-    mask = _read_tiff(path)
-    check_mask(mask, path)
-    return mask
-
-
 def survey_tile(tile: Tile) -> np.ndarray | None:
     """Pass 1: check the image header and the mask; class pixel counts (10,) for train tiles."""
-    _check_image_header(tile.image)
+    check_image_header(tile.image)
     if tile.mask is None:
         return None
-    return np.bincount(_read_mask(tile.mask).ravel(), minlength=NUM_CLASSES).astype(np.int64)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A tile's image (256×256×4 uint16), checked; InputError naming the file otherwise."""
-    image = _read_tiff(path)
-    check_image(image.shape, image.dtype, path)
-    return image
+    return np.bincount(read_mask(tile.mask).ravel(), minlength=NUM_CLASSES).astype(np.int64)
 
 
 def load_tile(tile: Tile) -> tuple[dict, dict | None]:
@@ -182,7 +98,7 @@ def load_tile(tile: Tile) -> tuple[dict, dict | None]:
     image = read_image(tile.image)
     if tile.mask is None:
         return encode_sample(tile.id, image), None
-    return encode_sample(tile.id, image, _read_mask(tile.mask)), channel_sums(image)
+    return encode_sample(tile.id, image, read_mask(tile.mask)), channel_sums(image)
 
 
 def channel_sums(image: np.ndarray) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 
-from .errors import InputError
+from lc_common.errors import InputError
 
 BLOCK = 512
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from . import tarstream
-from .errors import InputError
-from .format import (ENCODING, IMAGE_SHAPE, NUM_CLASSES, one_line, check_image, check_mask, class_proportions,
-                     decode_sample)
+from lc_common.errors import InputError
+from .format import ENCODING, decode_sample
+from lc_common.errors import one_line
+from lc_common.tiles import IMAGE_SHAPE, NUM_CLASSES, check_image, check_mask, class_proportions
 from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Location, Manifest, load_manifest, remote_reason
 from .pack import ChannelStats, channel_sums
 

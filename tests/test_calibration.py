@@ -7,7 +7,7 @@ import pytest
 
 from dist_lc import calibration
 from dist_lc.metrics import SCORED_CLASSES, kl_score, scored_proportions
-from shard_tools.format import CLASS_NAMES
+from lc_common.tiles import CLASS_NAMES
 
 
 @pytest.fixture(scope="module")

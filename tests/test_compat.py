@@ -86,7 +86,7 @@ def test_a_cv_folder_of_the_previous_version_reports(tiny_shards, tmp_path):  # 
 
 @pytest.mark.parametrize("what", ["shards", "model"])
 def test_what_cannot_resume_is_refused_naming_what_changed(tiny_shards, tmp_path, what):  # noqa: F811
-    from shard_tools.errors import InputError
+    from lc_common.errors import InputError
 
     run = tmp_path / "run"
     train(small(tiny_shards, "train.epochs=1"), run)

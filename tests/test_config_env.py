@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from shard_tools.errors import InputError
+from lc_common.errors import InputError
 from dist_lc.config import batch_layout, describe, from_dict, load_config, save_config, to_dict, read_yaml
 from dist_lc.distributed import first_host, read_env
 

@@ -25,7 +25,7 @@ from dist_lc.cv import executors, fold, plan
 from dist_lc.config import load_config
 from dist_lc.cv.plan import build_points, parse_grid
 from dist_lc.metrics import kl_score
-from shard_tools.format import CLASS_NAMES
+from lc_common.tiles import CLASS_NAMES
 
 CLASSES = list(CLASS_NAMES)
 REPORT_KEYS = {"folds", "mean_kl", "std_kl", "oof_kl", "baseline_kl", "per_class", "baseline_per_class",

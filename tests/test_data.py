@@ -11,8 +11,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from shard_tools.errors import InputError
-from shard_tools.format import class_proportions, encode_sample
+from lc_common.errors import InputError
+from lc_common.tiles import class_proportions
+from shard_tools.format import encode_sample
 from dist_lc.loading import Loader
 from dist_lc.data import (ShardStream, apply_views, balanced_range, random_crop, random_flip_rotate, random_view,
                           segments, train_steps)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from dist_lc.evaluate import evaluate_csv, run
-from shard_tools.errors import InputError
+from lc_common.errors import InputError
 
 NAMES = ["no_data", "clouds", "artificial", "cultivated", "broadleaf",
          "coniferous", "herbaceous", "natural", "snow", "water"]

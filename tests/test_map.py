@@ -12,7 +12,7 @@ import rasterio
 import tifffile
 
 from dist_lc.synth.scenes import mosaic
-from shard_tools.format import CLASS_NAMES
+from lc_common.tiles import CLASS_NAMES
 from torchrun_util import dist_lc, torchrun
 
 SCORED = list(CLASS_NAMES[2:])

@@ -9,7 +9,7 @@ from torch import nn
 
 from dist_lc.config import from_dict
 from dist_lc.model import UNet, UpConv, build_network, count_parameters, spectral_indices
-from shard_tools.errors import InputError
+from lc_common.errors import InputError
 
 
 @pytest.fixture(scope="module")

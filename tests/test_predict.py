@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 from dist_lc.evaluate import evaluate_csv
-from dist_lc.predict import predict, write_csv_atomic
+from dist_lc.predict import predict
+from lc_common.atomic import write_csv_atomic
 
 from torchrun_util import dist_lc, torchrun
 
@@ -33,7 +34,7 @@ def test_fold_prediction_scores_as_validation_did(smoke_run, packed_sample, samp
     table = predict([best(smoke_run)], packed_sample, "fold:0", workers=0)
     manifest = load_manifest(packed_sample)
     check_submission(table, [k for k, f in manifest.data["folds"].items() if f == 0])
-    write_csv_atomic(table, tmp_path / "fold0.csv")
+    write_csv_atomic(tmp_path / "fold0.csv", table)
     with open(smoke_run / "metrics.csv", newline="") as f:
         val_kl = float(list(csv.DictReader(f))[-1]["val_kl"])
     kl = evaluate_csv(sample_root / "train_labels.csv", tmp_path / "fold0.csv")["kl"]

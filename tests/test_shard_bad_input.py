@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from lc_common.errors import InputError
 from shard_tools.cli import main
-from shard_tools.errors import InputError
 from shard_tools.pack import pack
 
 RNG = np.random.default_rng(0)

@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 import tifffile
 
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES
 from shard_tools import pack as pack_module
 from shard_tools.cli import main
 from shard_tools.describe import describe, fold_kl
-from shard_tools.errors import InputError
 from shard_tools.folds import assign_folds
-from shard_tools.format import CLASS_NAMES, decode_sample
+from shard_tools.format import decode_sample
 from shard_tools.manifest import load_manifest
 from shard_tools.pack import pack
 from shard_tools.verify import verify

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lc_common.errors import InputError
 from shard_tools.cli import main
-from shard_tools.errors import InputError
 from shard_tools.pack import pack
 from shard_tools.verify import verify
 

@@ -12,8 +12,8 @@ import tifffile
 
 from dist_lc.synth import derive_constants as dc
 from dist_lc.synth import generate as gen
-from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES, IMAGE_SHAPE, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES, IMAGE_SHAPE, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions
 
 N_TRAIN, N_TEST, SEED = 40, 4, 0
 

@@ -43,14 +43,14 @@ def test_validation_of_two_ranks_scores_what_predict_and_eval_score(packed_sampl
     """Every rank validates with rank 0's BatchNorm statistics, those the checkpoint holds: the val_kl
     of metrics.csv is the score of `dist-lc predict` + `dist-lc eval` of that checkpoint (bf16)."""
     from dist_lc.evaluate import evaluate_csv
-    from dist_lc.files import write_csv_atomic
+    from lc_common.atomic import write_csv_atomic
     from dist_lc.predict import predict
 
     run = tmp_path / "run"
     torchrun(["-m", "dist_lc", "train", *SMOKE, "--set", f"data.shards={packed_sample}", "--set", "data.workers=1",
               "--set", "train.epochs=1", "--set", "train.plot_every=0", "--run-dir", str(run)])
     val_kl = float(read_metrics(run)[-1]["val_kl"])
-    write_csv_atomic(predict([run / "checkpoints" / "best.pt"], packed_sample, "fold:0", workers=0), tmp_path / "f0.csv")
+    write_csv_atomic(tmp_path / "f0.csv", predict([run / "checkpoints" / "best.pt"], packed_sample, "fold:0", workers=0))
     assert evaluate_csv(sample_root / "train_labels.csv", tmp_path / "f0.csv")["kl"] == pytest.approx(val_kl, rel=1e-4)
 
 

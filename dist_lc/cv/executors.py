@@ -18,7 +18,7 @@ from pathlib import Path
 import submitit
 import torch
 
-from shard_tools.resources import usable_core_ids, usable_cores
+from lc_common.resources import usable_core_ids, usable_cores
 
 from ..config import LauncherConfig
 from .fold import FoldJob

@@ -34,13 +34,14 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from shard_tools.errors import InputError
-from shard_tools.manifest import load_manifest, write_json_atomic
+from lc_common.atomic import write_json_atomic
+from lc_common.errors import InputError
+from shard_tools.manifest import load_manifest
 
 from .. import distributed, pixel_metrics
 from ..checkpoint import LAST
 from ..config import Config, from_dict, read_yaml
-from ..files import write_csv_atomic
+from lc_common.atomic import write_csv_atomic
 from ..predict import gathered_table, predict
 from ..run_log import read_metrics
 from ..train import HeldOut, train
@@ -126,10 +127,10 @@ def predict_fold(cfg: Config, run_dir: Path, tta: bool, held: HeldOut | None = N
     if oof is None:   # not rank 0
         return {"predict_s": time.perf_counter() - started}
     table, matrix = oof
-    write_csv_atomic(table, run_dir / OOF)
+    write_csv_atomic(run_dir / OOF, table)
     write_json_atomic(run_dir / CONFUSION, {"classes": list(SCORED_NAMES), "rows": "true", "matrix": matrix.tolist()})
     if test is not None:
-        write_csv_atomic(test, run_dir / TEST)
+        write_csv_atomic(run_dir / TEST, test)
     return {"oof_tiles": len(table), "oof_from": f"validation of epoch {held.epoch}" if reuse else "best.pt",
             "test_tiles": len(test) if test is not None else 0,
             "pixel": pixel_metrics.summary(matrix), "predict_s": time.perf_counter() - started}

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shard_tools.errors import InputError
+from lc_common.errors import InputError
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
 from . import executors

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from shard_tools.errors import InputError
-from shard_tools.manifest import load_manifest, write_json_atomic
+from lc_common.atomic import write_json_atomic
+from lc_common.errors import InputError
+from shard_tools.manifest import load_manifest
 
 from ..config import Config, from_dict, load_config, normalized, to_dict
 

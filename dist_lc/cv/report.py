@@ -30,13 +30,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from shard_tools.errors import InputError
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES
 from shard_tools import tarstream
-from shard_tools.format import CLASS_NAMES, decode_sample
+from shard_tools.format import decode_sample
 from shard_tools.manifest import load_manifest
 
 from .. import calibration, pixel_metrics, second_stage, tile_features
-from ..files import write_csv_atomic, write_json_atomic
+from lc_common.atomic import write_csv_atomic, write_json_atomic
 from ..plots import save_figure
 from ..metrics import SCORED_CLASSES, SCORED_NAMES, kl_per_class, kl_per_sample
 from ..run_log import read_metrics
@@ -74,7 +75,7 @@ def read_truth(cv_dir: Path, shards) -> pd.DataFrame:
     ids = list(props)
     truth = pd.DataFrame(np.stack([props[i] for i in ids]), index=pd.Index(ids, name="sample_id"), columns=CLASSES)
     truth.insert(0, "fold", [int(manifest.data["folds"][i]) for i in ids])
-    write_csv_atomic(truth.reset_index(), cache)
+    write_csv_atomic(cache, truth.reset_index())
     return truth
 
 
@@ -138,7 +139,7 @@ def point_block(plan: Plan, point: Point, truth: pd.DataFrame) -> dict:
         return {**block, "mean_kl": None, "std_kl": None, "oof_kl": None, "baseline_kl": None}
     scores = np.array([r["best_val_kl"] for r in done])
     oof = pd.concat([read_pred(Path(r["run_dir"]) / OOF) for r in done])
-    write_csv_atomic(oof.reset_index(), plan.point_dir(point) / OOF)
+    write_csv_atomic(plan.point_dir(point) / OOF, oof.reset_index())
     score, base = _score(truth, oof), _score(truth, baseline(truth, oof.index))
     matrices = [m for m in (read_confusion(Path(r["run_dir"])) for r in done) if m is not None]
     confusion = sum(matrices) if len(matrices) == len(done) else None
@@ -168,7 +169,7 @@ def calibrate_block(plan: Plan, point: Point, block: dict, truth: pd.DataFrame) 
     y, folds = truth.loc[oof.index, CLASSES].to_numpy(np.float64), truth.loc[oof.index, "fold"].to_numpy()
     crossed = pd.DataFrame(calibration.cross_fitted(y, oof.to_numpy(np.float64), folds), index=oof.index,
                            columns=CLASSES)
-    write_csv_atomic(crossed.reset_index(), plan.cv_dir / "oof_calibrated.csv")
+    write_csv_atomic(plan.cv_dir / "oof_calibrated.csv", crossed.reset_index())
     score = _score(truth, crossed)
     fitted = calibration.fit(y, oof.to_numpy(np.float64))
     return {"enabled": True, "applied": False, "oof_kl": score["kl"], "per_class": score["per_class"],
@@ -193,7 +194,7 @@ def tile_features_table(plan: Plan, manifest) -> pd.DataFrame:
 
     keys, values = tile_features.features(tiles())
     table = pd.DataFrame(values, index=pd.Index(keys, name="sample_id"), columns=tile_features.names())
-    write_csv_atomic(table.reset_index(), cache)
+    write_csv_atomic(cache, table.reset_index())
     return table
 
 
@@ -209,7 +210,7 @@ def second_stage_block(plan: Plan, point: Point, block: dict, truth: pd.DataFram
     y, folds = truth.loc[oof.index, CLASSES].to_numpy(np.float64), truth.loc[oof.index, "fold"].to_numpy()
     crossed = pd.DataFrame(second_stage.cross_fitted(y, oof.to_numpy(np.float64), features.to_numpy(), folds),
                            index=oof.index, columns=CLASSES)
-    write_csv_atomic(crossed.reset_index(), plan.cv_dir / "oof_second_stage.csv")
+    write_csv_atomic(plan.cv_dir / "oof_second_stage.csv", crossed.reset_index())
     score = _score(truth, crossed)
     return {"enabled": True, "applied": False, "oof_kl": score["kl"], "per_class": score["per_class"],
             "rounds": second_stage.ROUNDS, "features": features.shape[1] + 8}
@@ -247,10 +248,10 @@ def write_submission(plan: Plan, point: Point, block: dict, calib: dict, correct
     tables = [read_pred(p) for p in paths]
     final = mean = ensemble(tables)
     if correction != "none":
-        write_csv_atomic(mean.reset_index(), plan.cv_dir / "submission_uncalibrated.csv")
+        write_csv_atomic(plan.cv_dir / "submission_uncalibrated.csv", mean.reset_index())
         correct = _corrector(plan, point, calib, correction, truth)
         final = ensemble([pd.DataFrame(correct(t), index=t.index, columns=CLASSES) for t in tables])
-    write_csv_atomic(final.reset_index(), plan.cv_dir / "submission.csv")
+    write_csv_atomic(plan.cv_dir / "submission.csv", final.reset_index())
     return {"path": "submission.csv", "point": point.name, "folds": [r["fold"] for r in block["folds"]],
             "tiles": len(final), "tta": plan.config.cv.tta, "calibrated": correction == "calibration",
             "correction": correction}

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from shard_tools.errors import InputError
-from shard_tools.format import CLASS_NAMES, MAX_PIXEL_VALUE, NUM_CLASSES
+from lc_common.errors import InputError
+from lc_common.tiles import CLASS_NAMES, MAX_PIXEL_VALUE, NUM_CLASSES
 
 # Pixel counts per class of the full challenge training set (18,491 tiles), from the challenge data.
 FULL_TRAIN_COUNTS = [0, 20643, 60971025, 404760981, 277012377, 96473046, 333407133, 9775295, 1071, 29404605]

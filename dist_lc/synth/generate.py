@@ -36,11 +36,9 @@ import numpy as np
 import scipy.fft
 import tifffile
 
-from shard_tools.errors import InputError
-from shard_tools.resources import usable_cores
-from shard_tools.format import (
-    CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions,
-)
+from lc_common.errors import InputError
+from lc_common.resources import usable_cores
+from lc_common.tiles import CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions
 
 CONSTANTS_PATH = Path(__file__).with_name("constants.json")
 SIZE = IMAGE_SHAPE[0]

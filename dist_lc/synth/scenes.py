@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shard_tools.format import IMAGE_SHAPE
+from lc_common.tiles import IMAGE_SHAPE
 
 TILE = IMAGE_SHAPE[0]
 UTM31N = "EPSG:32631"

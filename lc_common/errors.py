@@ -1,8 +1,16 @@
-"""The one error type for bad user input (files, folders, configs), and a parser that reports bad
+"""The error types every entry point turns into one ``error:`` line, and a parser that reports bad
 options the same way."""
+from __future__ import annotations
+
 import argparse
+import errno as _errno
 
 WORKER_PREFIX = "Caught InputError in DataLoader worker"
+
+
+def one_line(text) -> str:
+    """An exception's text on one line (error messages are one line each)."""
+    return " ".join(str(text).split())
 
 
 class InputError(Exception):
@@ -16,9 +24,23 @@ class InputError(Exception):
 
     def __init__(self, message: str = ""):
         if message.startswith(WORKER_PREFIX) and "Original Traceback" in message:
-            last = message.rstrip().splitlines()[-1]   # "shard_tools.errors.InputError: <message>"
+            last = message.rstrip().splitlines()[-1]   # "lc_common.errors.InputError: <message>"
             message = last.split("InputError: ", 1)[-1]
         super().__init__(message)
+
+
+class WriteError(Exception):
+    """An output that could not be written (a full disk, a quota, a read-only or vanished folder).
+
+    Not the user's input, so entry points exit with status 1; the message names the path and the
+    errno's meaning in one line. Whatever the write replaces is left as it was.
+    """
+
+    def __init__(self, path, exc: OSError):
+        code = exc.errno
+        meaning = (exc.strerror or (_errno.errorcode.get(code, "") if code else "")) or one_line(exc)
+        super().__init__(f"{path}: cannot write: {meaning}")
+        self.path, self.errno = str(path), code
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

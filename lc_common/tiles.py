@@ -1,0 +1,136 @@
+"""The challenge's tiles: the class list, the image and mask layout, and reading the TIFF files.
+
+A tile is ``<id>.tif`` (an integer id): a 256×256×4 uint16 image (bands R, G, B, NIR) in
+``images/``, and for train tiles a 256×256 uint8 mask of classes 0..9 in ``masks/``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .errors import InputError, one_line
+
+CLASS_NAMES = (
+    "no_data", "clouds", "artificial", "cultivated", "broadleaf",
+    "coniferous", "herbaceous", "natural", "snow", "water",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IGNORED_CLASSES = (0, 1)  # no_data, clouds: weight 0 in the loss, dropped from the score
+IMAGE_SHAPE = (256, 256, 4)
+IMAGE_DTYPE = np.dtype("uint16")
+MASK_DTYPE = np.dtype("uint8")
+MAX_PIXEL_VALUE = 24356  # the benchmark's normaliser (largest value in the training set)
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def class_proportions(mask: np.ndarray) -> np.ndarray:
+    """Proportion of each of the 10 classes in a mask, float64 (10,), as train_labels.csv has them."""
+    counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+    return counts.astype(np.float64) / mask.size
+
+
+def check_image(shape, dtype, where) -> None:
+    """:class:`InputError` naming ``where`` unless an image is ``IMAGE_SHAPE`` uint16."""
+    if tuple(shape) != IMAGE_SHAPE:
+        raise InputError(f"{where}: image shape {tuple(shape)}, expected {IMAGE_SHAPE}")
+    if np.dtype(dtype) != IMAGE_DTYPE:
+        raise InputError(f"{where}: image dtype {np.dtype(dtype)}, expected {IMAGE_DTYPE}")
+
+
+def check_mask(mask: np.ndarray, where) -> None:
+    """:class:`InputError` naming ``where`` unless a mask is H×W uint8 with classes 0..9."""
+    if mask.shape != IMAGE_SHAPE[:2]:
+        raise InputError(f"{where}: mask shape {mask.shape}, expected {IMAGE_SHAPE[:2]}")
+    if mask.dtype != MASK_DTYPE:
+        raise InputError(f"{where}: mask dtype {mask.dtype}, expected {MASK_DTYPE}")
+    top = int(mask.max())
+    if top >= NUM_CLASSES:
+        raise InputError(f"{where}: mask value {top} above {NUM_CLASSES - 1} (classes are 0..{NUM_CLASSES - 1})")
+
+
+def id_sort_key(tile_id: str):
+    """Numeric ids in numeric order, then the others in string order."""
+    return (0, int(tile_id), tile_id) if tile_id.isdigit() else (1, 0, tile_id)
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The entries of a split's folder; [] when it does not exist, an error when it cannot be read."""
+    if not folder.exists() and not folder.is_symlink():
+        return []
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (expected the tiles of a split)")
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+
+
+def tiffs_by_id(folder: Path) -> dict[str, Path]:
+    """``{id: path}`` of the TIFFs in a folder (hidden files ignored); ids must be integers, once each."""
+    found: dict[str, Path] = {}
+    numeric: dict[int, Path] = {}
+    for path in _listing(folder):
+        suffix = path.suffix.lower()
+        if path.name.startswith(".") or suffix not in TIFF_SUFFIXES or not path.is_file():
+            continue
+        tile_id = path.name[: -len(suffix)]
+        if "." in tile_id:
+            raise InputError(f"{path}: id {tile_id!r} contains a dot (WebDataset keys end at the first dot)")
+        if not (tile_id.isascii() and tile_id.isdigit()):
+            raise InputError(f"{path}: id {tile_id!r} is not an integer (the challenge's tiles are <integer>.tif)")
+        other = found.get(tile_id) or (numeric.get(int(tile_id)) if tile_id.isdigit() else None)
+        if other is not None:
+            raise InputError(f"{path}: duplicate id {tile_id!r} (also {other.name})")
+        found[tile_id] = path
+        if tile_id.isdigit():
+            numeric[int(tile_id)] = path
+    return found
+
+
+def _one_page(tif: tifffile.TiffFile, path: Path) -> None:
+    pages = len(tif.pages)
+    if pages != 1:
+        raise InputError(f"{path}: multi-page TIFF ({pages} pages); a tile is a single page")
+
+
+def read_tiff(path: Path) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            _one_page(tif, path)
+            return tif.asarray()
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever tifffile says, the file is unreadable
+        text = one_line(exc)
+        problem = "truncated TIFF" if text.startswith("failed to read") else "cannot read TIFF"
+        raise InputError(f"{path}: {problem} ({text})") from None
+
+
+def check_image_header(path: Path) -> None:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            _one_page(tif, path)
+            series = tif.series[0]
+            shape, dtype = series.shape, series.dtype
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path}: cannot read TIFF ({one_line(exc)})") from None
+    check_image(shape, dtype, path)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    mask = read_tiff(path)
+    check_mask(mask, path)
+    return mask
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A tile's image (256×256×4 uint16), checked; InputError naming the file otherwise."""
+    image = read_tiff(path)
+    check_image(image.shape, image.dtype, path)
+    return image
+
+

@@ -1,0 +1,37 @@
+"""The neutral layer both packages share: atomic writes and their failures."""
+import errno
+import json
+
+import pandas as pd
+import pytest
+
+from lc_common.atomic import write_atomic, write_csv_atomic, write_json_atomic
+from lc_common.errors import WriteError
+
+
+def test_writers_take_path_first_and_replace_whole(tmp_path):
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    write_csv_atomic(tmp_path / "a.csv", pd.DataFrame({"x": [1, 2]}))
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert (tmp_path / "a.csv").read_text() == "x\n1\n2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "a.json"]   # no temporary left
+
+
+def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json_atomic(target, {"old": True})
+
+    def full_disk(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteError) as caught:
+        write_atomic(target, full_disk)
+    assert str(caught.value) == f"{target}: cannot write: No space left on device"
+    assert json.loads(target.read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_vanished_folder_is_a_write_error(tmp_path):
+    with pytest.raises(WriteError, match="gone/x.json: cannot write: No such file or directory"):
+        write_json_atomic(tmp_path / "gone" / "x.json", {})
