@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python -m dist_lc demo
 
+# Tests that need the real sample (DIST_LC_SHARED, default ../shared) or a Slurm cluster skip without
+# them; DIST_LC_REQUIRE_SAMPLE=1 / DIST_LC_REQUIRE_SLURM=1 (set by .ci/run) make that a failure.
 test: setup
 	$(BIN)/python -m pytest -q --durations=20
 

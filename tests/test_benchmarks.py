@@ -23,8 +23,8 @@ def test_loader(packed_sample):
     assert "rank CPU ms/tile" in bench("loader.py", "--quick", "--shards", packed_sample)
 
 
-def test_shard_io(tmp_path):
-    assert "max fold KL" in bench("shard_io.py", "--quick", "--work", tmp_path / "w")
+def test_shard_io(sample_root, tmp_path):
+    assert "max fold KL" in bench("shard_io.py", "--quick", "--src", sample_root, "--work", tmp_path / "w")
 
 
 def test_train_throughput(tmp_path):
@@ -50,15 +50,16 @@ def test_bn_statistics(packed_sample, smoke_run):
                                        packed_sample)
 
 
-def test_cv_parallel(tmp_path):
+def test_cv_parallel(sample_root, tmp_path):  # the script packs benchmarks/common.py's SAMPLE_SRC
     assert "speed-up" in bench("cv_parallel.py", "--quick", "--work", tmp_path)
 
 
-def test_quality(tmp_path):
-    out = bench("quality.py", "--quick", "--work", tmp_path)
+def test_quality(sample_root, tmp_path):
+    out = bench("quality.py", "--quick", "--src", sample_root, "--work", tmp_path)
     assert "pixel GBM" in out and "dist-lc cv" in out and "second stage" in out
     assert "with the pixel GBM's tile means" in out
-    again = bench("quality.py", "--quick", "--work", tmp_path, "--methods", "joint", "--json", tmp_path / "again.json",
+    again = bench("quality.py", "--quick", "--src", sample_root, "--work", tmp_path, "--methods", "joint",
+                  "--json", tmp_path / "again.json",
                   "--cv-from", tmp_path / "quality.json", "--gbm-from", tmp_path / "quality.json")
     assert "(quality.json) + second stage with the pixel GBM's tile means" in again
     key = "dist-lc cv recommended.yaml (0.15 min/fold)"
@@ -76,9 +77,9 @@ def test_gpu_benchmark_on_cpu(tmp_path):
     assert "End to end" in out and (tmp_path / "gpu.md").is_file()
 
 
-def test_map_speed(tmp_path):
+def test_map_speed(sample_root, tmp_path):  # the script reads benchmarks/common.py's SAMPLE_SRC
     assert "Mpx/s" in bench("map_speed.py", "--quick", "--work", tmp_path)
 
 
-def test_cv_overhead(tmp_path):
+def test_cv_overhead(sample_root, tmp_path):  # the script packs benchmarks/common.py's SAMPLE_SRC
     assert "outside the epochs" in bench("cv_overhead.py", "--quick", "--work", tmp_path)
