@@ -11,6 +11,12 @@ import sys
 
 from lc_common.errors import InputError, OneLineArgumentParser
 
+from .config import LauncherConfig, TrainConfig, choices
+
+# the config declares these choices; the options that pick the same things offer the same ones
+DEVICES = choices(TrainConfig, "device")
+EXECUTORS = choices(LauncherConfig, "executor")
+
 
 def whole_number(minimum: int):
     """An argparse type: an integer of at least ``minimum``, refused in one line otherwise."""
@@ -59,7 +65,7 @@ def _predict(sub):
                    help="tiles per forward pass (default: 16)")
     p.add_argument("--workers", type=count, default=2, metavar="N",
                    help="DataLoader worker processes per rank (default: 2; 0: read in the main process)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", default=TrainConfig.device, choices=DEVICES,
                    help="device (default: auto, CUDA when visible)")
     return "dist_lc.predict"
 
@@ -88,7 +94,7 @@ def _map(sub):
                    "scene's CRS, lonlat:x0,y0,x1,y1, or a GeoJSON polygon file")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="windows per forward pass (default: 8)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", default=TrainConfig.device, choices=DEVICES,
                    help="device (default: auto, CUDA when visible)")
     return "dist_lc.mapping"
 
@@ -97,7 +103,7 @@ def _cv(sub):
     p = sub.add_parser("cv", help="cross-validation (and grids) as parallel jobs through submitit")
     _config_options(p, "of every fold")
     p.add_argument("--out", required=True, metavar="DIR", help="CV folder (new, or an earlier one with --resume)")
-    p.add_argument("--executor", choices=("slurm", "local"),
+    p.add_argument("--executor", choices=EXECUTORS,
                    help="where the jobs run (default: launcher.executor of the recipe)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a grid axis: every combination of the axes is a grid point (repeatable)")
@@ -141,7 +147,7 @@ def _demo(sub):
     p.add_argument("--out", default="demo_out", metavar="DIR",
                    help="output folder, replaced by the next demo (default: demo_out)")
     p.add_argument("--data", metavar="DIR", help="a challenge folder to use instead of synthetic data")
-    p.add_argument("--executor", choices=("slurm", "local"),
+    p.add_argument("--executor", choices=EXECUTORS,
                    help="where the folds run (default: slurm if a cluster answers, else local)")
     return "dist_lc.demo"
 

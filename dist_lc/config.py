@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from typing import Literal
 
 import yaml
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, one_line
 from lc_common.tiles import IMAGE_SHAPE
 
 BASE_KEY = "base"
@@ -125,8 +127,8 @@ class TrainConfig:
                                          min=0.0)
     fit_schedule: bool = option(True, "with time_limit and a cosine schedule, fit the schedule after the first "
                                 "epochs so that it ends inside the time limit; shorten it later if epochs slow down")
-    loggers: list = option(None, "where metrics go besides metrics.csv (always written): tensorboard, mlflow",
-                           factory=lambda: ["tensorboard"])
+    loggers: list[Literal["tensorboard", "mlflow"]] = option(
+        None, "where metrics go besides metrics.csv (always written)", factory=lambda: ["tensorboard"])
     mlflow_uri: str | None = option(None, "MLflow tracking URI (null: MLFLOW_TRACKING_URI, else a file store "
                                     "mlruns/ beside the run folder)")
     experiment: str | None = option(None, "MLflow experiment (null: the recipe's name; dist-lc cv: its folder's name)")
@@ -180,6 +182,47 @@ class Config:
     cv: CVConfig = field(default_factory=CVConfig)
 
 
+# ----------------------------------------------------------------------------- choices
+
+def _literal_values(typ) -> tuple:
+    """The values of the ``Literal`` in an annotation, also inside ``X | None``, ``int | Literal[...]``
+    and ``list[Literal[...]]``; () when it has none."""
+    if typing.get_origin(typ) is Literal:
+        return typing.get_args(typ)
+    return tuple(value for arg in typing.get_args(typ) for value in _literal_values(arg))
+
+
+def choices(section, name: str) -> tuple:
+    """The choices that a field of a config section declares: command-line options and dispatch
+    tables derive theirs from here, so that a choice is listed once."""
+    values = _literal_values(typing.get_type_hints(section)[name])
+    if not values:
+        raise TypeError(f"{section.__name__}.{name} declares no choices")
+    return values
+
+
+def dispatch_table(section, name: str, table: dict) -> dict:
+    """``table`` (choice → what implements it), checked when its module is imported to hold exactly
+    the field's declared choices: a choice added to the config without an implementation then fails
+    at once, instead of falling through to another choice at run time."""
+    declared = choices(section, name)
+    missing = [c for c in declared if c not in table]
+    undeclared = [c for c in table if c not in declared]
+    if missing or undeclared:
+        raise TypeError(f"{section.__name__}.{name}: no implementation of {missing}; "
+                        f"implemented but not declared: {undeclared}")
+    return table
+
+
+def pick(table: dict, choice: str, what: str):
+    """The entry of a dispatch table for ``choice``; a ValueError naming an unknown one (a caller that
+    did not go through the config's checks)."""
+    try:
+        return table[choice]
+    except (KeyError, TypeError):
+        raise ValueError(f"{what}: {choice!r} is not one of {', '.join(table)}") from None
+
+
 # ----------------------------------------------------------------------------- reading values
 
 def _did_you_mean(word: str, known, prefix: str = "") -> str:
@@ -213,6 +256,10 @@ def _coerce(value, typ, key: str):
             except InputError:
                 pass
         raise InputError(f"config key {key!r}: expected {' or '.join(map(_kind_name, kinds))}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise InputError(f"config key {key!r}: expected a list, got {value!r}")
+        return [_coerce(item, args[0], key) for item in value]
     if origin is Literal:
         if value not in args:
             raise InputError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, args))}"
@@ -291,27 +338,85 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_one(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path}: config file does not exist")
+_NOT_A_FILE = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _refuse_unless_regular(path: Path, mode: int) -> None:
+    """Only a regular file is a recipe: reading a FIFO would wait for a writer, /dev/zero would never end."""
+    for test, what in _NOT_A_FILE:
+        if test(mode):
+            raise InputError(f"{path}: is {what}, not a config file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: is not a regular file, not a config file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A recipe's bytes; whatever cannot be read is one line naming the file and the reason."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        _refuse_unless_regular(path, os.stat(path).st_mode)
+        # non-blocking: should the file have become a FIFO since, opening it does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file does not exist") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the config file: {exc.strerror or one_line(exc)}") from None
+    try:
+        _refuse_unless_regular(path, os.fstat(fd).st_mode)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the config file: {exc.strerror or one_line(exc)}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: Path) -> str:
+    """A recipe's text: UTF-8 (a leading byte-order mark is allowed), refused in one line otherwise."""
+    data = _read_bytes(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                         "save the recipe as UTF-8") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + one_line(getattr(exc, "problem", None) or str(exc).splitlines()[0])
+
+
+def _read_one(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a config is a mapping of sections")
     return raw
 
 
+def _check_own_keys(path: Path, raw: dict) -> None:
+    """A recipe's own keys checked alone (names, types, ranges), so that an error names the file in
+    which it stands, also when that file is the base of the recipe given."""
+    try:
+        _check_ranges(_from_dict(Config, raw))
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
 def read_yaml(path, _chain: tuple = ()) -> dict:
     """A recipe as a dict, its ``base:`` recipes merged under it (cycles refused)."""
     path = Path(path)
-    key = path.resolve()
+    key = Path(os.path.realpath(path))   # unlike Path.resolve, no exception on a symbolic link loop
     if key in _chain:
         cycle = " → ".join(p.name for p in (*_chain, key)[list(_chain).index(key):])
         raise InputError(f"{path}: base recipes form a cycle ({cycle})")
     raw = _read_one(path)
     base = raw.pop(BASE_KEY, None)
+    _check_own_keys(path, raw)
     if base is None:
         return raw
     if not isinstance(base, str) or not base.strip():
@@ -348,16 +453,9 @@ def save_config(cfg: Config, path) -> None:
 
 # ----------------------------------------------------------------------------- checks and derived values
 
-LOGGERS = ("tensorboard", "mlflow")
-
-
 def validate(cfg: Config) -> None:
     _check_ranges(cfg)
     t = cfg.train
-    for name in t.loggers:
-        if name not in LOGGERS:
-            raise InputError(f"config key 'train.loggers': {name!r} is not one of {', '.join(LOGGERS)}"
-                             + _did_you_mean(name, LOGGERS) + " (metrics.csv is always written)")
     factor = 2 ** (cfg.model.num_layers + 1)  # the U-Net halves the image num_layers + 1 times
     if cfg.data.crop is not None and cfg.data.crop % factor:
         raise InputError(f"config key 'data.crop': {cfg.data.crop} must be divisible by {factor} "
@@ -409,6 +507,17 @@ def _yaml_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
+def _choices_note(typ) -> str:
+    """``one of: a, b; `` (a list: ``any of``) for a field whose values are all declared choices (``int | Literal["auto"]``
+    says its one choice in its help)."""
+    kinds = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+    kinds = [k for k in kinds if k is not type(None)]
+    if not kinds or not all(_literal_values(k) for k in kinds):
+        return ""
+    which = "any of" if typing.get_origin(typ) is list else "one of"
+    return f"{which}: {', '.join(map(str, _literal_values(typ)))}; "
+
+
 def describe(cfg: Config) -> str:
     """The resolved config as YAML, each key followed by its help and default (``--print-config``)."""
     lines = []
@@ -418,8 +527,9 @@ def describe(cfg: Config) -> str:
         rows = []
         for f in dataclasses.fields(obj):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            one_of = _choices_note(typing.get_type_hints(type(obj))[f.name])
             rows.append((f"  {f.name}: {_yaml_value(getattr(obj, f.name))}",
-                         f"# {f.metadata.get('help', '')} [default: {_yaml_value(default)}]"))
+                         f"# {f.metadata.get('help', '')} [{one_of}default: {_yaml_value(default)}]"))
         width = max(len(a) for a, _ in rows)
         lines += [f"{a:<{width}}  {b}" for a, b in rows]
     return "\n".join(lines)

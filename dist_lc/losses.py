@@ -8,6 +8,7 @@ from torch import nn
 
 from lc_common.tiles import NUM_CLASSES
 
+from .config import LossConfig, dispatch_table, pick
 from .metrics import EPSILON, SCORED_CLASSES
 
 
@@ -15,10 +16,32 @@ def _inverse_frequency(counts: np.ndarray) -> np.ndarray:
     """w_c = total / (8 * count_c) over the scored classes; 0 for ignored and empty classes."""
     scored = list(SCORED_CLASSES)
     total = counts[scored].sum()
+    if total <= 0:
+        raise ValueError("pixel_counts: no pixel in any scored class")
     w = np.zeros(NUM_CLASSES)
     present = [c for c in scored if counts[c] > 0]
     w[present] = total / (len(scored) * counts[present])
     return w
+
+
+def _sqrt_inverse_frequency(counts: np.ndarray) -> np.ndarray:
+    """The square root of the inverse frequency, rescaled to mean 1 over the classes that have pixels."""
+    w = np.sqrt(_inverse_frequency(counts))
+    return w / w[w > 0].mean()
+
+
+def _uniform(counts: np.ndarray) -> np.ndarray:
+    """1 for every scored class, whatever the counts."""
+    w = np.zeros(NUM_CLASSES)
+    w[list(SCORED_CLASSES)] = 1.0
+    return w
+
+
+WEIGHT_SCHEMES = dispatch_table(LossConfig, "class_weights", {
+    "none": _uniform,
+    "inverse_frequency": _inverse_frequency,
+    "sqrt_inverse_frequency": _sqrt_inverse_frequency,
+})
 
 
 def class_weights(pixel_counts, scheme: str) -> torch.Tensor:
@@ -33,19 +56,8 @@ def class_weights(pixel_counts, scheme: str) -> torch.Tensor:
     counts = np.asarray(pixel_counts, dtype=np.float64).reshape(-1)
     if counts.shape != (NUM_CLASSES,) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
         raise ValueError(f"pixel_counts must be {NUM_CLASSES} non-negative numbers, got {pixel_counts!r}")
-    if scheme not in ("none", "inverse_frequency", "sqrt_inverse_frequency"):  # config.LossConfig's choices
-        raise ValueError(f"class weights: unknown scheme {scheme!r}")
-    if scheme == "none":
-        w = np.zeros(NUM_CLASSES)
-        w[list(SCORED_CLASSES)] = 1.0
-    else:
-        if counts[list(SCORED_CLASSES)].sum() <= 0:
-            raise ValueError("pixel_counts: no pixel in any scored class")
-        w = _inverse_frequency(counts)
-        if scheme == "sqrt_inverse_frequency":
-            w = np.sqrt(w)
-            w /= w[w > 0].mean()
-    return torch.tensor(w, dtype=torch.float32)
+    weigh = pick(WEIGHT_SCHEMES, scheme, "class weights")
+    return torch.tensor(weigh(counts), dtype=torch.float32)
 
 
 class SegmentationLoss(nn.Module):

@@ -5,20 +5,21 @@ import math
 
 import torch
 
-from .config import Config
+from .config import Config, OptimConfig, ScheduleConfig, dispatch_table, pick
+
+# one constructor per optim.name; momentum only where the optimizer has it
+OPTIMIZERS = dispatch_table(OptimConfig, "name", {
+    "adam": lambda params, o: torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay),
+    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay),
+    "rmsprop": lambda params, o: torch.optim.RMSprop(params, lr=o.lr, weight_decay=o.weight_decay,
+                                                     momentum=o.momentum),
+    "adagrad": lambda params, o: torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay),
+    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum),
+})
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-    if o.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    return pick(OPTIMIZERS, cfg.optim.name, "optim.name")(params, cfg.optim)
 
 
 class WarmupCosine:
@@ -38,17 +39,29 @@ class WarmupCosine:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    """Plateau is stepped once per epoch with the validation score; the others once per step."""
+def _plateau(cfg: Config, optimizer, steps_per_epoch: int):
     s = cfg.schedule
-    if s.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=s.factor,
-                                                          patience=s.patience, min_lr=s.min_lr)
-    if s.name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=s.factor,
+                                                      patience=s.patience, min_lr=s.min_lr)
+
+
+def _constant(cfg: Config, optimizer, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _cosine(cfg: Config, optimizer, steps_per_epoch: int):
+    s = cfg.schedule
     shape = WarmupCosine(s.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch,
                          s.min_lr / cfg.optim.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
+
+
+SCHEDULES = dispatch_table(ScheduleConfig, "name", {"plateau": _plateau, "constant": _constant, "cosine": _cosine})
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """Plateau is stepped once per epoch with the validation score; the others once per step."""
+    return pick(SCHEDULES, cfg.schedule.name, "schedule.name")(cfg, optimizer, steps_per_epoch)
 
 
 def is_per_epoch(scheduler) -> bool:

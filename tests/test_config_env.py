@@ -165,8 +165,10 @@ def test_print_config_lists_every_key_with_help_and_default():
         assert f"\n{section}:" in f"\n{text}"
         for key in keys:
             line = next(x for x in text.splitlines() if x.startswith(f"  {key}:"))
-            assert "# " in line and "[default: " in line
+            assert "# " in line and "default: " in line.split("# ", 1)[1]
     assert "  epochs: 2 " in text and "[default: 90]" in text   # smoke's value, the built-in default
+    assert "[one of: adam, adamw, rmsprop, adagrad, sgd; default: adam]" in text   # choices from the Literal
+    assert "[any of: tensorboard, mlflow; default: [tensorboard]]" in text
 
 
 @pytest.mark.parametrize("environ,message", [
