@@ -18,7 +18,7 @@ from tqdm import tqdm
 from lc_common.errors import InputError
 
 from . import pixel_metrics
-from .config import Config, to_dict
+from .config import Config, TrainConfig, dispatch_table, pick, to_dict
 
 COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_kl", "val_tiles", *pixel_metrics.COLUMNS, "lr",
            "epoch_time_s", "val_time_s", "images_per_s", "data_wait_frac", "peak_mem_mb")
@@ -32,6 +32,15 @@ def read_metrics(run_dir) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def check_columns(rows) -> None:
+    """Every key of every row is a metrics.csv column: a metric without one is an error, not a value
+    quietly left out of the file."""
+    for row in rows:
+        unknown = [key for key in row if key not in COLUMNS]
+        if unknown:
+            raise ValueError(f"metrics.csv has no column {unknown[0]!r} (columns: {', '.join(COLUMNS)})")
 
 
 class _NoBar:
@@ -117,26 +126,37 @@ class RunLog:
         self.file_handler.setFormatter(fmt)
         self.log.addHandler(self.file_handler)
         loggers = cfg.train.loggers if cfg is not None else ["tensorboard"]
-        if "tensorboard" in loggers:
-            from torch.utils.tensorboard import SummaryWriter
+        for name in dict.fromkeys(loggers):   # each once, in the order given
+            pick(LOGGERS, name, "train.loggers")(self, cfg, resume_epoch)
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_epoch + 1)
-            if cfg is not None and not resume_epoch:
-                text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-                self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)   # markdown code block
-        if "mlflow" in loggers:
-            self.mlflow = MLflowRun(self.run_dir, cfg, resumed=resume_epoch > 0)
+    def _start_tensorboard(self, cfg: Config | None, resume_epoch: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_epoch + 1)
+        if cfg is not None and not resume_epoch:
+            text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+            self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)   # markdown code block
+
+    def _start_mlflow(self, cfg: Config | None, resume_epoch: int) -> None:
+        self.mlflow = MLflowRun(self.run_dir, cfg, resumed=resume_epoch > 0)
 
     def _keep_rows_up_to(self, epoch: int) -> None:
         """On resume, drop rows of epochs the checkpoint does not hold (they will be trained again)."""
-        if (self.run_dir / "metrics.csv").exists():
-            self._write_rows([r for r in read_metrics(self.run_dir) if int(r["epoch"]) <= epoch], mode="w")
+        path = self.run_dir / "metrics.csv"
+        if path.exists():
+            rows = read_metrics(self.run_dir)
+            try:
+                check_columns(rows)
+            except ValueError as exc:   # another version's file: refused rather than cut down to these columns
+                raise InputError(f"{path}: {exc}; move it aside to resume") from None
+            self._write_rows([r for r in rows if int(r["epoch"]) <= epoch], mode="w")
 
     def _write_rows(self, rows, mode="a") -> None:
+        check_columns(rows)   # a key outside COLUMNS is an error, not a value dropped
         path = self.run_dir / "metrics.csv"
         new = mode == "w" or not path.exists()
         with open(path, mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
             if new:
                 writer.writeheader()
             writer.writerows(rows)
@@ -184,3 +204,8 @@ class RunLog:
             self.writer.close()
         if self.mlflow is not None:
             self.mlflow.close(status)
+
+
+# how each of train.loggers starts with a run (metrics.csv is none of them: it is always written)
+LOGGERS = dispatch_table(TrainConfig, "loggers", {"tensorboard": RunLog._start_tensorboard,
+                                                  "mlflow": RunLog._start_mlflow})

@@ -165,6 +165,32 @@ def test_tensorboard_gets_prediction_plots_and_the_config_and_mlflow_the_run(pac
     assert [m.step for m in client.get_metric_history(again.info.run_id, "val_kl")] == [1, 2, 3]
 
 
+def test_a_metrics_row_with_an_unknown_key_is_an_error_not_a_dropped_value(tmp_path):
+    from dist_lc.run_log import RunLog, read_metrics
+
+    log = RunLog(tmp_path, enabled=True, cfg=load_config(None, ["train.loggers=[]"]))
+    try:
+        log.epoch({"epoch": 1, "step": 4, "train_loss": 0.5}, best=False)
+        with pytest.raises(ValueError, match="metrics.csv has no column 'val_accuracy'"):
+            log.epoch({"epoch": 2, "step": 8, "train_loss": 0.4, "val_accuracy": 0.9}, best=False)
+    finally:
+        log.close()
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == ["1"]   # nothing of the refused row
+
+
+def test_resuming_over_a_metrics_file_with_a_foreign_column_is_refused_in_one_line(tmp_path):
+    """Rewriting it with this version's columns would drop that column's values without a word."""
+    from lc_common.errors import InputError
+
+    from dist_lc.run_log import RunLog
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,train_loss,old_metric\n1,4,0.5,0.7\n")
+    with pytest.raises(InputError) as err:
+        RunLog(tmp_path, enabled=True, resume_epoch=1, cfg=load_config(None, ["train.loggers=[]"]))
+    assert str(err.value).startswith(f"{tmp_path / 'metrics.csv'}: metrics.csv has no column 'old_metric'")
+    assert (tmp_path / "metrics.csv").read_text().startswith("epoch,step,train_loss,old_metric\n")
+
+
 # ----------------------------------------------------------------------------- command-line help
 
 def _actions(parser: argparse.ArgumentParser, prefix: str):
