@@ -3,6 +3,7 @@
 that looks complete. (More cases per command live in the command's own test file.)"""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,15 @@ def world(packed_sample, sample_root, smoke_run, tmp_path_factory) -> dict:
     labels.to_csv(tmp / "nan.csv", index=False)
     nan_id = labels["sample_id"].iloc[3]
     (tmp / "cycle.yaml").write_text("base: cycle.yaml\n")
+    (tmp / "latin1.yaml").write_bytes("train:\n  epochs: 3   # café\n".encode("latin-1"))
+    os.mkfifo(tmp / "fifo.yaml")
+    (tmp / "unreadable.yaml").write_text("train:\n  epochs: 3\n")
+    (tmp / "unreadable.yaml").chmod(0)
+    (tmp / "base_key.yaml").write_text("train:\n  epochz: 3\n")
+    (tmp / "base_range.yaml").write_text("optim:\n  lr: -1\n")
+    (tmp / "base_yaml.yaml").write_text("train: [\n")
+    for base in ("base_key", "base_range", "base_yaml", "latin1"):
+        (tmp / f"on_{base}.yaml").write_text(f"base: {base}.yaml\ntrain:\n  epochs: 2\n")
     src = tmp / "src"
     for sub in ("train/images", "train/masks"):
         (src / sub).mkdir(parents=True)
@@ -73,6 +83,22 @@ CASES = [
      "shard folder does not exist"),
     ("train: missing recipe", "dist-lc train --config {tmp}/nope.yaml", "config file does not exist"),
     ("train: base recipes in a cycle", "dist-lc train --config {tmp}/cycle.yaml", "base recipes form a cycle"),
+    ("train: a recipe that is not UTF-8", "dist-lc train --config {tmp}/latin1.yaml",
+     "{tmp}/latin1.yaml: not UTF-8 text (byte 0xe9 on line 2)"),
+    ("train: a folder as recipe", "dist-lc train --config {tmp}/empty", "{tmp}/empty: is a folder, not a config file"),
+    ("train: a device as recipe", "dist-lc train --config /dev/zero", "/dev/zero: is a device, not a config file"),
+    ("train: a FIFO as recipe", "dist-lc train --config {tmp}/fifo.yaml",
+     "{tmp}/fifo.yaml: is a FIFO (named pipe), not a config file"),
+    ("train: a recipe without read permission", "dist-lc train --config {tmp}/unreadable.yaml",
+     "{tmp}/unreadable.yaml: cannot read the config file: Permission denied"),
+    ("train: an unknown key in a base recipe", "dist-lc train --config {tmp}/on_base_key.yaml",
+     "{tmp}/base_key.yaml: unknown config key 'train.epochz' (did you mean 'train.epochs'?)"),
+    ("train: a value out of range in a base recipe", "dist-lc train --config {tmp}/on_base_range.yaml",
+     "{tmp}/base_range.yaml: config key 'optim.lr': -1.0 is out of range"),
+    ("train: bad YAML in a base recipe", "dist-lc train --config {tmp}/on_base_yaml.yaml",
+     "{tmp}/base_yaml.yaml: invalid YAML: line 2, column 1:"),
+    ("train: a base recipe that is not UTF-8", "dist-lc train --config {tmp}/on_latin1.yaml",
+     "{tmp}/latin1.yaml: not UTF-8 text"),
     ("train: a fold the shards lack", "dist-lc train --set data.shards={shards} --set data.fold=7 --run-dir {tmp}/r2",
      "'data.fold': 7 is not a fold of"),
     ("train: a --set without =", "dist-lc train --set train.epochs", "expected key=value"),
@@ -110,7 +136,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("command, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+# root reads a file whatever its permissions say
+NEEDS_AN_ORDINARY_USER = {"train: a recipe without read permission"}
+
+
+def case_params():
+    for name, command, message in CASES:
+        marks = ([pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")]
+                 if name in NEEDS_AN_ORDINARY_USER else [])
+        yield pytest.param(command, message, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("command, message", list(case_params()))
 def test_bad_input_is_one_clear_line(world, capsys, command, message):
     argv = command.format(**world).split()
     main = shard_cli.main if argv[0] == "lc-shard" else dist_lc_cli.main
