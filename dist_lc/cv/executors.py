@@ -1,4 +1,10 @@
-"""Every place `dist-lc cv` touches submitit or Slurm: executors, submission, and a job's state.
+"""Where `dist-lc cv` runs its jobs: one :class:`Executor` class per kind, submitit underneath.
+
+Every kind answers the same few questions (:class:`Executor`): is it usable, how many jobs at once,
+submit these, what is this job's :class:`JobState`, cancel it, how often to look, how long a job
+gone without ``done.json`` or with a failed task is given, and what a stop of the launcher (Ctrl-C,
+SIGTERM, SIGHUP) does to its jobs. The names are declared once, as the ``Literal`` of
+``LauncherConfig.executor``; :data:`EXECUTORS` maps each of them to its class.
 
 The executor is chosen explicitly (submitit would pick Slurm whenever ``srun`` is on PATH), Slurm
 jobs are one array capped at ``max_parallel``, their srun kills the other tasks when one fails
@@ -8,16 +14,23 @@ pickle).
 """
 from __future__ import annotations
 
+import abc
+import enum
+import math
 import os
 import shutil
 import signal
 import subprocess
 import time
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import submitit
 import torch
 
+from lc_common.errors import InputError
 from lc_common.resources import usable_core_ids, usable_cores
 
 from ..config import LauncherConfig
@@ -27,25 +40,229 @@ from .plan import DONE, Submission, now
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                        "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
                        "PREEMPTED", "RESV_DEL_HOLD"}
+TASK_FAILED_GRACE_S = 15.0  # local: a job whose task failed this long ago has its other tasks ended
+LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get before they are killed
 
 
-def slurm_problem() -> str | None:
-    """None when a Slurm controller answers ``scontrol ping``, else why not (one line)."""
-    if shutil.which("scontrol") is None or shutil.which("srun") is None:
-        return "Slurm commands (scontrol, srun) are not on PATH"
-    conf = os.environ.get("SLURM_CONF")
-    if conf and not Path(conf).is_file():  # scontrol would retry for a minute
-        return f"SLURM_CONF={conf} does not exist"
-    try:
-        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20,
-                           stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return "Slurm controller not reachable (scontrol ping: no answer within 20 s)"
-    out = (p.stdout + p.stderr).strip()
-    if p.returncode != 0 or "is UP" not in out:
-        first = out.splitlines()[0] if out else f"exit status {p.returncode}"
-        return f"Slurm controller not reachable (scontrol ping: {first[:200]})"
-    return None
+class JobState(enum.Enum):
+    """Where one (grid point, fold) job stands, as the launcher sees it."""
+    QUEUED = "queued"    # not submitted yet by this launch
+    PENDING = "pending"  # submitted, waiting for resources
+    RUNNING = "running"
+    UNKNOWN = "unknown"  # the scheduler did not answer this time
+    ENDED = "ended"      # gone without done.json or an error: failed once the executor's grace has passed
+    DONE = "done"        # its run dir holds done.json
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED)
+
+    @property
+    def live(self) -> bool:
+        """Still the executor's: a later launch watches it rather than submitting the fold again."""
+        return self in (JobState.PENDING, JobState.RUNNING, JobState.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class Status:
+    state: JobState
+    detail: str = ""
+    log: str = ""   # the log to read (a failed job's: its first failed task's)
+
+
+@dataclass(frozen=True)
+class Work:
+    """One job to submit: a (grid point, fold) and what its tasks run."""
+    point: str
+    fold: int
+    config: dict
+    run_dir: Path
+    tta: bool
+
+
+Submitted = tuple[Submission, object]   # the record kept in jobs.json, and this launch's handle on the job
+
+
+class Executor(abc.ABC):
+    """One kind of place that runs CV jobs. Subclasses set the class attributes and implement the
+    abstract methods; the others have the defaults of a submitit-backed executor."""
+
+    name: ClassVar[str]                       # as declared in LauncherConfig.executor
+    aliases: ClassVar[tuple[str, ...]] = ()   # other names of it in cv.json
+    poll_s: ClassVar[float]                   # between two looks at the jobs
+    gone_grace_s: ClassVar[float]             # a job gone without done.json is failed after this long
+    task_failed_grace_s: ClassVar[float | None] = None  # None: the executor itself ends a job whose task failed
+
+    def __init__(self, launcher: LauncherConfig, folder: Path, jobs: int = 1):
+        """``folder``: this launch's submitit folder (created at the first submission); ``jobs``: how
+        many this launch may submit."""
+        self.launcher, self.folder, self.jobs = launcher, Path(folder), max(jobs, 1)
+        self._engine = None
+
+    # --- before anything is submitted
+
+    @classmethod
+    def check_launcher(cls, launcher: LauncherConfig) -> None:
+        """Raise InputError when the launcher section asks what this kind cannot do."""
+
+    @classmethod
+    def problem(cls) -> str | None:
+        """Why jobs cannot be submitted now (one line), None when they can."""
+        return None
+
+    @abc.abstractmethod
+    def capacity(self) -> float:
+        """Jobs that run (or queue) at once; math.inf: as many as are submitted."""
+
+    # --- submitting
+
+    @property
+    def engine(self):
+        """The submitit executor, made at first use: a fresh folder per launch (Slurm job ids may restart at 1)."""
+        if self._engine is None:
+            self._engine = self.make_engine()
+        return self._engine
+
+    def make_engine(self):
+        raise NotImplementedError(f"the {self.name} executor has no submitit engine")
+
+    @abc.abstractmethod
+    def submit(self, work: list[Work]) -> list[Submitted]:
+        """Submit the jobs; one (record, handle) per item, in order."""
+
+    @property
+    def tasks(self) -> int:
+        return self.launcher.nodes * self.launcher.tasks_per_node
+
+    def _records(self, work: list[Work], handles: list) -> list[Submitted]:
+        stamp = now()
+        return [(Submission(item.point, item.fold, self.name, str(job.job_id), str(job.paths.stderr),
+                            str(job.paths.result_pickle), stamp, self.tasks), job)
+                for item, job in zip(work, handles)]
+
+    # --- watching
+
+    def refresh(self, records: list[Submission]) -> None:
+        """One look at the scheduler for these jobs, before their status is asked one by one."""
+
+    @abc.abstractmethod
+    def presence(self, record: Submission, handle=None) -> tuple[JobState | None, str]:
+        """(PENDING | RUNNING | UNKNOWN, detail) while the executor has the job, else (None, how it left)."""
+
+    def status(self, record: Submission, run_dir: Path, handle=None) -> Status:
+        """done: done.json exists. Else the executor's word while it has the job (a requeued Slurm job
+        is running, even with an error pickle from an attempt that Slurm's SIGTERM cut short).
+        failed: gone, and a task's result pickle holds an exception (the log is that task's). ended:
+        gone without either; the caller turns it into a failure after ``gone_grace_s`` (files may lag
+        on a network filesystem)."""
+        if (Path(run_dir) / DONE).exists():
+            return Status(JobState.DONE, "", record.stderr)
+        state, detail = self.presence(record, handle)
+        if state is not None:
+            return Status(state, detail, record.stderr)
+        failure = self.first_failure(record)
+        if failure:
+            return Status(JobState.FAILED, f"{detail}: {failure[0]}", failure[1])
+        return Status(JobState.ENDED, detail, record.stderr)
+
+    def first_failure(self, record: Submission) -> tuple[str, str] | None:
+        """(the error, the log) of the job's task that failed first, or None."""
+        return first_failure(record)
+
+    # --- ending
+
+    @abc.abstractmethod
+    def cancel(self, record: Submission, handle=None) -> None:
+        """End the job (its state then shows it gone)."""
+
+    @abc.abstractmethod
+    def interrupt(self, jobs: list[Submitted]) -> str:
+        """The launcher is stopped (Ctrl-C, SIGTERM, SIGHUP) while these jobs are unfinished: end or
+        leave them, within a bounded time; says what happened to them (a few words for one line)."""
+
+
+# ----------------------------------------------------------------------------- local processes
+
+class LocalExecutor(Executor):
+    """Jobs as processes of this machine: submitit's controller, one process per task. Each job runs
+    on a slot of its own (its GPUs, or else a slice of the cores); nothing queues beyond capacity."""
+
+    name = "local"
+    poll_s = 0.5                          # a look is cheap: a process and a few files
+    gone_grace_s = 2.0
+    task_failed_grace_s = TASK_FAILED_GRACE_S   # what srun's --kill-on-bad-exit does on Slurm
+
+    def __init__(self, launcher: LauncherConfig, folder: Path, jobs: int = 1):
+        super().__init__(launcher, folder, jobs)
+        self._slots: dict[str, int] = {}   # job id → the slot it runs on, until it is done or failed
+
+    @classmethod
+    def check_launcher(cls, launcher: LauncherConfig) -> None:
+        if launcher.nodes != 1:
+            raise InputError(f"config key 'launcher.nodes': {launcher.nodes} needs --executor slurm (the local "
+                             "executor has one node)")
+
+    def capacity(self) -> float:
+        return self.launcher.max_parallel or local_capacity(self.launcher)
+
+    def make_engine(self):
+        lc = self.launcher
+        ex = submitit.LocalExecutor(folder=self.folder / "%j", max_num_timeout=lc.max_requeues)
+        ex.update_parameters(timeout_min=lc.time_min, tasks_per_node=lc.tasks_per_node,
+                             signal_delay_s=lc.signal_delay_s, setup=list(lc.setup), gpus_per_node=lc.gpus_per_node)
+        return ex
+
+    def submit(self, work: list[Work]) -> list[Submitted]:
+        """One job at a time, each on the lowest free slot."""
+        out = []
+        for item in work:
+            slots = int(self.capacity())
+            slot = min(set(range(slots)) - set(self._slots.values()), default=0)
+            submitted = self._records([item], [self.engine.submit(self._fold_job(item, slot, slots))])
+            self._slots[submitted[0][0].job_id] = slot
+            out += submitted
+        return out
+
+    def _fold_job(self, item: Work, slot: int, slots: int) -> FoldJob:
+        """The job's callable, its GPUs or else its cores set for ``slot`` of ``slots`` concurrent jobs."""
+        gpus = self.launcher.gpus_per_node
+        if gpus:
+            slot %= max(1, torch.cuda.device_count() // gpus)  # max_parallel above the GPUs: jobs share them
+            self.engine.update_parameters(visible_gpus=tuple(range(slot * gpus, (slot + 1) * gpus)))
+            return FoldJob(item.config, str(item.run_dir), item.tta)
+        return FoldJob(item.config, str(item.run_dir), item.tta, cpu_slice(slot, slots))
+
+    def presence(self, record: Submission, handle=None) -> tuple[JobState | None, str]:
+        alive = (not handle.done()) if handle is not None else _pid_alive(record.job_id)
+        return (JobState.RUNNING, "") if alive else (None, "process exited")
+
+    def status(self, record: Submission, run_dir: Path, handle=None) -> Status:
+        status = super().status(record, run_dir, handle)
+        if status.state.final or status.state is JobState.ENDED:   # its processes are gone or going
+            self._slots.pop(record.job_id, None)
+        return status
+
+    def cancel(self, record: Submission, handle=None) -> None:
+        """SIGINT to the job's controller, which interrupts its tasks and kills what is left a second
+        later (submitit's own cancel, also for a job of an earlier launch known by its pid)."""
+        if handle is not None:
+            handle.cancel(check=False)
+        elif _pid_alive(record.job_id):
+            _signal(int(record.job_id), signal.SIGINT)
+
+    def interrupt(self, jobs: list[Submitted]) -> str:
+        """Nothing watches local jobs once the launcher is gone: end them all, their controllers and
+        every process they started, killing what is still there after LOCAL_END_S."""
+        trees = [_process_tree(int(record.job_id)) for record, _ in jobs if _pid_alive(record.job_id)]
+        for record, handle in jobs:
+            self.cancel(record, handle)
+        _wait_gone([p for tree in trees for p in tree], LOCAL_END_S)
+        _wait_gone(_kill_what_is_left(trees), LOCAL_END_S)
+        for _, handle in jobs:
+            if handle is not None:
+                handle.done()   # reaps the controller this process started
+        return f"{len(jobs)} local job(s) ended"
 
 
 def local_capacity(launcher: LauncherConfig) -> int:
@@ -70,50 +287,163 @@ def cpu_slice(slot: int, slots: int) -> tuple[int, ...] | None:
     return tuple(cores[slot * per:(slot + 1) * per])
 
 
-def make_executor(launcher: LauncherConfig, kind: str, folder: Path, jobs: int):
-    """A submitit executor of the kind asked (never guessed), its parameters from the config."""
-    if kind == "slurm":
-        ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=launcher.max_requeues)
-        params = {"time": launcher.time_min, "nodes": launcher.nodes, "ntasks_per_node": launcher.tasks_per_node,
-                  "cpus_per_task": launcher.cpus_per_task, "job_name": "dist-lc-cv",
-                  "signal_delay_s": launcher.signal_delay_s, "setup": list(launcher.setup),
-                  "additional_parameters": dict(launcher.slurm_extra),
-                  "array_parallelism": launcher.max_parallel or jobs,
+# ----------------------------------------------------------------------------- processes, by /proc
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        fields = _stat_fields(int(pid))
+    except ValueError:
+        return False
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _start_time(pid: int) -> str | None:
+    """When the process started (clock ticks since boot): a pid reused by another process differs."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None and fields[0] not in ("Z", "X") else None
+
+
+def _process_tree(root: int) -> list[tuple[int, str]]:
+    """(pid, start time) of a live process and all its descendants, the root first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        started = _start_time(pid)
+        if started is not None:
+            tree.append((pid, started))
+            todo += children.get(pid, [])
+    return tree
+
+
+def _kill_what_is_left(trees: list[list[tuple[int, str]]]) -> list[tuple[int, str]]:
+    """SIGKILL what is left of these process trees, processes started in them since included."""
+    known = set()
+    for tree in trees:
+        root, started = tree[0]
+        known.update(tree, _process_tree(root) if _start_time(root) == started else [])
+    left = [(pid, started) for pid, started in known if _start_time(pid) == started]
+    for pid, _ in left:
+        _signal(pid, signal.SIGKILL)
+    return left
+
+
+def _wait_gone(processes: list[tuple[int, str]], limit_s: float) -> list[tuple[int, str]]:
+    """Wait up to ``limit_s`` for the processes to end; those still there."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        left = [(pid, started) for pid, started in processes if _start_time(pid) == started]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (OSError, ValueError):   # gone meanwhile
+        pass
+
+
+# ----------------------------------------------------------------------------- Slurm
+
+class SlurmExecutor(Executor):
+    """Jobs of a Slurm cluster, one array per launch; they outlive the launcher, which a later
+    ``--resume`` watches again."""
+
+    name = "slurm"
+    aliases = ("sbatch",)     # a CV folder written by slurm/cv_array.sbatch resumes on Slurm
+    poll_s = 2.0              # squeue asks the controller: not too often
+    gone_grace_s = 15.0
+    task_failed_grace_s = None  # srun's --kill-on-bad-exit ends the job
+
+    def __init__(self, launcher: LauncherConfig, folder: Path, jobs: int = 1):
+        super().__init__(launcher, folder, jobs)
+        self._asked: set[str] = set()              # the job ids of the last look at squeue
+        self._listed: dict[str, str] | None = {}   # its answer: the active ones; None: it did not answer
+
+    @classmethod
+    def problem(cls) -> str | None:
+        return slurm_problem()
+
+    def capacity(self) -> float:
+        return math.inf  # Slurm queues; the array's parallelism carries launcher.max_parallel
+
+    def make_engine(self):
+        lc = self.launcher
+        ex = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=lc.max_requeues)
+        params = {"time": lc.time_min, "nodes": lc.nodes, "ntasks_per_node": lc.tasks_per_node,
+                  "cpus_per_task": lc.cpus_per_task, "job_name": "dist-lc-cv",
+                  "signal_delay_s": lc.signal_delay_s, "setup": list(lc.setup),
+                  "additional_parameters": dict(lc.slurm_extra),
+                  "array_parallelism": lc.max_parallel or self.jobs,
                   "srun_args": ["--kill-on-bad-exit=1"]}  # one failed rank ends the job, not a hang
-        optional = {"gpus_per_node": launcher.gpus_per_node or None, "partition": launcher.partition,
-                    "account": launcher.account, "mem": f"{int(launcher.mem_gb * 1024)}MB" if launcher.mem_gb else None}
-    else:
-        ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=launcher.max_requeues)
-        params = {"timeout_min": launcher.time_min, "tasks_per_node": launcher.tasks_per_node,
-                  "signal_delay_s": launcher.signal_delay_s, "setup": list(launcher.setup),
-                  "gpus_per_node": launcher.gpus_per_node}
-        optional = {}
-    ex.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
-    return ex
+        optional = {"gpus_per_node": lc.gpus_per_node or None, "partition": lc.partition,
+                    "account": lc.account, "mem": f"{int(lc.mem_gb * 1024)}MB" if lc.mem_gb else None}
+        ex.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
+        return ex
+
+    def submit(self, work: list[Work]) -> list[Submitted]:
+        with self.engine.batch():   # one array
+            handles = [self.engine.submit(FoldJob(item.config, str(item.run_dir), item.tta)) for item in work]
+        return self._records(work, handles)
+
+    def refresh(self, records: list[Submission]) -> None:
+        self._asked = {r.job_id for r in records}
+        self._listed = slurm_states(sorted(self._asked))
+
+    def presence(self, record: Submission, handle=None) -> tuple[JobState | None, str]:
+        if record.job_id not in self._asked:   # not part of the last look: look again, for it alone
+            self.refresh([record])
+        if self._listed is None:
+            return JobState.UNKNOWN, "squeue did not answer"
+        state = self._listed.get(record.job_id)
+        if state in ACTIVE_SLURM_STATES:
+            return (JobState.PENDING if state == "PENDING" else JobState.RUNNING), state
+        return None, f"Slurm state {state}" if state else "no longer in squeue"
+
+    def cancel(self, record: Submission, handle=None) -> None:
+        try:
+            subprocess.run(["scancel", record.job_id], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+    def interrupt(self, jobs: list[Submitted]) -> str:
+        """Slurm jobs do not need the launcher: they go on, and ``--resume`` watches them again."""
+        return f"{len(jobs)} Slurm job(s) go on"
 
 
-def submit(ex, kind: str, work: list[tuple[str, int, dict, str, bool]], tasks: int,
-           slot: int | None = None, slots: int = 1) -> list[tuple[Submission, object]]:
-    """Submit (point, fold, config, run_dir, tta) items, one array on Slurm; (record, submitit job) pairs.
-    A local job runs on its ``slot`` of ``slots`` concurrent ones: its GPUs, or else its cores."""
-    cpus = None
-    if kind == "local" and slot is not None and ex.parameters.get("gpus_per_node"):
-        g = ex.parameters["gpus_per_node"]
-        slot %= max(1, torch.cuda.device_count() // g)  # max_parallel above the GPUs: jobs share them
-        ex.update_parameters(visible_gpus=tuple(range(slot * g, (slot + 1) * g)))
-    elif kind == "local" and slot is not None:
-        cpus = cpu_slice(slot, slots)
-    if kind == "slurm":
-        with ex.batch():
-            handles = [ex.submit(FoldJob(config, run_dir, tta)) for _, _, config, run_dir, tta in work]
-    else:
-        handles = [ex.submit(FoldJob(config, run_dir, tta, cpus)) for _, _, config, run_dir, tta in work]
-    stamp = now()
-    return [(Submission(point, fold, kind, str(job.job_id), str(job.paths.stderr), str(job.paths.result_pickle),
-                        stamp, tasks), job) for (point, fold, *_), job in zip(work, handles)]
+def slurm_problem() -> str | None:
+    """None when a Slurm controller answers ``scontrol ping``, else why not (one line)."""
+    if shutil.which("scontrol") is None or shutil.which("srun") is None:
+        return "Slurm commands (scontrol, srun) are not on PATH"
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # scontrol would retry for a minute
+        return f"SLURM_CONF={conf} does not exist"
+    try:
+        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "Slurm controller not reachable (scontrol ping: no answer within 20 s)"
+    out = (p.stdout + p.stderr).strip()
+    if p.returncode != 0 or "is UP" not in out:
+        first = out.splitlines()[0] if out else f"exit status {p.returncode}"
+        return f"Slurm controller not reachable (scontrol ping: {first[:200]})"
+    return None
 
-
-# ----------------------------------------------------------------------------- job states
 
 def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
     """``{job id: state}`` of the jobs Slurm still lists (array tasks one by one); None if no answer."""
@@ -128,6 +458,8 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
         return None
     return dict(line.split()[:2] for line in p.stdout.splitlines() if len(line.split()) >= 2)
 
+
+# ----------------------------------------------------------------------------- a job's tasks' files
 
 def task_file(path: str, task: int) -> Path:
     """Task ``task``'s file of a job, from rank 0's (submitit names them ``<job>_<task>_<kind>``)."""
@@ -165,50 +497,27 @@ def first_failure(record: Submission) -> tuple[str, str] | None:
     return prefix + error, str(task_file(record.stderr, task))
 
 
-def _pid_alive(pid: str) -> bool:
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, ValueError, IndexError):
-        return False
+# ----------------------------------------------------------------------------- the registry
+
+#: The executor names, declared once: the Literal of ``LauncherConfig.executor``; EXECUTORS maps
+#: each to its class.
+DECLARED = typing.get_args(typing.get_type_hints(LauncherConfig)["executor"])
+EXECUTORS: dict[str, type[Executor]] = {cls.name: cls for cls in (LocalExecutor, SlurmExecutor)}
+if set(EXECUTORS) != set(DECLARED):   # a name without a class, or a class nobody can choose
+    raise ImportError(f"dist_lc.cv.executors: classes for {sorted(EXECUTORS)}, but LauncherConfig.executor "
+                      f"declares {sorted(DECLARED)}")
 
 
-def cancel_local(record: Submission, job=None) -> None:
-    """End a local job: SIGINT to its controller, which interrupts its tasks and kills what is left
-    a second later (submitit's own cancel, also for a job of an earlier launch known by its pid)."""
-    if job is not None:
-        job.cancel(check=False)
-        return
-    if _pid_alive(record.job_id):
-        try:
-            os.kill(int(record.job_id), signal.SIGINT)
-        except (OSError, ValueError):
-            pass
+def executor_class(name: str) -> type[Executor]:
+    """The class of a declared executor name, or of an alias of one (as cv.json may hold)."""
+    if name in EXECUTORS:
+        return EXECUTORS[name]
+    for cls in EXECUTORS.values():
+        if name in cls.aliases:
+            return cls
+    raise InputError(f"executor {name!r}: not one of {', '.join(EXECUTORS)}")
 
 
-def job_status(record: Submission, run_dir: Path, slurm: dict | None, job=None) -> tuple[str, str, str]:
-    """("done" | "running" | "pending" | "failed" | "ended" | "unknown", detail, log to read).
-
-    done: done.json exists. running/pending: Slurm lists the job as active (a requeued job is, even
-    with an error pickle from an attempt that Slurm's SIGTERM cut short) or its local process lives.
-    failed: gone, and a task's result pickle holds an exception (the log is that task's). ended: gone
-    without either; the caller turns it into a failure after a grace period (files may lag on a
-    network filesystem).
-    """
-    if (run_dir / DONE).exists():
-        return "done", "", record.stderr
-    if record.executor == "local":
-        if (not job.done()) if job is not None else _pid_alive(record.job_id):
-            return "running", "", record.stderr
-        gone = "process exited"
-    else:
-        if slurm is None:
-            return "unknown", "squeue did not answer", record.stderr
-        state = slurm.get(record.job_id)
-        if state in ACTIVE_SLURM_STATES:
-            return ("pending" if state == "PENDING" else "running"), state, record.stderr
-        gone = f"Slurm state {state}" if state else "no longer in squeue"
-    failure = first_failure(record)
-    if failure:
-        return "failed", f"{gone}: {failure[0]}", failure[1]
-    return "ended", gone, record.stderr
+def make_executor(launcher: LauncherConfig, kind: str, folder: Path, jobs: int):
+    """The submitit executor of the kind asked (never guessed), its parameters from the config."""
+    return executor_class(kind)(launcher, folder, jobs).engine

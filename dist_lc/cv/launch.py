@@ -12,7 +12,9 @@ job does: :mod:`dist_lc.cv.fold`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -22,21 +24,18 @@ from lc_common.errors import InputError
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
 from . import executors
+from .executors import Executor, JobState, Status, Work
 from .plan import (Plan, Submission, add_submissions, build_points, check_folds, load_plan, now, parse_grid,
                    read_submissions)
 
-POLL_S = {"slurm": 2.0, "local": 0.5}   # between two looks at the jobs (squeue for Slurm; local: cheap)
-GRACE_S = {"slurm": 15.0, "local": 2.0}  # a job gone without done.json is failed after this long
-TASK_FAILED_GRACE_S = 15.0   # local: a job whose task failed this long ago has its other tasks ended
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # Ctrl-C, a scheduler or kill, a closed terminal
 
 
 # ----------------------------------------------------------------------------- building and checking a plan
 
 def check_launcher(cfg: Config, kind: str) -> None:
     lc = cfg.launcher
-    if kind == "local" and lc.nodes != 1:
-        raise InputError(f"config key 'launcher.nodes': {lc.nodes} needs --executor slurm (the local executor "
-                         "has one node)")
+    executors.executor_class(kind).check_launcher(lc)
     if lc.time_min * 60 <= lc.signal_delay_s + 60:
         raise InputError(f"config: launcher.time_min={lc.time_min} leaves no time before the stop signal "
                          f"(launcher.signal_delay_s={lc.signal_delay_s}): time_min * 60 must exceed "
@@ -48,10 +47,9 @@ def check_launcher(cfg: Config, kind: str) -> None:
 
 
 def check_executor(kind: str) -> None:
-    if kind == "slurm":
-        problem = executors.slurm_problem()
-        if problem:
-            raise InputError(f"--executor slurm: {problem}; nothing submitted")
+    problem = executors.executor_class(kind).problem()
+    if problem:
+        raise InputError(f"--executor {kind}: {problem}; nothing submitted")
 
 
 def check_new_out(cv_dir: Path) -> None:
@@ -90,7 +88,7 @@ def resumed_plan(args) -> Plan:
     plan = load_plan(args.out)
     for point in plan.points:
         point.config = normalized(apply_overrides(point.config, list(args.set)))
-    plan.executor = args.executor or (plan.executor if plan.executor in ("local", "slurm") else "slurm")
+    plan.executor = args.executor or executors.executor_class(plan.executor).name   # cv_array.sbatch's: Slurm
     for point in plan.points:
         check_launcher(from_dict(point.config), plan.executor)
     return plan
@@ -104,14 +102,14 @@ class Job:
     point: str
     fold: int
     run_dir: Path
-    state: str = "queued"            # queued | pending | running | ended | unknown | done | failed
+    state: JobState = JobState.QUEUED
     detail: str = ""
     log: str = ""                    # the log to read when it failed (its first failed task's)
     submission: Submission | None = None
-    handle: object = None            # this launch's submitit Job (local executor: its processes)
-    slot: int | None = None          # local executor: the device slot it runs on
+    executor: Executor | None = None  # the one running it (a job of an earlier launch: of its kind)
+    handle: object = None            # this launch's handle on it (none for a job of an earlier launch)
     ended_at: float | None = None    # when it was first seen gone without done.json
-    task_failed_at: float | None = None  # local: when a task of the still running job was seen failed
+    task_failed_at: float | None = None  # when a task of the still running job was seen failed
 
     @property
     def label(self) -> str:
@@ -119,11 +117,71 @@ class Job:
 
     @property
     def final(self) -> bool:
-        return self.state in ("done", "failed")
+        return self.state.final
 
     @property
     def active(self) -> bool:
         return self.submission is not None and not self.final
+
+
+class Stopped(BaseException):
+    """The launcher was asked to stop by a signal (a BaseException, like KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum   # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class StopRequests:
+    """While open, the first of STOP_SIGNALS raises :class:`Stopped` in the main thread, at once, or
+    at the end of a ``held()`` block (a job submitted inside is always recorded first). Later ones
+    are ignored: the clean-up they would cut short is bounded. The previous handlers are back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._raised, self._holding, self._previous = False, 0, {}
+
+    def __enter__(self) -> "StopRequests":
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: the signals keep their handlers
+                pass
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if not self._holding:
+                self._raise()
+
+    def _raise(self) -> None:
+        self._raised = True
+        raise Stopped(self.signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        if not self._holding and self.signum is not None and not self._raised:
+            self._raise()
 
 
 class Launch:
@@ -132,106 +190,115 @@ class Launch:
     def __init__(self, plan: Plan, todo: list[tuple[str, int]], already_done: int = 0):
         self.plan, self.already_done = plan, already_done
         self.cfg = from_dict(plan.points[0].config)
-        self.kind = plan.executor
+        self.executor = self._executor(plan.executor, max(len(todo), 1))
+        self._others: dict[str, Executor] = {}   # earlier launches' jobs of other kinds (--resume)
         self.jobs = [Job(p, k, plan.run_dir(plan.point(p), k)) for p, k in todo]
-        self._ex = None
+        self.stops = StopRequests()
         self._shown = ("", 0.0)
         self.started = time.monotonic()
 
-    # --- submission
+    def _executor(self, kind: str, jobs: int) -> Executor:
+        """A fresh submitit folder per launch: Slurm job ids may restart at 1."""
+        root = self.plan.cv_dir / "submitit"
+        folder = root / f"launch{len(list(root.glob('launch*'))) if root.exists() else 0}"
+        return executors.executor_class(kind)(self.cfg.launcher, folder, jobs)
+
+    def executor_of(self, record: Submission) -> Executor:
+        if record.executor == self.executor.name:
+            return self.executor
+        if record.executor not in self._others:
+            self._others[record.executor] = self._executor(record.executor, 1)
+        return self._others[record.executor]
 
     def capacity(self) -> float:
-        lc = self.cfg.launcher
-        if self.kind == "slurm":
-            return math.inf  # Slurm queues; the array's parallelism carries launcher.max_parallel
-        return lc.max_parallel or executors.local_capacity(lc)
+        return self.executor.capacity()
 
-    def executor(self):
-        if self._ex is None:  # a fresh submitit folder per launch: Slurm job ids may restart at 1
-            root = self.plan.cv_dir / "submitit"
-            folder = root / f"launch{len(list(root.glob('launch*'))) if root.exists() else 0}"
-            self._ex = executors.make_executor(self.cfg.launcher, self.kind, folder, max(len(self.jobs), 1))
-        return self._ex
+    # --- submission
 
     def start(self, resume: bool) -> None:
         """Keep watching the jobs of an earlier launch that still run (--resume); submit the others."""
         earlier = {(r.point, r.fold): r for r in read_submissions(self.plan.cv_dir)} if resume else {}
-        slurm_ids = [r.job_id for r in earlier.values() if r.executor == "slurm"]
-        slurm = executors.slurm_states(slurm_ids) if slurm_ids else {}
-        for job in self.jobs:
-            record = earlier.get((job.point, job.fold))
-            status = executors.job_status(record, job.run_dir, slurm)[0] if record else None
-            if status in ("running", "pending", "unknown"):
-                job.submission, job.state = record, status
-                print(f"cv: {job.label} still running as job {record.job_id}: watching it", file=sys.stderr)
+        mine = [j for j in self.jobs if (j.point, j.fold) in earlier]
+        for job in mine:
+            job.submission = earlier[(job.point, job.fold)]
+            job.executor = self.executor_of(job.submission)
+        for job, status in zip(mine, self.statuses(mine)):
+            if status.state.live:
+                job.state = status.state
+                print(f"cv: {job.label} still running as job {job.submission.job_id}: watching it", file=sys.stderr)
+            else:
+                job.submission = job.executor = None
         self.submit_queued()
 
     def submit_queued(self) -> None:
-        queued = [j for j in self.jobs if j.state == "queued"]
+        queued = [j for j in self.jobs if j.state is JobState.QUEUED]
         room = self.capacity() - sum(j.active for j in self.jobs)
         take = queued if room == math.inf else queued[:max(int(room), 0)]
         if not take:
             return
-        tasks = self.cfg.launcher.nodes * self.cfg.launcher.tasks_per_node
         for job in take:
             job.run_dir.mkdir(parents=True, exist_ok=True)
-        work = [(j.point, j.fold, self.plan.fold_config(self.plan.point(j.point), j.fold), str(j.run_dir),
-                 self.cfg.cv.tta) for j in take]
-        if self.kind == "slurm":
-            self._record(take, executors.submit(self.executor(), self.kind, work, tasks))
-            return
-        for job, item in zip(take, work):  # local: one at a time, each on its own device slot
-            used = {j.slot for j in self.jobs if j.active and j.slot is not None}
-            job.slot = min(set(range(int(self.capacity()))) - used, default=0)
-            self._record([job], executors.submit(self.executor(), self.kind, [item], tasks, slot=job.slot,
-                                                 slots=int(self.capacity())))
-
-    def _record(self, jobs: list[Job], submitted: list[tuple[Submission, object]]) -> None:
-        for job, (record, handle) in zip(jobs, submitted):
-            job.submission, job.handle, job.state = record, handle, "pending"
-        add_submissions(self.plan.cv_dir, [record for record, _ in submitted])
+        work = [Work(j.point, j.fold, self.plan.fold_config(self.plan.point(j.point), j.fold), j.run_dir,
+                     self.cfg.cv.tta) for j in take]
+        with self.stops.held():   # a stop request waits until what is submitted is recorded
+            submitted = self.executor.submit(work)
+            for job, (record, handle) in zip(take, submitted):
+                job.submission, job.executor, job.handle, job.state = record, self.executor, handle, JobState.PENDING
+            add_submissions(self.plan.cv_dir, [record for record, _ in submitted])
 
     # --- watching
 
+    def statuses(self, jobs: list[Job]) -> list[Status]:
+        """Each job's status, from one look per executor."""
+        for ex in {id(j.executor): j.executor for j in jobs}.values():
+            ex.refresh([j.submission for j in jobs if j.executor is ex])
+        return [j.executor.status(j.submission, j.run_dir, j.handle) for j in jobs]
+
     def poll(self) -> None:
         watched = [j for j in self.jobs if j.active]
-        slurm = executors.slurm_states([j.submission.job_id for j in watched if j.submission.executor == "slurm"])
+        statuses = self.statuses(watched)
         clock = time.monotonic()
-        for job in watched:
-            status, detail, log = executors.job_status(job.submission, job.run_dir, slurm, job.handle)
-            if status == "ended":
-                job.ended_at = job.ended_at or clock
-                if clock - job.ended_at < GRACE_S[job.submission.executor]:
-                    continue
-                status, detail = "failed", f"{detail} without done.json"
-            else:
-                job.ended_at = None
-            if status == "running" and job.submission.executor == "local":
-                self._end_if_a_task_failed(job, clock)
-            job.state, job.detail, job.log = status, detail, log
-            if status == "failed":
-                print(f"cv: {job.label} FAILED (job {job.submission.job_id}: {detail}); log: {log}",
-                      file=sys.stderr, flush=True)
+        for job, status in zip(watched, statuses):
+            self._update(job, status, clock)
+
+    def _update(self, job: Job, status: Status, clock: float) -> None:
+        if status.state is JobState.ENDED:
+            job.ended_at = job.ended_at or clock
+            if clock - job.ended_at < job.executor.gone_grace_s:
+                return
+            status = Status(JobState.FAILED, f"{status.detail} without done.json", status.log)
+        else:
+            job.ended_at = None
+        if status.state is JobState.RUNNING:
+            self._end_if_a_task_failed(job, clock)
+        job.state, job.detail, job.log = status.state, status.detail, status.log
+        if status.state is JobState.FAILED:
+            print(f"cv: {job.label} FAILED (job {job.submission.job_id}: {status.detail}); log: {status.log}",
+                  file=sys.stderr, flush=True)
 
     def _end_if_a_task_failed(self, job: Job, clock: float) -> None:
-        """What srun's --kill-on-bad-exit does on Slurm: a local job one of whose tasks failed is
-        ended after TASK_FAILED_GRACE_S (time for the others to record that they stop because of
-        it), so that a task stuck for another reason cannot keep the job, and the CV, waiting."""
+        """Where the executor does not do it itself (srun's --kill-on-bad-exit), a job one of whose
+        tasks failed is ended after its executor's task_failed_grace_s (time for the others to record
+        that they stop because of it), so that a task stuck for another reason cannot keep the job,
+        and the CV, waiting."""
+        grace = job.executor.task_failed_grace_s
+        if grace is None:
+            return
         if job.task_failed_at is None:
-            if executors.first_failure(job.submission) is not None:
+            if job.executor.first_failure(job.submission) is not None:
                 job.task_failed_at = clock
             return
-        if clock - job.task_failed_at >= TASK_FAILED_GRACE_S:
-            print(f"cv: {job.label}: a task failed {TASK_FAILED_GRACE_S:.0f} s ago and the job still runs; "
+        if clock - job.task_failed_at >= grace:
+            print(f"cv: {job.label}: a task failed {grace:.0f} s ago and the job still runs; "
                   f"ending its other tasks", file=sys.stderr, flush=True)
-            executors.cancel_local(job.submission, job.handle)
+            job.executor.cancel(job.submission, job.handle)
             job.task_failed_at = math.inf   # asked once
 
     def counts(self, total: int) -> str:
-        done = sum(j.state == "done" for j in self.jobs) + self.already_done
-        failed = sum(j.state == "failed" for j in self.jobs)
-        running = sum(j.state in ("running", "ended") for j in self.jobs)
-        queued = sum(not j.final and j.state not in ("running", "ended") for j in self.jobs)
+        done = sum(j.state is JobState.DONE for j in self.jobs) + self.already_done
+        failed = sum(j.state is JobState.FAILED for j in self.jobs)
+        running = sum(j.state in (JobState.RUNNING, JobState.ENDED) for j in self.jobs)
+        queued = sum(not j.final and j.state not in (JobState.RUNNING, JobState.ENDED) for j in self.jobs)
         return f"{done}/{total} done, {running} running, {queued} queued, {failed} failed"
 
     def show(self, total: int) -> None:
@@ -251,15 +318,22 @@ class Launch:
                 return True
             if time.monotonic() - self.started > deadline_s:
                 return False
-            time.sleep(POLL_S[self.kind])
+            time.sleep(self.executor.poll_s)
+
+    def interrupt(self) -> str:
+        """The launcher stops: each executor ends or leaves its unfinished jobs; what happened to them."""
+        active = [j for j in self.jobs if j.active]
+        said = [ex.interrupt([(j.submission, j.handle) for j in active if j.executor is ex])
+                for ex in {id(j.executor): j.executor for j in active}.values()]
+        return "; ".join(said) or "no job was running"
 
     @property
     def failed(self) -> list[Job]:
-        return [j for j in self.jobs if j.state == "failed"]
+        return [j for j in self.jobs if j.state is JobState.FAILED]
 
     @property
     def all_done(self) -> bool:
-        return all(j.state == "done" for j in self.jobs)
+        return all(j.state is JobState.DONE for j in self.jobs)
 
 
 def _clock(seconds: float) -> str:
@@ -287,24 +361,25 @@ def run(args) -> int:
     keys = [(p.name, k) for p in plan.points for k in plan.folds]
     todo = [(p.name, k) for p in plan.points for k in plan.folds if not plan.is_done(p, k)]
     launch = Launch(plan, todo, already_done=len(keys) - len(todo))
-    if args.no_wait and plan.executor == "local" and len(todo) > launch.capacity():
-        raise InputError(f"--no-wait with the local executor: {len(todo)} jobs but {launch.capacity()} at once "
-                         "(launcher.max_parallel; the local executor has no queue): wait, or raise max_parallel")
+    if args.no_wait and len(todo) > launch.capacity():
+        raise InputError(f"--no-wait with the {plan.executor} executor: {len(todo)} jobs but {launch.capacity()} at "
+                         "once (launcher.max_parallel; it has no queue): wait, or raise max_parallel")
     plan.cv_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         plan.save()
     print(f"cv: {len(plan.points)} grid point(s) × {len(plan.folds)} fold(s) in {plan.cv_dir} "
           f"({plan.executor}); {len(todo)} job(s) to run", file=sys.stderr, flush=True)
-    launch.start(resume=args.resume)
-    if args.no_wait:
-        print(f"cv: submitted; later: dist-lc report {plan.cv_dir}", file=sys.stderr)
-        return 0
-    try:
-        finished = launch.wait(len(keys), wait_budget_s(launch.cfg, len(todo), launch.capacity()))
-    except KeyboardInterrupt:
-        print(f"cv: interrupted; Slurm jobs go on (local ones got the interrupt too): dist-lc cv --out "
-              f"{plan.cv_dir} --resume watches them again and reruns the others", file=sys.stderr)
-        return 130
+    with launch.stops:   # still open while the jobs are ended: a second signal cannot cut that short
+        try:
+            launch.start(resume=args.resume)
+            if args.no_wait:
+                print(f"cv: submitted; later: dist-lc report {plan.cv_dir}", file=sys.stderr)
+                return 0
+            finished = launch.wait(len(keys), wait_budget_s(launch.cfg, len(todo), launch.capacity()))
+        except Stopped as stop:
+            print(f"cv: stopped by {stop.signal_name}; {launch.interrupt()}: dist-lc cv --out {plan.cv_dir} "
+                  "--resume watches the jobs still running and reruns the others", file=sys.stderr, flush=True)
+            return stop.exit_status
     if not finished:
         print(f"cv: wait deadline passed with jobs unfinished (they may still run): dist-lc report "
               f"{plan.cv_dir} or dist-lc cv --out {plan.cv_dir} --resume later", file=sys.stderr)

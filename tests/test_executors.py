@@ -1,0 +1,189 @@
+"""The executor interface of `dist-lc cv` (dist_lc/cv/executors.py).
+
+The registry has a class for every executor name that LauncherConfig declares, and the launcher
+names none of them: a new kind of executor is a new class. :class:`ThreadExecutor`, a kind made up
+here (each job a thread of the test's own process), is registered in place of "local" and drives
+`dist-lc cv` end to end (submit, poll, status, cancel, a stop signal, --resume) with no change to
+dist_lc/cv/launch.py.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import threading
+import typing
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import test_cv
+from test_cv import tiny
+
+from dist_lc import cli
+from dist_lc.config import LauncherConfig
+from dist_lc.cv import executors, launch
+from dist_lc.cv.executors import Executor, JobState, Work
+from dist_lc.cv.fold import FoldJob
+from dist_lc.cv.plan import Submission, now
+from lc_common.errors import InputError
+
+tiny_shards = test_cv.tiny_shards   # the session fixture (60 real tiles, 5 folds, 8 test), shared
+
+
+def test_every_declared_executor_name_has_its_class_and_no_other_name_has_one():
+    declared = typing.get_args(typing.get_type_hints(LauncherConfig)["executor"])
+    assert set(executors.EXECUTORS) == set(declared)
+    for name, cls in executors.EXECUTORS.items():
+        assert issubclass(cls, Executor) and cls.name == name and not getattr(cls, "__abstractmethods__", None)
+    assert executors.executor_class("sbatch") is executors.SlurmExecutor   # cv.json of slurm/cv_array.sbatch
+    with pytest.raises(InputError, match="executor 'nowhere': not one of local, slurm"):
+        executors.executor_class("nowhere")
+
+
+def test_the_launcher_names_no_executor():
+    """Everything kind-specific lives in the executor classes."""
+    source = Path(launch.__file__).read_text()
+    names = "|".join(executors.EXECUTORS)
+    assert not re.findall(rf"""["']({names})["']""", source)
+
+
+# ----------------------------------------------------------------------------- an executor of threads
+
+class ThreadJob:
+    """One job of the ThreadExecutor: its work, a cancel request, the error of a failed task."""
+
+    def __init__(self, work: Work):
+        self.work, self.cancelled, self.error = work, threading.Event(), None
+
+
+def run_the_fold(job: ThreadJob) -> None:
+    FoldJob(job.work.config, str(job.work.run_dir), job.work.tta)()
+
+
+class ThreadExecutor(Executor):
+    """Each job a thread of this process running ``job_function``, one job at a time; what the
+    launcher asked of it is counted in ``calls``."""
+
+    name = "local"          # registered in place of the local executor for a test
+    poll_s = 0.05
+    gone_grace_s = 0.2
+    task_failed_grace_s = 1.0
+    job_function = staticmethod(run_the_fold)
+    calls: Counter = Counter()
+    _ids = itertools.count()
+
+    def __init__(self, launcher, folder, jobs=1):
+        super().__init__(launcher, folder, jobs)
+        self.threads: dict[str, tuple[threading.Thread, ThreadJob]] = {}
+
+    def capacity(self) -> float:
+        return 1
+
+    def submit(self, work: list[Work]) -> list[executors.Submitted]:
+        self.calls["submit"] += 1
+        out = []
+        for item in work:
+            job_id, job = f"thread{next(self._ids)}", ThreadJob(item)
+            thread = threading.Thread(target=self._run, args=(job,), name=job_id, daemon=True)
+            self.threads[job_id] = (thread, job)
+            thread.start()
+            log = Path(item.run_dir) / "thread.log"
+            out.append((Submission(item.point, item.fold, self.name, job_id, str(log), str(log), now()), thread))
+        return out
+
+    def _run(self, job: ThreadJob) -> None:
+        try:
+            type(self).job_function(job)
+        except BaseException as exc:  # noqa: BLE001 - a task's error, as a result pickle would hold it
+            job.error = f"{type(exc).__name__}: {exc}"
+
+    def refresh(self, records) -> None:
+        self.calls["refresh"] += 1
+
+    def presence(self, record, handle=None):
+        self.calls["status"] += 1
+        thread, _ = self.threads.get(record.job_id, (None, None))
+        return (JobState.RUNNING, "") if thread is not None and thread.is_alive() else (None, "thread ended")
+
+    def first_failure(self, record):
+        _, job = self.threads.get(record.job_id, (None, None))
+        return (job.error, record.stderr) if job is not None and job.error else None
+
+    def cancel(self, record, handle=None) -> None:
+        self.calls["cancel"] += 1
+        self.threads[record.job_id][1].cancelled.set()
+
+    def interrupt(self, jobs) -> str:
+        self.calls["interrupt"] += 1
+        for record, handle in jobs:
+            self.cancel(record, handle)
+            handle.join(timeout=30)
+        return f"{len(jobs)} thread job(s) ended"
+
+
+@pytest.fixture
+def thread_executor(monkeypatch):
+    monkeypatch.setitem(executors.EXECUTORS, "local", ThreadExecutor)
+    monkeypatch.setattr(ThreadExecutor, "calls", Counter())
+    return ThreadExecutor
+
+
+def cv(shards, cv_dir: Path, *extra) -> list[str]:
+    return ["cv", *tiny(shards, "launcher.tasks_per_node=1", *extra), "--out", str(cv_dir), "--executor", "local"]
+
+
+def test_the_launcher_ends_a_job_whose_task_failed_through_its_executor(thread_executor, tiny_shards, tmp_path,
+                                                                         capsys, monkeypatch):
+    def a_task_fails_the_others_wait(job: ThreadJob) -> None:
+        job.error = "rank 1: RuntimeError: injected"
+        job.cancelled.wait(60)
+
+    monkeypatch.setattr(ThreadExecutor, "job_function", staticmethod(a_task_fails_the_others_wait))
+    assert cli.main(cv(tiny_shards, tmp_path / "cv", "cv.folds=[0]")) == 1
+    err = capsys.readouterr().err
+    assert "cv: fold0: a task failed 1 s ago and the job still runs; ending its other tasks" in err
+    line = next(x for x in err.splitlines() if "fold0 FAILED" in x)
+    assert "thread ended: rank 1: RuntimeError: injected" in line
+    assert thread_executor.calls["cancel"] == 1
+
+
+def test_a_new_executor_class_runs_a_cv_end_to_end_and_a_stop_signal_hands_it_its_jobs(
+        thread_executor, tiny_shards, tmp_path, capsys, monkeypatch):
+    """SIGTERM to the launcher's own process while the first job runs: the executor's interrupt ends
+    it, the launcher exits 143 with one line and its signal handlers restored; --resume then runs
+    both folds for real, one at a time (the executor's capacity), and reports."""
+    running = threading.Event()
+
+    def wait_for_cancel(job: ThreadJob) -> None:
+        running.set()
+        job.cancelled.wait(60)
+
+    def terminate_once_running() -> None:
+        if running.wait(60) and signal.getsignal(signal.SIGTERM) is not before:   # the launcher's handler
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ThreadExecutor, "job_function", staticmethod(wait_for_cancel))
+    before, cv_dir = signal.getsignal(signal.SIGTERM), tmp_path / "cv"
+    sender = threading.Thread(target=terminate_once_running, daemon=True)
+    sender.start()
+    assert cli.main(cv(tiny_shards, cv_dir)) == 143
+    sender.join(timeout=5)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"cv: stopped by SIGTERM; 1 thread job(s) ended: dist-lc cv --out {cv_dir} --resume watches "
+                    "the jobs still running and reruns the others")
+    assert thread_executor.calls["interrupt"] == 1 and signal.getsignal(signal.SIGTERM) is before
+    assert not [t for t in threading.enumerate() if t.name.startswith("thread")]
+
+    monkeypatch.setattr(ThreadExecutor, "job_function", staticmethod(run_the_fold))
+    assert cli.main(["cv", "--out", str(cv_dir), "--resume"]) == 0, capsys.readouterr().err[-3000:]
+    assert "2 job(s) to run" in capsys.readouterr().err
+    report = json.loads((cv_dir / "report.json").read_text())
+    assert report["complete"] and [f["fold"] for f in report["folds"]] == [0, 1]
+    records = json.loads((cv_dir / "jobs.json").read_text())["jobs"]
+    assert [(r["fold"], r["executor"], r["job_id"][:6]) for r in records] == [(0, "local", "thread")] + \
+        [(k, "local", "thread") for k in (0, 1)]
+    assert thread_executor.calls["submit"] == 3 and thread_executor.calls["refresh"] >= 3
