@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_SRC = REPO.parent / "shared" / "data" / "s2glc-sample"
+SAMPLE_SRC = Path(os.environ.get("DIST_LC_SHARED") or REPO.parent / "shared") / "data" / "s2glc-sample"
 
 
 def loadavg() -> str:

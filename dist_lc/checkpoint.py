@@ -2,7 +2,8 @@
 
 ``last.pt`` every epoch and ``best.pt`` at the lowest score hold: model, EMA, optimizer, scheduler
 and scaler state dicts, ``epoch`` (epochs completed), ``step``, RNG states, ``best_val_kl``,
-``config`` (a plain dict), ``manifest_sha256`` and the layout it was trained on (``world_size``,
+``config`` (a plain dict), ``manifest_identity`` (what the shards hold, see
+:attr:`Manifest.identity`; checkpoints of earlier releases hold ``manifest_sha256``) and the layout it was trained on (``world_size``,
 ``device``). Tensors and plain types only.
 """
 from __future__ import annotations
@@ -79,9 +80,9 @@ class Checkpointer:
     filesystem disagrees cannot diverge) and every rank loads the same file.
     """
 
-    def __init__(self, run_dir, parts: dict, cfg, manifest_sha256: str, world_size: int, device: torch.device):
+    def __init__(self, run_dir, parts: dict, cfg, manifest, world_size: int, device: torch.device):
         self.folder = Path(run_dir) / "checkpoints"
-        self.parts, self.cfg, self.sha = parts, cfg, manifest_sha256
+        self.parts, self.cfg, self.manifest = parts, cfg, manifest
         self.world_size, self.device = world_size, device
 
     @property
@@ -96,16 +97,27 @@ class Checkpointer:
                 "scaler": self.parts["scaler"].state_dict(), "epoch": p.epoch, "step": p.step,
                 "best_val_kl": p.best, "stale_validations": p.stale, "planned_epochs": p.planned,
                 "rng": rng_state(), "config": to_dict(self.cfg),
-                "manifest_sha256": self.sha, "world_size": self.world_size, "device": self.device.type}
+                "manifest_identity": self.manifest.identity, "world_size": self.world_size, "device": self.device.type}
 
-    def save(self, p: Progress, improved: bool) -> None:
-        """last.pt, and best.pt when the score improved (rank 0 only; a no-op elsewhere)."""
-        if not distributed.is_main():
-            return
-        state = self.state(p)
-        save_atomic(state, self.last)
-        if improved:
-            save_atomic(state, self.folder / BEST)
+    def save_best(self, p: Progress) -> None:
+        """best.pt (rank 0 only; a no-op elsewhere)."""
+        if distributed.is_main():
+            save_atomic(self.state(p), self.folder / BEST)
+
+    def save_last(self, p: Progress) -> None:
+        """last.pt, the point a resume starts from: written last of an epoch's files (rank 0 only)."""
+        if distributed.is_main():
+            save_atomic(self.state(p), self.last)
+
+    def check_same_data(self, state: dict) -> None:
+        """The run resumes only on the shards it was trained on (the same content, wherever packed)."""
+        if "manifest_identity" in state:
+            same = state["manifest_identity"] == self.manifest.identity
+        else:   # an earlier release's checkpoint: the manifest file's own hash
+            same = state.get("manifest_sha256") == self.manifest.sha256
+        if not same:
+            raise InputError(f"{self.last}: trained on other shards than {self.cfg.data.shards} (other tiles, "
+                             f"folds, seed or shard layout); use a fresh --run-dir")
 
     def resume(self) -> tuple[Progress, dict | None]:
         """(progress, the checkpoint's layout) from last.pt, or a fresh start when rank 0 sees none."""
@@ -116,8 +128,7 @@ class Checkpointer:
         if not exists:
             return Progress(), None
         state = load(self.last)
-        if state["manifest_sha256"] != self.sha:
-            raise InputError(f"{self.last}: trained on other shards than {self.cfg.data.shards}; use a fresh --run-dir")
+        self.check_same_data(state)
         if normalized(state["config"])["model"] != to_dict(self.cfg)["model"]:
             raise InputError(f"{self.last}: written with another model config; use a fresh --run-dir")
         self.parts["model"].load_state_dict(state["model"])

@@ -38,6 +38,7 @@ from shard_tools import tarstream
 from shard_tools.format import decode_sample
 from shard_tools.manifest import Manifest, remote_reason
 
+from . import views
 from .loading import Loader
 
 
@@ -140,17 +141,12 @@ def read_segment(seg: Segment):
 
 def random_view(rng: np.random.Generator) -> tuple[int, bool]:
     """One of the 8 flips/rotations (the benchmark's flips and 90°/270° rotations): (quarter turns, flip)."""
-    code = int(rng.integers(8))   # one draw: a generator call costs more than the rest of this
-    return code >> 1, bool(code & 1)
+    return views.of_code(int(rng.integers(8)))   # one draw: a generator call costs more than the rest of this
 
 
 def turn(image: np.ndarray, mask: np.ndarray, k: int, flip: bool):
-    """An (H, W, ...) image and its mask turned by ``k`` quarter turns, then flipped left-right if
-    ``flip``: numpy views, no copy."""
-    image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k, axes=(0, 1))
-    if flip:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    return image, mask
+    """An (H, W, ...) image and its mask turned alike: numpy views, no copy."""
+    return views.turn(image, k, flip), views.turn(mask, k, flip)
 
 
 def random_flip_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
@@ -159,23 +155,21 @@ def random_flip_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Gener
     return turn(image, mask, *random_view(rng))
 
 
-def apply_views(image: torch.Tensor, mask: torch.Tensor, views: torch.Tensor):
+def apply_views(image: torch.Tensor, mask: torch.Tensor, drawn: torch.Tensor):
     """Turn each sample of a batch as loaded ((N, H, W, 4) uint16 images, (N, H, W) masks) by its
-    (quarter turns, flip) row of ``views``, where the batch already is (the training device).
+    (quarter turns, flip) row of ``drawn``, where the batch already is (the training device).
 
     Done there rather than in the loader workers: a rotation is a transposing copy, the costliest
     step of a worker's sample; on a GPU it is a few microseconds per batch. Pixels move as 8-byte
     words (:func:`as_pixels`), which every device supports, unlike uint16."""
     pixels = image.view(torch.int64)[..., 0]
     out_px, out_mask = torch.empty_like(pixels), torch.empty_like(mask)
-    code = views[:, 0].long() * 2 + views[:, 1].long()
+    code = drawn[:, 0].long() * 2 + drawn[:, 1].long()
     for value in torch.unique(code).tolist():
         idx = torch.nonzero(code == value).squeeze(1).to(image.device)
-        k, flip = divmod(value, 2)
-        px, msk = torch.rot90(pixels[idx], k, dims=(1, 2)), torch.rot90(mask[idx], k, dims=(1, 2))
-        if flip:
-            px, msk = px.flip(2), msk.flip(2)
-        out_px[idx], out_mask[idx] = px, msk
+        k, flip = views.of_code(value)
+        out_px[idx] = views.turn(pixels[idx], k, flip, axes=(1, 2))
+        out_mask[idx] = views.turn(mask[idx], k, flip, axes=(1, 2))
     return out_px.unsqueeze(-1).view(torch.uint16), out_mask
 
 

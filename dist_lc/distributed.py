@@ -13,6 +13,7 @@ a SIGKILL of the agent would leave them training as orphans; they exit when thei
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -149,12 +150,17 @@ def _store(env: DistEnv, timeout: timedelta) -> dist.Store:
     return store
 
 
-def setup(preference: str = "auto", timeout_s: float = 600) -> tuple[DistEnv, torch.device]:
-    """Read the environment, choose the device, join the process group (nccl on CUDA, gloo on CPU).
+@dataclass(frozen=True)
+class Group:
+    """What an entry point hands down: this process's place in the launch and its device."""
+    env: DistEnv
+    device: torch.device
 
-    ``timeout_s`` bounds every collective: when a peer dies, the others fail after at most this
-    long instead of NCCL's 30-minute default. A second call returns the same environment.
-    """
+
+_owned: list[Group] = []   # the group of the entry point that is running, if any
+
+
+def _join(preference: str, timeout_s: float) -> Group:
     env = read_env()
     device = pick_device(env, preference)
     if device.type == "cpu":
@@ -166,10 +172,53 @@ def setup(preference: str = "auto", timeout_s: float = 600) -> tuple[DistEnv, to
         timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend, store=_store(env, timeout), rank=env.rank, world_size=env.world_size,
                                 timeout=timeout, device_id=device if device.type == "cuda" else None)
-    return env, device
+    return Group(env, device)
+
+
+@contextlib.contextmanager
+def process_group(preference: str = "auto", timeout_s: float = 600):
+    """Own the process group of one entry point (train, predict, map, a fold job): read the
+    environment, choose the device, join (nccl on CUDA, gloo on CPU) on entry; leave on exit,
+    errors and signals included. Yields the :class:`Group` that everything below receives.
+
+    ``timeout_s`` bounds every collective: when a peer dies, the others fail after at most this
+    long instead of NCCL's 30-minute default. Inside an open group (a fold job's training, then
+    its prediction) it yields that group and leaves it to its owner.
+    """
+    if _owned:
+        yield _owned[-1]
+        return
+    try:
+        _owned.append(_join(preference, timeout_s))
+        yield _owned[-1]
+    finally:
+        _owned.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def single_process(preference: str = "auto") -> Group:
+    """The group of a plain process with no launcher (tests, benchmarks): no collective to join."""
+    env = DistEnv()
+    device = pick_device(env, preference)
+    if device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(env))
+    return Group(env, device)
 
 
 _watching: list = []
+_last_words: list = []   # called with the reason before this process ends on its own
+
+
+@contextlib.contextmanager
+def last_words(record):
+    """Within the block, ``record(reason)`` runs before this process exits on its own (its launcher
+    gone): the run folder then says why, and the peers report it instead of a closed connection."""
+    _last_words.append(record)
+    try:
+        yield
+    finally:
+        _last_words.remove(record)
 
 
 def watch_parent() -> None:
@@ -181,16 +230,17 @@ def watch_parent() -> None:
     def watch():
         while os.getppid() == parent:
             time.sleep(WATCH_PARENT_S)
-        print(f"error: the launcher of this rank (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
+        reason = f"the launcher of this rank (pid {parent}) is gone"
+        for record in list(_last_words):
+            try:
+                record(reason)
+            except Exception:  # noqa: BLE001 - the exit below must happen whatever the note does
+                pass
+        print(f"error: {reason}; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
     _watching.append(threading.Thread(target=watch, name="dist_lc-watch-parent", daemon=True))
     _watching[0].start()
-
-
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def is_main() -> bool:

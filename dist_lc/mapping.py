@@ -231,7 +231,6 @@ def _rows_of(record: dict) -> list[dict]:
 def run(args) -> int:
     if not 0 <= args.overlap < WINDOW:
         raise InputError(f"--overlap {args.overlap}: must be 0 to {WINDOW - 1} pixels")
-    out_dir = Path(args.out)
     paths = scene_paths(args.scenes)
     aoi = parse_aoi(args.aoi)
     scenes = [open_scene(p) for p in paths]   # every scene checked before any work
@@ -240,33 +239,37 @@ def run(args) -> int:
         for s in scenes:
             if not s.georeferenced:
                 print(f"warning: {s.path}: no georeferencing; its map is written without a CRS", file=sys.stderr)
-        env, device = distributed.setup(args.device)
-        ensemble = Ensemble(args.checkpoint, device, tta=args.tta)
-        if env.is_main:
-            try:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InputError(f"{out_dir}: --out cannot be created ({exc.strerror or exc})") from None
-        from tqdm import tqdm
-
-        total = sum(len(positions(s.height, WINDOW, WINDOW - args.overlap))
-                    * len(positions(s.width, WINDOW, WINDOW - args.overlap)) for s in scenes)
-        records = []
-        with tqdm(total=total, desc="map windows", unit="window", file=sys.stderr,
-                  disable=not (env.is_main and sys.stderr.isatty())) as bar:
-            for scene, mask in zip(scenes, aois):
-                records.append(map_scene(scene, ensemble, env, out_dir, args.overlap, args.batch_size,
-                                         args.probabilities, mask, bar))
-        if env.is_main:
-            write_csv_atomic(out_dir / "proportions.csv", pd.DataFrame([row for r in records for row in _rows_of(r)]))
-            for r in records:
-                print(f"mapped {r['scene']} ({r['width']} × {r['height']} px) → {out_dir}")
-            print(f"peak memory of rank 0: {peak_memory_mb(device):.0f} MB")
+        with distributed.process_group(args.device) as group:
+            map_scenes(args, scenes, aois, group)
     finally:
         for s in scenes:
             s.close()
-        distributed.teardown()
     return 0
+
+
+def map_scenes(args, scenes: list, aois: list, group: distributed.Group) -> None:
+    from tqdm import tqdm
+
+    env, device, out_dir = group.env, group.device, Path(args.out)
+    ensemble = Ensemble(args.checkpoint, device, tta=args.tta)
+    if env.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{out_dir}: --out cannot be created ({exc.strerror or exc})") from None
+    total = sum(len(positions(s.height, WINDOW, WINDOW - args.overlap))
+                * len(positions(s.width, WINDOW, WINDOW - args.overlap)) for s in scenes)
+    records = []
+    with tqdm(total=total, desc="map windows", unit="window", file=sys.stderr,
+              disable=not (env.is_main and sys.stderr.isatty())) as bar:
+        for scene, mask in zip(scenes, aois):
+            records.append(map_scene(scene, ensemble, env, out_dir, args.overlap, args.batch_size,
+                                     args.probabilities, mask, bar))
+    if env.is_main:
+        write_csv_atomic(out_dir / "proportions.csv", pd.DataFrame([row for r in records for row in _rows_of(r)]))
+        for r in records:
+            print(f"mapped {r['scene']} ({r['width']} × {r['height']} px) → {out_dir}")
+        print(f"peak memory of rank 0: {peak_memory_mb(device):.0f} MB")
 
 
 def scene_record(out_dir: Path, stem: str) -> dict:

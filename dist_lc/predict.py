@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from lc_common.atomic import check_parent, write_csv_atomic
 from lc_common.errors import InputError
 from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
@@ -21,14 +22,11 @@ from shard_tools.manifest import load_manifest
 from . import checkpoint as ckpt
 from . import distributed, pixel_metrics
 from .config import from_dict
+from . import views
 from .data import eval_loader, tiff_loader, to_nchw
 from .loading import LoaderError
-from lc_common.atomic import check_parent, write_csv_atomic
 from .model import build_network, pixel_probabilities, tile_proportions
 from .precision import autocast, resolve_precision
-
-DIHEDRAL = [(k, flip) for k in range(4) for flip in (False, True)]  # the 8 flips/rotations
-
 
 def load_network(path, device: torch.device):
     """The network of a checkpoint (EMA weights when the run kept them) and its config."""
@@ -46,15 +44,6 @@ def load_network(path, device: torch.device):
     return net, cfg
 
 
-def _view(image: torch.Tensor, k: int, flip: bool, fmt) -> torch.Tensor:
-    x = torch.rot90(image, k, dims=(2, 3))
-    return (torch.flip(x, dims=(3,)) if flip else x).contiguous(memory_format=fmt)
-
-
-def _unview(probs: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    return torch.rot90(torch.flip(probs, dims=(3,)) if flip else probs, -k, dims=(2, 3))
-
-
 class Ensemble:
     """One or more checkpoints on a device, each in its own precision; ``tta``: the 8 flips/rotations."""
 
@@ -67,19 +56,19 @@ class Ensemble:
         """(tile proportions (B, 10), per-pixel probabilities (B, 10, H, W) or None). Proportions are the
         mean over members and views of each one's tile proportions; probabilities the mean of their
         softmax (with each member's logit bias), every view turned back."""
-        views = DIHEDRAL if self.tta else DIHEDRAL[:1]
+        chosen = views.VIEWS if self.tta else views.VIEWS[:1]
         image = image.float()
         props, probs = 0, 0
         for net, cfg in self.members:
             fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
             dtype = resolve_precision(cfg.train.precision, self.device)
-            for k, flip in views:
+            for k, flip in chosen:
                 with autocast(self.device, dtype):
-                    logits = net(_view(image, k, flip, fmt))
+                    logits = net(views.turn(image, k, flip, axes=(2, 3)).contiguous(memory_format=fmt))
                 props = props + tile_proportions(logits, net.logit_bias)
                 if pixels:
-                    probs = probs + _unview(pixel_probabilities(logits, net.logit_bias), k, flip)
-        count = len(self.members) * len(views)
+                    probs = probs + views.unturn(pixel_probabilities(logits, net.logit_bias), k, flip, axes=(2, 3))
+        count = len(self.members) * len(chosen)
         return props / count, (probs / count if pixels else None)
 
 
@@ -91,14 +80,48 @@ def parse_split(split: str, num_folds: int) -> tuple[str, list | None]:
     raise InputError(f"--split {split!r}: expected test, train or fold:K with K < {num_folds}")
 
 
+class Tally:
+    """What a prediction pass gathers on one rank, batch by batch: tile ids, tile proportions and,
+    for tiles with masks, the pixel confusion matrix (summed over ranks by :meth:`finish`)."""
+
+    def __init__(self, device: torch.device, confusion: bool):
+        self.keys, self.rows = [], []
+        self.matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=device) \
+            if confusion else None
+
+    def add(self, keys: list, props: torch.Tensor, scores: torch.Tensor | None = None, mask=None) -> None:
+        """``scores``: per-pixel class scores whose argmax is the predicted map (probabilities, or
+        logits with the logit bias added), compared with ``mask`` when the tally keeps a confusion."""
+        self.keys += keys
+        self.rows.append(props.double().cpu().numpy())
+        if self.matrix is not None:
+            self.matrix += pixel_metrics.confusion(mask.to(self.matrix.device), scores)
+
+    def finish(self) -> tuple[list, np.ndarray, np.ndarray | None]:
+        """(this rank's ids, its proportions (N, 10), the confusion of all ranks or None); every rank
+        must call it when the tally keeps a confusion."""
+        if self.matrix is not None and dist.is_initialized():
+            dist.all_reduce(self.matrix)
+        props = np.concatenate(self.rows) if self.rows else np.zeros((0, len(CLASS_NAMES)))
+        return self.keys, props, None if self.matrix is None else self.matrix.cpu().numpy()
+
+
 def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, batch_size=16, workers=2,
             device_pref="auto", with_confusion: bool = False, wait_timeout_s: float = 300.0):
-    """Ensemble prediction of a split of shards, or of a folder of TIFF tiles (``images``).
+    """Ensemble prediction of a split of shards, or of a folder of TIFF tiles (``images``), in the
+    process group of the entry point that calls it (or in one of its own).
 
     Returns the table on rank 0 (None on the other ranks); with ``with_confusion`` (tiles with
     masks), ``(table, 8×8 pixel confusion matrix)``.
     """
-    env, device = distributed.setup(device_pref)
+    with distributed.process_group(device_pref) as group:
+        return _predict(checkpoints, shards, split, group, images=images, tta=tta, batch_size=batch_size,
+                        workers=workers, with_confusion=with_confusion, wait_timeout_s=wait_timeout_s)
+
+
+def _predict(checkpoints, shards, split, group: distributed.Group, *, images, tta, batch_size, workers,
+             with_confusion, wait_timeout_s):
+    env, device = group.env, group.device
     ensemble = Ensemble(checkpoints, device, tta)
     if images is not None:
         loader = tiff_loader(images, world=env.world_size, rank=env.rank, batch_size=batch_size, workers=workers,
@@ -111,21 +134,16 @@ def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, b
         loader = eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank,
                              batch_size=batch_size, workers=workers, device=device,
                              timeout_s=wait_timeout_s)
-    keys, rows = [], []
-    matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=device)
+    tally = Tally(device, with_confusion)
     with loader, loader.batches() as batches:
         for batch in batches:
             props, probs = ensemble(to_nchw(batch["image"]).to(device), pixels=with_confusion)
-            if with_confusion:
-                matrix += pixel_metrics.confusion(batch["mask"].to(device), probs)
-            keys += batch["key"]
-            rows.append(props.double().cpu().numpy())
-    if with_confusion and dist.is_initialized():
-        dist.all_reduce(matrix)
-    table = gathered_table(keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES))))
+            tally.add(batch["key"], props, probs, batch.get("mask"))
+    keys, props, matrix = tally.finish()
+    table = gathered_table(keys, props)
     if table is None:
         return None
-    return (table, matrix.cpu().numpy()) if with_confusion else table
+    return (table, matrix) if with_confusion else table
 
 
 def gathered_table(keys: list, props: np.ndarray) -> pd.DataFrame | None:
@@ -145,14 +163,13 @@ def run(args) -> int:
     if (args.shards is None) == (args.images is None):
         raise InputError("predict: give the tiles either as --shards DIR (with --split) or as --images DIR")
     try:
-        table = predict(args.checkpoint, args.shards, args.split, images=args.images, tta=args.tta,
-                        batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
-        if table is not None:
-            write_csv_atomic(args.out, table)
-            print(f"wrote {len(table)} rows to {args.out}")
+        with distributed.process_group(args.device):
+            table = predict(args.checkpoint, args.shards, args.split, images=args.images, tta=args.tta,
+                            batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
+            if table is not None:
+                write_csv_atomic(args.out, table)
+                print(f"wrote {len(table)} rows to {args.out}")
     except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        distributed.teardown()
     return 0

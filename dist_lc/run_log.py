@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from lc_common.atomic import write_bytes_atomic
 from lc_common.errors import InputError
 
 from . import pixel_metrics
@@ -152,14 +154,20 @@ class RunLog:
             self._write_rows([r for r in rows if int(r["epoch"]) <= epoch], mode="w")
 
     def _write_rows(self, rows, mode="a") -> None:
-        check_columns(rows)   # a key outside COLUMNS is an error, not a value dropped
-        path = self.run_dir / "metrics.csv"
-        new = mode == "w" or not path.exists()
-        with open(path, mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        """The file written whole each time (it is small): a failed write (a full disk) leaves the
+        previous rows intact, never half a row. A key outside COLUMNS is an error, not dropped."""
+        check_columns(rows)
+        kept = read_metrics(self.run_dir) if mode == "a" else []
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept + list(rows))
+        write_bytes_atomic(self.run_dir / "metrics.csv", text.getvalue().encode())
+
+    def rows(self) -> list[dict]:
+        """The run's metrics rows so far, resumed epochs included, as numbers (None where an epoch
+        skipped validation)."""
+        return [{k: (float(v) if v != "" else None) for k, v in r.items()} for r in read_metrics(self.run_dir)]
 
     def info(self, message: str) -> None:
         if self.enabled:

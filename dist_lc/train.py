@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -16,14 +17,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lc_common.errors import InputError
-from lc_common.tiles import CLASS_NAMES, IMAGE_SHAPE
+from lc_common.errors import InputError, WriteError
+from lc_common.tiles import IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
 from . import distributed, pixel_metrics
@@ -37,6 +39,7 @@ from .metrics import kl_per_sample
 from .model import build_network, normalisation_stats, prior_bias, tile_proportions
 from .optim import WarmupCosine, build_optimizer, build_scheduler, is_per_epoch
 from .precision import autocast, resolve_precision
+from .predict import Tally
 from .run_dir import (RunLock, check_output_folder, clear_failures, default_run_dir, first_peer_failure,
                       record_failure)
 from .run_log import RunLog
@@ -103,8 +106,10 @@ def ema_update(decay: float):
     return update
 
 
-def build_setup(cfg: Config) -> Setup:
-    env, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
+def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
+    """Everything one rank trains with, in ``group`` (default: a plain process, no launcher)."""
+    group = group or distributed.single_process(cfg.train.device)
+    env, device = group.env, group.device
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     if cfg.train.deterministic:
@@ -293,39 +298,77 @@ class HeldOut:
 
 def validate(s: Setup, net, epoch: int) -> tuple[dict, dict, HeldOut]:
     """Validation loss, score and pixel metrics over the held-out fold, every tile once across ranks,
-    all ranks scoring with rank 0's BatchNorm statistics (those that the checkpoint holds)."""
+    all ranks scoring with rank 0's BatchNorm statistics (those that the checkpoint holds). The
+    tiles' proportions and the confusion are gathered as prediction gathers them."""
     distributed.broadcast_buffers(net)
     kl_sum = loss_sum = n = skipped = 0.0
-    matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=s.device)
+    tally = Tally(s.device, confusion=True)
     shown = {"key": [], "image": [], "mask": [], "pred": []}
-    keys, rows = [], []
     for batch, b, logits, props in predict_batches(s, net, s.val_data):
         loss_sum += s.loss_fn(logits, b["mask"], b["props"]).sum().item()
-        matrix += pixel_metrics.confusion(b["mask"], logits.float() + net.logit_bias)  # as the maps are argmaxed
+        tally.add(batch["key"], props, logits.float() + net.logit_bias, b["mask"])   # as the maps are argmaxed
         truth, pred = batch["props"].double().numpy(), props.double().cpu().numpy()
-        keys += batch["key"]
-        rows.append(pred)
         scored = truth[:, 2:].sum(axis=1) > 0  # a tile of clouds/no_data only has no score
         kl_sum += float(kl_per_sample(truth[scored], pred[scored]).sum())
         n += float(scored.sum())
         skipped += float((~scored).sum())
-        room = s.cfg.train.plot_tiles - len(shown["key"])
-        if room > 0:
-            shown["key"] += batch["key"][:room]
-            # copies: the batch's memory is a loader slot, written again a few batches later
-            shown["image"] += list(to_nchw(batch["image"][:room]).numpy().copy())
-            shown["mask"] += list(batch["mask"][:room].numpy().copy())
-            shown["pred"] += list(logits[:room].argmax(1).cpu().numpy())
+        keep_shown(shown, batch, logits, s.cfg.train.plot_tiles)
     kl_sum, loss_sum, n, tiles = distributed.all_reduce_sum([kl_sum, loss_sum, n, n + skipped], s.device)
-    if dist.is_initialized():
-        dist.all_reduce(matrix)
-    matrix = matrix.cpu().numpy()
-    held = HeldOut(epoch, keys, np.concatenate(rows) if rows else np.zeros((0, len(CLASS_NAMES))), matrix)
+    keys, props, matrix = tally.finish()
     return {"val_loss": loss_sum / max(tiles, 1), "val_kl": kl_sum / max(n, 1), "val_tiles": int(tiles),
-            **pixel_metrics.summary(matrix)}, shown, held
+            **pixel_metrics.summary(matrix)}, shown, HeldOut(epoch, keys, props, matrix)
+
+
+def keep_shown(shown: dict, batch: dict, logits: torch.Tensor, limit: int) -> None:
+    """The first ``limit`` validation tiles, their masks and predicted maps, for the run's plots."""
+    room = limit - len(shown["key"])
+    if room > 0:
+        shown["key"] += batch["key"][:room]
+        # copies: the batch's memory is a loader slot, written again a few batches later
+        shown["image"] += list(to_nchw(batch["image"][:room]).numpy().copy())
+        shown["mask"] += list(batch["mask"][:room].numpy().copy())
+        shown["pred"] += list(logits[:room].argmax(1).cpu().numpy())
 
 
 # ----------------------------------------------------------------------------- the run
+
+StopReason = Literal["finished", "stopped", "time_limit", "early_stop"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where one call of :func:`train` spent its seconds (epochs resumed from earlier calls excluded)."""
+    setup_s: float = 0.0          # environment, data, model, optimizer
+    epochs_s: float = 0.0         # training passes
+    validation_s: float = 0.0
+    bookkeeping_s: float = 0.0    # checkpoints, logs, plots
+    validations: int = 0
+    train_call_s: float = 0.0     # the whole call
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run knows when it returns, the same on every rank.
+
+    ``last`` is the last epoch's metrics row of this call ({} when none ran); the ``best_*`` fields,
+    ``epochs_done``, ``final_train_loss`` and ``train_s`` cover the whole run, resumed epochs included.
+    """
+    config: Config                  # as resolved (the micro-batch that ``auto`` chose)
+    stop_reason: StopReason
+    epochs_done: int
+    epochs_planned: int
+    last: dict
+    best_epoch: int | None          # None without validation
+    best_val_kl: float | None
+    final_train_loss: float | None
+    train_s: float                  # all epochs' training time
+    timing: Timing
+    best_held_out: HeldOut | None   # the validation that made best.pt, when this call ran it
+
+    @property
+    def stopped(self) -> bool:
+        """A stop signal ended the run early: it resumes later from last.pt."""
+        return self.stop_reason == "stopped"
 
 def should_stop_for_time(s: Setup, started: float, epoch_times: list) -> bool:
     """Rank 0's clock decides: stop if another epoch (the longest so far, validation included)
@@ -368,32 +411,37 @@ def describe_start(s: Setup, p: Progress, layout: dict | None) -> str:
     return line
 
 
-def train(cfg: Config, run_dir) -> dict:
-    """Train (or resume) in ``run_dir``; returns, on every rank, the last epoch's metrics, whether a
-    stop request (SIGUSR2/SIGTERM) ended it early, and the epochs planned.
+def train(cfg: Config, run_dir) -> TrainResult:
+    """Train (or resume) in ``run_dir``, in the process group of the entry point that calls it (or
+    in one of its own); returns the same :class:`TrainResult` on every rank.
 
     A rank that fails records why in the run folder; a peer that then fails in a collective (the
     failed rank's connection closed) raises with that cause instead of a bare network error.
     """
     started = time.monotonic()
     run_dir = Path(run_dir)
-    distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
-    s = build_setup(keep_chosen_micro_batch(cfg, run_dir))
-    setup_s = time.monotonic() - started
-    with RunLock(run_dir, enabled=s.env.is_main), StopSignals() as stop:
-        try:
-            row = _train(s, run_dir, stop, started)
-            row["timing"].update(setup_s=setup_s, train_call_s=time.monotonic() - started)
-        except Exception as exc:
-            cause = explained(exc, s, run_dir)
-            if cause is exc:
-                raise
-            raise cause from exc
-        finally:
-            s.close()
-    if dist.is_initialized():
-        dist.barrier()
-    return row
+    with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s) as group:
+        s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
+        setup_s = time.monotonic() - started
+        note_own_exit = functools.partial(_record_own_exit, run_dir, s.env.rank)
+        with RunLock(run_dir, enabled=s.env.is_main), StopSignals() as stop, distributed.last_words(note_own_exit):
+            try:
+                result = _train(s, run_dir, stop, started)
+            except Exception as exc:
+                cause = explained(exc, s, run_dir)
+                if cause is exc:
+                    raise
+                raise cause from exc
+            finally:
+                s.close()
+        if dist.is_initialized():
+            dist.barrier()
+    timing = dataclasses.replace(result.timing, setup_s=setup_s, train_call_s=time.monotonic() - started)
+    return dataclasses.replace(result, timing=timing)
+
+
+def _record_own_exit(run_dir: Path, rank: int, reason: str) -> None:
+    record_failure(run_dir, rank, TrainingError(reason))
 
 
 def keep_chosen_micro_batch(cfg: Config, run_dir: Path) -> Config:
@@ -415,7 +463,7 @@ def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
     that timed out with no peer's cause on record says so, naming this rank and the limit."""
     own = collective_timeout(exc, s)
     record_failure(run_dir, s.env.rank, own or exc)
-    if not s.env.distributed or isinstance(exc, (InputError, TrainingError, LoaderError)):
+    if not s.env.distributed or isinstance(exc, (InputError, TrainingError, LoaderError, WriteError)):
         return exc
     peer = first_peer_failure(run_dir, s.env.rank)
     if peer is None:
@@ -441,7 +489,7 @@ def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
         clear_failures(run_dir)
     ckpt = Checkpointer(run_dir, {"model": s.net, "ema": s.ema, "optimizer": s.optimizer,
                                   "scheduler": s.scheduler, "scaler": s.scaler},
-                        cfg, s.manifest.sha256, s.env.world_size, s.device)
+                        cfg, s.manifest, s.env.world_size, s.device)
     p, layout = ckpt.resume()
     runlog = RunLog(run_dir, enabled=main, resume_epoch=p.epoch, cfg=cfg)
     status = "FAILED"
@@ -452,7 +500,7 @@ def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
         for note in s.notes:
             runlog.info(note)
         result = run_epochs(s, p, ckpt, runlog, stop, started)
-        status = "KILLED" if result["stopped"] else "FINISHED"   # a stopped run resumes later
+        status = "KILLED" if result.stopped else "FINISHED"   # a stopped run resumes later
         return result
     finally:
         runlog.close(status)
@@ -512,9 +560,9 @@ def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, v
 
 
 def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: StopSignals,
-               started: float) -> dict:
+               started: float) -> TrainResult:
     cfg, t = s.cfg, s.cfg.train
-    epoch_times, train_s, val_s, row, stopped = [], [], [], {}, False
+    epoch_times, train_s, val_s, row, reason = [], [], [], {}, "finished"
     best_held = None   # the held-out predictions of best.pt, when this process validated it
     other_s = 0.0   # checkpoints, logs, plots
     while p.epoch < (p.planned or t.epochs):
@@ -524,7 +572,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             result = train_epoch(s, p.epoch, p.step, stop, bar)
         p.step = result["step"]
         if result["stopped"]:
-            stopped = True
+            reason = "stopped"
             runlog.info(f"stop requested during epoch {p.epoch + 1}; last.pt holds epoch {p.epoch}")
             break
         p.epoch += 1
@@ -548,28 +596,55 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         if score is not None:
             p.stale = 0 if score < p.best - t.early_stop_min_delta else p.stale + 1
         p.best = min(p.best, score) if score is not None else p.best
-        ckpt.save(p, improved)
+        record_epoch(ckpt, runlog, p, row, improved)
         if improved and val:
             best_held = held
-        runlog.epoch(row, best=improved)
         if shown and t.plot_every and p.epoch % t.plot_every == 0:
             runlog.plot(p.epoch, shown)
         other_s += time.monotonic() - bookkeeping
         epoch_times.append(time.monotonic() - epoch_started)
         fit_schedule_to_time(s, p, started, train_s, val_s, runlog)
         if out_of_time:
+            reason = "time_limit"
             runlog.info(f"train.time_limit {t.time_limit} min: stopping after epoch {p.epoch}")
             break
         if t.early_stop and p.stale >= t.early_stop:
+            reason = "early_stop"
             runlog.info(f"train.early_stop {t.early_stop}: no better score in {p.stale} validations; "
                         f"stopping after epoch {p.epoch} (best {p.best:.5g})")
             break
-    if not stopped:  # a preempted run resumes; its statistics are judged when it ends
+    if reason != "stopped":  # a preempted run resumes; its statistics are judged when it ends
         warn_if_batchnorm_unsettled(cfg, runlog, p.step * s.layout.accum)
-    timing = {"epochs_s": float(sum(train_s)), "validation_s": float(sum(val_s)), "bookkeeping_s": other_s,
-              "validations": len(val_s)}
-    return {**row, "stopped": stopped, "epochs_planned": p.planned or t.epochs, "timing": timing,
-            "best_held_out": best_held}
+    timing = Timing(epochs_s=float(sum(train_s)), validation_s=float(sum(val_s)), bookkeeping_s=other_s,
+                    validations=len(val_s))
+    return TrainResult(cfg, reason, p.epoch, p.planned or t.epochs, row, **run_history(runlog),
+                       timing=timing, best_held_out=best_held)
+
+
+def record_epoch(ckpt: Checkpointer, runlog: RunLog, p: Progress, row: dict, improved: bool) -> None:
+    """best.pt, then the metrics row, then last.pt: last.pt is what a resume starts from, so a
+    failure at any of these writes (a full disk) makes the resume redo the whole epoch: best.pt is
+    written again when the epoch improves again, and the metrics row, dropped past last.pt's epoch
+    on resume, is there once."""
+    if improved:
+        ckpt.save_best(p)
+    runlog.epoch(row, best=improved)
+    ckpt.save_last(p)
+
+
+def run_history(runlog: RunLog) -> dict:
+    """The whole run's best epoch and score, epochs done, final train loss and training time, from
+    its metrics log (rank 0 holds it; every rank gets rank 0's answer)."""
+    rows = runlog.rows() if runlog.enabled else None
+    return distributed.broadcast_object(summarise_rows(rows) if rows is not None else None)
+
+
+def summarise_rows(rows: list[dict]) -> dict:
+    validated = [r for r in rows if r.get("val_kl") is not None]   # train.val_every may skip epochs
+    best = min(validated, key=lambda r: r["val_kl"]) if validated else None
+    return {"best_epoch": best and int(best["epoch"]), "best_val_kl": best and float(best["val_kl"]),
+            "final_train_loss": float(rows[-1]["train_loss"]) if rows else None,
+            "train_s": float(sum(r["epoch_time_s"] for r in rows))}
 
 
 def run(args) -> int:
@@ -583,13 +658,11 @@ def run(args) -> int:
     if args.run_dir:
         check_output_folder(Path(args.run_dir))
     try:
-        distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
-        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
-        check_output_folder(run_dir)
-        train(cfg, run_dir)
-    except (TrainingError, LoaderError) as exc:
+        with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s):
+            run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+            check_output_folder(run_dir)
+            train(cfg, run_dir)
+    except (TrainingError, LoaderError, WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        distributed.teardown()
     return 0

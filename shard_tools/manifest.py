@@ -105,6 +105,9 @@ def remote_reason(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
 
 
+PROVENANCE_KEYS = ("created", "source", "tool_version")   # not part of a shard set's identity
+
+
 @dataclass(frozen=True)
 class Manifest:
     root: Location
@@ -117,8 +120,15 @@ class Manifest:
 
     @property
     def sha256(self) -> str:
-        """Hash of the manifest file: identifies the exact shard set a checkpoint was trained on."""
+        """Hash of the manifest file as written (its packing time and source path included)."""
         return hashlib.sha256(self.raw).hexdigest()
+
+    @property
+    def identity(self) -> str:
+        """Hash of what the shards hold: every entry except when, where from and by which tool version
+        they were packed. The same tiles packed again with the same settings are the same data."""
+        content = {k: v for k, v in self.data.items() if k not in PROVENANCE_KEYS}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def shards(self, split: str, folds=None) -> list[dict]:
         """Shard entries of a split, optionally only those of the given folds, in manifest order."""

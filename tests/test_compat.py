@@ -10,6 +10,7 @@ folder into that shape and use them.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -31,8 +32,12 @@ def legacy_config(config: dict) -> dict:
             for section, keys in config.items()}
 
 
-def legacy_checkpoint(path) -> None:
+def legacy_checkpoint(path, shards) -> None:
+    from shard_tools.manifest import load_manifest
+
     state = torch.load(path, weights_only=True)
+    del state["manifest_identity"]
+    state["manifest_sha256"] = load_manifest(shards).sha256   # earlier releases hashed the manifest file
     for key in ("stale_validations", "planned_epochs", "world_size", "device"):
         state.pop(key, None)
     state["config"] = legacy_config(state["config"])
@@ -51,10 +56,24 @@ def test_a_checkpoint_of_the_previous_version_resumes(tiny_shards, tmp_path):  #
     run = tmp_path / "run"
     train(small(tiny_shards, "train.epochs=1"), run)
     for name in ("last.pt", "best.pt"):
-        legacy_checkpoint(run / "checkpoints" / name)
+        legacy_checkpoint(run / "checkpoints" / name, tiny_shards)
     (run / "config.yaml").write_text(yaml.safe_dump(legacy_config(yaml.safe_load((run / "config.yaml").read_text()))))
-    row = train(small(tiny_shards, "train.epochs=2"), run)
-    assert row["epoch"] == 2 and "resuming after epoch 1" in (run / "train.log").read_text()
+    result = train(small(tiny_shards, "train.epochs=2"), run)
+    assert result.epochs_done == 2 and "resuming after epoch 1" in (run / "train.log").read_text()
+
+
+def test_the_same_tiles_packed_again_are_the_same_data_for_a_resume(tiny_shards, tmp_path):  # noqa: F811
+    from shard_tools.manifest import load_manifest
+    from shard_tools.pack import pack
+
+    again = tmp_path / "packed-again"
+    manifest = load_manifest(tiny_shards)
+    pack(Path(manifest.data["source"]), again, folds=5, seed=0, samples_per_shard=8, workers=1, progress=False)
+    assert load_manifest(again).sha256 != manifest.sha256   # another time, another folder
+    run = tmp_path / "run"
+    train(small(tiny_shards, "train.epochs=1"), run)
+    result = train(small(again, "train.epochs=2"), run)
+    assert result.epochs_done == 2 and "resuming after epoch 1" in (run / "train.log").read_text()
 
 
 def test_a_cv_folder_of_the_previous_version_reports(tiny_shards, tmp_path):  # noqa: F811
@@ -92,7 +111,7 @@ def test_what_cannot_resume_is_refused_naming_what_changed(tiny_shards, tmp_path
     train(small(tiny_shards, "train.epochs=1"), run)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     if what == "shards":
-        state["manifest_sha256"] = "0" * 64
+        state["manifest_identity"] = "0" * 64
     else:
         state["config"]["model"]["filters"] = 16
     torch.save(state, run / "checkpoints" / "last.pt")

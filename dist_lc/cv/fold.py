@@ -24,6 +24,7 @@ arrived (:class:`SignalLog`) and, after ``train`` returns early:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -34,18 +35,15 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from lc_common.atomic import write_json_atomic
+from lc_common.atomic import write_csv_atomic, write_json_atomic
 from lc_common.errors import InputError
 from shard_tools.manifest import load_manifest
 
 from .. import distributed, pixel_metrics
-from ..checkpoint import LAST
-from ..config import Config, from_dict, read_yaml
-from lc_common.atomic import write_csv_atomic
+from ..config import Config, from_dict
 from ..predict import gathered_table, predict
-from ..run_log import read_metrics
-from ..train import HeldOut, train
 from ..metrics import SCORED_NAMES
+from ..train import TrainResult, train
 from .plan import CONFUSION, DONE, OOF, TEST, load_plan, now
 
 STOPPED_EXIT = 0   # a task that leaves after a stop signal, without a result (0: srun must not kill the others)
@@ -88,32 +86,22 @@ def _agree(values: list[float]) -> list[float]:
     return distributed.all_reduce_sum(values, device)
 
 
-def epochs_done(run_dir: Path) -> int:
-    last = run_dir / "checkpoints" / LAST
-    if not last.exists():
-        return 0
-    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+def fold_summary(trained: TrainResult) -> dict:
+    """Best epoch, best validation KL, final train loss, epochs and training time of the fold."""
+    return {"fold": trained.config.data.fold, "epochs": trained.epochs_planned, "epochs_done": trained.epochs_done,
+            "best_epoch": trained.best_epoch, "best_val_kl": trained.best_val_kl,
+            "final_train_loss": trained.final_train_loss, "train_s": trained.train_s}
 
 
-def fold_summary(cfg: Config, run_dir: Path, planned: int) -> dict:
-    """Best epoch, best validation KL, final train loss (from metrics.csv, rank 0)."""
-    rows = read_metrics(run_dir)
-    best = min((r for r in rows if r["val_kl"]), key=lambda r: float(r["val_kl"]))  # train.val_every may skip
-    return {"fold": cfg.data.fold, "epochs": planned, "epochs_done": int(rows[-1]["epoch"]),
-            "best_epoch": int(best["epoch"]), "best_val_kl": float(best["val_kl"]),
-            "final_train_loss": float(rows[-1]["train_loss"]),
-            "train_s": sum(float(r["epoch_time_s"]) for r in rows)}
-
-
-def predict_fold(cfg: Config, run_dir: Path, tta: bool, held: HeldOut | None = None) -> dict:
+def predict_fold(trained: TrainResult, run_dir: Path, tta: bool) -> dict:
     """oof.csv (held-out fold) and test.csv from the fold's best.pt, on all ranks; files on rank 0.
 
-    ``held``: the predictions of the validation that made best.pt, taken as the out-of-fold table
-    instead of predicting the same tiles with the same weights again (not with TTA, which
-    validation does not use)."""
+    The predictions of the validation that made best.pt, when this call of training ran it, are
+    taken as the out-of-fold table instead of predicting the same tiles with the same weights
+    again (not with TTA, which validation does not use)."""
+    cfg, held = trained.config, trained.best_held_out   # the resolved config: the micro-batch auto chose
     best = [run_dir / "checkpoints" / "best.pt"]
-    resolved = from_dict(read_yaml(run_dir / "config.yaml")).train   # the micro-batch auto chose, if auto
-    common = {"tta": tta, "batch_size": resolved.micro_batch_size, "workers": cfg.data.workers,
+    common = {"tta": tta, "batch_size": cfg.train.micro_batch_size, "workers": cfg.data.workers,
               "device_pref": cfg.train.device, "wait_timeout_s": cfg.data.wait_timeout_s}
     started = time.perf_counter()
     reuse = held is not None and not tta
@@ -139,25 +127,22 @@ def predict_fold(cfg: Config, run_dir: Path, tta: bool, held: HeldOut | None = N
 def run_fold(cfg: Config, run_dir, tta: bool = False) -> dict:
     """Train, then predict and mark the fold done; ``{"status": "stopped", ...}`` after a stop signal.
 
-    Every task of the job calls this; the process group stays up (the caller tears it down).
+    Every task of the job calls this, inside the process group its caller owns.
     """
     run_dir = Path(run_dir)
     started_at = process_age_s()   # interpreter start, imports, the executor's own set-up
     with SignalLog() as signals:
         trained = train(cfg, run_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    usr2, term, stopped, done = _agree([float(signal.SIGUSR2 in signals.received),
-                                        float(signal.SIGTERM in signals.received), float(trained["stopped"]),
-                                        float(epochs_done(run_dir)) if rank == 0 else 0.0])
-    if stopped:
+    usr2, term = _agree([float(signal.SIGUSR2 in signals.received), float(signal.SIGTERM in signals.received)])
+    if trained.stopped:
         return {"status": "stopped", "signal": "USR2" if usr2 or not term else "TERM", "rank": rank,
-                "epochs_done": int(done)}
-    held = trained["best_held_out"]
-    result = {"status": "done", "rank": rank, **predict_fold(cfg, run_dir, tta, held)}
+                "epochs_done": trained.epochs_done}
+    result = {"status": "done", "rank": rank, **predict_fold(trained, run_dir, tta)}
     if rank == 0:
-        timeline = {"process_start_s": started_at, **trained["timing"], "predict_s": result["predict_s"],
-                    "job_s": process_age_s()}
-        result.update(fold_summary(cfg, run_dir, trained["epochs_planned"]), tta=tta, job_id=_job_id(),
+        timeline = {"process_start_s": started_at, **dataclasses.asdict(trained.timing),
+                    "predict_s": result["predict_s"], "job_s": process_age_s()}
+        result.update(fold_summary(trained), tta=tta, job_id=_job_id(),
                       timeline=timeline,
                       world_size=dist.get_world_size() if dist.is_initialized() else 1,
                       threads=torch.get_num_threads(), finished=now())
@@ -189,12 +174,11 @@ class FoldJob(submitit.helpers.Checkpointable):
         if cpus:  # the local executor's share of the machine; threads and loader workers inherit it
             os.sched_setaffinity(0, cpus)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
-        try:
-            result = run_fold(from_dict(self.config), self.run_dir, self.tta)
+        cfg = from_dict(self.config)
+        with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s):
+            result = run_fold(cfg, self.run_dir, self.tta)
             if result["status"] == "stopped":
-                self._leave(result, requeue)
-        finally:
-            distributed.teardown()
+                self._leave(result, requeue)   # the other ranks wait for rank 0's requeue in the group
         return result
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
@@ -225,7 +209,5 @@ def run_array_fold(cv_dir: Path, fold: int) -> dict:
         raise InputError(f"{cv_dir}: fold {fold} is not in the plan's cv.folds {plan.folds}")
     point = plan.points[0]
     cfg = from_dict(plan.fold_config(point, fold))
-    try:
+    with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s):
         return run_fold(cfg, plan.run_dir(point, fold), cfg.cv.tta)
-    finally:
-        distributed.teardown()

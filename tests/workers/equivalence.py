@@ -10,6 +10,7 @@ import torch
 
 from dist_lc.config import load_config
 from dist_lc.data import eval_loader
+from dist_lc.distributed import process_group
 from dist_lc.train import build_setup, train_step
 
 
@@ -18,7 +19,11 @@ def main(shards, out, batch, micro, steps):
                              "model.upconv_filters=8", "optim.name=sgd", "optim.lr=0.003", "schedule.name=constant",
                              f"train.batch_size={batch}", f"train.micro_batch_size={micro}", "train.precision=fp32",
                              "loss.kl_weight=0.5"])
-    s = build_setup(cfg)
+    with process_group(cfg.train.device, cfg.train.dist_timeout_s) as group:
+        steps_of(build_setup(cfg, group), shards, out, batch, micro, steps)
+
+
+def steps_of(s, shards, out, batch, micro, steps):
     init = {k: v.detach().clone() for k, v in s.net.state_dict().items()}
     loader = eval_loader(s.manifest, "train", [0], world=1, rank=0, batch_size=1, workers=0)
     tiles = [b for _, b in zip(range(batch * steps), loader)]
@@ -37,7 +42,6 @@ def main(shards, out, batch, micro, steps):
         # as the trainer does: no rank tears gloo down while another still runs (rank 0 saves);
         # a rank doing so once aborted in its gloo threads ("terminate called without an active exception")
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

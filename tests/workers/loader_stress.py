@@ -27,7 +27,11 @@ def busy(stop: threading.Event, group) -> None:
 
 
 def main(shards: str, rounds: int) -> None:
-    env, device = distributed.setup("cpu", timeout_s=120)
+    with distributed.process_group("cpu", timeout_s=120) as joined:
+        stress(shards, rounds, joined.env)
+
+
+def stress(shards: str, rounds: int, env) -> None:
     manifest = load_manifest(shards)
     stop = threading.Event()
     group = dist.new_group(backend="gloo")   # created by every rank in the same order, before the thread
@@ -53,7 +57,6 @@ def main(shards: str, rounds: int) -> None:
     thread.join(timeout=60)
     dist.barrier()
     print(f"rank {env.rank}: {starts} worker starts", flush=True)
-    distributed.teardown()
 
 
 if __name__ == "__main__":
