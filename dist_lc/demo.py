@@ -1,7 +1,8 @@
 """``dist-lc demo``: the whole pipeline on a built-in synthetic dataset (or a real challenge folder).
 
 synth → pack (3 folds) → 3-fold cross-validation, each fold a 2-process DDP job (local processes,
-or the local Slurm cluster when one answers) → report, out-of-fold and ensemble submission → summary.
+or the local Slurm cluster when one answers) → report, out-of-fold and ensemble submission → the
+report's summary.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lc_common.errors import InputError
 from shard_tools.pack import pack
 
 from . import cli
+from .cv import report
 from .cv.executors import slurm_problem
 from .synth.generate import generate
 
@@ -53,31 +55,6 @@ def pick_executor(requested: str | None) -> str:
     return "local" if slurm_problem() else "slurm"
 
 
-def correction_lines(report: dict) -> list[str]:
-    lines = []
-    for key, label in (("calibration", "calibrated          "), ("second_stage", "second stage        ")):
-        part = report.get(key, {})
-        if part.get("oof_kl") is not None:
-            use = "applied to submission.csv" if part["applied"] else "not applied"
-            lines.append(f"  {label}  {part['oof_kl']:.4f}   (cross-fitted over folds; {use})")
-    return lines
-
-
-def summary(report: dict, cv_dir: Path, elapsed: float) -> str:
-    lines = ["", f"dist_lc demo finished in {elapsed / 60:.1f} min", "",
-             "| fold | best epoch | best val KL |", "|---|---|---|"]
-    lines += [f"| {f['fold']} | {f['best_epoch']} | {f['best_val_kl']:.4f} |" for f in report["folds"]]
-    lines += ["", f"mean KL over folds      {report['mean_kl']:.4f} ± {report['std_kl']:.4f}",
-              f"out-of-fold KL          {report['oof_kl']:.4f}",
-              *correction_lines(report),
-              f"mean-distribution KL    {report['baseline_kl']:.4f}   (predicting the training folds' mean)",
-              f"oof / baseline          {report['oof_kl'] / report['baseline_kl']:.2f}", "",
-              f"report      {cv_dir / 'report.md'}", f"plots       {cv_dir / 'plots'}/*.png",
-              f"oof         {cv_dir / 'oof.csv'}", f"submission  {cv_dir / 'submission.csv'}",
-              f"fold runs   {cv_dir}/fold<k>/ (metrics.csv, tensorboard/, plots/, checkpoints/)"]
-    return "\n".join(lines)
-
-
 def run(args) -> int:
     started = time.monotonic()
     out = Path(args.out)
@@ -101,5 +78,6 @@ def run(args) -> int:
         print("the cross-validation did not produce a report; see the messages above")
         return code or 1
     print("4/4 report")
-    print(summary(json.loads(report_path.read_text()), cv_dir, time.monotonic() - started))
+    print(f"\ndist_lc demo finished in {(time.monotonic() - started) / 60:.1f} min\n")
+    print(report.summary(json.loads(report_path.read_text())))
     return code

@@ -313,6 +313,36 @@ def test_signal_log_sees_signals_whatever_handler_is_installed():
         signal.signal(signal.SIGUSR2, before)
 
 
+# ----------------------------------------------------------------------------- the report's stages, on their own
+
+def test_the_choice_of_correction_returns_its_decision_and_leaves_its_inputs_alone():
+    from dist_lc.cv.report import correct
+
+    calib = {"enabled": True, "applied": False, "oof_kl": 0.20, "params": {"scale": 1.0, "bias": [0.0] * 8}}
+    stage = {"enabled": True, "applied": False, "reason": "needs at least 2 finished folds"}
+    before = json.dumps([calib, stage])
+    chosen = correct.choose(0.30, {"calibration": calib["oof_kl"], "second_stage": stage.get("oof_kl")})
+    assert chosen == "calibration"
+    assert correct.decided(calib, "calibration", chosen)["applied"] is True
+    assert correct.decided(stage, "second_stage", chosen) == stage
+    assert json.dumps([calib, stage]) == before
+    assert correct.choose(0.10, {"calibration": 0.20, "second_stage": None}) == "none"
+    assert "calibration scores lower" in correct.decided({"oof_kl": 0.5}, "second_stage", "calibration")["reason"]
+
+
+def test_the_report_summary_names_scores_corrections_and_files():
+    from dist_lc.cv import report
+
+    r = {"cv_dir": "/x/cv", "name": "", "folds": [{"fold": 0, "best_epoch": 3, "best_val_kl": 0.5}],
+         "mean_kl": 0.5, "std_kl": 0.0, "oof_kl": 0.4, "baseline_kl": None, "missing_folds": [1],
+         "calibration": {"oof_kl": 0.3, "applied": True}, "second_stage": {"enabled": False}}
+    text = report.summary(r)
+    assert "| 0 | 3 | 0.5000 |" in text and "out-of-fold KL          0.4000" in text
+    assert "calibrated            0.3000   (cross-fitted over folds; applied to submission.csv)" in text
+    assert "mean-distribution KL    –" in text and "second stage" not in text and "unfinished folds" in text
+    assert "fold runs   /x/cv/fold<k>/" in text
+
+
 # ----------------------------------------------------------------------------- grids and bad input
 
 def test_grid_is_the_cartesian_product_each_point_validated(tiny_shards):
