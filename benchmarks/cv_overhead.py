@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_lc.config import LauncherConfig, choices  # noqa: E402
 from common import REPO, SAMPLE_SRC, cv_command, log, machine_line, table  # noqa: E402
+
+EXECUTORS = choices(LauncherConfig, "executor")
 
 
 def run(args) -> dict:
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--repo", type=Path, default=REPO, help="the checkout to run (default: this one)")
     ap.add_argument("--label", default="this checkout")
-    ap.add_argument("--executor", choices=("local", "slurm"), default="local",
+    ap.add_argument("--executor", choices=EXECUTORS, default="local",
                     help="slurm: the cluster sbatch reaches (slurm/local-cluster.sh starts one on this machine)")
     ap.add_argument("--fold-minutes", type=float, default=3.0)
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

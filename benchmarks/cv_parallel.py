@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_lc.config import LauncherConfig, choices  # noqa: E402
 from common import REPO, SAMPLE_SRC, machine_line  # noqa: E402
+
+EXECUTORS = choices(LauncherConfig, "executor")
 
 
 def shards(work: Path) -> Path:
@@ -75,7 +78,7 @@ def report(runs: list[dict], args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--executor", default="slurm", choices=("slurm", "local"))
+    p.add_argument("--executor", default="slurm", choices=EXECUTORS)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--tasks", type=int, default=1, help="tasks (ranks) per fold job")

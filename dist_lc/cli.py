@@ -9,13 +9,14 @@ import argparse
 import importlib
 import sys
 
-from lc_common.errors import InputError, OneLineArgumentParser
+from lc_common.errors import InputError, OneLineArgumentParser, WriteError
 
 from .config import LauncherConfig, TrainConfig, choices
 
 # the config declares these choices; the options that pick the same things offer the same ones
 DEVICES = choices(TrainConfig, "device")
 EXECUTORS = choices(LauncherConfig, "executor")
+PROBABILITY_TYPES = ("uint8", "float32")   # dist-lc map --probabilities: uint8 is probability × 255
 
 
 def whole_number(minimum: int):
@@ -88,7 +89,7 @@ def _map(sub):
     p.add_argument("--overlap", type=count, default=64, metavar="PX",
                    help="pixels by which neighbouring 256² windows overlap, blended (default: 64)")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of every window (8× the time)")
-    p.add_argument("--probabilities", choices=("uint8", "float32"),
+    p.add_argument("--probabilities", choices=PROBABILITY_TYPES,
                    help="also write the per-class probabilities (uint8: × 255) as a GeoTIFF (default: none)")
     p.add_argument("--aoi", metavar="AREA", help="an area to report the proportions of: x0,y0,x1,y1 in the "
                    "scene's CRS, lonlat:x0,y0,x1,y1, or a GeoJSON polygon file")
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WriteError as exc:   # not the user's input: a full disk, a quota, a read-only folder
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

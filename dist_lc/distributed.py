@@ -30,6 +30,8 @@ import torch.distributed as dist
 from lc_common.errors import InputError
 from lc_common.resources import usable_cores
 
+from .config import TrainConfig, choices
+
 WATCH_PARENT_S = 0.5   # how often a torchrun rank checks that its agent still lives
 
 
@@ -122,6 +124,8 @@ def read_env(environ=None) -> DistEnv:
 
 
 def pick_device(env: DistEnv, preference: str = "auto") -> torch.device:
+    if preference not in choices(TrainConfig, "device"):   # (the config checks it; a caller may not)
+        raise ValueError(f"device {preference!r} is not one of {', '.join(choices(TrainConfig, 'device'))}")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise InputError("train.device=cuda (or --device cuda) but no CUDA device is visible")

@@ -37,18 +37,27 @@ from torch import nn
 
 from lc_common.tiles import IGNORED_CLASSES, MAX_PIXEL_VALUE, NUM_CLASSES
 
-from .config import ModelConfig
+from .config import DataConfig, ModelConfig, dispatch_table, pick
 
 # TensorFlow's truncated_normal initialisers divide the stddev by the std of a unit normal cut at ±2.
 _TRUNC_STD = 0.87962566103423978
 
 
-def _norm(kind: str, channels: int, momentum: float, eps: float, groups: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels, momentum=momentum, eps=eps)
+def _batch_norm(channels: int, momentum: float, eps: float, groups: int) -> nn.Module:
+    return nn.BatchNorm2d(channels, momentum=momentum, eps=eps)
+
+
+def _group_norm(channels: int, momentum: float, eps: float, groups: int) -> nn.Module:
     if channels % groups:
         raise ValueError(f"GroupNorm: {channels} channels are not divisible by groups={groups}")
     return nn.GroupNorm(groups, channels, eps=eps)
+
+
+NORMS = dispatch_table(ModelConfig, "norm", {"batch": _batch_norm, "group": _group_norm})
+
+
+def _norm(kind: str, channels: int, momentum: float, eps: float, groups: int) -> nn.Module:
+    return pick(NORMS, kind, "model.norm")(channels, momentum, eps, groups)
 
 
 class UpConv(nn.Module):
@@ -70,6 +79,13 @@ class UpConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = F.pad(self.conv.weight, (1, 0, 1, 0))
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
+
+
+def _keras_init(net: nn.Module) -> None:
+    net._init_keras()
+
+
+INITS = dispatch_table(ModelConfig, "init", {"he_normal": _keras_init, "torch": lambda net: None})   # torch's own
 
 
 class UNet(nn.Module):
@@ -101,8 +117,7 @@ class UNet(nn.Module):
         self.head = nn.Sequential(self._block(2 * f, u), self._block(u, f))
         self.classifier = nn.Conv2d(f, num_classes, 1)
         self.pool = nn.MaxPool2d(2, 2)
-        if init == "he_normal":
-            self._init_keras()
+        pick(INITS, init, "model.init")(self)
 
     def _block(self, cin: int, cout: int) -> nn.Sequential:
         """Norm → Conv3x3 (same padding) → ReLU."""
@@ -188,10 +203,15 @@ class LandCoverNet(nn.Module):
         return self.unet(x)
 
 
+NORMALISERS = dispatch_table(DataConfig, "normalize", {
+    "max": lambda manifest: ([0.0] * BANDS, [float(MAX_PIXEL_VALUE)] * BANDS),
+    "manifest": lambda manifest: (manifest.channel_mean.tolist(), manifest.channel_std.tolist()),
+})
+
+
 def normalisation_stats(mode: str, manifest=None):
-    if mode == "max":
-        return [0.0] * BANDS, [float(MAX_PIXEL_VALUE)] * BANDS
-    return manifest.channel_mean.tolist(), manifest.channel_std.tolist()
+    """(mean, std) per band that the network subtracts and divides by."""
+    return pick(NORMALISERS, mode, "data.normalize")(manifest)
 
 
 def prior_bias(class_weights: torch.Tensor) -> torch.Tensor:

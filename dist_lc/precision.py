@@ -5,6 +5,8 @@ import contextlib
 
 import torch
 
+from .config import TrainConfig, dispatch_table, pick
+
 
 def cpu_has_native_bf16() -> bool:
     """oneDNN runs bf16 natively (AVX512-BF16/AMX, or AVX512 emulation it deems fast enough)."""
@@ -25,15 +27,18 @@ def cuda_has_native_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype (None: fp32). ``auto``: native bf16, else fp16 on CUDA (with a gradient
     scaler), else fp32; an explicit choice is honoured."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
+    return pick(PRECISIONS, precision, "train.precision")(device)
+
+
+def _auto(device: torch.device) -> torch.dtype | None:
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+
+
+PRECISIONS = dispatch_table(TrainConfig, "precision", {
+    "auto": _auto, "fp32": lambda device: None,
+    "bf16": lambda device: torch.bfloat16, "fp16": lambda device: torch.float16})
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -202,6 +203,16 @@ class RunLog:
             save_figure(fig, self.run_dir / "plots" / f"epoch_{epoch:03d}.png")
             if self.writer is not None:
                 self.writer.add_figure("predictions", fig, epoch)
+
+    def failure(self) -> None:
+        """The traceback of the exception being handled, into train.log only: stderr gets the one
+        line of the entry point. Best effort: the failure may be the disk that holds the log."""
+        if self.file_handler is not None:
+            try:
+                self.file_handler.stream.write("".join(traceback.format_exc()))
+                self.file_handler.flush()
+            except (OSError, ValueError):
+                pass
 
     def close(self, status: str = "FINISHED") -> None:
         if getattr(self, "file_handler", None) is not None:

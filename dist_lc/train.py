@@ -502,6 +502,9 @@ def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
         result = run_epochs(s, p, ckpt, runlog, stop, started)
         status = "KILLED" if result.stopped else "FINISHED"   # a stopped run resumes later
         return result
+    except Exception:
+        runlog.failure()
+        raise
     finally:
         runlog.close(status)
 

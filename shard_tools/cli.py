@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lc_common.errors import InputError, OneLineArgumentParser
+from lc_common.errors import InputError, OneLineArgumentParser, WriteError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,4 +61,7 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WriteError as exc:   # a full disk, a quota, a read-only folder: not the user's input
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -4,6 +4,10 @@ loads this module at start-up and wraps one trainer function.
 
     DIST_LC_TEST_FAULT="ACTION step=N [rank=R] [marker=PATH]"
     DIST_LC_TEST_FAULT="hang-loader epoch=E [rank=R]"
+    DIST_LC_TEST_FAULT="disk-full file=NAME [nth=N] [marker=PATH]"
+
+``disk-full``: the N-th atomic write (default the first) of a file called NAME fails with ENOSPC
+when it is synced, as on a full disk.
 
 ``hang-loader``: the loader workers of rank R block forever (as in a read that never returns) when
 they start the training pass of epoch E (0-based), so the rank waits for data that never comes.
@@ -87,6 +91,21 @@ if SPEC:
 
     _train.optimizer_step = optimizer_step
     _ckpt.save_atomic = save_atomic
+
+    if action == "disk-full":
+        import errno
+
+        _fsync, writes = os.fsync, {"n": 0}
+
+        def fsync(fd):
+            name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            if name.startswith(f".{opts['file']}."):   # the temporary name of an atomic write
+                writes["n"] += 1
+                if writes["n"] == int(opts.get("nth", 1)) and _my_turn():
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return _fsync(fd)
+
+        os.fsync = fsync
 
     if action == "hang-loader":
         import time
