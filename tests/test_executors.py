@@ -151,32 +151,49 @@ def test_the_launcher_ends_a_job_whose_task_failed_through_its_executor(thread_e
     assert thread_executor.calls["cancel"] == 1
 
 
-def test_a_new_executor_class_runs_a_cv_end_to_end_and_a_stop_signal_hands_it_its_jobs(
-        thread_executor, tiny_shards, tmp_path, capsys, monkeypatch):
-    """SIGTERM to the launcher's own process while the first job runs: the executor's interrupt ends
-    it, the launcher exits 143 with one line and its signal handlers restored; --resume then runs
-    both folds for real, one at a time (the executor's capacity), and reports."""
-    running = threading.Event()
+def stop_while_a_job_runs(sig: int, argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """`dist-lc cv` in this process, ``sig`` sent to this process once a job runs (the job waits to
+    be cancelled): (its exit status, its last line). The launcher's handlers must be gone after."""
+    running, before = threading.Event(), signal.getsignal(sig)
 
     def wait_for_cancel(job: ThreadJob) -> None:
         running.set()
         job.cancelled.wait(60)
 
-    def terminate_once_running() -> None:
-        if running.wait(60) and signal.getsignal(signal.SIGTERM) is not before:   # the launcher's handler
-            os.kill(os.getpid(), signal.SIGTERM)
+    def signal_once_running() -> None:
+        if running.wait(60) and signal.getsignal(sig) is not before:   # the launcher's handler
+            os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(ThreadExecutor, "job_function", staticmethod(wait_for_cancel))
-    before, cv_dir = signal.getsignal(signal.SIGTERM), tmp_path / "cv"
-    sender = threading.Thread(target=terminate_once_running, daemon=True)
+    sender = threading.Thread(target=signal_once_running, daemon=True)
     sender.start()
-    assert cli.main(cv(tiny_shards, cv_dir)) == 143
+    status = cli.main(argv)
     sender.join(timeout=5)
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == (f"cv: stopped by SIGTERM; 1 thread job(s) ended: dist-lc cv --out {cv_dir} --resume watches "
-                    "the jobs still running and reruns the others")
-    assert thread_executor.calls["interrupt"] == 1 and signal.getsignal(signal.SIGTERM) is before
-    assert not [t for t in threading.enumerate() if t.name.startswith("thread")]
+    assert signal.getsignal(sig) is before
+    assert not [t for t in threading.enumerate() if t.name.startswith("thread")]   # the job ended
+    return status, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_and_sighup_stop_the_launcher_as_sigterm_does(thread_executor, tiny_shards, tmp_path, capsys,
+                                                           monkeypatch, sig, status):
+    cv_dir = tmp_path / "cv"
+    assert stop_while_a_job_runs(sig, cv(tiny_shards, cv_dir), capsys, monkeypatch) == \
+        (status, f"cv: stopped by {sig.name}; 1 thread job(s) ended: dist-lc cv --out {cv_dir} --resume watches "
+                 "the jobs still running and reruns the others")
+    assert thread_executor.calls["interrupt"] == 1
+
+
+def test_a_new_executor_class_runs_a_cv_end_to_end_and_a_stop_signal_hands_it_its_jobs(
+        thread_executor, tiny_shards, tmp_path, capsys, monkeypatch):
+    """SIGTERM to the launcher's own process while the first job runs: the executor's interrupt ends
+    it, the launcher exits 143 with one line; --resume then runs both folds for real, one at a time
+    (the executor's capacity), and reports."""
+    cv_dir = tmp_path / "cv"
+    status, last = stop_while_a_job_runs(signal.SIGTERM, cv(tiny_shards, cv_dir), capsys, monkeypatch)
+    assert (status, last) == (143, f"cv: stopped by SIGTERM; 1 thread job(s) ended: dist-lc cv --out {cv_dir} "
+                                   "--resume watches the jobs still running and reruns the others")
+    assert thread_executor.calls["interrupt"] == 1
 
     monkeypatch.setattr(ThreadExecutor, "job_function", staticmethod(run_the_fold))
     assert cli.main(["cv", "--out", str(cv_dir), "--resume"]) == 0, capsys.readouterr().err[-3000:]

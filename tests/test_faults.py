@@ -352,3 +352,100 @@ def test_predict_on_a_damaged_shard_exits_with_its_name(tiny_shards, smoke_run, 
                    tmp_path, timeout=BOUND_S)
     assert proc.returncode == 2 and time.monotonic() - started < BOUND_S
     assert path.name in proc.stderr.strip().splitlines()[-1] and not (tmp_path / "p.csv").exists()
+
+
+# ----------------------------------------------------------------------------- `dist-lc cv` stopped by a signal
+
+STOP_BOUND_S = 20     # a stopped `dist-lc cv` exits within this (its local jobs get 5 s, then are killed)
+
+
+def _cv_started(args: list[str], tag: str, run_dirs: list[Path], timeout_s: float = 120) -> subprocess.Popen:
+    """`dist-lc cv` in a session of its own (a signal reaches the launcher only, not its jobs nor
+    pytest), returned once every fold's training has started (train.log)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dist_lc", "cv", *args], cwd=REPO, env=env(DIST_LC_TEST_TAG=tag),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not all((run / "train.log").exists() for run in run_dirs):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"the folds did not start: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def _stopped(proc: subprocess.Popen, sig: int) -> tuple[float, str]:
+    """Send ``sig`` to the launcher; (seconds until it exited, its stderr)."""
+    started = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=STOP_BOUND_S + 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return time.monotonic() - started, err
+
+
+def test_sigterm_to_cv_ends_its_local_jobs_and_resume_finishes(tiny_shards, tmp_path):  # noqa: F811
+    """Two local folds run (2 controllers, 2 tasks); SIGTERM to `dist-lc cv` alone: it ends them all
+    within the bound, exits 143 with one line, leaves no process; --resume runs both folds again."""
+    cv_dir, tag = tmp_path / "cv", str(tmp_path)
+    args = [*tiny(tiny_shards, "launcher.tasks_per_node=1", "launcher.max_parallel=2"), "--out", str(cv_dir),
+            "--executor", "local"]
+    proc = _cv_started(args, tag, [cv_dir / "fold0", cv_dir / "fold1"])
+    assert len(tagged_processes(tag)) >= 5   # the launcher, 2 controllers, 2 tasks
+    elapsed, err = _stopped(proc, signal.SIGTERM)
+    assert proc.returncode == 143 and elapsed < STOP_BOUND_S, (elapsed, err[-3000:])
+    assert err.strip().splitlines()[-1].startswith("cv: stopped by SIGTERM; 2 local job(s) ended: dist-lc cv --out ")
+    assert not tagged_processes(tag, within_s=2)
+    assert not any((cv_dir / f"fold{k}" / "done.json").exists() for k in (0, 1))
+
+    again = run_cv(["--out", str(cv_dir), "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 job(s) to run" in again.stderr
+
+
+def _tagged_outside_slurm(tag: str) -> list[str]:
+    """Command lines of live processes with DIST_LC_TEST_TAG=tag that no Slurm job started."""
+    needle, out = f"DIST_LC_TEST_TAG={tag}\0".encode(), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes()
+            if needle in environ and b"SLURM_JOB_ID=" not in environ and \
+                    open(proc / "stat").read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                out.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.slurm
+def test_sigterm_to_cv_leaves_its_slurm_jobs_running_and_resume_watches_them(tiny_shards, tmp_path):  # noqa: F811
+    """As Ctrl-C does: the Slurm jobs go on without their launcher; --resume watches them (no fold
+    submitted twice) and reports."""
+    import json
+
+    from dist_lc.cv.executors import ACTIVE_SLURM_STATES, slurm_states
+
+    require_slurm()
+
+    cv_dir, tag = tmp_path / "cv", str(tmp_path)
+    args = [*tiny(tiny_shards, "train.epochs=3", "launcher.tasks_per_node=1"), "--out", str(cv_dir),
+            "--executor", "slurm"]
+    proc = _cv_started(args, tag, [cv_dir / "fold0", cv_dir / "fold1"], timeout_s=180)
+    ids = [r["job_id"] for r in json.loads((cv_dir / "jobs.json").read_text())["jobs"]]
+    try:
+        elapsed, err = _stopped(proc, signal.SIGTERM)
+        assert proc.returncode == 143 and elapsed < STOP_BOUND_S, (elapsed, err[-3000:])
+        assert err.strip().splitlines()[-1].startswith("cv: stopped by SIGTERM; 2 Slurm job(s) go on: ")
+        listed = slurm_states(ids) or {}
+        assert all(listed.get(i) in ACTIVE_SLURM_STATES or (cv_dir / f"fold{k}" / "done.json").exists()
+                   for k, i in enumerate(ids)), listed
+        assert not _tagged_outside_slurm(tag)
+
+        again = run_cv(["--out", str(cv_dir), "--resume"], timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "still running as job" in again.stderr
+        assert len(json.loads((cv_dir / "jobs.json").read_text())["jobs"]) == 2   # none resubmitted
+    finally:
+        for job in ids:
+            scancel(job)

@@ -8,7 +8,11 @@
 Everything is validated before anything is written or submitted: the config of every grid point
 (load_config), the folds against the shards' manifest, the launcher section, the output folder
 and, for Slurm, that the controller answers. The CV folder's layout: :mod:`dist_lc.cv.plan`; what a
-job does: :mod:`dist_lc.cv.fold`.
+job does: :mod:`dist_lc.cv.fold`; where jobs run: :mod:`dist_lc.cv.executors`.
+
+Stopped by Ctrl-C, SIGTERM or SIGHUP, `dist-lc cv` hands its unfinished jobs to their executor (local
+ones are ended within seconds, Slurm ones go on), prints one line and exits with 128 + the signal's
+number (130, 143, 129); ``--resume`` watches what still runs and reruns the rest.
 """
 from __future__ import annotations
 
