@@ -9,16 +9,17 @@ import signal
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
-class StopSignals:
-    def __init__(self):
-        self.set = False
-        self._previous: dict = {}
+class SignalHandlers:
+    """While open, ``self._handler`` handles each of ``SIGNALS``; the previous handlers are back on
+    exit. Outside the main thread Python cannot install handlers: the signals keep theirs."""
+    SIGNALS: tuple = ()
 
-    def __enter__(self) -> "StopSignals":
-        for sig in STOP_SIGNALS:
+    def __enter__(self):
+        self._previous = {}
+        for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (some launchers): no handler, no flag
+            except ValueError:  # not the main thread (some launchers): no handler
                 pass
         return self
 
@@ -27,6 +28,17 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
         return False
+
+    def _handler(self, signum, frame) -> None:
+        raise NotImplementedError
+
+
+class StopSignals(SignalHandlers):
+    SIGNALS = STOP_SIGNALS
+
+    def __init__(self):
+        self.set = False
+        self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
         if self.set and signum == signal.SIGTERM:  # asked twice: the default action (termination), now

@@ -157,10 +157,10 @@ def check_device(choice, tmp_path):
 
 
 def check_executor(choice, tmp_path):
-    from dist_lc.cv.executors import make_executor
+    from dist_lc.cv.executors import executor_class
 
     want = expected({"local": "LocalExecutor", "slurm": "SlurmExecutor"}, choice)
-    assert type(make_executor(LauncherConfig(), choice, tmp_path, 1)).__name__ == want   # submitit's
+    assert type(executor_class(choice)(LauncherConfig(), tmp_path, 1).engine).__name__ == want   # submitit's
 
 
 CHECKS = {

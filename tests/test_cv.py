@@ -417,7 +417,7 @@ def test_launcher_section_becomes_slurm_parameters(tmp_path):
     cfg = load_config("configs/cv5.yaml", ["launcher.partition=gpu", "launcher.account=proj",
                                            "launcher.setup=[module load cuda]", "launcher.slurm_extra={qos: high}",
                                            "launcher.max_parallel=2"])
-    params = executors.make_executor(cfg.launcher, "slurm", tmp_path, jobs=5).parameters
+    params = executors.SlurmExecutor(cfg.launcher, tmp_path, jobs=5).engine.parameters
     assert params["partition"] == "gpu" and params["account"] == "proj" and params["gpus_per_node"] == 4
     assert params["ntasks_per_node"] == 4 and params["cpus_per_task"] == 8 and params["time"] == 240
     assert params["additional_parameters"] == {"qos": "high"} and params["setup"] == ["module load cuda"]

@@ -517,7 +517,3 @@ def executor_class(name: str) -> type[Executor]:
             return cls
     raise InputError(f"executor {name!r}: not one of {', '.join(EXECUTORS)}")
 
-
-def make_executor(launcher: LauncherConfig, kind: str, folder: Path, jobs: int):
-    """The submitit executor of the kind asked (never guessed), its parameters from the config."""
-    return executor_class(kind)(launcher, folder, jobs).engine

@@ -27,6 +27,7 @@ from pathlib import Path
 from lc_common.errors import InputError
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
+from ..stopping import SignalHandlers
 from . import executors
 from .executors import Executor, JobState, Status, Work
 from .plan import (Plan, Submission, add_submissions, build_points, check_folds, load_plan, now, parse_grid,
@@ -144,28 +145,15 @@ class Stopped(BaseException):
         return signal.Signals(self.signum).name
 
 
-class StopRequests:
+class StopRequests(SignalHandlers):
     """While open, the first of STOP_SIGNALS raises :class:`Stopped` in the main thread, at once, or
     at the end of a ``held()`` block (a job submitted inside is always recorded first). Later ones
     are ignored: the clean-up they would cut short is bounded. The previous handlers are back on exit."""
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signum: int | None = None
         self._raised, self._holding, self._previous = False, 0, {}
-
-    def __enter__(self) -> "StopRequests":
-        for sig in STOP_SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: the signals keep their handlers
-                pass
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-        return False
 
     def _handler(self, signum, frame) -> None:
         if self.signum is None:
