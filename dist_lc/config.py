@@ -86,6 +86,8 @@ class OptimConfig:
     momentum: float = option(0.9, "momentum (sgd, rmsprop)", min=0.0, max=1.0)
     clip_grad_norm: float | None = option(None, "clip the gradients' global L2 norm to this (null: no clipping)",
                                           min=1e-9)
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = option(
+        "auto", "the optimizer's kernels; auto: fused on CUDA where the optimizer has one, else torch's default")
 
 
 @dataclass
@@ -112,7 +114,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "auto: bf16 where the device runs it natively, fp16 + gradient scaler on older GPUs, else fp32")
     channels_last: bool = option(True, "NHWC tensors: faster convolutions with oneDNN (CPU) and tensor cores")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool | Literal["auto"] = option("auto", "torch.compile the model; auto: on CUDA, not on a CPU "
+                                             "(where it does not pay); its first step is timed apart")
     sync_batchnorm: bool = option(False, "BatchNorm statistics over all ranks (SyncBatchNorm)")
     seed: int = option(0, "seed of initialisation, data order and augmentation", min=0)
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (slower)")
@@ -148,6 +151,8 @@ class LauncherConfig:
     nodes: int = option(1, "nodes per job (Slurm only; the local executor has one)", min=1)
     tasks_per_node: int = option(1, "ranks per node: one per GPU (= gpus_per_node on GPU nodes)", min=1)
     gpus_per_node: int = option(0, "GPUs per node (0: CPU ranks, gloo)", min=0)
+    jobs_per_gpu: int = option(1, "local executor: jobs sharing each GPU at once (when one leaves it idle, e.g. "
+                               "small crops); each may use 1/N of the GPU's memory", min=1)
     cpus_per_task: int = option(1, "CPU cores per rank: data.workers + 1 is a good start", min=1)
     mem_gb: float | None = option(None, "memory per node in GB; null: the partition's default", min=0.1)
     partition: str | None = option(None, "Slurm partition")

@@ -5,21 +5,45 @@ import math
 
 import torch
 
+from lc_common.errors import InputError
+
 from .config import Config, OptimConfig, ScheduleConfig, dispatch_table, pick
 
 # one constructor per optim.name; momentum only where the optimizer has it
 OPTIMIZERS = dispatch_table(OptimConfig, "name", {
-    "adam": lambda params, o: torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay),
-    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay),
-    "rmsprop": lambda params, o: torch.optim.RMSprop(params, lr=o.lr, weight_decay=o.weight_decay,
-                                                     momentum=o.momentum),
-    "adagrad": lambda params, o: torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay),
-    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum),
+    "adam": lambda params, o, **kw: torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **kw),
+    "adamw": lambda params, o, **kw: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **kw),
+    "rmsprop": lambda params, o, **kw: torch.optim.RMSprop(params, lr=o.lr, weight_decay=o.weight_decay,
+                                                           momentum=o.momentum, **kw),
+    "adagrad": lambda params, o, **kw: torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay, **kw),
+    "sgd": lambda params, o, **kw: torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay,
+                                                   momentum=o.momentum, **kw),
 })
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    return pick(OPTIMIZERS, cfg.optim.name, "optim.name")(params, cfg.optim)
+def build_optimizer(cfg: Config, params, device: torch.device | None = None) -> torch.optim.Optimizer:
+    make = pick(OPTIMIZERS, cfg.optim.name, "optim.name")
+    return make(params, cfg.optim, **implementation(cfg.optim, device))
+
+
+def implementation(o: OptimConfig, device: torch.device | None) -> dict:
+    """The optimizer's kernels: ``fused`` (one kernel for all parameters: what pays on CUDA, where
+    the per-parameter updates were a launch each), ``foreach`` (grouped tensor ops; torch's own
+    default where it can) or ``for_loop``. ``auto``: fused on CUDA where the optimizer has it,
+    else torch's default."""
+    choice = o.implementation
+    fusable = o.name in FUSABLE
+    if choice == "auto":
+        return {"fused": True} if fusable and device is not None and device.type == "cuda" else {}
+    if choice == "fused":
+        if not fusable:
+            raise InputError(f"config key 'optim.implementation': fused is not available for optim.name "
+                             f"{o.name} (only {', '.join(FUSABLE)})")
+        return {"fused": True}
+    return {"foreach": choice == "foreach"}
+
+
+FUSABLE = ("adam", "adamw", "sgd", "adagrad")   # the torch optimizers with a fused kernel
 
 
 class WarmupCosine:

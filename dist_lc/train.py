@@ -76,7 +76,9 @@ class Setup:
     notes: list                   # set-up decisions worth a line in the log
     train_data: Loader            # its workers serve every epoch
     val_data: Loader | None       # its workers serve every validation
+    compiled: bool = False        # torch.compile: its first step compiles (timed apart)
     fp16_skips: int = 0           # consecutive steps the gradient scaler skipped
+    compile_s: float | None = None   # the compiling first step's seconds, once taken
 
     def close(self) -> None:
         """End the loader workers (they ignore SIGTERM: they must be told)."""
@@ -141,11 +143,12 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     if t.ema_decay:
         ema = torch.optim.swa_utils.AveragedModel(net, avg_fn=ema_update(t.ema_decay), use_buffers=True)
     model = net
-    if t.compile:
+    compiled = compiles(t.compile, device)
+    if compiled:
         model.compile()
     if env.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(cfg, net.parameters())
+    optimizer = build_optimizer(cfg, net.parameters(), device)
     d = cfg.data
     train_data, steps = train_loader(manifest, train_folds, seed=t.seed, world=env.world_size, rank=env.rank,
                                      micro=layout.micro, accum=layout.accum, workers=d.workers, augment=d.augment,
@@ -156,7 +159,12 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
         workers=d.workers, device=device, timeout_s=d.wait_timeout_s)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return Setup(cfg, env, device, manifest, train_folds, val_folds, layout, net, model, ema, loss_fn, optimizer,
-                 build_scheduler(cfg, optimizer, steps), scaler, dtype, steps, notes, train_data, val_data)
+                 build_scheduler(cfg, optimizer, steps), scaler, dtype, steps, notes, train_data, val_data, compiled)
+
+
+def compiles(setting, device: torch.device) -> bool:
+    """train.compile: ``auto`` compiles on CUDA only (on a CPU its compile time is not paid back)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -256,10 +264,15 @@ def train_epoch(s: Setup, epoch: int, step: int, stop: StopSignals, progress) ->
     t, steps = s.cfg.train, s.steps_per_epoch
     s.model.train()
     losses, waited, start = [], [0.0], time.perf_counter()
+    apart = 0.0, 0   # (seconds, steps) not counted in images/s: a compiling first step
     with s.train_data.batches(epoch) as batches:
         stream = timed(batches, waited)
         for _ in range(steps):
+            tick = time.perf_counter()
             loss, stopping = train_step(s, itertools.islice(stream, s.layout.accum), stop.set)
+            if s.compiled and s.compile_s is None:
+                s.compile_s = time.perf_counter() - tick
+                apart = s.compile_s, 1
             step += 1
             losses.append(loss)
             progress.update(1)
@@ -269,8 +282,10 @@ def train_epoch(s: Setup, epoch: int, step: int, stop: StopSignals, progress) ->
         if next(stream, None) is not None:   # (and the workers now know the pass is over)
             raise TrainingError(f"the loader yielded more than the epoch's {steps} steps of batches")
     elapsed = time.perf_counter() - start
+    counted_s = max(elapsed - apart[0], 1e-9)
     return {"stopped": False, "step": step, "train_loss": float(np.mean(losses)), "epoch_time_s": elapsed,
-            "images_per_s": steps * t.batch_size / elapsed, "data_wait_frac": waited[0] / elapsed}
+            "images_per_s": (steps - apart[1]) * t.batch_size / counted_s if steps > apart[1] else None,
+            "data_wait_frac": waited[0] / elapsed, "compile_s": apart[0] if apart[1] else None}
 
 
 @torch.no_grad()
@@ -574,6 +589,9 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         with runlog.progress(s.steps_per_epoch, f"epoch {p.epoch + 1}/{last}") as bar:
             result = train_epoch(s, p.epoch, p.step, stop, bar)
         p.step = result["step"]
+        if result.get("compile_s"):
+            runlog.info(f"torch.compile: the first step took {result['compile_s']:.1f} s (compilation); "
+                        f"not counted in images_per_s")
         if result["stopped"]:
             reason = "stopped"
             runlog.info(f"stop requested during epoch {p.epoch + 1}; last.pt holds epoch {p.epoch}")

@@ -163,12 +163,32 @@ def check_executor(choice, tmp_path):
     assert type(executor_class(choice)(LauncherConfig(), tmp_path, 1).engine).__name__ == want   # submitit's
 
 
+def check_implementation(choice, tmp_path):
+    """Which kernels the optimizer was built with (on a CPU, ``auto`` leaves torch's default)."""
+    from dist_lc.optim import build_optimizer
+
+    cfg = load_config(None, ["optim.name=adam", f"optim.implementation={choice}"])
+    defaults = build_optimizer(cfg, nn.Linear(2, 2).parameters(), torch.device("cpu")).defaults
+    built = "fused" if defaults.get("fused") else {True: "foreach", False: "for_loop", None: "default"}[defaults["foreach"]]
+    assert built == expected({"auto": "default", "fused": "fused", "foreach": "foreach", "for_loop": "for_loop"},
+                             choice)
+
+
+def check_compile(choice, tmp_path):
+    from dist_lc.train import compiles
+
+    want = expected({"auto": {"cpu": False, "cuda": True}}, choice)
+    assert {kind: compiles(choice, torch.device(kind)) for kind in ("cpu", "cuda")} == want
+
+
 CHECKS = {
     "data.normalize": check_normalize,
     "model.norm": check_norm,
     "model.init": check_init,
     "loss.class_weights": check_class_weights,
     "optim.name": check_optimizer,
+    "optim.implementation": check_implementation,
+    "train.compile": check_compile,
     "schedule.name": check_schedule,
     "train.micro_batch_size": check_micro_batch,
     "train.precision": check_precision,

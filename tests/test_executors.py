@@ -204,3 +204,19 @@ def test_a_new_executor_class_runs_a_cv_end_to_end_and_a_stop_signal_hands_it_it
     assert [(r["fold"], r["executor"], r["job_id"][:6]) for r in records] == [(0, "local", "thread")] + \
         [(k, "local", "thread") for k in (0, 1)]
     assert thread_executor.calls["submit"] == 3 and thread_executor.calls["refresh"] >= 3
+
+
+def test_jobs_per_gpu_share_each_gpu_and_its_memory(monkeypatch, tmp_path):
+    """Two GPUs, one per job, two jobs per GPU: four at once, two on each GPU, each allowed half
+    of its memory (the GPUs are pretended: nothing runs)."""
+    from dist_lc.config import LauncherConfig
+    from dist_lc.cv.executors import LocalExecutor, Work
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    ex = LocalExecutor(LauncherConfig(gpus_per_node=1, jobs_per_gpu=2), tmp_path, jobs=4)
+    assert ex.capacity() == 4
+    seen = []
+    for slot in range(4):
+        job = ex._fold_job(Work("p0", slot, {}, str(tmp_path / f"f{slot}"), False), slot, 4)
+        seen.append((ex.engine.parameters["visible_gpus"], job.gpu_share))
+    assert seen == [((0,), 0.5), ((0,), 0.5), ((1,), 0.5), ((1,), 0.5)]

@@ -226,11 +226,13 @@ class LocalExecutor(Executor):
 
     def _fold_job(self, item: Work, slot: int, slots: int) -> FoldJob:
         """The job's callable, its GPUs or else its cores set for ``slot`` of ``slots`` concurrent jobs."""
-        gpus = self.launcher.gpus_per_node
+        gpus, sharing = self.launcher.gpus_per_node, self.launcher.jobs_per_gpu
         if gpus:
-            slot %= max(1, torch.cuda.device_count() // gpus)  # max_parallel above the GPUs: jobs share them
-            self.engine.update_parameters(visible_gpus=tuple(range(slot * gpus, (slot + 1) * gpus)))
-            return FoldJob(item.config, str(item.run_dir), item.tta)
+            # jobs_per_gpu consecutive slots share a GPU group; slots beyond them (max_parallel above
+            # the GPUs) wrap around and share too
+            group = (slot // sharing) % max(1, torch.cuda.device_count() // gpus)
+            self.engine.update_parameters(visible_gpus=tuple(range(group * gpus, (group + 1) * gpus)))
+            return FoldJob(item.config, str(item.run_dir), item.tta, gpu_share=1.0 / sharing if sharing > 1 else None)
         return FoldJob(item.config, str(item.run_dir), item.tta, cpu_slice(slot, slots))
 
     def presence(self, record: Submission, handle=None) -> tuple[JobState | None, str]:
@@ -268,7 +270,7 @@ class LocalExecutor(Executor):
 def local_capacity(launcher: LauncherConfig) -> int:
     """Jobs the local machine runs at once: GPUs (or CPU cores) over what one job takes."""
     if launcher.gpus_per_node:
-        return max(1, torch.cuda.device_count() // launcher.gpus_per_node)
+        return max(1, torch.cuda.device_count() // launcher.gpus_per_node) * launcher.jobs_per_gpu
     return max(1, usable_cores() // (launcher.tasks_per_node * launcher.cpus_per_task))
 
 

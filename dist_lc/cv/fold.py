@@ -166,13 +166,20 @@ def _job_id() -> str | None:
 class FoldJob(submitit.helpers.Checkpointable):
     """The submitit callable of one CV job (every task runs it)."""
 
-    def __init__(self, config: dict, run_dir: str, tta: bool = False, cpus: tuple[int, ...] | None = None):
-        self.config, self.run_dir, self.tta, self.cpus = config, str(run_dir), tta, cpus
+    def __init__(self, config: dict, run_dir: str, tta: bool = False, cpus: tuple[int, ...] | None = None,
+                 gpu_share: float | None = None):
+        self.config, self.run_dir, self.tta, self.cpus, self.gpu_share = config, str(run_dir), tta, cpus, gpu_share
 
     def __call__(self) -> dict:
         cpus = getattr(self, "cpus", None)  # absent from jobs pickled by earlier releases
         if cpus:  # the local executor's share of the machine; threads and loader workers inherit it
             os.sched_setaffinity(0, cpus)
+        share = getattr(self, "gpu_share", None)
+        if share and torch.cuda.is_available():
+            # jobs sharing a GPU: each allocates at most its share, so micro_batch_size auto fits it
+            # and a job that outgrows it fails alone instead of starving the others
+            for index in range(torch.cuda.device_count()):   # the GPUs this job sees
+                torch.cuda.set_per_process_memory_fraction(share, index)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         cfg = from_dict(self.config)
         with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s):
