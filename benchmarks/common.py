@@ -1,4 +1,4 @@
-"""Helpers shared by the training benchmarks (``train_throughput.py``, ``train_memory.py``).
+"""Helpers shared by the training benchmarks (``train_throughput.py``, ``train_memory.py``, ``gpu.py``).
 
 Standard library only at import time: ``train_throughput.py --tf-worker`` imports this module from
 a separate TensorFlow virtual environment that has no torch.
@@ -86,6 +86,83 @@ def ensure_shards(out: Path, src: Path = SAMPLE_SRC) -> Path:
     subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(src), "--out", str(out)],
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return out
+
+
+# ----------------------------------------------------------------------------- the trainer's own step
+
+BENCHMARK_RECIPE = REPO / "configs" / "benchmark.yaml"
+
+
+def synthetic_shards(work: Path, tiles: int, workers: int = 1) -> Path:
+    """A shard folder of ``tiles`` synthetic tiles (``dist-lc synth``, then ``lc-shard pack``), made
+    under ``work/synth-<tiles>`` unless already there. The folder is named by its tile count so that a
+    run never reuses a smaller set left by another (the trainer needs a full batch of tiles)."""
+    base = work / f"synth-{tiles}"
+    data, shards = base / "data", base / "shards"
+    if not (shards / "manifest.json").exists():
+        if not (data / "train_labels.csv").exists():
+            subprocess.run([sys.executable, "-m", "dist_lc", "synth", "--out", str(data), "--train", str(tiles),
+                            "--test", "0", "--workers", str(workers)], check=True, cwd=REPO,
+                           stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(data), "--out", str(shards),
+                        "--workers", str(workers)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return shards
+
+
+def step_overrides(*, device: str, precision: str, channels_last: bool, compile: bool, micro: int,
+                   size: int) -> list[str]:
+    """The ``--set`` overrides of one timed variant: one micro-batch of ``micro`` tiles per optimizer
+    step (no accumulation), ``size``² tiles (a crop below the full tile, as ``data.crop`` trains)."""
+    from lc_common.tiles import IMAGE_SHAPE
+
+    return [f"train.device={device}", f"train.precision={precision}",
+            f"train.channels_last={str(channels_last).lower()}", f"train.compile={str(compile).lower()}",
+            f"train.batch_size={micro}", f"train.micro_batch_size={micro}",
+            f"data.crop={size if size < IMAGE_SHAPE[0] else 'null'}"]
+
+
+def trainer_setup(shards: Path, sets: list[str]):
+    """``dist_lc.train.build_setup`` of configs/benchmark.yaml with ``sets``: the model, loss,
+    optimizer, precision, memory layout and compilation that ``dist-lc train`` would run.
+
+    On ``shards`` with no loader workers and no validation fold: the timed batches are built in
+    memory (:func:`step_batches`); the shards only serve the set-up itself (the manifest's class
+    weights, a training loader that needs one full batch of tiles and goes unused).
+    ``train.micro_batch_size`` must be a number in ``sets``: "auto" would run trial steps to choose one."""
+    from dist_lc.config import load_config
+    from dist_lc.train import build_setup
+
+    cfg = load_config(BENCHMARK_RECIPE, [f"data.shards={shards}", "data.fold=null", "data.workers=0", *sets])
+    if cfg.train.micro_batch_size == "auto":
+        raise ValueError("trainer_setup: give train.micro_batch_size a number (auto runs trial steps)")
+    return build_setup(cfg)
+
+
+def step_batches(s, seed: int = 0) -> list[dict]:
+    """The micro-batches of one optimizer step of Setup ``s``, as its loader yields them to
+    ``dist_lc.train.train_step``: built by the loader's own ``BatchBuilder`` from random tiles
+    (uint16 N×H×W×4 images, uint8 masks, float32 proportions, int8 views when ``data.augment``),
+    numpy fields made tensors as ``dist_lc.loading`` does, images and masks in pinned memory on
+    CUDA as the loader's batch ring is. Still on the host: the step's ``to_device`` moves them, turns
+    each sample by its view and lays the images out as the model takes them, as in training."""
+    import numpy as np
+    import torch
+
+    from dist_lc.data import BatchBuilder, as_pixels, random_view
+    from lc_common.tiles import IMAGE_SHAPE, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions
+
+    size, micro = s.cfg.data.crop or IMAGE_SHAPE[0], s.layout.micro
+    rng = np.random.default_rng(seed)
+    builder, batch = BatchBuilder(micro), None
+    for i in range(micro):
+        image = rng.integers(1, MAX_PIXEL_VALUE + 1, (size, size, IMAGE_SHAPE[2]), dtype=np.uint16)
+        mask = rng.integers(0, NUM_CLASSES, (size, size), dtype=np.uint8)
+        view = random_view(rng) if s.cfg.data.augment else None
+        batch = builder.add(f"synthetic-{i}", as_pixels(image), mask, class_proportions(mask), view)
+    batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    if s.device.type == "cuda":
+        batch["image"], batch["mask"] = batch["image"].pin_memory(), batch["mask"].pin_memory()
+    return [batch] * s.layout.accum
 
 
 def cv_command(recipe, out: Path, shards: Path, minutes: float, folds, nproc: int = 2, sets=(),

@@ -9,13 +9,16 @@ On a machine with one CUDA GPU, from a clone of the repository:
 in it, e.g. ``.venv/bin/pip install --force-reinstall torch --index-url
 https://download.pytorch.org/whl/cu126``). It prints, and writes to ``--out``, a markdown table:
 
-1. **kernels**: full optimizer steps (forward, backward, Adam; the trainer's loss) of the benchmark
-   U-Net (``configs/benchmark.yaml``'s model, 984,234 parameters) on 256² tiles held on the GPU, at
-   micro-batch 32, 64 and 128, in fp32, bf16 autocast, bf16 + channels_last, and bf16 +
-   channels_last + ``torch.compile``: images/s, peak GPU memory (``max_memory_allocated``), and
+1. **kernels**: optimizer steps of the trainer itself, ``dist_lc.train.train_step`` on the Setup
+   that ``dist_lc.train.build_setup`` makes of ``configs/benchmark.yaml`` (984,234 parameters; its
+   optimizer, loss, precision, layout and compilation), on one fixed batch of 256² tiles shaped as
+   the loader yields it (uint16 NHWC images and uint8 masks in pinned host memory, the views to
+   apply: each step copies them to the GPU and turns them there, as in training), at micro-batch
+   32, 64 and 128, with the config overrides fp32, bf16 autocast, bf16 + channels_last, and bf16 +
+   channels_last + ``train.compile``: images/s, peak GPU memory (``max_memory_allocated``), and
    MFU = images/s × training FLOPs per image ÷ the GPU's dense bf16 peak (the vendor's figure
    for the device named in the table, e.g. 989 TFLOP/s for an H100/H200 SXM; training FLOPs = 3 ×
-   forward FLOPs counted by ``torch.utils.flop_counter``);
+   forward FLOPs, ``dist_lc.flops``);
 2. **end to end**: ``dist-lc train`` of ``configs/benchmark.yaml`` (micro-batch 64) on 2,000 synthetic
    tiles that the script generates and packs itself, loader workers = the machine's cores, two
    epochs: images/s and the data-wait share of the second epoch, from metrics.csv.
@@ -32,7 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lc_common.resources import usable_cores  # noqa: E402
-from common import REPO, log, machine_line, table  # noqa: E402
+from common import (BENCHMARK_RECIPE, REPO, log, machine_line, step_batches, step_overrides,  # noqa: E402
+                    synthetic_shards, table, trainer_setup)
 
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                      "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}   # vendors' dense figures
@@ -45,50 +49,22 @@ def peak_tflops(name: str) -> tuple[float | None, str]:
     return None, "no bf16 peak known for this device"
 
 
-def training_flops(size: int) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from dist_lc.config import ModelConfig
-    from dist_lc.model import build_network
-
-    net = build_network(ModelConfig())
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.zeros(1, 4, size, size))
-    return 3.0 * counter.get_total_flops()
-
-
-def kernel_case(device, micro: int, size: int, dtype, channels_last: bool, compile: bool, steps: int) -> dict:
+def kernel_case(shards: Path, device, micro: int, size: int, precision: str, channels_last: bool, compile: bool,
+                steps: int) -> dict:
+    """``steps`` timed optimizer steps of the trainer's own ``train_step`` on a Setup of
+    configs/benchmark.yaml with this case's overrides, after 3 warm-up steps (and compilation)."""
     import torch
 
-    from dist_lc.config import ModelConfig
-    from dist_lc.losses import SegmentationLoss, class_weights
-    from dist_lc.model import build_network, normalisation_stats
-    from dist_lc.precision import autocast
+    from dist_lc.train import train_step
 
-    torch.manual_seed(0)
-    mean, std = normalisation_stats("max")
-    net = build_network(ModelConfig(), mean, std).to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=fmt)
-    model = net
+    s = trainer_setup(shards, step_overrides(device=device.type, precision=precision, channels_last=channels_last,
+                                             compile=compile, micro=micro, size=size))
+    batches = step_batches(s)   # on the host, pinned, as the loader's ring: the step copies them over
+    s.model.train()
     compile_s = 0.0
-    if compile:
-        model.compile()
-    from dist_lc.synth.derive_constants import FULL_TRAIN_COUNTS as counts
-    loss_fn = SegmentationLoss(class_weights(counts, "inverse_frequency").to(device))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    image = torch.randint(1, 20000, (micro, 4, size, size), device=device, dtype=torch.float32).to(memory_format=fmt)
-    mask = torch.randint(0, 10, (micro, size, size), device=device)
-    props = torch.full((micro, 10), 0.1, device=device)
 
     def step():
-        with autocast(device, dtype):
-            logits = model(image)
-        loss = loss_fn(logits, mask, props).sum() / micro
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(s, batches)
 
     def sync():
         if device.type == "cuda":
@@ -108,29 +84,35 @@ def kernel_case(device, micro: int, size: int, dtype, channels_last: bool, compi
         sync()
         seconds = time.perf_counter() - started
     except torch.cuda.OutOfMemoryError:
+        s.optimizer.zero_grad(set_to_none=True)   # what a failed step left; the next case needs the room
         return {"images_per_s": None, "peak_mb": None, "note": "out of memory"}
     finally:
+        s.close()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"images_per_s": micro * steps / seconds, "peak_mb": peak, "compile_s": compile_s}
 
 
-def kernels(device, micros, size: int, steps: int, with_compile: bool) -> tuple[list[list], dict]:
+def kernels(shards: Path, device, micros, size: int, steps: int, with_compile: bool) -> tuple[list[list], dict]:
     import torch
+
+    from dist_lc.config import load_config
+    from dist_lc.flops import training_flops
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak, peak_text = peak_tflops(name)
-    flops = training_flops(size)
-    variants = [("fp32", None, False, False), ("bf16", torch.bfloat16, False, False),
-                ("bf16 + channels_last", torch.bfloat16, True, False)]
+    flops = training_flops(load_config(BENCHMARK_RECIPE).model, size)
+    # (label, train.precision, train.channels_last, train.compile)
+    variants = [("fp32", "fp32", False, False), ("bf16", "bf16", False, False),
+                ("bf16 + channels_last", "bf16", True, False)]
     if with_compile:
-        variants.append(("bf16 + channels_last + compile", torch.bfloat16, True, True))
+        variants.append(("bf16 + channels_last + compile", "bf16", True, True))
     rows = []
     for micro in micros:
-        for label, dtype, cl, comp in variants:
+        for label, precision, cl, comp in variants:
             log(f"kernels: micro-batch {micro}, {label}")
-            r = kernel_case(device, micro, size, dtype, cl, comp, steps)
+            r = kernel_case(shards, device, micro, size, precision, cl, comp, steps)
             ips = r["images_per_s"]
             mfu = f"{ips * flops / (peak * 1e12):.1%}" if ips and peak else "–"
             rows.append([micro, label, f"{ips:.1f}" if ips else r.get("note", "–"),
@@ -139,18 +121,12 @@ def kernels(device, micros, size: int, steps: int, with_compile: bool) -> tuple[
     return rows, {"device": name, "peak": peak_text, "train_gflop_per_image": flops / 1e9}
 
 
-def end_to_end(work: Path, device: str, tiles: int, epochs: int, quick: bool) -> dict:
-    """dist-lc train of the benchmark recipe on synthetic shards packed here; metrics of the last epoch."""
+def end_to_end(shards: Path, work: Path, device: str, tiles: int, epochs: int, quick: bool) -> dict:
+    """dist-lc train of the benchmark recipe on the synthetic shards; metrics of the last epoch."""
     import pandas as pd
 
     workers = usable_cores()
-    data, shards, run = work / "data", work / "shards", work / "run"
-    if not (shards / "manifest.json").exists():
-        if not (data / "train_labels.csv").exists():
-            subprocess.run([sys.executable, "-m", "dist_lc", "synth", "--out", str(data), "--train", str(tiles),
-                            "--test", "0", "--workers", str(workers)], check=True, cwd=REPO)
-        subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(data), "--out", str(shards),
-                        "--workers", str(workers)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    run = work / "run"
     sets = [f"data.shards={shards}", f"data.workers={min(workers, 16)}", f"train.epochs={epochs}",
             f"train.device={device}", "train.plot_every=0"]
     sets += ["train.micro_batch_size=8", "train.batch_size=8", "data.crop=64"] if quick else \
@@ -179,13 +155,17 @@ def main(argv=None) -> int:
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     started = time.perf_counter()
     micros, size, steps = ((2,), 64, 2) if args.quick else ((32, 64, 128), 256, 10)
-    rows, info = kernels(device, micros, size, steps, with_compile=not args.quick)
-    e2e = end_to_end(args.work, args.device, 200 if args.quick else 2000, 1 if args.quick else 2, args.quick)
+    tiles = 200 if args.quick else 2000
+    # one set of synthetic shards for both parts: the end-to-end run trains on it, the kernels'
+    # set-up needs a manifest and a full micro-batch of tiles (their batches are built in memory)
+    shards = synthetic_shards(args.work, tiles, usable_cores())
+    rows, info = kernels(shards, device, micros, size, steps, with_compile=not args.quick)
+    e2e = end_to_end(shards, args.work, args.device, tiles, 1 if args.quick else 2, args.quick)
     text = "\n".join([
         f"Machine: {machine_line()}; device {info['device']}; torch {torch.__version__}", "",
-        f"Kernels: the benchmark U-Net, {size}² tiles on the device, {steps} timed optimizer steps after 3 "
-        f"warm-up steps; {info['train_gflop_per_image']:.0f} GFLOP per training image; MFU against "
-        f"{info['peak']}.", "",
+        f"Kernels: dist_lc.train.train_step of configs/benchmark.yaml, one fixed batch of {size}² tiles as the "
+        f"loader yields it, {steps} timed optimizer steps after 3 warm-up steps; "
+        f"{info['train_gflop_per_image']:.0f} GFLOP per training image; MFU against {info['peak']}.", "",
         table(["micro-batch", "variant", "images/s", "peak GPU MB", "MFU", "compile"], rows), "",
         f"End to end: dist-lc train, configs/benchmark.yaml, {e2e['tiles']} synthetic tiles, {e2e['workers']} loader "
         f"workers: {e2e['images_per_s']:.1f} images/s, data wait {e2e['data_wait_frac']:.1%} of the epoch, "

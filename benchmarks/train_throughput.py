@@ -7,16 +7,22 @@
 Sections (``--sections``, default ``kernels,e2e``), one run, so that every ratio is taken under the
 same machine load (``profile`` adds a torch.profiler breakdown of one bf16 step):
 
-``kernels``: full optimizer steps (forward + backward + Adam, the trainer's loss) of the benchmark
-U-Net (``dist_lc.model.build_network`` with the defaults: 984,234 parameters) on synthetic
-tiles held in memory, no data loading. Variants on CPU: fp32 NCHW, fp32 channels_last, bf16
-autocast, bf16 + channels_last, and ``torch.compile`` of the fastest eager variant (compile time
-reported apart, throughput measured after warm-up); on CUDA: fp32, bf16, compile, with peak GPU
-memory. The variants are interleaved: each round runs ``--steps`` steps of every variant, in a
-rotated order, and the tables give the median over rounds. The ceiling is the CPU's own matrix
-multiply rate (square ``torch.matmul``, fp32 and bf16) measured inside every round; model FLOP
-utilisation (MFU) = images/s × training FLOPs per image / that rate, with training FLOPs = 3 ×
-forward FLOPs (forward counted by ``torch.utils.flop_counter.FlopCounterMode``).
+``kernels``: optimizer steps of the trainer itself, ``dist_lc.train.train_step`` on the ``Setup``
+that ``dist_lc.train.build_setup`` makes of ``configs/benchmark.yaml`` (the benchmark U-Net:
+984,234 parameters; its optimizer, loss and normalisation; one micro-batch of ``--batch`` tiles per
+step, ``data.crop`` = ``--size`` below 256), on one fixed batch held in memory and shaped as the
+loader yields it (uint16 NHWC images, uint8 masks, the views to apply), so a step includes the
+trainer's own ``to_device`` (views, layout) and its loss bookkeeping; no data loading. Variants are
+config overrides (``train.precision``, ``train.channels_last``, ``train.compile``), on CPU: fp32
+NCHW, fp32 channels_last, bf16 autocast, bf16 + channels_last, and ``train.compile`` of the
+fastest eager variant (compile time reported apart, throughput measured after warm-up); on CUDA:
+fp32, bf16, compile, with peak GPU memory. The variants are interleaved: each round runs
+``--steps`` steps of every variant, in a rotated order, and the tables give the median over
+rounds. The ceiling is the CPU's own matrix multiply rate (square ``torch.matmul``, fp32 and bf16)
+measured inside every round; model FLOP utilisation (MFU) = images/s × training FLOPs per image /
+that rate, with training FLOPs = 3 × forward FLOPs (``dist_lc.flops``; the table also gives
+forward + backward as ``FlopCounterMode`` counts it, to show that the 3× rule holds). The set-up
+needs shards: a few synthetic tiles are packed under ``--work``.
 
 Optional peer: the same U-Net in Keras (TensorFlow 2.15, oneDNN, fp32, NHWC, batch 8, ``model.
 train_on_batch`` = the compiled train function that ``fit`` runs), in a second process started
@@ -42,7 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, ensure_shards, loadavg, log, machine_line, median, spread, table
+from common import (REPO, ensure_shards, loadavg, log, machine_line, median, spread, step_batches, step_overrides,
+                    synthetic_shards, table, trainer_setup)
 
 # The Preligens benchmark (TF 2.15 + oneDNN, fp32, tf.data) on a 2-core CPU of this kind, measured
 # on another machine (orientation only: machines of this kind differ up to 2x).
@@ -164,32 +171,6 @@ class TFPeer:
 
 # ============================================================================ PyTorch kernels
 
-def forward_flops(size: int) -> int:
-    """Forward FLOPs of one image through the benchmark U-Net (conv, transposed conv, matmul)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from dist_lc.model import UNet
-
-    model = UNet()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 4, size, size))
-    return counter.get_total_flops()
-
-
-def train_flops_counted(size: int) -> int:
-    """Forward + backward FLOPs of one image as FlopCounterMode counts them (vs the 3× rule)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from dist_lc.model import UNet
-
-    model = UNet()
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 4, size, size)).sum().backward()
-    return counter.get_total_flops()
-
-
 def matmul_gflops(dtype, n: int, reps: int, device) -> float:
     """Best of ``reps`` square n×n matmuls, GFLOP/s (2n³ per product)."""
     import torch
@@ -214,36 +195,31 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_variant(name, device, dtype=None, channels_last=False, compile=False, seed=0, threads=0):
-    """Model, loss and optimizer as ``dist_lc.train.build_setup`` builds them for the benchmark recipe."""
+def make_variant(name, shards, args, device, precision, channels_last=False, compile=False, threads=0):
+    """One timed variant: the trainer's own Setup (``dist_lc.train.build_setup`` of
+    configs/benchmark.yaml) with the variant's precision, layout and compilation as config overrides,
+    and a fixed batch shaped as its loader yields it."""
     import torch
 
-    from dist_lc.config import ModelConfig
-    from dist_lc.losses import SegmentationLoss, class_weights
-    from dist_lc.model import build_network, normalisation_stats
-    from lc_common.tiles import NUM_CLASSES
-
-    torch.manual_seed(seed)
-    mean, std = normalisation_stats("max")
-    net = build_network(ModelConfig(), mean, std).to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=fmt)
-    if compile:
-        net.compile()
-    from dist_lc.synth.derive_constants import FULL_TRAIN_COUNTS as counts
-    assert len(counts) == NUM_CLASSES
-    return {"name": name, "net": net, "dtype": dtype, "fmt": fmt, "compile": compile,
-            "loss": SegmentationLoss(class_weights(counts, "inverse_frequency").to(device)),
-            "opt": torch.optim.Adam(net.parameters(), lr=1e-3), "device": device, "threads": threads,
+    sets = step_overrides(device=device.type, precision=precision, channels_last=channels_last, compile=compile,
+                          micro=args.batch, size=args.size)
+    s = trainer_setup(shards, sets)
+    if device.type == "cpu" and args.threads:   # the set-up gives a CPU rank its share of the cores
+        torch.set_num_threads(args.threads)
+    s.model.train()
+    return {"name": name, "setup": s, "batches": step_batches(s), "sets": sets, "precision": precision,
+            "channels_last": channels_last, "compile": compile, "device": device, "threads": threads,
             "times": [], "cpu": [], "warmup": [], "peak_gpu_mb": None}
 
 
-def train_step(v, x, mask, props) -> float:
-    """One optimizer step the way ``dist_lc.train.train_step`` does it (accumulation 1).
+def train_step(v) -> float:
+    """One optimizer step of ``dist_lc.train.train_step`` on the variant's fixed batch.
 
     Returns the wall time (s); the process CPU time of the step (all threads) is left in ``v["last_cpu"]``.
     """
     import torch
+
+    from dist_lc.train import train_step as trainer_step
 
     device = v["device"]
     default_threads = torch.get_num_threads()
@@ -251,22 +227,18 @@ def train_step(v, x, mask, props) -> float:
         torch.set_num_threads(v["threads"])
     _sync(device)
     t, c = time.perf_counter(), time.process_time()
-    xx = x.to(memory_format=v["fmt"])
-    if v["dtype"] is None:
-        logits = v["net"](xx)
-    else:
-        with torch.autocast(device.type, dtype=v["dtype"]):
-            logits = v["net"](xx)
-    loss = v["loss"](logits, mask, props).sum() / x.shape[0]
-    loss.backward()
-    v["opt"].step()
-    v["opt"].zero_grad(set_to_none=True)
-    loss.item()
+    trainer_step(v["setup"], v["batches"])
     _sync(device)
     elapsed = time.perf_counter() - t
     v["last_cpu"] = time.process_time() - c
     torch.set_num_threads(default_threads)
     return elapsed
+
+
+def close_variants(variants) -> None:
+    for v in variants:
+        if "setup" in v:
+            v["setup"].close()
 
 
 def start_peer(args):
@@ -281,38 +253,46 @@ def start_peer(args):
         return None
 
 
-def kernels(args, peer) -> dict:
+def kernels(args, peer, shards: Path) -> dict:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    if device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    out = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "batch": args.batch, "size": args.size}
+    out = {"device": str(device), "torch": torch.__version__, "batch": args.batch, "size": args.size}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
-    log(f"kernels on {device}, {torch.get_num_threads()} threads, batch {args.batch}, {args.size}px")
 
-    fwd = forward_flops(args.size)
-    out["forward_gflop_per_image"] = fwd / 1e9
-    out["train_gflop_per_image"] = 3 * fwd / 1e9
-    out["train_gflop_per_image_counted"] = train_flops_counted(args.size) / 1e9
-    log(f"forward {fwd / 1e9:.1f} GFLOP/image")
-
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randint(1, 24357, (args.batch, 4, args.size, args.size), generator=g).float()).to(device)
-    mask = torch.randint(0, 10, (args.batch, args.size, args.size), generator=g).to(device)
-    props = torch.rand(args.batch, 10, generator=g).to(device)
-
-    bf16 = torch.bfloat16
     if device.type == "cuda":
-        specs = [("fp32", None, False), ("bf16 autocast", bf16, False)]
+        specs = [("fp32", "fp32", False), ("bf16 autocast", "bf16", False)]
     else:
-        specs = [("fp32 NCHW", None, False), ("fp32 channels_last", None, True),
-                 ("bf16 autocast", bf16, False), ("bf16 + channels_last", bf16, True)]
-    variants = [make_variant(n, device, d, cl) for n, d, cl in specs]
+        specs = [("fp32 NCHW", "fp32", False), ("fp32 channels_last", "fp32", True),
+                 ("bf16 autocast", "bf16", False), ("bf16 + channels_last", "bf16", True)]
+    variants = []   # filled by _kernels; their Setups are closed however it ends
+    try:
+        return _kernels(args, peer, shards, device, specs, variants, out)
+    finally:
+        close_variants(variants)
+
+
+def _kernels(args, peer, shards, device, specs, variants, out) -> dict:
+    import torch
+
+    from dist_lc.flops import forward_flops, training_flops
+
+    for n, precision, cl in specs:
+        variants.append(make_variant(n, shards, args, device, precision, cl))
+    # what build_setup left (a CPU rank's share of the cores, or --threads)
+    out["threads"] = torch.get_num_threads()
     if device.type == "cpu" and args.one_thread and torch.get_num_threads() > 1:
-        variants.append(make_variant("bf16 autocast, 1 thread", device, bf16, False, threads=1))
+        variants.append(make_variant("bf16 autocast, 1 thread", shards, args, device, "bf16", False, threads=1))
+    model = variants[0]["setup"].cfg.model
+    log(f"kernels on {device}, {out['threads']} threads, batch {args.batch}, {args.size}px: "
+        f"dist_lc.train.train_step of configs/benchmark.yaml")
+
+    fwd = forward_flops(model, args.size)
+    out["forward_gflop_per_image"] = fwd / 1e9
+    out["train_gflop_per_image"] = training_flops(model, args.size) / 1e9
+    out["train_gflop_per_image_counted"] = training_flops(model, args.size, counted=True) / 1e9
+    log(f"forward {fwd / 1e9:.1f} GFLOP/image")
 
     if peer is not None and device.type == "cpu":
         out["tf"] = peer.info
@@ -323,22 +303,22 @@ def kernels(args, peer) -> dict:
 
     for v in variants:
         for _ in range(args.warmup):
-            v["warmup"].append(train_step(v, x, mask, props))
+            v["warmup"].append(train_step(v))
         log(f"warm-up {v['name']}: {[round(t, 2) for t in v['warmup']]} s")
 
     if args.compile:
         best = min(variants[: len(specs)], key=lambda v: v["warmup"][-1])
-        spec = next(s for s in specs if s[0] == best["name"])
         cache = tempfile.mkdtemp(prefix="inductor-cold-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold compile, not one from an earlier run's cache
-        c = make_variant(f"torch.compile ({best['name']})", device, spec[1], spec[2], compile=True)
+        c = make_variant(f"torch.compile ({best['name']})", shards, args, device, best["precision"],
+                         best["channels_last"], compile=True)
+        variants.append(c)
         log(f"compiling {c['name']} (cold cache {cache})")
-        first = train_step(c, x, mask, props)
+        first = train_step(c)
         for _ in range(max(args.warmup, 1)):
-            c["warmup"].append(train_step(c, x, mask, props))
+            c["warmup"].append(train_step(c))
         c["first_step_s"] = first
         log(f"compiled: first step {first:.1f} s, then {[round(t, 2) for t in c['warmup']]} s")
-        variants.append(c)
 
     ceilings = {"fp32": [], "bf16": []}
     loads = []
@@ -354,7 +334,7 @@ def kernels(args, peer) -> dict:
                     torch.cuda.reset_peak_memory_stats(device)
                 times, cpu = [], []
                 for _ in range(args.steps):
-                    times.append(train_step(v, x, mask, props))
+                    times.append(train_step(v))
                     cpu.append(v["last_cpu"])
                 if device.type == "cuda":
                     v["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -374,6 +354,8 @@ def kernels(args, peer) -> dict:
         row = {"name": v["name"], "images_per_s": median(rates), "rates": rates,
                "cpu_s_per_image": [c / args.batch for c in v["cpu"]],
                "warmup_s": v["warmup"], "peak_gpu_mb": v.get("peak_gpu_mb")}
+        if "sets" in v:
+            row["trainer_sets"] = v["sets"]
         if "first_step_s" in v:
             row["first_step_s"] = v["first_step_s"]
             row["compile_s"] = v["first_step_s"] - median(v["times"])
@@ -381,23 +363,22 @@ def kernels(args, peer) -> dict:
     return out
 
 
-def profile(args) -> dict:
+def profile(args, shards: Path) -> dict:
     """Where a bf16 + channels_last step spends its time: torch.profiler, self CPU time per op."""
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     device = torch.device("cpu")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(1, 24357, (args.batch, 4, args.size, args.size), generator=g).float()
-    mask = torch.randint(0, 10, (args.batch, args.size, args.size), generator=g)
-    props = torch.rand(args.batch, 10, generator=g)
     out = {}
-    for name, dtype, cl in (("bf16 + channels_last", torch.bfloat16, True), ("bf16 autocast", torch.bfloat16, False)):
-        v = make_variant(name, device, dtype, cl)
-        train_step(v, x, mask, props)
-        load = loadavg()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            wall = train_step(v, x, mask, props)
+    for name, precision, cl in (("bf16 + channels_last", "bf16", True), ("bf16 autocast", "bf16", False)):
+        v = make_variant(name, shards, args, device, precision, cl)
+        try:
+            train_step(v)
+            load = loadavg()
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                wall = train_step(v)
+        finally:
+            close_variants([v])
         ops = {}
         for e in prof.key_averages():
             ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
@@ -480,8 +461,9 @@ def report(res: dict, args) -> str:
     if k:
         fp32, bf16 = k["matmul_gflops"]["fp32"]["median"], k["matmul_gflops"]["bf16"]["median"]
         gf = k["train_gflop_per_image"]
-        lines += [f"### Training step throughput, synthetic tiles in memory ({k['device']}, {k['threads']} threads, "
-                  f"torch {k['torch']}, batch {k['batch']}, {k['size']}×{k['size']})", "",
+        lines += [f"### Training step throughput (dist_lc.train.train_step), synthetic tiles in memory "
+                  f"({k['device']}, {k['threads']} threads, torch {k['torch']}, batch {k['batch']}, "
+                  f"{k['size']}×{k['size']})", "",
                   f"Forward {k['forward_gflop_per_image']:.1f} GFLOP/image; training step counted as 3 × forward = "
                   f"{gf:.1f} GFLOP/image (FlopCounterMode on forward+backward: "
                   f"{k['train_gflop_per_image_counted']:.1f}). Ceiling, median over rounds of the best of 3 "
@@ -576,7 +558,8 @@ def main(argv=None) -> int:
     p.add_argument("--tf-python", help="python of a venv holding tensorflow-cpu==2.15.* (the peer)")
     p.add_argument("--shards", type=Path, default=Path("/tmp/bench_train_shards"),
                    help="packed real sample (packed there from ../shared/data/s2glc-sample if missing)")
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()))
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()),
+                   help="where the synthetic shards of the kernels and the e2e run folders go")
     p.add_argument("--e2e-epochs", type=int, default=1)
     p.add_argument("--e2e-rounds", type=int, default=1)
     p.add_argument("--e2e-workers", type=int, default=2, help="data.workers (the recipe's value: 2)")
@@ -598,10 +581,14 @@ def main(argv=None) -> int:
     log(res["machine"])
     peer = start_peer(args)
     try:
+        if sections & {"kernels", "profile"}:
+            # a few synthetic tiles: the timed batches are built in memory, the set-up only needs a
+            # manifest and a full batch of training tiles
+            shards = synthetic_shards(args.work / "bench_train_synth", max(args.batch, 8))
         if "kernels" in sections:
-            res["kernels"] = kernels(args, peer)
+            res["kernels"] = kernels(args, peer, shards)
         if "profile" in sections:
-            res["profile"] = profile(args)
+            res["profile"] = profile(args, shards)
         if "e2e" in sections:
             res["e2e"] = e2e(args, peer)
         if peer is not None:
