@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lc_common.resources import usable_cores  # noqa: E402
-from common import REPO, log, machine_line, measured, table  # noqa: E402
+from common import log, machine_line, measured, table  # noqa: E402
 
 STEPS = ("synth", "pack", "verify", "describe", "plan", "cv", "report", "predict")
 PY = sys.executable
