@@ -12,6 +12,7 @@ import sys
 from lc_common.errors import InputError, OneLineArgumentParser, WriteError
 
 from .config import LauncherConfig, TrainConfig, choices
+from .tune import FOLD_ORDERS, PRUNERS, SAMPLERS
 
 # the config declares these choices; the options that pick the same things offer the same ones
 DEVICES = choices(TrainConfig, "device")
@@ -113,6 +114,32 @@ def _cv(sub):
     return "dist_lc.cv.launch"
 
 
+def _tune(sub):
+    p = sub.add_parser("tune", help="hyper-parameter search (Optuna): each trial a cross-validation run as jobs")
+    _config_options(p, "that every trial starts from")
+    p.add_argument("--space", metavar="YAML", help="the search space: config keys and a distribution each "
+                   "(configs/spaces/recommended.yaml)")
+    p.add_argument("--out", metavar="DIR", help="tune folder (new, or an earlier one with --resume)")
+    p.add_argument("--trials", type=positive_int, metavar="N", help="trials of the whole study, every state "
+                   "counted (default: 20; with --resume: raise it to run more)")
+    p.add_argument("--parallel", type=positive_int, metavar="P", help="jobs running at once, all trials together "
+                   "(default: launcher.max_parallel, else what the executor runs at once, else the folds)")
+    p.add_argument("--executor", choices=EXECUTORS, help="where the jobs run (default: launcher.executor of the recipe)")
+    p.add_argument("--folds", metavar="K,K", help="the folds of every trial (default: cv.folds of the recipe)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="how trials are drawn (default: tpe; cmaes: numeric spaces)")
+    p.add_argument("--pruner", choices=PRUNERS, help="what stops hopeless trials early (default: median)")
+    p.add_argument("--fold-order", choices=FOLD_ORDERS, help="a trial's folds one after another, pruned between "
+                   "them, or all at once (default: sequential)")
+    p.add_argument("--seed", type=count, metavar="S", help="the sampler's seed (default: 0)")
+    p.add_argument("--pruner-startup", type=count, metavar="N", help="median: trials finished before any is "
+                   "pruned (default: 4)")
+    p.add_argument("--pruner-warmup", type=count, metavar="STEPS", help="validated epochs a trial reports before "
+                   "it can be pruned (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue the study of --out")
+    p.add_argument("--report", metavar="DIR", help="only rebuild DIR's report.md, report.json, best.yaml and plots")
+    return "dist_lc.tune.launch"
+
+
 def _cv_array(sub):
     p = sub.add_parser("cv-array", help="the steps of slurm/cv_array.sbatch (prepare the CV folder; run a fold)")
     steps = p.add_subparsers(dest="step", required=True)
@@ -153,7 +180,7 @@ def _demo(sub):
     return "dist_lc.demo"
 
 
-COMMANDS = (_train, _predict, _eval, _map, _cv, _cv_array, _report, _synth, _demo)
+COMMANDS = (_train, _predict, _eval, _map, _cv, _tune, _cv_array, _report, _synth, _demo)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

@@ -1,0 +1,212 @@
+"""``dist-lc tune``: a hyper-parameter search whose trials are cross-validation runs as jobs.
+
+    dist-lc tune --config RECIPE --space SPACE.yaml --out DIR [--trials N] [--parallel P]
+                 [--executor local|slurm] [--folds 0,1,2] [--sampler tpe|random|qmc|cmaes]
+                 [--pruner median|halving|hyperband|none] [--fold-order sequential|parallel]
+                 [--seed S] [--pruner-startup N] [--pruner-warmup STEPS] [--set k=v ...]
+    dist-lc tune --out DIR --resume [--trials N] [--parallel P] [--executor ...] [--set launcher.k=v]
+    dist-lc tune --report DIR
+
+Everything is checked before DIR is created: the recipe, the folds against the shards, the
+launcher section, the space against the config's declarations, the sampler against the space, the
+output folder and, for Slurm, that the controller answers. One launcher at a time holds DIR.
+
+Stopped by Ctrl-C, SIGTERM or SIGHUP, it does what `dist-lc cv` does: the unfinished jobs go to their
+executor (local ones are ended within seconds, Slurm ones go on), one line, exit 128 + the signal's
+number; ``--resume`` continues the same study: finished trials stay as they are, running ones go on.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+from pathlib import Path
+
+from lc_common.errors import InputError
+
+from ..config import apply_overrides, describe, from_dict, load_config, normalized, to_dict
+from ..cv import executors
+from ..cv.launch import StopRequests, Stopped, check_executor, check_launcher
+from ..cv.plan import check_folds
+from .settings import Settings, is_tune_folder, load_settings
+from .space import Space, load_space
+
+DEFAULTS = {"sampler": "tpe", "pruner": "median", "fold_order": "sequential", "seed": 0,
+            "pruner_startup": 4, "pruner_warmup": 0, "trials": 20}
+FIXED_ON_RESUME = ("config", "space", "folds", "sampler", "pruner", "fold_order", "seed", "pruner_startup",
+                   "pruner_warmup")
+LOCK = ".tune.lock"
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- a new study
+
+def parse_folds(text: str | None) -> list[str]:
+    """``--folds 0,2`` as a ``cv.folds`` override (the config and the shards check the folds)."""
+    if text is None:
+        return []
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise InputError(f"--folds {text!r}: expected fold numbers separated by commas, e.g. 0,1,2")
+    return [f"cv.folds=[{','.join(parts)}]"]
+
+
+def steps_per_fold(space: Space, epochs: int) -> int:
+    """A fold's epochs at most: train.epochs, or its largest value when the search varies it."""
+    if "train.epochs" not in space.keys:
+        return epochs
+    p = space.param("train.epochs")
+    return int(max(p.choices) if p.kind == "categorical" else p.high)
+
+
+def default_parallel(kind: str, launcher, folds: int) -> int:
+    """launcher.max_parallel, else what the executor runs at once, else (a queue) a trial's folds."""
+    if launcher.max_parallel:
+        return launcher.max_parallel
+    capacity = executors.executor_class(kind)(launcher, Path(os.devnull), 1).capacity()
+    return int(capacity) if capacity != math.inf else folds
+
+
+def check_new_out(out: Path) -> None:
+    if is_tune_folder(out):
+        raise InputError(f"{out}: already a tune folder; add --resume to continue its study, or choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out}: exists and is not an empty folder nor a tune folder; choose another --out")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{out}: --out cannot be created ({probe} is a file)")
+
+
+def new_settings(args) -> Settings:
+    if not args.space:
+        raise InputError("--space SPACE.yaml is required: the keys to search and their distributions")
+    values = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS.items()}
+    cfg = load_config(args.config, [*args.set, *parse_folds(args.folds)])
+    kind = args.executor or cfg.launcher.executor
+    space = load_space(args.space, normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}"])))
+    from .study import check_sampler
+
+    check_sampler(values["sampler"], space)
+    folds = check_folds(cfg)
+    parallel = args.parallel or default_parallel(kind, cfg.launcher, len(folds))
+    config = normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}",
+                                                       f"launcher.max_parallel={parallel}"]))
+    check_launcher(from_dict(config), kind)
+    out = Path(args.out)
+    check_new_out(out)
+    return Settings(out=out, config=config, space=space.to_dict(), folds=folds, executor=kind,
+                    sampler=values["sampler"], seed=values["seed"], pruner=values["pruner"],
+                    pruner_startup=values["pruner_startup"], pruner_warmup=values["pruner_warmup"],
+                    fold_order=values["fold_order"], trials=values["trials"], parallel=parallel,
+                    steps_per_fold=steps_per_fold(space, cfg.train.epochs), recipe=str(args.config or ""),
+                    space_file=str(args.space))
+
+
+# ----------------------------------------------------------------------------- a resumed study
+
+def resumed_settings(args) -> Settings:
+    """The saved settings; only --trials, --parallel, --executor and launcher keys may change."""
+    given = [option(k) for k in FIXED_ON_RESUME if getattr(args, k, None) is not None]
+    if given:
+        raise InputError(f"--resume continues the study as it was set up: drop {given[0]}")
+    other = [s for s in args.set if not s.strip().startswith("launcher.")]
+    if other:
+        raise InputError(f"--resume: only launcher.* keys can be changed, not {other[0]!r}")
+    settings = load_settings(args.out)
+    sets = list(args.set)
+    if args.executor:
+        settings.executor = args.executor
+        sets.append(f"launcher.executor={args.executor}")
+    if args.parallel:
+        settings.parallel = args.parallel
+        sets.append(f"launcher.max_parallel={args.parallel}")
+    if args.trials is not None:
+        settings.trials = args.trials
+    settings.config = normalized(apply_overrides(settings.config, sets))
+    check_launcher(from_dict(settings.config), settings.executor)
+    return settings
+
+
+# ----------------------------------------------------------------------------- running it
+
+@contextlib.contextmanager
+def holding(out: Path):
+    """One launcher per tune folder: a second one would submit the same trials' folds again."""
+    with open(out / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise InputError(f"{out}: another dist-lc tune (pid {holder}) is running this study") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def run(args) -> int:
+    if args.report:
+        return report_only(args)
+    if not args.out:
+        raise InputError("--out DIR is required (or --report DIR)")
+    if args.print_config:
+        cfg = from_dict(load_settings(args.out).config) if args.resume else load_config(args.config, args.set)
+        print(describe(cfg))
+        return 0
+    settings = resumed_settings(args) if args.resume else new_settings(args)
+    check_executor(settings.executor)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    with holding(settings.out):
+        settings.save()
+        return study_run(settings, args.resume)
+
+
+def study_run(settings: Settings, resumed: bool) -> int:
+    from .scheduler import Scheduler, say
+    from .study import open_study
+
+    study = open_study(settings)
+    stops = StopRequests()
+    scheduler = Scheduler(settings, study, stops)
+    say(f"{'continuing' if resumed else 'a new'} study in {settings.out}: {settings.trials} trial(s), "
+        f"{len(settings.folds)} fold(s) each ({settings.fold_order}), {settings.parallel} job(s) at once "
+        f"({settings.executor}); sampler {settings.sampler}, pruner {settings.pruner}")
+    with stops:   # still open while the jobs are ended: a second signal cannot cut that short
+        try:
+            finished = scheduler.run()
+        except Stopped as stop:
+            say(f"stopped by {stop.signal_name}; {scheduler.interrupt()}: dist-lc tune --out {settings.out} "
+                "--resume continues the study")
+            return stop.exit_status
+    if not finished:
+        say(f"wait deadline passed with trials unfinished (their jobs may still run): dist-lc tune --out "
+            f"{settings.out} --resume later")
+    return finish(settings, finished)
+
+
+def finish(settings: Settings, finished: bool) -> int:
+    """The report; 0 when the study holds its trials and one of them completed."""
+    from . import report
+
+    built = report.build(settings.out)
+    print(report.summary(built))
+    return 0 if finished and built["best"] is not None else 1
+
+
+def report_only(args) -> int:
+    from . import report
+
+    extra = [o for o in ("config", "space", "out") if getattr(args, o, None)] + (["resume"] if args.resume else [])
+    if extra:
+        raise InputError(f"--report DIR rebuilds the report from DIR alone: drop {option(extra[0])}")
+    built = report.build(Path(args.report))
+    print(report.summary(built))
+    return 0

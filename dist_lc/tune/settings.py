@@ -1,0 +1,98 @@
+"""What a tune folder holds besides the study: ``tune.json`` (the settings a --resume continues
+with) and one CV folder per trial, laid out by :mod:`dist_lc.cv.plan`."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from lc_common.atomic import write_json_atomic
+from lc_common.errors import InputError
+
+from ..config import from_dict
+from ..cv.plan import Plan, Point, load_plan, now
+from .space import Space, space_from_dict, trial_config
+
+SETTINGS, JOURNAL, TRIALS = "tune.json", "study.journal", "trials"
+REPORT_MD, REPORT_JSON, BEST = "report.md", "report.json", "best.yaml"
+FORMAT = "dist_lc.tune/1"
+STUDY_NAME = "dist-lc-tune"
+
+
+@dataclass
+class Settings:
+    """Everything that decides what the study runs; written once, at its start."""
+    out: Path
+    config: dict                 # the resolved base config (recipe + --set, executor, max_parallel)
+    space: dict                  # the space as checked (Space.to_dict)
+    folds: list[int]
+    executor: str
+    sampler: str
+    seed: int
+    pruner: str
+    pruner_startup: int          # trials finished before the pruner judges any (median)
+    pruner_warmup: int           # reported steps (epochs) of a trial before it can be pruned
+    fold_order: str
+    trials: int                  # trials of the whole study (every state counts)
+    parallel: int                # jobs running at once, all trials together
+    steps_per_fold: int          # a fold's epochs at most: the width of its block of steps
+    recipe: str = ""
+    space_file: str = ""
+    created: str = field(default_factory=now)
+
+    @property
+    def search_space(self) -> Space:
+        return space_from_dict(self.space, self.space_file)
+
+    def trial_dir(self, number: int) -> Path:
+        return self.out / TRIALS / str(number)
+
+    def save(self) -> None:
+        data = {k: v for k, v in asdict(self).items() if k != "out"}
+        write_json_atomic(self.out / SETTINGS, {"format": FORMAT, **data})
+
+
+def is_tune_folder(out: Path) -> bool:
+    return (Path(out) / SETTINGS).is_file()
+
+
+def load_settings(out) -> Settings:
+    out = Path(out)
+    path = out / SETTINGS
+    if not path.is_file():
+        raise InputError(f"{out}: not a tune folder (no {SETTINGS})")
+    try:
+        data = json.loads(path.read_text())
+        if data.pop("format", None) != FORMAT:
+            raise ValueError(f"format is not {FORMAT}")
+        names = {f.name for f in fields(Settings)} - {"out"}
+        settings = Settings(out=out, **{k: v for k, v in data.items() if k in names})
+        from_dict(settings.config)
+        settings.search_space
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable tune settings ({type(exc).__name__}: {exc})") from None
+    except InputError as exc:
+        raise InputError(f"{path}: written by another version of dist_lc ({exc})") from None
+    return settings
+
+
+# ----------------------------------------------------------------------------- a trial's CV folder
+
+def trial_plan(settings: Settings, number: int, params: dict) -> Plan:
+    """The trial's CV folder, one point holding its config: read when it exists (a resumed trial),
+    else created. InputError when the config refuses the parameters together (a constraint between
+    two keys that no single value breaks)."""
+    cv_dir = settings.trial_dir(number)
+    if (cv_dir / "cv.json").exists():
+        return load_plan(cv_dir)
+    config = trial_config(settings.config, params)
+    plan = Plan(cv_dir, [Point("", dict(params), config)], list(settings.folds), {}, settings.executor, now())
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    plan.save()
+    return plan
+
+
+def existing_plan(settings: Settings, number: int) -> Plan | None:
+    """The trial's CV folder if it was created (the report reads them; it creates nothing)."""
+    cv_dir = settings.trial_dir(number)
+    return load_plan(cv_dir) if (cv_dir / "cv.json").exists() else None
