@@ -43,7 +43,7 @@ class FoldScores:
     def best_up_to(self, epoch: int) -> float | None:
         """The lowest val_kl of the validations up to ``epoch`` (None before the first)."""
         values = [kl for e, kl in self.curve if e <= epoch]
-        return values[-1] if values else None
+        return min(values) if values else None
 
 
 def read_fold(run_dir: Path, fold: int) -> FoldScores:

@@ -226,6 +226,8 @@ def _param(path: Path, key, spec, known: dict[str, Declared], base: dict) -> Par
     if param.numeric:
         _check_range(param, decl, fail)
     else:
+        if decl.is_float:
+            param = dataclasses.replace(param, choices=tuple(_as_number(v) for v in param.choices))
         _check_choices(param, decl, fail)
     for value in param.values_to_check():
         try:
@@ -326,6 +328,18 @@ def _numeric(key: str, kind: str, spec: dict, fail) -> Param:
     if step is not None and not _multiple(high - low, step):
         fail(f"high - low ({high - low!r}) is not a multiple of step {step!r}")
     return Param(key, kind, low, high, log, step)
+
+
+def _as_number(value):
+    """PyYAML reads 1e-9 (no dot) as a string; a float key's choices keep the number it means, as
+    the config itself reads such values."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
 
 
 def _multiple(span: float, step: float) -> bool:

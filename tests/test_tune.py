@@ -1,0 +1,406 @@
+"""``dist-lc tune``: the space file checked before anything runs, the scores a trial reports, the
+report of a study, and real studies of fold jobs: pruning through the local executor, one study on
+the local Slurm, a launcher stopped (SIGTERM) and killed (SIGKILL) then resumed.
+
+The studies train the tiny U-Net of tests/test_cv.py (1 epoch, 32-px crops, 12-tile folds) with
+one learning rate that learns and one that does not, so that the pruner has clear cases.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import test_cv
+from slurm_util import require_slurm, scancel
+from torchrun_util import REPO, dist_lc, env
+
+from dist_lc import cli
+from dist_lc.config import load_config, to_dict
+from dist_lc.tune import progress, report, space
+from dist_lc.tune.settings import Settings, trial_plan
+
+tiny_shards = test_cv.tiny_shards   # the session fixture: 60 real tiles in 5 folds, 8 test tiles
+GOOD_LR, BAD_LR = 0.01, 1.0e-9      # one epoch: val KL about 0.54 against 1.09 (the untrained net)
+STOP_BOUND_S = 25
+
+
+def write_space(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def tune(args: list[str], timeout: float = 300, tag: str = "") -> subprocess.CompletedProcess:
+    proc = dist_lc(["tune", *args], timeout=timeout, extra_env={"DIST_LC_TEST_TAG": tag} if tag else None)
+    print(proc.stderr[-4000:])
+    return proc
+
+
+def study_args(shards: Path, out: Path, space_file: Path, *extra: str, sets=()) -> list[str]:
+    """A study of the tiny recipe: single-rank fold jobs, folds 0 and 1."""
+    recipe = test_cv.tiny(shards, "launcher.tasks_per_node=1", "train.loggers=[]", *sets)
+    return [*recipe, "--space", str(space_file), "--out", str(out), *extra]
+
+
+def lr_space(tmp_path: Path) -> Path:
+    return write_space(tmp_path / "lr.yaml", f"optim.lr: [{GOOD_LR}, {BAD_LR}]\n")   # 1e-09: read as text
+
+
+def read_report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def submissions(out: Path, number: int) -> list[dict]:
+    path = out / "trials" / str(number) / "jobs.json"
+    return json.loads(path.read_text())["jobs"] if path.exists() else []
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes started with DIST_LC_TEST_TAG=tag (the launcher, job controllers, tasks)."""
+    needle, pids = f"DIST_LC_TEST_TAG={tag}\0".encode(), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "environ").read_bytes() and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX":
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def gone(tag: str, within_s: float = 15) -> bool:
+    """Whether every process started with the tag has ended within ``within_s`` (a job whose
+    done.json is written still takes a moment to exit)."""
+    deadline = time.monotonic() + within_s
+    while tagged(tag):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def end_tagged(tag: str) -> None:
+    """What a failed test left of the processes it started: killed, by pid."""
+    for pid in tagged(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def check_report(out: Path, trials: int) -> dict:
+    """What every finished study leaves: a report whose objective is the folds' mean, a loadable best.yaml."""
+    rep = read_report(out)
+    assert [t["number"] for t in rep["trials"]] == list(range(trials))   # none lost, none twice
+    for t in rep["trials"]:
+        if t["state"] == "COMPLETE":
+            kls = [json.loads((out / "trials" / str(t["number"]) / f"fold{k}" / "done.json").read_text())["best_val_kl"]
+                   for k in (0, 1) if (out / "trials" / str(t["number"]) / f"fold{k}").exists()]
+            assert t["value"] == pytest.approx(sum(kls) / len(kls)) and t["folds_done"] == len(kls)
+    best = min((t for t in rep["trials"] if t["state"] == "COMPLETE"), key=lambda t: t["value"])
+    assert rep["best"]["number"] == best["number"]
+    cfg = load_config(out / "best.yaml")   # a recipe `dist-lc cv --config` accepts
+    assert cfg.optim.lr == pytest.approx(best["params"]["optim.lr"])
+    text = (out / "report.md").read_text()
+    assert "## Trials" in text and "## Parameter importance" in text and f"Trial {best['number']}:" in text
+    assert all((out / p).is_file() for p in rep["plots"]) and rep["plots"]
+    return rep
+
+
+# ----------------------------------------------------------------------------- the space file
+
+SMOKE = ["--config", "configs/smoke.yaml"]
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("optim.lrr: {float: [1.0e-4, 1.0e-2]}\n", "optim.lrr: unknown config key (did you mean 'optim.lr'?)"),
+    ("optim.name: [adam, adamx]\n", "optim.name: 'adamx' is not a declared choice (adam, adamw, rmsprop, adagrad, sgd)"),
+    ("optim.lr: {float: [0.0, 1.0e-2]}\n", "optim.lr: bounds [0.0, 0.01] lie outside the key's declared range"),
+    ("model.num_layers: {int: [1, 9]}\n", "model.num_layers: bounds [1, 9] lie outside the key's declared range (0 to 6)"),
+    ("model.filters: {float: [8, 32]}\n", "model.filters: a float distribution on an integer key: use int"),
+    ("optim.lr: {int: [1, 2]}\n", "optim.lr: an int distribution on a float key"),
+    ("optim.name: {float: [1, 2]}\n", "optim.name: a float distribution on a key that is not a number"),
+    ("optim.lr: {float: [1.0e-4, 1.0e-2\n", "invalid YAML: line 2"),
+    ("optim.lr: {float: [1.0e-2, 1.0e-4]}\n", "optim.lr: low 0.01 must be below high 0.0001"),
+    ("optim.weight_decay: {float: [0.0, 0.1], log: true}\n", "optim.weight_decay: a log distribution needs low > 0"),
+    ("optim.lr: {float: [1.0e-4, 1.0e-2], lgo: true}\n", "optim.lr: unknown option 'lgo' of a float distribution "
+     "(did you mean 'log'?)"),
+    ("model.filters: {int: [8, 30], step: 8}\n", "model.filters: high - low (22) is not a multiple of step 8"),
+    ("data.crop: {int: [32, 64], step: 4}\n", "data.crop: 36 is refused by the config: 36 must be divisible by 8"),
+    ("launcher.nodes: {int: [1, 2]}\n", "launcher.nodes: cannot vary between trials"),
+    ("data.fold: [0, 1]\n", "data.fold: cannot vary between trials"),
+    ("optim: {float: [1, 2]}\n", "optim: is a section of the config, not a key"),
+    ("optim.lr: 0.01\n", "optim.lr: expected a distribution"),
+    ("optim.lr: []\n", "optim.lr: a categorical distribution is a non-empty list of values"),
+    ("", "a space file maps config keys to distributions"),
+    (None, "space file does not exist"),
+])
+def test_a_bad_space_file_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, text, problem):
+    space_file = tmp_path / "space.yaml"
+    if text is not None:
+        space_file.write_text(text)
+    out = tmp_path / "tune"
+    assert cli.main(["tune", *SMOKE, "--space", str(space_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {space_file}: ") and problem in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["--sampler", "cmaes"], "--sampler cmaes searches numeric spaces only; optim.name is categorical"),
+    (["--resume"], "not a tune folder"),
+    (["--resume", "--sampler", "random"], "--resume continues the study as it was set up: drop --sampler"),
+])
+def test_a_sampler_that_does_not_fit_and_a_resume_of_nothing_are_refused(tmp_path, capsys, argv, problem):
+    space_file = write_space(tmp_path / "space.yaml", "optim.lr: {float: [1.0e-4, 1.0e-2], log: true}\n"
+                                                     "optim.name: [adam, adamw]\n")
+    out = tmp_path / "tune"
+    resume = "--resume" in argv
+    base = ["--out", str(out)] if resume else [*SMOKE, "--space", str(space_file), "--out", str(out)]
+    assert cli.main(["tune", *base, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0], err
+    assert not out.exists()
+
+
+def test_the_shipped_space_fits_the_recommended_recipe_and_a_trial_becomes_overrides(tmp_path):
+    base = to_dict(load_config("configs/recommended.yaml"))
+    searched = space.load_space("configs/spaces/recommended.yaml", base)
+    assert {"optim.lr", "optim.name", "model.filters"} <= set(searched.keys) and not searched.numeric
+    assert space.space_from_dict(searched.to_dict()).to_dict() == searched.to_dict()   # what tune.json keeps
+    tiny = space.load_space(write_space(tmp_path / "lr.yaml", "optim.lr: [0.01, 1e-9]\n"), base)
+    assert tiny.param("optim.lr").choices == (0.01, 1e-9)   # YAML reads 1e-9 as text; it means the number
+    params = {"optim.lr": 1.0e-05, "optim.name": "rmsprop", "model.filters": 24, "loss.kl_weight": 0.0}
+    assert space.overrides(params) == ['optim.lr=1e-05', 'optim.name="rmsprop"', "model.filters=24",
+                                       "loss.kl_weight=0.0"]
+    config = space.trial_config(base, params)
+    assert (config["optim"]["lr"], config["optim"]["name"], config["model"]["filters"]) == (1.0e-05, "rmsprop", 24)
+    assert base["optim"]["name"] == "adamw"   # the base is left as it was
+
+
+# ----------------------------------------------------------------------------- what a trial reports
+
+def fold(k: int, curve, seen: int, best: float | None = None) -> progress.FoldScores:
+    return progress.FoldScores(k, list(curve), seen, None if best is None else {"best_val_kl": best})
+
+
+def test_sequential_folds_report_one_block_of_steps_per_fold():
+    """Fold 0 finished (validated epochs 1 and 3 of 3), fold 1 at its epoch 1; fold 2 not started."""
+    folds = [fold(0, [(1, 0.9), (3, 0.5)], 3, best=0.5), fold(1, [(1, 0.7)], 1), fold(2, [], 0)]
+    steps = progress.intermediate(folds, "sequential", 3)
+    assert steps == {0: 0.9, 2: 0.5, 3: pytest.approx((0.5 + 0.7) / 2)}
+
+
+def test_a_fold_that_stopped_early_reports_its_best_at_the_end_of_its_block():
+    folds = [fold(0, [(1, 0.9), (2, 0.6)], 2, best=0.6), fold(1, [], 0)]
+    assert progress.intermediate(folds, "sequential", 4) == {0: 0.9, 1: 0.6, 3: 0.6}
+
+
+def test_parallel_folds_report_an_epoch_once_every_fold_has_passed_it():
+    folds = [fold(0, [(1, 0.8), (2, 0.6)], 2), fold(1, [(1, 0.4)], 1)]
+    assert progress.intermediate(folds, "parallel", 3) == {0: pytest.approx(0.6)}
+    folds[1] = fold(1, [(1, 0.4), (2, 0.5)], 2)   # no better at epoch 2: its best so far stays 0.4
+    assert progress.intermediate(folds, "parallel", 3) == {0: pytest.approx(0.6), 1: pytest.approx(0.5)}
+    folds = [fold(0, [(1, 0.8)], 1, best=0.8), fold(1, [(1, 0.4), (3, 0.2)], 3, best=0.2)]  # fold 0 stopped early
+    assert progress.intermediate(folds, "parallel", 3)[2] == pytest.approx(0.5)
+
+
+def test_a_fold_is_read_from_its_metrics_and_done_json(tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch,step,train_loss,val_kl\n1,6,2.1,0.9\n2,12,1.9,\n3,18,1.5,0.95\n"
+                                          "4,24,1.2,0.7\n")
+    scores = progress.read_fold(tmp_path, 3)
+    assert scores.curve == [(1, 0.9), (3, 0.9), (4, 0.7)] and scores.epochs_seen == 4 and scores.best is None
+    (tmp_path / "done.json").write_text(json.dumps({"best_val_kl": 0.7}))
+    assert progress.read_fold(tmp_path, 3).best == 0.7
+
+
+# ----------------------------------------------------------------------------- the report, from a folder alone
+
+def synthetic_study(out: Path, results: dict[int, list[float] | str]) -> None:
+    """A tune folder written as a launcher would: settings, the study's journal, each trial's CV folder
+    with its folds' done.json (a str: the trial's final state without folds)."""
+    from optuna.trial import TrialState
+
+    from dist_lc.tune.study import open_study
+
+    config = to_dict(load_config("configs/smoke.yaml"))
+    searched = write_space(out.parent / "space.yaml", "optim.lr: {float: [1.0e-4, 1.0e-2], log: true}\n"
+                                                      "optim.name: [adam, adamw]\n")
+    settings = Settings(out=out, config=config, space=space.load_space(searched, config).to_dict(), folds=[0, 1],
+                        executor="local", sampler="random", seed=0, pruner="median", pruner_startup=1,
+                        pruner_warmup=0, fold_order="sequential", trials=len(results), parallel=1, steps_per_fold=2,
+                        recipe="configs/smoke.yaml", space_file=str(searched))
+    out.mkdir()
+    settings.save()
+    study = open_study(settings)
+    for number, kls in results.items():
+        trial = study.ask(settings.search_space.distributions())
+        plan = trial_plan(settings, trial.number, trial.params)
+        if isinstance(kls, str):
+            trial.report(1.5, 0)
+            study.tell(trial, state=TrialState[kls])
+            continue
+        for k, kl in enumerate(kls):
+            run_dir = plan.run_dir(plan.points[0], k)
+            run_dir.mkdir(parents=True)
+            (run_dir / "done.json").write_text(json.dumps({"best_val_kl": kl, "best_epoch": 2}))
+            trial.report(sum(kls[:k + 1]) / (k + 1), 2 * k + 1)
+        study.tell(trial, sum(kls) / len(kls))
+
+
+def test_the_report_ranks_trials_measures_the_gap_in_fold_noise_and_writes_a_loadable_best_recipe(tmp_path, capsys):
+    out = tmp_path / "tune"
+    synthetic_study(out, {0: [0.50, 0.60], 1: [0.40, 0.44], 2: "PRUNED", 3: [0.45, 0.47], 4: "FAIL"})
+    assert cli.main(["tune", "--report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rep = read_report(out)
+    assert rep["states"] == {"COMPLETE": 3, "PRUNED": 1, "FAIL": 1}
+    assert rep["best"]["number"] == 1 and rep["best"]["kl_mean"] == pytest.approx(0.42)
+    assert rep["best"]["kl_std"] == pytest.approx(0.0282843, rel=1e-4)   # sample std of 0.40, 0.44
+    gap = rep["gap"]   # 0.46 - 0.42 = 0.04; the best's standard error 0.0283/√2 = 0.02
+    assert gap["second"] == 3 and gap["difference"] == pytest.approx(0.04)
+    assert gap["se_best"] == pytest.approx(0.02) and gap["in_se_best"] == pytest.approx(2.0)
+    assert gap["z"] == pytest.approx(0.04 / (0.02 ** 2 + 0.01 ** 2) ** 0.5)
+    assert rep["importance"] == {"reason": "needs at least 4 completed trials (3 so far)"}
+    assert rep["trials"][2]["state"] == "PRUNED" and rep["trials"][2]["value"] == 1.5
+    cfg = load_config(out / "best.yaml")
+    assert cfg.optim.lr == pytest.approx(rep["best"]["params"]["optim.lr"])
+    assert cfg.optim.name == rep["best"]["params"]["optim.name"]
+    text = (out / "report.md").read_text()
+    assert "Trial 1: mean validation KL **0.4200**" in text and "2.0 × its fold noise" in text
+    assert "| 2 | pruned |" in text and "| 4 | fail |" in text and "Not computed: needs at least 4" in text
+    assert "best trial 1: KL 0.4200" in printed
+    assert (out / "plots" / "history.png").stat().st_size > 1000
+
+
+def test_importances_come_with_enough_trials_and_a_study_without_a_complete_trial_still_reports(tmp_path):
+    out = tmp_path / "tune"
+    synthetic_study(out, {k: [0.3 + 0.05 * k, 0.32 + 0.05 * k] for k in range(6)})
+    rep = report.build(out)
+    assert set(rep["importance"]["values"]) == {"optim.lr", "optim.name"}
+    empty = tmp_path / "empty" / "tune"
+    empty.parent.mkdir()
+    synthetic_study(empty, {0: "FAIL"})
+    rep = report.build(empty)
+    assert rep["best"] is None and not (empty / "best.yaml").exists()
+    assert "No trial completed yet." in (empty / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- real studies
+
+@pytest.mark.slow
+def test_a_study_through_the_local_executor_prunes_the_rate_that_does_not_learn(tiny_shards, tmp_path):
+    """Six trials, two jobs at once, folds one after another, the median pruner judging from the first
+    completed trial: a trial with the rate that does not learn, judged once the trials before it have
+    completed, is pruned at its first validated epoch; its jobs are cancelled."""
+    out, tag = tmp_path / "tune", f"tune-local-{tmp_path.name}"
+    try:
+        proc = tune(study_args(tiny_shards, out, lr_space(tmp_path), "--trials", "6", "--parallel", "2",
+                               "--executor", "local", "--pruner-startup", "1"), tag=tag)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rep = check_report(out, 6)
+        pruned = [t for t in rep["trials"] if t["state"] == "PRUNED"]
+        assert pruned and all(t["params"]["optim.lr"] == BAD_LR for t in pruned)
+        assert all(t["folds_done"] < 2 and len(submissions(out, t["number"])) <= 1 for t in pruned)
+        assert rep["best"]["params"]["optim.lr"] == GOOD_LR
+        complete = [t for t in rep["trials"] if t["state"] == "COMPLETE"]
+        assert all(set(t["intermediate"]) == {"0", "1"} for t in complete)   # one step per validated epoch
+        running = [int(line.split(" job(s) running")[0].rsplit(" ", 1)[1])
+                   for line in proc.stderr.splitlines() if " job(s) running" in line]
+        assert running and max(running) <= 2
+        assert f"trial {pruned[0]['number']} PRUNED" in proc.stderr
+        assert gone(tag)
+        before = rep["best"]
+        assert cli.main(["tune", "--report", str(out)]) == 0 and read_report(out)["best"] == before
+    finally:
+        end_tagged(tag)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_study_through_slurm_with_parallel_folds(tiny_shards, tmp_path):
+    require_slurm()
+    out = tmp_path / "tune"
+    try:
+        proc = tune(study_args(tiny_shards, out, lr_space(tmp_path), "--trials", "2", "--parallel", "2",
+                               "--executor", "slurm", "--fold-order", "parallel", "--sampler", "random",
+                               "--pruner", "hyperband"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rep = check_report(out, 2)
+        for t in rep["trials"]:
+            jobs = submissions(out, t["number"])
+            assert {j["executor"] for j in jobs} == {"slurm"} and sorted(j["fold"] for j in jobs) == [0, 1]
+    finally:
+        for number in range(2):
+            for job in submissions(out, number):
+                scancel(job["job_id"])
+
+
+def started(args: list[str], tag: str, log: Path) -> subprocess.Popen:
+    """`dist-lc tune` in a session of its own (a signal reaches the launcher alone), output to a file."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "dist_lc", "tune", *args], cwd=REPO,
+                                env=env(DIST_LC_TEST_TAG=tag), stdout=f, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"no {path}: {log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def trial_states(out: Path) -> dict[int, str]:
+    from dist_lc.tune.study import load_trials
+
+    return {t.number: t.state.name for t in load_trials(out)}
+
+
+@pytest.mark.slow
+def test_a_launcher_stopped_then_killed_resumes_without_losing_or_repeating_a_trial(tiny_shards, tmp_path):
+    """SIGTERM as for `dist-lc cv` (local jobs ended, one line, 143); then a resumed launcher SIGKILLed
+    once a fold of a running trial has finished; the next --resume continues that trial (its finished
+    fold not run again) and ends with exactly the study's trials."""
+    out, tag = tmp_path / "tune", f"tune-kill-{tmp_path.name}"
+    log = tmp_path / "launcher.log"
+    args = study_args(tiny_shards, out, lr_space(tmp_path), "--trials", "3", "--parallel", "2", "--executor",
+                      "local", "--pruner", "none")
+    try:
+        proc = started(args, tag, log)
+        wait_for(out / "trials" / "1" / "fold0" / "train.log", proc, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=STOP_BOUND_S) == 143, log.read_text()[-3000:]
+        last = log.read_text().strip().splitlines()[-1]
+        assert last.startswith("tune: stopped by SIGTERM; ") and "local job(s) ended" in last and "--resume" in last
+        assert gone(tag, within_s=2) and "RUNNING" in trial_states(out).values()
+
+        proc = started(["--out", str(out), "--resume"], tag, log)
+        wait_for(out / "trials" / "0" / "fold0" / "done.json", proc, log)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        running = [n for n, s in trial_states(out).items() if s == "RUNNING"]
+        assert 0 in running
+        done_before = {(n, k): [j["fold"] for j in submissions(out, n)].count(k) for n in running for k in (0, 1)
+                       if (out / "trials" / str(n) / f"fold{k}" / "done.json").exists()}
+        assert (0, 0) in done_before
+
+        again = tune(["--out", str(out), "--resume"], tag=tag)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert all(f"trial {n} continued" in again.stderr for n in running)
+        states = trial_states(out)
+        assert sorted(states) == [0, 1, 2] and set(states.values()) == {"COMPLETE"}
+        for (n, k), count in done_before.items():   # a fold finished before the kill was not submitted again
+            assert [j["fold"] for j in submissions(out, n)].count(k) == count
+        check_report(out, 3)
+        assert gone(tag)
+    finally:
+        end_tagged(tag)
