@@ -25,6 +25,7 @@ from dist_lc import cli
 from dist_lc.config import load_config, to_dict
 from dist_lc.tune import progress, report, space
 from dist_lc.tune.settings import Settings, trial_plan
+from lc_common.errors import InputError
 
 tiny_shards = test_cv.tiny_shards   # the session fixture: 60 real tiles in 5 folds, 8 test tiles
 GOOD_LR, BAD_LR = 0.01, 1.0e-9      # one epoch: val KL about 0.54 against 1.09 (the untrained net)
@@ -290,6 +291,58 @@ def test_importances_come_with_enough_trials_and_a_study_without_a_complete_tria
     rep = report.build(empty)
     assert rep["best"] is None and not (empty / "best.yaml").exists()
     assert "No trial completed yet." in (empty / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- samplers, pruners, stop signals
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "cmaes"])
+@pytest.mark.parametrize("pruner", ["median", "halving", "hyperband", "none"])
+def test_every_sampler_and_pruner_runs_a_study_of_the_numeric_space(tmp_path, sampler, pruner, monkeypatch):
+    """Trials asked, reported and judged as the scheduler does, with each sampler and each pruner."""
+    import importlib.util
+
+    from dist_lc.tune import study as study_mod
+
+    if sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        with pytest.raises(InputError, match=r"needs the cmaes package \(pip install cmaes\)"):
+            study_mod.check_sampler("cmaes", space.space_from_dict({"optim.lr": {"float": [1e-4, 1e-2]}}))
+        return
+    config = to_dict(load_config("configs/smoke.yaml"))
+    searched = space.load_space(write_space(tmp_path / "s.yaml", "optim.lr: {float: [1.0e-4, 1.0e-2], log: true}\n"
+                                            "model.filters: {int: [8, 32], step: 8}\n"), config)
+    study_mod.check_sampler(sampler, searched)
+    settings = Settings(out=tmp_path, config=config, space=searched.to_dict(), folds=[0], executor="local",
+                        sampler=sampler, seed=0, pruner=pruner, pruner_startup=1, pruner_warmup=0,
+                        fold_order="sequential", trials=5, parallel=1, steps_per_fold=2)
+    study = study_mod.open_study(settings)
+    for number in range(5):
+        trial = study.ask(searched.distributions())
+        assert 1e-4 <= trial.params["optim.lr"] <= 1e-2 and trial.params["model.filters"] in (8, 16, 24, 32)
+        trial.report(1.0 + number, 0)   # each trial worse than the ones before
+        trial.should_prune()
+        study.tell(trial, 1.0 + number)
+    assert len(study.trials) == 5 and study.best_trial.number == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
+def test_a_stop_signal_ends_the_launcher_with_128_plus_its_number_and_one_line(tmp_path, capsys, monkeypatch, sig):
+    from dist_lc.tune import launch, scheduler
+
+    out = tmp_path / "tune"
+    synthetic_study(out, {0: [0.5, 0.6]})
+
+    def stopped(self):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)   # the handler raises before this ends
+        raise AssertionError("no stop")
+
+    monkeypatch.setattr(scheduler.Scheduler, "run", stopped)
+    before = signal.getsignal(sig)
+    assert launch.study_run(launch.load_settings(out), resumed=True) == 128 + sig
+    assert signal.getsignal(sig) is before   # the launcher's handlers are gone with it
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"tune: stopped by {signal.Signals(sig).name}; no job was running: dist-lc tune --out {out} "
+                    "--resume continues the study")
 
 
 # ----------------------------------------------------------------------------- real studies
