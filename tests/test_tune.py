@@ -324,6 +324,20 @@ def test_every_sampler_and_pruner_runs_a_study_of_the_numeric_space(tmp_path, sa
     assert len(study.trials) == 5 and study.best_trial.number == 0
 
 
+def test_the_options_offer_the_declared_executors_and_the_implemented_samplers_and_pruners():
+    import argparse
+
+    from dist_lc.config import LauncherConfig, choices
+    from dist_lc.tune import study as study_mod
+
+    parser, modules = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["tune"]
+    offered = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
+    assert offered["executor"] == choices(LauncherConfig, "executor") and modules["tune"] == "dist_lc.tune.launch"
+    assert set(offered["sampler"]) == set(study_mod.SAMPLER_TABLE)
+    assert set(offered["pruner"]) == set(study_mod.PRUNER_TABLE)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
 def test_a_stop_signal_ends_the_launcher_with_128_plus_its_number_and_one_line(tmp_path, capsys, monkeypatch, sig):
     from dist_lc.tune import launch, scheduler

@@ -97,7 +97,6 @@ class Scheduler:
         self.running: dict[int, TrialRun] = {}
         self.draining: list[tuple[TrialLaunch, list[Job]]] = []   # cancelled jobs until they are gone
         self.failures_in_a_row = 0
-        self.ended = Counter()
         self._shown = ("", 0.0)
         self.started = time.monotonic()
 
@@ -240,7 +239,6 @@ class Scheduler:
         say(f"{run.label} {state.name}: {why}{cancelled}  [{_clock(time.monotonic() - run.started)}]")
 
     def _ended(self, state: TrialState) -> None:
-        self.ended[state.name] += 1
         self.failures_in_a_row = self.failures_in_a_row + 1 if state is TrialState.FAIL else 0
 
     def drain(self) -> None:
