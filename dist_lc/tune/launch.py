@@ -155,11 +155,13 @@ def holding(out: Path):
 def run(args) -> int:
     if args.report:
         return report_only(args)
+    if args.print_config and not args.resume:
+        print(describe(load_config(args.config, args.set)))
+        return 0
     if not args.out:
         raise InputError("--out DIR is required (or --report DIR)")
     if args.print_config:
-        cfg = from_dict(load_settings(args.out).config) if args.resume else load_config(args.config, args.set)
-        print(describe(cfg))
+        print(describe(from_dict(load_settings(args.out).config)))
         return 0
     settings = resumed_settings(args) if args.resume else new_settings(args)
     check_executor(settings.executor)
