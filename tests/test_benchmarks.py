@@ -83,3 +83,9 @@ def test_map_speed(sample_root, tmp_path):  # the script reads benchmarks/common
 
 def test_cv_overhead(sample_root, tmp_path):  # the script packs benchmarks/common.py's SAMPLE_SRC
     assert "outside the epochs" in bench("cv_overhead.py", "--quick", "--work", tmp_path)
+
+
+def test_tune_vs_grid(sample_root, tmp_path):
+    out = bench("tune_vs_grid.py", "--quick", "--src", sample_root, "--work", tmp_path)
+    assert "| grid |" in out and "| tune |" in out
+    assert (tmp_path / "tune_vs_grid.json").is_file()
