@@ -25,6 +25,7 @@ from typing import Literal
 
 import yaml
 
+from lc_common.atomic import write_bytes_atomic
 from lc_common.errors import InputError, one_line
 from lc_common.tiles import IMAGE_SHAPE
 
@@ -453,7 +454,7 @@ def normalized(data: dict) -> dict:
 
 
 def save_config(cfg: Config, path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_bytes_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
 
 
 # ----------------------------------------------------------------------------- checks and derived values

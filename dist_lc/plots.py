@@ -8,6 +8,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from lc_common.atomic import write_atomic
 from lc_common.tiles import CLASS_NAMES
 
 # The challenge's colour palette (LandCoverData.CLASSES_COLORPALETTE in the benchmark).
@@ -49,4 +50,4 @@ def legend_handles() -> list:
 
 def save_figure(fig: Figure, path, dpi: int = 80) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=Path(path).suffix[1:] or "png"))
