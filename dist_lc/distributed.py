@@ -33,6 +33,7 @@ from lc_common.resources import usable_cores
 from .config import TrainConfig, choices
 
 WATCH_PARENT_S = 0.5   # how often a torchrun rank checks that its agent still lives
+LEAVE_TOGETHER_S = 10.0   # the longest a rank waits at exit for its peers to leave the process group
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class Group:
     """What an entry point hands down: this process's place in the launch and its device."""
     env: DistEnv
     device: torch.device
+    store: object = None   # the rendezvous store, kept for leaving together (None: no process group)
 
 
 _owned: list[Group] = []   # the group of the entry point that is running, if any
@@ -171,12 +173,14 @@ def _join(preference: str, timeout_s: float) -> Group:
         torch.set_num_threads(_cpu_threads(env))
     if env.source == "torchrun":
         watch_parent()
+    store = None
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, store=_store(env, timeout), rank=env.rank, world_size=env.world_size,
+        store = _store(env, timeout)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=timeout, device_id=device if device.type == "cuda" else None)
-    return Group(env, device)
+    return Group(env, device, store)
 
 
 @contextlib.contextmanager
@@ -192,13 +196,33 @@ def process_group(preference: str = "auto", timeout_s: float = 600):
     if _owned:
         yield _owned[-1]
         return
+    finished = False
     try:
         _owned.append(_join(preference, timeout_s))
         yield _owned[-1]
+        finished = True
     finally:
-        _owned.clear()
+        group = _owned.pop() if _owned else None
         if dist.is_initialized():
             dist.destroy_process_group()
+        if finished and group is not None and group.store is not None:
+            _leave_together(group)
+
+
+def _leave_together(group: Group) -> None:
+    """After a run that ended well, wait (briefly) until every rank has left the process group
+    before this process exits: a rank that exits while a peer is still tearing gloo down closes
+    its sockets under the peer's threads, which then abort the peer ("terminate called without an
+    active exception", SIGABRT) although the run succeeded. The rendezvous store outlives the group."""
+    world = group.env.world_size
+    deadline = time.monotonic() + LEAVE_TOGETHER_S
+    try:
+        left = group.store.add("dist_lc/left", 1)
+        while left < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = group.store.add("dist_lc/left", 0)
+    except Exception:  # noqa: BLE001 - the store's host may already be gone: nothing left to wait for
+        pass
 
 
 def single_process(preference: str = "auto") -> Group:
