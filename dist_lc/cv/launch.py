@@ -27,6 +27,7 @@ from pathlib import Path
 from lc_common.errors import InputError
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
+from ..run_dir import check_output_folder
 from ..stopping import SignalHandlers
 from . import executors
 from .executors import Executor, JobState, Status, Work
@@ -62,11 +63,7 @@ def check_new_out(cv_dir: Path) -> None:
         raise InputError(f"{cv_dir}: already a CV folder; add --resume to finish it, or choose another --out")
     if cv_dir.exists() and (not cv_dir.is_dir() or any(cv_dir.iterdir())):
         raise InputError(f"{cv_dir}: exists and is not an empty folder nor a CV folder; choose another --out")
-    probe = cv_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"{cv_dir}: --out cannot be created ({probe} is a file)")
+    check_output_folder(cv_dir, "--out")
 
 
 def new_plan(args) -> Plan:

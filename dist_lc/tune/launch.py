@@ -29,6 +29,7 @@ from ..config import apply_overrides, describe, from_dict, load_config, normaliz
 from ..cv import executors
 from ..cv.launch import StopRequests, Stopped, check_executor, check_launcher
 from ..cv.plan import check_folds
+from ..run_dir import check_output_folder
 from .settings import Settings, is_tune_folder, load_settings
 from .space import Space, load_space
 
@@ -76,11 +77,7 @@ def check_new_out(out: Path) -> None:
         raise InputError(f"{out}: already a tune folder; add --resume to continue its study, or choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: exists and is not an empty folder nor a tune folder; choose another --out")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"{out}: --out cannot be created ({probe} is a file)")
+    check_output_folder(out, "--out")
 
 
 def new_settings(args) -> Settings:
