@@ -143,11 +143,11 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     if t.ema_decay:
         ema = torch.optim.swa_utils.AveragedModel(net, avg_fn=ema_update(t.ema_decay), use_buffers=True)
     model = net
-    compiled = compiles(t.compile, device)
-    if compiled:
-        model.compile()
     if env.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compiled = compiles(t.compile, device)
+    if compiled:   # the DDP module itself: compile then splits the graph at DDP's gradient buckets, so that
+        model.compile(mode=t.compile_mode)   # their all-reduces overlap the backward pass
     optimizer = build_optimizer(cfg, net.parameters(), device)
     d = cfg.data
     train_data, steps = train_loader(manifest, train_folds, seed=t.seed, world=env.world_size, rank=env.rank,
@@ -357,6 +357,7 @@ class Timing:
     epochs_s: float = 0.0         # training passes
     validation_s: float = 0.0
     bookkeeping_s: float = 0.0    # checkpoints, logs, plots
+    compile_s: float = 0.0        # torch.compile's first, compiling step (inside epochs_s)
     validations: int = 0
     train_call_s: float = 0.0     # the whole call
 
@@ -582,7 +583,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
     cfg, t = s.cfg, s.cfg.train
     epoch_times, train_s, val_s, row, reason = [], [], [], {}, "finished"
     best_held = None   # the held-out predictions of best.pt, when this process validated it
-    other_s = 0.0   # checkpoints, logs, plots
+    other_s, compile_s = 0.0, 0.0   # checkpoints, logs, plots; compilation
     while p.epoch < (p.planned or t.epochs):
         epoch_started = time.monotonic()
         last = p.planned or t.epochs
@@ -590,6 +591,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             result = train_epoch(s, p.epoch, p.step, stop, bar)
         p.step = result["step"]
         if result.get("compile_s"):
+            compile_s += result["compile_s"]
             runlog.info(f"torch.compile: the first step took {result['compile_s']:.1f} s (compilation); "
                         f"not counted in images_per_s")
         if result["stopped"]:
@@ -637,7 +639,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
     if reason != "stopped":  # a preempted run resumes; its statistics are judged when it ends
         warn_if_batchnorm_unsettled(cfg, runlog, p.step * s.layout.accum)
     timing = Timing(epochs_s=float(sum(train_s)), validation_s=float(sum(val_s)), bookkeeping_s=other_s,
-                    validations=len(val_s))
+                    compile_s=compile_s, validations=len(val_s))
     return TrainResult(cfg, reason, p.epoch, p.planned or t.epochs, row, **run_history(runlog),
                        timing=timing, best_held_out=best_held)
 

@@ -181,6 +181,17 @@ def check_compile(choice, tmp_path):
     assert {kind: compiles(choice, torch.device(kind)) for kind in ("cpu", "cuda")} == want
 
 
+def check_compile_mode(choice, tmp_path):
+    """The inductor options each mode turns on (CUDA graphs, kernel autotuning), as torch.compile reads them."""
+    import torch._inductor
+
+    graphs, autotune = "triton.cudagraphs", "max_autotune"
+    want = expected({"default": set(), "reduce-overhead": {graphs}, "max-autotune-no-cudagraphs": {autotune},
+                     "max-autotune": {graphs, autotune}}, choice)
+    options = torch._inductor.list_mode_options(choice)
+    assert {key for key in (graphs, autotune) if options.get(key)} == want
+
+
 CHECKS = {
     "data.normalize": check_normalize,
     "model.norm": check_norm,
@@ -189,6 +200,7 @@ CHECKS = {
     "optim.name": check_optimizer,
     "optim.implementation": check_implementation,
     "train.compile": check_compile,
+    "train.compile_mode": check_compile_mode,
     "schedule.name": check_schedule,
     "train.micro_batch_size": check_micro_batch,
     "train.precision": check_precision,

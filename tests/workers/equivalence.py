@@ -1,6 +1,6 @@
 """Run under torchrun or alone: k optimizer steps of the real train_step on fixed data, params saved.
 
-usage: equivalence.py SHARDS OUT.pt BATCH MICRO STEPS
+usage: equivalence.py SHARDS OUT.pt BATCH MICRO STEPS [COMPILE]
 Every run sees the same global batches (the first BATCH×STEPS tiles of fold 0, in manifest order);
 rank r takes its contiguous share of each global batch and splits it into micro-batches.
 """
@@ -14,11 +14,11 @@ from dist_lc.distributed import process_group
 from dist_lc.train import build_setup, train_step
 
 
-def main(shards, out, batch, micro, steps):
+def main(shards, out, batch, micro, steps, compile=False):
     cfg = load_config(None, [f"data.shards={shards}", "data.fold=null", "model.norm=group", "model.filters=8",
                              "model.upconv_filters=8", "optim.name=sgd", "optim.lr=0.003", "schedule.name=constant",
                              f"train.batch_size={batch}", f"train.micro_batch_size={micro}", "train.precision=fp32",
-                             "loss.kl_weight=0.5"])
+                             "loss.kl_weight=0.5", f"train.compile={str(compile).lower()}"])
     with process_group(cfg.train.device, cfg.train.dist_timeout_s) as group:
         steps_of(build_setup(cfg, group), shards, out, batch, micro, steps)
 
@@ -45,4 +45,4 @@ def steps_of(s, shards, out, batch, micro, steps):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:] == ["compile"])
