@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,5 +23,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q --durations=20
 
+# The packages that a lent GPU machine's image lacks (benchmarks/gpu_device.sh), at this venv's
+# versions, as wheels for its Python 3.12 in .whl/ (git-ignored; carry it along).
+GPU_WHEELS = webdataset braceexpand submitit lightgbm
+gpu-wheels: setup
+	rm -rf .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl $$($(BIN)/pip freeze | grep -iE '^($(subst $(eval) ,|,$(GPU_WHEELS)))==')
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out .whl

@@ -110,13 +110,15 @@ def synthetic_shards(work: Path, tiles: int, workers: int = 1) -> Path:
 
 
 def step_overrides(*, device: str, precision: str, channels_last: bool, compile: bool, micro: int,
-                   size: int) -> list[str]:
+                   size: int, implementation: str = "auto", compile_mode: str = "default") -> list[str]:
     """The ``--set`` overrides of one timed variant: one micro-batch of ``micro`` tiles per optimizer
-    step (no accumulation), ``size``² tiles (a crop below the full tile, as ``data.crop`` trains)."""
+    step (no accumulation), ``size``² tiles (a crop below the full tile, as ``data.crop`` trains),
+    the optimizer's kernels (``optim.implementation``) and torch.compile's mode."""
     from lc_common.tiles import IMAGE_SHAPE
 
     return [f"train.device={device}", f"train.precision={precision}",
             f"train.channels_last={str(channels_last).lower()}", f"train.compile={str(compile).lower()}",
+            f"train.compile_mode={compile_mode}", f"optim.implementation={implementation}",
             f"train.batch_size={micro}", f"train.micro_batch_size={micro}",
             f"data.crop={size if size < IMAGE_SHAPE[0] else 'null'}"]
 
@@ -163,6 +165,29 @@ def step_batches(s, seed: int = 0) -> list[dict]:
     if s.device.type == "cuda":
         batch["image"], batch["mask"] = batch["image"].pin_memory(), batch["mask"].pin_memory()
     return [batch] * s.layout.accum
+
+
+def loss_trace(shards: Path, sets: list[str], steps: int = 50, batches: int = 5):
+    """The mean tile loss of each of ``steps`` optimizer steps of the trainer's own ``train_step`` on
+    the Setup of configs/benchmark.yaml with ``sets``, cycling through ``batches`` fixed random
+    batches: the same weights and batches for every variant, so that their traces compare."""
+    import numpy as np
+
+    from dist_lc.train import train_step
+
+    s = trainer_setup(shards, sets)
+    try:
+        data = [step_batches(s, seed=i) for i in range(batches)]
+        return np.array([train_step(s, data[i % batches])[0] for i in range(steps)])
+    finally:
+        s.close()
+
+
+def trace_deviation(trace, reference) -> float:
+    """Mean relative difference of two loss traces, step by step."""
+    import numpy as np
+
+    return float(np.mean(np.abs(trace - reference) / np.abs(reference)))
 
 
 def cv_command(recipe, out: Path, shards: Path, minutes: float, folds, nproc: int = 2, sets=(),

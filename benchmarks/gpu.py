@@ -1,33 +1,51 @@
-"""The GPU benchmark: training speed of the benchmark U-Net on one CUDA GPU, and the trainer end to end.
+"""The GPU benchmark: the trainer's step on one CUDA GPU, its numerics, its profile, the trainer end to
+end, and several CV folds sharing the GPU.
 
-On a machine with one CUDA GPU, from a clone of the repository:
+On a machine with one CUDA GPU, from a clone of the repository (torch with CUDA installed):
 
-    make setup TORCH=torch          # or: python -m venv .venv && .venv/bin/pip install torch -e .
-    .venv/bin/python benchmarks/gpu.py --out gpu.md      # under 8 minutes on an H100/H200-class GPU
+    python benchmarks/gpu.py --out gpu.md        # about 8 minutes on an H100/H200-class GPU
 
-(the CPU venv that ``make setup`` builds by default has a CPU torch: install a CUDA build of torch
-in it, e.g. ``.venv/bin/pip install --force-reinstall torch --index-url
-https://download.pytorch.org/whl/cu126``). It prints, and writes to ``--out``, a markdown table:
+On a machine without the project's packages and without network (this workplace's lent GPU
+machines), ``make gpu-wheels`` here fetches the few pure-Python packages that such an image lacks
+into ``.whl/``, and ``bash benchmarks/gpu_device.sh`` there installs them and runs this script with
+its output under ``$OUT``. Parts (``--parts``, all by default), each written to ``--out`` as it ends:
 
-1. **kernels**: optimizer steps of the trainer itself, ``dist_lc.train.train_step`` on the Setup
-   that ``dist_lc.train.build_setup`` makes of ``configs/benchmark.yaml`` (984,234 parameters; its
-   optimizer, loss, precision, layout and compilation), on one fixed batch of 256² tiles shaped as
+1. **kernels**: timed optimizer steps of the trainer itself, ``dist_lc.train.train_step`` on the
+   Setup that ``dist_lc.train.build_setup`` makes of ``configs/benchmark.yaml`` (the benchmark
+   U-Net, its loss, Adam, bf16 autocast, channels_last), on one fixed batch of 256² tiles shaped as
    the loader yields it (uint16 NHWC images and uint8 masks in pinned host memory, the views to
-   apply: each step copies them to the GPU and turns them there, as in training), at micro-batch
-   32, 64 and 128, with the config overrides fp32, bf16 autocast, bf16 + channels_last, and bf16 +
-   channels_last + ``train.compile``: images/s, peak GPU memory (``max_memory_allocated``), and
-   MFU = images/s × training FLOPs per image ÷ the GPU's dense bf16 peak (the vendor's figure
-   for the device named in the table, e.g. 989 TFLOP/s for an H100/H200 SXM; training FLOPs = 3 ×
-   forward FLOPs, ``dist_lc.flops``);
-2. **end to end**: ``dist-lc train`` of ``configs/benchmark.yaml`` (micro-batch 64) on 2,000 synthetic
-   tiles that the script generates and packs itself, loader workers = the machine's cores, two
-   epochs: images/s and the data-wait share of the second epoch, from metrics.csv.
+   apply: each step copies them to the GPU and turns them there, as in training). A ladder at
+   micro-batch 128, each rung one change on the one before: the eager step with torch's foreach
+   Adam (the trainer's CUDA path before ``train.compile: auto`` and ``optim.implementation:
+   auto``), + the fused Adam kernel, + ``torch.compile`` (inductor fuses BatchNorm, ReLU and the
+   other elementwise passes), + CUDA graphs (``train.compile_mode: reduce-overhead``); then the
+   faster compiled rung at micro-batch 32, 64 and 256. images/s, peak GPU memory, and MFU =
+   images/s × training FLOPs per image (3 × forward, ``dist_lc.flops``) ÷ the GPU's dense bf16 peak
+   (the vendor's figure for the device named in the table).
+2. **check**: every rung's numerics: 50 optimizer steps (lr 1e-4, five fixed batches in turn) from
+   the same weights, each step's loss against the eager foreach run's. A rung passes when its mean
+   relative difference is within that of the eager run in bf16 against fp32 (the precision's own
+   tolerance). A failed check makes the script exit 1, after writing its table.
+3. **profile**: torch.profiler over 5 steps of the fastest rung; the GPU kernels' time grouped
+   into convolution, normalisation, elementwise, optimizer and other, with their shares, the share
+   of wall time the GPU was busy, and the MFU.
+4. **e2e**: ``dist_lc.train.train`` of ``configs/benchmark.yaml`` (micro-batch = batch = 128,
+   workers = the cores less one) on fold 0 of 18,491 synthetic tiles (14,793 trained, 3,698
+   validated, every epoch), two epochs, before (eager, foreach Adam) and after (the recipe's
+   defaults), each in its own process: the second epoch's images/s against the step's own rate
+   from part 1, its data-wait share, and the validation, checkpoint and compilation seconds apart.
+5. **cv**: ``dist-lc cv --executor local`` of ``configs/recommended.yaml`` (5 folds of 2,000
+   synthetic tiles, 3 epochs, one rank each) on the one GPU with ``launcher.jobs_per_gpu`` 1, then 5:
+   wall time, against the slowest fold job and the sum of the jobs.
 
-``--device cpu --quick`` runs a miniature of all of it (the test suite does, so that it cannot rot).
+``--device cpu --quick`` runs a miniature of all of it (the test suite does, so that it cannot rot,
+and so that the numerics check of the compiled step runs in every CI run).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -35,11 +53,66 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lc_common.resources import usable_cores  # noqa: E402
-from common import (BENCHMARK_RECIPE, REPO, log, machine_line, step_batches, step_overrides,  # noqa: E402
-                    synthetic_shards, table, trainer_setup)
+from common import (BENCHMARK_RECIPE, REPO, log, loss_trace, machine_line, step_batches, step_overrides,  # noqa: E402
+                    synthetic_shards, table, trace_deviation, trainer_setup)
 
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                      "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}   # vendors' dense figures
+
+BEFORE = ["optim.implementation=foreach", "train.compile=false"]
+# Each rung (its --set overrides) one change on the one before; the first is the trainer's CUDA step
+# before the defaults changed (eager, torch's foreach Adam), all in bf16 autocast with channels_last.
+LADDER = (
+    ("eager, foreach Adam (before)", BEFORE),
+    ("+ fused Adam", ["optim.implementation=fused", "train.compile=false"]),
+    ("+ torch.compile", ["optim.implementation=fused", "train.compile=true"]),
+    ("+ CUDA graphs (reduce-overhead)", ["optim.implementation=fused", "train.compile=true",
+                                         "train.compile_mode=reduce-overhead"]),
+)
+SHARE_GROUPS = (   # kernel (CUDA) or op (CPU) name → group, the first match wins
+    ("optimizer", ("adam", "multi_tensor", "_foreach", "optimizer")),
+    ("normalisation", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
+    ("convolution", ("conv", "xmma", "cudnn", "implicit_gemm", "wgrad", "dgrad", "fprop", "cutlass", "gemm", "sm90_",
+                     "sm80_", "mkldnn")),
+    ("elementwise", ("elementwise", "vectorized", "triton_poi", "triton_per", "triton_red", "relu", "threshold",
+                     "copy", "fill", "add", "mul", "div", "cat", "index", "reduce", "softmax", "where", "clamp",
+                     "memcpy", "memset", "flip", "rot90", "to_copy")),
+)
+
+
+class Bench:
+    """What every part needs: the device, sizes, shards, the report so far and where it goes."""
+
+    def __init__(self, args):
+        import torch
+
+        self.args, self.torch = args, torch
+        self.device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+        self.cuda = self.device.type == "cuda"
+        quick = args.quick
+        self.micro, self.size = (2, 64) if quick else (128, 256)
+        self.sweep = () if quick else (32, 64, 256)
+        self.steps = 2 if quick else 10
+        self.ladder = LADDER if self.cuda else LADDER[:3]   # off CUDA, CUDA graphs are the compile above
+        self.sections: list[str] = []
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        self.failed: list[str] = []
+        self.step_rates: dict[str, float] = {}   # rung label → images/s at self.micro
+        self.best: tuple[str, dict, int] | None = None
+
+    def write(self, section: str) -> None:
+        self.sections.append(section)
+        print(section + "\n", flush=True)
+        self.args.out.write_text("\n\n".join(self.sections) + "\n")
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def sets(self, overrides: list[str], micro: int, precision: str = "bf16") -> list[str]:
+        """A rung's overrides after the step's own (the later of two settings of a key wins)."""
+        return step_overrides(device=self.device.type, precision=precision, channels_last=True, compile=False,
+                              micro=micro, size=self.size) + overrides
 
 
 def peak_tflops(name: str) -> tuple[float | None, str]:
@@ -49,131 +122,276 @@ def peak_tflops(name: str) -> tuple[float | None, str]:
     return None, "no bf16 peak known for this device"
 
 
-def kernel_case(shards: Path, device, micro: int, size: int, precision: str, channels_last: bool, compile: bool,
-                steps: int) -> dict:
-    """``steps`` timed optimizer steps of the trainer's own ``train_step`` on a Setup of
-    configs/benchmark.yaml with this case's overrides, after 3 warm-up steps (and compilation)."""
-    import torch
+# ----------------------------------------------------------------------------- 1. kernels
 
+def time_steps(b: Bench, shards: Path, sets: list[str], steps: int, profile=None) -> dict:
+    """``steps`` timed optimizer steps of the trainer's ``train_step`` (after 3 warm-up steps, which
+    compile when the variant does); under ``profile`` (a torch.profiler context) when given."""
     from dist_lc.train import train_step
 
-    s = trainer_setup(shards, step_overrides(device=device.type, precision=precision, channels_last=channels_last,
-                                             compile=compile, micro=micro, size=size))
+    torch = b.torch
+    s = trainer_setup(shards, sets)
     batches = step_batches(s)   # on the host, pinned, as the loader's ring: the step copies them over
     s.model.train()
-    compile_s = 0.0
-
-    def step():
-        train_step(s, batches)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     try:
         started = time.perf_counter()
-        for _ in range(3):   # warm-up (and compilation)
-            step()
-        sync()
-        compile_s = time.perf_counter() - started if compile else 0.0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        seconds = time.perf_counter() - started
+        for _ in range(3):
+            train_step(s, batches)
+        b.sync()
+        warm_s = time.perf_counter() - started
+        if b.cuda:
+            torch.cuda.reset_peak_memory_stats(b.device)
+        with profile or contextlib.nullcontext():
+            started = time.perf_counter()
+            for _ in range(steps):
+                train_step(s, batches)
+            b.sync()
+            seconds = time.perf_counter() - started
     except torch.cuda.OutOfMemoryError:
         s.optimizer.zero_grad(set_to_none=True)   # what a failed step left; the next case needs the room
-        return {"images_per_s": None, "peak_mb": None, "note": "out of memory"}
+        return {"images_per_s": None, "note": "out of memory"}
     finally:
         s.close()
-        if device.type == "cuda":
+        if b.cuda:
             torch.cuda.empty_cache()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"images_per_s": micro * steps / seconds, "peak_mb": peak, "compile_s": compile_s}
+    peak = torch.cuda.max_memory_allocated(b.device) / 2**20 if b.cuda else None
+    return {"images_per_s": s.layout.micro * steps / seconds, "peak_mb": peak, "warm_s": warm_s,
+            "seconds": seconds, "compiled": s.compiled}
 
 
-def kernels(shards: Path, device, micros, size: int, steps: int, with_compile: bool) -> tuple[list[list], dict]:
-    import torch
+def kernels(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
+    def row(micro, label, r):
+        ips = r["images_per_s"]
+        mfu = f"{ips * flops / (peak * 1e12):.1%}" if ips and peak else "–"
+        return [micro, label, f"{ips:,.1f}" if ips else r["note"], f"{r['peak_mb']:,.0f}" if r.get("peak_mb") else "–",
+                mfu, f"{r['warm_s']:.0f} s" if r.get("compiled") else ""]
 
-    from dist_lc.config import load_config
-    from dist_lc.flops import training_flops
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak, peak_text = peak_tflops(name)
-    flops = training_flops(load_config(BENCHMARK_RECIPE).model, size)
-    # (label, train.precision, train.channels_last, train.compile)
-    variants = [("fp32", "fp32", False, False), ("bf16", "bf16", False, False),
-                ("bf16 + channels_last", "bf16", True, False)]
-    if with_compile:
-        variants.append(("bf16 + channels_last + compile", "bf16", True, True))
-    rows = []
-    for micro in micros:
-        for label, precision, cl, comp in variants:
+    rows, compiled = [], []
+    for label, overrides in b.ladder:
+        log(f"kernels: micro-batch {b.micro}, {label}")
+        r = time_steps(b, shards, b.sets(overrides, b.micro), b.steps)
+        rows.append(row(b.micro, label, r))
+        if r["images_per_s"]:
+            b.step_rates[label] = r["images_per_s"]
+            if "train.compile=true" in overrides:
+                compiled.append((r["images_per_s"], label, overrides))
+    if compiled:
+        _, label, overrides = max(compiled)
+        b.best = (label, overrides, b.micro)
+        best_ips = b.step_rates[label]
+        for micro in b.sweep:
             log(f"kernels: micro-batch {micro}, {label}")
-            r = kernel_case(shards, device, micro, size, precision, cl, comp, steps)
-            ips = r["images_per_s"]
-            mfu = f"{ips * flops / (peak * 1e12):.1%}" if ips and peak else "–"
-            rows.append([micro, label, f"{ips:.1f}" if ips else r.get("note", "–"),
-                         f"{r['peak_mb']:.0f}" if r.get("peak_mb") else "–", mfu,
-                         f"{r['compile_s']:.0f} s" if r.get("compile_s") else ""])
-    return rows, {"device": name, "peak": peak_text, "train_gflop_per_image": flops / 1e9}
+            r = time_steps(b, shards, b.sets(overrides, micro), b.steps)
+            rows.append(row(micro, label, r))
+            if r["images_per_s"] and r["images_per_s"] > best_ips:
+                b.best, best_ips = (label, overrides, micro), r["images_per_s"]
+    b.write("\n".join([
+        f"### Step: `train_step` of configs/benchmark.yaml, bf16 + channels_last, {b.size}² tiles "
+        f"({flops / 1e9:.0f} GFLOP per training image), {b.steps} timed steps after 3 warm-up steps", "",
+        table(["micro-batch", "variant", "images/s", "peak GPU MB", "MFU", "compile (warm-up)"], rows)]))
 
 
-def end_to_end(shards: Path, work: Path, device: str, tiles: int, epochs: int, quick: bool) -> dict:
-    """dist-lc train of the benchmark recipe on the synthetic shards; metrics of the last epoch."""
+# ----------------------------------------------------------------------------- 2. numerics
+
+def check(b: Bench, shards: Path) -> None:
+    """Each rung's 50-step loss trace against the eager foreach run's, within bf16's own difference."""
+    import numpy as np
+
+    micro = b.micro   # the kernels' shapes: their compiled graphs are in inductor's cache
+    traces = {}
+    for label, overrides, precision in [("eager fp32", BEFORE, "fp32"), *[(lab, o, "bf16") for lab, o in b.ladder]]:
+        log(f"check: 50 steps, {label}")
+        traces[label] = loss_trace(shards, b.sets(["optim.lr=1e-4", *overrides], micro, precision))
+    reference = traces[b.ladder[0][0]]
+    tolerance = trace_deviation(reference, traces["eager fp32"])
+    rows = []
+    for label, _ in b.ladder[1:]:
+        deviation = trace_deviation(traces[label], reference)
+        ok = deviation <= tolerance and bool(np.isfinite(traces[label]).all())
+        if not ok:
+            b.failed.append(f"check: {label} differs from the eager step by {deviation:.2%} (bf16: {tolerance:.2%})")
+        rows.append([label, f"{deviation:.3%}", f"{tolerance:.3%}", "pass" if ok else "FAIL"])
+    b.write("\n".join([
+        f"### Numerics: 50 steps from the same weights (micro-batch {micro}, lr 1e-4, 5 batches in turn), "
+        f"each step's loss against the eager foreach bf16 run", "",
+        table(["variant", "mean relative difference", "bf16 against fp32, eager", "check"], rows)]))
+
+
+# ----------------------------------------------------------------------------- 3. profile
+
+def share_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, keys in SHARE_GROUPS if any(k in low for k in keys)), "other")
+
+
+def profile(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    label, overrides, micro = b.best or (b.ladder[-1][0], b.ladder[-1][1], b.micro)
+    steps = 5
+    log(f"profile: {steps} steps, micro-batch {micro}, {label}")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
+    prof = torch_profile(activities=activities)
+    r = time_steps(b, shards, b.sets(overrides, micro), steps, profile=prof)
+    groups: dict[str, float] = {}
+    if b.cuda:   # the GPU's kernels (and copies), each its own time
+        for e in prof.events():
+            if e.device_type == b.torch.autograd.DeviceType.CUDA:
+                groups[share_group(e.name)] = groups.get(share_group(e.name), 0.0) + e.time_range.elapsed_us()
+    else:        # a CPU's time: each aten op's own (self) time
+        for e in prof.key_averages():
+            if e.key.startswith("aten::"):
+                groups[share_group(e.key)] = groups.get(share_group(e.key), 0.0) + e.self_cpu_time_total
+    total = sum(groups.values()) or 1.0
+    rows = [[group, f"{groups.get(group, 0.0) / 1e3 / steps:.2f}", f"{groups.get(group, 0.0) / total:.1%}"]
+            for group in [g for g, _ in SHARE_GROUPS] + ["other"]]
+    busy = total / 1e6 / r["seconds"] if r.get("seconds") else float("nan")
+    ips = r.get("images_per_s")
+    mfu = f"{ips * flops / (peak * 1e12):.1%}" if ips and peak else "–"
+    where = "GPU kernels" if b.cuda else "aten ops' own CPU time"
+    b.write("\n".join([
+        f"### Profile: {steps} steps of `{label}` at micro-batch {micro} (torch.profiler, {where})", "",
+        table(["group", "ms per step", "share"], rows), "",
+        f"Busy {busy:.0%} of the profiled steps' wall time; {ips or 0:,.1f} images/s under the profiler, "
+        f"MFU {mfu}."]))
+
+
+# ----------------------------------------------------------------------------- 4. end to end
+
+def e2e_worker(run_dir: Path, sets: list[str]) -> int:
+    """One ``dist_lc.train.train`` of configs/benchmark.yaml in this process; its Timing and metrics
+    rows as JSON on the last line of stdout."""
+    import dataclasses
+
     import pandas as pd
 
-    workers = usable_cores()
-    run = work / "run"
-    sets = [f"data.shards={shards}", f"data.workers={min(workers, 16)}", f"train.epochs={epochs}",
-            f"train.device={device}", "train.plot_every=0"]
-    sets += ["train.micro_batch_size=8", "train.batch_size=8", "data.crop=64"] if quick else \
-        ["train.micro_batch_size=64", "train.batch_size=64"]
-    subprocess.run([sys.executable, "-m", "dist_lc", "train", "--config", "configs/benchmark.yaml",
-                    *[a for s in sets for a in ("--set", s)], "--run-dir", str(run)], check=True, cwd=REPO)
-    last = pd.read_csv(run / "metrics.csv").iloc[-1]
-    return {"images_per_s": float(last["images_per_s"]), "data_wait_frac": float(last["data_wait_frac"]),
-            "epoch_time_s": float(last["epoch_time_s"]), "peak_mem_mb": float(last["peak_mem_mb"]),
-            "workers": workers, "tiles": tiles}
+    from dist_lc.config import load_config
+    from dist_lc.train import train
 
+    result = train(load_config(BENCHMARK_RECIPE, sets), run_dir)
+    rows = pd.read_csv(run_dir / "metrics.csv").to_dict("records")
+    print(json.dumps({"timing": dataclasses.asdict(result.timing), "rows": rows}))
+    return 0
+
+
+def e2e_run(b: Bench, shards: Path, name: str, overrides: list[str]) -> dict:
+    workers = max(1, min(usable_cores() - 1, 16))
+    batch = 8 if b.args.quick else 128
+    sets = [f"data.shards={shards}", "data.fold=0", f"data.workers={workers}", "train.epochs=2",
+            f"train.device={b.device.type}", "train.plot_every=0", "train.loggers=[]",
+            f"train.micro_batch_size={batch}", f"train.batch_size={batch}", *overrides]
+    sets += ["data.crop=64"] if b.args.quick else []
+    run_dir = b.args.work / f"e2e-{name}"
+    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    log(f"e2e: {name}: {' '.join(sets[1:])}")
+    out = subprocess.run([sys.executable, __file__, "--e2e-worker", str(run_dir), *sets], cwd=REPO, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["workers"] = workers
+    return result
+
+
+def e2e(b: Bench, shards: Path, tiles: int) -> None:
+    runs = {"before": (BEFORE, b.ladder[0][0]),
+            "after": ([], b.ladder[2][0] if b.cuda else None)}   # the defaults: compile + fused on CUDA
+    rows = []
+    for name, (overrides, rung) in runs.items():
+        r = e2e_run(b, shards, name, overrides)
+        t, last = r["timing"], r["rows"][-1]
+        step = b.step_rates.get(rung)
+        ips = last["images_per_s"]
+        rows.append([name, f"{ips:,.1f}", f"{ips / step:.0%} of {step:,.0f}" if step and not b.args.quick else "–",
+                     f"{last['data_wait_frac']:.1%}", f"{last['epoch_time_s']:.1f}", f"{last['val_time_s']:.1f}",
+                     f"{t['bookkeeping_s'] / max(len(r['rows']), 1):.2f}", f"{t['compile_s']:.0f}",
+                     f"{t['setup_s']:.0f}", f"{last['peak_mem_mb']:,.0f}"])
+    b.write("\n".join([
+        f"### End to end: `dist_lc.train.train` of configs/benchmark.yaml, fold 0 of {tiles:,} synthetic tiles, "
+        f"2 epochs, {r['workers']} loader workers; the second epoch", "",
+        table(["run", "images/s", "of the step's rate", "data wait", "epoch s", "validation s",
+               "checkpoints + log s per epoch", "compile s", "set-up s", "peak MB"], rows),
+        "", "before: train.compile false, optim.implementation foreach; after: the recipe's defaults."]))
+
+
+# ----------------------------------------------------------------------------- 5. several folds on one GPU
+
+def cv_part(b: Bench) -> None:
+    """Folds one after another, then sharing the device (on a CPU, the miniature: jobs side by side)."""
+    quick = b.args.quick
+    recipe, tiles, folds, epochs = ("smoke", 200, [0, 1], 1) if quick else ("recommended", 2000, [0, 1, 2, 3, 4], 3)
+    shards = synthetic_shards(b.args.work, tiles, usable_cores())
+    rows = []
+    for sharing in (1, len(folds)):
+        out = b.args.work / f"cv-{sharing}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        sets = [f"data.shards={shards}", f"cv.folds={folds}", f"train.epochs={epochs}", "train.plot_every=0",
+                "launcher.tasks_per_node=1", f"data.workers={max(1, usable_cores() // len(folds) - 1)}"]
+        sets += (["launcher.gpus_per_node=1", f"launcher.jobs_per_gpu={sharing}", "launcher.max_parallel=0"]
+                 if b.cuda else ["launcher.gpus_per_node=0", f"launcher.max_parallel={sharing}"])
+        log(f"cv: {len(folds)} folds, {sharing} at a time")
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dist_lc", "cv", "--config", f"configs/{recipe}.yaml", "--out",
+                        str(out), "--executor", "local", *[a for s in sets for a in ("--set", s)]],
+                       cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        jobs = [json.loads(p.read_text()) for p in sorted(out.glob("**/fold*/done.json"))]
+        job_s = [j.get("timeline", {}).get("job_s", float("nan")) for j in jobs]
+        rows.append([sharing, f"{wall:.0f}", f"{max(job_s):.0f}", f"{sum(job_s):.0f}", len(jobs)])
+    sharing = "launcher.jobs_per_gpu on the one GPU" if b.cuda else "launcher.max_parallel on the CPU"
+    b.write("\n".join([
+        f"### Several folds at once: `dist-lc cv --executor local`, configs/{recipe}.yaml, {len(folds)} folds of "
+        f"{tiles:,} synthetic tiles, {epochs} epoch(s), one rank each; jobs at once = {sharing}", "",
+        table(["jobs at once", "wall s", "slowest fold job s", "sum of fold jobs s", "folds done"], rows)]))
+
+
+# ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--e2e-worker"]:
+        return e2e_worker(Path(argv[1]), argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--out", type=Path, default=Path("gpu_benchmark.md"), help="where the table is written")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/dist_lc_gpu_bench"), help="synthetic tiles and shards")
+    ap.add_argument("--out", type=Path, default=Path("gpu_benchmark.md"), help="where the tables are written")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dist_lc_gpu_bench"), help="synthetic tiles and runs")
+    ap.add_argument("--parts", default="kernels,check,profile,e2e,cv",
+                    help="comma list of kernels, check, profile, e2e, cv (default: all)")
     ap.add_argument("--quick", action="store_true", help="a miniature: micro-batch 2, 64² tiles, 200 tiles")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    unknown = parts - {"kernels", "check", "profile", "e2e", "cv"}
+    if unknown:
+        ap.error(f"--parts: no part {sorted(unknown)[0]!r}")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device visible (install a CUDA build of torch, see this script's docstring; "
-              "--device cpu --quick runs the miniature)", file=sys.stderr)
+        print("error: no CUDA device visible (install a CUDA build of torch; --device cpu --quick runs the "
+              "miniature)", file=sys.stderr)
         return 2
-    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    b = Bench(args)
+    from dist_lc.config import load_config
+    from dist_lc.flops import training_flops
+
     started = time.perf_counter()
-    micros, size, steps = ((2,), 64, 2) if args.quick else ((32, 64, 128), 256, 10)
-    tiles = 200 if args.quick else 2000
-    # one set of synthetic shards for both parts: the end-to-end run trains on it, the kernels'
-    # set-up needs a manifest and a full micro-batch of tiles (their batches are built in memory)
+    name = torch.cuda.get_device_name(b.device) if b.cuda else "CPU"
+    peak, peak_text = peak_tflops(name)
+    flops = training_flops(load_config(BENCHMARK_RECIPE).model, b.size)
+    b.write(f"Machine: {machine_line()}; device {name}; torch {torch.__version__}; MFU against {peak_text}.")
+    tiles = 200 if args.quick else 18491
+    # one set of synthetic shards for parts 1-4: the end-to-end run trains on it; the step's set-up
+    # needs a manifest and a full micro-batch of tiles (its batches are built in memory)
     shards = synthetic_shards(args.work, tiles, usable_cores())
-    rows, info = kernels(shards, device, micros, size, steps, with_compile=not args.quick)
-    e2e = end_to_end(shards, args.work, args.device, tiles, 1 if args.quick else 2, args.quick)
-    text = "\n".join([
-        f"Machine: {machine_line()}; device {info['device']}; torch {torch.__version__}", "",
-        f"Kernels: dist_lc.train.train_step of configs/benchmark.yaml, one fixed batch of {size}² tiles as the "
-        f"loader yields it, {steps} timed optimizer steps after 3 warm-up steps; "
-        f"{info['train_gflop_per_image']:.0f} GFLOP per training image; MFU against {info['peak']}.", "",
-        table(["micro-batch", "variant", "images/s", "peak GPU MB", "MFU", "compile"], rows), "",
-        f"End to end: dist-lc train, configs/benchmark.yaml, {e2e['tiles']} synthetic tiles, {e2e['workers']} loader "
-        f"workers: {e2e['images_per_s']:.1f} images/s, data wait {e2e['data_wait_frac']:.1%} of the epoch, "
-        f"epoch {e2e['epoch_time_s']:.1f} s, peak {e2e['peak_mem_mb']:.0f} MB.", "",
-        f"Whole benchmark: {time.perf_counter() - started:.0f} s."])
-    print(text)
-    args.out.write_text(text + "\n")
-    return 0
+    log(f"synthetic shards: {time.perf_counter() - started:.0f} s")
+    for part, run in (("kernels", lambda: kernels(b, shards, flops, peak)), ("check", lambda: check(b, shards)),
+                      ("profile", lambda: profile(b, shards, flops, peak)), ("e2e", lambda: e2e(b, shards, tiles)),
+                      ("cv", lambda: cv_part(b))):
+        if part in parts:
+            tick = time.perf_counter()
+            run()
+            log(f"{part}: {time.perf_counter() - tick:.0f} s")
+    b.write(f"Whole benchmark: {time.perf_counter() - started:.0f} s." +
+            "".join(f"\n- {line}" for line in b.failed))
+    return 1 if b.failed else 0
 
 
 if __name__ == "__main__":

@@ -73,8 +73,32 @@ def test_scale(tmp_path):
 
 
 def test_gpu_benchmark_on_cpu(tmp_path):
+    """Its miniature runs every part, and the compiled and fused steps pass the numerics check (the
+    script exits 1 when one does not)."""
     out = bench("gpu.py", "--device", "cpu", "--quick", "--work", tmp_path, "--out", tmp_path / "gpu.md")
-    assert "End to end" in out and (tmp_path / "gpu.md").is_file()
+    for section in ("### Step", "### Numerics", "### Profile", "### End to end", "Whole benchmark"):
+        assert section in out
+    checked = [line for line in out.splitlines() if line.startswith("| + ") and line.endswith(("pass |", "FAIL |"))]
+    assert [line.split(" | ")[0] for line in checked] == ["| + fused Adam", "| + torch.compile"]
+    assert all(line.endswith("pass |") for line in checked)
+    assert (tmp_path / "gpu.md").read_text().strip() == out.strip()
+
+
+def test_the_gpu_benchmark_numerics_check_fails_a_step_that_computes_another_loss(packed_sample, tmp_path,
+                                                                                   monkeypatch):
+    """The check is no formality: a rung whose loss differs (class weights off) fails it, while the
+    same step built another way (NCHW instead of channels_last) passes."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu
+
+    args = argparse.Namespace(device="cpu", quick=True, out=tmp_path / "gpu.md", work=tmp_path)
+    b = gpu.Bench(args)
+    b.ladder = (gpu.LADDER[0], ("+ NCHW", [*gpu.BEFORE, "train.channels_last=false"]),
+                ("+ other loss", [*gpu.BEFORE, "loss.class_weights=none"]))
+    gpu.check(b, packed_sample)
+    assert len(b.failed) == 1 and "+ other loss" in b.failed[0]
 
 
 def test_map_speed(sample_root, tmp_path):  # the script reads benchmarks/common.py's SAMPLE_SRC
