@@ -220,3 +220,31 @@ def test_jobs_per_gpu_share_each_gpu_and_its_memory(monkeypatch, tmp_path):
         job = ex._fold_job(Work("p0", slot, {}, str(tmp_path / f"f{slot}"), False), slot, 4)
         seen.append((ex.engine.parameters["visible_gpus"], job.gpu_share))
     assert seen == [((0,), 0.5), ((0,), 0.5), ((1,), 0.5), ((1,), 0.5)]
+
+
+def test_a_cancelled_local_job_ends_quietly_without_a_traceback_on_the_launchers_terminal(tmp_path):
+    """A local job's controller writes to the launcher's stderr: interrupted itself (submitit's own
+    cancel), it prints a KeyboardInterrupt traceback there. The executor interrupts the job's tasks
+    instead, and the controller then ends by itself."""
+    import subprocess
+    import sys
+
+    from torchrun_util import REPO, env
+
+    code = f"""
+import time, types, submitit
+from dist_lc.cv.executors import LocalExecutor, _children
+ex = submitit.LocalExecutor(folder={str(tmp_path)!r})
+ex.update_parameters(timeout_min=5)
+job = ex.submit(time.sleep, 120)
+deadline = time.monotonic() + 60
+while not _children(int(job.job_id)) and time.monotonic() < deadline:
+    time.sleep(0.1)
+LocalExecutor._end_quietly([(types.SimpleNamespace(job_id=job.job_id), job)])
+print("controller exit", job._process.wait(timeout=30))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "controller exit 0" in proc.stdout
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]

@@ -42,6 +42,7 @@ ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUE
                        "PREEMPTED", "RESV_DEL_HOLD"}
 TASK_FAILED_GRACE_S = 15.0  # local: a job whose task failed this long ago has its other tasks ended
 LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get before they are killed
+LOCAL_QUIET_S = 2.0         # local: how long a cancelled job's tasks get to end before its controller is told
 
 
 class JobState(enum.Enum):
@@ -246,19 +247,30 @@ class LocalExecutor(Executor):
         return status
 
     def cancel(self, record: Submission, handle=None) -> None:
-        """SIGINT to the job's controller, which interrupts its tasks and kills what is left a second
-        later (submitit's own cancel, also for a job of an earlier launch known by its pid)."""
-        if handle is not None:
-            handle.cancel(check=False)
-        elif _pid_alive(record.job_id):
-            _signal(int(record.job_id), signal.SIGINT)
+        self._end_quietly([(record, handle)])
+
+    @staticmethod
+    def _end_quietly(jobs: list[Submitted]) -> None:
+        """SIGINT to the jobs' tasks, after which each controller ends by itself. A job whose tasks are
+        still there after LOCAL_QUIET_S (or that has none yet) gets submitit's own cancel: SIGINT to
+        its controller, which interrupts the tasks again and kills what is left a second later. (The
+        controller writes to the launcher's stderr: interrupted itself, it prints a traceback there.)"""
+        tasks = {record.job_id: _children(int(record.job_id)) for record, _ in jobs if _pid_alive(record.job_id)}
+        for pid, _ in [t for job_tasks in tasks.values() for t in job_tasks]:
+            _signal(pid, signal.SIGINT)
+        left = set(_wait_gone([t for job_tasks in tasks.values() for t in job_tasks], LOCAL_QUIET_S))
+        for record, handle in jobs:
+            if record.job_id in tasks and (not tasks[record.job_id] or left.intersection(tasks[record.job_id])):
+                if handle is not None:
+                    handle.cancel(check=False)
+                else:   # a job of an earlier launch, known by its controller's pid
+                    _signal(int(record.job_id), signal.SIGINT)
 
     def interrupt(self, jobs: list[Submitted]) -> str:
         """Nothing watches local jobs once the launcher is gone: end them all, their controllers and
         every process they started, killing what is still there after LOCAL_END_S."""
         trees = [_process_tree(int(record.job_id)) for record, _ in jobs if _pid_alive(record.job_id)]
-        for record, handle in jobs:
-            self.cancel(record, handle)
+        self._end_quietly(jobs)
         _wait_gone([p for tree in trees for p in tree], LOCAL_END_S)
         _wait_gone(_kill_what_is_left(trees), LOCAL_END_S)
         for _, handle in jobs:
@@ -314,13 +326,24 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if fields is not None and fields[0] not in ("Z", "X") else None
 
 
-def _process_tree(root: int) -> list[tuple[int, str]]:
-    """(pid, start time) of a live process and all its descendants, the root first."""
+def _children_of() -> dict[int, list[int]]:
+    """{parent pid: its children's pids} of every live process."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
         if fields is not None:
             children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of a process's live children."""
+    return [(child, started) for child in _children_of().get(pid, []) if (started := _start_time(child))]
+
+
+def _process_tree(root: int) -> list[tuple[int, str]]:
+    """(pid, start time) of a live process and all its descendants, the root first."""
+    children = _children_of()
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
