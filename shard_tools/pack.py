@@ -21,6 +21,7 @@ import io
 import os
 import tarfile
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -112,25 +113,32 @@ def channel_sums(image: np.ndarray) -> dict:
 
 
 def _ordered_imap(pool, fn, items, window: int):
-    """``pool.imap`` with at most ``window`` tiles in flight, so fast readers cannot fill memory."""
+    """``pool.map`` with at most ``window`` tiles in flight, so fast readers cannot fill memory."""
     pending: deque = deque()
     for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
+        pending.append(pool.submit(fn, item))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 @contextmanager
 def _mapper(workers: int):
-    """A ``map(fn, items)`` that yields results in order: in-process for 0/1 worker, else a pool."""
+    """A ``map(fn, items)`` that yields results in order: in-process for 0/1 worker, else a pool.
+
+    A ProcessPoolExecutor rather than multiprocessing.Pool: on an error the Pool's ``terminate()``
+    could block for ever joining its task thread (seen once, after both workers had exited), where
+    the executor cancels what has not started, lets the few tiles in flight finish and returns."""
     if workers <= 1:
         yield lambda fn, items: map(fn, items)
         return
     # spawn, not fork: a caller that already runs threads (torch, OpenMP) would deadlock forked children
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         yield lambda fn, items: _ordered_imap(pool, fn, items, window=8 * workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_workers() -> int:
