@@ -78,7 +78,7 @@ def test_a_time_limit_fits_the_cosine_schedule_and_a_resume_keeps_it(packed_samp
     assert "the cosine schedule now ends after epoch" in log, proc.stderr[-2000:]
     planned = int(log.rsplit("the cosine schedule now ends after epoch ", 1)[1].split()[0])
     rows = pd.read_csv(run / "metrics.csv")
-    assert 2 <= planned < 1000 and len(rows) <= planned
+    assert 1 <= planned < 1000 and len(rows) <= planned   # (one epoch may be all that fits on a loaded machine)
     if len(rows) == planned:   # it ended inside the limit: at the end of its schedule, at min_lr
         assert rows["lr"].iloc[-1] == pytest.approx(2e-5, rel=1e-6)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
