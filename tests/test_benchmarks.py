@@ -101,6 +101,11 @@ def test_the_gpu_benchmark_numerics_check_fails_a_step_that_computes_another_los
     assert len(b.failed) == 1 and "+ other loss" in b.failed[0]
 
 
+def test_before_after(sample_root, tmp_path):  # the script packs benchmarks/common.py's SAMPLE_SRC
+    out = bench("before_after.py", "--before", REPO, "--quick", "--work", tmp_path)
+    assert "after / before:" in out and out.count("| before |") == 1
+
+
 def test_map_speed(sample_root, tmp_path):  # the script reads benchmarks/common.py's SAMPLE_SRC
     assert "Mpx/s" in bench("map_speed.py", "--quick", "--work", tmp_path)
 
