@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 from lc_common.errors import InputError, OneLineArgumentParser, WriteError
 
@@ -63,5 +64,9 @@ def main(argv=None) -> int:
         return 2
     except WriteError as exc:   # a full disk, a quota, a read-only folder: not the user's input
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool:   # pack removed what it had written of this run
+        print("error: a reader process was killed (out of memory, or a signal); no shard or manifest of this "
+              "run was kept", file=sys.stderr)
         return 1
     return 0

@@ -449,3 +449,19 @@ def test_sigterm_to_cv_leaves_its_slurm_jobs_running_and_resume_watches_them(tin
     finally:
         for job in ids:
             scancel(job)
+
+
+@pytest.mark.parametrize("nth", [1, 40])
+def test_a_killed_shard_reader_ends_pack_in_one_line_with_nothing_kept(sample_root, tmp_path, nth):
+    """A reader process of `lc-shard pack` killed (as by the out-of-memory killer) at its first or a
+    later tile: pack exits 1 in one line within seconds, keeping no shard and no manifest (a
+    multiprocessing.Pool would wait for the dead worker's result for ever)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(sample_root), "--out", str(out),
+                           "--workers", "2", "--samples-per-shard", "16"], cwd=REPO,
+                          env=env(**fault(f"kill-reader nth={nth} marker={tmp_path / 'killed'}")),
+                          capture_output=True, text=True, timeout=120)
+    assert (tmp_path / "killed").exists()   # the fault fired
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: a reader process was killed") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))

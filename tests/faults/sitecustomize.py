@@ -5,9 +5,13 @@ loads this module at start-up and wraps one trainer function.
     DIST_LC_TEST_FAULT="ACTION step=N [rank=R] [marker=PATH]"
     DIST_LC_TEST_FAULT="hang-loader epoch=E [rank=R]"
     DIST_LC_TEST_FAULT="disk-full file=NAME [nth=N] [marker=PATH]"
+    DIST_LC_TEST_FAULT="kill-reader [nth=N] [marker=PATH]"
 
 ``disk-full``: the N-th atomic write (default the first) of a file called NAME fails with ENOSPC
 when it is synced, as on a full disk.
+
+``kill-reader``: the N-th tile (default the first) that a reader process of ``lc-shard pack``
+surveys kills that reader (SIGKILL, as the kernel's out-of-memory killer would).
 
 ``hang-loader``: the loader workers of rank R block forever (as in a read that never returns) when
 they start the training pass of epoch E (0-based), so the rank waits for data that never comes.
@@ -123,3 +127,19 @@ if SPEC:
             return _iter(self)
 
         _data.ShardStream.__iter__ = hanging_iter
+
+    if action == "kill-reader":
+        import multiprocessing
+
+        import shard_tools.pack as _pack
+
+        _survey_tile, surveyed = _pack.survey_tile, {"n": 0}
+
+        def survey_tile(tile):
+            if multiprocessing.current_process().name != "MainProcess":   # a reader of the pool
+                surveyed["n"] += 1
+                if surveyed["n"] == int(opts.get("nth", 1)) and _my_turn():
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return _survey_tile(tile)
+
+        _pack.survey_tile = survey_tile
