@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def run(tree: Path, shards: Path, out: Path, quick: bool) -> dict:
     sets = [f"data.shards={shards}", "data.crop=64" if quick else "data.crop=128", "train.epochs=2",
             "train.plot_every=0", "data.workers=1", "train.loggers=[]"]
     sets += ["model.filters=8", "model.upconv_filters=8"] if quick else []
+    shutil.rmtree(out, ignore_errors=True)   # a run folder left by an earlier call would be resumed, not trained
     subprocess.run([sys.executable, "-m", "dist_lc", "train", "--config", "configs/benchmark.yaml",
                     *[a for s in sets for a in ("--set", s)], "--run-dir", str(out)],
                    cwd=tree, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

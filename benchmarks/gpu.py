@@ -98,7 +98,7 @@ class Bench:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         self.failed: list[str] = []
         self.step_rates: dict[str, float] = {}   # rung label → images/s at self.micro
-        self.best: tuple[str, dict, int] | None = None
+        self.best: tuple[str, list[str], int] | None = None   # (rung, its overrides, micro-batch)
 
     def write(self, section: str) -> None:
         self.sections.append(section)
