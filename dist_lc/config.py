@@ -118,9 +118,9 @@ class TrainConfig:
     compile: bool | Literal["auto"] = option("auto", "torch.compile the model; auto: on CUDA, not on a CPU "
                                              "(where it does not pay); its first step is timed apart")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = option(
-        "default", "torch.compile's mode: default (fused kernels: BatchNorm + ReLU in one pass); reduce-overhead "
-        "adds CUDA graphs (one launch per graph, for launch-bound steps; more GPU memory); max-autotune times "
-        "kernel choices (minutes of compilation)")
+        "default", "torch.compile's mode: default (fused kernels: BatchNorm's normalisation and ReLU in one "
+        "pass); reduce-overhead adds CUDA graphs (one launch per graph, for launch-bound steps; more GPU "
+        "memory; no gradient accumulation); max-autotune also times kernel choices (minutes of compilation)")
     sync_batchnorm: bool = option(False, "BatchNorm statistics over all ranks (SyncBatchNorm)")
     seed: int = option(0, "seed of initialisation, data order and augmentation", min=0)
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (slower)")

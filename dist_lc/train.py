@@ -143,11 +143,14 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     if t.ema_decay:
         ema = torch.optim.swa_utils.AveragedModel(net, avg_fn=ema_update(t.ema_decay), use_buffers=True)
     model = net
+    compiled = compiles(t.compile, device)
+    if compiled:
+        check_compile_mode(t, layout, device)
+        # the network itself, so that validation runs compiled too; called from DDP's forward, it is
+        # still compiled with DDP's graph split at the gradient buckets (dynamo sees the active DDP module)
+        model.compile(mode=t.compile_mode)
     if env.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    compiled = compiles(t.compile, device)
-    if compiled:   # the DDP module itself: compile then splits the graph at DDP's gradient buckets, so that
-        model.compile(mode=t.compile_mode)   # their all-reduces overlap the backward pass
     optimizer = build_optimizer(cfg, net.parameters(), device)
     d = cfg.data
     train_data, steps = train_loader(manifest, train_folds, seed=t.seed, world=env.world_size, rank=env.rank,
@@ -160,6 +163,19 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return Setup(cfg, env, device, manifest, train_folds, val_folds, layout, net, model, ema, loss_fn, optimizer,
                  build_scheduler(cfg, optimizer, steps), scaler, dtype, steps, notes, train_data, val_data, compiled)
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(t, layout: BatchLayout, device: torch.device) -> None:
+    """CUDA graphs cannot accumulate: the next micro-step's replay overwrites the gradients that the
+    previous backward left in the graph's memory (torch refuses, or the gradients come out wrong)."""
+    if device.type == "cuda" and t.compile_mode in CUDA_GRAPH_MODES and layout.accum > 1:
+        raise InputError(f"config key 'train.compile_mode': {t.compile_mode} (CUDA graphs) cannot accumulate "
+                         f"gradients, and train.batch_size {t.batch_size} is {layout.accum} micro-batches of "
+                         f"{layout.micro} per rank; raise train.micro_batch_size to the batch per rank, or use "
+                         f"compile_mode default or max-autotune-no-cudagraphs")
 
 
 def compiles(setting, device: torch.device) -> bool:

@@ -58,8 +58,8 @@ def test_validation_of_two_ranks_scores_what_predict_and_eval_score(packed_sampl
 def test_ddp_and_accumulation_equal_one_big_batch(packed_sample, tmp_path, world, batch, micro, compiled):
     """(2 ranks × micro b) == (1 rank × batch 2b); (accumulation 4 × b) == (batch 4b): GroupNorm, SGD, 2 steps.
 
-    Compiled: the compiled DDP module (its graph split at the gradient buckets) with accumulation
-    (no_sync) against the compiled single process. Compiled kernels differ with the batch's shape, so
+    Compiled: the compiled network inside DDP, with accumulation (no_sync), against the compiled
+    single process. Compiled kernels differ with the batch's shape, so
     the two differ by float rounding as compilation itself does: by no more than the compiled single
     process differs from the eager one (a lost or doubled micro-batch gradient would differ by about
     as much as the weights moved)."""

@@ -213,3 +213,16 @@ def test_help_of_synth_says_what_each_option_is():
     out = subprocess.run([sys.executable, "-m", "dist_lc", "synth", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60).stdout
     assert "train tiles with masks (default: 150)" in out and "random seed" in out
+
+
+def test_cuda_graphs_refuse_gradient_accumulation_in_one_line():
+    """A CUDA graph's replay would overwrite the gradients the previous micro-step left in its memory."""
+    from dist_lc.config import batch_layout
+    from lc_common.errors import InputError
+
+    t = load_config(None, ["train.compile_mode=reduce-overhead", "train.batch_size=32",
+                           "train.micro_batch_size=8"]).train
+    with pytest.raises(InputError, match=r"^config key 'train.compile_mode': reduce-overhead .*cannot accumulate"):
+        train_mod.check_compile_mode(t, batch_layout(t, 1), torch.device("cuda"))
+    train_mod.check_compile_mode(t, batch_layout(t, 4), torch.device("cuda"))   # 8 per rank: no accumulation
+    train_mod.check_compile_mode(t, batch_layout(t, 1), torch.device("cpu"))    # no CUDA graphs on a CPU
