@@ -222,10 +222,12 @@ def test_jobs_per_gpu_share_each_gpu_and_its_memory(monkeypatch, tmp_path):
     assert seen == [((0,), 0.5), ((0,), 0.5), ((1,), 0.5), ((1,), 0.5)]
 
 
-def test_a_cancelled_local_job_ends_quietly_without_a_traceback_on_the_launchers_terminal(tmp_path):
+@pytest.mark.parametrize("setup", [[], ["true"]], ids=["controller", "controller-under-a-shell"])
+def test_a_cancelled_local_job_ends_quietly_without_a_traceback_on_the_launchers_terminal(tmp_path, setup):
     """A local job's controller writes to the launcher's stderr: interrupted itself (submitit's own
     cancel), it prints a KeyboardInterrupt traceback there. The executor interrupts the job's tasks
-    instead, and the controller then ends by itself."""
+    instead, and the controller then ends by itself; also when ``launcher.setup`` puts a shell
+    (the job's pid) above the controller."""
     import subprocess
     import sys
 
@@ -233,12 +235,12 @@ def test_a_cancelled_local_job_ends_quietly_without_a_traceback_on_the_launchers
 
     code = f"""
 import time, types, submitit
-from dist_lc.cv.executors import LocalExecutor, _children
+from dist_lc.cv.executors import LocalExecutor, _children, _controller
 ex = submitit.LocalExecutor(folder={str(tmp_path)!r})
-ex.update_parameters(timeout_min=5)
+ex.update_parameters(timeout_min=5, setup={setup!r})
 job = ex.submit(time.sleep, 120)
 deadline = time.monotonic() + 60
-while not _children(int(job.job_id)) and time.monotonic() < deadline:
+while not (_controller(int(job.job_id)) and _children(_controller(int(job.job_id)))) and time.monotonic() < deadline:
     time.sleep(0.1)
 LocalExecutor._end_quietly([(types.SimpleNamespace(job_id=job.job_id), job)])
 print("controller exit", job._process.wait(timeout=30))

@@ -177,6 +177,11 @@ class Executor(abc.ABC):
     def cancel(self, record: Submission, handle=None) -> None:
         """End the job (its state then shows it gone)."""
 
+    def cancel_all(self, jobs: list[Submitted]) -> None:
+        """End these jobs (each one's state then shows it gone)."""
+        for record, handle in jobs:
+            self.cancel(record, handle)
+
     @abc.abstractmethod
     def interrupt(self, jobs: list[Submitted]) -> str:
         """The launcher is stopped (Ctrl-C, SIGTERM, SIGHUP) while these jobs are unfinished: end or
@@ -249,13 +254,17 @@ class LocalExecutor(Executor):
     def cancel(self, record: Submission, handle=None) -> None:
         self._end_quietly([(record, handle)])
 
+    def cancel_all(self, jobs: list[Submitted]) -> None:
+        self._end_quietly(jobs)   # one wait for all of them
+
     @staticmethod
     def _end_quietly(jobs: list[Submitted]) -> None:
         """SIGINT to the jobs' tasks, after which each controller ends by itself. A job whose tasks are
         still there after LOCAL_QUIET_S (or that has none yet) gets submitit's own cancel: SIGINT to
         its controller, which interrupts the tasks again and kills what is left a second later. (The
         controller writes to the launcher's stderr: interrupted itself, it prints a traceback there.)"""
-        tasks = {record.job_id: _children(int(record.job_id)) for record, _ in jobs if _pid_alive(record.job_id)}
+        found = {record.job_id: _controller(int(record.job_id)) for record, _ in jobs}
+        tasks = {job_id: _children(controller) for job_id, controller in found.items() if controller}
         for pid, _ in [t for job_tasks in tasks.values() for t in job_tasks]:
             _signal(pid, signal.SIGINT)
         left = set(_wait_gone([t for job_tasks in tasks.values() for t in job_tasks], LOCAL_QUIET_S))
@@ -264,7 +273,7 @@ class LocalExecutor(Executor):
                 if handle is not None:
                     handle.cancel(check=False)
                 else:   # a job of an earlier launch, known by its controller's pid
-                    _signal(int(record.job_id), signal.SIGINT)
+                    _signal(found[record.job_id], signal.SIGINT)
 
     def interrupt(self, jobs: list[Submitted]) -> str:
         """Nothing watches local jobs once the launcher is gone: end them all, their controllers and
@@ -334,6 +343,20 @@ def _children_of() -> dict[int, list[int]]:
         if fields is not None:
             children.setdefault(int(fields[1]), []).append(int(entry.name))
     return children
+
+
+def _controller(pid: int) -> int | None:
+    """The pid of a local job's submitit controller: the job's own process, or its child when
+    ``launcher.setup`` runs the controller under a shell; None when neither is one (the job is gone
+    and its pid perhaps reused)."""
+    for candidate in [pid, *(child for child, _ in _children(pid))]:
+        try:
+            # an argument of its own (python -m submitit.local._local), not inside a shell's command
+            if b"submitit.local._local" in Path(f"/proc/{candidate}/cmdline").read_bytes().split(b"\0"):
+                return candidate
+        except OSError:
+            pass
+    return None
 
 
 def _children(pid: int) -> list[tuple[int, str]]:

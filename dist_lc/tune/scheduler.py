@@ -228,8 +228,8 @@ class Scheduler:
         """End the trial: its jobs cancelled first, then the study told (see the module's docstring)."""
         with self.stops.held():
             jobs = run.active
-            for job in jobs:
-                job.executor.cancel(job.submission, job.handle)
+            for executor in {id(job.executor): job.executor for job in jobs}.values():
+                executor.cancel_all([(job.submission, job.handle) for job in jobs if job.executor is executor])
             self.study.tell(run.trial, value, state=state)
             del self.running[run.number]
             if jobs:
