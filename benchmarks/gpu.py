@@ -1,14 +1,17 @@
 """The GPU benchmark: the trainer's step on one CUDA GPU, its numerics, its profile, the trainer end to
 end, and several CV folds sharing the GPU.
 
-On a machine with one CUDA GPU, from a clone of the repository (torch with CUDA installed):
+On a machine with one CUDA GPU, from a clone of the repository with the project installed (or on
+``PYTHONPATH``) and torch with CUDA:
 
-    python benchmarks/gpu.py --out gpu.md        # about 8 minutes on an H100/H200-class GPU
+    python benchmarks/gpu.py --out gpu.md        # about 10 minutes on an H100/H200-class GPU
 
 On a machine without the project's packages and without network (this workplace's lent GPU
-machines), ``make gpu-wheels`` here fetches the few pure-Python packages that such an image lacks
-into ``.whl/``, and ``bash benchmarks/gpu_device.sh`` there installs them and runs this script with
-its output under ``$OUT``. Parts (``--parts``, all by default), each written to ``--out`` as it ends:
+machines), ``make gpu-wheels`` here fetches the few packages that such an image lacks into
+``.whl/``, and ``bash benchmarks/gpu_device.sh`` there installs them and runs this script with its
+output under ``$OUT``; where one command may run 10 minutes at most, run it as two calls,
+``--parts kernels,check,profile`` and ``--parts e2e,cv``. Parts (``--parts``, all by default), each
+written to ``--out`` as it ends (every variant compiles afresh: ``torch.compiler.reset()`` first):
 
 1. **kernels**: timed optimizer steps of the trainer itself, ``dist_lc.train.train_step`` on the
    Setup that ``dist_lc.train.build_setup`` makes of ``configs/benchmark.yaml`` (the benchmark
@@ -35,7 +38,7 @@ its output under ``$OUT``. Parts (``--parts``, all by default), each written to 
    defaults), each in its own process: the second epoch's images/s against the step's own rate
    from part 1, its data-wait share, and the validation, checkpoint and compilation seconds apart.
 5. **cv**: ``dist-lc cv --executor local`` of ``configs/recommended.yaml`` (5 folds of 2,000
-   synthetic tiles, 3 epochs, one rank each) on the one GPU with ``launcher.jobs_per_gpu`` 1, then 5:
+   synthetic tiles, 2 epochs, one rank each) on the one GPU with ``launcher.jobs_per_gpu`` 1, then 5:
    wall time, against the slowest fold job and the sum of the jobs.
 
 ``--device cpu --quick`` runs a miniature of all of it (the test suite does, so that it cannot rot,
@@ -76,7 +79,7 @@ SHARE_GROUPS = (   # kernel (CUDA) or op (CPU) name → group, the first match w
                      "sm80_", "mkldnn")),
     ("elementwise", ("elementwise", "vectorized", "triton_poi", "triton_per", "triton_red", "relu", "threshold",
                      "copy", "fill", "add", "mul", "div", "cat", "index", "reduce", "softmax", "where", "clamp",
-                     "memcpy", "memset", "flip", "rot90", "to_copy")),
+                     "flip", "rot90")),   # host-to-device copies (Memcpy HtoD) go to "other"
 )
 
 
@@ -124,12 +127,24 @@ def peak_tflops(name: str) -> tuple[float | None, str]:
 
 # ----------------------------------------------------------------------------- 1. kernels
 
+def fresh_compilation(b: Bench) -> None:
+    """Forget earlier variants' compilation: dynamo's cache belongs to the forward's code, shared by
+    every Setup, so the next micro-batch size would otherwise get a dynamic-shape graph; CUDA
+    graphs' memory pools go with it. The peak memory counts from here (a CUDA graph's memory is
+    taken while it is recorded, in the warm-up)."""
+    b.torch.compiler.reset()
+    if b.cuda:
+        b.torch.cuda.empty_cache()
+        b.torch.cuda.reset_peak_memory_stats(b.device)
+
+
 def time_steps(b: Bench, shards: Path, sets: list[str], steps: int, profile=None) -> dict:
     """``steps`` timed optimizer steps of the trainer's ``train_step`` (after 3 warm-up steps, which
     compile when the variant does); under ``profile`` (a torch.profiler context) when given."""
     from dist_lc.train import train_step
 
     torch = b.torch
+    fresh_compilation(b)
     s = trainer_setup(shards, sets)
     batches = step_batches(s)   # on the host, pinned, as the loader's ring: the step copies them over
     s.model.train()
@@ -139,8 +154,6 @@ def time_steps(b: Bench, shards: Path, sets: list[str], steps: int, profile=None
             train_step(s, batches)
         b.sync()
         warm_s = time.perf_counter() - started
-        if b.cuda:
-            torch.cuda.reset_peak_memory_stats(b.device)
         with profile or contextlib.nullcontext():
             started = time.perf_counter()
             for _ in range(steps):
@@ -201,6 +214,7 @@ def check(b: Bench, shards: Path) -> None:
     traces = {}
     for label, overrides, precision in [("eager fp32", BEFORE, "fp32"), *[(lab, o, "bf16") for lab, o in b.ladder]]:
         log(f"check: 50 steps, {label}")
+        fresh_compilation(b)
         traces[label] = loss_trace(shards, b.sets(["optim.lr=1e-4", *overrides], micro, precision))
     reference = traces[b.ladder[0][0]]
     tolerance = trace_deviation(reference, traces["eager fp32"])
@@ -236,13 +250,13 @@ def profile(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
     r = time_steps(b, shards, b.sets(overrides, micro), steps, profile=prof)
     groups: dict[str, float] = {}
     if b.cuda:   # the GPU's kernels (and copies), each its own time
-        for e in prof.events():
-            if e.device_type == b.torch.autograd.DeviceType.CUDA:
-                groups[share_group(e.name)] = groups.get(share_group(e.name), 0.0) + e.time_range.elapsed_us()
+        timed = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                 if e.device_type == b.torch.autograd.DeviceType.CUDA]
     else:        # a CPU's time: each aten op's own (self) time
-        for e in prof.key_averages():
-            if e.key.startswith("aten::"):
-                groups[share_group(e.key)] = groups.get(share_group(e.key), 0.0) + e.self_cpu_time_total
+        timed = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.key.startswith("aten::")]
+    for name, us in timed:
+        group = share_group(name)
+        groups[group] = groups.get(group, 0.0) + us
     total = sum(groups.values()) or 1.0
     rows = [[group, f"{groups.get(group, 0.0) / 1e3 / steps:.2f}", f"{groups.get(group, 0.0) / total:.1%}"]
             for group in [g for g, _ in SHARE_GROUPS] + ["other"]]
@@ -318,7 +332,7 @@ def e2e(b: Bench, shards: Path, tiles: int) -> None:
 def cv_part(b: Bench) -> None:
     """Folds one after another, then sharing the device (on a CPU, the miniature: jobs side by side)."""
     quick = b.args.quick
-    recipe, tiles, folds, epochs = ("smoke", 200, [0, 1], 1) if quick else ("recommended", 2000, [0, 1, 2, 3, 4], 3)
+    recipe, tiles, folds, epochs = ("smoke", 200, [0, 1], 1) if quick else ("recommended", 2000, [0, 1, 2, 3, 4], 2)
     shards = synthetic_shards(b.args.work, tiles, usable_cores())
     rows = []
     for sharing in (1, len(folds)):
@@ -345,6 +359,15 @@ def cv_part(b: Bench) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+
+def shards(args, tiles: int) -> Path:
+    """Synthetic shards of ``tiles`` tiles under ``--work``, made on the first call."""
+    tick = time.perf_counter()
+    made = synthetic_shards(args.work, tiles, usable_cores())
+    if time.perf_counter() - tick > 1:
+        log(f"synthetic shards, {tiles} tiles: {time.perf_counter() - tick:.0f} s")
+    return made
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -377,14 +400,14 @@ def main(argv=None) -> int:
     peak, peak_text = peak_tflops(name)
     flops = training_flops(load_config(BENCHMARK_RECIPE).model, b.size)
     b.write(f"Machine: {machine_line()}; device {name}; torch {torch.__version__}; MFU against {peak_text}.")
-    tiles = 200 if args.quick else 18491
-    # one set of synthetic shards for parts 1-4: the end-to-end run trains on it; the step's set-up
-    # needs a manifest and a full micro-batch of tiles (its batches are built in memory)
-    shards = synthetic_shards(args.work, tiles, usable_cores())
-    log(f"synthetic shards: {time.perf_counter() - started:.0f} s")
-    for part, run in (("kernels", lambda: kernels(b, shards, flops, peak)), ("check", lambda: check(b, shards)),
-                      ("profile", lambda: profile(b, shards, flops, peak)), ("e2e", lambda: e2e(b, shards, tiles)),
-                      ("cv", lambda: cv_part(b))):
+    # the step's set-up needs a manifest and a full micro-batch of tiles (its batches are built in
+    # memory); the end-to-end run trains on a full-size fold, made only when that part runs
+    small = 200 if args.quick else 512
+    full = 200 if args.quick else 18491
+    for part, run in (("kernels", lambda: kernels(b, shards(args, small), flops, peak)),
+                      ("check", lambda: check(b, shards(args, small))),
+                      ("profile", lambda: profile(b, shards(args, small), flops, peak)),
+                      ("e2e", lambda: e2e(b, shards(args, full), full)), ("cv", lambda: cv_part(b))):
         if part in parts:
             tick = time.perf_counter()
             run()
