@@ -235,12 +235,12 @@ def test_a_cancelled_local_job_ends_quietly_without_a_traceback_on_the_launchers
 
     code = f"""
 import time, types, submitit
-from dist_lc.cv.executors import LocalExecutor, _children, _controller
+from dist_lc.cv.executors import LocalExecutor, _children, _children_of, _controller
 ex = submitit.LocalExecutor(folder={str(tmp_path)!r})
 ex.update_parameters(timeout_min=5, setup={setup!r})
 job = ex.submit(time.sleep, 120)
 deadline = time.monotonic() + 60
-while not (_controller(int(job.job_id)) and _children(_controller(int(job.job_id)))) and time.monotonic() < deadline:
+while not ((c := _controller(int(job.job_id), _children_of())) and _children(c)) and time.monotonic() < deadline:
     time.sleep(0.1)
 LocalExecutor._end_quietly([(types.SimpleNamespace(job_id=job.job_id), job)])
 print("controller exit", job._process.wait(timeout=30))

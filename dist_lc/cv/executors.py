@@ -263,8 +263,9 @@ class LocalExecutor(Executor):
         still there after LOCAL_QUIET_S (or that has none yet) gets submitit's own cancel: SIGINT to
         its controller, which interrupts the tasks again and kills what is left a second later. (The
         controller writes to the launcher's stderr: interrupted itself, it prints a traceback there.)"""
-        found = {record.job_id: _controller(int(record.job_id)) for record, _ in jobs}
-        tasks = {job_id: _children(controller) for job_id, controller in found.items() if controller}
+        children = _children_of()   # one look at /proc for all the jobs
+        found = {record.job_id: _controller(int(record.job_id), children) for record, _ in jobs}
+        tasks = {job_id: _children(controller, children) for job_id, controller in found.items() if controller}
         for pid, _ in [t for job_tasks in tasks.values() for t in job_tasks]:
             _signal(pid, signal.SIGINT)
         left = set(_wait_gone([t for job_tasks in tasks.values() for t in job_tasks], LOCAL_QUIET_S))
@@ -345,11 +346,11 @@ def _children_of() -> dict[int, list[int]]:
     return children
 
 
-def _controller(pid: int) -> int | None:
+def _controller(pid: int, children: dict[int, list[int]]) -> int | None:
     """The pid of a local job's submitit controller: the job's own process, or its child when
     ``launcher.setup`` runs the controller under a shell; None when neither is one (the job is gone
-    and its pid perhaps reused)."""
-    for candidate in [pid, *(child for child, _ in _children(pid))]:
+    and its pid perhaps reused). ``children``: :func:`_children_of`."""
+    for candidate in [pid, *children.get(pid, [])]:
         try:
             # an argument of its own (python -m submitit.local._local), not inside a shell's command
             if b"submitit.local._local" in Path(f"/proc/{candidate}/cmdline").read_bytes().split(b"\0"):
@@ -359,9 +360,10 @@ def _controller(pid: int) -> int | None:
     return None
 
 
-def _children(pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of a process's live children."""
-    return [(child, started) for child in _children_of().get(pid, []) if (started := _start_time(child))]
+def _children(pid: int, children: dict[int, list[int]] | None = None) -> list[tuple[int, str]]:
+    """(pid, start time) of a process's live children (``children``: :func:`_children_of`, else read now)."""
+    children = _children_of() if children is None else children
+    return [(child, started) for child in children.get(pid, []) if (started := _start_time(child))]
 
 
 def _process_tree(root: int) -> list[tuple[int, str]]:
