@@ -307,9 +307,12 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, src=0)
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum floats over ranks (float64); identity on a single process."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list, device: torch.device) -> list[float]:
+    """Sum floats or 0-d tensors on ``device`` over ranks (float64); identity on a single process.
+    Python numbers are filled in on the device (no copy from the host, which would wait for the
+    device's queue): the host waits once, for the result."""
+    t = torch.stack([v.to(torch.float64) if isinstance(v, torch.Tensor)
+                     else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import math
 import re
 import sys
 import time
@@ -197,12 +196,13 @@ def to_device(s: Setup, batch: dict) -> dict:
     return out
 
 
-def micro_step(s: Setup, batch: dict, last: bool) -> float:
+def micro_step(s: Setup, batch: dict, last: bool) -> torch.Tensor:
     """Forward and backward of one micro-batch; DDP synchronises gradients on the step's last only.
 
     The per-tile losses are divided by the rank's tiles in the whole step (micro-batch × accum), so
     the accumulated gradient is the step's mean; DDP's average over ranks then makes the update equal
-    to one batch of ``train.batch_size`` tiles.
+    to one batch of ``train.batch_size`` tiles. The loss stays on the device: reading it here would
+    make the host wait for every micro-batch's kernels instead of queueing the next one's.
     """
     sync = contextlib.nullcontext() if last or not s.env.distributed else s.model.no_sync()
     b = to_device(s, batch)
@@ -211,17 +211,19 @@ def micro_step(s: Setup, batch: dict, last: bool) -> float:
             logits = s.model(b["image"])
         loss = s.loss_fn(logits, b["mask"], b["props"]).sum() / (s.layout.micro * s.layout.accum)
         s.scaler.scale(loss).backward()
-    return loss.item()
+    return loss.detach().double()   # summed over micro-batches as the host summed floats
 
 
-def optimizer_step(s: Setup, loss: float, stop_requested: bool) -> tuple[float, bool]:
+def optimizer_step(s: Setup, loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
     """Agree on loss, NaN and stop across ranks, then step optimizer, scaler, EMA and schedule.
 
     A non-finite loss stops the run, except under fp16 where the gradient scaler skips the step and
-    lowers its scale (as it is meant to) up to FP16_SKIPS_ALLOWED times in a row.
+    lowers its scale (as it is meant to) up to FP16_SKIPS_ALLOWED times in a row. ``loss`` (the
+    rank's step loss, on the device) and its flags are read back once, summed over ranks: the step's
+    one wait for the device.
     """
     loss_sum, bad, stop = distributed.all_reduce_sum(
-        [loss, float(not math.isfinite(loss)), float(stop_requested)], s.device)
+        [loss, torch.isfinite(loss).logical_not(), float(stop_requested)], s.device)
     fp16 = s.scaler.is_enabled()
     if bad and (not fp16 or s.fp16_skips >= FP16_SKIPS_ALLOWED):
         raise TrainingError(f"loss is not finite (NaN/inf) on {int(bad)} rank(s)"
@@ -252,13 +254,14 @@ def train_step(s: Setup, micro_batches, stop_requested: bool = False) -> tuple[f
     is held at a time, so the effective batch costs no memory beyond the micro-batch's.
     Returns the step's mean tile loss over all ranks and whether any rank asked to stop.
     """
-    total, count, micro, accum = 0.0, 0, s.layout.micro, s.layout.accum
+    total, count, micro, accum = None, 0, s.layout.micro, s.layout.accum
     for batch in micro_batches:
         if len(batch["key"]) != micro or count == accum:
             raise TrainingError(f"train_step: expected {accum} micro-batches of {micro} "
                                 f"tiles, got a batch of {len(batch['key'])} after {count}")
         count += 1
-        total += micro_step(s, batch, last=count == accum)
+        loss = micro_step(s, batch, last=count == accum)
+        total = loss if total is None else total + loss
     if count != accum:
         raise TrainingError(f"train_step: the loader ended after {count} of {accum} micro-batches")
     return optimizer_step(s, total, stop_requested)
