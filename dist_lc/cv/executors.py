@@ -42,7 +42,8 @@ ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUE
                        "PREEMPTED", "RESV_DEL_HOLD"}
 TASK_FAILED_GRACE_S = 15.0  # local: a job whose task failed this long ago has its other tasks ended
 LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get before they are killed
-LOCAL_QUIET_S = 2.0         # local: how long a cancelled job's tasks get to end before its controller is told
+LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
+                            # (a GPU task's teardown, its loader workers and compile workers take seconds)
 
 
 class JobState(enum.Enum):
