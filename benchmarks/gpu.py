@@ -9,9 +9,11 @@ On a machine with one CUDA GPU, from a clone of the repository with the project 
 On a machine without the project's packages and without network (this workplace's lent GPU
 machines), ``make gpu-wheels`` here fetches the few packages that such an image lacks into
 ``.whl/``, and ``bash benchmarks/gpu_device.sh`` there installs them and runs this script with its
-output under ``$OUT``; where one command may run 10 minutes at most, run it as two calls,
-``--parts kernels,check,profile`` and ``--parts e2e,cv``. Parts (``--parts``, all by default), each
-written to ``--out`` as it ends (every variant compiles afresh: ``torch.compiler.reset()`` first):
+output under ``$OUT``. Parts (``--parts``, all by default, in this order: what the others need
+first, the optional sweep last), each written to ``--out`` as it ends, so that a run cut short
+keeps what it measured; a later call with the remaining ``--parts`` on the same machine reuses the
+shards and the step rates saved under ``--work``. Every variant compiles afresh
+(``torch.compiler.reset()`` first):
 
 1. **kernels**: timed optimizer steps of the trainer itself, ``dist_lc.train.train_step`` on the
    Setup that ``dist_lc.train.build_setup`` makes of ``configs/benchmark.yaml`` (the benchmark
@@ -21,8 +23,8 @@ written to ``--out`` as it ends (every variant compiles afresh: ``torch.compiler
    micro-batch 128, each rung one change on the one before: the eager step with torch's foreach
    Adam (the trainer's CUDA path before ``train.compile: auto`` and ``optim.implementation:
    auto``), + the fused Adam kernel, + ``torch.compile`` (inductor fuses BatchNorm, ReLU and the
-   other elementwise passes), + CUDA graphs (``train.compile_mode: reduce-overhead``); then the
-   faster compiled rung at micro-batch 32, 64 and 256. images/s, peak GPU memory, and MFU =
+   other elementwise passes), + CUDA graphs (``train.compile_mode: reduce-overhead``). images/s,
+   peak GPU memory, and MFU =
    images/s × training FLOPs per image (3 × forward, ``dist_lc.flops``) ÷ the GPU's dense bf16 peak
    (the vendor's figure for the device named in the table).
 2. **check**: every rung's numerics: 50 optimizer steps (lr 1e-4, five fixed batches in turn) from
@@ -38,8 +40,11 @@ written to ``--out`` as it ends (every variant compiles afresh: ``torch.compiler
    defaults), each in its own process: the second epoch's images/s against the step's own rate
    from part 1, its data-wait share, and the validation, checkpoint and compilation seconds apart.
 5. **cv**: ``dist-lc cv --executor local`` of ``configs/recommended.yaml`` (5 folds of 2,000
-   synthetic tiles, 2 epochs, one rank each) on the one GPU with ``launcher.jobs_per_gpu`` 1, then 5:
-   wall time, against the slowest fold job and the sum of the jobs.
+   synthetic tiles, 2 epochs, one rank each, eager: ten compilations would take most of the time)
+   on the one GPU with ``launcher.jobs_per_gpu`` 1, then 5: wall time, against the slowest fold job
+   and the sum of the jobs.
+6. **sweep**: the fastest compiled rung of part 1 at micro-batch 32, 64 and 256 (a compilation
+   each), as part 1's table.
 
 ``--device cpu --quick`` runs a miniature of all of it (the test suite does, so that it cannot rot,
 and so that the numerics check of the compiled step runs in every CI run).
@@ -62,6 +67,7 @@ from common import (BENCHMARK_RECIPE, REPO, log, loss_trace, machine_line, step_
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                      "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}   # vendors' dense figures
 
+PARTS = ("kernels", "check", "profile", "e2e", "cv", "sweep")   # the order they run in
 BEFORE = ["optim.implementation=foreach", "train.compile=false"]
 # Each rung (its --set overrides) one change on the one before; the first is the trainer's CUDA step
 # before the defaults changed (eager, torch's foreach Adam), all in bf16 autocast with channels_last.
@@ -94,7 +100,7 @@ class Bench:
         self.cuda = self.device.type == "cuda"
         quick = args.quick
         self.micro, self.size = (2, 64) if quick else (128, 256)
-        self.sweep = () if quick else (32, 64, 256)
+        self.sweep = (4,) if quick else (32, 64, 256)
         self.steps = 2 if quick else 10
         self.ladder = LADDER if self.cuda else LADDER[:3]   # off CUDA, CUDA graphs are the compile above
         self.sections: list[str] = []
@@ -102,6 +108,25 @@ class Bench:
         self.failed: list[str] = []
         self.step_rates: dict[str, float] = {}   # rung label → images/s at self.micro
         self.best: tuple[str, list[str], int] | None = None   # (rung, its overrides, micro-batch)
+        self.saved = args.work / "steps.json"   # both, for a later call's parts on this machine
+
+    def save_steps(self) -> None:
+        self.args.work.mkdir(parents=True, exist_ok=True)
+        self.saved.write_text(json.dumps({"device": self.name(), "quick": self.args.quick,
+                                          "step_rates": self.step_rates, "best": self.best}))
+
+    def load_steps(self) -> None:
+        """An earlier call's step rates, when it measured this device the same way."""
+        try:
+            saved = json.loads(self.saved.read_text())
+        except (OSError, ValueError):
+            return
+        if saved.get("device") == self.name() and saved.get("quick") == self.args.quick:
+            self.step_rates, self.best = saved["step_rates"], saved["best"] and tuple(saved["best"])
+            log(f"step rates of an earlier call: {self.saved}")
+
+    def name(self) -> str:
+        return self.torch.cuda.get_device_name(self.device) if self.cuda else "CPU"
 
     def write(self, section: str) -> None:
         self.sections.append(section)
@@ -172,18 +197,26 @@ def time_steps(b: Bench, shards: Path, sets: list[str], steps: int, profile=None
             "seconds": seconds, "compiled": s.compiled}
 
 
-def kernels(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
-    def row(micro, label, r):
-        ips = r["images_per_s"]
-        mfu = f"{ips * flops / (peak * 1e12):.1%}" if ips and peak else "–"
-        return [micro, label, f"{ips:,.1f}" if ips else r["note"], f"{r['peak_mb']:,.0f}" if r.get("peak_mb") else "–",
-                mfu, f"{r['warm_s']:.0f} s" if r.get("compiled") else ""]
+def step_table(b: Bench, rows: list, flops: float, title: str) -> str:
+    return "\n".join([
+        f"### {title}: `train_step` of configs/benchmark.yaml, bf16 + channels_last, {b.size}² tiles "
+        f"({flops / 1e9:.0f} GFLOP per training image), {b.steps} timed steps after 3 warm-up steps", "",
+        table(["micro-batch", "variant", "images/s", "peak GPU MB", "MFU", "compile (warm-up)"], rows)])
 
+
+def step_row(micro: int, label: str, r: dict, flops: float, peak: float | None) -> list:
+    ips = r["images_per_s"]
+    mfu = f"{ips * flops / (peak * 1e12):.1%}" if ips and peak else "–"
+    return [micro, label, f"{ips:,.1f}" if ips else r["note"], f"{r['peak_mb']:,.0f}" if r.get("peak_mb") else "–",
+            mfu, f"{r['warm_s']:.0f} s" if r.get("compiled") else ""]
+
+
+def kernels(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
     rows, compiled = [], []
     for label, overrides in b.ladder:
         log(f"kernels: micro-batch {b.micro}, {label}")
         r = time_steps(b, shards, b.sets(overrides, b.micro), b.steps)
-        rows.append(row(b.micro, label, r))
+        rows.append(step_row(b.micro, label, r, flops, peak))
         if r["images_per_s"]:
             b.step_rates[label] = r["images_per_s"]
             if "train.compile=true" in overrides:
@@ -191,17 +224,25 @@ def kernels(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
     if compiled:
         _, label, overrides = max(compiled)
         b.best = (label, overrides, b.micro)
-        best_ips = b.step_rates[label]
-        for micro in b.sweep:
-            log(f"kernels: micro-batch {micro}, {label}")
-            r = time_steps(b, shards, b.sets(overrides, micro), b.steps)
-            rows.append(row(micro, label, r))
-            if r["images_per_s"] and r["images_per_s"] > best_ips:
-                b.best, best_ips = (label, overrides, micro), r["images_per_s"]
-    b.write("\n".join([
-        f"### Step: `train_step` of configs/benchmark.yaml, bf16 + channels_last, {b.size}² tiles "
-        f"({flops / 1e9:.0f} GFLOP per training image), {b.steps} timed steps after 3 warm-up steps", "",
-        table(["micro-batch", "variant", "images/s", "peak GPU MB", "MFU", "compile (warm-up)"], rows)]))
+    b.save_steps()
+    b.write(step_table(b, rows, flops, "Step"))
+
+
+def sweep(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
+    """The fastest compiled rung at other micro-batch sizes (the best of all then profiles, if later)."""
+    if b.best is None:
+        b.write("### Micro-batch sweep: no compiled rung measured (run the kernels part first)")
+        return
+    label, overrides, _ = b.best
+    best_ips, rows = b.step_rates[label], []
+    for micro in b.sweep:
+        log(f"sweep: micro-batch {micro}, {label}")
+        r = time_steps(b, shards, b.sets(overrides, micro), b.steps)
+        rows.append(step_row(micro, label, r, flops, peak))
+        if r["images_per_s"] and r["images_per_s"] > best_ips:
+            b.best, best_ips = (label, overrides, micro), r["images_per_s"]
+    b.save_steps()
+    b.write(step_table(b, rows, flops, "Micro-batch sweep"))
 
 
 # ----------------------------------------------------------------------------- 2. numerics
@@ -339,7 +380,8 @@ def cv_part(b: Bench) -> None:
         out = b.args.work / f"cv-{sharing}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         sets = [f"data.shards={shards}", f"cv.folds={folds}", f"train.epochs={epochs}", "train.plot_every=0",
-                "launcher.tasks_per_node=1", f"data.workers={max(1, usable_cores() // len(folds) - 1)}"]
+                "train.compile=false", "launcher.tasks_per_node=1",
+                f"data.workers={max(1, usable_cores() // len(folds) - 1)}"]
         sets += (["launcher.gpus_per_node=1", f"launcher.jobs_per_gpu={sharing}", "launcher.max_parallel=0"]
                  if b.cuda else ["launcher.gpus_per_node=0", f"launcher.max_parallel={sharing}"])
         log(f"cv: {len(folds)} folds, {sharing} at a time")
@@ -354,7 +396,7 @@ def cv_part(b: Bench) -> None:
     sharing = "launcher.jobs_per_gpu on the one GPU" if b.cuda else "launcher.max_parallel on the CPU"
     b.write("\n".join([
         f"### Several folds at once: `dist-lc cv --executor local`, configs/{recipe}.yaml, {len(folds)} folds of "
-        f"{tiles:,} synthetic tiles, {epochs} epoch(s), one rank each; jobs at once = {sharing}", "",
+        f"{tiles:,} synthetic tiles, {epochs} epoch(s), one rank each, eager; jobs at once = {sharing}", "",
         table(["jobs at once", "wall s", "slowest fold job s", "sum of fold jobs s", "folds done"], rows)]))
 
 
@@ -377,12 +419,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", type=Path, default=Path("gpu_benchmark.md"), help="where the tables are written")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dist_lc_gpu_bench"), help="synthetic tiles and runs")
-    ap.add_argument("--parts", default="kernels,check,profile,e2e,cv",
-                    help="comma list of kernels, check, profile, e2e, cv (default: all)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
     ap.add_argument("--quick", action="store_true", help="a miniature: micro-batch 2, 64² tiles, 200 tiles")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
-    unknown = parts - {"kernels", "check", "profile", "e2e", "cv"}
+    unknown = parts - set(PARTS)
     if unknown:
         ap.error(f"--parts: no part {sorted(unknown)[0]!r}")
     import torch
@@ -396,7 +437,9 @@ def main(argv=None) -> int:
     from dist_lc.flops import training_flops
 
     started = time.perf_counter()
-    name = torch.cuda.get_device_name(b.device) if b.cuda else "CPU"
+    name = b.name()
+    if "kernels" not in parts:
+        b.load_steps()
     peak, peak_text = peak_tflops(name)
     flops = training_flops(load_config(BENCHMARK_RECIPE).model, b.size)
     b.write(f"Machine: {machine_line()}; device {name}; torch {torch.__version__}; MFU against {peak_text}.")
@@ -407,7 +450,8 @@ def main(argv=None) -> int:
     for part, run in (("kernels", lambda: kernels(b, shards(args, small), flops, peak)),
                       ("check", lambda: check(b, shards(args, small))),
                       ("profile", lambda: profile(b, shards(args, small), flops, peak)),
-                      ("e2e", lambda: e2e(b, shards(args, full), full)), ("cv", lambda: cv_part(b))):
+                      ("e2e", lambda: e2e(b, shards(args, full), full)), ("cv", lambda: cv_part(b)),
+                      ("sweep", lambda: sweep(b, shards(args, small), flops, peak))):
         if part in parts:
             tick = time.perf_counter()
             run()

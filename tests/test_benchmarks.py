@@ -76,7 +76,8 @@ def test_gpu_benchmark_on_cpu(tmp_path):
     """Its miniature runs every part, and the compiled and fused steps pass the numerics check (the
     script exits 1 when one does not)."""
     out = bench("gpu.py", "--device", "cpu", "--quick", "--work", tmp_path, "--out", tmp_path / "gpu.md")
-    for section in ("### Step", "### Numerics", "### Profile", "### End to end", "Whole benchmark"):
+    for section in ("### Step", "### Numerics", "### Profile", "### End to end", "### Several folds",
+                    "### Micro-batch sweep", "Whole benchmark"):
         assert section in out
     checked = [line for line in out.splitlines() if line.startswith("| + ") and line.endswith(("pass |", "FAIL |"))]
     assert [line.split(" | ")[0] for line in checked] == ["| + fused Adam", "| + torch.compile"]
