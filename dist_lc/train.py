@@ -294,8 +294,8 @@ def train_epoch(s: Setup, epoch: int, step: int, stop: StopSignals, progress) ->
                 apart = s.compile_s, 1
             step += 1
             losses.append(loss)
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)   # shown by update, at tqdm's own pace
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
             if stopping:
                 return {"stopped": True, "step": step}
         if next(stream, None) is not None:   # (and the workers now know the pass is over)
