@@ -134,7 +134,7 @@ def _tune(sub):
     p.add_argument("--pruner-startup", type=count, metavar="N", help="median: trials finished before any is "
                    "pruned (default: 4)")
     p.add_argument("--pruner-warmup", type=count, metavar="STEPS", help="validated epochs a trial reports before "
-                   "it can be pruned (default: 0)")
+                   "it can be pruned (default: a quarter of a fold's epochs)")
     p.add_argument("--resume", action="store_true", help="continue the study of --out")
     p.add_argument("--report", metavar="DIR", help="only rebuild DIR's report.md, report.json, best.yaml and plots")
     return "dist_lc.tune.launch"

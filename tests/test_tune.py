@@ -185,6 +185,18 @@ def test_the_shipped_space_fits_the_recommended_recipe_and_a_trial_becomes_overr
     assert base["optim"]["name"] == "adamw"   # the base is left as it was
 
 
+@pytest.mark.parametrize("extra,epochs,warmup", [((), 60, 15), (("--pruner-warmup", "0"), 60, 0), ((), 3, 0)])
+def test_a_trial_is_not_pruned_before_a_quarter_of_a_folds_epochs_unless_told(tiny_shards, tmp_path, extra, epochs,
+                                                                               warmup):
+    from dist_lc.tune import launch
+
+    parser, _ = cli.build_parser()
+    args = parser.parse_args(["tune", *study_args(tiny_shards, tmp_path / "study", lr_space(tmp_path), "--executor",
+                                                  "local", *extra, sets=[f"train.epochs={epochs}"])])
+    settings = launch.new_settings(args)
+    assert (settings.steps_per_fold, settings.pruner_warmup) == (epochs, warmup)
+
+
 # ----------------------------------------------------------------------------- what a trial reports
 
 def fold(k: int, curve, seen: int, best: float | None = None) -> progress.FoldScores:
