@@ -250,3 +250,50 @@ print("controller exit", job._process.wait(timeout=30))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "controller exit 0" in proc.stdout
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_local_cancel_returns_at_once_and_a_task_that_ignores_it_is_ended_at_a_later_poll(tmp_path):
+    """The launcher's loop is not held up by a cancel: the tasks are interrupted and the call
+    returns; a task that does not end within LOCAL_QUIET_S (here 1 s) gets submitit's own cancel at
+    the next poll, which kills it."""
+    import subprocess
+    import sys
+
+    from torchrun_util import REPO, env
+
+    code = f"""
+import signal, time, types, submitit
+from pathlib import Path
+import dist_lc.cv.executors as executors
+from dist_lc.config import LauncherConfig
+
+def deaf():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    time.sleep(120)
+
+executors.LOCAL_QUIET_S = 1.0
+engine = submitit.LocalExecutor(folder={str(tmp_path)!r})
+engine.update_parameters(timeout_min=5)
+job = engine.submit(deaf)
+deadline = time.monotonic() + 60
+while not ((c := executors._controller(int(job.job_id), executors._children_of())) and executors._children(c)) \\
+        and time.monotonic() < deadline:
+    time.sleep(0.1)
+time.sleep(1)   # the task has set its handler
+ex = executors.LocalExecutor(LauncherConfig(), Path({str(tmp_path)!r}))
+tick = time.monotonic()
+ex.cancel_all([(types.SimpleNamespace(job_id=job.job_id), job)])
+print("returned after", round(time.monotonic() - tick, 1))
+time.sleep(0.5)
+print("alive at 0.5 s", job._process.poll() is None)
+while job._process.poll() is None and time.monotonic() - tick < 30:
+    ex._escalate()
+    time.sleep(0.1)
+print("ended after", round(time.monotonic() - tick))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines())
+    assert float(lines["returned after"]) < 0.5 and lines["alive at 0.5 s"] == "True", proc.stdout
+    assert 1 <= int(lines["ended after"]) < 10, proc.stdout

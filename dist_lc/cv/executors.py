@@ -43,7 +43,8 @@ ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUE
 TASK_FAILED_GRACE_S = 15.0  # local: a job whose task failed this long ago has its other tasks ended
 LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get before they are killed
 LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
-                            # (a GPU task's teardown, its loader workers and compile workers take seconds)
+                            # (a GPU task's teardown, its loader workers and compile workers take seconds);
+                            # the launcher's loop goes on meanwhile
 
 
 class JobState(enum.Enum):
@@ -203,6 +204,7 @@ class LocalExecutor(Executor):
     def __init__(self, launcher: LauncherConfig, folder: Path, jobs: int = 1):
         super().__init__(launcher, folder, jobs)
         self._slots: dict[str, int] = {}   # job id → the slot it runs on, until it is done or failed
+        self._quieting: dict[str, tuple] = {}   # cancelled job id → (deadline, tasks, controller, handle)
 
     @classmethod
     def check_launcher(cls, launcher: LauncherConfig) -> None:
@@ -247,41 +249,75 @@ class LocalExecutor(Executor):
         return (JobState.RUNNING, "") if alive else (None, "process exited")
 
     def status(self, record: Submission, run_dir: Path, handle=None) -> Status:
+        self._escalate()
         status = super().status(record, run_dir, handle)
         if status.state.final or status.state is JobState.ENDED:   # its processes are gone or going
             self._slots.pop(record.job_id, None)
         return status
 
     def cancel(self, record: Submission, handle=None) -> None:
-        self._end_quietly([(record, handle)])
+        self.cancel_all([(record, handle)])
 
     def cancel_all(self, jobs: list[Submitted]) -> None:
-        self._end_quietly(jobs)   # one wait for all of them
+        """SIGINT to the jobs' tasks, after which each controller ends by itself; returns at once (the
+        launcher's loop goes on, and polls the jobs until they are gone). A job whose tasks are still
+        there LOCAL_QUIET_S later (seen at a poll), or that has none yet, gets submitit's own cancel."""
+        deadline = time.monotonic() + LOCAL_QUIET_S
+        for job_id, (controller, tasks, handle) in self._interrupt_tasks(jobs).items():
+            if tasks:
+                self._quieting[job_id] = (deadline, tasks, controller, handle)
+            else:
+                self._cancel_controller(controller, handle)
+
+    def _escalate(self) -> None:
+        """Submitit's cancel for the cancelled jobs whose tasks outlived their LOCAL_QUIET_S."""
+        now = time.monotonic()
+        for job_id, (deadline, tasks, controller, handle) in list(self._quieting.items()):
+            left = _wait_gone(tasks, 0)
+            if left and now >= deadline:
+                self._cancel_controller(controller, handle)
+            if not left or now >= deadline:
+                del self._quieting[job_id]
 
     @staticmethod
-    def _end_quietly(jobs: list[Submitted]) -> None:
-        """SIGINT to the jobs' tasks, after which each controller ends by itself. A job whose tasks are
-        still there after LOCAL_QUIET_S (or that has none yet) gets submitit's own cancel: SIGINT to
-        its controller, which interrupts the tasks again and kills what is left a second later. (The
-        controller writes to the launcher's stderr: interrupted itself, it prints a traceback there.)"""
+    def _interrupt_tasks(jobs: list[Submitted]) -> dict[str, tuple[int, list, object]]:
+        """SIGINT to the tasks of the jobs whose controller is alive: {job id: (controller, its tasks,
+        the job's handle)}. (The controller writes to the launcher's stderr: interrupted itself, it
+        prints a traceback there; its tasks' output goes to the job's logs.)"""
         children = _children_of()   # one look at /proc for all the jobs
-        found = {record.job_id: _controller(int(record.job_id), children) for record, _ in jobs}
-        tasks = {job_id: _children(controller, children) for job_id, controller in found.items() if controller}
-        for pid, _ in [t for job_tasks in tasks.values() for t in job_tasks]:
-            _signal(pid, signal.SIGINT)
-        left = set(_wait_gone([t for job_tasks in tasks.values() for t in job_tasks], LOCAL_QUIET_S))
+        out = {}
         for record, handle in jobs:
-            if record.job_id in tasks and (not tasks[record.job_id] or left.intersection(tasks[record.job_id])):
-                if handle is not None:
-                    handle.cancel(check=False)
-                else:   # a job of an earlier launch, known by its controller's pid
-                    _signal(found[record.job_id], signal.SIGINT)
+            controller = _controller(int(record.job_id), children)
+            if controller:
+                out[record.job_id] = (controller, _children(controller, children), handle)
+        for pid, _ in [t for _, tasks, _ in out.values() for t in tasks]:
+            _signal(pid, signal.SIGINT)
+        return out
+
+    @staticmethod
+    def _cancel_controller(controller: int, handle) -> None:
+        """Submitit's cancel: SIGINT to the controller, which interrupts the tasks again and kills what
+        is left a second later."""
+        if handle is not None:
+            handle.cancel(check=False)
+        else:   # a job of an earlier launch, known by its controller's pid
+            _signal(controller, signal.SIGINT)
+
+    @classmethod
+    def _end_quietly(cls, jobs: list[Submitted], wait_s: float = LOCAL_QUIET_S) -> None:
+        """As :meth:`cancel_all`, waiting here (at most ``wait_s``) for the tasks to end."""
+        found = cls._interrupt_tasks(jobs)
+        left = set(_wait_gone([t for _, tasks, _ in found.values() for t in tasks], wait_s))
+        for controller, tasks, handle in found.values():
+            if not tasks or left.intersection(tasks):
+                cls._cancel_controller(controller, handle)
 
     def interrupt(self, jobs: list[Submitted]) -> str:
         """Nothing watches local jobs once the launcher is gone: end them all, their controllers and
         every process they started, killing what is still there after LOCAL_END_S."""
         trees = [_process_tree(int(record.job_id)) for record, _ in jobs if _pid_alive(record.job_id)]
-        self._end_quietly(jobs)
+        self._quieting.clear()   # ended here and now
+        self._end_quietly(jobs, LOCAL_END_S)
         _wait_gone([p for tree in trees for p in tree], LOCAL_END_S)
         _wait_gone(_kill_what_is_left(trees), LOCAL_END_S)
         for _, handle in jobs:
