@@ -93,6 +93,7 @@ class Checkpointer:
         ema = self.parts["ema"]
         return {"model": self.parts["model"].state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None,
+                "ema_updates": ema.updates if ema is not None else None,
                 "optimizer": self.parts["optimizer"].state_dict(), "scheduler": self.parts["scheduler"].state_dict(),
                 "scaler": self.parts["scaler"].state_dict(), "epoch": p.epoch, "step": p.step,
                 "best_val_kl": p.best, "stale_validations": p.stale, "planned_epochs": p.planned,
@@ -133,7 +134,8 @@ class Checkpointer:
             raise InputError(f"{self.last}: written with another model config; use a fresh --run-dir")
         self.parts["model"].load_state_dict(state["model"])
         if self.parts["ema"] is not None and state["ema"] is not None:
-            self.parts["ema"].module.load_state_dict(state["ema"])
+            updates = state.get("ema_updates")   # an earlier release saved none: one per optimizer step
+            self.parts["ema"].load(state["ema"], state["step"] if updates is None else updates)
         for name in ("optimizer", "scheduler", "scaler"):
             self.parts[name].load_state_dict(state[name])
         set_rng_state(state["rng"])

@@ -31,6 +31,7 @@ from . import distributed, pixel_metrics
 from .checkpoint import Checkpointer, Progress
 from .config import BatchLayout, Config, batch_layout, from_dict, per_rank_batch, read_yaml, save_config
 from .data import apply_views, eval_loader, to_nchw, train_loader
+from .ema import EMA
 from .loading import Loader, LoaderError
 from .losses import SegmentationLoss, class_weights
 from .memory import fit_micro_batch, peak_memory_mb
@@ -65,7 +66,7 @@ class Setup:
     layout: BatchLayout           # micro-batch × accumulation × ranks = train.batch_size
     net: torch.nn.Module          # the plain module (normalisation + U-Net)
     model: torch.nn.Module        # what the forward/backward goes through (DDP-wrapped when distributed)
-    ema: torch.nn.Module | None
+    ema: EMA | None
     loss_fn: SegmentationLoss
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -96,15 +97,6 @@ def split_folds(cfg: Config, manifest) -> tuple[list, list | None]:
     if not 0 <= fold < k:
         raise InputError(f"config key 'data.fold': {fold} is not a fold of {manifest.root}, which has folds 0..{k - 1}")
     return [f for f in range(k) if f != fold], [fold]
-
-
-def ema_update(decay: float):
-    """EMA with a warm-up, ``min(decay, (1+n)/(10+n))`` after n updates, so that the random initial
-    weights do not linger in short runs (0.98**15 of them would remain after 15 plain steps)."""
-    def update(averaged, current, num_averaged):
-        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
-        return averaged * d + current * (1.0 - d)
-    return update
 
 
 def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
@@ -140,7 +132,7 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     ema = None
     if t.ema_decay:
-        ema = torch.optim.swa_utils.AveragedModel(net, avg_fn=ema_update(t.ema_decay), use_buffers=True)
+        ema = EMA(net, t.ema_decay)
     model = net
     compiled = compiles(t.compile, device)
     if compiled:
@@ -241,7 +233,7 @@ def optimizer_step(s: Setup, loss: torch.Tensor, stop_requested: bool) -> tuple[
     skipped = bad or (fp16 and s.scaler.get_scale() < scale)   # the scaler found inf/NaN gradients
     if not skipped:   # a step the scaler skipped is no step: no EMA update, no schedule step
         if s.ema is not None:
-            s.ema.update_parameters(s.net)
+            s.ema.update(s.net)
         if not is_per_epoch(s.scheduler):
             s.scheduler.step()
     return loss_sum / s.env.world_size, stop > 0

@@ -33,7 +33,7 @@ def recipe(shards, *extra) -> list[str]:
     sets = [f"data.shards={shards}", "data.crop=32", "data.workers=0", "data.shuffle_buffer=8",
             "model.filters=8", "model.upconv_filters=8", f"train.epochs={EPOCHS}", "train.batch_size=8",
             "train.micro_batch_size=4", "train.precision=fp32", "train.plot_every=0", "train.dist_timeout_s=20",
-            *extra]
+            "train.ema_decay=0.9", *extra]
     return ["-m", "dist_lc", "train", "--config", "configs/smoke.yaml", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -42,7 +42,9 @@ def epochs_in(run: Path) -> list[int]:
 
 
 def weights(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    """last.pt's model and EMA weights (the latter's names prefixed with ``ema.``)."""
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
 
 def rank_logs(log_dir: Path) -> dict[int, str]:
