@@ -133,8 +133,8 @@ def _tune(sub):
     p.add_argument("--seed", type=count, metavar="S", help="the sampler's seed (default: 0)")
     p.add_argument("--pruner-startup", type=count, metavar="N", help="median: trials finished before any is "
                    "pruned (default: 4)")
-    p.add_argument("--pruner-warmup", type=count, metavar="STEPS", help="validated epochs a trial reports before "
-                   "it can be pruned (default: a quarter of a fold's epochs)")
+    p.add_argument("--pruner-warmup", type=count, metavar="N", help="the first epochs of every fold, never judged "
+                   "by the pruner (default: a quarter of a fold's epochs)")
     p.add_argument("--resume", action="store_true", help="continue the study of --out")
     p.add_argument("--report", metavar="DIR", help="only rebuild DIR's report.md, report.json, best.yaml and plots")
     return "dist_lc.tune.launch"

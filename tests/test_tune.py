@@ -210,6 +210,15 @@ def test_sequential_folds_report_one_block_of_steps_per_fold():
     assert steps == {0: 0.9, 2: 0.5, 3: pytest.approx((0.5 + 0.7) / 2)}
 
 
+def test_no_folds_first_epochs_are_reported_within_the_warm_up_but_each_folds_end_is():
+    """Warm-up 2 of 4 epochs: fold 1's first epochs would otherwise be judged (the pruner's own
+    warm-up counts steps from the first fold's start)."""
+    folds = [fold(0, [(1, 0.9), (2, 0.8), (3, 0.6), (4, 0.5)], 4, best=0.5), fold(1, [(1, 0.9), (2, 0.7), (3, 0.4)], 3)]
+    assert progress.intermediate(folds, "sequential", 4, warmup=2) == {2: 0.6, 3: 0.5, 6: pytest.approx(0.45)}
+    folds = [fold(0, [(1, 0.9)], 1, best=0.9), fold(1, [], 0)]   # stopped early, inside the warm-up
+    assert progress.intermediate(folds, "sequential", 4, warmup=2) == {3: 0.9}
+
+
 def test_a_fold_that_stopped_early_reports_its_best_at_the_end_of_its_block():
     folds = [fold(0, [(1, 0.9), (2, 0.6)], 2, best=0.6), fold(1, [], 0)]
     assert progress.intermediate(folds, "sequential", 4) == {0: 0.9, 1: 0.6, 3: 0.6}

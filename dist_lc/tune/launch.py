@@ -3,7 +3,7 @@
     dist-lc tune --config RECIPE --space SPACE.yaml --out DIR [--trials N] [--parallel P]
                  [--executor local|slurm] [--folds 0,1,2] [--sampler tpe|random|qmc|cmaes]
                  [--pruner median|halving|hyperband|none] [--fold-order sequential|parallel]
-                 [--seed S] [--pruner-startup N] [--pruner-warmup STEPS] [--set k=v ...]
+                 [--seed S] [--pruner-startup N] [--pruner-warmup N] [--set k=v ...]
     dist-lc tune --out DIR --resume [--trials N] [--parallel P] [--executor ...] [--set launcher.k=v]
     dist-lc tune --report DIR
 

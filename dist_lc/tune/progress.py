@@ -6,7 +6,9 @@ pruner compares like with like:
 
 * sequential folds (fold i of the order, epoch e of ``E = steps_per_fold``): step ``i·E + e - 1``,
   the mean of the finished folds' best KL and the running fold's best KL so far; a fold that ends
-  reports its best at the last step of its block (also when it stopped early);
+  reports its best at the last step of its block (also when it stopped early). A fold's first
+  ``warmup`` epochs are not reported, in every fold: after them the mean would otherwise judge
+  how fast the next fold starts (the pruner's own warm-up spares the first fold only);
 * parallel folds: step ``e - 1`` once every fold has passed epoch e (or finished), the mean of the
   folds' best KL so far.
 
@@ -69,18 +71,19 @@ def read_trial(plan: Plan) -> list[FoldScores]:
     return [read_fold(plan.run_dir(point, k), k) for k in plan.folds]
 
 
-def intermediate(folds: list[FoldScores], order: str, steps_per_fold: int) -> dict[int, float]:
+def intermediate(folds: list[FoldScores], order: str, steps_per_fold: int, warmup: int = 0) -> dict[int, float]:
     """{step: value} of what the folds show so far (see the module's docstring)."""
     if order == "sequential":
-        return _sequential(folds, steps_per_fold)
+        return _sequential(folds, steps_per_fold, warmup)
     return _parallel(folds, steps_per_fold)
 
 
-def _sequential(folds: list[FoldScores], width: int) -> dict[int, float]:
+def _sequential(folds: list[FoldScores], width: int, warmup: int) -> dict[int, float]:
     steps, earlier = {}, []
     for i, fold in enumerate(folds):
         for epoch, best in fold.curve:
-            steps[i * width + min(epoch, width) - 1] = statistics.fmean([*earlier, best])
+            if epoch > warmup:
+                steps[i * width + min(epoch, width) - 1] = statistics.fmean([*earlier, best])
         if fold.best is None:
             break                      # the folds after a running one have not started
         earlier.append(fold.best)

@@ -219,7 +219,7 @@ def _setup_line(report: dict, settings: Settings) -> str:
     s = report["settings"]
     states = ", ".join(f"{n} {k.lower()}" for k, n in report["states"].items()) or "none yet"
     pruner = s["pruner"] if s["pruner"] == "none" else \
-        f"{s['pruner']} (startup {s['pruner_startup']} trials, warm-up {s['pruner_warmup']} steps)"
+        f"{s['pruner']} (startup {s['pruner_startup']} trials, warm-up {s['pruner_warmup']} epochs of every fold)"
     return (f"Recipe `{s['recipe'] or '(defaults)'}`, space `{s['space_file']}` ({', '.join(settings.space)}); "
             f"folds {', '.join(map(str, s['folds']))} ({s['fold_order']}); sampler {s['sampler']} (seed {s['seed']}); "
             f"pruner {pruner}; executor {s['executor']}, {s['parallel']} job(s) at once. "

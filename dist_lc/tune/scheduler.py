@@ -194,7 +194,8 @@ class Scheduler:
             run.judge = False
 
     def _report(self, run: TrialRun, folds: list[progress.FoldScores]) -> bool:
-        steps = progress.intermediate(folds, self.settings.fold_order, self.settings.steps_per_fold)
+        steps = progress.intermediate(folds, self.settings.fold_order, self.settings.steps_per_fold,
+                                      self.settings.pruner_warmup)
         run.values = steps
         new = sorted(s for s in steps if s not in run.reported)
         with self.stops.held():   # the journal's lock is never left half-taken by a stop

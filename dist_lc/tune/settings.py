@@ -31,7 +31,7 @@ class Settings:
     seed: int
     pruner: str
     pruner_startup: int          # trials finished before the pruner judges any (median)
-    pruner_warmup: int           # reported steps (epochs) of a trial before it can be pruned
+    pruner_warmup: int           # the first epochs of every fold, not judged by the pruner
     fold_order: str
     trials: int                  # trials of the whole study (every state counts)
     parallel: int                # jobs running at once, all trials together
