@@ -107,13 +107,13 @@ class Bench:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         self.failed: list[str] = []
         self.step_rates: dict[str, float] = {}   # rung label → images/s at self.micro
-        self.best: tuple[str, list[str], int] | None = None   # (rung, its overrides, micro-batch)
+        self.best: tuple[str, list[str], int, float] | None = None   # (rung, overrides, micro-batch, images/s)
         self.saved = args.work / "steps.json"   # both, for a later call's parts on this machine
 
     def save_steps(self) -> None:
         self.args.work.mkdir(parents=True, exist_ok=True)
-        self.saved.write_text(json.dumps({"device": self.name(), "quick": self.args.quick,
-                                          "step_rates": self.step_rates, "best": self.best}))
+        self.saved.write_text(json.dumps({"measured": self.measured(), "step_rates": self.step_rates,
+                                          "best": self.best}))
 
     def load_steps(self) -> None:
         """An earlier call's step rates, when it measured this device the same way."""
@@ -121,9 +121,15 @@ class Bench:
             saved = json.loads(self.saved.read_text())
         except (OSError, ValueError):
             return
-        if saved.get("device") == self.name() and saved.get("quick") == self.args.quick:
+        if saved.get("measured") == self.measured():
             self.step_rates, self.best = saved["step_rates"], saved["best"] and tuple(saved["best"])
             log(f"step rates of an earlier call: {self.saved}")
+
+    def measured(self) -> list:
+        """What step rates depend on: the device, torch, the ladder, the size (an earlier call's
+        rates are used only when all are the same)."""
+        return [self.name(), self.torch.__version__, [label for label, _ in self.ladder], self.micro, self.size,
+                self.steps]
 
     def name(self) -> str:
         return self.torch.cuda.get_device_name(self.device) if self.cuda else "CPU"
@@ -223,24 +229,24 @@ def kernels(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
                 compiled.append((r["images_per_s"], label, overrides))
     if compiled:
         _, label, overrides = max(compiled)
-        b.best = (label, overrides, b.micro)
+        b.best = (label, overrides, b.micro, b.step_rates[label])
     b.save_steps()
     b.write(step_table(b, rows, flops, "Step"))
 
 
 def sweep(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
-    """The fastest compiled rung at other micro-batch sizes (the best of all then profiles, if later)."""
+    """The fastest compiled rung at other micro-batch sizes (a later call's profile takes the best)."""
     if b.best is None:
         b.write("### Micro-batch sweep: no compiled rung measured (run the kernels part first)")
         return
-    label, overrides, _ = b.best
-    best_ips, rows = b.step_rates[label], []
+    label, overrides, _, best_ips = b.best
+    rows = []
     for micro in b.sweep:
         log(f"sweep: micro-batch {micro}, {label}")
         r = time_steps(b, shards, b.sets(overrides, micro), b.steps)
         rows.append(step_row(micro, label, r, flops, peak))
         if r["images_per_s"] and r["images_per_s"] > best_ips:
-            b.best, best_ips = (label, overrides, micro), r["images_per_s"]
+            b.best, best_ips = (label, overrides, micro, r["images_per_s"]), r["images_per_s"]
     b.save_steps()
     b.write(step_table(b, rows, flops, "Micro-batch sweep"))
 
@@ -283,7 +289,7 @@ def profile(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    label, overrides, micro = b.best or (b.ladder[-1][0], b.ladder[-1][1], b.micro)
+    label, overrides, micro, _ = b.best or (b.ladder[-1][0], b.ladder[-1][1], b.micro, None)
     steps = 5
     log(f"profile: {steps} steps, micro-batch {micro}, {label}")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])

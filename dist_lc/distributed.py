@@ -311,7 +311,7 @@ def all_reduce_sum(values: list, device: torch.device) -> list[float]:
     """Sum floats or 0-d tensors on ``device`` over ranks (float64); identity on a single process.
     Python numbers are filled in on the device (no copy from the host, which would wait for the
     device's queue): the host waits once, for the result."""
-    t = torch.stack([v.to(torch.float64) if isinstance(v, torch.Tensor)
+    t = torch.stack([v.to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
                      else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
