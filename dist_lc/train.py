@@ -80,6 +80,10 @@ class Setup:
     fp16_skips: int = 0           # consecutive steps the gradient scaler skipped
     compile_s: float | None = None   # the compiling first step's seconds, once taken
 
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.compiled and self.device.type == "cuda" and self.cfg.train.compile_mode in CUDA_GRAPH_MODES
+
     def close(self) -> None:
         """End the loader workers (they ignore SIGTERM: they must be told)."""
         for loader in (self.train_data, self.val_data):
@@ -197,6 +201,8 @@ def micro_step(s: Setup, batch: dict, last: bool) -> torch.Tensor:
     make the host wait for every micro-batch's kernels instead of queueing the next one's.
     """
     sync = contextlib.nullcontext() if last or not s.env.distributed else s.model.no_sync()
+    if s.cuda_graphs:   # a new step: the graphs may reuse the previous one's output memory (none is kept)
+        torch.compiler.cudagraph_mark_step_begin()
     b = to_device(s, batch)
     with sync:
         with autocast(s.device, s.dtype):
@@ -306,6 +312,8 @@ def predict_batches(s: Setup, net, loader):
     net.eval()
     with loader.batches() as batches:
         for batch in batches:
+            if s.cuda_graphs:   # as in training: each batch's logits are read before the next one runs
+                torch.compiler.cudagraph_mark_step_begin()
             b = to_device(s, batch)
             with autocast(s.device, s.dtype):
                 logits = net(b["image"])
