@@ -100,7 +100,7 @@ class Bench:
         self.cuda = self.device.type == "cuda"
         quick = args.quick
         self.micro, self.size = (2, 64) if quick else (128, 256)
-        self.sweep = (4,) if quick else (32, 64, 256)
+        self.sweep = () if quick else (32, 64, 256)   # (on a CPU a compilation costs half a minute)
         self.steps = 2 if quick else 10
         self.ladder = LADDER if self.cuda else LADDER[:3]   # off CUDA, CUDA graphs are the compile above
         self.sections: list[str] = []
@@ -236,8 +236,9 @@ def kernels(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
 
 def sweep(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
     """The fastest compiled rung at other micro-batch sizes (a later call's profile takes the best)."""
-    if b.best is None:
-        b.write("### Micro-batch sweep: no compiled rung measured (run the kernels part first)")
+    if b.best is None or not b.sweep:
+        b.write("### Micro-batch sweep: " + ("no compiled rung measured (run the kernels part first)" if b.sweep
+                                             else "none in --quick"))
         return
     label, overrides, _, best_ips = b.best
     rows = []

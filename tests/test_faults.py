@@ -431,7 +431,9 @@ def test_sigterm_to_cv_leaves_its_slurm_jobs_running_and_resume_watches_them(tin
     require_slurm()
 
     cv_dir, tag = tmp_path / "cv", str(tmp_path)
-    args = [*tiny(tiny_shards, "train.epochs=3", "launcher.tasks_per_node=1"), "--out", str(cv_dir),
+    # enough epochs that the jobs outlive the stopped launcher and the resumed one's start, also on a
+    # loaded machine (3 once ended first, and the resume then had nothing to watch)
+    args = [*tiny(tiny_shards, "train.epochs=12", "launcher.tasks_per_node=1"), "--out", str(cv_dir),
             "--executor", "slurm"]
     proc = _cv_started(args, tag, [cv_dir / "fold0", cv_dir / "fold1"], timeout_s=180)
     ids = [r["job_id"] for r in json.loads((cv_dir / "jobs.json").read_text())["jobs"]]
