@@ -155,6 +155,17 @@ def random_flip_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Gener
     return turn(image, mask, *random_view(rng))
 
 
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor in page-locked memory, for a copy to the GPU that does not make the host wait
+    (from pageable memory it may); as it is where the driver refuses to page-lock more."""
+    if t.device.type != "cpu" or t.is_pinned():
+        return t
+    try:
+        return t.pin_memory()
+    except RuntimeError:
+        return t
+
+
 def apply_views(image: torch.Tensor, mask: torch.Tensor, drawn: torch.Tensor):
     """Turn each sample of a batch as loaded ((N, H, W, 4) uint16 images, (N, H, W) masks) by its
     (quarter turns, flip) row of ``drawn``, where the batch already is (the training device).
@@ -170,8 +181,8 @@ def apply_views(image: torch.Tensor, mask: torch.Tensor, drawn: torch.Tensor):
     code = drawn[:, 0].long() * 2 + drawn[:, 1].long()
     order = torch.argsort(code, stable=True)   # each view's samples together, in batch order
     values, counts = torch.unique_consecutive(code[order], return_counts=True)
-    if image.device.type == "cuda" and order.device.type == "cpu":
-        order = order.pin_memory().to(image.device, non_blocking=True)
+    if image.device.type == "cuda":
+        order = pinned(order).to(image.device, non_blocking=True)
     start = 0
     for value, count in zip(values.tolist(), counts.tolist()):
         idx, start = order[start:start + count], start + count

@@ -38,7 +38,7 @@ def legacy_checkpoint(path, shards) -> None:
     state = torch.load(path, weights_only=True)
     del state["manifest_identity"]
     state["manifest_sha256"] = load_manifest(shards).sha256   # earlier releases hashed the manifest file
-    for key in ("stale_validations", "planned_epochs", "world_size", "device"):
+    for key in ("stale_validations", "planned_epochs", "world_size", "device", "ema_updates"):
         state.pop(key, None)
     state["config"] = legacy_config(state["config"])
     if "lr_lambdas" in state["scheduler"]:
@@ -54,11 +54,11 @@ def small(shards, *extra):
 
 def test_a_checkpoint_of_the_previous_version_resumes(tiny_shards, tmp_path):  # noqa: F811
     run = tmp_path / "run"
-    train(small(tiny_shards, "train.epochs=1"), run)
+    train(small(tiny_shards, "train.epochs=1", "train.ema_decay=0.9"), run)
     for name in ("last.pt", "best.pt"):
         legacy_checkpoint(run / "checkpoints" / name, tiny_shards)
     (run / "config.yaml").write_text(yaml.safe_dump(legacy_config(yaml.safe_load((run / "config.yaml").read_text()))))
-    result = train(small(tiny_shards, "train.epochs=2"), run)
+    result = train(small(tiny_shards, "train.epochs=2", "train.ema_decay=0.9"), run)
     assert result.epochs_done == 2 and "resuming after epoch 1" in (run / "train.log").read_text()
 
 

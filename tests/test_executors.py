@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import threading
+import time
 import typing
 from collections import Counter
 from pathlib import Path
@@ -252,10 +253,11 @@ print("controller exit", job._process.wait(timeout=30))
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_a_local_cancel_returns_at_once_and_a_task_that_ignores_it_is_ended_at_a_later_poll(tmp_path):
+@pytest.mark.parametrize("then", ["poll", "exit"])
+def test_a_local_cancel_returns_at_once_and_a_task_that_ignores_it_is_ended_later(tmp_path, then):
     """The launcher's loop is not held up by a cancel: the tasks are interrupted and the call
-    returns; a task that does not end within LOCAL_QUIET_S (here 1 s) gets submitit's own cancel at
-    the next poll, which kills it."""
+    returns; a task that does not end within LOCAL_QUIET_S (here 1 s) gets submitit's own cancel,
+    which kills it: at a later poll, or when the launcher exits first."""
     import subprocess
     import sys
 
@@ -280,13 +282,14 @@ while not ((c := executors._controller(int(job.job_id), executors._children_of()
         and time.monotonic() < deadline:
     time.sleep(0.1)
 time.sleep(1)   # the task has set its handler
+print("task", executors._children(c, executors._children_of())[0][0], flush=True)
 ex = executors.LocalExecutor(LauncherConfig(), Path({str(tmp_path)!r}))
 tick = time.monotonic()
 ex.cancel_all([(types.SimpleNamespace(job_id=job.job_id), job)])
 print("returned after", round(time.monotonic() - tick, 1))
 time.sleep(0.5)
-print("alive at 0.5 s", job._process.poll() is None)
-while job._process.poll() is None and time.monotonic() - tick < 30:
+print("alive at 0.5 s", job._process.poll() is None, flush=True)
+while {then!r} == "poll" and job._process.poll() is None and time.monotonic() - tick < 30:
     ex._escalate()
     time.sleep(0.1)
 print("ended after", round(time.monotonic() - tick))
@@ -296,4 +299,9 @@ print("ended after", round(time.monotonic() - tick))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines())
     assert float(lines["returned after"]) < 0.5 and lines["alive at 0.5 s"] == "True", proc.stdout
-    assert 1 <= int(lines["ended after"]) < 10, proc.stdout
+    if then == "poll":
+        assert 1 <= int(lines["ended after"]) < 10, proc.stdout
+    task, deadline = int(lines["task"]), time.monotonic() + 10   # submitit kills a second after its SIGINT
+    while Path(f"/proc/{task}").exists() and (Path(f"/proc/{task}/stat").read_text().split()[2] not in "ZX"):
+        assert time.monotonic() < deadline, "the cancelled job's task outlived its launcher"
+        time.sleep(0.2)

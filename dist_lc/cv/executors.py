@@ -15,6 +15,7 @@ pickle).
 from __future__ import annotations
 
 import abc
+import atexit
 import enum
 import math
 import os
@@ -177,7 +178,7 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, record: Submission, handle=None) -> None:
-        """End the job (its state then shows it gone)."""
+        """End the job (its state then shows it gone, at once or at a later poll)."""
 
     def cancel_all(self, jobs: list[Submitted]) -> None:
         """End these jobs (each one's state then shows it gone)."""
@@ -205,6 +206,7 @@ class LocalExecutor(Executor):
         super().__init__(launcher, folder, jobs)
         self._slots: dict[str, int] = {}   # job id → the slot it runs on, until it is done or failed
         self._quieting: dict[str, tuple] = {}   # cancelled job id → (deadline, tasks, controller, handle)
+        self._settles_at_exit = False
 
     @classmethod
     def check_launcher(cls, launcher: LauncherConfig) -> None:
@@ -263,11 +265,23 @@ class LocalExecutor(Executor):
         launcher's loop goes on, and polls the jobs until they are gone). A job whose tasks are still
         there LOCAL_QUIET_S later (seen at a poll), or that has none yet, gets submitit's own cancel."""
         deadline = time.monotonic() + LOCAL_QUIET_S
-        for job_id, (controller, tasks, handle) in self._interrupt_tasks(jobs).items():
+        fresh = [job for job in jobs if job[0].job_id not in self._quieting]   # a repeat keeps its deadline
+        for job_id, (controller, tasks, handle) in self._interrupt_tasks(fresh).items():
             if tasks:
                 self._quieting[job_id] = (deadline, tasks, controller, handle)
             else:
                 self._cancel_controller(controller, handle)
+        if self._quieting and not self._settles_at_exit:   # however the launcher ends, none is left running
+            atexit.register(self.settle)
+            self._settles_at_exit = True
+
+    def settle(self) -> None:
+        """Wait for the cancelled jobs' tasks to end, giving submitit's cancel to those that outlive
+        LOCAL_QUIET_S (at the launcher's exit: its loop no longer polls them)."""
+        while self._quieting:
+            self._escalate()
+            if self._quieting:
+                time.sleep(0.1)
 
     def _escalate(self) -> None:
         """Submitit's cancel for the cancelled jobs whose tasks outlived their LOCAL_QUIET_S."""
@@ -316,8 +330,9 @@ class LocalExecutor(Executor):
         """Nothing watches local jobs once the launcher is gone: end them all, their controllers and
         every process they started, killing what is still there after LOCAL_END_S."""
         trees = [_process_tree(int(record.job_id)) for record, _ in jobs if _pid_alive(record.job_id)]
-        self._quieting.clear()   # ended here and now
-        self._end_quietly(jobs, LOCAL_END_S)
+        interrupted = set(self._quieting)   # cancelled moments ago: not interrupted twice, killed below if need be
+        self._quieting.clear()
+        self._end_quietly([job for job in jobs if job[0].job_id not in interrupted], LOCAL_END_S)
         _wait_gone([p for tree in trees for p in tree], LOCAL_END_S)
         _wait_gone(_kill_what_is_left(trees), LOCAL_END_S)
         for _, handle in jobs:
