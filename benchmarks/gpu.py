@@ -343,7 +343,7 @@ def e2e_run(b: Bench, shards: Path, name: str, overrides: list[str]) -> dict:
     sets = [f"data.shards={shards}", "data.fold=0", f"data.workers={workers}", "train.epochs=2",
             f"train.device={b.device.type}", "train.plot_every=0", "train.loggers=[]",
             f"train.micro_batch_size={batch}", f"train.batch_size={batch}", *overrides]
-    sets += ["data.crop=64"] if b.args.quick else []
+    sets += ["data.crop=64", "model.filters=8", "model.upconv_filters=8"] if b.args.quick else []   # the plumbing
     run_dir = b.args.work / f"e2e-{name}"
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     log(f"e2e: {name}: {' '.join(sets[1:])}")
