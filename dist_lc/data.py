@@ -155,15 +155,18 @@ def random_flip_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Gener
     return turn(image, mask, *random_view(rng))
 
 
-def pinned(t: torch.Tensor) -> torch.Tensor:
-    """A host tensor in page-locked memory, for a copy to the GPU that does not make the host wait
-    (from pageable memory it may); as it is where the driver refuses to page-lock more."""
-    if t.device.type != "cpu" or t.is_pinned():
-        return t
-    try:
-        return t.pin_memory()
-    except RuntimeError:
-        return t
+def copy_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor bound for a GPU is page-locked first (unless it is already, as
+    the loader's ring slots are) and copied without making the host wait: from pageable memory the
+    copy may wait. Left pageable where the driver refuses to page-lock more."""
+    if device.type != "cuda":
+        return t.to(device)
+    if t.device.type == "cpu" and not t.is_pinned():
+        try:
+            t = t.pin_memory()
+        except RuntimeError:
+            pass
+    return t.to(device, non_blocking=True)
 
 
 def apply_views(image: torch.Tensor, mask: torch.Tensor, drawn: torch.Tensor):
@@ -181,8 +184,7 @@ def apply_views(image: torch.Tensor, mask: torch.Tensor, drawn: torch.Tensor):
     code = drawn[:, 0].long() * 2 + drawn[:, 1].long()
     order = torch.argsort(code, stable=True)   # each view's samples together, in batch order
     values, counts = torch.unique_consecutive(code[order], return_counts=True)
-    if image.device.type == "cuda":
-        order = pinned(order).to(image.device, non_blocking=True)
+    order = copy_to(order, image.device)
     start = 0
     for value, count in zip(values.tolist(), counts.tolist()):
         idx, start = order[start:start + count], start + count

@@ -22,6 +22,7 @@ class EMA:
         self.module = copy.deepcopy(net)
         self.module.requires_grad_(False)
         self.decay, self.updates = decay, 0
+        self._tensors = None   # (net, averaged floats, current floats, averaged others, current others)
 
     def weight(self) -> float:
         """The share the averaged weights keep at the next update: ``min(decay, (1+n)/(10+n))`` after
@@ -32,14 +33,26 @@ class EMA:
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
-        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*net.parameters(), *net.buffers()]))
-        mixed = [(a, c) for a, c in pairs if a.is_floating_point()] if self.updates else []
-        if mixed:
-            torch._foreach_lerp_([a for a, _ in mixed], [c for _, c in mixed], 1.0 - self.weight())
-        for a, c in pairs:
-            if not mixed or not a.is_floating_point():
-                a.copy_(c)
+        _, avg, cur, avg_other, cur_other = self._pairs(net)
+        if self.updates:
+            torch._foreach_lerp_(avg, cur, 1.0 - self.weight())
+        else:
+            torch._foreach_copy_(avg, cur)
+        if avg_other:
+            torch._foreach_copy_(avg_other, cur_other)
         self.updates += 1
+
+    def _pairs(self, net: nn.Module):
+        """The averaged and current tensors, split into floating-point ones and the rest; listed once per
+        network (its tensors are updated in place, so the lists stay valid from step to step)."""
+        if self._tensors is None or self._tensors[0] is not net:
+            pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
+                             [*net.parameters(), *net.buffers()]))
+            floats = [p for p in pairs if p[0].is_floating_point()]
+            others = [p for p in pairs if not p[0].is_floating_point()]
+            self._tensors = (net, [a for a, _ in floats], [c for _, c in floats],
+                             [a for a, _ in others], [c for _, c in others])
+        return self._tensors
 
     def load(self, module_state: dict, updates: int) -> None:
         self.module.load_state_dict(module_state)

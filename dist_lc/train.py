@@ -30,7 +30,7 @@ from shard_tools.manifest import load_manifest
 from . import distributed, pixel_metrics
 from .checkpoint import Checkpointer, Progress
 from .config import BatchLayout, Config, batch_layout, from_dict, per_rank_batch, read_yaml, save_config
-from .data import apply_views, eval_loader, pinned, to_nchw, train_loader
+from .data import apply_views, copy_to, eval_loader, to_nchw, train_loader
 from .ema import EMA
 from .loading import Loader, LoaderError
 from .losses import SegmentationLoss, class_weights
@@ -184,9 +184,8 @@ def to_device(s: Setup, batch: dict) -> dict:
     """The batch on the device: uint16 NCHW images (the network makes them float), masks, proportions,
     each training sample turned by the view its loader worker drew."""
     fmt = torch.channels_last if s.cfg.train.channels_last else torch.contiguous_format
-    host = pinned if s.device.type == "cuda" else (lambda t: t)   # (the ring's slots are pinned already)
-    image = host(batch["image"]).to(s.device, non_blocking=True)
-    out = {name: host(batch[name]).to(s.device, non_blocking=True) for name in ("mask", "props") if name in batch}
+    image = copy_to(batch["image"], s.device)
+    out = {name: copy_to(batch[name], s.device) for name in ("mask", "props") if name in batch}
     if "views" in batch:
         image, out["mask"] = apply_views(image, out["mask"], batch["views"])
     out["image"] = to_nchw(image).contiguous(memory_format=fmt)

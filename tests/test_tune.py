@@ -170,6 +170,25 @@ def test_a_sampler_that_does_not_fit_and_a_resume_of_nothing_are_refused(tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content,problem", [
+    ("{", "unreadable tune settings (JSONDecodeError"),
+    ('{"format": "dist_lc.tune/0"}', "unreadable tune settings (ValueError: format is not dist_lc.tune/1)"),
+    ('{"format": "dist_lc.tune/1"}', "unreadable tune settings (TypeError"),
+    ("OTHER_VERSION", "written by another version of dist_lc (unknown config key 'model.depth'"),
+])
+def test_a_resume_of_a_damaged_tune_folder_names_its_settings_file(tmp_path, capsys, content, problem):
+    out = tmp_path / "tune"
+    settings = Settings(out, {"model": {"depth": 3}}, {}, [0], "local", "tpe", 0, "median", 0, 0, "sequential",
+                        2, 1, 1)
+    out.mkdir()
+    settings.save()
+    if content != "OTHER_VERSION":
+        (out / "tune.json").write_text(content)
+    assert cli.main(["tune", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out / 'tune.json'}: ") and problem in err[0], err
+
+
 def test_the_shipped_space_fits_the_recommended_recipe_and_a_trial_becomes_overrides(tmp_path):
     base = to_dict(load_config("configs/recommended.yaml"))
     searched = space.load_space("configs/spaces/recommended.yaml", base)

@@ -91,24 +91,35 @@ class Plan:
             "grid": self.grid, "points": [vars(p) for p in self.points]})
 
 
+def read_record(folder, name: str, kind: str, record: str, build):
+    """``build`` of the JSON in ``folder/name``, the record that makes ``folder`` a ``kind`` folder.
+    InputError naming the folder when it has none, the file when it is not what ``build`` expects
+    (``build`` raises KeyError, TypeError or ValueError); ``build``'s own InputError passes."""
+    folder = Path(folder)
+    path = folder / name
+    if not path.is_file():
+        raise InputError(f"{folder}: not a {kind} folder (no {name})")
+    try:
+        return build(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable {record} ({type(exc).__name__}: {exc})") from None
+
+
 def load_plan(cv_dir) -> Plan:
     cv_dir = Path(cv_dir)
-    path = cv_dir / PLAN
-    if not path.is_file():
-        raise InputError(f"{cv_dir}: not a CV folder (no {PLAN})")
-    try:
-        data = json.loads(path.read_text())
+
+    def build(data: dict) -> Plan:
         points = [Point(**p) for p in data["points"]]
-        folds = [int(k) for k in data["folds"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable CV plan ({type(exc).__name__}: {exc})") from None
-    for p in points:
-        try:
-            from_dict(p.config)
-        except InputError as exc:
-            raise InputError(f"{path}: grid point {p.name or '(the only one)'} was written by another version "
-                             f"of dist_lc ({exc})") from None
-    return Plan(cv_dir, points, folds, data.get("grid", {}), data.get("executor", "local"), data.get("created", ""))
+        for p in points:
+            try:
+                from_dict(p.config)
+            except InputError as exc:
+                raise InputError(f"{cv_dir / PLAN}: grid point {p.name or '(the only one)'} was written by another "
+                                 f"version of dist_lc ({exc})") from None
+        return Plan(cv_dir, points, [int(k) for k in data["folds"]], data.get("grid", {}),
+                    data.get("executor", "local"), data.get("created", ""))
+
+    return read_record(cv_dir, PLAN, "CV", "CV plan", build)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 with) and one CV folder per trial, laid out by :mod:`dist_lc.cv.plan`."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from lc_common.atomic import write_json_atomic
 from lc_common.errors import InputError
 
 from ..config import from_dict
-from ..cv.plan import Plan, Point, load_plan, now
+from ..cv.plan import Plan, Point, load_plan, now, read_record
 from .space import Space, space_from_dict, trial_config
 
 SETTINGS, JOURNAL, TRIALS = "tune.json", "study.journal", "trials"
@@ -58,22 +57,20 @@ def is_tune_folder(out: Path) -> bool:
 
 def load_settings(out) -> Settings:
     out = Path(out)
-    path = out / SETTINGS
-    if not path.is_file():
-        raise InputError(f"{out}: not a tune folder (no {SETTINGS})")
-    try:
-        data = json.loads(path.read_text())
+
+    def build(data: dict) -> Settings:
         if data.pop("format", None) != FORMAT:
             raise ValueError(f"format is not {FORMAT}")
         names = {f.name for f in fields(Settings)} - {"out"}
         settings = Settings(out=out, **{k: v for k, v in data.items() if k in names})
-        from_dict(settings.config)
-        settings.search_space
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable tune settings ({type(exc).__name__}: {exc})") from None
-    except InputError as exc:
-        raise InputError(f"{path}: written by another version of dist_lc ({exc})") from None
-    return settings
+        try:
+            from_dict(settings.config)
+            settings.search_space
+        except InputError as exc:
+            raise InputError(f"{out / SETTINGS}: written by another version of dist_lc ({exc})") from None
+        return settings
+
+    return read_record(out, SETTINGS, "tune", "tune settings", build)
 
 
 # ----------------------------------------------------------------------------- a trial's CV folder
