@@ -102,6 +102,7 @@ class Bench:
         self.micro, self.size = (2, 64) if quick else (128, 256)
         self.sweep = () if quick else (32, 64, 256)   # (on a CPU a compilation costs half a minute)
         self.steps = 2 if quick else 10
+        self.check_steps = 30 if quick else 50   # the miniature checks the plumbing; the GPU run, the numerics
         self.ladder = LADDER if self.cuda else LADDER[:3]   # off CUDA, CUDA graphs are the compile above
         self.sections: list[str] = []
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,15 +256,15 @@ def sweep(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
 # ----------------------------------------------------------------------------- 2. numerics
 
 def check(b: Bench, shards: Path) -> None:
-    """Each rung's 50-step loss trace against the eager foreach run's, within bf16's own difference."""
+    """Each rung's loss trace (50 steps) against the eager foreach run's, within bf16's own difference."""
     import numpy as np
 
     micro = b.micro   # the kernels' shapes: their compiled graphs are in inductor's cache
     traces = {}
     for label, overrides, precision in [("eager fp32", BEFORE, "fp32"), *[(lab, o, "bf16") for lab, o in b.ladder]]:
-        log(f"check: 50 steps, {label}")
+        log(f"check: {b.check_steps} steps, {label}")
         fresh_compilation(b)
-        traces[label] = loss_trace(shards, b.sets(["optim.lr=1e-4", *overrides], micro, precision))
+        traces[label] = loss_trace(shards, b.sets(["optim.lr=1e-4", *overrides], micro, precision), b.check_steps)
     reference = traces[b.ladder[0][0]]
     tolerance = trace_deviation(reference, traces["eager fp32"])
     rows = []
@@ -274,8 +275,8 @@ def check(b: Bench, shards: Path) -> None:
             b.failed.append(f"check: {label} differs from the eager step by {deviation:.2%} (bf16: {tolerance:.2%})")
         rows.append([label, f"{deviation:.3%}", f"{tolerance:.3%}", "pass" if ok else "FAIL"])
     b.write("\n".join([
-        f"### Numerics: 50 steps from the same weights (micro-batch {micro}, lr 1e-4, 5 batches in turn), "
-        f"each step's loss against the eager foreach bf16 run", "",
+        f"### Numerics: {b.check_steps} steps from the same weights (micro-batch {micro}, lr 1e-4, 5 batches in "
+        f"turn), each step's loss against the eager foreach bf16 run", "",
         table(["variant", "mean relative difference", "bf16 against fp32, eager", "check"], rows)]))
 
 

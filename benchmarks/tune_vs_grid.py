@@ -179,18 +179,34 @@ def become_subreaper() -> bool:
         return False
 
 
-def reap_orphans(within_s: float = 30.0) -> int:
-    """Wait for the orphans handed to us (a job still exiting after its launcher returned); their count."""
+def own_children() -> set[int]:
+    """The pids whose parent is this process (from /proc): the orphans handed to us, and the helpers of
+    our own (multiprocessing's resource tracker after the packing) that live as long as we do."""
+    me, found = str(os.getpid()), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                found.add(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def reap_orphans(ours: set[int], within_s: float = 30.0) -> int:
+    """Wait for the orphans handed to us (a job still exiting after its launcher returned), not for the
+    children in ``ours`` that were there before; their count."""
     reaped, deadline = 0, time.monotonic() + within_s
     while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return reaped       # no child left
-        if pid:
-            reaped += 1
-        else:
-            time.sleep(0.2)
+        waiting = own_children() - ours
+        if not waiting:
+            break
+        for pid in waiting:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    reaped += 1
+            except ChildProcessError:
+                continue
+        time.sleep(0.2)
     return reaped
 
 
@@ -202,9 +218,9 @@ def children_cpu_s() -> float:
 def run_arm(name: str, cmd: list[str], log_path: Path) -> dict:
     """One arm's command to its end: wall seconds, CPU seconds of its process tree, exit status."""
     log(f"{name}: {' '.join(cmd)} (log: {log_path})")
-    before = children_cpu_s()
+    before, ours = children_cpu_s(), own_children()
     run = measured(cmd, log_path)
-    orphans = reap_orphans()
+    orphans = reap_orphans(ours)
     cpu = children_cpu_s() - before
     if run["rc"]:
         raise SystemExit(f"{name} failed ({run['rc']}); see {log_path}:\n{log_tail(log_path)}")
