@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 # As if the venv were activated: jobs started through sbatch/srun inherit this PATH and find the
 # interpreter that runs the tests (CI runs `.venv/bin/python -m pytest` without activating).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# Started in the background by a script (`nohup make test &`), the suite would ignore SIGINT and pass
+# that on to every process it starts: the submitit controllers of the local-executor tests would then
+# ignore the SIGINT that cancels them, and those tests hang. `dist-lc cv` and `tune` handle SIGINT
+# while they submit, so their jobs never inherit it; a handled signal is reset to its default in a
+# started program, as it is here.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # An empty DIST_LC_SHARED counts as unset (Path("") would be the current folder).
 SHARED = Path(os.environ.get("DIST_LC_SHARED") or REPO.parent / "shared")
 SAMPLE = SHARED / "data" / "s2glc-sample"

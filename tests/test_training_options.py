@@ -72,7 +72,7 @@ def test_micro_batch_candidates_keep_the_batch_exact():
 
 def test_a_time_limit_fits_the_cosine_schedule_and_a_resume_keeps_it(packed_sample, tmp_path):
     run = tmp_path / "run"
-    proc = run_train(packed_sample, run, "train.epochs=1000", "train.time_limit=0.4", "schedule.name=cosine",
+    proc = run_train(packed_sample, run, "train.epochs=1000", "train.time_limit=0.25", "schedule.name=cosine",
                      "schedule.warmup_epochs=1", "optim.lr=0.002", "schedule.min_lr=0.00002")
     log = (run / "train.log").read_text()
     assert "the cosine schedule now ends after epoch" in log, proc.stderr[-2000:]
