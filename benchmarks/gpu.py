@@ -27,10 +27,10 @@ shards and the step rates saved under ``--work``. Every variant compiles afresh
    peak GPU memory, and MFU =
    images/s × training FLOPs per image (3 × forward, ``dist_lc.flops``) ÷ the GPU's dense bf16 peak
    (the vendor's figure for the device named in the table).
-2. **check**: every rung's numerics: 50 optimizer steps (lr 1e-4, five fixed batches in turn) from
-   the same weights, each step's loss against the eager foreach run's. A rung passes when its mean
-   relative difference is within that of the eager run in bf16 against fp32 (the precision's own
-   tolerance). A failed check makes the script exit 1, after writing its table.
+2. **check**: every rung's numerics: 50 optimizer steps (30 in ``--quick``; lr 1e-4, five fixed
+   batches in turn) from the same weights, each step's loss against the eager foreach run's. A rung
+   passes when its mean relative difference is within that of the eager run in bf16 against fp32
+   (the precision's own tolerance). A failed check makes the script exit 1, after writing its table.
 3. **profile**: torch.profiler over 5 steps of the fastest rung; the GPU kernels' time grouped
    into convolution, normalisation, elementwise, optimizer and other, with their shares, the share
    of wall time the GPU was busy, and the MFU.
@@ -256,7 +256,8 @@ def sweep(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
 # ----------------------------------------------------------------------------- 2. numerics
 
 def check(b: Bench, shards: Path) -> None:
-    """Each rung's loss trace (50 steps) against the eager foreach run's, within bf16's own difference."""
+    """Each rung's loss trace (50 steps, 30 in --quick) against the eager foreach run's, within bf16's
+    own difference."""
     import numpy as np
 
     micro = b.micro   # the kernels' shapes: their compiled graphs are in inductor's cache

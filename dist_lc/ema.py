@@ -34,9 +34,9 @@ class EMA:
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         _, avg, cur, avg_other, cur_other = self._pairs(net)
-        if self.updates:
+        if avg and self.updates:
             torch._foreach_lerp_(avg, cur, 1.0 - self.weight())
-        else:
+        elif avg:
             torch._foreach_copy_(avg, cur)
         if avg_other:
             torch._foreach_copy_(avg_other, cur_other)
@@ -44,7 +44,8 @@ class EMA:
 
     def _pairs(self, net: nn.Module):
         """The averaged and current tensors, split into floating-point ones and the rest; listed once per
-        network (its tensors are updated in place, so the lists stay valid from step to step)."""
+        network (training, DDP and checkpoint loads update them in place, so the lists stay valid from
+        step to step; :meth:`load` lists them again)."""
         if self._tensors is None or self._tensors[0] is not net:
             pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
                              [*net.parameters(), *net.buffers()]))
@@ -56,4 +57,4 @@ class EMA:
 
     def load(self, module_state: dict, updates: int) -> None:
         self.module.load_state_dict(module_state)
-        self.updates = updates
+        self.updates, self._tensors = updates, None

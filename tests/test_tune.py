@@ -172,6 +172,7 @@ def test_a_sampler_that_does_not_fit_and_a_resume_of_nothing_are_refused(tmp_pat
 
 @pytest.mark.parametrize("content,problem", [
     ("{", "unreadable tune settings (JSONDecodeError"),
+    ("null", "unreadable tune settings (ValueError: not a JSON object but NoneType)"),
     ('{"format": "dist_lc.tune/0"}', "unreadable tune settings (ValueError: format is not dist_lc.tune/1)"),
     ('{"format": "dist_lc.tune/1"}', "unreadable tune settings (TypeError"),
     ("OTHER_VERSION", "written by another version of dist_lc (unknown config key 'model.depth'"),

@@ -100,7 +100,10 @@ def read_record(folder, name: str, kind: str, record: str, build):
     if not path.is_file():
         raise InputError(f"{folder}: not a {kind} folder (no {name})")
     try:
-        return build(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but {type(data).__name__}")
+        return build(data)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: unreadable {record} ({type(exc).__name__}: {exc})") from None
 
