@@ -180,16 +180,11 @@ def become_subreaper() -> bool:
 
 
 def own_children() -> set[int]:
-    """The pids whose parent is this process (from /proc): the orphans handed to us, and the helpers of
-    our own (multiprocessing's resource tracker after the packing) that live as long as we do."""
-    me, found = str(os.getpid()), set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
-                found.add(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
+    """The pids whose parent is this process: the orphans handed to us, and the helpers of our own
+    (multiprocessing's resource tracker after the packing) that live as long as we do."""
+    from dist_lc.cv.executors import _children_of   # the local executor's one reading of /proc
+
+    return set(_children_of().get(os.getpid(), []))
 
 
 def reap_orphans(ours: set[int], within_s: float = 30.0) -> int:
