@@ -2,8 +2,9 @@
 
 A sample is the run of consecutive members whose names share the text before the first dot (the
 WebDataset convention). The shards ``pack`` writes hold regular files only, with short names; this
-reader also takes directories (skipped), GNU long names and pax headers (skipped), and checks every
-header's checksum, so that damage is reported where it is instead of being read as data.
+reader also takes directories (skipped), GNU long names and pax headers (their ``path`` and ``size``
+applied to the next member), and checks every header's checksum and size, so that damage is reported
+where it is instead of being read as data.
 
 Skipping is cheap: the members of the first ``skip`` samples, and members not asked for, are passed
 over with a seek on a local file (read and dropped on a stream such as a URL).
@@ -57,17 +58,48 @@ def _header(block: bytes) -> tuple[str, int, bytes]:
         size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
         raise TarError("corrupt tar header (bad checksum)") from None
+    if size < 0:   # a valid checksum over a negative size would seek backwards for ever
+        raise TarError(f"corrupt tar header (member size {size})")
     name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
     if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
         name = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
     return name, size, block[156:157]
 
 
+def _pax(data: bytes) -> dict[str, str]:
+    """The ``key=value`` records of a pax extended header (``"%d %s=%s\n"``, length first)."""
+    records, at = {}, 0
+    while at < len(data) and data[at:at + 1] != b"\0":
+        length, _, rest = data[at:].partition(b" ")
+        try:
+            n = int(length)
+            key, _, value = rest[:n - len(length) - 1].rstrip(b"\n").partition(b"=")
+        except ValueError:
+            raise TarError("corrupt pax header") from None
+        if n <= 0:
+            raise TarError("corrupt pax header")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        at += n
+    return records
+
+
+def _described(name: str, size: int, long_name: str | None, pax: dict) -> tuple[str, int]:
+    """A member's name and size as the GNU long-name or pax header before it gives them."""
+    if "size" in pax:
+        try:
+            size = int(pax["size"])
+        except ValueError:
+            size = -1
+        if size < 0:
+            raise TarError(f"corrupt pax header (size {pax['size']!r})")
+    return pax.get("path") or long_name or name, size
+
+
 def members(stream, seekable: bool = False, strict: bool = False):
     """``(name, size, read)`` of every regular member, in order. ``read()`` returns the member's bytes;
     a member whose bytes the caller does not read is passed over. ``strict``: any other kind of
     member (a directory, a link, a pax header) is an error instead of being passed over."""
-    long_name = None
+    long_name, pax = None, {}
     while True:
         block = _read_exact(stream, BLOCK)
         if not block or block == bytes(BLOCK):   # end of archive (or a tar cut at a member boundary)
@@ -76,15 +108,25 @@ def members(stream, seekable: bool = False, strict: bool = False):
             raise TarError("the tar ends inside a header")
         name, size, kind = _header(block)
         padded = -(-size // BLOCK) * BLOCK
-        if kind == b"L":   # GNU long name: the next member's
-            long_name = _read_exact(stream, padded)[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if strict and kind not in (b"0", b"\0", b"7", b"L"):
+            raise TarError(f"member {name!r} is not a regular file")
+        if kind in (b"L", b"x"):   # GNU long name, pax header: they describe the next member
+            data = _read_exact(stream, padded)
+            if len(data) < size:
+                raise TarError("the tar ends inside a header")
+            if kind == b"L":
+                long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
+            else:
+                pax = _pax(bytes(data[:size]))
             continue
-        if kind not in (b"0", b"\0", b"7"):   # directories, links, pax headers: nothing to yield
-            if strict:
-                raise TarError(f"member {name!r} is not a regular file")
+        if kind not in (b"0", b"\0", b"7"):   # directories, links, global pax headers: nothing to yield
             _skip(stream, padded, seekable)
+            long_name, pax = None, {}
             continue
-        name, long_name = long_name or name, None
+        if long_name or pax:
+            name, size = _described(name, size, long_name, pax)
+            padded = -(-size // BLOCK) * BLOCK
+        long_name, pax = None, {}
         done = []
 
         def read(name=name, size=size, padded=padded):
