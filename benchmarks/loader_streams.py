@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dist_lc.data import ShardStream, read_segment, segments
-from shard_tools.format import decode_sample
+from dist_lc.data import ShardStream, decoded_segment, segments
 
 
 class MemoryStream(ShardStream):
@@ -18,7 +17,7 @@ class MemoryStream(ShardStream):
 
     def _samples(self, shards, start, stop, rng):
         if not hasattr(self, "_cache"):
-            self._cache = [decode_sample(raw) for seg in segments(shards, start, stop) for raw in read_segment(seg)]
+            self._cache = [s for seg in segments(shards, start, stop) for s in decoded_segment(seg, self.split)]
         from dist_lc.data import as_pixels
 
         for key, image, mask, props in self._cache:

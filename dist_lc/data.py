@@ -24,7 +24,6 @@ over, not read.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +34,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lc_common.errors import InputError
 from lc_common.tiles import IMAGE_SHAPE, class_proportions
 from shard_tools import tarstream
-from shard_tools.format import decode_sample
-from shard_tools.manifest import Manifest, remote_reason
+from shard_tools.format import decode_checked
+from shard_tools.manifest import Manifest, is_url, open_shard, remote_reason, stop_reading
 
 from . import views
 from .loading import Loader
@@ -71,7 +70,7 @@ def check_present(sizes: list[tuple[str, int]]) -> None:
     """Every shard of the list is there with its manifest's size: checked by every rank before each
     pass, so that all of them stop with the same line instead of one rank failing mid-epoch."""
     for path, expected in sizes:
-        if "://" in path or path.startswith("pipe:"):  # a URL has no size to look at without a request
+        if is_url(path):  # a URL has no size to look at without a request
             continue
         try:
             size = os.stat(path).st_size
@@ -105,38 +104,43 @@ def train_steps(total: int, world: int, micro: int, accum: int) -> int:
     return total // (world * micro * accum)
 
 
-def _open_shard(path: str):
-    """(binary stream, seekable) of a shard: a local file, or a URL through webdataset's gopen."""
-    if "://" not in path and not path.startswith("pipe:"):
-        # a buffer smaller than a tile: Python's buffered reader reads a request larger than its
-        # buffer straight into the result (one copy), a smaller one through the buffer (two)
-        return open(path, "rb", buffering=1 << 16), True
-    from webdataset.gopen import gopen
-
-    return gopen(path, "rb"), False
-
-
 def read_segment(seg: Segment):
     """Raw samples of one shard piece; a missing, short or corrupt shard is an InputError naming it."""
-    end, seen = seg.skip + seg.take, []
+    end, seen, whole = seg.skip + seg.take, [], False
     try:
-        stream, seekable = _open_shard(seg.path)
-        with stream:
+        stream, seekable = open_shard(seg.path)
+        try:
             for count, sample in enumerate(tarstream.samples(stream, seg.skip, seekable=seekable, seen=seen), 1):
                 yield sample
                 if count == seg.take:
-                    return
+                    break
+            else:
+                whole = True
+        finally:
+            if whole:
+                stream.close()
+            else:
+                stop_reading(stream)
     except InputError as exc:
         raise InputError(f"{seg.path}: {exc}; run `lc-shard verify` on its folder"
                          if isinstance(exc, tarstream.TarError) else str(exc)) from None
-    except OSError as exc:  # a URL that cannot be read (webdataset reports curl's exit status)
-        if re.search(r"exit \d+", str(exc)):
+    except OSError as exc:
+        if is_url(seg.path):   # the server or the command failed, not the shard
             raise InputError(f"{seg.path}: cannot read the shard ({remote_reason(exc)})") from None
         raise InputError(f"{seg.path}: cannot read the shard ({exc.strerror or exc}); "
-                         f"run `lc-shard verify` on its folder") from None
+                         "run `lc-shard verify` on its folder") from None
     if len(seen) < end:  # a rank short of samples would leave the others waiting in the all-reduce
         raise InputError(f"{seg.path}: the shard ends after {len(seen)} samples, its manifest lists at least {end}; "
                          f"run `lc-shard verify` on its folder")
+
+
+def decoded_segment(seg: Segment, split: str):
+    """``(key, image, mask, props)`` of each sample of one shard piece, checked; errors name the shard."""
+    for raw in read_segment(seg):
+        try:
+            yield decode_checked(raw, split)
+        except InputError as exc:
+            raise InputError(f"{seg.path}: {exc}; run `lc-shard verify` on its folder") from None
 
 
 def random_view(rng: np.random.Generator) -> tuple[int, bool]:
@@ -288,10 +292,10 @@ class ShardStream(IterableDataset):
     (:func:`shuffled`). The epoch lives in shared memory (:meth:`set_epoch`), so that persistent
     workers, which hold their own copy of this object, follow the rank from one epoch to the next."""
 
-    def __init__(self, shards, start, stop, batch_size, *, train=False, augment=False, crop=None,
+    def __init__(self, shards, start, stop, batch_size, *, split="train", train=False, augment=False, crop=None,
                  shuffle_buffer=0, seed=0, epoch=0, rank=0, shuffle=False, sizes=()):
         super().__init__()
-        self.shards, self.start, self.stop = shards, start, stop
+        self.shards, self.start, self.stop, self.split = shards, start, stop, split
         self.batch_size, self.train, self.augment, self.crop = batch_size, train, augment, crop
         self.shuffle_buffer, self.seed, self.rank, self.shuffle = shuffle_buffer, seed, rank, shuffle
         self.sizes = list(sizes)     # (path, bytes) to check before each pass
@@ -330,8 +334,7 @@ class ShardStream(IterableDataset):
 
     def _samples(self, shards, start, stop, rng):
         for seg in segments(shards, start, stop):
-            for raw in read_segment(seg):
-                key, image, mask, props = decode_sample(raw)
+            for key, image, mask, props in decoded_segment(seg, self.split):
                 image = as_pixels(image)
                 if self.crop and mask is not None:
                     image, mask = random_crop(image, mask, self.crop, rng)
@@ -392,7 +395,7 @@ def eval_loader(manifest: Manifest, split: str, folds, *, world, rank, batch_siz
     check_present(sizes)
     total = sum(c for _, c in shards)
     start, stop = balanced_range(total, world, rank)
-    ds = ShardStream(shards, start, stop, batch_size, sizes=sizes)
+    ds = ShardStream(shards, start, stop, batch_size, split=split, sizes=sizes)
     return Loader(ds, min(workers, max(1, stop - start)) if workers else 0, rank=rank, timeout_s=timeout_s,
                   device=device)
 

@@ -1,4 +1,5 @@
-"""Output files written whole or not at all: a temporary name in the same folder, fsync, rename.
+"""Output files written whole or not at all: a temporary name in the same folder, fsync, rename,
+fsync of the folder.
 
 Every writer takes ``(path, content)`` in that order. A failing write (no space, a quota, a
 read-only or vanished folder) raises :class:`~lc_common.errors.WriteError` naming ``path`` and
@@ -6,6 +7,7 @@ leaves the previous file, if any, untouched.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -14,14 +16,36 @@ from typing import Callable, BinaryIO
 
 from .errors import InputError, WriteError
 
-__all__ = ["check_parent", "current_umask", "write_atomic", "write_bytes_atomic", "write_csv_atomic",
+__all__ = ["check_parent", "current_umask", "fsync_dir", "write_atomic", "write_bytes_atomic", "write_csv_atomic",
            "write_json_atomic"]
 
 
 def current_umask() -> int:
+    """The process's umask, read without setting it where Linux shows it: setting it, even back,
+    would race with other threads creating files."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def fsync_dir(folder) -> None:
+    """Make the renames and deletions in ``folder`` durable: fsync of a file keeps its data, not its
+    name. File systems that cannot fsync a folder (some network ones) are left to their own order."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def check_parent(path, what: str = "output") -> Path:
@@ -47,6 +71,7 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
+        fsync_dir(path.parent)
     except OSError as exc:
         raise WriteError(path, exc) from exc
     except RuntimeError as exc:

@@ -42,6 +42,16 @@ class WriteError(Exception):
         super().__init__(f"{path}: cannot write: {meaning}")
         self.path, self.errno = str(path), code
 
+    def __reduce__(self):   # raised in a worker process, it travels pickled, without its OSError
+        return _rebuilt_write_error, (str(self), self.path, self.errno)
+
+
+def _rebuilt_write_error(message: str, path: str, code) -> WriteError:
+    error = WriteError.__new__(WriteError)
+    Exception.__init__(error, message)
+    error.path, error.errno = path, code
+    return error
+
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, with a bad option reported like every other bad input: one ``error:`` line, exit 2."""

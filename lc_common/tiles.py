@@ -25,24 +25,29 @@ MAX_PIXEL_VALUE = 24356  # the benchmark's normaliser (largest value in the trai
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
+def class_pixels(mask: np.ndarray) -> np.ndarray:
+    """Pixels of each of the 10 classes in a mask, int64 (10,) (a mask is checked for classes
+    above 9 where it is read)."""
+    return np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES].astype(np.int64)
+
+
 def class_proportions(mask: np.ndarray) -> np.ndarray:
     """Proportion of each of the 10 classes in a mask, float64 (10,), as train_labels.csv has them."""
-    counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
-    return counts.astype(np.float64) / mask.size
+    return class_pixels(mask) / mask.size
 
 
-def check_image(shape, dtype, where) -> None:
-    """:class:`InputError` naming ``where`` unless an image is ``IMAGE_SHAPE`` uint16."""
-    if tuple(shape) != IMAGE_SHAPE:
-        raise InputError(f"{where}: image shape {tuple(shape)}, expected {IMAGE_SHAPE}")
+def check_image(shape, dtype, where, expected=IMAGE_SHAPE) -> None:
+    """:class:`InputError` naming ``where`` unless an image is ``expected`` (a tile: ``IMAGE_SHAPE``) uint16."""
+    if tuple(shape) != tuple(expected):
+        raise InputError(f"{where}: image shape {tuple(shape)}, expected {tuple(expected)}")
     if np.dtype(dtype) != IMAGE_DTYPE:
         raise InputError(f"{where}: image dtype {np.dtype(dtype)}, expected {IMAGE_DTYPE}")
 
 
-def check_mask(mask: np.ndarray, where) -> None:
-    """:class:`InputError` naming ``where`` unless a mask is H×W uint8 with classes 0..9."""
-    if mask.shape != IMAGE_SHAPE[:2]:
-        raise InputError(f"{where}: mask shape {mask.shape}, expected {IMAGE_SHAPE[:2]}")
+def check_mask(mask: np.ndarray, where, expected=IMAGE_SHAPE[:2]) -> None:
+    """:class:`InputError` naming ``where`` unless a mask is ``expected`` (a tile: H×W) uint8 with classes 0..9."""
+    if mask.shape != tuple(expected):
+        raise InputError(f"{where}: mask shape {mask.shape}, expected {tuple(expected)}")
     if mask.dtype != MASK_DTYPE:
         raise InputError(f"{where}: mask dtype {mask.dtype}, expected {MASK_DTYPE}")
     top = int(mask.max())

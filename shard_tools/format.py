@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from lc_common.errors import InputError, one_line
-from lc_common.tiles import class_proportions
+from lc_common.tiles import IMAGE_SHAPE, NUM_CLASSES, check_image, check_mask, class_proportions
 
 FORMAT_VERSION = 1
 ENCODING = {"image": "npy", "mask": "npy", "props": "npy"}
@@ -81,4 +81,27 @@ def decode_sample(sample: dict) -> tuple[str, np.ndarray, np.ndarray | None, np.
     image = _npy_array(sample["image.npy"], "image", key)
     mask = _npy_array(sample["mask.npy"], "mask", key) if "mask.npy" in sample else None
     props = _npy_array(sample["props.npy"], "props", key) if "props.npy" in sample else None
+    return key, image, mask, props
+
+
+MEMBERS = {"train": frozenset({"image.npy", "mask.npy", "props.npy"}), "test": frozenset({"image.npy"})}
+
+
+def decode_checked(sample: dict, split: str) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """:func:`decode_sample` of a sample of ``split`` with what training and prediction rely on checked:
+    the split's members, the image's bands and dtype, the mask's size and classes (a class above 9 would fail
+    deep in the loss, on a GPU as a device-side assert), the props' shape. ``lc-shard verify`` also
+    checks the tile's side and the props against the mask, which costs a count of its pixels. Messages start with ``sample '<key>'``."""
+    key = sample["__key__"]
+    where = f"sample {key!r}"
+    members = set(sample) - {"__key__"}
+    if members != MEMBERS[split]:
+        raise InputError(f"{where}: members {sorted(members)}, a {split} sample has {sorted(MEMBERS[split])}")
+    key, image, mask, props = decode_sample(sample)
+    side = image.shape[:2]   # pack and verify hold tiles to 256²; any side here keeps small test tiles readable
+    check_image(image.shape, image.dtype, where, expected=(*side, IMAGE_SHAPE[2]))
+    if mask is not None:
+        check_mask(mask, where, expected=side)
+    if props is not None and (props.dtype != np.float64 or props.shape != (NUM_CLASSES,)):
+        raise InputError(f"{where}: props {props.dtype} {props.shape}, expected float64 ({NUM_CLASSES},)")
     return key, image, mask, props

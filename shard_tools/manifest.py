@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,12 +35,13 @@ from urllib.request import url2pathname
 
 import numpy as np
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, one_line
 from .format import FORMAT_VERSION
 from lc_common.tiles import NUM_CLASSES
 
 MANIFEST_NAME = "manifest.json"
 SHARD_NAME_PATTERN = re.compile(r"^(train-f\d+|test)-\d{6}\.tar$")
+ENTRY_KEYS = ("name", "split", "fold", "count", "bytes", "sha256", "keys")
 REQUIRED_KEYS = ("format_version", "class_names", "num_folds", "shards", "folds",
                  "fold_class_pixels", "channel_stats", "counts")
 
@@ -53,6 +55,44 @@ CURL_EXIT = {6: "cannot resolve the host", 7: "cannot connect to the server", 22
              "HTTP error (not found?)", 28: "timed out"}
 
 
+def is_url(text: str) -> bool:
+    """A URL read through webdataset's gopen (a ``pipe:`` command included), not a local path."""
+    return text.startswith("pipe:") or "://" in text
+
+
+def check_scheme(url: str) -> None:
+    """InputError naming ``url`` when webdataset's gopen has no reader for its scheme."""
+    from webdataset.gopen import gopen_schemes   # imports torch: only for URLs
+
+    scheme = "pipe" if url.startswith("pipe:") else url.split("://", 1)[0]
+    if scheme not in gopen_schemes:
+        known = ", ".join(f"{k}:" if k == "pipe" else f"{k}://" for k in gopen_schemes if k != "__default__")
+        raise InputError(f"{url}: no reader for {scheme!r} URLs (a local folder, file://, {known})")
+
+
+def open_shard(path: str):
+    """(binary stream, seekable) of one file of a shard folder: a local file, or a URL through gopen.
+    A local file that cannot be opened raises OSError; a URL's failure shows when it is read."""
+    if not is_url(path):
+        # a buffer smaller than a tile: Python's buffered reader reads a request larger than its
+        # buffer straight into the result (one copy), a smaller one through the buffer (two)
+        return open(path, "rb", buffering=1 << 16), True
+    from webdataset.gopen import gopen
+
+    check_scheme(path)
+    return gopen(path, "rb"), False
+
+
+def stop_reading(stream) -> None:
+    """Close ``stream`` before its end without an error of its own. A URL's command whose pipe is
+    closed early dies of SIGPIPE (or exits 1, reporting the broken pipe), which webdataset raises at
+    close: no error when the reader has what it needs, and one that would hide the reader's own."""
+    gopen = sys.modules.get("webdataset.gopen")   # not imported: the stream is no pipe
+    if gopen is not None:
+        gopen.set_options(stream, ignore_errors=True)
+    stream.close()
+
+
 class Location:
     """Where a shard folder lives: a local folder, or a URL read through webdataset's gopen."""
 
@@ -60,9 +100,14 @@ class Location:
         text = str(text)
         if text.startswith("file://"):
             text = url2pathname(urlparse(text).path)
-        self.remote = text.startswith("pipe:") or "://" in text
+        self.remote = is_url(text)
         self.text = text.rstrip("/") if self.remote else text
         self.path = None if self.remote else Path(text).resolve()
+        if self.remote:
+            check_scheme(self.text)
+        if self.text.startswith("pipe:") and "{name}" not in self.text:
+            raise InputError(f"{self.text}: a pipe: shard folder needs {{name}} in its command (where each "
+                             "file's name goes)")
 
     def __truediv__(self, name: str):
         """The path (local) or URL of a file of the folder."""
@@ -78,15 +123,10 @@ class Location:
 
     def open(self, name: str):
         """A binary stream of one file of the folder; InputError naming it when it cannot be read."""
-        target = self / name
-        if not self.remote:
-            try:
-                return open(target, "rb")
-            except OSError as exc:
-                raise InputError(f"{target}: cannot read ({exc.strerror or exc})") from None
-        from webdataset.gopen import gopen   # imports torch: only for URLs
-
-        return gopen(target, "rb")
+        try:
+            return open_shard(str(self / name))[0]
+        except OSError as exc:
+            raise InputError(f"{self / name}: cannot read ({exc.strerror or exc})") from None
 
     def read(self, name: str) -> bytes:
         try:
@@ -97,12 +137,14 @@ class Location:
 
 
 def remote_reason(exc: BaseException) -> str:
-    """Why a URL could not be read, in words (curl's exit status, as webdataset reports it)."""
-    match = re.search(r"exit (\d+)", str(exc))
+    """Why a URL could not be read, in words (its command's exit status, as webdataset reports it)."""
+    match = re.search(r"exit (-?\d+)", str(exc))
     if match:
         code = int(match.group(1))
+        if code < 0:
+            return f"the command was killed by signal {-code}"
         return f"{CURL_EXIT.get(code, 'the command failed')}, exit status {code}"
-    return " ".join(str(exc).split())[:200]
+    return one_line(exc)[:200]
 
 
 PROVENANCE_KEYS = ("created", "source", "tool_version")   # not part of a shard set's identity
@@ -183,4 +225,50 @@ def load_manifest(root) -> Manifest:
         raise InputError(f"{path}: manifest lacks {', '.join(missing)}")
     if data["format_version"] != FORMAT_VERSION:
         raise InputError(f"{path}: format version {data['format_version']}, this tool reads {FORMAT_VERSION}")
+    problem = _layout_problem(data)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     return Manifest(root=location, data=data, raw=raw)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(entry) -> str | None:
+    """What makes one shard entry unusable, or None. Its name is checked against the pattern because
+    a ``pipe:`` folder puts it into a shell command."""
+    missing = [k for k in ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(entry["name"], str) or not SHARD_NAME_PATTERN.match(entry["name"]):
+        return f"has name {entry['name']!r}, not a shard's name"
+    if entry["split"] not in ("train", "test"):
+        return f"has split {entry['split']!r}"
+    if not (_count(entry["count"]) and _count(entry["bytes"])):
+        return f"has count {entry['count']!r} and bytes {entry['bytes']!r}, not counts"
+    if not (entry["fold"] is None if entry["split"] == "test" else _count(entry["fold"])):
+        return f"has fold {entry['fold']!r} for a {entry['split']} shard"
+    if not (isinstance(entry["keys"], list) and all(isinstance(k, str) for k in entry["keys"])):
+        return "has keys that are not a list of ids"
+    return None
+
+
+def _layout_problem(data: dict) -> str | None:
+    """What in the manifest's layout (not its content, which ``lc-shard verify`` checks against the
+    shards) the readers could not use, or None."""
+    if not _count(data["num_folds"]) or data["num_folds"] == 0:
+        return f"num_folds {data['num_folds']!r}, not a positive count"
+    if not isinstance(data["shards"], list):
+        return "shards is not a list"
+    for i, entry in enumerate(data["shards"]):
+        problem = _entry_problem(entry)
+        if problem:
+            return f"shard entry {i} {problem}"
+    per_fold = data["fold_class_pixels"]
+    folds = [str(k) for k in range(data["num_folds"])]
+    if not isinstance(per_fold, dict) or any(not isinstance(per_fold.get(k), list) for k in folds):
+        return f"fold_class_pixels lacks a list for each of folds 0..{data['num_folds'] - 1}"
+    if not all(isinstance(data[k], dict) for k in ("folds", "counts", "channel_stats")):
+        return "folds, counts and channel_stats must be JSON objects"
+    return None

@@ -32,14 +32,14 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
-from lc_common.errors import InputError
+from lc_common.errors import InputError, WriteError
 from .folds import assign_folds
 from .format import ENCODING, FORMAT_VERSION, encode_sample
 from lc_common.tiles import (CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE, NUM_CLASSES, check_image_header,
-                             id_sort_key, read_image, read_mask, tiffs_by_id)
+                             class_pixels, id_sort_key, read_image, read_mask, tiffs_by_id)
 from lc_common.resources import usable_cores
 from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Manifest, load_manifest, shard_name
-from lc_common.atomic import write_json_atomic
+from lc_common.atomic import fsync_dir, write_json_atomic
 
 DEFAULT_SHARD_MB = 100  # ~150 tiles: enough shards per fold to spread over ranks × loader workers
 SHARD_MTIME = 0  # fixed member mtime: shards are byte-for-byte reproducible
@@ -91,7 +91,7 @@ def survey_tile(tile: Tile) -> np.ndarray | None:
     check_image_header(tile.image)
     if tile.mask is None:
         return None
-    return np.bincount(read_mask(tile.mask).ravel(), minlength=NUM_CLASSES).astype(np.int64)
+    return class_pixels(read_mask(tile.mask))
 
 
 def load_tile(tile: Tile) -> tuple[dict, dict | None]:
@@ -246,15 +246,18 @@ def write_shard(job: ShardJob) -> tuple[dict, dict | None]:
     tiles' channel sums. A tile that fails its checks raises, naming it."""
     stats = ChannelStats(IMAGE_SHAPE[2])
     keys = []
-    file = _HashingFile(job.path)
-    with tarfile.open(fileobj=file, mode="w|") as tar:
-        for tile in job.tiles:
-            sample, sums = load_tile(tile)
-            write_sample(tar, sample)
-            keys.append(tile.id)
-            if sums is not None:
-                stats.add(sums)
-    file.close()
+    try:
+        file = _HashingFile(job.path)
+        with tarfile.open(fileobj=file, mode="w|") as tar:
+            for tile in job.tiles:
+                sample, sums = load_tile(tile)
+                write_sample(tar, sample)
+                keys.append(tile.id)
+                if sums is not None:
+                    stats.add(sums)
+        file.close()
+    except OSError as exc:   # the shard's (a tile that cannot be read is an InputError)
+        raise WriteError(job.path, exc) from None
     entry = {"name": job.path.name, "split": job.split, "fold": job.fold, "count": len(keys),
              "bytes": file.bytes, "sha256": file.sha.hexdigest(), "keys": keys}
     return entry, stats.totals() if job.split == "train" else None
@@ -298,21 +301,30 @@ class ChannelStats:
 # ---------------------------------------------------------------- output folder
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty folder unless ``overwrite``; then delete the manifest FIRST, then old shards."""
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty folder unless ``overwrite`` (checked before
+    any work; nothing is deleted until the input has passed its checks: :func:`clear_out`)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"{out}: output folder is not empty (pass --overwrite to replace its shards)")
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        for path in out.iterdir():
-            if SHARD_NAME_PATTERN.match(path.name) or path.name.startswith(f".{MANIFEST_NAME}."):
-                path.unlink()
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: output folder is not empty (pass --overwrite to replace its shards)")
+
+
+def clear_out(out: Path) -> None:
+    """Create ``out``, or empty it of an earlier pack: the manifest FIRST (a folder without one is
+    refused by every reader), then the old shards."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out}: --out cannot be created ({exc.strerror or exc})") from None
+    try:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        fsync_dir(out)
+        for path in out.iterdir():
+            if SHARD_NAME_PATTERN.match(path.name) or path.name.startswith(f".{MANIFEST_NAME}."):
+                path.unlink()
+    except OSError as exc:
+        raise WriteError(out, exc) from None
 
 
 def _check_folds(folds: int, n_train: int) -> None:
@@ -379,7 +391,7 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
     limit = shard_limit(samples_per_shard, shard_size_mb)
     train, test = scan_source(src)
     _check_folds(folds, len(train))
-    prepare_out(out, overwrite)
+    check_out(out, overwrite)
     stats = ChannelStats(IMAGE_SHAPE[2])
     workers = default_workers() if workers is None else int(workers)
     jobs: list[ShardJob] = []
@@ -388,6 +400,7 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
             counts = _survey(mapper, train + test, progress)[: len(train)]
             props = np.asarray(counts, dtype=np.float64).reshape(-1, NUM_CLASSES) / PIXELS_PER_TILE
             fold_of = assign_folds(props, folds, seed) if train else np.empty(0, dtype=np.int64)
+            clear_out(out)
             order = sorted(((t, "train", int(f)) for t, f in zip(train, fold_of)), key=lambda x: x[2])
             jobs = plan_shards(out, order + [(t, "test", None) for t in test], limit)
             entries = _write(mapper, jobs, stats, progress)

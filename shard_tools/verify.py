@@ -20,14 +20,13 @@ import numpy as np
 
 from . import tarstream
 from lc_common.errors import InputError
-from .format import ENCODING, decode_sample
+from .format import ENCODING, decode_checked
 from lc_common.errors import one_line
-from lc_common.tiles import IMAGE_SHAPE, NUM_CLASSES, check_image, check_mask, class_proportions
-from .manifest import MANIFEST_NAME, SHARD_NAME_PATTERN, Location, Manifest, load_manifest, remote_reason
+from lc_common.tiles import IMAGE_SHAPE, NUM_CLASSES, check_image, class_pixels, class_proportions
+from .manifest import (MANIFEST_NAME, SHARD_NAME_PATTERN, Location, Manifest, load_manifest, remote_reason,
+                       stop_reading)
 from .pack import ChannelStats, channel_sums
 
-ENTRY_KEYS = ("name", "split", "fold", "count", "bytes", "sha256", "keys")
-MEMBERS = {"train": {"image.npy", "mask.npy", "props.npy"}, "test": {"image.npy"}}
 STATS_RTOL = 1e-9  # mean/std are recomputed with the same exact sums; only float rounding may differ
 
 
@@ -52,19 +51,10 @@ class _HashingReader:
 
 def check_sample(raw: dict, split: str) -> tuple[str, np.ndarray, np.ndarray | None]:
     """Decode and check one raw sample; ``(key, image, mask)``. Messages start with ``sample '<key>'``."""
-    key = raw["__key__"]
-    where = f"sample {key!r}"
-    members = set(raw) - {"__key__"}
-    if members != MEMBERS[split]:
-        raise InputError(f"{where}: members {sorted(members)}, a {split} sample has {sorted(MEMBERS[split])}")
-    key, image, mask, props = decode_sample(raw)
-    check_image(image.shape, image.dtype, where)
-    if split == "train":
-        check_mask(mask, where)
-        if props.dtype != np.float64 or props.shape != (NUM_CLASSES,):
-            raise InputError(f"{where}: props {props.dtype} {props.shape}, expected float64 ({NUM_CLASSES},)")
-        if not np.array_equal(props, class_proportions(mask)):
-            raise InputError(f"{where}: props differ from the class proportions of its mask")
+    key, image, mask, props = decode_checked(raw, split)
+    check_image(image.shape, image.dtype, f"sample {key!r}")
+    if split == "train" and not np.array_equal(props, class_proportions(mask)):
+        raise InputError(f"sample {key!r}: props differ from the class proportions of its mask")
     return key, image, mask
 
 
@@ -80,7 +70,7 @@ class _Totals:
         self.key_count[(entry["split"], key)] += 1
         if mask is None:
             return
-        pixels = np.bincount(mask.ravel(), minlength=NUM_CLASSES)
+        pixels = class_pixels(mask)
         self.fold_pixels.setdefault(str(entry["fold"]), np.zeros(NUM_CLASSES, dtype=np.int64))
         self.fold_pixels[str(entry["fold"])] += pixels
         self.channels.add(channel_sums(image))
@@ -90,17 +80,22 @@ def _read_shard(root: Location, entry: dict, totals: _Totals) -> tuple[list[str]
     """Read, decode and check every sample of one shard (a sample named in any error)."""
     keys: list[str] = []
     seen: list[str] = []
-    with root.open(entry["name"]) as file:
-        reader = _HashingReader(file)
-        try:
-            for raw in tarstream.samples(reader, seen=seen, strict=True):
-                key, image, mask = check_sample(raw, entry["split"])
-                keys.append(key)
-                totals.add(entry, key, image, mask)
-        except (tarstream.TarError, EOFError) as exc:
-            at = f"at sample {seen[-1]!r}" if seen else "before the first sample"
-            raise InputError(f"truncated or corrupt tar {at} ({one_line(exc)})") from None
+    file = root.open(entry["name"])
+    reader = _HashingReader(file)
+    try:
+        for raw in tarstream.samples(reader, seen=seen, strict=True):
+            key, image, mask = check_sample(raw, entry["split"])
+            keys.append(key)
+            totals.add(entry, key, image, mask)
         reader.drain()
+    except (tarstream.TarError, EOFError) as exc:
+        stop_reading(file)
+        at = f"at sample {seen[-1]!r}" if seen else "before the first sample"
+        raise InputError(f"truncated or corrupt tar {at} ({one_line(exc)})") from None
+    except BaseException:
+        stop_reading(file)   # the reader's error, not the pipe's that its early close causes
+        raise
+    file.close()
     return keys, reader
 
 
@@ -134,16 +129,11 @@ def verify_shard(root: Location, entry: dict, totals: _Totals) -> None:
                          "so the change is in pixel data or tar padding)")
 
 
-def _check_entries(manifest: Manifest) -> None:
-    """A known encoding and shard entries with the fields verify reads, or the manifest is refused outright."""
+def _check_encoding(manifest: Manifest) -> None:
+    """A known encoding, or the manifest is refused outright."""
     if manifest.data.get("encoding", ENCODING) != ENCODING:
         raise InputError(f"{manifest.root / MANIFEST_NAME}: encoding {manifest.data['encoding']}, "
                          f"this tool decodes {ENCODING}")
-    for i, entry in enumerate(manifest.data["shards"]):
-        missing = [k for k in ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
-        if missing or entry["split"] not in MEMBERS:
-            what = f"lacks {', '.join(missing)}" if missing else f"has split {entry['split']!r}"
-            raise InputError(f"{manifest.root / MANIFEST_NAME}: shard entry {i} {what}")
 
 
 def _index_problems(manifest: Manifest) -> list[str]:
@@ -197,7 +187,7 @@ def _stats_problems(path: Path, listed: dict, found: dict) -> list[str]:
 def verify(root) -> None:
     """Check every shard of ``root`` against its manifest; :class:`InputError` on the first problem."""
     manifest = load_manifest(root)
-    _check_entries(manifest)
+    _check_encoding(manifest)
     problems = []
     totals = _Totals(manifest)
     for entry in manifest.data["shards"]:

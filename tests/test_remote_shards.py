@@ -108,3 +108,34 @@ def test_a_url_without_a_manifest_or_server(served, capsys):
 
 def test_file_urls_are_local_folders(tiny_shards, capsys):  # noqa: F811
     assert lc_shard(["verify", f"file://{tiny_shards}"]) == 0
+
+
+def pipe_of(folder: Path) -> str:
+    # `exec`: the shell hands over to cat, which an early close then kills with SIGPIPE (status -13),
+    # as bash does on its own for the last command of a pipe: URL
+    return f"pipe:exec cat {folder}/{{name}}"
+
+
+def test_a_pipe_closed_before_its_end_is_no_error(tiny_shards):  # noqa: F811
+    from dist_lc.data import Segment, decoded_segment
+    from shard_tools.manifest import load_manifest
+
+    manifest = load_manifest(pipe_of(tiny_shards))
+    entry = manifest.shards("train")[0]
+    got = list(decoded_segment(Segment(str(manifest.shard_path(entry)), 1, 2), "train"))
+    assert [key for key, *_ in got] == entry["keys"][1:3]
+
+
+def test_a_corrupt_shard_read_through_a_pipe_names_its_sample(tiny_shards, tmp_path, capsys):  # noqa: F811
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    shard = sorted(copy.glob("train-f0-*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    third = -1
+    for _ in range(7):   # image, mask and props of samples 1 and 2, then sample 3's image
+        third = data.index(b"\x93NUMPY", third + 1)
+    data[third:third + 6] = b"NOTNPY"
+    shard.write_bytes(data)
+    assert lc_shard(["verify", pipe_of(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot decode image: not .npy bytes" in err and "exit" not in err, err

@@ -160,3 +160,32 @@ def test_output_is_a_file(src, tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
     assert main(["pack", "--src", str(src), "--out", str(tmp_path / "out" / "shards"), "--folds", "2"]) == 2
     assert "--out cannot be created" in capsys.readouterr().err
+
+
+def test_a_failed_overwrite_keeps_the_earlier_shards(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["pack", "--src", str(src), "--out", str(out), "--folds", "2", "--workers", "0"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    _mask_with_12(src / "train/masks/2.tif")
+    assert main(["pack", "--src", str(src), "--out", str(out), "--folds", "2", "--overwrite"]) == 2
+    assert "mask value 12 above 9" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_nothing(src, tmp_path):
+    """A file-size limit stands in for a full disk or a quota: the shard's write fails in a reader process."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))   # python ignores SIGXFSZ: EFBIG
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(src), "--out", str(out),
+                           "--folds", "2", "--workers", "2"], capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "cannot write: File too large" in proc.stderr, proc.stderr
+    assert "-000000.tar" in proc.stderr
+    _assert_clean_failure(out)

@@ -194,3 +194,52 @@ def test_props_member_must_equal_mask_proportions(shards):
     data[offset:offset + 8] = np.float64(0.5).tobytes()
     (shards / SHARD).write_bytes(bytes(data))
     _fails(shards, SHARD, "props differ")
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda d: d["shards"][0].update(name="train-f0-000000.tar; touch /tmp/x #"), "not a shard's name"),
+    (lambda d: d["shards"][0].update(count="3"), "not counts"),
+    (lambda d: d["shards"][0].pop("split"), "lacks split"),
+    (lambda d: d["shards"][-1].update(fold=0), "fold 0 for a test shard"),
+    (lambda d: d["fold_class_pixels"].pop("1"), "fold_class_pixels lacks a list"),
+    (lambda d: d.update(num_folds=0), "num_folds 0"),
+])
+def test_a_manifest_its_readers_cannot_use_is_refused_on_loading(shards, edit, problem):
+    from shard_tools.manifest import load_manifest
+
+    _edit_manifest(shards, edit)
+    with pytest.raises(InputError, match=problem):
+        load_manifest(shards)
+    assert main(["describe", str(shards)]) == 2
+
+
+def test_a_pipe_folder_needs_the_name_placeholder(shards):
+    from shard_tools.manifest import load_manifest
+
+    with pytest.raises(InputError, match="needs {name}"):
+        load_manifest(f"pipe:cat {shards}/manifest.json")
+    with pytest.raises(InputError, match="no reader for 's3' URLs"):
+        load_manifest("s3://bucket/shards")
+
+
+def _trainer_reads(root: Path, shard: str):
+    from dist_lc.data import Segment, decoded_segment
+
+    count = next(s["count"] for s in _manifest(root)["shards"] if s["name"] == shard)
+    return list(decoded_segment(Segment(str(root / shard), 0, count), "train"))
+
+
+def test_the_trainer_refuses_a_mask_class_above_9_naming_the_shard(shards):
+    member = _member(shards / SHARD, ".mask.npy", 1)
+    _patch(shards / SHARD, member.offset_data + member.size - 1, 12)   # the mask's last pixel
+    with pytest.raises(InputError, match=rf"{SHARD}: sample '\w+': mask value 12 above 9"):
+        _trainer_reads(shards, SHARD)
+
+
+def test_the_trainer_refuses_a_sample_that_lost_a_member_naming_the_shard(shards):
+    member = _member(shards / SHARD, ".props.npy", 2)   # the last sample's last member
+    data = bytearray((shards / SHARD).read_bytes())
+    data[member.offset:member.offset + 512] = bytes(512)   # its header zeroed: the tar seems to end there
+    (shards / SHARD).write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"{SHARD}: sample '\w+': members \['image.npy', 'mask.npy'\]"):
+        _trainer_reads(shards, SHARD)

@@ -36,7 +36,7 @@ import numpy as np
 import tifffile
 
 from lc_common.errors import InputError
-from lc_common.tiles import CLASS_NAMES, MAX_PIXEL_VALUE, NUM_CLASSES
+from lc_common.tiles import CLASS_NAMES, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions
 
 # Pixel counts per class of the full challenge training set (18,491 tiles), from the challenge data.
 FULL_TRAIN_COUNTS = [0, 20643, 60971025, 404760981, 277012377, 96473046, 333407133, 9775295, 1071, 29404605]
@@ -251,7 +251,7 @@ def derive(src: Path) -> dict:
         image = tifffile.imread(src / "train" / "images" / f"{sid}.tif")
         mask = tifffile.imread(src / "train" / "masks" / f"{sid}.tif")
         accumulate_tile(image, mask, accs)
-        props.append(np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES] / mask.size)
+        props.append(class_proportions(mask))
         agreements.append(neighbour_agreement(mask))
     classes = {}
     for c in range(NUM_CLASSES):

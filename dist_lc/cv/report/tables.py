@@ -10,8 +10,6 @@ From the folder: each planned fold's ``done.json`` (a fold is finished iff it is
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ import pandas as pd
 
 from lc_common.atomic import write_csv_atomic
 from lc_common.errors import InputError
+from lc_common.records import read_json_object
 from lc_common.tiles import CLASS_NAMES
 from shard_tools import tarstream
 from shard_tools.format import decode_sample
@@ -85,7 +84,7 @@ def read_point(plan: Plan, point: Point) -> PointTables:
 
 def read_fold(run_dir: Path, fold: int) -> FoldTables:
     test = run_dir / TEST
-    return FoldTables(fold, run_dir, json.loads((run_dir / DONE).read_text()), read_pred(run_dir / OOF),
+    return FoldTables(fold, run_dir, read_json_object(run_dir / DONE, "fold result"), read_pred(run_dir / OOF),
                       read_confusion(run_dir), read_pred(test) if test.exists() else None)
 
 
@@ -99,7 +98,7 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 def read_confusion(run_dir: Path) -> np.ndarray | None:
     path = run_dir / CONFUSION
-    return np.asarray(json.loads(path.read_text())["matrix"], dtype=np.int64) if path.exists() else None
+    return np.asarray(read_json_object(path, "confusion matrix")["matrix"], dtype=np.int64) if path.exists() else None
 
 
 # ----------------------------------------------------------------------------- from the shards
@@ -124,13 +123,9 @@ def read_truth(cv_dir: Path, shards) -> pd.DataFrame:
 def _props_of_shard(manifest, entry: dict) -> dict[str, np.ndarray]:
     """``{id: proportions}`` from a train shard's ``.props.npy`` members (a local shard is read by seeking
     over the images; a URL is streamed)."""
-    out = {}
-    stream = manifest.root.open(entry["name"])
-    with stream, tarfile.open(fileobj=stream, mode="r|" if manifest.root.remote else "r") as tar:
-        for member in tar:
-            if member.name.endswith(".props.npy"):
-                out[member.name.split(".", 1)[0]] = np.load(io.BytesIO(tar.extractfile(member).read()))
-    return out
+    with manifest.root.open(entry["name"]) as stream:
+        return {raw["__key__"]: np.load(io.BytesIO(raw["props.npy"]))
+                for raw in tarstream.samples(stream, wanted={"props.npy"}, seekable=not manifest.root.remote)}
 
 
 def read_tile_features(cv_dir: Path, shards) -> pd.DataFrame:
