@@ -14,6 +14,12 @@ vectors), in the spirit of iterative stratification (Sechidis et al., 2011):
    target in this tile's classes (smallest ``p · W (mass - target)`` with ``W = 1 / global mean``);
    ties go to the lower position in a seeded fold order.
 
+Ties are common (identical tiles, e.g. all one class, and folds that hold the same tiles), so they
+must be exact: the dot products are summed in one fixed order (BLAS kernels differ from one CPU to
+another, and from one row to the next) and the needs compared at 12 significant digits, so that
+the last bits of a mass summed in another order do not decide. The same seed then gives the same
+folds on every machine.
+
 Compared with dealing a sorted list round-robin and with a random split in
 docs/BENCHMARKS.md ("Fold stratification").
 """
@@ -23,6 +29,7 @@ import numpy as np
 
 WEIGHT_FLOOR = 1e-6  # a class with (almost) no pixels must not get an infinite weight
 RARITY_STRATA = 10  # visit order: rarity deciles
+TIE_DIGITS = 12     # needs that agree to this many significant digits are a tie
 
 
 def fold_sizes(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -37,10 +44,21 @@ def rarity_weights(props: np.ndarray) -> np.ndarray:
     return 1.0 / np.maximum(props.mean(axis=0), WEIGHT_FLOOR)
 
 
+def dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``rows @ vector`` summed in the same order for every row (no BLAS): equal rows, equal results."""
+    return (rows * vector).sum(axis=1)
+
+
+def quantised(need: np.ndarray) -> np.ndarray:
+    """``need`` rounded to ``TIE_DIGITS`` significant digits of its largest magnitude."""
+    scale = float(np.abs(need).max()) * 10.0 ** -TIE_DIGITS
+    return np.round(need / scale) if scale > 0 else need
+
+
 def visit_order(props: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Tile indices by rarity decile, rarest first; seeded random order inside each decile."""
     rarity_rank = np.empty(len(props), dtype=np.int64)
-    rarity_rank[np.argsort(-(props @ weights), kind="stable")] = np.arange(len(props))
+    rarity_rank[np.argsort(-dot_rows(props, weights), kind="stable")] = np.arange(len(props))
     stratum = rarity_rank * RARITY_STRATA // len(props)
     return np.lexsort((rng.permutation(len(props)), stratum))
 
@@ -62,7 +80,7 @@ def assign_folds(props, k: int, seed: int = 0) -> np.ndarray:
     fold_rank = rng.permutation(k)  # seeded tie-break between equally needy folds
     folds = np.empty(n, dtype=np.int64)
     for i in visit_order(props, weights, rng):
-        need = (mass - target) @ (weights * props[i])
+        need = quantised(dot_rows(mass - target, weights * props[i]))
         need[filled >= sizes] = np.inf
         best = np.lexsort((fold_rank, need))[0]
         folds[i] = best
