@@ -182,9 +182,9 @@ def become_subreaper() -> bool:
 def own_children() -> set[int]:
     """The pids whose parent is this process: the orphans handed to us, and the helpers of our own
     (multiprocessing's resource tracker after the packing) that live as long as we do."""
-    from dist_lc.cv.executors import _children_of   # the local executor's one reading of /proc
+    from dist_lc.cv.executors import children_of   # the local executor's one reading of /proc
 
-    return set(_children_of().get(os.getpid(), []))
+    return set(children_of().get(os.getpid(), []))
 
 
 def reap_orphans(ours: set[int], within_s: float = 30.0) -> int:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lc_common.atomic import write_atomic, write_csv_atomic, write_json_atomic
-from lc_common.errors import WriteError
+from lc_common.errors import InputError, WriteError
 
 
 def test_writers_take_path_first_and_replace_whole(tmp_path):
@@ -35,3 +35,20 @@ def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path):
 def test_a_vanished_folder_is_a_write_error(tmp_path):
     with pytest.raises(WriteError, match="gone/x.json: cannot write: No such file or directory"):
         write_json_atomic(tmp_path / "gone" / "x.json", {})
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{", "unreadable job list (JSONDecodeError"),
+    ("[1, 2]", "unreadable job list (ValueError: not a JSON object but list)"),
+    ('{"jobs": [{"point": "a"}]}', "unreadable job list (TypeError"),
+    ('{"other": 1}', "unreadable job list (KeyError"),
+    (b"\xff\xfe", "unreadable job list (UnicodeDecodeError"),
+])
+def test_a_damaged_record_is_one_line_naming_it(tmp_path, content, problem):
+    from dist_lc.cv.plan import JOBS, read_submissions
+
+    path = tmp_path / JOBS
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(InputError) as info:
+        read_submissions(tmp_path)
+    assert str(info.value).startswith(f"{path}: {problem}") and "\n" not in str(info.value), info.value

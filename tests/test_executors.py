@@ -236,12 +236,12 @@ def test_a_cancelled_local_job_ends_quietly_without_a_traceback_on_the_launchers
 
     code = f"""
 import time, types, submitit
-from dist_lc.cv.executors import LocalExecutor, _children, _children_of, _controller
+from dist_lc.cv.executors import LocalExecutor, _children, children_of, _controller
 ex = submitit.LocalExecutor(folder={str(tmp_path)!r})
 ex.update_parameters(timeout_min=5, setup={setup!r})
 job = ex.submit(time.sleep, 120)
 deadline = time.monotonic() + 60
-while not ((c := _controller(int(job.job_id), _children_of())) and _children(c)) and time.monotonic() < deadline:
+while not ((c := _controller(int(job.job_id), children_of())) and _children(c)) and time.monotonic() < deadline:
     time.sleep(0.1)
 LocalExecutor._end_quietly([(types.SimpleNamespace(job_id=job.job_id), job)])
 print("controller exit", job._process.wait(timeout=30))
@@ -278,11 +278,11 @@ engine = submitit.LocalExecutor(folder={str(tmp_path)!r})
 engine.update_parameters(timeout_min=5)
 job = engine.submit(deaf)
 deadline = time.monotonic() + 60
-while not ((c := executors._controller(int(job.job_id), executors._children_of())) and executors._children(c)) \\
+while not ((c := executors._controller(int(job.job_id), executors.children_of())) and executors._children(c)) \\
         and time.monotonic() < deadline:
     time.sleep(0.1)
 time.sleep(1)   # the task has set its handler
-print("task", executors._children(c, executors._children_of())[0][0], flush=True)
+print("task", executors._children(c, executors.children_of())[0][0], flush=True)
 ex = executors.LocalExecutor(LauncherConfig(), Path({str(tmp_path)!r}))
 tick = time.monotonic()
 ex.cancel_all([(types.SimpleNamespace(job_id=job.job_id), job)])

@@ -298,7 +298,7 @@ class LocalExecutor(Executor):
         """SIGINT to the tasks of the jobs whose controller is alive: {job id: (controller, its tasks,
         the job's handle)}. (The controller writes to the launcher's stderr: interrupted itself, it
         prints a traceback there; its tasks' output goes to the job's logs.)"""
-        children = _children_of()   # one look at /proc for all the jobs
+        children = children_of()   # one look at /proc for all the jobs
         out = {}
         for record, handle in jobs:
             controller = _controller(int(record.job_id), children)
@@ -388,7 +388,7 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if fields is not None and fields[0] not in ("Z", "X") else None
 
 
-def _children_of() -> dict[int, list[int]]:
+def children_of() -> dict[int, list[int]]:
     """{parent pid: its children's pids} of every live process."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -401,7 +401,7 @@ def _children_of() -> dict[int, list[int]]:
 def _controller(pid: int, children: dict[int, list[int]]) -> int | None:
     """The pid of a local job's submitit controller: the job's own process, or its child when
     ``launcher.setup`` runs the controller under a shell; None when neither is one (the job is gone
-    and its pid perhaps reused). ``children``: :func:`_children_of`."""
+    and its pid perhaps reused). ``children``: :func:`children_of`."""
     for candidate in [pid, *children.get(pid, [])]:
         try:
             # an argument of its own (python -m submitit.local._local), not inside a shell's command
@@ -413,14 +413,14 @@ def _controller(pid: int, children: dict[int, list[int]]) -> int | None:
 
 
 def _children(pid: int, children: dict[int, list[int]] | None = None) -> list[tuple[int, str]]:
-    """(pid, start time) of a process's live children (``children``: :func:`_children_of`, else read now)."""
-    children = _children_of() if children is None else children
+    """(pid, start time) of a process's live children (``children``: :func:`children_of`, else read now)."""
+    children = children_of() if children is None else children
     return [(child, started) for child in children.get(pid, []) if (started := _start_time(child))]
 
 
 def _process_tree(root: int) -> list[tuple[int, str]]:
     """(pid, start time) of a live process and all its descendants, the root first."""
-    children = _children_of()
+    children = children_of()
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()

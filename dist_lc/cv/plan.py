@@ -19,7 +19,6 @@ import copy
 import fcntl
 import os
 import itertools
-import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 
 from lc_common.atomic import write_json_atomic
 from lc_common.errors import InputError
+from lc_common.records import read_json_object, read_record
 from shard_tools.manifest import load_manifest
 
 from ..config import Config, from_dict, load_config, normalized, to_dict
@@ -91,23 +91,6 @@ class Plan:
             "grid": self.grid, "points": [vars(p) for p in self.points]})
 
 
-def read_record(folder, name: str, kind: str, record: str, build):
-    """``build`` of the JSON in ``folder/name``, the record that makes ``folder`` a ``kind`` folder.
-    InputError naming the folder when it has none, the file when it is not what ``build`` expects
-    (``build`` raises KeyError, TypeError or ValueError); ``build``'s own InputError passes."""
-    folder = Path(folder)
-    path = folder / name
-    if not path.is_file():
-        raise InputError(f"{folder}: not a {kind} folder (no {name})")
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"not a JSON object but {type(data).__name__}")
-        return build(data)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable {record} ({type(exc).__name__}: {exc})") from None
-
-
 def load_plan(cv_dir) -> Plan:
     cv_dir = Path(cv_dir)
 
@@ -143,7 +126,12 @@ class Submission:
 
 def read_submissions(cv_dir: Path) -> list[Submission]:
     path = Path(cv_dir) / JOBS
-    return [Submission(**row) for row in json.loads(path.read_text())["jobs"]] if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        return [Submission(**row) for row in read_json_object(path, "job list")["jobs"]]
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable job list ({type(exc).__name__}: {exc})") from None
 
 
 def add_submissions(cv_dir: Path, new: list[Submission]) -> None:

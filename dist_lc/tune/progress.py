@@ -16,11 +16,12 @@ The objective is the mean of ``best_val_kl`` (done.json) over the trial's folds.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lc_common.records import read_json_object
 
 from ..cv.plan import DONE, Plan
 from ..run_log import read_metrics
@@ -52,7 +53,7 @@ def read_fold(run_dir: Path, fold: int) -> FoldScores:
     scores = FoldScores(fold)
     done = Path(run_dir) / DONE
     if done.exists():
-        scores.done = json.loads(done.read_text())
+        scores.done = read_json_object(done, "fold result")
     best = math.inf
     for row in read_metrics(run_dir):
         epoch = int(row["epoch"])

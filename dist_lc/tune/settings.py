@@ -7,9 +7,10 @@ from pathlib import Path
 
 from lc_common.atomic import write_json_atomic
 from lc_common.errors import InputError
+from lc_common.records import read_record
 
 from ..config import from_dict
-from ..cv.plan import Plan, Point, load_plan, now, read_record
+from ..cv.plan import Plan, Point, load_plan, now
 from .space import Space, space_from_dict, trial_config
 
 SETTINGS, JOURNAL, TRIALS = "tune.json", "study.journal", "trials"
