@@ -91,7 +91,8 @@ def _map(sub):
                    help="pixels by which neighbouring 256² windows overlap, blended (default: 64)")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of every window (8× the time)")
     p.add_argument("--probabilities", choices=PROBABILITY_TYPES,
-                   help="also write the per-class probabilities (uint8: × 255) as a GeoTIFF (default: none)")
+                   help="also write the per-class probabilities (uint8: × 255; float32 holds float16 precision, "
+                        "which the ranks exchange) as a GeoTIFF (default: none)")
     p.add_argument("--aoi", metavar="AREA", help="an area to report the proportions of: x0,y0,x1,y1 in the "
                    "scene's CRS, lonlat:x0,y0,x1,y1, or a GeoJSON polygon file")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",

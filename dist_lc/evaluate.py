@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, one_line
 from lc_common.tiles import CLASS_NAMES, IGNORED_CLASSES
 
 from lc_common.atomic import check_parent, write_json_atomic
@@ -52,6 +52,8 @@ def read_table(path) -> pd.DataFrame:
         df = pd.read_csv(path, index_col=0)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
         raise InputError(f"{path}: not a CSV file ({type(exc).__name__})") from None
+    except OSError as exc:   # there but unreadable: permissions, an I/O error
+        raise InputError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
     names = [str(c) for c in df.columns]
     if str(df.index.name) in CLASS_NAMES:
         raise InputError(f"{path}: missing column {ID}: the first column must hold the tile ids, "

@@ -7,7 +7,14 @@ Per scene, in ``--out``: ``<scene>_classes.tif`` (uint8 class ids, the challenge
 colour table, the scene's CRS and transform, 0 = no_data), optionally ``<scene>_probabilities.tif``
 (the 8 scored classes, one band each; uint8 = probability × 255, or float32; GDAL 3.10 has no
 float16), ``<scene>_quicklook.png``, ``<scene>_proportions.json``; and ``proportions.csv`` for all
-scenes (and their AOI). Every file appears under its final name only once it is complete.
+scenes (and their AOI). A scene without georeferencing gives a map without any; one georeferenced
+by ground control points gives a map with them. Every file appears under its final name only once
+it is complete, checked and on disk; after a failure (a full disk, a quota) none of a scene's files
+keeps its name.
+
+Precision: the window rows travel to rank 0 as float16 (half the volume of the gather), so
+``--probabilities float32`` holds float16 values (about 3 significant digits) widened to float32;
+the classes and the proportions are computed from the same float16 rows.
 
 How a scene is read and predicted (bounded memory: one row of windows at a time): the scene's
 window rows (:mod:`dist_lc.scene`) are dealt to the ranks in turns; a rank reads the 256 rows of
@@ -20,35 +27,60 @@ and 1 removed (as ``predict`` computes them for a tile), next to the share of ea
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, WriteError, one_line
 from lc_common.tiles import CLASS_NAMES
 
 from . import distributed
 from lc_common.atomic import write_csv_atomic, write_json_atomic
 from .memory import peak_memory_mb
-from .metrics import SCORED_CLASSES, SCORED_NAMES
+from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
+from .pixel_metrics import SCORED
 from .plots import PALETTE, legend_handles, rgb, save_figure
 from .predict import Ensemble
-from .scene import WINDOW, aoi_mask_for, open_scene, parse_aoi, positions, scene_paths, taper
+from .scene import WINDOW, AoiMask, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths, taper, window_grid
 
 QUICKLOOK_PX = 1024   # the longer side of a quicklook, at most
-FIRST = SCORED_CLASSES[0]
+QUICKLOOK_MAX_IN = 24   # the tallest quicklook figure (inches): an elongated scene stays far below 2^16 pixels
+CLASS_OF = np.asarray(SCORED_CLASSES, np.uint8)   # index among the scored classes → class id
+PROBE_BYTES = 1 << 20
+
+
+@dataclass
+class Planned:
+    """A scene checked before any work, then closed (a folder may hold more scenes than a process may
+    have open files): what its work needs besides the scene, reopened then."""
+    path: Path
+    aoi: AoiMask | None
+    ys: list[int]
+    xs: list[int]
+
+
+def plan_scene(path: Path, aoi, overlap: int) -> Planned:
+    with open_scene(path) as scene:
+        if scene.crs is None:
+            print(f"warning: {path}: no georeferencing; its map is written without a CRS", file=sys.stderr)
+        return Planned(path, aoi_mask_for(scene, aoi), *window_grid(scene.height, scene.width, overlap))
 
 
 def row_probabilities(scene, ensemble: Ensemble, y: int, xs: list[int], weight: torch.Tensor,
                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One window row, its windows blended: (scored probabilities (8, h, width) float16, weights (h, width))."""
+    """One window row, its windows blended: (scored probabilities (8, h, width) float16, weights (h, width)).
+
+    float16 halves what the ranks gather; even float32 outputs hold float16 values (module docstring)."""
     strip = scene.read_rows(y, WINDOW)
     h, w = strip.shape[1:]
     if h < WINDOW or w < WINDOW:   # a scene smaller than one window: reflected, the reflection cut off later
@@ -57,23 +89,61 @@ def row_probabilities(scene, ensemble: Ensemble, y: int, xs: list[int], weight: 
     width = strip.shape[2]
     total = torch.zeros(len(SCORED_CLASSES), WINDOW, width, device=ensemble.device)
     weights = torch.zeros(WINDOW, width, device=ensemble.device)
+    scored = SCORED.to(ensemble.device)
     for i in range(0, len(xs), batch_size):
         starts = xs[i:i + batch_size]
         image = torch.from_numpy(np.stack([strip[:, :, x:x + WINDOW] for x in starts]).astype(np.float32))
         _, probs = ensemble(image.to(ensemble.device), pixels=True)
-        for x, p in zip(starts, probs[:, FIRST:FIRST + len(SCORED_CLASSES)]):
+        for x, p in zip(starts, probs[:, scored]):
             total[:, :, x:x + WINDOW] += p * weight
             weights[:, x:x + WINDOW] += weight
     probs = (total / weights).cpu().numpy()[:, :h, :w].astype(np.float16)
     return probs, weights.cpu().numpy()[:h, :w]
 
 
+class GdalFailures(logging.Handler):
+    """GDAL's failures while a map is written. Inside a rasterio.Env, rasterio sends GDAL's errors to
+    its log (a failure at INFO, "GDAL signalled an error"), those that raise nothing included: the
+    blocks GDAL still caches are written when the file is closed (with overlapping windows, all of
+    them), and a failure there (a full disk, a quota) reaches nothing but the log."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or str(record.msg).startswith("GDAL signalled an error"):
+            self.messages.append(one_line(record.getMessage()))
+
+    @contextlib.contextmanager
+    def installed(self):
+        """A rasterio.Env with this handler on rasterio's log, lowered to INFO, while it lasts."""
+        import rasterio
+
+        logger = logging.getLogger("rasterio")
+        level = logger.level
+        logger.addHandler(self)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+        try:
+            with rasterio.Env():
+                yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+    @contextlib.contextmanager
+    def watch(self):
+        """An OSError with GDAL's first failure during the block, when the block itself raised nothing."""
+        self.messages.clear()
+        yield
+        if self.messages:
+            raise OSError(None, self.messages[0])
+
+
 class MapWriter:
     """Rank 0's side of one scene: the blending accumulator, the output files, the proportions."""
 
     def __init__(self, scene, out_dir: Path, probabilities: str | None, aoi):
-        import rasterio
-
         self.scene, self.aoi, self.probabilities = scene, aoi, probabilities
         width = scene.width
         self.acc = np.zeros((len(SCORED_CLASSES), WINDOW, width), np.float32)
@@ -85,27 +155,50 @@ class MapWriter:
         if probabilities:
             self.finals["probabilities"] = out_dir / f"{stem}_probabilities.tif"
         self.partial = {k: p.with_name(f".{p.name}.partial{p.suffix}") for k, p in self.finals.items()}
-        profile = {"driver": "GTiff", "width": width, "height": scene.height, "crs": scene.dataset.crs,
-                   "transform": scene.dataset.transform, "tiled": True, "blockxsize": 256, "blockysize": 256,
+        self.classes = self.probs_file = None
+        self.gdal, self.session = GdalFailures(), contextlib.ExitStack()
+        try:
+            self.session.enter_context(self.gdal.installed())
+            self._open()
+        except BaseException:   # the first file open, the second not: no partial file stays
+            self.abort()
+            raise
+        self.sums = {"scene": np.zeros(len(SCORED_CLASSES)), "aoi": np.zeros(len(SCORED_CLASSES))}
+        self.counts = {"scene": np.zeros(len(CLASS_NAMES), np.int64), "aoi": np.zeros(len(CLASS_NAMES), np.int64)}
+        self.step = max(1, math.ceil(max(scene.height, scene.width) / QUICKLOOK_PX))
+        self.look_rgb, self.look_classes = [], []
+
+    def _open(self) -> None:
+        import rasterio
+
+        profile = {"driver": "GTiff", "width": self.scene.width, "height": self.scene.height,
+                   **self.scene.georeferencing, "tiled": True, "blockxsize": 256, "blockysize": 256,
                    "compress": "deflate"}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self._writing("classes"):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self.classes = rasterio.open(self.partial["classes"], "w", count=1, dtype="uint8", nodata=0, **profile)
             self.classes.write_colormap(1, {c: tuple(int(round(v * 255)) for v in PALETTE[c]) + (255,)
                                             for c in range(len(CLASS_NAMES))})
             self.classes.set_band_description(1, "land-cover class (0 no_data, 2..9 as the challenge)")
-            self.probs_file = None
-            if probabilities:
-                self.probs_file = rasterio.open(self.partial["probabilities"], "w", count=len(SCORED_CLASSES),
-                                                dtype=probabilities, predictor=2 if probabilities == "uint8" else 3,
-                                                **profile)
-                for i, name in enumerate(SCORED_NAMES, 1):
-                    self.probs_file.set_band_description(i, f"P({name})" + (" × 255" if probabilities == "uint8"
-                                                                            else ""))
-        self.sums = {"scene": np.zeros(len(SCORED_CLASSES)), "aoi": np.zeros(len(SCORED_CLASSES))}
-        self.counts = {"scene": np.zeros(len(CLASS_NAMES), np.int64), "aoi": np.zeros(len(CLASS_NAMES), np.int64)}
-        self.step = max(1, math.ceil(max(scene.height, scene.width) / QUICKLOOK_PX))
-        self.look_rgb, self.look_classes = [], []
+        if not self.probabilities:
+            return
+        with warnings.catch_warnings(), self._writing("probabilities"):
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            uint8 = self.probabilities == "uint8"
+            self.probs_file = rasterio.open(self.partial["probabilities"], "w", count=len(SCORED_CLASSES),
+                                            dtype=self.probabilities, predictor=2 if uint8 else 3, **profile)
+            for i, name in enumerate(SCORED_NAMES, 1):
+                self.probs_file.set_band_description(i, f"P({name})" + (" × 255" if uint8 else ""))
+
+    @contextlib.contextmanager
+    def _writing(self, key: str):
+        """A failure to write output ``key`` as a WriteError naming its final path, with the reason."""
+        try:
+            yield
+        except WriteError as exc:   # lc_common.atomic's, naming the partial file
+            raise WriteError(self.finals[key], exc.__cause__) from exc
+        except OSError as exc:      # rasterio's RasterioIOError is one
+            raise WriteError(self.finals[key], _with_errno(self.partial[key], exc)) from exc
 
     def add(self, y: int, probs: np.ndarray, weights: np.ndarray, until: int) -> None:
         """Blend one window row (at scene row ``y``) in, then write the rows before ``until``."""
@@ -120,14 +213,16 @@ class MapWriter:
 
         probs = self.acc[:, :n] / self.wacc[:n]
         valid = self.scene.valid(pixels := self.scene.read_rows(self.base, n))
-        classes = (probs.argmax(axis=0) + FIRST).astype(np.uint8)
+        classes = CLASS_OF[probs.argmax(axis=0)]
         classes[~valid] = 0
         window = Window(0, self.base, self.scene.width, n)
-        self.classes.write(classes[None], window=window)
+        with self._writing("classes"), self.gdal.watch():
+            self.classes.write(classes[None], window=window)
         if self.probs_file is not None:
             out = np.round(probs * 255).astype(np.uint8) if self.probabilities == "uint8" else probs
             out[:, ~valid] = 0
-            self.probs_file.write(out, window=window)
+            with self._writing("probabilities"), self.gdal.watch():
+                self.probs_file.write(out, window=window)
         self._count("scene", probs, classes, valid)
         if self.aoi is not None:
             self._count("aoi", probs, classes, valid & self.aoi.rows(self.base, n))
@@ -146,32 +241,58 @@ class MapWriter:
 
     def summary(self, region: str) -> dict:
         valid = int(self.counts[region].sum())
-        props = np.zeros(len(CLASS_NAMES))
-        if valid:
-            props[list(SCORED_CLASSES)] = self.sums[region] / self.sums[region].sum()
+        props = expand_scored(self.sums[region][None])[0] if valid else np.zeros(len(CLASS_NAMES))
         return {"valid_pixels": valid, "proportions": dict(zip(CLASS_NAMES, props.tolist())),
                 "map_fractions": dict(zip(CLASS_NAMES, (self.counts[region] / max(valid, 1)).tolist()))}
 
     def finish(self) -> dict:
-        self.classes.close()
+        """Close and check the GeoTIFFs, write the rest, then give every file its final name."""
+        self._close("classes")
         if self.probs_file is not None:
-            self.probs_file.close()
-        self._quicklook()
+            self._close("probabilities")
+        self.session.close()
+        with self._writing("quicklook"):
+            self._quicklook()
         record = {"scene": str(self.scene.path), "width": self.scene.width, "height": self.scene.height,
-                  "crs": str(self.scene.dataset.crs) if self.scene.georeferenced else None,
+                  "crs": str(self.scene.crs) if self.scene.crs is not None else None,
                   "scene_region": self.summary("scene"),
                   "aoi_region": self.summary("aoi") if self.aoi is not None else None}
-        write_json_atomic(self.partial["proportions"], record)
-        for key, final in self.finals.items():
-            os.replace(self.partial[key], final)
+        with self._writing("proportions"):
+            write_json_atomic(self.partial["proportions"], record)
+        self._publish()
         return record
 
-    def abort(self) -> None:
-        for handle in (self.classes, self.probs_file):
-            if handle is not None:
+    def _close(self, key: str) -> None:
+        """Close a GeoTIFF (GDAL writes its cached blocks then), and fsync it."""
+        handle = self.classes if key == "classes" else self.probs_file
+        with self._writing(key):
+            with self.gdal.watch():
                 handle.close()
+            _fsync(self.partial[key])
+
+    def _publish(self) -> None:
+        """Rename every partial file to its final name; after a failure, none keeps its final name."""
+        done = []
+        try:
+            for key, final in self.finals.items():
+                with self._writing(key):
+                    os.replace(self.partial[key], final)
+                done.append(final)
+        except WriteError:
+            for final in done:
+                with contextlib.suppress(OSError):
+                    final.unlink()
+            raise
+
+    def abort(self) -> None:
+        """Close what is open and remove every partial file (on any failure)."""
+        for handle in (self.classes, self.probs_file):
+            if handle is not None and not handle.closed:
+                handle.close()
+        self.session.close()
         for path in self.partial.values():
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):   # the original error is the one to report
+                path.unlink(missing_ok=True)
 
     def _quicklook(self) -> None:
         from matplotlib.colors import ListedColormap
@@ -179,7 +300,8 @@ class MapWriter:
 
         image, classes = np.concatenate(self.look_rgb, axis=1), np.concatenate(self.look_classes, axis=0)
         ratio = image.shape[1] / max(image.shape[2], 1)
-        fig = Figure(figsize=(12, 6 * ratio + 1.2))
+        height = min(6 * ratio + 1.2, QUICKLOOK_MAX_IN)   # a tall, narrow image is drawn narrower instead
+        fig = Figure(figsize=(12, height))
         ax_rgb, ax_map = fig.subplots(1, 2)
         ax_rgb.imshow(rgb(image))
         ax_map.imshow(classes, cmap=ListedColormap(PALETTE), vmin=0, vmax=len(CLASS_NAMES) - 1,
@@ -190,17 +312,40 @@ class MapWriter:
         names = [n for i, n in enumerate(CLASS_NAMES) if i != 1]
         fig.legend([h for i, h in enumerate(legend_handles()) if i != 1], names, loc="lower center", ncol=5,
                    fontsize=8)
-        fig.tight_layout(rect=(0, 1.0 / (6 * ratio + 1.2), 1, 1))
+        fig.tight_layout(rect=(0, 1.0 / height, 1, 1))
         save_figure(fig, self.partial["quicklook"], dpi=90)
 
 
-def map_scene(scene, ensemble: Ensemble, env, out_dir: Path, overlap: int, batch_size: int,
-              probabilities: str | None, aoi, progress) -> dict | None:
+def _with_errno(partial: Path, exc: OSError) -> OSError:
+    """``exc``, or when it has no errno (GDAL's errors name a TIFF routine, not the cause), what the
+    file system answers to a write at the end of the partial file: a full disk, a quota, a file size
+    limit, a read-only folder; GDAL's message if that write succeeds."""
+    if exc.errno is not None:
+        return exc
+    try:
+        with open(partial, "ab") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as answer:
+        return answer
+    return OSError(None, exc.strerror or gdal_text(exc))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, batch_size: int,
+              probabilities: str | None, progress) -> dict | None:
     """Predict and write one scene (window rows dealt to the ranks); its record on rank 0."""
-    ys = positions(scene.height, WINDOW, WINDOW - overlap)
-    xs = positions(scene.width, WINDOW, WINDOW - overlap)
+    ys, xs = plan.ys, plan.xs
     weight = torch.from_numpy(taper(WINDOW)).to(ensemble.device)
-    writer = MapWriter(scene, out_dir, probabilities, aoi) if env.is_main else None
+    writer = MapWriter(scene, out_dir, probabilities, plan.aoi) if env.is_main else None
     try:
         for turn in range(0, len(ys), env.world_size):
             mine = turn + env.rank
@@ -229,25 +374,20 @@ def _rows_of(record: dict) -> list[dict]:
 
 
 def run(args) -> int:
+    import rasterio
+
     if not 0 <= args.overlap < WINDOW:
         raise InputError(f"--overlap {args.overlap}: must be 0 to {WINDOW - 1} pixels")
     paths = scene_paths(args.scenes)
     aoi = parse_aoi(args.aoi)
-    scenes = [open_scene(p) for p in paths]   # every scene checked before any work
-    try:
-        aois = [aoi_mask_for(s, aoi) for s in scenes]
-        for s in scenes:
-            if not s.georeferenced:
-                print(f"warning: {s.path}: no georeferencing; its map is written without a CRS", file=sys.stderr)
-        with distributed.process_group(args.device) as group:
-            map_scenes(args, scenes, aois, group)
-    finally:
-        for s in scenes:
-            s.close()
+    plans = [plan_scene(p, aoi, args.overlap) for p in paths]   # every scene checked before any work
+    # Inside an Env, GDAL's error messages go to rasterio's log, not to stderr: an error ends in one line.
+    with rasterio.Env(), distributed.process_group(args.device) as group:
+        map_scenes(args, plans, group)
     return 0
 
 
-def map_scenes(args, scenes: list, aois: list, group: distributed.Group) -> None:
+def map_scenes(args, plans: list[Planned], group: distributed.Group) -> None:
     from tqdm import tqdm
 
     env, device, out_dir = group.env, group.device, Path(args.out)
@@ -257,14 +397,13 @@ def map_scenes(args, scenes: list, aois: list, group: distributed.Group) -> None
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"{out_dir}: --out cannot be created ({exc.strerror or exc})") from None
-    total = sum(len(positions(s.height, WINDOW, WINDOW - args.overlap))
-                * len(positions(s.width, WINDOW, WINDOW - args.overlap)) for s in scenes)
     records = []
-    with tqdm(total=total, desc="map windows", unit="window", file=sys.stderr,
-              disable=not (env.is_main and sys.stderr.isatty())) as bar:
-        for scene, mask in zip(scenes, aois):
-            records.append(map_scene(scene, ensemble, env, out_dir, args.overlap, args.batch_size,
-                                     args.probabilities, mask, bar))
+    with tqdm(total=sum(len(p.ys) * len(p.xs) for p in plans), desc="map windows", unit="window",
+              file=sys.stderr, disable=not (env.is_main and sys.stderr.isatty())) as bar:
+        for plan in plans:
+            with open_scene(plan.path) as scene:
+                records.append(map_scene(scene, plan, ensemble, env, out_dir, args.batch_size,
+                                         args.probabilities, bar))
     if env.is_main:
         write_csv_atomic(out_dir / "proportions.csv", pd.DataFrame([row for r in records for row in _rows_of(r)]))
         for r in records:

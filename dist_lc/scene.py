@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, one_line
 from lc_common.tiles import IMAGE_DTYPE, IMAGE_SHAPE
 
 WINDOW = IMAGE_SHAPE[0]
@@ -33,10 +33,21 @@ def positions(length: int, size: int, step: int) -> list[int]:
     return starts + [length - size]
 
 
+def window_grid(height: int, width: int, overlap: int) -> tuple[list[int], list[int]]:
+    """Window starts down and across a ``height`` × ``width`` scene, neighbours ``overlap`` pixels apart."""
+    step = WINDOW - overlap
+    return positions(height, WINDOW, step), positions(width, WINDOW, step)
+
+
 def taper(size: int) -> np.ndarray:
     """(size, size) float32 blending weight: a 2-D Hann window plus a floor."""
     w = np.sin(np.pi * (np.arange(size) + 0.5) / size) ** 2 + TAPER_FLOOR
     return np.outer(w, w).astype(np.float32)
+
+
+def gdal_text(exc: BaseException) -> str:
+    """GDAL's own message of a rasterio error (rasterio chains it as the cause), on one line, cut short."""
+    return one_line(exc.__cause__ or exc)[:200]
 
 
 @dataclass
@@ -44,7 +55,27 @@ class Scene:
     """An open scene: its rasterio dataset and what the map needs to know about it."""
     path: Path
     dataset: object
-    georeferenced: bool
+
+    def __enter__(self) -> "Scene":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def georeferencing(self) -> dict:
+        """What a map copies of the scene's georeferencing, only what the scene has: its transform and
+        CRS, or its ground control points and their CRS (rasterio gives a missing transform as identity)."""
+        gcps, gcp_crs = self.dataset.gcps
+        if gcps:
+            return {"gcps": gcps, "crs": gcp_crs}
+        out = {} if self.dataset.transform.is_identity else {"transform": self.dataset.transform}
+        return out | ({"crs": self.dataset.crs} if self.dataset.crs is not None else {})
+
+    @property
+    def crs(self):
+        """The CRS of the scene's transform or of its ground control points; None without either."""
+        return self.georeferencing.get("crs")
 
     @property
     def height(self) -> int:
@@ -60,10 +91,15 @@ class Scene:
 
     def read_rows(self, top: int, rows: int) -> np.ndarray:
         """(4, rows, width) uint16 of the scene's rows [top, top + rows) (clipped to the scene)."""
+        from rasterio.errors import RasterioIOError
         from rasterio.windows import Window
 
         rows = min(rows, self.height - top)
-        return self.dataset.read(window=Window(0, top, self.width, rows))
+        try:
+            return self.dataset.read(window=Window(0, top, self.width, rows))
+        except RasterioIOError as exc:   # the header was fine at open; the pixels are read only now
+            raise InputError(f"{self.path}: cannot read rows {top}-{top + rows - 1} of the scene, truncated or "
+                             f"corrupt ({gdal_text(exc)})") from None
 
     def valid(self, pixels: np.ndarray) -> np.ndarray:
         """(rows, width) bool: False where every band is 0 or the scene's nodata value (no_data)."""
@@ -79,7 +115,7 @@ class Scene:
 def open_scene(path) -> Scene:
     """A scene checked for the model's bands: 4 bands, uint16; one clear line naming the file otherwise.
 
-    A scene without georeferencing is accepted with a warning (its map has no CRS either).
+    A scene without georeferencing is accepted (its map has none either). Use it as a context manager.
     """
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
@@ -92,8 +128,8 @@ def open_scene(path) -> Scene:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             dataset = rasterio.open(path)
     except RasterioIOError as exc:
-        raise InputError(f"{path}: cannot read the scene ({' '.join(str(exc).split())[:200]})") from None
-    scene = Scene(path, dataset, dataset.crs is not None)
+        raise InputError(f"{path}: cannot read the scene ({gdal_text(exc)})") from None
+    scene = Scene(path, dataset)
     try:
         if dataset.count != IMAGE_SHAPE[2]:
             raise InputError(f"{path}: {dataset.count} band(s); a scene needs the {IMAGE_SHAPE[2]} bands of the "
@@ -145,8 +181,8 @@ def parse_aoi(text: str | None):
             raise InputError(f"{path}: --aoi GeoJSON file does not exist")
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: --aoi is not GeoJSON ({exc})") from None
+        except (OSError, ValueError) as exc:   # ValueError: not UTF-8 (a binary file), not JSON
+            raise InputError(f"{path}: --aoi is not GeoJSON ({one_line(exc)})") from None
         return _geometry(data, path), "EPSG:4326"
     try:
         x0, y0, x1, y1 = (float(v) for v in body.split(","))
@@ -159,17 +195,36 @@ def parse_aoi(text: str | None):
     return box, crs
 
 
-def _geometry(data: dict, path: Path) -> dict:
+def _geometry(data, path: Path) -> dict:
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: --aoi GeoJSON must be an object (a geometry, a Feature or a FeatureCollection), "
+                         f"not a JSON {type(data).__name__}")
     if data.get("type") == "FeatureCollection":
-        geoms = [f.get("geometry") for f in data.get("features", [])]
-        if len(geoms) != 1:
-            raise InputError(f"{path}: --aoi GeoJSON must hold one polygon, found {len(geoms)} features")
-        data = geoms[0]
-    elif data.get("type") == "Feature":
+        features = data.get("features")
+        if not isinstance(features, list) or len(features) != 1:
+            found = len(features) if isinstance(features, list) else "no list of"
+            raise InputError(f"{path}: --aoi GeoJSON must hold one polygon, found {found} features")
+        data = features[0]
+    if isinstance(data, dict) and data.get("type") == "Feature":
         data = data.get("geometry")
     if not isinstance(data, dict) or data.get("type") not in ("Polygon", "MultiPolygon"):
         raise InputError(f"{path}: --aoi GeoJSON must be a Polygon or MultiPolygon")
+    if not _rings_ok(data):
+        raise InputError(f"{path}: --aoi GeoJSON {data['type']} has no valid coordinates (each ring a list of at "
+                         "least 4 [x, y] positions)")
     return data
+
+
+def _rings_ok(geometry: dict) -> bool:
+    """Whether every ring has at least 4 finite positions (reprojecting and rasterising fail on less)."""
+    coordinates = geometry.get("coordinates")
+    polygons = [coordinates] if geometry["type"] == "Polygon" else coordinates
+    try:
+        rings = [np.asarray(ring, dtype=np.float64) for polygon in polygons for ring in polygon]
+    except (TypeError, ValueError):   # not lists of numbers, or ragged
+        return False
+    return bool(rings) and all(polygons) and all(r.ndim == 2 and len(r) >= 4 and r.shape[1] >= 2
+                                                 and np.isfinite(r).all() for r in rings)
 
 
 def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
@@ -179,8 +234,11 @@ def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
     from rasterio.warp import transform_geom
 
     geometry, crs = aoi
+    if "gcps" in scene.georeferencing:
+        raise InputError(f"{scene.path}: the scene is georeferenced by ground control points only, so an --aoi "
+                         "cannot be placed on its pixels")
     if crs is not None:
-        if not scene.georeferenced:
+        if scene.crs is None:
             raise InputError(f"{scene.path}: the scene has no CRS, so a lon/lat --aoi cannot be placed on it")
         geometry = transform_geom(crs, scene.dataset.crs, geometry)
     mask = AoiMask(geometry, scene.dataset.transform, scene.width)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -103,6 +104,14 @@ def test_not_a_csv(pair, tmp_path):
         evaluate_csv(gt, tmp_path / "other.csv")
     with pytest.raises(InputError, match="not a file"):
         evaluate_csv(gt, tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux's /proc/self/mem")
+def test_an_unreadable_file_is_one_line(pair):
+    """/proc/self/mem is a file whose reading from offset 0 fails with an I/O error."""
+    gt, _, _, _ = pair
+    with pytest.raises(InputError, match=r"^/proc/self/mem: cannot read \(Input/output error\)$"):
+        evaluate_csv(gt, "/proc/self/mem")
 
 
 def test_missing_columns_are_named(pair, tmp_path):

@@ -240,3 +240,221 @@ def test_validation_pixel_metrics_equal_a_numpy_reference(smoke_run, packed_samp
     assert row["miou"] == pytest.approx(np.mean(list(ious.values())), abs=2e-3)
     for name, value in ious.items():
         assert row[f"iou_{name}"] == pytest.approx(value, abs=5e-3), name
+
+
+# ----------------------------------------------------------------------------- writing and reading, without a model
+
+def synthetic_mosaic(out, rows: int = 2, cols: int = 2, **kwargs):
+    """A mosaic of synthetic tiles (dist_lc.synth), as the real ones but without the sample."""
+    from dist_lc.synth.generate import make_tile
+
+    return mosaic([[make_tile(0, r * cols + c + 1)[0] for c in range(cols)] for r in range(rows)], out, **kwargs)
+
+
+def write_map(scene_path, out, probabilities=None, overlap=0):
+    """A scene's outputs from MapWriter fed random probabilities, window row by window row, as
+    map_scene feeds it: its record."""
+    from dist_lc.mapping import MapWriter
+    from dist_lc.scene import open_scene, window_grid
+
+    out.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open_scene(scene_path) as scene:
+        writer = MapWriter(scene, out, probabilities, None)
+        try:
+            ys, _ = window_grid(scene.height, scene.width, overlap)
+            for i, y in enumerate(ys):
+                rows = min(256, scene.height - y)
+                probs = rng.dirichlet(np.ones(8), (rows, scene.width)).transpose(2, 0, 1).astype(np.float16)
+                writer.add(y, probs, np.ones((rows, scene.width), np.float32),
+                           ys[i + 1] if i + 1 < len(ys) else scene.height)
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+LIMITED_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+from lc_common.errors import WriteError
+from test_map import write_map
+try:
+    write_map(Path(sys.argv[1]), Path(sys.argv[2]), "float32", overlap=int(sys.argv[3]))
+except WriteError as exc:
+    print(f"WriteError: {exc}")
+"""
+
+
+@pytest.mark.parametrize("overlap", [0, 64], ids=["in write", "at close"])
+def test_a_map_that_cannot_be_written_whole_is_a_write_error_and_leaves_no_file(tmp_path, overlap):
+    """Under a 1 MB file size limit (as on a full disk or at a quota) the 8 MB of float32
+    probabilities fail: with windows on the block grid, GDAL writes whole blocks at once and
+    rasterio's write() raises; with overlapping windows, every block is written when the file is
+    closed, where GDAL only logs its failure."""
+    import subprocess
+    import sys
+
+    from torchrun_util import REPO, env
+
+    scene, out = synthetic_mosaic(tmp_path / "s.tif"), tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", LIMITED_WRITE, str(scene), str(out), str(overlap)], cwd=REPO,
+                          env=env(PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == f"WriteError: {out / 's_probabilities.tif'}: cannot write: File too large", \
+        proc.stdout + proc.stderr[-3000:]
+    assert list(out.iterdir()) == []   # no final name, no partial file
+
+
+def test_outputs_that_cannot_be_opened_leave_no_partial_file(tmp_path):
+    """The classes map opens, the probabilities cannot be created (a folder is in the way)."""
+    from lc_common.errors import WriteError
+
+    scene, out = synthetic_mosaic(tmp_path / "s.tif", 1, 1), tmp_path / "out"
+    (out / ".s_probabilities.tif.partial.tif").mkdir(parents=True)
+    with pytest.raises(WriteError, match=r"s_probabilities\.tif: cannot write: Is a directory"):
+        write_map(scene, out, "uint8")
+    assert [p.name for p in out.iterdir()] == [".s_probabilities.tif.partial.tif"]
+
+
+def test_a_final_name_that_cannot_be_taken_leaves_no_output(tmp_path):
+    """The classes map renamed, the quicklook not (a folder has its name): the classes map loses its name too."""
+    from lc_common.errors import WriteError
+
+    scene, out = synthetic_mosaic(tmp_path / "s.tif", 1, 1), tmp_path / "out"
+    (out / "s_quicklook.png" / "x").mkdir(parents=True)
+    with pytest.raises(WriteError, match=r"s_quicklook\.png: cannot write: Is a directory"):
+        write_map(scene, out)
+    assert [p.name for p in out.iterdir()] == ["s_quicklook.png"]
+
+
+def test_a_truncated_scene_is_one_line_naming_the_file_and_rows(tmp_path):
+    from dist_lc.scene import open_scene
+    from lc_common.errors import InputError
+
+    scene = synthetic_mosaic(tmp_path / "s.tif", 3, 1)
+    with open(scene, "r+b") as f:
+        f.truncate(scene.stat().st_size // 2)
+    with open_scene(scene) as opened, pytest.raises(InputError) as err:   # the header is whole
+        for y in (0, 256, 512):
+            opened.read_rows(y, 256)
+    assert str(err.value).startswith(f"{scene}: cannot read rows ") and "\n" not in str(err.value)
+
+
+def test_the_map_has_the_georeferencing_of_its_scene_and_no_other(tmp_path):
+    """None for a scene without any (no identity transform claimed); the ground control points of a
+    scene georeferenced by them alone."""
+    from rasterio.control import GroundControlPoint
+
+    plain = synthetic_mosaic(tmp_path / "plain.tif", 1, 2, crs=None)
+    gcps = [GroundControlPoint(0, 0, 500000, 5000000), GroundControlPoint(0, 512, 505120, 5000000),
+            GroundControlPoint(256, 0, 500000, 4997440)]
+    with rasterio.open(plain) as src:
+        profile, pixels = {k: v for k, v in src.profile.items() if k != "transform"}, src.read()
+    with rasterio.open(tmp_path / "gcp.tif", "w", **{**profile, "gcps": gcps, "crs": "EPSG:32631"}) as dst:
+        dst.write(pixels)
+    out = tmp_path / "out"
+    assert write_map(plain, out)["crs"] is None
+    assert write_map(tmp_path / "gcp.tif", out)["crs"] == "EPSG:32631"
+    tags = {t.name for t in tifffile.TiffFile(out / "plain_classes.tif").pages[0].tags}
+    assert not tags & {"ModelTransformationTag", "ModelPixelScaleTag", "ModelTiepointTag", "GeoKeyDirectoryTag"}
+    with rasterio.open(out / "gcp_classes.tif") as src:
+        assert src.gcps[1] == "EPSG:32631" and [(p.row, p.col, p.x, p.y) for p in src.gcps[0]] == \
+            [(p.row, p.col, p.x, p.y) for p in gcps]
+
+
+def test_the_quicklook_of_a_long_narrow_scene_has_a_bounded_size(tmp_path):
+    """The quicklook of a strip 512 times as long as it is wide (its rows subsampled to 1024): a figure
+    as tall as the strip would pass matplotlib's limit of 2^16 pixels."""
+    from PIL import Image
+
+    from dist_lc.mapping import MapWriter
+    from dist_lc.scene import open_scene
+
+    with open_scene(synthetic_mosaic(tmp_path / "s.tif", 1, 1)) as scene:
+        writer = MapWriter(scene, tmp_path, None, None)
+        try:
+            writer.look_rgb = [np.full((4, 1024, 2), 1000, np.uint16)]
+            writer.look_classes = [np.full((1024, 2), 3, np.uint8)]
+            writer._quicklook()
+            with Image.open(writer.partial["quicklook"]) as image:
+                assert max(image.size) < 4000, image.size
+        finally:
+            writer.abort()
+
+
+def test_scenes_are_checked_up_front_then_opened_one_at_a_time(tmp_path, monkeypatch):
+    """A folder may hold more scenes than a process may open files: each is checked and closed before
+    any work, and open only during its own work."""
+    import argparse
+    import os
+    import shutil
+
+    from dist_lc import mapping
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    synthetic_mosaic(folder / "a.tif", 1, 1)
+    for name in "bcd":
+        shutil.copy(folder / "a.tif", folder / f"{name}.tif")
+
+    def open_scenes() -> int:
+        links = (os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                 if os.path.exists(f"/proc/self/fd/{fd}"))
+        return sum(link.startswith(str(folder)) for link in links)
+
+    during = []
+
+    def fake_map_scene(scene, *args):
+        during.append(open_scenes())
+        return {"scene": str(scene.path), "width": 256, "height": 256, "aoi_region": None,
+                "scene_region": {"valid_pixels": 1, "proportions": {}}}
+
+    monkeypatch.setattr(mapping, "Ensemble", lambda *args, **kwargs: None)
+    monkeypatch.setattr(mapping, "map_scene", fake_map_scene)
+    args = argparse.Namespace(scenes=[str(folder)], out=str(tmp_path / "out"), overlap=64, aoi=None, checkpoint=[],
+                              tta=False, batch_size=8, probabilities=None, device="cpu")
+    assert mapping.run(args) == 0
+    assert during == [1, 1, 1, 1] and open_scenes() == 0
+
+
+MALFORMED_AOI = [
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "--aoi is not GeoJSON"),
+    (b'[{"type": "Polygon", "coordinates": []}]', "must be an object"),
+    (b'{"type": "Polygon"}', "Polygon has no valid coordinates"),
+    (b'{"type": "Polygon", "coordinates": []}', "Polygon has no valid coordinates"),
+    (b'{"type": "MultiPolygon", "coordinates": [[[]]]}', "MultiPolygon has no valid coordinates"),
+    (b'{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[3, 45], [3.1, 45]]]}}',
+     "no valid coordinates"),
+    (b'{"type": "FeatureCollection", "features": [7]}', "must be a Polygon or MultiPolygon"),
+]
+
+
+@pytest.mark.parametrize("content, problem", MALFORMED_AOI)
+def test_a_malformed_geojson_aoi_is_one_line_naming_the_file(tmp_path, content, problem):
+    from dist_lc.scene import aoi_mask_for, open_scene, parse_aoi
+    from lc_common.errors import InputError
+
+    path = tmp_path / "area.geojson"
+    path.write_bytes(content)
+    with open_scene(synthetic_mosaic(tmp_path / "s.tif", 1, 1)) as scene, pytest.raises(InputError) as err:
+        aoi_mask_for(scene, parse_aoi(str(path)))
+    assert str(err.value).startswith(f"{path}: ") and problem in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_geojson_aoi_is_placed_on_the_scene(tmp_path):
+    """The upper-left quarter of a 512² scene, given as a lon/lat Feature."""
+    from rasterio.warp import transform_geom
+
+    from dist_lc.scene import aoi_mask_for, open_scene, parse_aoi
+
+    quarter = {"type": "Polygon", "coordinates": [[[500000, 5000000], [502560, 5000000], [502560, 4997440],
+                                                   [500000, 4997440], [500000, 5000000]]]}
+    path = tmp_path / "area.geojson"
+    path.write_text(json.dumps({"type": "Feature", "geometry": transform_geom("EPSG:32631", "EPSG:4326", quarter)}))
+    with open_scene(synthetic_mosaic(tmp_path / "s.tif")) as scene:
+        inside = aoi_mask_for(scene, parse_aoi(str(path))).rows(0, 512)
+    assert inside[:255, :255].all() and not inside[257:].any() and not inside[:, 257:].any()
