@@ -100,11 +100,12 @@ def _one_page(tif: tifffile.TiffFile, path: Path) -> None:
         raise InputError(f"{path}: multi-page TIFF ({pages} pages); a tile is a single page")
 
 
-def read_tiff(path: Path) -> np.ndarray:
+def _from_tiff(path: Path, read):
+    """``read(tif)`` of a single-page TIFF; whatever tifffile raises becomes one line naming the file."""
     try:
         with tifffile.TiffFile(path) as tif:
             _one_page(tif, path)
-            return tif.asarray()
+            return read(tif)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever tifffile says, the file is unreadable
@@ -113,17 +114,13 @@ def read_tiff(path: Path) -> np.ndarray:
         raise InputError(f"{path}: {problem} ({text})") from None
 
 
+def read_tiff(path: Path) -> np.ndarray:
+    return _from_tiff(path, lambda tif: tif.asarray())
+
+
 def check_image_header(path: Path) -> None:
-    try:
-        with tifffile.TiffFile(path) as tif:
-            _one_page(tif, path)
-            series = tif.series[0]
-            shape, dtype = series.shape, series.dtype
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read TIFF ({one_line(exc)})") from None
-    check_image(shape, dtype, path)
+    series = _from_tiff(path, lambda tif: tif.series[0])
+    check_image(series.shape, series.dtype, path)
 
 
 def read_mask(path: Path) -> np.ndarray:
