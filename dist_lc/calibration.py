@@ -8,18 +8,20 @@ wrong systematically: proportions too sharp or too flat, a class under- or over-
 
 The CV report fits it on every out-of-fold tile and applies it to the ensemble's test predictions;
 its out-of-fold score *with* calibration is cross-fitted (each fold calibrated by a fit on the
-other folds), so that it is not scored on the tiles it was fitted on.
+other folds), so that it is not scored on the tiles it was fitted on. :func:`cross_fit` is that
+loop for any correction fitted on out-of-fold tiles (the second stage's too).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from lc_common.tiles import NUM_CLASSES
 
-from .metrics import EPSILON, SCORED_CLASSES, expand_scored, scored_proportions
+from .metrics import EPSILON, SCORED_CLASSES, expand_scored, has_scored_class, scored_proportions
 
 L2 = 1e-3   # pull toward the identity; small against a mean KL of ~1e-2
 
@@ -48,7 +50,7 @@ def fit(truth, pred, l2: float = L2) -> Calibration:
     Tiles whose truth has no scored class are left out, as in the score, and so are non-finite predictions.
     """
     y, p = scored_proportions(truth), scored_proportions(pred)
-    keep = np.isfinite(y).all(axis=1) & np.isfinite(p).all(axis=1)
+    keep = has_scored_class(truth) & np.isfinite(p).all(axis=1)
     if not keep.any():
         return IDENTITY
     y = torch.as_tensor(y[keep] + EPSILON, dtype=torch.float64)
@@ -70,14 +72,29 @@ def fit(truth, pred, l2: float = L2) -> Calibration:
     return Calibration(float(log_scale.detach().exp()), [float(b) for b in bias.detach()])
 
 
-def cross_fitted(truth, pred, folds) -> np.ndarray:
-    """Each fold's predictions calibrated by a fit on the other folds' (an honest out-of-fold score)."""
+# A correction fitted on some rows of a table of tiles: ``fit(rows)`` (a boolean mask) returns the
+# fitted correction as a function of other rows (a mask), which gives their (m, 10) corrected
+# proportions. A fit on no row must change nothing (there is no other fold to learn from).
+Fit = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def cross_fit(folds, fit: Fit) -> np.ndarray:
+    """(n, 10): each fold's rows corrected by ``fit`` on the other folds' rows, so that no row is
+    corrected by a fit that saw it (an honest out-of-fold score)."""
     folds = np.asarray(folds)
     out = np.zeros((len(folds), NUM_CLASSES))
     for k in np.unique(folds):
         mine = folds == k
-        if (~mine).any():
-            out[mine] = fit(np.asarray(truth)[~mine], np.asarray(pred)[~mine]).apply(np.asarray(pred)[mine])
-        else:
-            out[mine] = IDENTITY.apply(np.asarray(pred)[mine])
+        out[mine] = fit(~mine)(mine)
     return out
+
+
+def cross_fitted(truth, pred, folds) -> np.ndarray:
+    """Each fold's predictions calibrated by a fit on the other folds' (an honest out-of-fold score)."""
+    truth, pred = np.asarray(truth), np.asarray(pred)
+
+    def fit_on(rows: np.ndarray):
+        fitted = fit(truth[rows], pred[rows])
+        return lambda mine: fitted.apply(pred[mine])
+
+    return cross_fit(folds, fit_on)

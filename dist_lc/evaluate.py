@@ -15,6 +15,9 @@ one line naming the file and the problem:
 
 One deliberate difference: a ground truth with columns that are not the challenge's classes is
 refused here, where that script would score them as classes if the prediction had them too.
+
+:func:`read_predictions` is the one reader of a prediction CSV with these checks: the CV report reads
+its folds' oof.csv and test.csv through it too.
 """
 from __future__ import annotations
 
@@ -34,22 +37,23 @@ DROPPED = tuple(CLASS_NAMES[c] for c in IGNORED_CLASSES)
 SHOWN_IDS = 5
 
 
-def _few(ids) -> str:
+def few(ids) -> str:
     """Up to SHOWN_IDS ids, then how many more."""
     ids = list(ids)
     text = ", ".join(map(str, ids[:SHOWN_IDS]))
     return text + (f" (and {len(ids) - SHOWN_IDS} more)" if len(ids) > SHOWN_IDS else "")
 
 
-def read_table(path) -> pd.DataFrame:
-    """A proportions CSV as the challenge's script reads it: indexed by its first column."""
+def read_table(path, text_ids: bool = False) -> pd.DataFrame:
+    """A proportions CSV as the challenge's script reads it: indexed by its first column (kept as
+    text with ``text_ids``: the CV folder's ids are matched to the shards' keys as written)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file does not exist")
     if not path.is_file():
         raise InputError(f"{path}: not a file")
     try:
-        df = pd.read_csv(path, index_col=0)
+        df = pd.read_csv(path, index_col=0, converters={0: str} if text_ids else None)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
         raise InputError(f"{path}: not a CSV file ({type(exc).__name__})") from None
     except OSError as exc:   # there but unreadable: permissions, an I/O error
@@ -84,7 +88,8 @@ def _columns_of(pred: pd.DataFrame, columns: list[str], path) -> pd.DataFrame:
 
 
 def _values(table: pd.DataFrame, path) -> np.ndarray:
-    """Float64 values; missing, non-numeric, infinite, negative and all-zero rows refused by id."""
+    """Float64 values; missing, non-numeric, infinite, negative values and rows whose scored classes
+    sum to 0 refused by id."""
     numeric = table.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(numeric)
     if bad.any():
@@ -93,32 +98,45 @@ def _values(table: pd.DataFrame, path) -> np.ndarray:
                          f"in column {table.columns[col]} ({bad.any(axis=1).sum()} row(s) affected)")
     negative = (numeric < 0).any(axis=1)
     if negative.any():
-        raise InputError(f"{path}: negative proportion(s) for {ID} {_few(table.index[negative])}")
-    zero = numeric.sum(axis=1) == 0
+        raise InputError(f"{path}: negative proportion(s) for {ID} {few(table.index[negative])}")
+    scored = [i for i, c in enumerate(table.columns) if c in SCORED_NAMES]
+    zero = numeric[:, scored].sum(axis=1) == 0
     if zero.any():
-        raise InputError(f"{path}: row sums to 0 over the scored classes for {ID} {_few(table.index[zero])}")
+        raise InputError(f"{path}: row sums to 0 over the scored classes for {ID} {few(table.index[zero])}")
     return numeric
+
+
+def read_predictions(path, columns=SCORED_NAMES, text_ids: bool = False) -> pd.DataFrame:
+    """The prediction CSV at ``path``, its ``columns`` as float64 by tile id: refused in one line
+    naming the file when it is not a CSV, has no row, an empty or repeated id, lacks one of
+    ``columns``, or holds a value there that is missing (a short row), not a number, infinite or
+    negative, or a row whose scored classes sum to 0."""
+    pred = read_table(path, text_ids)
+    if len(pred) == 0:
+        raise InputError(f"{path}: no prediction rows (only a header)")
+    empty = pred.index.isna() | (pred.index.astype(str) == "")   # "" is how text ids read an empty cell
+    if empty.any():
+        raise InputError(f"{path}: empty {ID} on data row(s) {few(np.flatnonzero(empty) + 1)}")
+    dup = pred.index[pred.index.duplicated()].unique()
+    if len(dup):
+        raise InputError(f"{path}: duplicate {ID}(s) {few(dup)}")
+    table = _columns_of(pred, list(columns), path)
+    return pd.DataFrame(_values(table, path), index=pred.index.rename(ID), columns=list(columns))
 
 
 def matched(gt_path, pred_path) -> tuple[np.ndarray, np.ndarray, pd.Index]:
     """(truth, prediction) over the 8 scored classes, rows in the prediction's order, and the ids."""
-    gt, pred = read_table(gt_path), read_table(pred_path)
+    gt = read_table(gt_path)
     columns = _scored_columns(gt, gt_path)
-    if len(pred) == 0:
-        raise InputError(f"{pred_path}: no prediction rows (only a header)")
-    if pred.index.hasnans:
-        raise InputError(f"{pred_path}: empty {ID} on data row(s) {_few(np.flatnonzero(pred.index.isna()) + 1)}")
-    dup = pred.index[pred.index.duplicated()].unique()
-    if len(dup):
-        raise InputError(f"{pred_path}: duplicate {ID}(s) {_few(dup)}")
+    pred = read_predictions(pred_path, columns)
     extra = pred.index.difference(gt.index, sort=False)
     if len(extra):
-        raise InputError(f"{pred_path}: {len(extra)} {ID}(s) not in the ground truth {gt_path}: {_few(extra)}")
+        raise InputError(f"{pred_path}: {len(extra)} {ID}(s) not in the ground truth {gt_path}: {few(extra)}")
     twice = gt.index[gt.index.duplicated()].unique().intersection(pred.index)
     if len(twice):
-        raise InputError(f"{gt_path}: duplicate {ID}(s) {_few(twice)}")
+        raise InputError(f"{gt_path}: duplicate {ID}(s) {few(twice)}")
     truth = gt.loc[pred.index, columns]
-    return _values(truth, gt_path), _values(_columns_of(pred, columns, pred_path), pred_path), pred.index
+    return _values(truth, gt_path), pred.to_numpy(), pred.index
 
 
 def evaluate_csv(gt_path, pred_path) -> dict:

@@ -25,6 +25,12 @@ def scored_proportions(p) -> np.ndarray:
         return p / p.sum(axis=1, keepdims=True)
 
 
+def has_scored_class(truth) -> np.ndarray:
+    """Which tiles' true proportions hold a scored class (``(n, 10)`` or ``(n, 8)`` rows): a tile of
+    no_data and clouds only has no score, so every scorer and every fit on scores leaves it out."""
+    return np.isfinite(scored_proportions(truth)).all(axis=1)   # a row summing to 0 renormalises to NaN
+
+
 def kl_terms(y_true, y_pred) -> np.ndarray:
     """Per-sample, per-scored-class terms y*log(y/yhat), shape (n, 8). Sum over classes = per-sample KL."""
     t = scored_proportions(y_true) + EPSILON

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import EPSILON, SCORED_CLASSES, expand_scored, scored_proportions
+from .calibration import cross_fit
+from .metrics import EPSILON, SCORED_CLASSES, expand_scored, has_scored_class, scored_proportions
 
 ROUNDS = 100
 PARAMS = {"learning_rate": 0.05, "num_leaves": 4, "min_data_in_leaf": 15, "lambda_l2": 1.0,
@@ -45,12 +46,13 @@ def _objective(target: np.ndarray):
 
 @dataclass
 class SecondStage:
-    booster: object
+    booster: object | None   # None: fitted on no tile, so it corrects nothing
 
     def apply(self, pred, features) -> np.ndarray:
         """(n, 10) corrected proportions from (n, 10) predictions and their tiles' features."""
         x, init = _inputs(pred, features)
-        return expand_scored(_softmax(init + self.booster.predict(x, raw_score=True)))
+        raw = init if self.booster is None else init + self.booster.predict(x, raw_score=True)
+        return expand_scored(_softmax(raw))
 
 
 def fit(truth, pred, features, rounds: int = ROUNDS) -> SecondStage:
@@ -58,7 +60,9 @@ def fit(truth, pred, features, rounds: int = ROUNDS) -> SecondStage:
     import lightgbm as lgb
 
     y = scored_proportions(truth)
-    keep = np.isfinite(y).all(axis=1) & np.isfinite(scored_proportions(pred)).all(axis=1)
+    keep = has_scored_class(truth) & np.isfinite(scored_proportions(pred)).all(axis=1)
+    if not keep.any():   # LightGBM refuses an empty set; with nothing to learn from, change nothing
+        return SecondStage(None)
     x, init = _inputs(np.asarray(pred)[keep], np.asarray(features)[keep])
     target = (y[keep] + EPSILON) / (y[keep] + EPSILON).sum(axis=1, keepdims=True)
     data = lgb.Dataset(x, label=np.zeros(len(x)), init_score=init, free_raw_data=False)
@@ -68,9 +72,10 @@ def fit(truth, pred, features, rounds: int = ROUNDS) -> SecondStage:
 
 def cross_fitted(truth, pred, features, folds, rounds: int = ROUNDS) -> np.ndarray:
     """Each fold's predictions corrected by a second stage fitted on the other folds' tiles."""
-    truth, pred, features, folds = map(np.asarray, (truth, pred, features, folds))
-    out = np.zeros((len(folds), pred.shape[1] if pred.shape[1] == 10 else 10))
-    for k in np.unique(folds):
-        mine = folds == k
-        out[mine] = fit(truth[~mine], pred[~mine], features[~mine], rounds).apply(pred[mine], features[mine])
-    return out
+    truth, pred, features = map(np.asarray, (truth, pred, features))
+
+    def fit_on(rows: np.ndarray):
+        stage = fit(truth[rows], pred[rows], features[rows], rounds)
+        return lambda mine: stage.apply(pred[mine], features[mine])
+
+    return cross_fit(folds, fit_on)

@@ -99,3 +99,29 @@ def test_second_stage_undoes_a_distortion_that_depends_on_a_tile_feature():
     calibrated = kl_score(truth, calibration.cross_fitted(truth, pred, folds))
     staged = kl_score(truth, second_stage.cross_fitted(truth, pred, feature, folds))
     assert staged < 0.5 * calibrated and calibrated < plain
+
+
+def test_a_correction_cross_fitted_over_one_fold_changes_nothing():
+    """No other fold to learn from: a fit on no tile is the identity, the second stage's as the calibration's."""
+    from dist_lc import second_stage
+
+    rng = np.random.default_rng(0)
+    truth, pred = np.zeros((20, 10)), np.zeros((20, 10))
+    truth[:, 2:], pred[:, 2:] = rng.dirichlet(np.ones(8), size=20), rng.dirichlet(np.ones(8), size=20)
+    folds = np.zeros(20, dtype=int)
+    np.testing.assert_allclose(second_stage.cross_fitted(truth, pred, np.zeros((20, 3)), folds), pred, atol=1e-6)
+    np.testing.assert_allclose(calibration.cross_fitted(truth, pred, folds), pred, atol=1e-6)
+
+
+def test_cross_fit_fits_on_the_other_folds_and_applies_to_its_own():
+    folds = np.array([0, 0, 1, 2, 2])
+    seen = []
+
+    def fit(rows):
+        seen.append(rows.copy())
+        return lambda mine: np.full((mine.sum(), 10), float(rows.sum()))
+
+    out = calibration.cross_fit(folds, fit)
+    assert [r.tolist() for r in seen] == [[False, False, True, True, True], [True, True, False, True, True],
+                                          [True, True, True, False, False]]
+    assert out[:, 0].tolist() == [3, 3, 4, 3, 3]

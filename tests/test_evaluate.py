@@ -246,3 +246,15 @@ def test_a_ground_truth_with_columns_that_are_not_classes_is_refused(pair, tmp_p
     df.to_csv(tmp_path / "gt_fold.csv", index=False)
     with pytest.raises(InputError, match="'fold' are not classes of the challenge"):
         evaluate_csv(tmp_path / "gt_fold.csv", gt)
+
+
+def test_the_report_s_reader_keeps_ids_as_written_and_refuses_an_empty_one(tmp_path):
+    """The CV report reads its folds' CSVs with these checks, ids as text (the shards' keys)."""
+    from dist_lc.evaluate import read_predictions
+
+    rows = np.full((2, 10), 0.1)
+    table = read_predictions(write(tmp_path / "p.csv", ["007", "10"], rows), NAMES, text_ids=True)
+    assert list(table.index) == ["007", "10"] and table.index.name == "sample_id"
+    (tmp_path / "q.csv").write_text("sample_id," + ",".join(NAMES) + "\n," + ",".join(["0.1"] * 10) + "\n")
+    with pytest.raises(InputError, match="q.csv: empty sample_id on data row"):
+        read_predictions(tmp_path / "q.csv", NAMES, text_ids=True)

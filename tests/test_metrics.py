@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dist_lc import metrics
 from dist_lc.metrics import kl_per_class, kl_per_sample, kl_score, kl_terms, expand_scored, scored_proportions
 
 NAMES = ["no_data", "clouds", "artificial", "cultivated", "broadleaf",
@@ -97,3 +98,10 @@ def test_expand_scored_gives_submission_rows_without_no_data_and_clouds(rng):
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-12)
     np.testing.assert_allclose(out[:, 2:], probs[:, 2:] / probs[:, 2:].sum(axis=1, keepdims=True), rtol=1e-12)
     assert np.all(probs[:, :2] > 0)  # the input is not modified
+
+
+def test_has_scored_class_leaves_out_tiles_of_clouds_and_no_data_only():
+    rows = np.zeros((3, 10))
+    rows[0, 0], rows[1, [1, 4]], rows[2, 1] = 1, 0.5, 1
+    assert metrics.has_scored_class(rows).tolist() == [False, True, False]
+    assert metrics.has_scored_class(rows[:, 2:]).tolist() == [False, True, False]

@@ -379,8 +379,12 @@ def _finish(plan: Plan, launch: Launch, finished: bool) -> int:
     """The report of the finished folds, then the failures again; 0 only when every fold is done."""
     from . import report
 
+    error = None
     if any(plan.is_done(p, k) for p in plan.points for k in plan.folds):
-        print(report.summary_line(report.build(plan.cv_dir)))
+        try:
+            print(report.summary_line(report.build(plan.cv_dir)))
+        except InputError as exc:   # a damaged fold file: the failed jobs below still need saying
+            error = exc
     else:
         print("cv: no fold finished; no report", file=sys.stderr)
     for job in launch.failed:
@@ -388,4 +392,6 @@ def _finish(plan: Plan, launch: Launch, finished: bool) -> int:
     if launch.failed:
         print(f"cv: {len(launch.failed)} job(s) failed; after a fix: dist-lc cv --out {plan.cv_dir} --resume",
               file=sys.stderr)
+    if error is not None:
+        raise error   # its one line last, and the exit status of bad input
     return 0 if finished and launch.all_done else 1

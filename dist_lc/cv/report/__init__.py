@@ -5,10 +5,11 @@ A pipeline of stages, each a function of what the one before returned:
 
 1. :mod:`.tables` reads the CV folder (cv.json; each fold's done.json, oof.csv, test.csv,
    oof_confusion.json, metrics.csv) and the shards (the truth) into tables; :mod:`.scores` turns
-   them into each fold's row and each grid point's block, and picks the best point (lowest mean
-   validation KL, complete points first);
+   them into each fold's row and each grid point's block, and ranks the points (one order for the
+   best point and the grid table: lowest mean validation KL, complete points first);
 2. :mod:`.correct` scores the corrections of the best point's out-of-fold predictions cross-fitted
-   (calibration, second stage) and chooses the one the submission takes, if any;
+   (calibration, second stage), chooses the one the submission takes, if any, and scores that
+   choice nested (made for each fold on the other folds alone);
 3. :mod:`.write` writes the oof tables, the submission, the plots (:mod:`.figures`), report.json
    and report.md (:mod:`.text`, which also renders the summaries that the commands print).
 """

@@ -32,6 +32,11 @@ def draw(plots: Path, points: list[PointTables], blocks: list[dict], best: dict,
     return [f"plots/{n}" for n in names]
 
 
+def _value(x) -> float:
+    """A score as matplotlib takes it: None (not scored) as NaN, which draws nothing."""
+    return np.nan if x is None else float(x)
+
+
 def _series(rows: list[dict], column: str) -> tuple[list[int], list[float]]:
     """(epochs, values) of a metrics.csv column, skipping epochs without it (train.val_every)."""
     kept = [r for r in rows if r.get(column)]
@@ -60,10 +65,12 @@ def plot_fold_scores(block: dict, path: Path) -> None:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     folds = [r["fold"] for r in block["folds"]]
-    ax.bar([str(k) for k in folds], [r["best_val_kl"] for r in block["folds"]], color="tab:blue", label="best val KL")
-    ax.axhline(block["mean_kl"], color="k", label=f"mean {block['mean_kl']:.4f}")
-    if block["baseline_kl"] is not None:
-        ax.axhline(block["baseline_kl"], color="tab:red", ls="--", label=f"baseline {block['baseline_kl']:.4f}")
+    ax.bar([str(k) for k in folds], [_value(r["best_val_kl"]) for r in block["folds"]], color="tab:blue",
+           label="best val KL")
+    if np.isfinite(_value(block["mean_kl"])):
+        ax.axhline(block["mean_kl"], color="k", label=f"mean {fmt(block['mean_kl'])}")
+    if np.isfinite(_value(block["baseline_kl"])):
+        ax.axhline(block["baseline_kl"], color="tab:red", ls="--", label=f"baseline {fmt(block['baseline_kl'])}")
     ax.set(xlabel="fold", ylabel="KL (lower is better)", title="per-fold best validation score")
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -73,9 +80,9 @@ def plot_per_class(block: dict, path: Path) -> None:
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
     x = np.arange(len(SCORED_NAMES))
-    ax.bar(x - 0.2, [block["per_class"].get(c, 0) for c in SCORED_NAMES], 0.4, label=f"oof {block['oof_kl']:.4f}")
+    ax.bar(x - 0.2, [block["per_class"].get(c, 0) for c in SCORED_NAMES], 0.4, label=f"oof {fmt(block['oof_kl'])}")
     ax.bar(x + 0.2, [block["baseline_per_class"].get(c, 0) for c in SCORED_NAMES], 0.4,
-           label=f"baseline {block['baseline_kl']:.4f}", color="tab:gray")
+           label=f"baseline {fmt(block['baseline_kl'])}", color="tab:gray")
     ax.set_xticks(x, SCORED_NAMES, rotation=30)
     ax.set(ylabel="contribution to KL", title="per-class contributions, out-of-fold")
     ax.legend(fontsize=8)
@@ -102,10 +109,12 @@ def plot_confusion(block: dict, path: Path) -> None:
 
 
 def plot_grid(blocks: list[dict], path: Path) -> None:
-    shown = [b for b in blocks if b["mean_kl"] is not None]
+    shown = [b for b in blocks if np.isfinite(_value(b["mean_kl"]))]
     fig = Figure(figsize=(max(6, len(shown)), 4))
     ax = fig.subplots()
-    ax.errorbar(range(len(shown)), [b["mean_kl"] for b in shown], yerr=[b["std_kl"] for b in shown], fmt="o", capsize=4)
+    # no error bar for a point with one finished fold: its std is None, not 0
+    ax.errorbar(range(len(shown)), [b["mean_kl"] for b in shown], yerr=[_value(b["std_kl"]) for b in shown],
+                fmt="o", capsize=4)
     ax.set_xticks(range(len(shown)), [b["name"] for b in shown], rotation=30, ha="right", fontsize=7)
     ax.set(ylabel="mean validation KL ± std", title="grid points")
     _save(fig, path)

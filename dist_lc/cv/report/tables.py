@@ -6,10 +6,16 @@ From the folder: each planned fold's ``done.json`` (a fold is finished iff it is
 ``test.csv`` and ``metrics.csv``. From the shards: every train tile's true proportions and fold
 (cached as ``truth.csv``) and, for the second stage only, every tile's cheap features (cached as
 ``tile_features.csv``).
+
+A damaged or foreign file of a finished fold (its done.json without the figures the report reads,
+an oof.csv or test.csv that ``dist-lc eval`` would refuse, a confusion matrix of another shape,
+out-of-fold tiles that are not that fold's train tiles, test tiles that differ from fold to fold) is
+an InputError naming the file.
 """
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +31,8 @@ from shard_tools import tarstream
 from shard_tools.format import decode_sample
 from shard_tools.manifest import load_manifest
 
-from ... import tile_features
+from ... import pixel_metrics, tile_features
+from ...evaluate import few, read_predictions
 from ...run_log import read_metrics
 from ..plan import CONFUSION, DONE, OOF, TEST, Plan, Point, load_plan
 
@@ -70,7 +77,10 @@ def read_folder(cv_dir) -> CVTables:
     points = [read_point(plan, p) for p in plan.points]
     if not any(p.folds for p in points):
         raise InputError(f"{plan.cv_dir}: no fold has finished yet (no done.json); nothing to report")
-    return CVTables(plan, read_truth(plan.cv_dir, plan.config.data.shards), points)
+    truth = read_truth(plan.cv_dir, plan.config.data.shards)
+    for fold in (f for p in points for f in p.folds):
+        check_oof_tiles(fold, truth, plan.config.data.shards)
+    return CVTables(plan, truth, points)
 
 
 def read_point(plan: Plan, point: Point) -> PointTables:
@@ -79,26 +89,90 @@ def read_point(plan: Plan, point: Point) -> PointTables:
     missing = [k for k in plan.folds if not done[k]]
     curves = {k: read_metrics(plan.run_dir(point, k)) for k in plan.folds}
     oof = pd.concat([f.oof for f in finished]) if finished else None
+    check_test_tiles(finished)
     return PointTables(point, finished, missing, curves, oof)
 
 
 def read_fold(run_dir: Path, fold: int) -> FoldTables:
     test = run_dir / TEST
-    return FoldTables(fold, run_dir, read_json_object(run_dir / DONE, "fold result"), read_pred(run_dir / OOF),
+    return FoldTables(fold, run_dir, read_done(run_dir / DONE), read_pred(run_dir / OOF),
                       read_confusion(run_dir), read_pred(test) if test.exists() else None)
 
 
+# done.json's figures that the report reads: the number ones, and those of them that may be null (a
+# training without a validation has no best score)
+DONE_NUMBERS = ("best_val_kl", "final_train_loss", "train_s", "predict_s")
+DONE_NULLABLE = ("best_val_kl", "final_train_loss")
+DONE_OTHERS = ("best_epoch", "epochs", "epochs_done", "world_size")
+TIMELINE_NUMBERS = ("epochs_s", "job_s")   # what report.md computes with, where a timeline has them
+
+
+def read_done(path: Path) -> dict:
+    """A fold's done.json, with the figures the report reads."""
+    done = read_json_object(path, "fold result")
+    missing = [k for k in (*DONE_NUMBERS, *DONE_OTHERS) if k not in done]
+    if missing:
+        raise InputError(f"{path}: fold result without {', '.join(missing)}")
+    timeline = done.get("timeline")
+    if timeline is not None and not isinstance(timeline, dict):
+        raise InputError(f"{path}: fold result's timeline is not a JSON object")
+    values = {k: done[k] for k in DONE_NUMBERS} | {f"timeline.{k}": v for k, v in (timeline or {}).items()
+                                                    if k in TIMELINE_NUMBERS}
+    for key, value in values.items():
+        if not (_is_number(value) or (value is None and key in DONE_NULLABLE)):
+            raise InputError(f"{path}: fold result's {key} is not a number ({json.dumps(value)[:40]})")
+    return done
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_pred(path: Path) -> pd.DataFrame:
-    return _read_table(path)[CLASSES]
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"sample_id": str}).set_index("sample_id")
+    """A fold's predictions (oof.csv, test.csv), the 10 classes by tile id, checked as ``dist-lc eval``
+    checks a prediction."""
+    return read_predictions(path, CLASSES, text_ids=True)
 
 
 def read_confusion(run_dir: Path) -> np.ndarray | None:
+    """A fold's pixel confusion matrix (scored classes × scored classes); None when the fold has none."""
     path = run_dir / CONFUSION
-    return np.asarray(read_json_object(path, "confusion matrix")["matrix"], dtype=np.int64) if path.exists() else None
+    if not path.exists():
+        return None
+    data = read_json_object(path, "confusion matrix")
+    try:
+        matrix = np.asarray(data["matrix"], dtype=np.int64)
+    except KeyError:
+        raise InputError(f"{path}: unreadable confusion matrix (no \"matrix\" in it)") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InputError(f"{path}: unreadable confusion matrix ({type(exc).__name__}: {exc})") from None
+    expected = (pixel_metrics.N, pixel_metrics.N)
+    if matrix.shape != expected:
+        raise InputError(f"{path}: confusion matrix of shape {matrix.shape}, expected {expected}")
+    return matrix
+
+
+def check_oof_tiles(fold: FoldTables, truth: pd.DataFrame, shards) -> None:
+    """A fold's out-of-fold tiles are train tiles of the shards, of that fold (anything else would be
+    scored against another fold's baseline, or not at all)."""
+    path, ids = fold.run_dir / OOF, fold.oof.index
+    unknown = ids.difference(truth.index, sort=False)
+    if len(unknown):
+        raise InputError(f"{path}: {len(unknown)} sample_id(s) not among the train tiles of {shards}: {few(unknown)}")
+    elsewhere = ids[truth.loc[ids, "fold"].to_numpy() != fold.fold]
+    if len(elsewhere):
+        raise InputError(f"{path}: {len(elsewhere)} sample_id(s) of other folds than {fold.fold}: {few(elsewhere)}")
+
+
+def check_test_tiles(folds: list[FoldTables]) -> None:
+    """Every fold's test.csv predicts the same tiles (the submission is their mean, tile by tile)."""
+    tests = [f for f in folds if f.test is not None]
+    for f in tests[1:]:
+        first, ids = tests[0].test.index, f.test.index
+        if set(ids) != set(first):
+            lacks, extra = first.difference(ids), ids.difference(first)
+            raise InputError(f"{f.run_dir / TEST}: not the test tiles of {tests[0].run_dir / TEST} "
+                             f"({len(lacks)} missing, {len(extra)} extra: {few([*lacks, *extra])})")
 
 
 # ----------------------------------------------------------------------------- from the shards
@@ -151,10 +225,13 @@ def _images(manifest):
 
 def _cached(path: Path, rows: int, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """The table cached at ``path`` while it has ``rows`` rows (one per tile of the shards; its only
-    check), else ``compute()``'s, cached."""
+    check), else ``compute()``'s, cached (a cache that cannot be read is computed again)."""
     if path.exists():
-        table = _read_table(path)
-        if len(table) == rows:
+        try:
+            table = pd.read_csv(path, dtype={"sample_id": str}).set_index("sample_id")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError):   # pandas' parse errors are ValueErrors
+            table = None
+        if table is not None and len(table) == rows:
             return table
     table = compute()
     write_csv_atomic(path, table.reset_index())

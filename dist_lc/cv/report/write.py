@@ -4,22 +4,27 @@ Per grid point ``oof.csv`` (every finished fold's held-out tiles, as predicted b
 best.pt); then, of the best point, ``oof.csv``, the corrections' cross-fitted ``oof_*.csv`` and
 ``submission.csv`` (the mean of the folds' test predictions, i.e. the ensemble of their best
 checkpoints, corrected when stage 2 chose a correction); ``plots/*.png``; ``report.json`` and
-``report.md`` last.
+``report.md`` last. A score that is not finite is written as null: report.json stays strict JSON.
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pandas as pd
 
-from lc_common.atomic import write_bytes_atomic, write_csv_atomic, write_json_atomic
+from lc_common.atomic import fsync_dir, write_bytes_atomic, write_csv_atomic, write_json_atomic
+from lc_common.errors import WriteError
 
 from ..plan import OOF, Plan, now
 from . import figures
 from .correct import Corrections
-from .scores import grid_ranking
+from .scores import rank
 from .tables import CVTables, PointTables
 from .text import markdown
 
 CROSSED = {"calibration": "oof_calibrated.csv", "second_stage": "oof_second_stage.csv"}
+UNCORRECTED = "submission_uncalibrated.csv"   # the name from when calibration was the only correction
 
 
 def write_report(folder: CVTables, blocks: list[dict], best: dict, corrections: Corrections) -> dict:
@@ -32,10 +37,14 @@ def write_report(folder: CVTables, blocks: list[dict], best: dict, corrections: 
     report = {"cv_dir": str(plan.cv_dir), "created": now(), "executor": plan.executor, "tta": plan.config.cv.tta,
               "folds_planned": plan.folds, "complete": all(b["complete"] for b in blocks), **best,
               "calibration": corrections.calibration, "second_stage": corrections.second_stage,
+              "choice_nested": corrections.nested,
               "submission": write_submission(plan, best_tables, corrections),
               "plots": figures.draw(plan.cv_dir / "plots", folder.points, blocks, best, bool(plan.grid))}
     if plan.grid:
-        report.update(grid_axes=plan.grid, grid=blocks, grid_ranking=grid_ranking(blocks))
+        ranking = rank(blocks)
+        report.update(grid_axes=plan.grid, grid=blocks, grid_ranking=[b["name"] for b in ranking.blocks],
+                      grid_ranking_shared_folds=ranking.shared_folds)
+    report = strict(report)
     write_json_atomic(plan.cv_dir / "report.json", report)
     write_bytes_atomic(plan.cv_dir / "report.md", markdown(report).encode())
     return report
@@ -54,18 +63,44 @@ def write_submission(plan: Plan, best: PointTables, corrections: Corrections) ->
     """The mean of the finished folds' test predictions (= the ensemble of their best.pt), or, with a
     correction, the mean of the corrected fold predictions (a correction is fitted on single models'
     out-of-fold tiles, so it is applied to each fold's model, then averaged); the plain mean is then
-    kept as submission_uncalibrated.csv."""
-    tests = [f.test for f in best.folds if f.test is not None]
-    if not tests:
+    kept as submission_uncalibrated.csv, and without a correction an earlier report's copy is
+    removed (it would pass for the plain mean of these folds). "folds" are the folds averaged:
+    those with a test.csv (stage 1 checked that they predict the same tiles)."""
+    averaged = [f for f in best.folds if f.test is not None]
+    if not averaged:
         return None
+    tests = [f.test for f in averaged]
     final = mean = ensemble(tests)
     if corrections.correct is not None:
-        write_csv_atomic(plan.cv_dir / "submission_uncalibrated.csv", mean.reset_index())
+        write_csv_atomic(plan.cv_dir / UNCORRECTED, mean.reset_index())
         final = ensemble([corrections.correct(t) for t in tests])
     write_csv_atomic(plan.cv_dir / "submission.csv", final.reset_index())
-    return {"path": "submission.csv", "point": best.point.name, "folds": [f.fold for f in best.folds],
+    if corrections.correct is None:
+        remove(plan.cv_dir / UNCORRECTED)
+    return {"path": "submission.csv", "point": best.point.name, "folds": [f.fold for f in averaged],
             "tiles": len(final), "tta": plan.config.cv.tta, "calibrated": corrections.chosen == "calibration",
             "correction": corrections.chosen}
+
+
+def remove(path: Path) -> None:
+    """``path`` gone, durably (its folder fsynced), if it was there; a failure is a WriteError."""
+    try:
+        if path.exists():
+            path.unlink()
+            fsync_dir(path.parent)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
+
+
+def strict(value):
+    """``value`` with every non-finite float replaced by None (JSON's null; json.dumps would write NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
 
 
 def ensemble(tables: list[pd.DataFrame]) -> pd.DataFrame:
