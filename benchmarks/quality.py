@@ -48,7 +48,7 @@ import pixel_gbm  # noqa: E402
 from common import REPO, SAMPLE_SRC, cv_command, ensure_shards, log, machine_line, table  # noqa: E402
 
 from dist_lc import calibration, second_stage, tile_features  # noqa: E402
-from dist_lc.metrics import EPSILON, kl_per_sample, scored_proportions  # noqa: E402
+from dist_lc.metrics import EPSILON, has_scored_class, kl_per_sample, scored_proportions  # noqa: E402
 from lc_common.tiles import CLASS_NAMES  # noqa: E402
 
 CLASSES = list(CLASS_NAMES)
@@ -58,7 +58,7 @@ BOOTSTRAP = 1000
 # ----------------------------------------------------------------------------- scores
 
 def per_tile(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    keep = truth[:, 2:].sum(axis=1) > 0
+    keep = has_scored_class(truth)
     out = np.full(len(truth), np.nan)
     out[keep] = kl_per_sample(truth[keep], pred[keep])
     return out
