@@ -2,7 +2,7 @@
 
 ``last.pt`` every epoch and ``best.pt`` at the lowest score hold: model, EMA, optimizer, scheduler
 and scaler state dicts, ``epoch`` (epochs completed), ``step``, RNG states, ``best_val_kl``,
-``config`` (a plain dict), ``manifest_identity`` (what the shards hold, see
+``early_stop_reference``, ``config`` (a plain dict), ``manifest_identity`` (what the shards hold, see
 :attr:`Manifest.identity`; checkpoints of earlier releases hold ``manifest_sha256``) and the layout it was trained on (``world_size``,
 ``device``). Tensors and plain types only.
 """
@@ -19,9 +19,62 @@ from lc_common.atomic import write_atomic
 from lc_common.errors import InputError
 
 from . import distributed
-from .config import normalized, to_dict
+from .config import normalized, to_dict, yaml_value
 
 LAST, BEST = "last.pt", "best.pt"
+
+# The config keys that may differ between a run and the last.pt it resumes: where and how it runs,
+# never what it trains ("section.*": the whole section). Any other change is refused, because the
+# optimizer and scheduler states loaded from last.pt would silently override the new value, a
+# change of optim.name or schedule.name would not even load, and the others (the validation fold,
+# the batch, the loss, the data) would make the resumed epochs another training than the first.
+RESUMABLE_CHANGES = (
+    "data.shards",                  # the same tiles elsewhere: their manifest identity is checked
+    "data.workers", "data.wait_timeout_s",
+    "train.epochs",                 # a longer or shorter run: train.follow_epochs refits its schedule
+    "train.micro_batch_size", "train.memory_limit_gb",   # accumulation keeps the batch exact
+    "train.channels_last", "train.compile", "train.compile_mode", "train.deterministic", "optim.implementation",
+    "train.device", "train.dist_timeout_s",
+    "train.time_limit", "train.fit_schedule",           # the fitted length is kept in last.pt
+    "train.loggers", "train.mlflow_uri", "train.experiment", "train.plot_every", "train.plot_tiles",
+    "launcher.*", "cv.*",           # how jobs are run, and what a CV does after training
+)
+
+
+def resumable_change(key: str) -> bool:
+    return key in RESUMABLE_CHANGES or f"{key.split('.', 1)[0]}.*" in RESUMABLE_CHANGES
+
+
+def changed_keys(saved: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(key, value in ``saved``, value in ``now``) of every key of two normalized configs that
+    differs and may not differ on resume."""
+    return [(f"{section}.{key}", saved.get(section, {}).get(key), value)
+            for section, keys in now.items() for key, value in keys.items()
+            if saved.get(section, {}).get(key) != value and not resumable_change(f"{section}.{key}")]
+
+
+def saved_config(path, state: dict) -> dict:
+    """The config of checkpoint ``state`` (read from ``path``) as this version reads it; one line
+    naming ``path`` when this version cannot read it."""
+    config = state["config"]
+    try:
+        if not isinstance(config, dict):
+            raise InputError(f"a mapping of sections was expected, not {type(config).__name__}")
+        return normalized(config)
+    except InputError as exc:
+        raise InputError(f"{path}: its config cannot be read by this version ({exc}); "
+                         "use a fresh --run-dir") from None
+
+
+def load_scaler(scaler: torch.amp.GradScaler, saved: dict) -> str | None:
+    """Load the gradient scaler's state; a note when an fp16 run starts from a checkpoint that holds
+    none: train.precision auto chose bf16 or fp32 where it was written (another GPU) and fp16 here,
+    and the scaler starts from its initial scale (torch refuses an empty state)."""
+    if scaler.is_enabled() and not saved:
+        return (f"fp16 gradient scaler: the checkpoint holds no scaler state (it was trained without fp16); "
+                f"starting from a fresh scale of {scaler.get_scale():g}")
+    scaler.load_state_dict(saved)
+    return None
 
 
 def save_atomic(state: dict, path) -> None:
@@ -63,13 +116,40 @@ def set_rng_state(state: dict) -> None:
 @dataclass
 class Progress:
     """Where a run stands: epochs completed, optimizer steps taken, best score so far, validations
-    since the score last improved (early stopping), and the epochs planned when the schedule was
-    fitted to a time limit (None: train.epochs)."""
+    since the score last beat the early-stopping reference, that reference, and the epochs planned
+    when the schedule was fitted to a time limit (None: train.epochs)."""
     epoch: int = 0
     step: int = 0
     best: float = float("inf")
     stale: int = 0
     planned: int | None = None
+    reference: float = float("inf")
+
+    def judge(self, score: float | None, min_delta: float) -> bool:
+        """Count one epoch's score (None: not validated); True when it is the best so far (best.pt).
+
+        Early stopping counts validations that do not beat ``reference`` by more than ``min_delta``.
+        The reference moves only when it is beaten so: had it followed every better score, gains
+        each just under ``min_delta`` would never count however much they add up to."""
+        if score is None:
+            return False
+        improved = score < self.best
+        self.best = min(self.best, score)
+        if score < self.reference - min_delta:
+            self.reference, self.stale = score, 0
+        else:
+            self.stale += 1
+        return improved
+
+
+@dataclass
+class Resumed:
+    """What a resume found in last.pt besides the progress: the layout it was trained on, the
+    train.epochs it was planned for, and notes for the run's log."""
+    world_size: int | None
+    device: str | None
+    epochs: int
+    notes: list
 
 
 class Checkpointer:
@@ -97,6 +177,7 @@ class Checkpointer:
                 "optimizer": self.parts["optimizer"].state_dict(), "scheduler": self.parts["scheduler"].state_dict(),
                 "scaler": self.parts["scaler"].state_dict(), "epoch": p.epoch, "step": p.step,
                 "best_val_kl": p.best, "stale_validations": p.stale, "planned_epochs": p.planned,
+                "early_stop_reference": p.reference,
                 "rng": rng_state(), "config": to_dict(self.cfg),
                 "manifest_identity": self.manifest.identity, "world_size": self.world_size, "device": self.device.type}
 
@@ -120,8 +201,18 @@ class Checkpointer:
             raise InputError(f"{self.last}: trained on other shards than {self.cfg.data.shards} (other tiles, "
                              f"folds, seed or shard layout); use a fresh --run-dir")
 
-    def resume(self) -> tuple[Progress, dict | None]:
-        """(progress, the checkpoint's layout) from last.pt, or a fresh start when rank 0 sees none."""
+    def check_same_config(self, saved: dict) -> None:
+        """The run resumes only with the config it was trained with, but for RESUMABLE_CHANGES."""
+        changed = changed_keys(saved, to_dict(self.cfg))
+        if changed:
+            key, before, now = changed[0]
+            more = f"; {len(changed) - 1} other key(s) differ too" if len(changed) > 1 else ""
+            raise InputError(f"{self.last}: written with another {key.split('.')[0]} config ({key}: "
+                             f"{yaml_value(before)} there, {yaml_value(now)} now{more}); resume with the "
+                             "config it was trained with, or use a fresh --run-dir")
+
+    def resume(self) -> tuple[Progress, Resumed | None]:
+        """(progress, what else last.pt says) from last.pt, or a fresh start when rank 0 sees none."""
         if distributed.is_main():  # temporary files of writes a SIGKILL cut short
             for stale in self.folder.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -130,15 +221,17 @@ class Checkpointer:
             return Progress(), None
         state = load(self.last)
         self.check_same_data(state)
-        if normalized(state["config"])["model"] != to_dict(self.cfg)["model"]:
-            raise InputError(f"{self.last}: written with another model config; use a fresh --run-dir")
+        saved = saved_config(self.last, state)
+        self.check_same_config(saved)
         self.parts["model"].load_state_dict(state["model"])
         if self.parts["ema"] is not None and state["ema"] is not None:
             updates = state.get("ema_updates")   # an earlier release saved none: one per optimizer step
             self.parts["ema"].load(state["ema"], state["step"] if updates is None else updates)
-        for name in ("optimizer", "scheduler", "scaler"):
+        for name in ("optimizer", "scheduler"):
             self.parts[name].load_state_dict(state[name])
+        notes = [note for note in [load_scaler(self.parts["scaler"], state["scaler"])] if note]
         set_rng_state(state["rng"])
-        layout = {"world_size": state.get("world_size"), "device": state.get("device")}
+        resumed = Resumed(state.get("world_size"), state.get("device"), saved["train"]["epochs"], notes)
+        # checkpoints of earlier releases hold no early-stopping reference: it followed the best score
         return Progress(state["epoch"], state["step"], state["best_val_kl"], state.get("stale_validations", 0),
-                        state.get("planned_epochs")), layout
+                        state.get("planned_epochs"), state.get("early_stop_reference", state["best_val_kl"])), resumed

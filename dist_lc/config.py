@@ -98,7 +98,8 @@ class ScheduleConfig:
     patience: int = option(20, "plateau: epochs without a better validation score", min=0)
     factor: float = option(0.5, "plateau: learning-rate multiplier", min=1e-6, max=1.0)
     warmup_epochs: int = option(0, "cosine: epochs of linear warmup", min=0)
-    min_lr: float = option(0.0, "learning rate at the end of the cosine (and plateau's floor)", min=0.0)
+    min_lr: float = option(0.0, "learning rate at the end of the cosine (and plateau's floor); above optim.lr, "
+                           "the cosine stays at optim.lr", min=0.0)
 
 
 @dataclass
@@ -124,7 +125,8 @@ class TrainConfig:
     sync_batchnorm: bool = option(False, "BatchNorm statistics over all ranks (SyncBatchNorm)")
     seed: int = option(0, "seed of initialisation, data order and augmentation", min=0)
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (slower)")
-    time_limit: float | None = option(None, "minutes; stop at the last epoch boundary that fits", min=0.0)
+    time_limit: float | None = option(None, "minutes (more than 0); stop at the last epoch boundary that fits "
+                                      "(null: no limit)", min=0.0)
     val_every: int = option(1, "epochs between validations (the first and the last epoch are always validated)",
                             min=1)
     val_from: float = option(0.0, "validate only from this share of the planned epochs on (0: from the start); "
@@ -473,6 +475,9 @@ def validate(cfg: Config) -> None:
     if IMAGE_SHAPE[0] % factor:
         raise InputError(f"config key 'model.num_layers': {cfg.model.num_layers} halves a {IMAGE_SHAPE[0]}-pixel "
                          f"tile to fractions (at most {int(math.log2(IMAGE_SHAPE[0])) - 1})")
+    if t.time_limit is not None and t.time_limit <= 0:   # 0 would read as "no limit" where null says so
+        raise InputError(f"config key 'train.time_limit': {t.time_limit:g} is out of range (allowed: more than 0 "
+                         "minutes; null: no time limit)")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise InputError(f"config key 'train.ema_decay': {t.ema_decay} is out of range (allowed: between 0 "
                          "and 1, exclusive; null: no EMA)")
@@ -513,7 +518,8 @@ def batch_layout(train: TrainConfig, world: int, micro_cap: int | None = None) -
 
 # ----------------------------------------------------------------------------- printing
 
-def _yaml_value(value) -> str:
+def yaml_value(value) -> str:
+    """A value as it would stand in a recipe (null, true, [a, b]), for messages and --print-config."""
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
@@ -538,8 +544,8 @@ def describe(cfg: Config) -> str:
         for f in dataclasses.fields(obj):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             one_of = _choices_note(typing.get_type_hints(type(obj))[f.name])
-            rows.append((f"  {f.name}: {_yaml_value(getattr(obj, f.name))}",
-                         f"# {f.metadata.get('help', '')} [{one_of}default: {_yaml_value(default)}]"))
+            rows.append((f"  {f.name}: {yaml_value(getattr(obj, f.name))}",
+                         f"# {f.metadata.get('help', '')} [{one_of}default: {yaml_value(default)}]"))
         width = max(len(a) for a, _ in rows)
         lines += [f"{a:<{width}}  {b}" for a, b in rows]
     return "\n".join(lines)

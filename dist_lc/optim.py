@@ -75,8 +75,10 @@ def _constant(cfg: Config, optimizer, steps_per_epoch: int):
 
 def _cosine(cfg: Config, optimizer, steps_per_epoch: int):
     s = cfg.schedule
+    # a floor above 1 would make the "annealing" raise the rate: a min_lr above optim.lr (a search
+    # over optim.lr under a recipe's min_lr) holds the rate at optim.lr instead
     shape = WarmupCosine(s.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch,
-                         s.min_lr / cfg.optim.lr)
+                         min(s.min_lr / cfg.optim.lr, 1.0))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
 
 

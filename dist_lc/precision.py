@@ -5,6 +5,7 @@ import contextlib
 
 import torch
 
+from . import distributed
 from .config import TrainConfig, dispatch_table, pick
 
 
@@ -28,6 +29,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """Autocast dtype (None: fp32). ``auto``: native bf16, else fp16 on CUDA (with a gradient
     scaler), else fp32; an explicit choice is honoured."""
     return pick(PRECISIONS, precision, "train.precision")(device)
+
+
+# auto's choices from the one every device runs to the one that needs the most of it
+CAPABILITY = (None, torch.float16, torch.bfloat16)
+
+
+def agreed_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """:func:`resolve_precision`, the same on every rank: ``auto`` is decided by each rank's own
+    device, and ranks on different GPUs (bf16 on an A100, fp16 on a V100) take the choice of the
+    least capable, as they all take the smallest micro-batch (a collective: every rank calls it)."""
+    dtype = resolve_precision(precision, device)
+    if precision != "auto":
+        return dtype
+    return CAPABILITY[int(distributed.all_reduce_min(CAPABILITY.index(dtype), device))]
 
 
 def _auto(device: torch.device) -> torch.dtype | None:

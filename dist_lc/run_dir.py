@@ -9,7 +9,8 @@ import time
 
 from pathlib import Path
 
-from lc_common.errors import InputError
+from lc_common.atomic import write_bytes_atomic
+from lc_common.errors import InputError, WriteError
 
 from . import distributed
 
@@ -41,10 +42,13 @@ class RunLock:
     A second training on the same folder is refused with one line naming the holder; the kernel
     drops the lock of a process that died (SIGKILL, OOM), so a stale lock file is simply taken over.
     Every rank learns rank 0's outcome, so all of them stop together when the folder is taken.
+    The lock is taken before the run's set-up (whose micro-batch trials would share the GPU of the
+    training that holds it), so a set-up that refuses its input leaves a folder that the lock alone
+    created as it was: not there.
     """
 
     def __init__(self, run_dir, enabled: bool):
-        self.path, self.enabled, self._file = Path(run_dir) / LOCK, enabled, None
+        self.path, self.enabled, self._file, self._made = Path(run_dir) / LOCK, enabled, None, False
 
     def __enter__(self) -> "RunLock":
         problem = self._acquire() if self.enabled else None
@@ -55,6 +59,7 @@ class RunLock:
         return self
 
     def _acquire(self) -> str | None:
+        self._made = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+")
         try:
@@ -74,8 +79,16 @@ class RunLock:
 
     def __exit__(self, *exc) -> bool:
         if self._file is not None:
+            failed = bool(exc) and exc[0] is not None
+            if failed and self._made and os.listdir(self.path.parent) == [LOCK]:
+                self.path.unlink(missing_ok=True)   # still holding it: no other training took it meanwhile
             self._file.close()   # closing drops the flock
             self._file = None
+            if failed and self._made:
+                try:
+                    self.path.parent.rmdir()   # only when empty
+                except OSError:
+                    pass
         return False
 
 
@@ -94,8 +107,9 @@ def record_failure(run_dir, rank: int, exc: BaseException) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         kind = "input" if isinstance(exc, InputError) else "error"
         text = " ".join(str(exc).split()) or type(exc).__name__
-        (folder / f"rank{rank}").write_text(f"{time.time():.3f} {kind} {type(exc).__name__}: {text}\n")
-    except OSError:
+        # whole or not at all: a peer reads it while this process may be dying
+        write_bytes_atomic(folder / f"rank{rank}", f"{time.time():.3f} {kind} {type(exc).__name__}: {text}\n".encode())
+    except (OSError, WriteError):
         pass
 
 
@@ -106,10 +120,15 @@ def first_peer_failure(run_dir, rank: int, wait_s: float = 3.0) -> tuple[int, st
     while True:
         notes = []
         for path in folder.glob("rank*") if folder.is_dir() else []:
-            other = int(path.name[4:])
-            if other != rank:
-                stamp, kind, message = path.read_text().strip().split(" ", 2)
-                notes.append((float(stamp), other, kind, message))
+            try:
+                other = int(path.name[4:])
+                if other != rank:
+                    stamp, kind, message = path.read_text().strip().split(" ", 2)
+                    notes.append((float(stamp), other, kind, message))
+            except (OSError, ValueError):
+                # not a note this version wrote whole (an earlier release's torn write, a stray
+                # file): it must not hide the real cause behind a parsing error
+                continue
         if notes:
             _, other, kind, message = min(notes)
             return other, kind, message

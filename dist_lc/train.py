@@ -1,7 +1,7 @@
 """The training loop: one process per device, DDP when there are several.
 
-Read top to bottom: :func:`train` sets up (:func:`build_setup`: environment, data, model,
-optimiser), takes the run folder's lock and resumes from its last checkpoint, then runs epochs of
+Read top to bottom: :func:`train` takes the run folder's lock, sets up (:func:`build_setup`:
+environment, data, model, optimiser) and resumes from its last checkpoint, then runs epochs of
 :func:`train_epoch` (accumulated, mixed-precision optimizer steps) and :func:`validate`, logging
 and checkpointing on rank 0 after each.
 """
@@ -28,17 +28,17 @@ from lc_common.tiles import IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
 from . import distributed, pixel_metrics
-from .checkpoint import Checkpointer, Progress
-from .config import BatchLayout, Config, batch_layout, from_dict, per_rank_batch, read_yaml, save_config
+from .checkpoint import LAST, Checkpointer, Progress, Resumed, load, saved_config
+from .config import BatchLayout, Config, batch_layout, per_rank_batch, save_config
 from .data import apply_views, copy_to, eval_loader, to_nchw, train_loader
 from .ema import EMA
 from .loading import Loader, LoaderError
 from .losses import SegmentationLoss, class_weights
 from .memory import fit_micro_batch, peak_memory_mb
-from .metrics import kl_per_sample
+from .metrics import has_scored_class, kl_per_sample
 from .model import build_network, normalisation_stats, prior_bias, tile_proportions
 from .optim import WarmupCosine, build_optimizer, build_scheduler, is_per_epoch
-from .precision import autocast, resolve_precision
+from .precision import agreed_precision, autocast
 from .predict import Tally
 from .run_dir import (RunLock, check_output_folder, clear_failures, default_run_dir, first_peer_failure,
                       record_failure)
@@ -78,6 +78,7 @@ class Setup:
     val_data: Loader | None       # its workers serve every validation
     compiled: bool = False        # torch.compile: its first step compiles (timed apart)
     fp16_skips: int = 0           # consecutive steps the gradient scaler skipped
+    skipped_steps: int = 0        # all the steps the gradient scaler skipped
     compile_s: float | None = None   # the compiling first step's seconds, once taken
 
     @property
@@ -120,7 +121,7 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     net = build_network(cfg.model, mean, std, bias).to(device)
     if t.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    dtype = resolve_precision(t.precision, device)
+    dtype = agreed_precision(t.precision, device)
     loss_fn = SegmentationLoss(weights.to(device), cfg.loss.kl_weight)
     notes = []
     if t.micro_batch_size == "auto":   # the resolved config (config.yaml, checkpoints) records the choice
@@ -237,6 +238,7 @@ def optimizer_step(s: Setup, loss: torch.Tensor, stop_requested: bool) -> tuple[
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
     skipped = bad or (fp16 and s.scaler.get_scale() < scale)   # the scaler found inf/NaN gradients
+    s.skipped_steps += bool(skipped)
     if not skipped:   # a step the scaler skipped is no step: no EMA update, no schedule step
         if s.ema is not None:
             s.ema.update(s.net)
@@ -280,18 +282,19 @@ def timed(batches, waited: list):
 def train_epoch(s: Setup, epoch: int, step: int, stop: StopSignals, progress) -> dict:
     t, steps = s.cfg.train, s.steps_per_epoch
     s.model.train()
-    losses, waited, start = [], [0.0], time.perf_counter()
+    losses, waited, start, skipped = [], [0.0], time.perf_counter(), s.skipped_steps
     apart = 0.0, 0   # (seconds, steps) not counted in images/s: a compiling first step
     with s.train_data.batches(epoch) as batches:
         stream = timed(batches, waited)
         for _ in range(steps):
-            tick = time.perf_counter()
+            tick, skips = time.perf_counter(), s.skipped_steps
             loss, stopping = train_step(s, itertools.islice(stream, s.layout.accum), stop.set)
             if s.compiled and s.compile_s is None:
                 s.compile_s = time.perf_counter() - tick
                 apart = s.compile_s, 1
             step += 1
-            losses.append(loss)
+            if s.skipped_steps == skips:   # the loss of a step fp16's scaler skipped is often inf or NaN
+                losses.append(loss)
             progress.set_postfix(loss=f"{loss:.4f}", refresh=False)   # shown by update, at tqdm's own pace
             progress.update(1)
             if stopping:
@@ -300,9 +303,11 @@ def train_epoch(s: Setup, epoch: int, step: int, stop: StopSignals, progress) ->
             raise TrainingError(f"the loader yielded more than the epoch's {steps} steps of batches")
     elapsed = time.perf_counter() - start
     counted_s = max(elapsed - apart[0], 1e-9)
-    return {"stopped": False, "step": step, "train_loss": float(np.mean(losses)), "epoch_time_s": elapsed,
+    return {"stopped": False, "step": step, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "epoch_time_s": elapsed,
             "images_per_s": (steps - apart[1]) * t.batch_size / counted_s if steps > apart[1] else None,
-            "data_wait_frac": waited[0] / elapsed, "compile_s": apart[0] if apart[1] else None}
+            "data_wait_frac": waited[0] / elapsed, "compile_s": apart[0] if apart[1] else None,
+            "skipped_steps": s.skipped_steps - skipped}
 
 
 @torch.no_grad()
@@ -342,7 +347,7 @@ def validate(s: Setup, net, epoch: int) -> tuple[dict, dict, HeldOut]:
         loss_sum += s.loss_fn(logits, b["mask"], b["props"]).sum().item()
         tally.add(batch["key"], props, logits.float() + net.logit_bias, b["mask"])   # as the maps are argmaxed
         truth, pred = batch["props"].double().numpy(), props.double().cpu().numpy()
-        scored = truth[:, 2:].sum(axis=1) > 0  # a tile of clouds/no_data only has no score
+        scored = has_scored_class(truth)
         kl_sum += float(kl_per_sample(truth[scored], pred[scored]).sum())
         n += float(scored.sum())
         skipped += float((~scored).sum())
@@ -433,15 +438,34 @@ def warn_if_batchnorm_unsettled(cfg: Config, runlog: RunLog, passes: int) -> Non
                     f"raise model.bn_momentum (0.1 settles within about 30 passes)")
 
 
-def describe_start(s: Setup, p: Progress, layout: dict | None) -> str:
+def follow_epochs(s: Setup, p: Progress, before: int) -> str:
+    """A run resumed with another train.epochs ends after the new count. A cosine schedule's length
+    was loaded from last.pt with the scheduler: it is set to the new count (a length fitted to
+    train.time_limit is kept unless the new count is shorter), and the learning rate is from now on
+    the new cosine's, so that the run still anneals to schedule.min_lr at its end."""
+    t = s.cfg.train
+    if p.planned is not None and t.epochs < p.planned:
+        p.planned = t.epochs
+    last = p.planned or t.epochs
+    line = f"train.epochs {before} → {t.epochs}: the run ends after epoch {last}"
+    shape = getattr(s.scheduler, "lr_lambdas", [None])[0]
+    if isinstance(shape, WarmupCosine):
+        shape.total = last * s.steps_per_epoch
+        for group, base in zip(s.optimizer.param_groups, s.scheduler.base_lrs):
+            group["lr"] = base * shape(s.scheduler.last_epoch)
+        line += f", and the cosine schedule with it (learning rate now {s.optimizer.param_groups[0]['lr']:.3g})"
+    return line
+
+
+def describe_start(s: Setup, p: Progress, resumed: Resumed | None) -> str:
     line = (f"{s.env.source}: {s.env.world_size} rank(s) on {s.device}, precision {s.dtype or 'fp32'}, "
             f"{s.steps_per_epoch} steps/epoch of {s.layout.batch} tiles ({s.layout.micro} × {s.layout.accum} "
             f"accumulation × {s.env.world_size} ranks)")
     if p.epoch:
         line += f", resuming after epoch {p.epoch}"
-        if layout and layout.get("world_size") is not None and \
-                (layout["world_size"], layout["device"]) != (s.env.world_size, s.device.type):
-            line += (f" (trained so far on {layout['world_size']} rank(s) on {layout['device']}: the same "
+        if resumed and resumed.world_size is not None and \
+                (resumed.world_size, resumed.device) != (s.env.world_size, s.device.type):
+            line += (f" (trained so far on {resumed.world_size} rank(s) on {resumed.device}: the same "
                      "batch size and schedule, a different tile order within each step)")
     return line
 
@@ -456,19 +480,22 @@ def train(cfg: Config, run_dir) -> TrainResult:
     started = time.monotonic()
     run_dir = Path(run_dir)
     with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s) as group:
-        s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
-        setup_s = time.monotonic() - started
-        note_own_exit = functools.partial(_record_own_exit, run_dir, s.env.rank)
-        with RunLock(run_dir, enabled=s.env.is_main), StopSignals() as stop, distributed.last_words(note_own_exit):
-            try:
-                result = _train(s, run_dir, stop, started)
-            except Exception as exc:
-                cause = explained(exc, s, run_dir)
-                if cause is exc:
-                    raise
-                raise cause from exc
-            finally:
-                s.close()
+        # the lock first: the set-up's micro-batch trials must not run on the GPU of a training
+        # that already holds the folder
+        with RunLock(run_dir, enabled=group.env.is_main):
+            s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
+            setup_s = time.monotonic() - started
+            note_own_exit = functools.partial(_record_own_exit, run_dir, s.env.rank)
+            with StopSignals() as stop, distributed.last_words(note_own_exit):
+                try:
+                    result = _train(s, run_dir, stop, started)
+                except Exception as exc:
+                    cause = explained(exc, s, run_dir)
+                    if cause is exc:
+                        raise
+                    raise cause from exc
+                finally:
+                    s.close()
         if dist.is_initialized():
             dist.barrier()
     timing = dataclasses.replace(result.timing, setup_s=setup_s, train_call_s=time.monotonic() - started)
@@ -480,13 +507,22 @@ def _record_own_exit(run_dir: Path, rank: int, reason: str) -> None:
 
 
 def keep_chosen_micro_batch(cfg: Config, run_dir: Path) -> Config:
-    """A resumed run keeps the micro-batch that ``auto`` chose when it started (rank 0 reads it)."""
+    """A resumed run keeps the micro-batch that ``auto`` chose when it started, as last.pt's config
+    (what the resume trusts) records it. Rank 0 reads it and hands every rank the value or its
+    error: a rank that raised alone would leave the others waiting in the broadcast."""
     if cfg.train.micro_batch_size != "auto":
         return cfg
-    saved = None
-    if distributed.is_main() and (run_dir / "config.yaml").is_file():
-        saved = from_dict(read_yaml(run_dir / "config.yaml")).train.micro_batch_size
-    saved = distributed.broadcast_object(saved)
+    found = (None, None)
+    if distributed.is_main():
+        last = run_dir / "checkpoints" / LAST
+        try:
+            if last.is_file():
+                found = (saved_config(last, load(last))["train"]["micro_batch_size"], None)
+        except InputError as exc:
+            found = (None, str(exc))
+    saved, problem = distributed.broadcast_object(found)
+    if problem:
+        raise InputError(problem)
     if not isinstance(saved, int):
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=saved))
@@ -495,7 +531,12 @@ def keep_chosen_micro_batch(cfg: Config, run_dir: Path) -> Config:
 def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
     """The exception to raise: this rank's own, or the first failed peer's cause when this one is
     only the consequence (a collective that failed because the peer is gone or stuck). A collective
-    that timed out with no peer's cause on record says so, naming this rank and the limit."""
+    that timed out with no peer's cause on record says so, naming this rank and the limit; a device
+    out of memory names the setting to lower."""
+    oom = out_of_memory(exc, s)
+    if oom is not None:   # this rank's own cause, whatever its peers recorded since
+        record_failure(run_dir, s.env.rank, oom)
+        return oom
     own = collective_timeout(exc, s)
     record_failure(run_dir, s.env.rank, own or exc)
     if not s.env.distributed or isinstance(exc, (InputError, TrainingError, LoaderError, WriteError)):
@@ -505,6 +546,16 @@ def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
         return own or exc
     rank, kind, message = peer
     return (InputError if kind == "input" else TrainingError)(f"rank {rank} failed first: {message}")
+
+
+def out_of_memory(exc: Exception, s: Setup) -> TrainingError | None:
+    """A TrainingError naming the setting to change for a device that ran out of memory, else None."""
+    if not isinstance(exc, torch.OutOfMemoryError):
+        return None
+    text = " ".join(str(exc).split())
+    return TrainingError(f"rank {s.env.rank}: out of {s.device.type} memory at train.micro_batch_size "
+                         f"{s.layout.micro} ({text.split('. ')[0][:160] or type(exc).__name__}); lower "
+                         "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)")
 
 
 def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:
@@ -525,15 +576,17 @@ def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
     ckpt = Checkpointer(run_dir, {"model": s.net, "ema": s.ema, "optimizer": s.optimizer,
                                   "scheduler": s.scheduler, "scaler": s.scaler},
                         cfg, s.manifest, s.env.world_size, s.device)
-    p, layout = ckpt.resume()
+    p, resumed = ckpt.resume()
     runlog = RunLog(run_dir, enabled=main, resume_epoch=p.epoch, cfg=cfg)
     status = "FAILED"
     try:
         if main:
             save_config(cfg, run_dir / "config.yaml")
-        runlog.info(describe_start(s, p, layout))
-        for note in s.notes:
+        runlog.info(describe_start(s, p, resumed))
+        for note in s.notes + (resumed.notes if resumed else []):
             runlog.info(note)
+        if resumed and resumed.epochs != cfg.train.epochs:
+            runlog.info(follow_epochs(s, p, resumed.epochs))
         result = run_epochs(s, p, ckpt, runlog, stop, started)
         status = "KILLED" if result.stopped else "FINISHED"   # a stopped run resumes later
         return result
@@ -601,25 +654,35 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                started: float) -> TrainResult:
     cfg, t = s.cfg, s.cfg.train
     epoch_times, train_s, val_s, row, reason = [], [], [], {}, "finished"
+    cost_s = []        # train_s without compilation: what the coming epochs will cost
     best_held = None   # the held-out predictions of best.pt, when this process validated it
     other_s, compile_s = 0.0, 0.0   # checkpoints, logs, plots; compilation
-    while p.epoch < (p.planned or t.epochs):
+    if t.early_stop and p.stale >= t.early_stop:   # a rerun of a run that stopped early
+        reason = "early_stop"
+        runlog.info(f"train.early_stop {t.early_stop}: this run already stopped early after epoch {p.epoch} "
+                    f"(no better score in {p.stale} validations); nothing left to train")
+    while reason == "finished" and p.epoch < (p.planned or t.epochs):
         epoch_started = time.monotonic()
         last = p.planned or t.epochs
         with runlog.progress(s.steps_per_epoch, f"epoch {p.epoch + 1}/{last}") as bar:
             result = train_epoch(s, p.epoch, p.step, stop, bar)
         p.step = result["step"]
-        if result.get("compile_s"):
-            compile_s += result["compile_s"]
-            runlog.info(f"torch.compile: the first step took {result['compile_s']:.1f} s (compilation); "
-                        f"not counted in images_per_s")
+        compiling = result.get("compile_s") or 0.0
+        if compiling:
+            compile_s += compiling
+            runlog.info(f"torch.compile: the first step took {compiling:.1f} s (compilation); "
+                        f"not counted in images_per_s nor in the epoch's cost for train.time_limit")
         if result["stopped"]:
             reason = "stopped"
             runlog.info(f"stop requested during epoch {p.epoch + 1}; last.pt holds epoch {p.epoch}")
             break
         p.epoch += 1
+        if result.get("skipped_steps"):
+            runlog.info(f"epoch {p.epoch}: the fp16 gradient scaler skipped {result['skipped_steps']} of "
+                        f"{s.steps_per_epoch} steps (non-finite gradients); train_loss is the mean of the others")
         train_s.append(time.monotonic() - epoch_started)
-        out_of_time = should_stop_for_time(s, started, epoch_times + [train_s[-1]])
+        cost_s.append(max(train_s[-1] - compiling, 0.0))
+        out_of_time = should_stop_for_time(s, started, epoch_times + [cost_s[-1]])
         val, shown = {}, None
         if s.val_folds is not None and (validates(t, p.epoch, last) or out_of_time):
             val_started = time.monotonic()
@@ -634,18 +697,15 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
         bookkeeping = time.monotonic()
-        improved = score is not None and score < p.best
-        if score is not None:
-            p.stale = 0 if score < p.best - t.early_stop_min_delta else p.stale + 1
-        p.best = min(p.best, score) if score is not None else p.best
+        improved = p.judge(score, t.early_stop_min_delta)
         record_epoch(ckpt, runlog, p, row, improved)
         if improved and val:
             best_held = held
         if shown and t.plot_every and p.epoch % t.plot_every == 0:
             runlog.plot(p.epoch, shown)
         other_s += time.monotonic() - bookkeeping
-        epoch_times.append(time.monotonic() - epoch_started)
-        fit_schedule_to_time(s, p, started, train_s, val_s, runlog)
+        epoch_times.append(time.monotonic() - epoch_started - compiling)
+        fit_schedule_to_time(s, p, started, cost_s, val_s, runlog)
         if out_of_time:
             reason = "time_limit"
             runlog.info(f"train.time_limit {t.time_limit} min: stopping after epoch {p.epoch}")

@@ -37,6 +37,8 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     ("optim.lr=-0.1", "'optim.lr': -0.1 is out of range"),
     ("optim.lr=0", "'optim.lr': 0.0 is out of range"),
     ("train.epochs=0", "'train.epochs': 0 is out of range (allowed: at least 1)"),
+    ("train.time_limit=0", "'train.time_limit': 0 is out of range (allowed: more than 0 minutes; null: no time "
+                           "limit)"),
     ("data.workers=-1", "'data.workers': -1 is out of range (allowed: 0 to 64)"),
     ("train.ema_decay=1.5", "'train.ema_decay': 1.5 is out of range"),
     ("optim.lr=.nan", "'optim.lr': expected a number"),

@@ -229,3 +229,80 @@ def test_fp16_skips_a_non_finite_step_as_the_scaler_intends_then_gives_up(packed
     with pytest.raises(train_mod.TrainingError, match="in a row under fp16"):
         for _ in range(train_mod.FP16_SKIPS_ALLOWED + 1):
             train_mod.train_step(s, [batches[2]])
+
+
+def test_a_skipped_fp16_step_is_left_out_of_the_epoch_loss(packed_sample, monkeypatch):
+    """The scaler skips a step whose gradients are not finite; its loss (inf here) must not make the
+    epoch's train_loss, the score of a run without validation fold, inf."""
+    from types import SimpleNamespace
+
+    from dist_lc.config import load_config
+    from dist_lc.run_log import _NoBar
+
+    cfg = load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", "data.crop=16", "data.workers=0",
+                                             "model.filters=4", "model.upconv_filters=4", "train.precision=fp16",
+                                             "train.batch_size=48", "train.micro_batch_size=48"])
+    s = train_mod.build_setup(cfg)
+    real, calls = s.loss_fn.forward, []
+
+    def first_is_inf(*args):
+        calls.append(1)
+        return real(*args) * (float("inf") if len(calls) == 1 else 1.0)
+
+    monkeypatch.setattr(s.loss_fn, "forward", first_is_inf)
+    try:
+        result = train_mod.train_epoch(s, 0, 0, SimpleNamespace(set=False), _NoBar())
+    finally:
+        s.close()
+    assert math.isfinite(result["train_loss"]), result
+    assert result["skipped_steps"] == 1 and s.steps_per_epoch == 5
+
+
+def test_auto_precision_is_the_same_on_every_rank(packed_sample, tmp_path):
+    """A rank whose device runs bf16 natively and one whose device does not (mixed GPUs; here CPUs
+    told so) train in the same precision: that of the less capable one."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "import os\n"
+        "from dist_lc import distributed, precision\n"
+        "from dist_lc.config import load_config\n"
+        "from dist_lc.train import build_setup\n"
+        "precision.cpu_has_native_bf16 = lambda: os.environ['RANK'] == '0'\n"
+        f"cfg = load_config('configs/smoke.yaml', ['data.shards={packed_sample}', 'data.workers=0',\n"
+        "                                          'train.precision=auto'])\n"
+        "with distributed.process_group('cpu', 30) as group:\n"
+        "    s = build_setup(cfg, group)\n"
+        "    s.close()\n"
+        "    print('rank', os.environ['RANK'], 'dtype', s.dtype, flush=True)\n")
+    proc = torchrun([str(script)], timeout=120)
+    assert sorted(x for x in proc.stdout.splitlines() if x.startswith("rank ")) == \
+        ["rank 0 dtype None", "rank 1 dtype None"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_torn_or_stray_failure_note_does_not_hide_a_peers_cause(tmp_path):
+    """A note another rank was writing when it died (or a stray file) is skipped, not a ValueError."""
+    from lc_common.errors import InputError
+    from dist_lc.run_dir import FAILURES, first_peer_failure, record_failure
+
+    (tmp_path / FAILURES).mkdir()
+    (tmp_path / FAILURES / "rank1").write_text("1712")       # cut short after its time stamp
+    (tmp_path / FAILURES / "rank_old").write_text("notes")   # no rank number
+    assert first_peer_failure(tmp_path, 0, wait_s=0) is None
+    record_failure(tmp_path, 2, InputError("shard x: truncated"))
+    assert first_peer_failure(tmp_path, 0, wait_s=0) == (2, "input", "InputError: shard x: truncated")
+    assert sorted(p.name for p in (tmp_path / FAILURES).iterdir()) == ["rank1", "rank2", "rank_old"]
+
+
+def test_running_out_of_memory_is_one_line_naming_the_micro_batch(packed_sample, tmp_path, monkeypatch, capsys):
+    from dist_lc import cli
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr(train_mod, "train_step", out_of_memory)
+    rc = cli.main(["train", *SMOKE, *small(packed_sample), "--set", "data.workers=0", "--set", "train.loggers=[]",
+                   "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len([x for x in err if x.startswith("error: ")]) == 1, err
+    assert err[-1] == ("error: rank 0: out of cpu memory at train.micro_batch_size 8 (CUDA out of memory); lower "
+                       "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)"), err

@@ -79,7 +79,8 @@ def test_a_time_limit_fits_the_cosine_schedule_and_a_resume_keeps_it(packed_samp
     planned = int(log.rsplit("the cosine schedule now ends after epoch ", 1)[1].split()[0])
     rows = pd.read_csv(run / "metrics.csv")
     assert 1 <= planned < 1000 and len(rows) <= planned   # (one epoch may be all that fits on a loaded machine)
-    if len(rows) == planned:   # it ended inside the limit: at the end of its schedule, at min_lr
+    if len(rows) == planned > 1:   # it ended inside the limit at the end of its schedule, at min_lr (an
+        # epoch of warmup is all a loaded machine may fit: then there is no annealing to end)
         assert rows["lr"].iloc[-1] == pytest.approx(2e-5, rel=1e-6)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["planned_epochs"] == planned
@@ -108,11 +109,79 @@ def test_no_fitted_schedule_without_a_time_limit(packed_sample, tmp_path):
 
 def test_early_stop_after_patience_validations_without_a_better_score(packed_sample, tmp_path):
     run = tmp_path / "run"
-    run_train(packed_sample, run, "train.epochs=20", "train.early_stop=2", "train.early_stop_min_delta=0.01",
-              "optim.lr=1e-9", "model.norm=group", "model.groups=4")
+    stopping = ["train.epochs=20", "train.early_stop=2", "train.early_stop_min_delta=0.01", "optim.lr=1e-9",
+                "model.norm=group", "model.groups=4"]
+    run_train(packed_sample, run, *stopping)
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
     assert "train.early_stop 2: no better score in 2 validations; stopping after epoch 3" in \
         (run / "train.log").read_text()
+    run_train(packed_sample, run, *stopping)   # run again: it has stopped, it does not train on
+    assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    assert "train.early_stop 2: this run already stopped early after epoch 3" in (run / "train.log").read_text()
+
+
+def test_gains_each_under_min_delta_count_once_they_add_up_to_more():
+    """1.0, 0.95, 0.90 with min_delta 0.06: 0.90 beats 1.0 by 0.10, so early stopping's count starts
+    again, although no single step gained 0.06. best.pt follows every better score."""
+    from dist_lc.checkpoint import Progress
+
+    p = Progress()
+    assert [(p.judge(score, 0.06), p.stale) for score in (1.0, 0.95, 0.90, 0.89, 0.95)] == \
+        [(True, 0), (True, 1), (True, 0), (True, 1), (False, 2)]
+    assert (p.best, p.reference) == (0.89, 0.90)
+    assert (p.judge(None, 0.06), p.stale) == (False, 2)   # an epoch without validation counts for nothing
+
+
+def test_a_min_lr_above_the_learning_rate_never_raises_it():
+    """A search over optim.lr below a recipe's schedule.min_lr: the cosine holds optim.lr."""
+    from dist_lc.optim import build_optimizer, build_scheduler
+
+    cfg = load_config(None, ["schedule.name=cosine", "optim.lr=0.001", "schedule.min_lr=0.01", "train.epochs=3",
+                             "schedule.warmup_epochs=1"])
+    optimizer = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=2)
+    rates = []
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert max(rates) == pytest.approx(0.001) and rates[-1] == pytest.approx(0.001)
+
+
+def test_the_compiling_step_is_no_part_of_the_epoch_cost_that_fits_the_schedule(packed_sample, tmp_path,
+                                                                                monkeypatch):
+    """train.time_limit 10 min; the first epoch took 100 s, 90 of them compiling: the schedule is
+    fitted to 10 s epochs (49 in all), not to 100 s ones (5)."""
+    from types import SimpleNamespace
+
+    from dist_lc.checkpoint import Checkpointer, Progress
+    from dist_lc.run_log import RunLog
+
+    cfg = load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", *SMALL, "data.fold=null",
+                                             "schedule.name=cosine", "train.epochs=1000", "train.time_limit=10",
+                                             "train.loggers=[]"])
+    s = train_mod.build_setup(cfg)
+    clock, epochs = [0.0], []
+
+    def compiled_epoch(s, epoch, step, stop, bar):
+        clock[0] += 100.0
+        epochs.append(epoch)
+        if len(epochs) > 1:
+            return {"stopped": True, "step": step}
+        return {"stopped": False, "step": step + s.steps_per_epoch, "train_loss": 1.0, "epoch_time_s": 100.0,
+                "images_per_s": None, "data_wait_frac": 0.0, "compile_s": 90.0, "skipped_steps": 0}
+
+    monkeypatch.setattr(train_mod, "train_epoch", compiled_epoch)
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=lambda: clock[0]))
+    parts = {"model": s.net, "ema": s.ema, "optimizer": s.optimizer, "scheduler": s.scheduler, "scaler": s.scaler}
+    runlog, p = RunLog(tmp_path, enabled=True, cfg=cfg), Progress()
+    try:
+        train_mod.run_epochs(s, p, Checkpointer(tmp_path, parts, cfg, s.manifest, 1, s.device), runlog,
+                             SimpleNamespace(set=False), started=0.0)
+    finally:
+        runlog.close()
+        s.close()
+    assert p.planned == 1 + int(500 * train_mod.SCHEDULE_MARGIN // 10) == 49
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

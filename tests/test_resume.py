@@ -1,0 +1,144 @@
+"""Resuming a run folder: what may differ between a run and the last.pt it resumes, what is refused
+in one line, and the run folder's lock taken before any set-up."""
+from __future__ import annotations
+
+import fcntl
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from dist_lc import cli
+from dist_lc import train as train_mod
+from dist_lc.checkpoint import Checkpointer
+from dist_lc.config import load_config
+from lc_common.errors import InputError
+from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
+from torchrun_util import torchrun
+
+STEPS = 6   # 48 training tiles in batches of 8
+
+
+def sets(shards, *extra) -> list[str]:
+    """A tiny cosine run of the smoke recipe: 6 steps an epoch, fold 0 validated."""
+    return [f"data.shards={shards}", "data.crop=32", "data.workers=0", "model.filters=8", "model.upconv_filters=8",
+            "train.plot_every=0", "train.precision=fp32", "train.loggers=[]", "train.batch_size=8",
+            "train.micro_batch_size=4", "schedule.name=cosine", "optim.lr=0.002", "schedule.min_lr=0.00002", *extra]
+
+
+def small(shards, *extra):
+    return load_config("configs/smoke.yaml", sets(shards, *extra))
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tiny_shards, tmp_path_factory):  # noqa: F811
+    run = tmp_path_factory.mktemp("one-epoch") / "run"
+    train_mod.train(small(tiny_shards, "train.epochs=1"), run)
+    return run
+
+
+@pytest.fixture
+def run(one_epoch, tmp_path):
+    """A copy of the one-epoch run, to resume."""
+    shutil.copytree(one_epoch, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("change, said", [
+    ("optim.lr=0.01", "optim config (optim.lr: 0.002 there, 0.01 now)"),          # the loaded state would win
+    ("schedule.name=plateau", "schedule config (schedule.name: cosine there, plateau now)"),   # did not load
+    ("optim.name=sgd", "optim config (optim.name: adam there, sgd now)"),
+    ("data.fold=1", "data config (data.fold: 0 there, 1 now)"),      # trained on the new validation fold
+    ("loss.class_weights=inverse_frequency", "loss config (loss.class_weights: none there, inverse_frequency now)"),
+])
+def test_another_training_config_is_refused_in_one_line(tiny_shards, run, capsys, change, said):  # noqa: F811
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
+    rc = cli.main(["train", "--config", "configs/smoke.yaml",
+                   *[a for s in sets(tiny_shards, "train.epochs=2", change) for a in ("--set", s)],
+                   "--run-dir", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"error: {run / 'checkpoints' / 'last.pt'}: written with another {said}; resume with the "
+                      "config it was trained with, or use a fresh --run-dir"), err
+    assert {name: (run / name).read_bytes() for name in before} == before   # config.yaml not rewritten
+
+
+def test_a_longer_cosine_run_is_refitted_and_where_it_runs_may_change(tiny_shards, run):  # noqa: F811
+    """train.epochs 1 → 2 with other timeouts, kernels and micro-batch: the cosine that last.pt holds
+    (one epoch long) is set to two, so the run anneals at its new end instead of idling at min_lr."""
+    result = train_mod.train(small(tiny_shards, "train.epochs=2", "train.dist_timeout_s=60", "data.wait_timeout_s=30",
+                                   "optim.implementation=for_loop", "train.micro_batch_size=2"), run)
+    assert result.epochs_done == 2
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["scheduler"]["lr_lambdas"][0]["total"] == 2 * STEPS
+    assert "train.epochs 1 → 2: the run ends after epoch 2, and the cosine schedule with it" in \
+        (run / "train.log").read_text()
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_a_checkpoint_whose_config_this_version_cannot_read_is_one_line_naming_it(tiny_shards, run):  # noqa: F811
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["config"]["train"]["epochz"] = 3
+    torch.save(state, last)
+    with pytest.raises(InputError) as err:
+        train_mod.train(small(tiny_shards, "train.epochs=1"), run)
+    assert str(err.value).startswith(f"{last}: its config cannot be read by this version (unknown config key "
+                                     "'train.epochz'"), err.value
+    assert str(err.value).endswith("use a fresh --run-dir")
+
+
+def test_an_fp16_run_resumes_a_checkpoint_without_scaler_state(tiny_shards, one_epoch):  # noqa: F811
+    """train.precision auto: bf16 (no scaler) where it started, fp16 after a requeue onto an older GPU."""
+    s = train_mod.build_setup(small(tiny_shards, "train.epochs=1"))
+    try:
+        scaler = torch.amp.GradScaler("cpu", enabled=True)
+        parts = {"model": s.net, "ema": s.ema, "optimizer": s.optimizer, "scheduler": s.scheduler, "scaler": scaler}
+        p, resumed = Checkpointer(one_epoch, parts, s.cfg, s.manifest, 1, s.device).resume()
+    finally:
+        s.close()
+    assert torch.load(one_epoch / "checkpoints" / "last.pt", weights_only=True)["scaler"] == {}
+    assert p.epoch == 1 and scaler.get_scale() == 65536.0
+    assert resumed.notes == ["fp16 gradient scaler: the checkpoint holds no scaler state (it was trained without "
+                             "fp16); starting from a fresh scale of 65536"]
+
+
+def test_an_unreadable_checkpoint_config_stops_every_rank_in_one_line(tiny_shards, run, tmp_path):  # noqa: F811
+    """micro_batch_size auto: rank 0 reads the micro-batch chosen earlier from last.pt and hands every
+    rank the value or the error; a rank 0 that failed alone left the others in the broadcast."""
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["config"]["train"]["epochz"] = 3
+    torch.save(state, last)
+    (run / "config.yaml").write_text("train: [\n")   # no longer read: last.pt's config is what resumes
+    logs = tmp_path / "logs"
+    overrides = sets(tiny_shards, "train.micro_batch_size=auto", "train.dist_timeout_s=10")
+    args = [a for s in overrides for a in ("--set", s)]
+    proc = torchrun(["--tee", "3", "--log-dir", str(logs), "-m", "dist_lc", "train", "--config", "configs/smoke.yaml",
+                     *args, "--run-dir", str(run)], check=False, timeout=120)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        text = "".join(p.read_text() for p in logs.glob(f"*/attempt_*/{rank}/stderr.log"))
+        lines = [x for x in text.splitlines() if x.strip()]
+        assert lines and lines[-1].startswith(f"error: {last}: its config cannot be read by this version"), \
+            f"rank {rank}: {text[-2000:]}"
+
+
+def test_the_run_folder_is_locked_before_the_set_up(tiny_shards, tmp_path, monkeypatch):  # noqa: F811
+    """The set-up's micro-batch trials would run on the GPU of the training that holds the folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(train_mod, "build_setup", lambda *a: pytest.fail("set up while the folder is taken"))
+    with open(run / ".lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("pid 1 on elsewhere")
+        holder.flush()
+        with pytest.raises(InputError, match=r"run folder in use by another training \(pid 1 on elsewhere\)"):
+            train_mod.train(small(tiny_shards, "train.epochs=1"), run)
+
+
+def test_a_refused_set_up_leaves_no_run_folder(tmp_path):
+    with pytest.raises(InputError, match="shard folder does not exist"):
+        train_mod.train(load_config("configs/smoke.yaml", [f"data.shards={tmp_path / 'none'}"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
