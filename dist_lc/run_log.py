@@ -29,12 +29,32 @@ MLFLOW_RUN = "mlflow_run_id"   # the run folder's MLflow run, continued on resum
 
 
 def read_metrics(run_dir) -> list[dict]:
-    """A run's metrics.csv rows as written (strings; "" where an epoch skipped validation), [] if none yet."""
+    """A run's metrics.csv rows as written (strings; "" where an epoch skipped validation), [] if none
+    yet. Every value is checked to be a number, so that a damaged file (a resume, a report, a tune
+    reads it) is one line naming it and its line, not a traceback where a value is used."""
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for line, row in enumerate(rows, 2):
+            _check_row(row, line)
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable metrics ({type(exc).__name__}: {exc})") from None
+    return rows
+
+
+def _check_row(row: dict, line: int) -> None:
+    if None in row or None in row.values():
+        raise ValueError(f"line {line} has {'more' if None in row else 'fewer'} fields than the header")
+    int(row["epoch"])
+    for key, value in row.items():
+        if value != "":
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(f"line {line}, {key}: {value!r} is not a number") from None
 
 
 def check_columns(rows) -> None:

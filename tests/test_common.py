@@ -52,3 +52,27 @@ def test_a_damaged_record_is_one_line_naming_it(tmp_path, content, problem):
     with pytest.raises(InputError) as info:
         read_submissions(tmp_path)
     assert str(info.value).startswith(f"{path}: {problem}") and "\n" not in str(info.value), info.value
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("epoch,train_loss\n1,0.5\n2,abc\n", "line 3, train_loss: 'abc' is not a number"),
+    ("epoch,train_loss\n1,0.5,7\n", "line 2 has more fields than the header"),
+    ("epoch,train_loss\n1\n", "line 2 has fewer fields than the header"),
+    ("train_loss\n0.5\n", "KeyError: 'epoch'"),
+    (b"epoch\n\xff\n", "UnicodeDecodeError"),
+])
+def test_a_damaged_metrics_file_is_one_line_naming_it(tmp_path, content, problem):
+    from dist_lc.run_log import read_metrics
+
+    (tmp_path / "metrics.csv").write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(InputError) as info:
+        read_metrics(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'metrics.csv'}: unreadable metrics") and problem in str(info.value)
+
+
+def test_metrics_with_skipped_validations_read_as_written(tmp_path):
+    from dist_lc.run_log import read_metrics
+
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss,val_kl\n1,0.5,\n2,0.4,nan\n")
+    assert read_metrics(tmp_path) == [{"epoch": "1", "train_loss": "0.5", "val_kl": ""},
+                                      {"epoch": "2", "train_loss": "0.4", "val_kl": "nan"}]
