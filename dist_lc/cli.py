@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from lc_common.errors import InputError, OneLineArgumentParser, WriteError
+from lc_common.errors import InputError, OneLineArgumentParser, WriteError, print_error
 
 from .config import LauncherConfig, TrainConfig, choices
 from .tune import FOLD_ORDERS, PRUNERS, SAMPLERS
@@ -200,10 +200,10 @@ def main(argv=None) -> int:
     try:
         return int(importlib.import_module(modules[args.command]).run(args) or 0)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except WriteError as exc:   # not the user's input: a full disk, a quota, a read-only folder
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno as _errno
+import sys
 
 WORKER_PREFIX = "Caught InputError in DataLoader worker"
 
@@ -11,6 +12,14 @@ WORKER_PREFIX = "Caught InputError in DataLoader worker"
 def one_line(text) -> str:
     """An exception's text on one line (error messages are one line each)."""
     return " ".join(str(text).split())
+
+
+def print_error(text) -> None:
+    """Write ``error: <text>`` to stderr in one write: the ranks of a job share one stream, often
+    unbuffered (PYTHONUNBUFFERED), where print() writes the text and its newline apart and two ranks'
+    lines could interleave."""
+    sys.stderr.write(f"error: {text}\n")
+    sys.stderr.flush()
 
 
 class InputError(Exception):

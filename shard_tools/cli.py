@@ -8,7 +8,7 @@ import argparse
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
-from lc_common.errors import InputError, OneLineArgumentParser, WriteError
+from lc_common.errors import InputError, OneLineArgumentParser, WriteError, print_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,13 +60,13 @@ def main(argv=None) -> int:
     try:
         _run(args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except WriteError as exc:   # a full disk, a quota, a read-only folder: not the user's input
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     except BrokenProcessPool:   # pack removed what it had written of this run
-        print("error: a reader process was killed (out of memory, or a signal); no shard or manifest of this "
-              "run was kept", file=sys.stderr)
+        print_error("a reader process was killed (out of memory, or a signal); no shard or manifest of this "
+                    "run was kept")
         return 1
     return 0

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lc_common.atomic import write_atomic, write_csv_atomic, write_json_atomic
-from lc_common.errors import InputError, WriteError
+from lc_common.errors import InputError, WriteError, print_error
 
 
 def test_writers_take_path_first_and_replace_whole(tmp_path):
@@ -76,3 +76,19 @@ def test_metrics_with_skipped_validations_read_as_written(tmp_path):
     (tmp_path / "metrics.csv").write_text("epoch,train_loss,val_kl\n1,0.5,\n2,0.4,nan\n")
     assert read_metrics(tmp_path) == [{"epoch": "1", "train_loss": "0.5", "val_kl": ""},
                                       {"epoch": "2", "train_loss": "0.4", "val_kl": "nan"}]
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """Ranks share one unbuffered stream: a line written in parts could interleave with a peer's."""
+    writes = []
+
+    class Stream:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stderr", Stream())
+    print_error(InputError("a.tif: truncated"))
+    assert writes == ["error: a.tif: truncated\n"]

@@ -263,7 +263,7 @@ def test_auto_precision_is_the_same_on_every_rank(packed_sample, tmp_path):
     told so) train in the same precision: that of the less capable one."""
     script = tmp_path / "agree.py"
     script.write_text(
-        "import os\n"
+        "import os, sys\n"
         "from dist_lc import distributed, precision\n"
         "from dist_lc.config import load_config\n"
         "from dist_lc.train import build_setup\n"
@@ -273,7 +273,8 @@ def test_auto_precision_is_the_same_on_every_rank(packed_sample, tmp_path):
         "with distributed.process_group('cpu', 30) as group:\n"
         "    s = build_setup(cfg, group)\n"
         "    s.close()\n"
-        "    print('rank', os.environ['RANK'], 'dtype', s.dtype, flush=True)\n")
+        # One write per line: the ranks share an unbuffered pipe, and print() writes its parts apart.
+        "    sys.stdout.write(f\"rank {os.environ['RANK']} dtype {s.dtype}\\n\")\n")
     proc = torchrun([str(script)], timeout=120)
     assert sorted(x for x in proc.stdout.splitlines() if x.startswith("rank ")) == \
         ["rank 0 dtype None", "rank 1 dtype None"], proc.stdout + proc.stderr[-2000:]
