@@ -48,7 +48,7 @@ import pixel_gbm  # noqa: E402
 from common import REPO, SAMPLE_SRC, cv_command, ensure_shards, log, machine_line, table  # noqa: E402
 
 from dist_lc import calibration, second_stage, tile_features  # noqa: E402
-from dist_lc.metrics import EPSILON, has_scored_class, kl_per_sample, scored_proportions  # noqa: E402
+from dist_lc.metrics import EPSILON, best_constant, has_scored_class, kl_per_sample, scored_proportions  # noqa: E402
 from lc_common.tiles import CLASS_NAMES  # noqa: E402
 
 CLASSES = list(CLASS_NAMES)
@@ -84,7 +84,7 @@ class Scorer:
 def method_baseline(tiles, truth, folds) -> pd.DataFrame:
     rows = {}
     for k in sorted(set(folds)):
-        prior = truth[folds != k].mean().to_numpy()
+        prior = best_constant(truth[folds != k])
         rows.update({i: prior for i in truth.index[folds == k]})
     return pd.DataFrame.from_dict(rows, orient="index", columns=CLASSES)
 

@@ -59,3 +59,14 @@ def expand_scored(p8) -> np.ndarray:
     out = np.zeros((len(p8), NUM_CLASSES))
     out[:, list(SCORED_CLASSES)] = p8 / p8.sum(axis=1, keepdims=True)
     return out
+
+
+def best_constant(truth) -> np.ndarray:
+    """The one prediction (10,) that scores best on every tile of ``truth`` (``(n, 10)`` rows): the
+    mean of their scored proportions, tiles without a scored class left out. (The mean of the raw
+    rows is another distribution wherever no_data or clouds cover part of a tile, and scores worse.)"""
+    truth = np.asarray(truth, dtype=np.float64)
+    scored = scored_proportions(truth)[has_scored_class(truth)]
+    if not len(scored):
+        raise ValueError("no tile with a scored class to average")
+    return expand_scored(scored.mean(axis=0, keepdims=True))[0]

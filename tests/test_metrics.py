@@ -105,3 +105,28 @@ def test_has_scored_class_leaves_out_tiles_of_clouds_and_no_data_only():
     rows[0, 0], rows[1, [1, 4]], rows[2, 1] = 1, 0.5, 1
     assert metrics.has_scored_class(rows).tolist() == [False, True, False]
     assert metrics.has_scored_class(rows[:, 2:]).tolist() == [False, True, False]
+
+
+def test_the_best_constant_is_the_mean_of_the_scored_proportions(rng):
+    """The baseline every report prints: no other constant scores better, and the mean of the raw
+    rows (other where clouds cover part of a tile) scores worse."""
+    truth = rng.dirichlet(np.full(10, 0.5), size=200)
+    truth[:50, 1] += 3.0                               # tiles mostly under clouds, over water
+    truth[:50, 9] += 1.0
+    truth[-1] = [0.4, 0.6] + [0.0] * 8                 # no scored class: left out
+    truth /= truth.sum(axis=1, keepdims=True)
+    scored = metrics.has_scored_class(truth)
+
+    def kl_of(constant):
+        return kl_score(truth[scored], np.tile(constant, (scored.sum(), 1)))
+
+    best = metrics.best_constant(truth)
+    assert best[:2].tolist() == [0.0, 0.0] and abs(best.sum() - 1) < 1e-12
+    assert kl_of(best) < kl_of(truth.mean(axis=0)) - 0.005
+    for c in range(2, 10):
+        for step in (-1e-3, 1e-3):
+            moved = best.copy()
+            moved[c] += step
+            assert kl_of(moved / moved.sum()) > kl_of(best)
+    with pytest.raises(ValueError, match="no tile"):
+        metrics.best_constant(truth[-1:])

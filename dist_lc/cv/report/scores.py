@@ -4,7 +4,7 @@ report.json, the best point, the grid's ranking.
 ``mean_kl ± std_kl`` over folds of each fold's best validation KL (from training; std with ddof=1,
 None under 2 folds); ``oof_kl`` all out-of-fold tiles scored together
 (:func:`dist_lc.metrics.kl_per_sample`) with its per-class contributions; ``baseline_kl`` the same
-tiles predicted by the mean class proportions of their fold's training folds. Tiles whose truth
+tiles predicted by the mean scored proportions of their fold's training folds. Tiles whose truth
 holds no scored class (clouds/no_data only) have no score and are left out, as in training's
 validation. A fold without a finite best validation KL makes its point's mean non-finite: such a
 point is unscored, ranked after every scored one.
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ... import pixel_metrics
-from ...metrics import has_scored_class, kl_per_class, kl_per_sample
+from ...metrics import best_constant, has_scored_class, kl_per_class, kl_per_sample
 from .tables import CLASSES, FoldTables, PointTables
 
 
@@ -43,10 +43,11 @@ def score(truth: pd.DataFrame, pred: pd.DataFrame) -> Score:
 
 
 def baseline(truth: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
-    """Each tile predicted by the mean proportions of the tiles of the other folds (its training folds)."""
+    """Each tile predicted by the mean scored proportions of the tiles of the other folds (its training
+    folds): the best constant prediction those folds give."""
     rows = []
     for fold, group in truth.loc[ids].groupby("fold"):
-        prior = truth.loc[truth["fold"] != fold, CLASSES].mean().to_numpy()
+        prior = best_constant(truth.loc[truth["fold"] != fold, CLASSES])
         rows.append(pd.DataFrame(np.tile(prior, (len(group), 1)), index=group.index, columns=CLASSES))
     return pd.concat(rows).loc[ids]
 
