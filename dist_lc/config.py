@@ -54,8 +54,8 @@ class DataConfig:
                           min=0, max=64)
     shuffle_buffer: int = option(64, "samples in each worker's shuffle buffer (training only)", min=0)
     wait_timeout_s: float = option(300.0, "seconds a rank waits for a batch from its loader workers before it "
-                                   "fails (keep it below train.dist_timeout_s, so that its cause is the one "
-                                   "reported)", min=1.0)
+                                   "fails (below train.dist_timeout_s, so that its cause is the one reported)",
+                                   min=1.0)
 
 
 @dataclass
@@ -481,6 +481,11 @@ def validate(cfg: Config) -> None:
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise InputError(f"config key 'train.ema_decay': {t.ema_decay} is out of range (allowed: between 0 "
                          "and 1, exclusive; null: no EMA)")
+    if cfg.data.workers and cfg.data.wait_timeout_s >= t.dist_timeout_s:
+        # the stuck rank must fail first: its peers, timing out in a collective, cannot name the cause
+        raise InputError(f"config key 'data.wait_timeout_s': {cfg.data.wait_timeout_s:g} s is not below "
+                         f"train.dist_timeout_s {t.dist_timeout_s} s (a rank waiting on its loader would be "
+                         "reported by its peers' collective timeout instead of its own cause)")
     if cfg.model.norm == "group":
         for key in ("filters", "upconv_filters"):
             if getattr(cfg.model, key) % cfg.model.groups:

@@ -438,6 +438,15 @@ def warn_if_batchnorm_unsettled(cfg: Config, runlog: RunLog, passes: int) -> Non
                     f"raise model.bn_momentum (0.1 settles within about 30 passes)")
 
 
+def warn_if_all_warmup(cfg: Config, runlog: RunLog, last: int) -> None:
+    """A cosine run that ends inside its warmup never reaches optim.lr nor anneals: legal (a quick
+    trial of a recipe), but rarely what was meant, so it is said."""
+    warmup = cfg.schedule.warmup_epochs
+    if cfg.schedule.name == "cosine" and warmup >= last:
+        runlog.info(f"warning: the run ends after epoch {last}, inside the cosine's warmup of {warmup} epoch(s) "
+                    f"(schedule.warmup_epochs): the learning rate rises for the whole run and never anneals")
+
+
 def follow_epochs(s: Setup, p: Progress, before: int) -> str:
     """A run resumed with another train.epochs ends after the new count. A cosine schedule's length
     was loaded from last.pt with the scheduler: it is set to the new count (a length fitted to
@@ -587,6 +596,7 @@ def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
             runlog.info(note)
         if resumed and resumed.epochs != cfg.train.epochs:
             runlog.info(follow_epochs(s, p, resumed.epochs))
+        warn_if_all_warmup(cfg, runlog, p.planned or cfg.train.epochs)
         result = run_epochs(s, p, ckpt, runlog, stop, started)
         status = "KILLED" if result.stopped else "FINISHED"   # a stopped run resumes later
         return result
@@ -648,6 +658,7 @@ def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, v
         p.planned = planned
         runlog.info(f"train.time_limit {t.time_limit:g} min: the cosine schedule now ends after epoch {planned} "
                     f"({per_epoch:.1f} s per epoch measured)")
+        warn_if_all_warmup(s.cfg, runlog, planned)
 
 
 def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: StopSignals,

@@ -43,6 +43,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     ("train.ema_decay=1.5", "'train.ema_decay': 1.5 is out of range"),
     ("optim.lr=.nan", "'optim.lr': expected a number"),
     ("train.precision=bf61", "'train.precision': 'bf61' is not one of auto, fp32, bf16, fp16 (did you mean 'bf16'?)"),
+    ("train.dist_timeout_s=120", "'data.wait_timeout_s': 300 s is not below train.dist_timeout_s 120 s"),
     ("train.epochs=[1", "invalid YAML value"),
     ("train", "expected key=value"),
 ])
@@ -57,6 +58,12 @@ def test_unknown_key_in_a_file_names_it(tmp_path):
     path.write_text("model:\n  filter: 32\n")
     with pytest.raises(InputError, match="unknown config key 'model.filter' .did you mean 'model.filters'"):
         load_config(path)
+
+
+def test_a_loader_wait_longer_than_the_collective_timeout_is_refused_only_with_workers():
+    """Without loader workers a rank never waits on them, so the two timeouts need no order."""
+    cfg = load_config("configs/benchmark.yaml", ["data.workers=0", "train.dist_timeout_s=20"])
+    assert cfg.data.wait_timeout_s > cfg.train.dist_timeout_s
 
 
 def test_missing_config_file(tmp_path):

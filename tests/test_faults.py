@@ -33,6 +33,7 @@ def recipe(shards, *extra) -> list[str]:
     sets = [f"data.shards={shards}", "data.crop=32", "data.workers=0", "data.shuffle_buffer=8",
             "model.filters=8", "model.upconv_filters=8", f"train.epochs={EPOCHS}", "train.batch_size=8",
             "train.micro_batch_size=4", "train.precision=fp32", "train.plot_every=0", "train.dist_timeout_s=20",
+            "data.wait_timeout_s=15",
             "train.ema_decay=0.9", *extra]
     return ["-m", "dist_lc", "train", "--config", "configs/smoke.yaml", *[a for s in sets for a in ("--set", s)]]
 

@@ -132,6 +132,20 @@ def test_gains_each_under_min_delta_count_once_they_add_up_to_more():
     assert (p.judge(None, 0.06), p.stale) == (False, 2)   # an epoch without validation counts for nothing
 
 
+def test_a_cosine_run_that_ends_inside_its_warmup_says_so():
+    from dist_lc.train import warn_if_all_warmup
+
+    lines = []
+    log = type("Log", (), {"info": staticmethod(lines.append)})
+    cfg = load_config(None, ["schedule.name=cosine", "schedule.warmup_epochs=2", "train.epochs=2"])
+    warn_if_all_warmup(cfg, log, 3)
+    assert lines == []
+    warn_if_all_warmup(cfg, log, 2)    # the run's length, or a time limit's fit
+    assert len(lines) == 1 and lines[0].startswith("warning: the run ends after epoch 2, inside the cosine's")
+    warn_if_all_warmup(load_config(None, ["schedule.warmup_epochs=2", "train.epochs=1"]), log, 1)   # plateau
+    assert len(lines) == 1
+
+
 def test_a_min_lr_above_the_learning_rate_never_raises_it():
     """A search over optim.lr below a recipe's schedule.min_lr: the cosine holds optim.lr."""
     from dist_lc.optim import build_optimizer, build_scheduler
