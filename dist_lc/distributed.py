@@ -17,7 +17,6 @@ import contextlib
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,7 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, print_error
 from lc_common.resources import usable_cores
 
 from .config import TrainConfig, choices
@@ -264,7 +263,7 @@ def watch_parent() -> None:
                 record(reason)
             except Exception:  # noqa: BLE001 - the exit below must happen whatever the note does
                 pass
-        print(f"error: {reason}; exiting", file=sys.stderr, flush=True)
+        print_error(f"{reason}; exiting")
         os._exit(1)
 
     _watching.append(threading.Thread(target=watch, name="dist_lc-watch-parent", daemon=True))

@@ -7,7 +7,6 @@ challenge's TIFFs (``--images``, e.g. ``test/images/`` as it comes); both give t
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lc_common.atomic import check_parent, write_csv_atomic
-from lc_common.errors import InputError
+from lc_common.errors import InputError, print_error
 from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
@@ -170,6 +169,6 @@ def run(args) -> int:
                 write_csv_atomic(args.out, table)
                 print(f"wrote {len(table)} rows to {args.out}")
     except LoaderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     return 0

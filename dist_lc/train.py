@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import itertools
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lc_common.errors import InputError, WriteError
+from lc_common.errors import InputError, WriteError, print_error
 from lc_common.tiles import IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
@@ -492,7 +491,14 @@ def train(cfg: Config, run_dir) -> TrainResult:
         # the lock first: the set-up's micro-batch trials must not run on the GPU of a training
         # that already holds the folder
         with RunLock(run_dir, enabled=group.env.is_main):
-            s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
+            try:
+                s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
+            except torch.OutOfMemoryError as exc:
+                cause = TrainingError(f"rank {group.env.rank}: out of {group.device.type} memory while setting up the model "
+                                      f"and optimizer ({_first_sentence(exc)}); is another process holding "
+                                      "the GPU?")
+                record_failure(run_dir, group.env.rank, cause)
+                raise cause from exc
             setup_s = time.monotonic() - started
             note_own_exit = functools.partial(_record_own_exit, run_dir, s.env.rank)
             with StopSignals() as stop, distributed.last_words(note_own_exit):
@@ -561,10 +567,14 @@ def out_of_memory(exc: Exception, s: Setup) -> TrainingError | None:
     """A TrainingError naming the setting to change for a device that ran out of memory, else None."""
     if not isinstance(exc, torch.OutOfMemoryError):
         return None
-    text = " ".join(str(exc).split())
     return TrainingError(f"rank {s.env.rank}: out of {s.device.type} memory at train.micro_batch_size "
-                         f"{s.layout.micro} ({text.split('. ')[0][:160] or type(exc).__name__}); lower "
+                         f"{s.layout.micro} ({_first_sentence(exc)}); lower "
                          "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)")
+
+
+def _first_sentence(exc: Exception) -> str:
+    """torch's out-of-memory text is a paragraph (sizes, then advice on the allocator): its first part."""
+    return " ".join(str(exc).split()).split(". ")[0][:160] or type(exc).__name__
 
 
 def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:
@@ -776,6 +786,6 @@ def run(args) -> int:
             check_output_folder(run_dir)
             train(cfg, run_dir)
     except (TrainingError, LoaderError, WriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     return 0

@@ -307,3 +307,18 @@ def test_running_out_of_memory_is_one_line_naming_the_micro_batch(packed_sample,
     assert rc == 1 and len([x for x in err if x.startswith("error: ")]) == 1, err
     assert err[-1] == ("error: rank 0: out of cpu memory at train.micro_batch_size 8 (CUDA out of memory); lower "
                        "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)"), err
+
+
+def test_running_out_of_memory_while_setting_up_is_one_line(packed_sample, tmp_path, monkeypatch, capsys):
+    """A GPU another process already fills fails at the model's first allocation, before any step."""
+    from dist_lc import cli
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr(train_mod, "build_network", out_of_memory)
+    rc = cli.main(["train", *SMOKE, *small(packed_sample), "--set", "data.workers=0", "--set", "train.loggers=[]",
+                   "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["error: rank 0: out of cpu memory while setting up the model and optimizer (CUDA out "
+                               "of memory); is another process holding the GPU?"], err

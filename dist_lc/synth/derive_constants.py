@@ -29,13 +29,12 @@ import argparse
 import datetime as _dt
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, print_error
 from lc_common.tiles import CLASS_NAMES, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions
 
 # Pixel counts per class of the full challenge training set (18,491 tiles), from the challenge data.
@@ -296,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         constants = derive(args.src)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     write_constants(constants, args.out)
     print(f"wrote {args.out} from {constants['source_tiles']} tiles in {args.src}")
