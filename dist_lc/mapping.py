@@ -45,7 +45,7 @@ from lc_common.errors import InputError, WriteError, one_line
 from lc_common.tiles import CLASS_NAMES
 
 from . import distributed
-from lc_common.atomic import write_csv_atomic, write_json_atomic
+from lc_common.atomic import fsync_dir, fsync_path, write_csv_atomic, write_json_atomic
 from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
 from .pixel_metrics import SCORED
@@ -268,7 +268,7 @@ class MapWriter:
         with self._writing(key):
             with self.gdal.watch():
                 handle.close()
-            _fsync(self.partial[key])
+            fsync_path(self.partial[key])
 
     def _publish(self) -> None:
         """Rename every partial file to its final name; after a failure, none keeps its final name."""
@@ -278,6 +278,8 @@ class MapWriter:
                 with self._writing(key):
                     os.replace(self.partial[key], final)
                 done.append(final)
+            with self._writing("classes"):
+                fsync_dir(self.finals["classes"].parent)   # the new names durable, not only the data
         except WriteError:
             for final in done:
                 with contextlib.suppress(OSError):
@@ -330,14 +332,6 @@ def _with_errno(partial: Path, exc: OSError) -> OSError:
     except OSError as answer:
         return answer
     return OSError(None, exc.strerror or gdal_text(exc))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, batch_size: int,

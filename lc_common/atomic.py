@@ -16,8 +16,8 @@ from typing import Callable, BinaryIO
 
 from .errors import InputError, WriteError
 
-__all__ = ["check_parent", "current_umask", "fsync_dir", "write_atomic", "write_bytes_atomic", "write_csv_atomic",
-           "write_json_atomic"]
+__all__ = ["check_parent", "current_umask", "fsync_dir", "fsync_path", "write_atomic", "write_bytes_atomic",
+           "write_csv_atomic", "write_json_atomic"]
 
 
 def current_umask() -> int:
@@ -35,17 +35,23 @@ def current_umask() -> int:
     return mask
 
 
+def fsync_path(path) -> None:
+    """Make a closed file's data durable (for a file another library wrote and closed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(folder) -> None:
     """Make the renames and deletions in ``folder`` durable: fsync of a file keeps its data, not its
     name. File systems that cannot fsync a folder (some network ones) are left to their own order."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync_path(folder)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
-    finally:
-        os.close(fd)
 
 
 def check_parent(path, what: str = "output") -> Path:
