@@ -64,9 +64,10 @@ def expand_scored(p8) -> np.ndarray:
 def best_constant(truth) -> np.ndarray:
     """The one prediction (10,) that scores best on every tile of ``truth`` (``(n, 10)`` rows): the
     mean of their scored proportions, tiles without a scored class left out. (The mean of the raw
-    rows is another distribution wherever no_data or clouds cover part of a tile, and scores worse.)"""
+    rows is another distribution wherever no_data or clouds cover part of a tile, and scores worse.)
+    NaN where no tile has a scored class: there is nothing to predict, and no score."""
     truth = np.asarray(truth, dtype=np.float64)
     scored = scored_proportions(truth)[has_scored_class(truth)]
     if not len(scored):
-        raise ValueError("no tile with a scored class to average")
+        return np.full(NUM_CLASSES, np.nan)
     return expand_scored(scored.mean(axis=0, keepdims=True))[0]

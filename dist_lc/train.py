@@ -494,9 +494,9 @@ def train(cfg: Config, run_dir) -> TrainResult:
             try:
                 s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
             except torch.OutOfMemoryError as exc:
-                cause = TrainingError(f"rank {group.env.rank}: out of {group.device.type} memory while setting up the model "
-                                      f"and optimizer ({_first_sentence(exc)}); is another process holding "
-                                      "the GPU?")
+                cause = TrainingError(f"rank {group.env.rank}: out of {group.device.type} memory while setting up "
+                                      f"the model and optimizer ({_first_sentence(exc)}); is another process "
+                                      "holding the GPU?")
                 record_failure(run_dir, group.env.rank, cause)
                 raise cause from exc
             setup_s = time.monotonic() - started

@@ -128,5 +128,4 @@ def test_the_best_constant_is_the_mean_of_the_scored_proportions(rng):
             moved = best.copy()
             moved[c] += step
             assert kl_of(moved / moved.sum()) > kl_of(best)
-    with pytest.raises(ValueError, match="no tile"):
-        metrics.best_constant(truth[-1:])
+    assert np.isnan(metrics.best_constant(truth[-1:])).all()   # nothing to average
