@@ -42,6 +42,8 @@ def test_a_vanished_folder_is_a_write_error(tmp_path):
     ("[1, 2]", "unreadable job list (ValueError: not a JSON object but list)"),
     ('{"jobs": [{"point": "a"}]}', "unreadable job list (TypeError"),
     ('{"other": 1}', "unreadable job list (KeyError"),
+    ('{"jobs": [{"point": "a", "fold": 0, "executor": "local", "job_id": "7", "stderr": "e", "result": "r", '
+     '"submitted": "t", "tasks": "2"}]}', "unreadable job list (TypeError: job '7' of fold 0: a field of the wrong"),
     (b"\xff\xfe", "unreadable job list (UnicodeDecodeError"),
 ])
 def test_a_damaged_record_is_one_line_naming_it(tmp_path, content, problem):
@@ -92,3 +94,11 @@ def test_an_error_line_is_one_write(monkeypatch):
     monkeypatch.setattr("sys.stderr", Stream())
     print_error(InputError("a.tif: truncated"))
     assert writes == ["error: a.tif: truncated\n"]
+
+
+def test_a_cv_plan_without_a_grid_point_is_one_line_naming_it(tmp_path):
+    from dist_lc.cv.plan import PLAN, load_plan
+
+    (tmp_path / PLAN).write_text('{"points": [], "folds": [0], "executor": "local"}')
+    with pytest.raises(InputError, match=r"cv.json: unreadable CV plan \(ValueError: no grid point\)"):
+        load_plan(tmp_path)

@@ -220,7 +220,42 @@ def test_jobs_per_gpu_share_each_gpu_and_its_memory(monkeypatch, tmp_path):
     for slot in range(4):
         job = ex._fold_job(Work("p0", slot, {}, str(tmp_path / f"f{slot}"), False), slot, 4)
         seen.append((ex.engine.parameters["visible_gpus"], job.gpu_share))
-    assert seen == [((0,), 0.5), ((0,), 0.5), ((1,), 0.5), ((1,), 0.5)]
+    assert seen == [((0,), 0.5), ((1,), 0.5), ((0,), 0.5), ((1,), 0.5)]   # every GPU busy before any shared
+
+
+def test_local_jobs_get_the_gpus_the_launcher_was_given(monkeypatch, tmp_path):
+    """A launcher started on GPUs 2 and 3 (CUDA_VISIBLE_DEVICES) hands out 2 and 3, which is what its
+    jobs' CUDA_VISIBLE_DEVICES must hold; a list by UUID, or more GPUs per job than it sees, is refused."""
+    from lc_common.errors import InputError
+    from dist_lc.cv.executors import LocalExecutor
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    LocalExecutor.check_launcher(LauncherConfig(gpus_per_node=2))
+    ex = LocalExecutor(LauncherConfig(gpus_per_node=1), tmp_path, jobs=2)
+    given = []
+    for slot in range(2):
+        ex._fold_job(Work("p0", slot, {}, str(tmp_path / f"f{slot}"), False), slot, 2)
+        given.append(ex.engine.parameters["visible_gpus"])
+    assert given == [(2,), (3,)]
+    with pytest.raises(InputError, match=r"'launcher.gpus_per_node': 4, but this machine shows 2 GPU"):
+        LocalExecutor.check_launcher(LauncherConfig(gpus_per_node=4))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2e,GPU-1c0a")
+    with pytest.raises(InputError, match="by number, not by UUID"):
+        LocalExecutor.check_launcher(LauncherConfig(gpus_per_node=1))
+
+
+def test_the_wait_budget_of_unlimited_slurm_capacity_is_one_wave_of_requeues():
+    """Slurm's capacity is unlimited: all jobs are one wave, whose time and requeues the launcher
+    waits for (it once came to 0 waves, and every Slurm CV gave up after 30 minutes)."""
+    import math
+
+    from dist_lc.config import load_config
+
+    cfg = load_config("configs/cv5.yaml", ["launcher.time_min=240", "launcher.max_requeues=2"])
+    assert launch.wait_budget_s(cfg, 5, math.inf) == 240 * 60 * 3 + 1800
+    assert launch.wait_budget_s(cfg, 5, 2) == 3 * 240 * 60 * 3 + 1800
+    assert launch.wait_budget_s(cfg, 0, math.inf) == 1800
 
 
 @pytest.mark.parametrize("setup", [[], ["true"]], ids=["controller", "controller-under-a-shell"])
@@ -305,3 +340,19 @@ print("ended after", round(time.monotonic() - tick))
     while Path(f"/proc/{task}").exists() and (Path(f"/proc/{task}/stat").read_text().split()[2] not in "ZX"):
         assert time.monotonic() < deadline, "the cancelled job's task outlived its launcher"
         time.sleep(0.2)
+
+
+def test_a_resume_takes_a_launcher_executor_given_with_set(packed_sample, tmp_path):
+    """``--resume --set launcher.executor=slurm`` moves the rest of a local CV to Slurm, as
+    ``--executor slurm`` does; without either, the plan's executor stays."""
+    import argparse
+
+    def args(*sets, executor=None, config=None):
+        return argparse.Namespace(config=config, grid=[], set=list(sets), executor=executor, out=tmp_path / "cv")
+
+    plan = launch.new_plan(args(f"data.shards={packed_sample}", executor="local", config="configs/smoke.yaml"))
+    plan.cv_dir.mkdir()
+    plan.save()
+    assert launch.resumed_plan(args()).executor == "local"
+    assert launch.resumed_plan(args("launcher.executor=slurm")).executor == "slurm"
+    assert launch.resumed_plan(args(executor="slurm")).executor == "slurm"

@@ -213,6 +213,13 @@ class LocalExecutor(Executor):
         if launcher.nodes != 1:
             raise InputError(f"config key 'launcher.nodes': {launcher.nodes} needs --executor slurm (the local "
                              "executor has one node)")
+        if launcher.gpus_per_node:
+            seen = torch.cuda.device_count()
+            if launcher.gpus_per_node > seen:
+                shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+                raise InputError(f"config key 'launcher.gpus_per_node': {launcher.gpus_per_node}, but this machine "
+                                 f"shows {seen} GPU(s) (CUDA_VISIBLE_DEVICES {shown!r})")
+            physical_gpus(range(seen))   # a list the jobs cannot be given is refused before any is submitted
 
     def capacity(self) -> float:
         return self.launcher.max_parallel or local_capacity(self.launcher)
@@ -239,10 +246,10 @@ class LocalExecutor(Executor):
         """The job's callable, its GPUs or else its cores set for ``slot`` of ``slots`` concurrent jobs."""
         gpus, sharing = self.launcher.gpus_per_node, self.launcher.jobs_per_gpu
         if gpus:
-            # jobs_per_gpu consecutive slots share a GPU group; slots beyond them (max_parallel above
-            # the GPUs) wrap around and share too
-            group = (slot // sharing) % max(1, torch.cuda.device_count() // gpus)
-            self.engine.update_parameters(visible_gpus=tuple(range(group * gpus, (group + 1) * gpus)))
+            # slots go round the GPU groups, so that every GPU has a job before any has two (jobs_per_gpu
+            # of them share one); slots beyond that (max_parallel above the GPUs) wrap around and share too
+            group = slot % max(1, torch.cuda.device_count() // gpus)
+            self.engine.update_parameters(visible_gpus=physical_gpus(range(group * gpus, (group + 1) * gpus)))
             return FoldJob(item.config, str(item.run_dir), item.tta, gpu_share=1.0 / sharing if sharing > 1 else None)
         return FoldJob(item.config, str(item.run_dir), item.tta, cpu_slice(slot, slots))
 
@@ -339,6 +346,20 @@ class LocalExecutor(Executor):
             if handle is not None:
                 handle.done()   # reaps the controller this process started
         return f"{len(jobs)} local job(s) ended"
+
+
+def physical_gpus(indices) -> tuple[int, ...]:
+    """The GPUs to give a local job, as the devices this process sees (``indices``) are numbered by
+    CUDA_VISIBLE_DEVICES: a job's CUDA_VISIBLE_DEVICES holds physical numbers, and a launcher started
+    on GPUs 2 and 3 must hand out 2 and 3, not 0 and 1."""
+    mine = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mine is None or not mine.strip():
+        return tuple(indices)
+    ids = [x.strip() for x in mine.split(",")]
+    if not all(x.isdigit() for x in ids):
+        raise InputError(f"CUDA_VISIBLE_DEVICES {mine!r}: the local executor hands out GPUs by number; "
+                         "list them by number, not by UUID")
+    return tuple(int(ids[i]) for i in indices)
 
 
 def local_capacity(launcher: LauncherConfig) -> int:

@@ -90,7 +90,10 @@ def resumed_plan(args) -> Plan:
     plan = load_plan(args.out)
     for point in plan.points:
         point.config = normalized(apply_overrides(point.config, list(args.set)))
-    plan.executor = args.executor or executors.executor_class(plan.executor).name   # cv_array.sbatch's: Slurm
+    # --executor, else a launcher.executor given now, else the plan's (cv_array.sbatch's: Slurm)
+    given = any(s.strip().startswith("launcher.executor=") for s in args.set)
+    plan.executor = args.executor or (plan.config.launcher.executor if given else
+                                      executors.executor_class(plan.executor).name)
     for point in plan.points:
         check_launcher(from_dict(point.config), plan.executor)
     return plan
@@ -335,7 +338,8 @@ def wait_budget_s(cfg: Config, jobs_count: int, parallel: float) -> float:
     lc = cfg.launcher
     if lc.wait_min:
         return lc.wait_min * 60.0
-    waves = math.ceil(jobs_count / min(parallel, lc.max_parallel or math.inf))
+    at_once = min(parallel, lc.max_parallel or math.inf)
+    waves = math.ceil(jobs_count / at_once) if math.isfinite(at_once) else min(jobs_count, 1)  # Slurm: one
     return waves * lc.time_min * 60.0 * (lc.max_requeues + 1) + 1800.0
 
 

@@ -96,6 +96,8 @@ def load_plan(cv_dir) -> Plan:
 
     def build(data: dict) -> Plan:
         points = [Point(**p) for p in data["points"]]
+        if not points:
+            raise ValueError("no grid point")
         for p in points:
             try:
                 from_dict(p.config)
@@ -129,9 +131,17 @@ def read_submissions(cv_dir: Path) -> list[Submission]:
     if not path.exists():
         return []
     try:
-        return [Submission(**row) for row in read_json_object(path, "job list")["jobs"]]
+        return [_checked(Submission(**row)) for row in read_json_object(path, "job list")["jobs"]]
     except (KeyError, TypeError) as exc:
         raise InputError(f"{path}: unreadable job list ({type(exc).__name__}: {exc})") from None
+
+
+def _checked(job: Submission) -> Submission:
+    """A row whose fields have their types (a wrong one would fail later, while the jobs are watched)."""
+    counts, texts = (job.fold, job.tasks), (job.point, job.executor, job.job_id, job.stderr, job.result)
+    if not all(type(v) is int for v in counts) or job.tasks < 1 or not all(isinstance(v, str) for v in texts):
+        raise TypeError(f"job {job.job_id!r} of fold {job.fold!r}: a field of the wrong type")
+    return job
 
 
 def add_submissions(cv_dir: Path, new: list[Submission]) -> None:
