@@ -334,6 +334,43 @@ def test_importances_come_with_enough_trials_and_a_study_without_a_complete_tria
     assert "No trial completed yet." in (empty / "report.md").read_text()
 
 
+def test_a_best_trial_whose_folds_scored_the_same_has_no_fold_noise_and_still_reports(tmp_path, capsys):
+    out = tmp_path / "tune"
+    synthetic_study(out, {0: [0.40, 0.40], 1: [0.50, 0.60]})
+    assert cli.main(["tune", "--report", str(out)]) == 0
+    gap = read_report(out)["gap"]
+    assert gap["se_best"] == 0 and gap["in_se_best"] is None
+    assert gap["reason"] == "its folds scored the same: no fold noise to compare with"
+    assert "below the second best (trial 1) (its folds scored the same" in (out / "report.md").read_text()
+
+
+def test_the_best_recipe_runs_the_recipes_folds_not_the_ones_the_search_ran_on(tiny_shards, tmp_path):
+    """--folds 0 narrows the recipe's cv.folds [0, 1]; `dist-lc cv --config best.yaml` runs them all."""
+    import yaml
+
+    from dist_lc.tune import launch
+    from dist_lc.tune.study import open_study
+
+    parser, _ = cli.build_parser()
+    args = parser.parse_args(["tune", *study_args(tiny_shards, tmp_path / "study", lr_space(tmp_path), "--executor",
+                                                  "local", "--folds", "0", "--parallel", "1")])
+    settings = launch.new_settings(args)
+    assert settings.folds == [0] and settings.config["cv"]["folds"] == [0]
+    settings.out.mkdir()
+    settings.save()
+    study = open_study(launch.load_settings(settings.out))
+    trial = study.ask(settings.search_space.distributions())
+    plan = trial_plan(settings, trial.number, trial.params)
+    run_dir = plan.run_dir(plan.points[0], 0)
+    run_dir.mkdir(parents=True)
+    (run_dir / "done.json").write_text(json.dumps({"best_val_kl": 0.5, "best_epoch": 1}))
+    study.tell(trial, 0.5)
+    report.build(settings.out)
+    text = (settings.out / "best.yaml").read_text()
+    assert yaml.safe_load(text)["cv"]["folds"] == [0, 1] and load_config(settings.out / "best.yaml").cv.folds == [0, 1]
+    assert "cv.folds is the recipe's (0, 1), not the search's (0)" in text
+
+
 # ----------------------------------------------------------------------------- samplers, pruners, stop signals
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "cmaes"])

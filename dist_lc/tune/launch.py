@@ -18,6 +18,7 @@ number; ``--resume`` continues the same study: finished trials stay as they are,
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import math
 import os
@@ -91,6 +92,7 @@ def new_settings(args) -> Settings:
         raise InputError("--space SPACE.yaml is required: the keys to search and their distributions")
     values = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS.items()}
     cfg = load_config(args.config, [*args.set, *parse_folds(args.folds)])
+    recipe_folds = load_config(args.config, args.set).cv.folds if args.folds else cfg.cv.folds
     kind = args.executor or cfg.launcher.executor
     space = load_space(args.space, normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}"])))
     from .study import check_sampler
@@ -110,7 +112,7 @@ def new_settings(args) -> Settings:
                     pruner_startup=values["pruner_startup"], pruner_warmup=warmup,
                     fold_order=values["fold_order"], trials=values["trials"], parallel=parallel,
                     steps_per_fold=steps, recipe=str(args.config or ""),
-                    space_file=str(args.space))
+                    space_file=str(args.space), recipe_folds=recipe_folds)
 
 
 # ----------------------------------------------------------------------------- a resumed study
@@ -146,14 +148,17 @@ def holding(out: Path):
     with open(out / LOCK, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                lock.seek(0)
+                holder = lock.read().strip() or "?"
+                raise InputError(f"{out}: another dist-lc tune (pid {holder}) is running this study") from None
+            # a filesystem without locks (Lustre, NFS: ENOLCK, ENOSYS, EOPNOTSUPP): nothing to guard with
+        else:
             lock.seek(0)
-            holder = lock.read().strip() or "?"
-            raise InputError(f"{out}: another dist-lc tune (pid {holder}) is running this study") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
+            lock.truncate()
+            lock.write(str(os.getpid()))
+            lock.flush()
         yield
 
 

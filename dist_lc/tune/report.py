@@ -73,6 +73,8 @@ def gap(best: dict | None, second: dict | None) -> dict:
         out["z"] = diff / math.hypot(se_best, se_second)
     if se_best is None:
         out["reason"] = "one fold per trial: no fold noise to compare with"
+    elif se_best == 0:
+        out["reason"] = "its folds scored the same: no fold noise to compare with"
     return out
 
 
@@ -127,11 +129,14 @@ def write_best(out: Path, settings: Settings, best: dict) -> None:
     """The best trial's resolved config as a recipe (`dist-lc cv --config DIR/best.yaml`)."""
     plan = existing_plan(settings, best["number"])
     config = plan.points[0].config
+    # `dist-lc cv --config best.yaml` runs the winner on the recipe's folds, not only on the searched ones
+    config = {**config, "cv": {**config["cv"], "folds": settings.recipe_folds}}
     head = [f"# The best trial ({best['number']}) of the hyper-parameter search in {out}:",
             f"# mean validation KL {_fmt(best['kl_mean'])} ± {_fmt(best['kl_std'])} over {best['folds_done']} "
             f"fold(s); its folds: {out / 'trials' / str(best['number'])}",
             *[f"#   {k}: {v}" for k, v in best["params"].items()],
-            "# The whole resolved config; data.shards and the launcher section are those of the search."]
+            "# The whole resolved config; data.shards and the launcher section are those of the search, cv.folds "
+            f"is the recipe's ({_folds(settings.recipe_folds)}), not the search's ({_folds(settings.folds)})."]
     text = "\n".join(head) + "\n" + yaml.safe_dump(config, sort_keys=False)
     write_bytes_atomic(out / BEST, text.encode())
 
@@ -192,6 +197,10 @@ def plot_intermediate(rows: list[dict], path: Path) -> None:
 
 def _fmt(value, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _folds(folds) -> str:
+    return "every fold" if folds is None else ", ".join(map(str, folds))
 
 
 def _value(value) -> str:

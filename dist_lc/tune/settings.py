@@ -39,6 +39,7 @@ class Settings:
     recipe: str = ""
     space_file: str = ""
     created: str = field(default_factory=now)
+    recipe_folds: list[int] | None = None   # cv.folds before --folds narrowed it (best.yaml's); null: every fold
 
     @property
     def search_space(self) -> Space:

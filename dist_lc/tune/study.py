@@ -4,13 +4,19 @@ Storage: Optuna's ``JournalStorage`` over a ``JournalFileBackend`` in ``DIR/stud
 append-only log of the study's operations: no database server, and its default lock (a symbolic
 link) works on a shared filesystem, so a launcher on a login node and a report on another machine
 read the same study. Every trial state a launcher recorded survives its death; a trial it had
-started is still RUNNING there, and the next launcher continues it (:mod:`.scheduler`).
+started is still RUNNING there, and the next launcher continues it (:mod:`.scheduler`). A line its
+death cut short is refused, with how to remove it, before Optuna reads or appends (:func:`check_journal`).
 
-The sampler is re-created, with the same seed, by every launch; Optuna samplers keep no state
-that the study does not hold, so a resumed study samples from all its finished trials.
+The sampler is re-created by every launch and samples from all the study's trials. Its random
+stream is not in the study, so each launch seeds it with the configured seed plus the trials the
+study already holds: a resumed study draws new parameters, and the same seed on a new folder draws
+the same ones. QMC's position in its sequence is in the study, under a key that holds its seed, so
+that seed stays; only the sampler it draws at random with (its first trial, and the categorical keys
+in Optuna versions that keep them out of the sequence) follows the launch's seed.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import warnings
@@ -21,10 +27,10 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, one_line
 
 from . import PRUNERS, SAMPLERS
-from .settings import JOURNAL, STUDY_NAME, Settings
+from .settings import JOURNAL, SETTINGS, STUDY_NAME, TRIALS, Settings
 from .space import Space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -42,22 +48,54 @@ def storage(out: Path) -> JournalStorage:
     return JournalStorage(JournalFileBackend(str(Path(out) / JOURNAL)))
 
 
+def check_journal(out: Path, new: bool = False) -> None:
+    """Refuse a journal that Optuna would misread: a missing or empty one (Optuna would start an empty
+    study, or fail on a record it cannot find) unless the study is new, and one whose last line was cut
+    short by a launcher killed while writing it (Optuna skips that line and appends the next
+    launch's operations onto it, which leaves a journal no one can read)."""
+    path = Path(out) / JOURNAL
+    if not path.exists() or path.stat().st_size == 0:
+        if new:
+            return
+        raise InputError(f"{path}: {'empty' if path.exists() else 'missing'} beside {SETTINGS}; it is the study's "
+                         "only record of its trials: restore it, or start a new study with another --out")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable study journal ({one_line(exc)})") from None
+    cut = len(data) - (data.rfind(b"\n") + 1)
+    if cut:
+        raise InputError(f"{path}: its last line is cut short ({cut} bytes; a launcher killed while writing it): "
+                         f"remove that partial line (truncate -s -{cut} {path}) and run again")
+
+
+@contextlib.contextmanager
+def journal_errors(out: Path):
+    """Optuna's errors on a damaged journal, as one line naming it."""
+    try:
+        yield
+    except (ValueError, KeyError) as exc:   # JSONDecodeError, "Invalid log format", "Record does not exist"
+        raise InputError(f"{Path(out) / JOURNAL}: unreadable study journal "
+                         f"({type(exc).__name__}: {one_line(exc)})") from None
+
+
 # ----------------------------------------------------------------------------- samplers
 
-def _tpe(seed: int, space: Space):
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # parallel trials: running ones count
+def _tpe(seed: int, drawn: int, space: Space):
+    return optuna.samplers.TPESampler(seed=seed + drawn, constant_liar=True)  # parallel trials: running ones count
 
 
-def _random(seed: int, space: Space):
-    return optuna.samplers.RandomSampler(seed=seed)
+def _random(seed: int, drawn: int, space: Space):
+    return optuna.samplers.RandomSampler(seed=seed + drawn)
 
 
-def _qmc(seed: int, space: Space):
-    return optuna.samplers.QMCSampler(seed=seed, scramble=True)   # categorical keys: drawn at random
+def _qmc(seed: int, drawn: int, space: Space):
+    return optuna.samplers.QMCSampler(seed=seed, scramble=True,
+                                      independent_sampler=optuna.samplers.RandomSampler(seed=seed + drawn))
 
 
-def _cmaes(seed: int, space: Space):
-    return optuna.samplers.CmaEsSampler(seed=seed)
+def _cmaes(seed: int, drawn: int, space: Space):
+    return optuna.samplers.CmaEsSampler(seed=seed + drawn)
 
 
 SAMPLER_TABLE = {"tpe": _tpe, "random": _random, "qmc": _qmc, "cmaes": _cmaes}
@@ -74,8 +112,9 @@ def check_sampler(name: str, space: Space) -> None:
             raise InputError("--sampler cmaes needs the cmaes package (pip install cmaes)")
 
 
-def make_sampler(name: str, seed: int, space: Space):
-    return SAMPLER_TABLE[name](seed, space)
+def make_sampler(name: str, seed: int, space: Space, drawn: int = 0):
+    """The sampler of a launch whose study already holds ``drawn`` trials."""
+    return SAMPLER_TABLE[name](seed, drawn, space)
 
 
 # ----------------------------------------------------------------------------- pruners
@@ -117,20 +156,27 @@ for _names, _table in ((SAMPLERS, SAMPLER_TABLE), (PRUNERS, PRUNER_TABLE)):
 def open_study(settings: Settings) -> optuna.Study:
     """The study of the tune folder, created at the first launch, loaded by the later ones."""
     quiet()
-    return optuna.create_study(storage=storage(settings.out), study_name=STUDY_NAME, direction="minimize",
-                               sampler=make_sampler(settings.sampler, settings.seed, settings.search_space),
-                               pruner=PRUNER_TABLE[settings.pruner](settings), load_if_exists=True)
+    check_journal(settings.out, new=not (settings.out / TRIALS).exists())
+    with journal_errors(settings.out):
+        study = optuna.create_study(storage=storage(settings.out), study_name=STUDY_NAME, direction="minimize",
+                                    load_if_exists=True)
+        drawn = len(study.get_trials(deepcopy=False))
+    # set once the study is open: the sampler's seed depends on the trials it already holds
+    study.sampler = make_sampler(settings.sampler, settings.seed, settings.search_space, drawn)
+    study.pruner = PRUNER_TABLE[settings.pruner](settings)
+    return study
 
 
 def load_trials(out: Path) -> list[optuna.trial.FrozenTrial]:
     """The study's trials, read without a sampler or a pruner (the report)."""
-    quiet()
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage(out)).get_trials(deepcopy=False)
+    return load_study(out).get_trials(deepcopy=False)
 
 
 def load_study(out: Path) -> optuna.Study:
     quiet()
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage(out))
+    check_journal(out)
+    with journal_errors(out):
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage(out))
 
 
 def reopen(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.Trial:
