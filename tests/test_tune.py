@@ -134,6 +134,7 @@ SMOKE = ["--config", "configs/smoke.yaml"]
      "(did you mean 'log'?)"),
     ("model.filters: {int: [8, 30], step: 8}\n", "model.filters: high - low (22) is not a multiple of step 8"),
     ("data.crop: {int: [32, 64], step: 4}\n", "data.crop: 36 is refused by the config: 36 must be divisible by 8"),
+    ("data.crop: {int: [32, 64], log: true}\n", "data.crop: 33 is refused by the config: 33 must be divisible by 8"),
     ("launcher.nodes: {int: [1, 2]}\n", "launcher.nodes: cannot vary between trials"),
     ("data.fold: [0, 1]\n", "data.fold: cannot vary between trials"),
     ("optim: {float: [1, 2]}\n", "optim: is a section of the config, not a key"),

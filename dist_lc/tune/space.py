@@ -12,7 +12,9 @@ Everything is checked before anything runs, each problem one line naming the fil
 the key is declared (with a did-you-mean), it may vary between trials (not the launcher, cv,
 data.fold or data.shards, shared by every job), the distribution fits its declared type (no float
 distribution on an integer key), categorical values are declared choices, the bounds lie inside the
-key's declared range, and every value a trial can take passes the config's own checks.
+key's declared range, and the config's own checks pass for every choice, for every value of an
+integer range of up to 256 values (a log range too: a trial can draw any integer in it), and for the
+bounds of a larger or a float range.
 """
 from __future__ import annotations
 
@@ -114,10 +116,10 @@ class Param:
 
     def values_to_check(self) -> list:
         """The values whose configs are checked before the search starts: every choice, every value
-        of a small integer range, else the two bounds."""
+        of a small integer range (log or not), else the two bounds."""
         if self.kind == "categorical":
             return list(self.choices)
-        if self.kind == "int" and not self.log:
+        if self.kind == "int":
             values = range(self.low, self.high + 1, self.step or 1)
             if len(values) <= CHECK_EVERY_VALUE_UP_TO:
                 return list(values)
