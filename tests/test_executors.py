@@ -356,3 +356,33 @@ def test_a_resume_takes_a_launcher_executor_given_with_set(packed_sample, tmp_pa
     assert launch.resumed_plan(args()).executor == "local"
     assert launch.resumed_plan(args("launcher.executor=slurm")).executor == "slurm"
     assert launch.resumed_plan(args(executor="slurm")).executor == "slurm"
+
+
+def test_a_resumed_local_launch_keeps_the_slot_of_an_earlier_job_and_knows_a_reused_pid(monkeypatch, tmp_path):
+    """A job of an earlier launch that still runs keeps its GPU: the rerun of another fold gets the
+    other one. Its pid counts as the job only while it is a submitit controller: a pid the system
+    gave to another process since (a reboot, a wrap-around) is a job that ended."""
+    import subprocess
+    import sys
+    import types
+
+    from dist_lc.cv.executors import LocalExecutor
+    from dist_lc.cv.plan import Submission
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    ex = LocalExecutor(LauncherConfig(gpus_per_node=1), tmp_path, jobs=2)
+    fake = types.SimpleNamespace(job_id="1", paths=types.SimpleNamespace(stderr="e", result_pickle="r"))
+    monkeypatch.setattr(ex.engine, "submit", lambda fn: fake)
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local._local"])
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        earlier = Submission("p0", 0, "local", str(controller.pid), "e", "r", "t", 1, slot=0)
+        assert ex.presence(earlier)[0] is JobState.RUNNING
+        assert ex.presence(Submission("p0", 0, "local", str(other.pid), "e", "r", "t"))[0] is None
+        ex.adopt(earlier)
+        (record, _), = ex.submit([Work("p0", 1, {}, str(tmp_path / "f1"), False)])
+        assert record.slot == 1 and ex.engine.parameters["visible_gpus"] == (1,)
+    finally:
+        for proc in (controller, other):
+            proc.kill()
+            proc.wait()

@@ -147,6 +147,9 @@ class Executor(abc.ABC):
 
     # --- watching
 
+    def adopt(self, record: Submission) -> None:
+        """Watch a job an earlier launch submitted, which still runs (what it holds stays held)."""
+
     def refresh(self, records: list[Submission]) -> None:
         """One look at the scheduler for these jobs, before their status is asked one by one."""
 
@@ -238,6 +241,7 @@ class LocalExecutor(Executor):
             slots = int(self.capacity())
             slot = min(set(range(slots)) - set(self._slots.values()), default=0)
             submitted = self._records([item], [self.engine.submit(self._fold_job(item, slot, slots))])
+            submitted[0][0].slot = slot
             self._slots[submitted[0][0].job_id] = slot
             out += submitted
         return out
@@ -253,8 +257,15 @@ class LocalExecutor(Executor):
             return FoldJob(item.config, str(item.run_dir), item.tta, gpu_share=1.0 / sharing if sharing > 1 else None)
         return FoldJob(item.config, str(item.run_dir), item.tta, cpu_slice(slot, slots))
 
+    def adopt(self, record: Submission) -> None:
+        if record.slot is not None:   # a job this launch submits must not get the same GPUs or cores
+            self._slots[record.job_id] = record.slot
+
     def presence(self, record: Submission, handle=None) -> tuple[JobState | None, str]:
-        alive = (not handle.done()) if handle is not None else _pid_alive(record.job_id)
+        if handle is not None:
+            alive = not handle.done()
+        else:   # an earlier launch's job: its pid, if still a submitit controller (not a reused pid)
+            alive = record.job_id.isdigit() and _controller(int(record.job_id), children_of()) is not None
         return (JobState.RUNNING, "") if alive else (None, "process exited")
 
     def status(self, record: Submission, run_dir: Path, handle=None) -> Status:

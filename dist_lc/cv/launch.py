@@ -217,6 +217,7 @@ class Launch:
         for job, status in zip(mine, self.statuses(mine)):
             if status.state.live:
                 job.state = status.state
+                job.executor.adopt(job.submission)
                 print(f"cv: {job.label} still running as job {job.submission.job_id}: watching it", file=sys.stderr)
             else:
                 job.submission = job.executor = None

@@ -121,6 +121,7 @@ class Submission:
     result: str      # rank 0's result pickle
     submitted: str
     tasks: int = 1   # ranks of the job: each has its own log and result pickle
+    slot: int | None = None   # the local executor's slot (its GPUs or cores), kept from a later launch's jobs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +140,8 @@ def read_submissions(cv_dir: Path) -> list[Submission]:
 def _checked(job: Submission) -> Submission:
     """A row whose fields have their types (a wrong one would fail later, while the jobs are watched)."""
     counts, texts = (job.fold, job.tasks), (job.point, job.executor, job.job_id, job.stderr, job.result)
-    if not all(type(v) is int for v in counts) or job.tasks < 1 or not all(isinstance(v, str) for v in texts):
+    if not all(type(v) is int for v in counts) or job.tasks < 1 or not all(isinstance(v, str) for v in texts) \
+            or not (job.slot is None or type(job.slot) is int):
         raise TypeError(f"job {job.job_id!r} of fold {job.fold!r}: a field of the wrong type")
     return job
 
