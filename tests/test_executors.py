@@ -386,3 +386,21 @@ def test_a_resumed_local_launch_keeps_the_slot_of_an_earlier_job_and_knows_a_reu
         for proc in (controller, other):
             proc.kill()
             proc.wait()
+
+
+def test_a_second_launcher_on_a_cv_folder_is_refused(packed_sample, tmp_path, capsys):
+    """A second `dist-lc cv --resume` beside a running one would submit its queued folds again."""
+    from lc_common.locks import held
+
+    cv_dir = tmp_path / "cv"
+    args = ["cv", "--config", "configs/smoke.yaml", "--set", f"data.shards={packed_sample}", "--out", str(cv_dir),
+            "--executor", "local"]
+    plan = launch.new_plan(cli.build_parser()[0].parse_args(args))
+    cv_dir.mkdir()
+    plan.save()
+    with held(cv_dir / launch.LOCK, "held"):   # as the running launcher holds it
+        assert cli.main(["cv", "--out", str(cv_dir), "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: {cv_dir}: another dist-lc cv (pid {os.getpid()}) is running this CV; wait for it, or stop it and " \
+        "add --resume"
+    assert not (cv_dir / "jobs.json").exists()

@@ -100,14 +100,14 @@ def test_a_filesystem_without_locks_runs_the_launcher_unguarded_and_a_held_folde
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(launch.fcntl, "flock", no_locks)
+    monkeypatch.setattr("fcntl.flock", no_locks)   # lc_common.locks, which holding() uses
     with launch.holding(tmp_path):
         pass
 
     def held(fd, operation):
         raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(launch.fcntl, "flock", held)
+    monkeypatch.setattr("fcntl.flock", held)
     with pytest.raises(InputError, match="another dist-lc tune .* is running this study"):
         with launch.holding(tmp_path):
             pass

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lc_common.errors import InputError
+from lc_common.locks import held
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
 from ..run_dir import check_output_folder
@@ -35,6 +36,7 @@ from .plan import (Plan, Submission, add_submissions, build_points, check_folds,
                    read_submissions)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # Ctrl-C, a scheduler or kill, a closed terminal
+LOCK = ".cv.lock"   # held by the launcher that runs the CV folder
 
 
 # ----------------------------------------------------------------------------- building and checking a plan
@@ -361,6 +363,14 @@ def run(args) -> int:
     plan.cv_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         plan.save()
+    # one launcher per CV folder: a second would submit the queued folds again (after cv.json: a
+    # folder holding only the lock would read as someone else's)
+    with held(plan.cv_dir / LOCK, f"{plan.cv_dir}: another dist-lc cv ({{holder}}) is running this CV; "
+              "wait for it, or stop it and add --resume"):
+        return _launch(args, plan, launch, keys, todo)
+
+
+def _launch(args, plan: Plan, launch: Launch, keys: list, todo: list) -> int:
     print(f"cv: {len(plan.points)} grid point(s) × {len(plan.folds)} fold(s) in {plan.cv_dir} "
           f"({plan.executor}); {len(todo)} job(s) to run", file=sys.stderr, flush=True)
     with launch.stops:   # still open while the jobs are ended: a second signal cannot cut that short

@@ -17,14 +17,12 @@ number; ``--resume`` continues the same study: finished trials stay as they are,
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import math
 import os
 from pathlib import Path
 
 from lc_common.errors import InputError
+from lc_common.locks import held
 
 from ..config import apply_overrides, describe, from_dict, load_config, normalized, to_dict
 from ..cv import executors
@@ -142,24 +140,9 @@ def resumed_settings(args) -> Settings:
 
 # ----------------------------------------------------------------------------- running it
 
-@contextlib.contextmanager
 def holding(out: Path):
     """One launcher per tune folder: a second one would submit the same trials' folds again."""
-    with open(out / LOCK, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                lock.seek(0)
-                holder = lock.read().strip() or "?"
-                raise InputError(f"{out}: another dist-lc tune (pid {holder}) is running this study") from None
-            # a filesystem without locks (Lustre, NFS: ENOLCK, ENOSYS, EOPNOTSUPP): nothing to guard with
-        else:
-            lock.seek(0)
-            lock.truncate()
-            lock.write(str(os.getpid()))
-            lock.flush()
-        yield
+    return held(out / LOCK, f"{out}: another dist-lc tune ({{holder}}) is running this study")
 
 
 def run(args) -> int:
