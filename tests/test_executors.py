@@ -404,3 +404,22 @@ def test_a_second_launcher_on_a_cv_folder_is_refused(packed_sample, tmp_path, ca
         f"error: {cv_dir}: another dist-lc cv (pid {os.getpid()}) is running this CV; wait for it, or stop it and " \
         "add --resume"
     assert not (cv_dir / "jobs.json").exists()
+
+
+def test_an_error_pickle_older_than_the_local_job_is_an_earlier_jobs(tmp_path):
+    """A local job's folder is named by its pid: after the pids wrap around, a new job can find the
+    error pickle of an earlier one there, which must not fail it."""
+    import submitit
+
+    from dist_lc.cv.executors import LocalExecutor
+    from dist_lc.cv.plan import Submission, now
+
+    result = tmp_path / "4242" / "4242_0_result.pkl"
+    result.parent.mkdir()
+    submitit.core.utils.cloudpickle_dump(("error", "RuntimeError: CUDA out of memory (an earlier job)"), result)
+    os.utime(result, (time.time() - 3600, time.time() - 3600))
+    record = Submission("p0", 0, "local", "4242", str(tmp_path / "4242" / "4242_0_log.err"), str(result), now())
+    ex = LocalExecutor(LauncherConfig(), tmp_path)
+    assert ex.first_failure(record) is None
+    os.utime(result)   # written by this job
+    assert ex.first_failure(record)[0] == "RuntimeError: CUDA out of memory (an earlier job)"

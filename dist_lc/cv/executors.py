@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import atexit
+import contextlib
 import enum
 import math
 import os
@@ -25,6 +26,7 @@ import subprocess
 import time
 import typing
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import ClassVar
 
@@ -256,6 +258,11 @@ class LocalExecutor(Executor):
             self.engine.update_parameters(visible_gpus=physical_gpus(range(group * gpus, (group + 1) * gpus)))
             return FoldJob(item.config, str(item.run_dir), item.tta, gpu_share=1.0 / sharing if sharing > 1 else None)
         return FoldJob(item.config, str(item.run_dir), item.tta, cpu_slice(slot, slots))
+
+    def first_failure(self, record: Submission) -> tuple[str, str] | None:
+        # a local job's folder is named by its pid, which the system hands out again once it wraps
+        # around: an earlier job's error pickle there is older than this job (one clock, one disk)
+        return first_failure(record, since=_seconds(record.submitted))
 
     def adopt(self, record: Submission) -> None:
         if record.slot is not None:   # a job this launch submits must not get the same GPUs or cores
@@ -616,11 +623,15 @@ def _error_of(path: Path) -> str | None:
     return lines[-1].strip() if lines else "error"
 
 
-def first_failure(record: Submission) -> tuple[str, str] | None:
-    """(the error, the log) of the task that failed first (earliest error pickle), or None."""
+def first_failure(record: Submission, since: float | None = None) -> tuple[str, str] | None:
+    """(the error, the log) of the task that failed first (earliest error pickle), or None; pickles
+    written before ``since`` (a timestamp) are left out."""
     failed = []
     for task in range(max(record.tasks, 1)):
         pickle = task_file(record.result, task)
+        with contextlib.suppress(OSError):
+            if since is not None and pickle.stat().st_mtime < since:
+                continue
         error = _error_of(pickle)
         if error is not None:
             failed.append((pickle.stat().st_mtime, task, error))
@@ -629,6 +640,14 @@ def first_failure(record: Submission) -> tuple[str, str] | None:
     _, task, error = min(failed)
     prefix = f"rank {task}: " if record.tasks > 1 else ""
     return prefix + error, str(task_file(record.stderr, task))
+
+
+def _seconds(stamp: str) -> float | None:
+    """A submission's time (ISO 8601, whole seconds) as a timestamp, None when unreadable."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- the registry
