@@ -129,7 +129,11 @@ def pick_device(env: DistEnv, preference: str = "auto") -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise InputError("train.device=cuda (or --device cuda) but no CUDA device is visible")
-        index = env.local_rank % torch.cuda.device_count()
+        count = torch.cuda.device_count()
+        if count > 1 and env.local_rank >= count:   # NCCL would fail later on two ranks sharing one GPU
+            raise InputError(f"rank {env.rank}: local rank {env.local_rank}, but its node shows {count} GPUs: one "
+                             "rank per GPU (launcher.tasks_per_node, torchrun --nproc_per_node)")
+        index = env.local_rank % count   # one GPU shown: the launcher bound one to each task
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -195,14 +199,14 @@ def process_group(preference: str = "auto", timeout_s: float = 600):
     if _owned:
         yield _owned[-1]
         return
-    finished = False
+    finished, created = False, not dist.is_initialized()   # a group the caller opened stays the caller's
     try:
         _owned.append(_join(preference, timeout_s))
         yield _owned[-1]
         finished = True
     finally:
         group = _owned.pop() if _owned else None
-        if dist.is_initialized():
+        if created and dist.is_initialized():
             dist.destroy_process_group()
         if finished and group is not None and group.store is not None:
             _leave_together(group)

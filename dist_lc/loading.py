@@ -364,11 +364,20 @@ class Loader:
         previous = getattr(loader, "_iterator", None)
         if previous is not None:
             previous._timeout = self.timeout_s
+            dead = [w for w in getattr(previous, "_workers", ()) if not w.is_alive()]
+            if dead:   # between passes (the OOM killer during validation): torch would wait the whole limit
+                code = dead[0].exitcode
+                self._stop_workers()
+                raise LoaderError(self._describe_wait(
+                    f"DataLoader worker (pid {dead[0].pid}) exited between passes, "
+                    f"{f'killed by signal {-code}' if code is not None and code < 0 else f'exit code {code}'}"))
         try:
             it = iter(loader)
         except RuntimeError as exc:
             if str(exc).startswith("DataLoader timed out"):
                 raise LoaderError(self._describe_wait()) from None
+            if "exited unexpectedly" in str(exc):   # one that died while the pass was being started
+                raise LoaderError(self._describe_wait(str(exc))) from None
             raise
         if self.workers:
             it._timeout = min(CHECK_S, self.timeout_s)

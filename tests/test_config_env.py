@@ -189,3 +189,33 @@ def test_print_config_lists_every_key_with_help_and_default():
 def test_a_bad_launcher_environment_is_one_clear_error(environ, message):
     with pytest.raises(InputError, match=message):
         read_env(environ)
+
+
+def test_a_process_group_the_caller_opened_is_left_open(tmp_path, monkeypatch):
+    """A script that opened its own group and calls into dist_lc keeps its group afterwards."""
+    import torch.distributed as dist
+
+    from dist_lc.distributed import process_group
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with process_group("cpu"):
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_more_local_ranks_than_gpus_is_one_line(monkeypatch):
+    """Two ranks on one of several GPUs fail deep in NCCL; one GPU per task (srun's binding) is fine."""
+    from dist_lc.distributed import DistEnv, pick_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    with pytest.raises(InputError, match=r"^rank 6: local rank 2, but its node shows 2 GPUs: one rank per GPU"):
+        pick_device(DistEnv(rank=6, world_size=8, local_rank=2, local_world_size=4), "cuda")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setattr("torch.cuda.set_device", lambda index: None)
+    assert pick_device(DistEnv(rank=6, world_size=8, local_rank=2, local_world_size=4), "cuda").index == 0

@@ -109,3 +109,26 @@ def test_hundreds_of_worker_starts_beside_a_ranks_threads_never_hang(packed_samp
     training and validation loaders' workers 50 times over (400 worker starts in all)."""
     proc = torchrun(["tests/workers/loader_stress.py", str(packed_sample), "50"], timeout=600)
     assert "rank 0: 200 worker starts" in proc.stdout and "rank 1: 200 worker starts" in proc.stdout, proc.stdout
+
+
+def test_a_worker_that_died_between_passes_ends_the_next_pass_at_once(packed_sample):
+    """Persistent workers wait between passes (during validation, say): one the OOM killer ended then
+    is named when the next pass starts, not after data.wait_timeout_s, and in one line."""
+    loader = eval_loader(load_manifest(packed_sample), "train", None, world=1, rank=0, batch_size=4, workers=1,
+                         timeout_s=300)
+    with loader:
+        with loader.batches() as batches:
+            for _ in batches:
+                pass
+        pid = worker_pids(loader)[0]
+        os.kill(pid, 9)
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+            time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(LoaderError, match=rf"^rank 0: a data loader worker died \(DataLoader worker \(pid {pid}\) "
+                                              r"exited between passes, killed by signal 9\)$"):
+            with loader.batches():
+                pass
+        assert time.monotonic() - started < 30
+        with loader.batches() as batches:   # the next pass starts new workers
+            assert sum(1 for _ in batches) > 0
