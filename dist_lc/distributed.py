@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -73,8 +74,22 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _port_for_job(job_id: str) -> int:
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+def _port_for_job(job_id: str, step: str | None) -> int:
+    """The rendezvous port of a job step, the same on each of its tasks: two steps of one allocation
+    running at once get two ports, and the range stays below Linux's ephemeral ports (32768 on)."""
+    return 15000 + zlib.crc32(f"{job_id}.{step or 0}".encode()) % 17000
+
+
+def _tasks_on_node(spec: str, node: int) -> int:
+    """This node's count in Slurm's tasks-per-node list (``4(x2)``, ``4,2``, ``2(x3),1``): nodes of
+    an uneven step run different numbers of tasks."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return 1
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts[node] if 0 <= node < len(counts) else counts[0]
 
 
 def _int(e, name: str, default=None) -> int:
@@ -108,17 +123,17 @@ def read_env(environ=None) -> DistEnv:
 
         job = submitit.JobEnvironment()
         hosts = job.hostnames
+        port = _int(e, "MASTER_PORT", _port_for_job(str(job.job_id), e.get("SLURM_STEP_ID")))
         return _check(DistEnv(job.global_rank, job.num_tasks, job.local_rank,
                               job.num_tasks // max(job.num_nodes, 1), hosts[0] if hosts else "127.0.0.1",
-                              _int(e, "MASTER_PORT", _port_for_job(str(job.job_id))), "submitit",
-                              _int(e, "SLURM_CPUS_PER_TASK")))
+                              port, "submitit", _int(e, "SLURM_CPUS_PER_TASK")))
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
         world = _int(e, "SLURM_STEP_NUM_TASKS")
         nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        local_world = int(re.match(r"\d*", e.get("SLURM_STEP_TASKS_PER_NODE", "1")).group() or 1)
+        local_world = _tasks_on_node(e.get("SLURM_STEP_TASKS_PER_NODE", "1"), _int(e, "SLURM_NODEID", 0))
+        port = _int(e, "MASTER_PORT", _port_for_job(e.get("SLURM_JOB_ID", "0"), e.get("SLURM_STEP_ID")))
         return _check(DistEnv(_int(e, "SLURM_PROCID"), world, _int(e, "SLURM_LOCALID", 0), local_world,
-                              e.get("MASTER_ADDR") or first_host(nodes),
-                              _int(e, "MASTER_PORT", _port_for_job(e.get("SLURM_JOB_ID", "0"))), "slurm",
+                              e.get("MASTER_ADDR") or first_host(nodes), port, "slurm",
                               _int(e, "SLURM_CPUS_PER_TASK")))
     return DistEnv()
 

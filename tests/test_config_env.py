@@ -92,6 +92,13 @@ def test_srun_step_variables():
     assert env.master_addr == "gpu07" and env.source == "slurm"
     assert env.master_port == read_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "8",
                                         "SLURM_JOB_ID": "4242"}).master_port  # same port on every task
+    ports = {read_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_JOB_ID": job,
+                       "SLURM_STEP_ID": step}).master_port for job in ("4242", "24242", "42_42") for step in "01"}
+    assert len(ports) == 6 and all(1024 < p < 32768 for p in ports)   # other steps, other jobs: other ports
+    uneven = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "6", "SLURM_STEP_TASKS_PER_NODE": "4,2",
+              "SLURM_NODEID": "1", "SLURM_LOCALID": "1"}
+    assert read_env(uneven).local_world_size == 2
+    assert read_env({**uneven, "SLURM_STEP_TASKS_PER_NODE": "2(x2),1", "SLURM_NODEID": "2"}).local_world_size == 1
 
 
 def test_a_rank_uses_no_more_threads_than_slurm_granted_its_task():
