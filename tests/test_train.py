@@ -294,31 +294,22 @@ def test_a_torn_or_stray_failure_note_does_not_hide_a_peers_cause(tmp_path):
     assert sorted(p.name for p in (tmp_path / FAILURES).iterdir()) == ["rank1", "rank2", "rank_old"]
 
 
-def test_running_out_of_memory_is_one_line_naming_the_micro_batch(packed_sample, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where, line", [
+    ("train_step", "rank 0: out of cpu memory at train.micro_batch_size 8 (CUDA out of memory); lower "
+                   "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)"),
+    ("build_network", "rank 0: out of cpu memory while setting up the model and optimizer (CUDA out of memory); "
+                      "is another process holding the GPU?"),
+], ids=["in-a-step", "setting-up"])
+def test_running_out_of_memory_is_one_line_naming_what_to_change(packed_sample, tmp_path, monkeypatch, capsys,
+                                                                where, line):
+    """In a step: the micro-batch; at set-up, before any step: a GPU that another process fills."""
     from dist_lc import cli
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
 
-    monkeypatch.setattr(train_mod, "train_step", out_of_memory)
+    monkeypatch.setattr(train_mod, where, out_of_memory)
     rc = cli.main(["train", *SMOKE, *small(packed_sample), "--set", "data.workers=0", "--set", "train.loggers=[]",
                    "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len([x for x in err if x.startswith("error: ")]) == 1, err
-    assert err[-1] == ("error: rank 0: out of cpu memory at train.micro_batch_size 8 (CUDA out of memory); lower "
-                       "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)"), err
-
-
-def test_running_out_of_memory_while_setting_up_is_one_line(packed_sample, tmp_path, monkeypatch, capsys):
-    """A GPU another process already fills fails at the model's first allocation, before any step."""
-    from dist_lc import cli
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity")
-
-    monkeypatch.setattr(train_mod, "build_network", out_of_memory)
-    rc = cli.main(["train", *SMOKE, *small(packed_sample), "--set", "data.workers=0", "--set", "train.loggers=[]",
-                   "--run-dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and err == ["error: rank 0: out of cpu memory while setting up the model and optimizer (CUDA out "
-                               "of memory); is another process holding the GPU?"], err
+    assert rc == 1 and [x for x in err if x.startswith("error: ")] == [f"error: {line}"] == err[-1:], err
