@@ -96,7 +96,7 @@ class ScheduleConfig:
     name: Literal["plateau", "cosine", "constant"] = option(
         "plateau", "plateau: ×factor after patience epochs without improvement | cosine (after warmup) | constant")
     patience: int = option(20, "plateau: epochs without a better validation score", min=0)
-    factor: float = option(0.5, "plateau: learning-rate multiplier", min=1e-6, max=1.0)
+    factor: float = option(0.5, "plateau: learning-rate multiplier, below 1", min=1e-6, max=1.0)
     warmup_epochs: int = option(0, "cosine: epochs of linear warmup", min=0)
     min_lr: float = option(0.0, "learning rate at the end of the cosine (and plateau's floor); above optim.lr, "
                            "the cosine stays at optim.lr", min=0.0)
@@ -478,6 +478,9 @@ def validate(cfg: Config) -> None:
     if t.time_limit is not None and t.time_limit <= 0:   # 0 would read as "no limit" where null says so
         raise InputError(f"config key 'train.time_limit': {t.time_limit:g} is out of range (allowed: more than 0 "
                          "minutes; null: no time limit)")
+    if cfg.schedule.factor >= 1.0:   # torch's ReduceLROnPlateau refuses 1 (it would never reduce)
+        raise InputError(f"config key 'schedule.factor': {cfg.schedule.factor:g} is out of range (allowed: "
+                         "below 1)")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise InputError(f"config key 'train.ema_decay': {t.ema_decay} is out of range (allowed: between 0 "
                          "and 1, exclusive; null: no EMA)")

@@ -409,13 +409,17 @@ class TrainResult:
         """A stop signal ended the run early: it resumes later from last.pt."""
         return self.stop_reason == "stopped"
 
-def should_stop_for_time(s: Setup, started: float, epoch_times: list) -> bool:
-    """Rank 0's clock decides: stop if another epoch (the longest so far, validation included)
-    would not fit in train.time_limit."""
+def should_stop_for_time(s: Setup, started: float, train_s: list, val_s: list, validating: bool) -> bool:
+    """Rank 0's clock decides, after an epoch's training: stop if this epoch's validation (when it
+    is still to run) and then another epoch would not fit in train.time_limit. Another epoch costs
+    the dearest training so far and a validation, as a run's last epoch is always validated;
+    a validation costs the dearest one so far (nothing before the first is measured)."""
     limit = s.cfg.train.time_limit
     if not limit:
         return False
-    late = time.monotonic() - started + max(epoch_times) > limit * 60
+    val = max(val_s, default=0.0)
+    needed = (val if validating else 0.0) + max(train_s) + val
+    late = time.monotonic() - started + needed > limit * 60
     return bool(distributed.broadcast_object(late))
 
 
@@ -658,7 +662,8 @@ def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, v
     left = t.time_limit * 60 - (time.monotonic() - started)
     if p.epoch <= 2:
         per_epoch = train_s[-1] + (np.mean(val_s) / t.val_every if val_s else 0.0) * validated_share(t)
-        fits = max(p.epoch, min(t.epochs, p.epoch + int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)))
+        # never ends at the epoch just trained: its validation was planned against the old end
+        fits = max(min(p.epoch + 1, t.epochs), min(t.epochs, p.epoch + int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)))
     else:
         per_epoch = float(np.mean(train_s[-REFIT_EPOCHS:]))
         fits = refit_length(t, p.epoch, p.planned or t.epochs, train_s[-REFIT_EPOCHS:], val_s, left)
@@ -674,8 +679,8 @@ def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, v
 def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: StopSignals,
                started: float) -> TrainResult:
     cfg, t = s.cfg, s.cfg.train
-    epoch_times, train_s, val_s, row, reason = [], [], [], {}, "finished"
-    cost_s = []        # train_s without compilation: what the coming epochs will cost
+    train_s, val_s, row, reason = [], [], {}, "finished"
+    cost_s = []        # train_s without compilation, with checkpoints: what the coming epochs will cost
     best_held = None   # the held-out predictions of best.pt, when this process validated it
     other_s, compile_s = 0.0, 0.0   # checkpoints, logs, plots; compilation
     if t.early_stop and p.stale >= t.early_stop:   # a rerun of a run that stopped early
@@ -702,13 +707,16 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             runlog.info(f"epoch {p.epoch}: the fp16 gradient scaler skipped {result['skipped_steps']} of "
                         f"{s.steps_per_epoch} steps (non-finite gradients); train_loss is the mean of the others")
         train_s.append(time.monotonic() - epoch_started)
-        cost_s.append(max(train_s[-1] - compiling, 0.0))
-        out_of_time = should_stop_for_time(s, started, epoch_times + [cost_s[-1]])
+        cost_s.append(max(train_s[-1] - compiling, 0.0) + other_s / max(len(cost_s), 1))
+        validating = s.val_folds is not None and validates(t, p.epoch, last)
+        out_of_time = should_stop_for_time(s, started, cost_s, val_s, validating)
         val, shown = {}, None
-        if s.val_folds is not None and (validates(t, p.epoch, last) or out_of_time):
+        if s.val_folds is not None and (validating or out_of_time):
             val_started = time.monotonic()
             val, shown, held = validate(s, s.ema.module if s.ema is not None else s.net, p.epoch)
             val_s.append(time.monotonic() - val_started)
+            # the first validation's cost is known only now: does another epoch still fit?
+            out_of_time = out_of_time or should_stop_for_time(s, started, cost_s, val_s, False)
         score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
         if score is not None and is_per_epoch(s.scheduler):
             s.scheduler.step(score)
@@ -717,6 +725,8 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                "val_time_s": val_s[-1] if val else None,
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
+        # before last.pt is written: the fitted length must be in the checkpoint a resume reads
+        fit_schedule_to_time(s, p, started, cost_s, val_s, runlog)
         bookkeeping = time.monotonic()
         improved = p.judge(score, t.early_stop_min_delta)
         record_epoch(ckpt, runlog, p, row, improved)
@@ -725,8 +735,6 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         if shown and t.plot_every and p.epoch % t.plot_every == 0:
             runlog.plot(p.epoch, shown)
         other_s += time.monotonic() - bookkeeping
-        epoch_times.append(time.monotonic() - epoch_started - compiling)
-        fit_schedule_to_time(s, p, started, cost_s, val_s, runlog)
         if out_of_time:
             reason = "time_limit"
             runlog.info(f"train.time_limit {t.time_limit} min: stopping after epoch {p.epoch}")

@@ -41,6 +41,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
                            "limit)"),
     ("data.workers=-1", "'data.workers': -1 is out of range (allowed: 0 to 64)"),
     ("train.ema_decay=1.5", "'train.ema_decay': 1.5 is out of range"),
+    ("schedule.factor=1", "'schedule.factor': 1 is out of range"),
     ("optim.lr=.nan", "'optim.lr': expected a number"),
     ("train.precision=bf61", "'train.precision': 'bf61' is not one of auto, fp32, bf16, fp16 (did you mean 'bf16'?)"),
     ("train.dist_timeout_s=120", "'data.wait_timeout_s': 300 s is not below train.dist_timeout_s 120 s"),

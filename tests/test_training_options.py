@@ -198,6 +198,70 @@ def test_the_compiling_step_is_no_part_of_the_epoch_cost_that_fits_the_schedule(
     assert p.planned == 1 + int(500 * train_mod.SCHEDULE_MARGIN // 10) == 49
 
 
+def simulated_run(shards, run_dir, monkeypatch, overrides, train_s, val_s, stop_in_epoch=None):
+    """run_epochs of a real setup on a simulated clock: epoch e trains train_s(e) seconds, a
+    validation takes val_s; a stop signal arrives during epoch ``stop_in_epoch``. Returns the
+    progress, the validated epochs, the clock at the end and last.pt's planned length."""
+    from types import SimpleNamespace
+
+    from dist_lc.checkpoint import Checkpointer, Progress
+    from dist_lc.run_log import RunLog
+
+    cfg = load_config("configs/smoke.yaml", [f"data.shards={shards}", *SMALL, "train.loggers=[]", *overrides])
+    s = train_mod.build_setup(cfg)
+    clock, validated = [0.0], []
+
+    def epoch(s, epoch, step, stop, bar):
+        clock[0] += train_s(epoch + 1)
+        if epoch + 1 == stop_in_epoch:
+            return {"stopped": True, "step": step}
+        return {"stopped": False, "step": step + s.steps_per_epoch, "train_loss": 1.0, "epoch_time_s": 1.0,
+                "images_per_s": None, "data_wait_frac": 0.0, "skipped_steps": 0}
+
+    def validate(s, net, epoch):
+        clock[0] += val_s
+        validated.append(epoch)
+        return {"val_kl": 1.0 / epoch}, None, None
+
+    monkeypatch.setattr(train_mod, "train_epoch", epoch)
+    monkeypatch.setattr(train_mod, "validate", validate)
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=lambda: clock[0]))
+    parts = {"model": s.net, "ema": s.ema, "optimizer": s.optimizer, "scheduler": s.scheduler, "scaler": s.scaler}
+    runlog, p = RunLog(run_dir, enabled=True, cfg=cfg), Progress()
+    ckpt = Checkpointer(run_dir, parts, cfg, s.manifest, 1, s.device)
+    try:
+        train_mod.run_epochs(s, p, ckpt, runlog, SimpleNamespace(set=False), started=0.0)
+    finally:
+        runlog.close()
+        s.close()
+    saved = torch.load(ckpt.last, map_location="cpu", weights_only=False)
+    return p, validated, clock[0], saved["planned_epochs"]
+
+
+@pytest.mark.parametrize("train_s, val_s, limit_s, epochs", [(10, 20, 75, 2),   # 2 × (10 + 20) = 60: a third would end at 90
+                                                             (10, 40, 55, 1)])  # the first validation alone shows it
+def test_the_time_limit_counts_the_validations(packed_sample, tmp_path, monkeypatch, train_s, val_s, limit_s,
+                                               epochs):
+    p, validated, clock, _ = simulated_run(packed_sample, tmp_path, monkeypatch,
+                                           ["train.epochs=100", f"train.time_limit={limit_s / 60}"],
+                                           lambda e: train_s, val_s)
+    assert (p.epoch, validated) == (epochs, list(range(1, epochs + 1))) and clock <= limit_s
+
+
+def test_a_schedule_fitted_to_the_time_limit_ends_validated_and_is_saved_before_a_stop(packed_sample, tmp_path,
+                                                                                     monkeypatch):
+    """The second epoch is 4× dearer than the first: the fitted cosine must not end at it unvalidated,
+    and the length fitted after epoch 2 must be in the last.pt a resume reads."""
+    common = ["train.epochs=1000", "train.time_limit=1.6667", "schedule.name=cosine", "train.val_from=0.5"]
+    p, validated, clock, _ = simulated_run(packed_sample, tmp_path / "a", monkeypatch, common,
+                                           lambda e: 10 if e == 1 else 40, 10)
+    assert validated[-1] == p.epoch and clock <= 100
+    p, _, _, saved = simulated_run(packed_sample, tmp_path / "b", monkeypatch, ["train.epochs=1000",
+                                   "train.time_limit=10", "schedule.name=cosine"], lambda e: 10 if e == 1 else 40, 1,
+                                   stop_in_epoch=3)
+    assert p.epoch == 2 and saved == p.planned < 1000
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_gradient_clipping_bounds_the_true_gradient(packed_sample, precision):
     """SGD with lr 1 moves the weights by exactly the clipped gradient; under fp16 the clip applies to
