@@ -55,6 +55,13 @@ def sample_problem() -> tuple[str, bool] | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torchrun_logs(tmp_path_factory):
+    """torchrun makes a log folder per launch (/tmp/torchelastic_*) and never removes it: the suite's
+    hundreds of launches put theirs under pytest's own temporary folder (PET_LOG_DIR is --log-dir)."""
+    os.environ.setdefault("PET_LOG_DIR", str(tmp_path_factory.mktemp("torchelastic")))
+
+
 @pytest.fixture(scope="session")
 def sample_root() -> Path:
     """The 300 real train tiles + 24 test tiles in the challenge layout (read-only).
