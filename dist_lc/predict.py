@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lc_common.atomic import check_parent, write_csv_atomic
-from lc_common.errors import InputError, print_error
+from lc_common.errors import InputError, one_line, print_error
 from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
@@ -26,6 +26,10 @@ from .data import eval_loader, tiff_loader, to_nchw
 from .loading import LoaderError
 from .model import build_network, pixel_probabilities, tile_proportions
 from .precision import autocast, resolve_precision
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}   # train.precision's words
+SAMPLE_IDS = 3   # tile ids named in the message about rows that are not proportions
+
 
 def load_network(path, device: torch.device):
     """The network of a checkpoint (EMA weights when the run kept them) and its config."""
@@ -47,8 +51,20 @@ class Ensemble:
     """One or more checkpoints on a device, each in its own precision; ``tta``: the 8 flips/rotations."""
 
     def __init__(self, checkpoints, device: torch.device, tta: bool = False):
+        self.checkpoints = [str(p) for p in checkpoints]
         self.members = [load_network(p, device) for p in checkpoints]
         self.device, self.tta = device, tta
+
+    def precision_hint(self) -> str:
+        """The precision the checkpoints run in on this device, and what to try when their output is
+        not finite: fp16 overflows where bf16 (a model trained on a newer GPU) did not."""
+        ran = [PRECISION_NAMES[resolve_precision(cfg.train.precision, self.device)] for _, cfg in self.members]
+        said = f"run in {', '.join(dict.fromkeys(ran))} here (train.precision=" \
+               f"{', '.join(dict.fromkeys(cfg.train.precision for _, cfg in self.members))})"
+        if "fp16" in ran:
+            return (f"{said}: fp16 can overflow where the model trained in bf16; predict where bf16 runs "
+                    "natively (an Ampere or later GPU, or --device cpu), or train with train.precision=fp32")
+        return f"{said}: the weights may have diverged; train again (a lower optim.lr, or train.precision=fp32)"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, pixels: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -111,7 +127,8 @@ def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, b
     process group of the entry point that calls it (or in one of its own).
 
     Returns the table on rank 0 (None on the other ranks); with ``with_confusion`` (tiles with
-    masks), ``(table, 8×8 pixel confusion matrix)``.
+    masks), ``(table, 8×8 pixel confusion matrix)``. Bad input on any rank (a checkpoint, a tile, a
+    shard) or a loader that gives up raises on every rank, as do rows that are not proportions.
     """
     with distributed.process_group(device_pref) as group:
         return _predict(checkpoints, shards, split, group, images=images, tta=tta, batch_size=batch_size,
@@ -120,55 +137,142 @@ def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, b
 
 def _predict(checkpoints, shards, split, group: distributed.Group, *, images, tta, batch_size, workers,
              with_confusion, wait_timeout_s):
-    env, device = group.env, group.device
-    ensemble = Ensemble(checkpoints, device, tta)
-    if images is not None:
-        loader = tiff_loader(images, world=env.world_size, rank=env.rank, batch_size=batch_size, workers=workers,
-                             device=device, timeout_s=wait_timeout_s)
-    else:
-        manifest = load_manifest(shards)
-        split_name, folds = parse_split(split, manifest.num_folds)
-        if not manifest.shards(split_name, folds):
-            raise InputError(f"{manifest.root}: no {split} shards")
-        loader = eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank,
-                             batch_size=batch_size, workers=workers, device=device,
-                             timeout_s=wait_timeout_s)
-    tally = Tally(device, with_confusion)
-    with loader, loader.batches() as batches:
-        for batch in batches:
-            props, probs = ensemble(to_nchw(batch["image"]).to(device), pixels=with_confusion)
-            tally.add(batch["key"], props, probs, batch.get("mask"))
+    tally, ensemble, failure = Tally(group.device, with_confusion), None, None
+    try:
+        ensemble = Ensemble(checkpoints, group.device, tta)
+        loader = open_loader(shards, split, images, group, batch_size=batch_size, workers=workers,
+                             wait_timeout_s=wait_timeout_s)
+        with loader, loader.batches() as batches:
+            for batch in batches:
+                props, probs = ensemble(to_nchw(batch["image"]).to(group.device), pixels=with_confusion)
+                tally.add(batch["key"], props, probs, batch.get("mask"))
+    except (InputError, LoaderError) as exc:
+        # raised below, after the collectives: a rank that left now would leave its peers waiting in them
+        failure = exc
     keys, props, matrix = tally.finish()
-    table = gathered_table(keys, props)
+    table = gathered_table(keys, props, failure, ensemble)
     if table is None:
         return None
     return (table, matrix) if with_confusion else table
 
 
-def gathered_table(keys: list, props: np.ndarray) -> pd.DataFrame | None:
+def open_loader(shards, split, images, group: distributed.Group, *, batch_size, workers, wait_timeout_s):
+    """This rank's share of the tiles: a folder of TIFFs (``images``) or a split of shards."""
+    env, device = group.env, group.device
+    if images is not None:
+        return tiff_loader(images, world=env.world_size, rank=env.rank, batch_size=batch_size, workers=workers,
+                           device=device, timeout_s=wait_timeout_s)
+    manifest = load_manifest(shards)
+    split_name, folds = parse_split(split, manifest.num_folds)
+    if not manifest.shards(split_name, folds):
+        raise InputError(f"{manifest.root}: no {split} shards")
+    return eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank, batch_size=batch_size,
+                       workers=workers, device=device, timeout_s=wait_timeout_s)
+
+
+def gathered_table(keys: list, props: np.ndarray, failure: Exception | None = None,
+                   ensemble: Ensemble | None = None) -> pd.DataFrame | None:
     """Every rank's (tile ids, proportions) as one table on rank 0, rows summing to 1 in float64
-    (None on the other ranks; every rank must call it)."""
-    parts = distributed.gather_objects((keys, props))
-    if parts is None:
-        return None
-    values = np.concatenate([r for _, r in parts])
-    table = pd.DataFrame(values / values.sum(axis=1, keepdims=True), columns=list(CLASS_NAMES))
-    table.insert(0, "sample_id", [k for ks, _ in parts for k in ks])
+    (None on the other ranks; every rank must call it, a rank whose prediction failed included).
+
+    Every rank raises when one failed (``failure``, its error: it raises that, the others
+    ``rank R failed first: ...`` naming the lowest such rank) or when rank 0 finds rows that are not
+    finite or sum to 0, naming the ``ensemble`` that predicted them.
+    """
+    parts = distributed.gather_objects((keys, props, _note(failure)))
+    table, verdict = _assembled(parts, ensemble) if parts is not None else (None, None)
+    raise_agreed(verdict, failure)
     return table
 
 
+def _assembled(parts: list, ensemble: Ensemble | None) -> tuple[pd.DataFrame | None, tuple | None]:
+    """Rank 0's (table, None) from the ranks' (ids, proportions, failure note), or (None, the verdict
+    that every rank raises)."""
+    verdict = _first_failure([note for _, _, note in parts])
+    if verdict is not None:
+        return None, verdict
+    keys = [k for ks, _, _ in parts for k in ks]
+    values = np.concatenate([r for _, r, _ in parts])
+    verdict = _not_proportions(keys, values, ensemble)
+    if verdict is not None:
+        return None, verdict
+    table = pd.DataFrame(values / values.sum(axis=1, keepdims=True), columns=list(CLASS_NAMES))
+    table.insert(0, "sample_id", keys)
+    return table, None
+
+
+def _note(failure: Exception | None) -> tuple[str, str] | None:
+    """What a rank that failed sends rank 0: the kind of its error and its text (as training records it)."""
+    if failure is None:
+        return None
+    kind = "input" if isinstance(failure, InputError) else "loader"
+    return kind, f"{type(failure).__name__}: {one_line(failure)}"
+
+
+def _first_failure(notes: list) -> tuple | None:
+    """(rank, kind, text) of the lowest rank that failed, or None."""
+    return next(((rank, *note) for rank, note in enumerate(notes) if note is not None), None)
+
+
+def _not_proportions(keys: list, values: np.ndarray, ensemble: Ensemble | None) -> tuple | None:
+    """The verdict on rows that cannot be renormalised into proportions (NaN/inf from an overflow or a
+    diverged model, or all 0), or None: written, they would be empty cells in a CSV that looks whole."""
+    bad = ~(np.isfinite(values).all(axis=1) & (values.sum(axis=1) > 0))
+    if not bad.any():
+        return None
+    ids = [str(k) for k, b in zip(keys, bad) if b]
+    shown = ", ".join(ids[:SAMPLE_IDS]) + (", ..." if len(ids) > SAMPLE_IDS else "")
+    what = ", ".join(ensemble.checkpoints) if ensemble else "prediction"
+    hint = f"; {ensemble.precision_hint()}" if ensemble else ""
+    return None, "input", (f"{what}: {len(ids)} of {len(keys)} tiles predicted with proportions that are "
+                           f"not finite (NaN/inf) or sum to 0 (ids {shown}){hint}")
+
+
+def raise_agreed(verdict: tuple | None, own: Exception | None = None) -> None:
+    """Rank 0's ``verdict`` (None, or (rank that failed or None, "input" | "loader", text)) on every
+    rank, raised there: by a rank with an error of its own (``own``), that error; by the others,
+    ``rank R failed first: text`` (or the text itself when no rank failed) as an InputError (exit
+    2) or a LoaderError. A collective: every rank calls it."""
+    verdict = distributed.broadcast_object(verdict)
+    if verdict is None:
+        return
+    if own is not None:
+        raise own
+    rank, kind, text = verdict
+    message = text if rank is None else f"rank {rank} failed first: {text}"
+    raise (InputError if kind == "input" else LoaderError)(message)
+
+
+def check_out(path) -> None:
+    """--out's folder, checked on rank 0 alone (the one that writes; on several nodes it may exist on
+    that node only), the answer agreed by every rank."""
+    verdict = None
+    if distributed.is_main():
+        try:
+            check_parent(path, "--out")
+        except InputError as exc:
+            verdict = (None, "input", str(exc))
+    raise_agreed(verdict)
+
+
 def run(args) -> int:
-    check_parent(args.out, "--out")
     if (args.shards is None) == (args.images is None):
         raise InputError("predict: give the tiles either as --shards DIR (with --split) or as --images DIR")
-    try:
-        with distributed.process_group(args.device):
+    failure = None
+    with distributed.process_group(args.device):
+        try:
+            check_out(args.out)
             table = predict(args.checkpoint, args.shards, args.split, images=args.images, tta=args.tta,
                             batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
             if table is not None:
                 write_csv_atomic(args.out, table)
                 print(f"wrote {len(table)} rows to {args.out}")
-    except LoaderError as exc:
-        print_error(exc)
+        except (InputError, LoaderError) as exc:
+            # every rank raised it together: they leave the group together, as after a run that ended well
+            failure = exc
+    if isinstance(failure, InputError):
+        raise failure
+    if failure is not None:
+        print_error(failure)
         return 1
     return 0

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,11 +17,34 @@ from dist_lc.evaluate import evaluate_csv
 from dist_lc.predict import predict
 from lc_common.atomic import write_csv_atomic
 
+from test_faults import logged_torchrun, rank_logs
 from torchrun_util import dist_lc, torchrun
 
 
 def best(run):
     return run / "checkpoints" / "best.pt"
+
+
+def tiles(sample_root, folder, count=4):
+    """A folder of the first ``count`` test tiles (links to the sample's)."""
+    folder.mkdir()
+    for tif in sorted((sample_root / "test" / "images").glob("*.tif"))[:count]:
+        os.symlink(tif, folder / tif.name)
+    return folder
+
+
+def poisoned(run, path):
+    """best.pt with one convolution's weights NaN: a diverged checkpoint, or one that overflows."""
+    state = torch.load(best(run), weights_only=True)
+    for weights in [state["model"], *([state["ema"]] if state.get("ema") else [])]:
+        name = [k for k, v in weights.items() if v.is_floating_point() and v.ndim == 4][-1]
+        weights[name] = torch.full_like(weights[name], float("nan"))
+    torch.save(state, path)
+    return path
+
+
+def errors(log: str) -> list[str]:
+    return [x for x in log.splitlines() if x.startswith("error: ")]
 
 
 def check_submission(table: pd.DataFrame, ids):
@@ -89,3 +114,64 @@ def test_shards_without_manifest_and_bad_split(smoke_run, packed_sample, tmp_pat
         predict([best(smoke_run)], tmp_path, "test")
     with pytest.raises(InputError, match="expected test, train or fold:K"):
         predict([best(smoke_run)], packed_sample, "fold:9")
+
+
+def test_output_that_is_not_proportions_is_refused_on_every_rank(smoke_run, sample_root, tmp_path):
+    """NaN from the network (a diverged checkpoint, fp16 overflowing) is refused, not written as empty
+    cells: one line naming the checkpoint, the count, some ids and the precision, on every rank."""
+    nan = poisoned(smoke_run, tmp_path / "nan.pt")
+    images = tiles(sample_root, tmp_path / "images")
+    with pytest.raises(InputError, match=rf"{nan}: 4 of 4 tiles predicted with proportions that are not finite.*"
+                                         r"ids \d+, \d+, \d+, \.\.\..*train\.precision="):
+        predict([nan], images=images, workers=0)
+    out = tmp_path / "nan.csv"
+    proc = logged_torchrun(["-m", "dist_lc", "predict", "--checkpoint", str(nan), "--images", str(images),
+                            "--out", str(out), "--workers", "0"], tmp_path / "logs", check=False, timeout=120)
+    assert proc.returncode != 0 and not out.exists()
+    for rank, log in rank_logs(tmp_path / "logs").items():
+        assert len(errors(log)) == 1 and "not finite" in errors(log)[0] and "Traceback" not in log, (rank, log)
+
+
+def test_a_bad_tile_on_one_rank_ends_every_rank_with_its_cause(smoke_run, sample_root, tmp_path):
+    """The last tile (rank 1's) is truncated: rank 1 says so, rank 0 reports it as rank 1's failure,
+    both exit at once with one line each and nothing written (not a closed connection, not a hang)."""
+    images = tiles(sample_root, tmp_path / "images")
+    last = sorted(images.glob("*.tif"))[-1]
+    data = last.read_bytes()
+    last.unlink()
+    last.write_bytes(data[:3000])
+    out = tmp_path / "bad.csv"
+    started = time.monotonic()
+    proc = logged_torchrun(["-m", "dist_lc", "predict", "--checkpoint", str(best(smoke_run)), "--images", str(images),
+                            "--out", str(out), "--workers", "1"], tmp_path / "logs", check=False, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - started < 60 and not out.exists()
+    logs = rank_logs(tmp_path / "logs")
+    cause = f"{last}: truncated TIFF"
+    assert len(errors(logs[1])) == 1 and errors(logs[1])[0].startswith(f"error: {cause}"), logs[1][-2000:]
+    assert len(errors(logs[0])) == 1 and \
+        errors(logs[0])[0].startswith(f"error: rank 1 failed first: InputError: {cause}"), logs[0][-2000:]
+    assert not any("Traceback" in log for log in logs.values())
+
+
+ONLY_RANK_0_SEES_OUT = """
+import os, sys
+sys.path.insert(0, os.getcwd())   # the checkout under test (torchrun runs this with the repository as its cwd)
+import dist_lc.predict
+from lc_common.errors import InputError
+if os.environ["RANK"] != "0":   # as on another node than rank 0's, where --out's folder is not mounted
+    def absent(path, what="output"):
+        raise InputError(f"{path}: {what} folder does not exist on this node")
+    dist_lc.predict.check_parent = absent
+from dist_lc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_only_rank_0_needs_the_output_folder(smoke_run, sample_root, tmp_path):
+    script = tmp_path / "only_rank_0_sees_out.py"
+    script.write_text(ONLY_RANK_0_SEES_OUT)
+    out = tmp_path / "out.csv"
+    torchrun([str(script), "predict", "--checkpoint", str(best(smoke_run)),
+              "--images", str(tiles(sample_root, tmp_path / "images", 2)), "--out", str(out), "--workers", "0"],
+             timeout=120)
+    assert len(pd.read_csv(out)) == 2
