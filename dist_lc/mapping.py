@@ -6,8 +6,8 @@
 Per scene, in ``--out``: ``<scene>_classes.tif`` (uint8 class ids, the challenge palette as its
 colour table, the scene's CRS and transform, 0 = no_data), optionally ``<scene>_probabilities.tif``
 (the 8 scored classes, one band each; uint8 = probability × 255, or float32; GDAL 3.10 has no
-float16), ``<scene>_quicklook.png``, ``<scene>_proportions.json``; and ``proportions.csv`` for all
-scenes (and their AOI). A scene without georeferencing gives a map without any; one georeferenced
+float16; no_data masked by the file's internal mask band), ``<scene>_quicklook.png``,
+``<scene>_proportions.json``; and ``proportions.csv`` for all scenes (and their AOI). A scene without georeferencing gives a map without any; one georeferenced
 by ground control points gives a map with them. Every file appears under its final name only once
 it is complete, checked and on disk; after a failure (a full disk, a quota) none of a scene's files
 keeps its name.
@@ -21,9 +21,10 @@ window rows (:mod:`dist_lc.scene`) are dealt to the ranks in turns; a rank reads
 its window row, predicts its windows in batches (ensemble, TTA, each checkpoint's precision) and
 blends them along the row; rank 0 gathers each turn's rows, blends them into a running
 accumulator of 256 rows and writes every row no later window will touch. The class of a pixel is
-its most probable scored class; pixels whose every band is 0 (or the scene's nodata value) are
-no_data. A scene's class proportions are the mean probabilities over its valid pixels, classes 0
-and 1 removed (as ``predict`` computes them for a tile), next to the share of each class in the map.
+its most probable scored class; pixels whose every band is 0 (or the scene's nodata value), or
+that the scene's own mask band masks, are no_data. A scene's class proportions are the mean
+probabilities over its valid pixels, classes 0 and 1 removed (as ``predict`` computes them for a
+tile), next to the share of each class in the map.
 """
 from __future__ import annotations
 
@@ -125,7 +126,9 @@ class GdalFailures(logging.Handler):
         logger.addHandler(self)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
         try:
-            with rasterio.Env():
+            # the probabilities' mask band inside the GeoTIFF (GDAL's default, unless the environment says
+            # otherwise): a .msk beside the partial file would never be renamed with it
+            with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
                 yield self
         finally:
             logger.removeHandler(self)
@@ -171,9 +174,11 @@ class MapWriter:
     def _open(self) -> None:
         import rasterio
 
+        # BigTIFF where the data could pass a classic TIFF's 4 GiB: for a compressed file GDAL's default
+        # never chooses it; IF_SAFER does when the uncompressed data pass 2 GB (small maps stay classic).
         profile = {"driver": "GTiff", "width": self.scene.width, "height": self.scene.height,
                    **self.scene.georeferencing, "tiled": True, "blockxsize": 256, "blockysize": 256,
-                   "compress": "deflate"}
+                   "compress": "deflate", "BIGTIFF": "IF_SAFER"}
         with warnings.catch_warnings(), self._writing("classes"):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self.classes = rasterio.open(self.partial["classes"], "w", count=1, dtype="uint8", nodata=0, **profile)
@@ -212,7 +217,7 @@ class MapWriter:
         from rasterio.windows import Window
 
         probs = self.acc[:, :n] / self.wacc[:n]
-        valid = self.scene.valid(pixels := self.scene.read_rows(self.base, n))
+        valid = self.scene.valid(pixels := self.scene.read_rows(self.base, n), self.base)
         classes = CLASS_OF[probs.argmax(axis=0)]
         classes[~valid] = 0
         window = Window(0, self.base, self.scene.width, n)
@@ -223,6 +228,8 @@ class MapWriter:
             out[:, ~valid] = 0
             with self._writing("probabilities"), self.gdal.watch():
                 self.probs_file.write(out, window=window)
+                # no nodata value would do (0 is a probability): the file's mask band says no_data
+                self.probs_file.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
         self._count("scene", probs, classes, valid)
         if self.aoi is not None:
             self._count("aoi", probs, classes, valid & self.aoi.rows(self.base, n))

@@ -11,8 +11,10 @@ weight): window borders, where a window's context is poorest, count least, and n
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +103,36 @@ class Scene:
             raise InputError(f"{self.path}: cannot read rows {top}-{top + rows - 1} of the scene, truncated or "
                              f"corrupt ({gdal_text(exc)})") from None
 
-    def valid(self, pixels: np.ndarray) -> np.ndarray:
-        """(rows, width) bool: False where every band is 0 or the scene's nodata value (no_data)."""
+    @cached_property
+    def has_mask_band(self) -> bool:
+        """Whether the file has a mask band of its own (internal, or a .msk beside it). An alpha band is
+        not taken as one: a scene has exactly the 4 bands, so a 4th band tagged alpha is the NIR
+        mislabelled (tifffile tags it so by default for 4-sample RGB), not a mask."""
+        from rasterio.enums import MaskFlags
+
+        flags = self.dataset.mask_flag_enums[0]
+        return MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags
+
+    def valid(self, pixels: np.ndarray, top: int) -> np.ndarray:
+        """(rows, width) bool for ``pixels``, the scene's rows from ``top``: False (no_data) where every
+        band is 0 or the scene's nodata value, or where the file's mask band masks the pixel."""
         empty = pixels == 0
         if self.nodata is not None:
             empty |= pixels == self.nodata
-        return ~empty.all(axis=0)
+        valid = ~empty.all(axis=0)
+        if self.has_mask_band:   # read only then: a file without one costs nothing more than before
+            valid &= self._mask_rows(top, pixels.shape[1]) > 0
+        return valid
+
+    def _mask_rows(self, top: int, rows: int) -> np.ndarray:
+        from rasterio.errors import RasterioIOError
+        from rasterio.windows import Window
+
+        try:
+            return self.dataset.dataset_mask(window=Window(0, top, self.width, rows))
+        except RasterioIOError as exc:
+            raise InputError(f"{self.path}: cannot read the mask of rows {top}-{top + rows - 1} of the scene, "
+                             f"truncated or corrupt ({gdal_text(exc)})") from None
 
     def close(self) -> None:
         self.dataset.close()
@@ -183,7 +209,12 @@ def parse_aoi(text: str | None):
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:   # ValueError: not UTF-8 (a binary file), not JSON
             raise InputError(f"{path}: --aoi is not GeoJSON ({one_line(exc)})") from None
-        return _geometry(data, path), "EPSG:4326"
+        geometry = _geometry(data, path)
+        x0, y0, x1, y1 = _bounds(geometry)
+        if not _is_lonlat(x0, y0, x1, y1):
+            raise InputError(f"{path}: --aoi GeoJSON coordinates span {x0:.6g},{y0:.6g} to {x1:.6g},{y1:.6g}: not "
+                             "longitudes and latitudes, as GeoJSON's are (a box in the scene's CRS is x0,y0,x1,y1)")
+        return geometry, "EPSG:4326"
     try:
         x0, y0, x1, y1 = (float(v) for v in body.split(","))
     except ValueError:
@@ -191,8 +222,17 @@ def parse_aoi(text: str | None):
                          ) from None
     if not (x0 < x1 and y0 < y1):
         raise InputError(f"--aoi {text!r}: the box is empty (expected x0 < x1 and y0 < y1)")
+    if crs is not None and not _is_lonlat(x0, y0, x1, y1):
+        raise InputError(f"--aoi {text!r}: a lonlat: box needs longitudes in -180..180 and latitudes in -90..90 "
+                         "(lonlat:lon0,lat0,lon1,lat1)")
     box = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
     return box, crs
+
+
+def _is_lonlat(x0: float, y0: float, x1: float, y1: float) -> bool:
+    """Whether a box lies within the longitudes and latitudes that exist (PROJ refuses the others, or
+    wraps them somewhere unexpected)."""
+    return -180 <= x0 and x1 <= 180 and -90 <= y0 and y1 <= 90
 
 
 def _geometry(data, path: Path) -> dict:
@@ -231,8 +271,6 @@ def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
     """The AOI on the scene's grid; an error when the scene lacks a CRS it needs or misses it entirely."""
     if aoi is None:
         return None
-    from rasterio.warp import transform_geom
-
     geometry, crs = aoi
     if "gcps" in scene.georeferencing:
         raise InputError(f"{scene.path}: the scene is georeferenced by ground control points only, so an --aoi "
@@ -240,7 +278,7 @@ def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
     if crs is not None:
         if scene.crs is None:
             raise InputError(f"{scene.path}: the scene has no CRS, so a lon/lat --aoi cannot be placed on it")
-        geometry = transform_geom(crs, scene.dataset.crs, geometry)
+        geometry = _reprojected(scene, geometry, crs)
     mask = AoiMask(geometry, scene.dataset.transform, scene.width)
     x0, y0, x1, y1 = _bounds(geometry)
     left, bottom, right, top = scene.dataset.bounds
@@ -248,6 +286,24 @@ def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
         raise InputError(f"{scene.path}: --aoi lies outside the scene (AOI {x0:.6g},{y0:.6g},{x1:.6g},{y1:.6g}; "
                          f"scene {left:.6g},{bottom:.6g},{right:.6g},{top:.6g} in its CRS)")
     return mask
+
+
+def _reprojected(scene: Scene, geometry: dict, crs) -> dict:
+    """The AOI in the scene's CRS; an error naming the scene when PROJ has no way there (a local or
+    engineering CRS) or the AOI lies outside the projection's domain."""
+    from rasterio._err import CPLE_BaseError   # GDAL's errors; rasterio.errors exposes no base class of them
+    from rasterio.errors import CRSError, TransformError
+    from rasterio.warp import transform_geom
+
+    try:
+        out = transform_geom(crs, scene.dataset.crs, geometry)
+        reason = None if np.isfinite(_bounds(out)).all() else "coordinates outside the projection's domain"
+    except (CPLE_BaseError, CRSError, TransformError) as exc:
+        # GDAL spells out a CRS without an EPSG code as PROJJSON, hundreds of characters: named instead
+        reason = re.sub(r"'\{.*\}'", "the scene's CRS", one_line(exc.__cause__ or exc))[:200]
+    if reason is not None:
+        raise InputError(f"{scene.path}: the --aoi cannot be placed in the scene's CRS ({reason})")
+    return out
 
 
 def _bounds(geometry: dict) -> tuple[float, float, float, float]:
