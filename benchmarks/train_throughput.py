@@ -543,11 +543,11 @@ def report(res: dict, args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 128 px, no compile, e2e on 128-px crops")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 128 px (unless --size), no compile, e2e on 128-px crops")
     p.add_argument("--sections", default="kernels,e2e", help="comma list of kernels, profile, e2e")
     p.add_argument("--profile-top", type=int, default=12, help="profile: ops listed")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=int, help="tile side of the kernels' batch (default 256; --quick: 128)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps per variant per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before the rounds")
@@ -574,8 +574,9 @@ def main(argv=None) -> int:
     if args.tf_worker:
         return tf_worker(args.batch, args.size)
     if args.quick:
-        args.rounds, args.size, args.compile, args.e2e_crop = 1, 128, False, args.e2e_crop or 128
+        args.rounds, args.size, args.compile, args.e2e_crop = 1, args.size or 128, False, args.e2e_crop or 128
         args.matmul_n = min(args.matmul_n, 1024)
+    args.size = args.size or 256
     sections = set(args.sections.split(","))
     res = {"machine": machine_line(), "argv": sys.argv}
     log(res["machine"])
