@@ -495,6 +495,7 @@ def train(cfg: Config, run_dir) -> TrainResult:
         # the lock first: the set-up's micro-batch trials must not run on the GPU of a training
         # that already holds the folder
         with RunLock(run_dir, enabled=group.env.is_main):
+            forget_earlier_failures(run_dir, group.env.is_main)
             try:
                 s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
             except torch.OutOfMemoryError as exc:
@@ -519,6 +520,16 @@ def train(cfg: Config, run_dir) -> TrainResult:
             dist.barrier()
     timing = dataclasses.replace(result.timing, setup_s=setup_s, train_call_s=time.monotonic() - started)
     return dataclasses.replace(result, timing=timing)
+
+
+def forget_earlier_failures(run_dir: Path, main: bool) -> None:
+    """Rank 0 removes the failure notes of earlier launches while every rank waits between two
+    collectives: no rank of this launch can have written one yet, and a peer's note from its set-up
+    (which may end after rank 0's) survives for rank 0 to report."""
+    distributed.broadcast_object(None)
+    if main:
+        clear_failures(run_dir)
+    distributed.broadcast_object(None)
 
 
 def _record_own_exit(run_dir: Path, rank: int, reason: str) -> None:
@@ -594,8 +605,6 @@ def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:
 
 def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
     cfg, main = s.cfg, s.env.is_main
-    if main:
-        clear_failures(run_dir)
     ckpt = Checkpointer(run_dir, {"model": s.net, "ema": s.ema, "optimizer": s.optimizer,
                                   "scheduler": s.scheduler, "scaler": s.scaler},
                         cfg, s.manifest, s.env.world_size, s.device)
