@@ -118,6 +118,8 @@ def fit_micro_batch(net, loss_fn, *, per_rank: int, size: int, device, dtype, ch
         chosen = next((n for n in options if _fits_on_cuda(net, loss_fn, n, size, device, dtype, channels_last)),
                       options[-1])
         how = f"trial steps at {size}² on {torch.cuda.get_device_name(device)}"
+        # the trials that ran out of memory filled the GPU: the epochs' peak_mem_mb is training's own
+        torch.cuda.reset_peak_memory_stats(device)
     else:
         per_tile = saved_bytes_per_tile(net, loss_fn, size, device, dtype, channels_last) * BACKWARD_FACTOR
         states = sum(p.numel() * p.element_size() for p in net.parameters()) * 4
