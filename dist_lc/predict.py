@@ -258,11 +258,13 @@ def check_out(path) -> None:
 def run(args) -> int:
     if (args.shards is None) == (args.images is None):
         raise InputError("predict: give the tiles either as --shards DIR (with --split) or as --images DIR")
+    if args.images is not None and args.split is not None:   # a folder has no splits: it would be ignored
+        raise InputError("predict: --split applies to --shards; --images DIR predicts every tile of the folder")
     failure = None
     with distributed.process_group(args.device):
         try:
             check_out(args.out)
-            table = predict(args.checkpoint, args.shards, args.split, images=args.images, tta=args.tta,
+            table = predict(args.checkpoint, args.shards, args.split or "test", images=args.images, tta=args.tta,
                             batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
             if table is not None:
                 write_csv_atomic(args.out, table)

@@ -112,6 +112,8 @@ CASES = [
      "--out {tmp}/nowhere/p.csv", "--out folder"),
     ("predict: a fold the shards lack", "dist-lc predict --checkpoint {ckpt} --shards {shards} --split fold:9 "
      "--out {tmp}/p.csv", "expected test, train or fold:K"),
+    ("predict: --split with a folder of tiles", "dist-lc predict --checkpoint {ckpt} --images {tmp}/empty "
+     "--split train --out {tmp}/p.csv", "--split applies to --shards"),
     ("predict: negative workers", "dist-lc predict --checkpoint {ckpt} --shards {shards} --out {tmp}/p.csv "
      "--workers -2", "argument --workers: must be 0 or more"),
     ("eval: prediction with a header only", "dist-lc eval --gt {labels} --pred {tmp}/header_only.csv",
