@@ -292,3 +292,18 @@ def test_the_per_class_plot_of_tiles_without_a_scored_class(tmp_path):
     empty = {"per_class": {}, "baseline_per_class": {}, "oof_kl": None, "baseline_kl": None}
     figures.plot_per_class(empty, tmp_path / "per_class.png")
     assert (tmp_path / "per_class.png").stat().st_size > 0
+
+
+def test_a_cached_table_is_computed_again_for_shards_of_other_content(tmp_path):
+    """truth.csv / tile_features.csv: shards packed again with other tiles, as many of them, must not
+    reuse the table computed from the first ones."""
+    from types import SimpleNamespace
+
+    def table(value):
+        return pd.DataFrame({"x": [value, value]}, index=pd.Index(["1", "2"], name="sample_id"))
+
+    path = tmp_path / "truth.csv"
+    first, other = SimpleNamespace(identity="a" * 64), SimpleNamespace(identity="b" * 64)
+    assert tables._cached(path, first, 2, lambda: table(1.0))["x"].tolist() == [1.0, 1.0]
+    assert tables._cached(path, first, 2, lambda: table(9.0))["x"].tolist() == [1.0, 1.0]   # the cache
+    assert tables._cached(path, other, 2, lambda: table(2.0))["x"].tolist() == [2.0, 2.0]

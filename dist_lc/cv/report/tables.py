@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from lc_common.atomic import write_csv_atomic
+from lc_common.atomic import write_bytes_atomic, write_csv_atomic
 from lc_common.errors import InputError
 from lc_common.records import read_json_object
 from lc_common.tiles import CLASS_NAMES
@@ -191,7 +191,7 @@ def read_truth(cv_dir: Path, shards) -> pd.DataFrame:
         truth.insert(0, "fold", [int(manifest.data["folds"][i]) for i in ids])
         return truth
 
-    return _cached(cv_dir / TRUTH, len(manifest.data["folds"]), from_shards)
+    return _cached(cv_dir / TRUTH, manifest, len(manifest.data["folds"]), from_shards)
 
 
 def _props_of_shard(manifest, entry: dict) -> dict[str, np.ndarray]:
@@ -211,7 +211,7 @@ def read_tile_features(cv_dir: Path, shards) -> pd.DataFrame:
         keys, values = tile_features.features(_images(manifest))
         return pd.DataFrame(values, index=pd.Index(keys, name="sample_id"), columns=tile_features.names())
 
-    return _cached(cv_dir / FEATURES, sum(s["count"] for s in manifest.data["shards"]), from_shards)
+    return _cached(cv_dir / FEATURES, manifest, sum(s["count"] for s in manifest.data["shards"]), from_shards)
 
 
 def _images(manifest):
@@ -223,10 +223,13 @@ def _images(manifest):
                 yield key, image, entry["split"] == "train"
 
 
-def _cached(path: Path, rows: int, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-    """The table cached at ``path`` while it has ``rows`` rows (one per tile of the shards; its only
-    check), else ``compute()``'s, cached (a cache that cannot be read is computed again)."""
-    if path.exists():
+def _cached(path: Path, manifest, rows: int, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """The table cached at ``path`` while it has ``rows`` rows (one per tile of the shards) and was
+    computed from shards of the same content (``manifest.identity``, kept beside it: shards packed
+    again with other tiles but as many of them would otherwise pass), else ``compute()``'s, cached
+    (a cache that cannot be read is computed again)."""
+    source = path.with_name(path.name + ".source")
+    if path.exists() and source.is_file() and source.read_text().strip() == manifest.identity:
         try:
             table = pd.read_csv(path, dtype={"sample_id": str}).set_index("sample_id")
         except (OSError, UnicodeDecodeError, ValueError, KeyError):   # pandas' parse errors are ValueErrors
@@ -234,5 +237,7 @@ def _cached(path: Path, rows: int, compute: Callable[[], pd.DataFrame]) -> pd.Da
         if table is not None and len(table) == rows:
             return table
     table = compute()
+    source.unlink(missing_ok=True)   # the table first, then what it was computed from
     write_csv_atomic(path, table.reset_index())
+    write_bytes_atomic(source, f"{manifest.identity}\n".encode())
     return table
