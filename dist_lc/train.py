@@ -724,7 +724,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             val_started = time.monotonic()
             val, shown, held = validate(s, s.ema.module if s.ema is not None else s.net, p.epoch)
             val_s.append(time.monotonic() - val_started)
-            # the first validation's cost is known only now: does another epoch still fit?
+            # this validation's cost is measured now (the first one's was not known): does another epoch fit?
             out_of_time = out_of_time or should_stop_for_time(s, started, cost_s, val_s, False)
         score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
         if score is not None and is_per_epoch(s.scheduler):
