@@ -672,7 +672,8 @@ def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, v
     if p.epoch <= 2:
         per_epoch = train_s[-1] + (np.mean(val_s) / t.val_every if val_s else 0.0) * validated_share(t)
         # never ends at the epoch just trained: its validation was planned against the old end
-        fits = max(min(p.epoch + 1, t.epochs), min(t.epochs, p.epoch + int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)))
+        more = int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)
+        fits = max(min(p.epoch + 1, t.epochs), min(t.epochs, p.epoch + more))
     else:
         per_epoch = float(np.mean(train_s[-REFIT_EPOCHS:]))
         fits = refit_length(t, p.epoch, p.planned or t.epochs, train_s[-REFIT_EPOCHS:], val_s, left)
