@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lc_common.atomic import check_parent, write_csv_atomic
-from lc_common.errors import InputError, one_line, print_error
+from lc_common.errors import InputError, WriteError, one_line, print_error
 from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
@@ -29,6 +29,11 @@ from .precision import autocast, resolve_precision
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}   # train.precision's words
 SAMPLE_IDS = 3   # tile ids named in the message about rows that are not proportions
+
+
+class PredictionError(RuntimeError):
+    """A prediction that failed for a reason other than its input (a device out of memory, a peer's
+    error, an output that could not be written): one line, exit status 1."""
 
 
 def load_network(path, device: torch.device):
@@ -127,8 +132,9 @@ def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, b
     process group of the entry point that calls it (or in one of its own).
 
     Returns the table on rank 0 (None on the other ranks); with ``with_confusion`` (tiles with
-    masks), ``(table, 8×8 pixel confusion matrix)``. Bad input on any rank (a checkpoint, a tile, a
-    shard) or a loader that gives up raises on every rank, as do rows that are not proportions.
+    masks), ``(table, 8×8 pixel confusion matrix)``. An error on any rank (bad input: a checkpoint, a
+    tile, a shard; a loader that gives up; a device out of memory) raises on every rank, as do rows
+    that are not proportions.
     """
     with distributed.process_group(device_pref) as group:
         return _predict(checkpoints, shards, split, group, images=images, tta=tta, batch_size=batch_size,
@@ -146,9 +152,9 @@ def _predict(checkpoints, shards, split, group: distributed.Group, *, images, tt
             for batch in batches:
                 props, probs = ensemble(to_nchw(batch["image"]).to(group.device), pixels=with_confusion)
                 tally.add(batch["key"], props, probs, batch.get("mask"))
-    except (InputError, LoaderError) as exc:
+    except Exception as exc:   # noqa: BLE001 - whatever it is, the peers must hear of it
         # raised below, after the collectives: a rank that left now would leave its peers waiting in them
-        failure = exc
+        failure = out_of_memory(exc, batch_size) or exc
     keys, props, matrix = tally.finish()
     table = gathered_table(keys, props, failure, ensemble)
     if table is None:
@@ -201,12 +207,21 @@ def _assembled(parts: list, ensemble: Ensemble | None) -> tuple[pd.DataFrame | N
     return table, None
 
 
+def out_of_memory(exc: Exception, batch_size: int) -> PredictionError | None:
+    """A PredictionError naming the setting to lower for a device out of memory, else None."""
+    if not isinstance(exc, torch.OutOfMemoryError):
+        return None
+    first = one_line(exc).split(". ")[0][:160]   # torch's text is a paragraph of allocator advice
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return PredictionError(f"rank {rank}: out of memory at --batch-size {batch_size} ({first}); lower --batch-size")
+
+
 def _note(failure: Exception | None) -> tuple[str, str] | None:
     """What a rank that failed sends rank 0: the kind of its error and its text (as training records it)."""
     if failure is None:
         return None
-    kind = "input" if isinstance(failure, InputError) else "loader"
-    return kind, f"{type(failure).__name__}: {one_line(failure)}"
+    kind = "input" if isinstance(failure, InputError) else "loader" if isinstance(failure, LoaderError) else "error"
+    return kind, f"{type(failure).__name__}: {one_line(failure) or type(failure).__name__}"
 
 
 def _first_failure(notes: list) -> tuple | None:
@@ -229,10 +244,10 @@ def _not_proportions(keys: list, values: np.ndarray, ensemble: Ensemble | None) 
 
 
 def raise_agreed(verdict: tuple | None, own: Exception | None = None) -> None:
-    """Rank 0's ``verdict`` (None, or (rank that failed or None, "input" | "loader", text)) on every
-    rank, raised there: by a rank with an error of its own (``own``), that error; by the others,
-    ``rank R failed first: text`` (or the text itself when no rank failed) as an InputError (exit
-    2) or a LoaderError. A collective: every rank calls it."""
+    """Rank 0's ``verdict`` (None, or (rank that failed or None, "input" | "loader" | "error", text))
+    on every rank, raised there: by a rank with an error of its own (``own``), that error; by the
+    others, ``rank R failed first: text`` (or the text itself when no rank failed) as an InputError
+    (exit 2), a LoaderError or a PredictionError. A collective: every rank calls it."""
     verdict = distributed.broadcast_object(verdict)
     if verdict is None:
         return
@@ -240,7 +255,7 @@ def raise_agreed(verdict: tuple | None, own: Exception | None = None) -> None:
         raise own
     rank, kind, text = verdict
     message = text if rank is None else f"rank {rank} failed first: {text}"
-    raise (InputError if kind == "input" else LoaderError)(message)
+    raise {"input": InputError, "loader": LoaderError}.get(kind, PredictionError)(message)
 
 
 def check_out(path) -> None:
@@ -266,15 +281,26 @@ def run(args) -> int:
             check_out(args.out)
             table = predict(args.checkpoint, args.shards, args.split or "test", images=args.images, tta=args.tta,
                             batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
-            if table is not None:
-                write_csv_atomic(args.out, table)
-                print(f"wrote {len(table)} rows to {args.out}")
-        except (InputError, LoaderError) as exc:
+            write_agreed(table, args.out)
+        except (InputError, LoaderError, PredictionError, WriteError) as exc:
             # every rank raised it together: they leave the group together, as after a run that ended well
             failure = exc
-    if isinstance(failure, InputError):
+    if isinstance(failure, (InputError, WriteError)):
         raise failure
     if failure is not None:
         print_error(failure)
         return 1
     return 0
+
+
+def write_agreed(table: pd.DataFrame | None, out) -> None:
+    """Rank 0 writes the table; every rank then ends as it did, the others naming rank 0's failure
+    (they would otherwise exit 0 from a launch that wrote nothing). A collective."""
+    failure, verdict = None, None
+    if table is not None:
+        try:
+            write_csv_atomic(out, table)
+            print(f"wrote {len(table)} rows to {out}")
+        except WriteError as exc:
+            failure, verdict = exc, (0, *_note(exc))
+    raise_agreed(verdict, failure)

@@ -175,3 +175,49 @@ def test_only_rank_0_needs_the_output_folder(smoke_run, sample_root, tmp_path):
               "--images", str(tiles(sample_root, tmp_path / "images", 2)), "--out", str(out), "--workers", "0"],
              timeout=120)
     assert len(pd.read_csv(out)) == 2
+
+
+ONE_RANK_FAILS = """
+import os, sys
+sys.path.insert(0, os.getcwd())   # the checkout under test (torchrun runs this with the repository as its cwd)
+import torch
+import dist_lc.predict
+from lc_common.errors import WriteError
+rank, mode = os.environ["RANK"], os.environ["FAIL"]
+if mode == "oom" and rank == "1":   # as a GPU shared with another job would, in this rank's first batch
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+    dist_lc.predict.Ensemble.__call__ = no_memory
+if mode == "write" and rank == "0":   # a full disk
+    def full(path, table):
+        raise WriteError(path, OSError(28, "No space left on device"))
+    dist_lc.predict.write_csv_atomic = full
+from dist_lc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("mode, failing, cause", [
+    ("oom", 1, "rank 1: out of memory at --batch-size 16 (CUDA out of memory); lower --batch-size"),
+    ("write", 0, "{out}: cannot write: No space left on device"),
+])
+def test_any_error_of_one_rank_ends_every_rank_with_its_cause(smoke_run, sample_root, tmp_path, mode, failing,
+                                                              cause):
+    """Not only bad input: a rank out of memory (its peers would otherwise wait in the gather for the
+    whole timeout) or rank 0 failing to write the CSV (its peers would exit 0) ends every rank at
+    once, in one line each, non-zero."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    out = tmp_path / "out.csv"
+    started = time.monotonic()
+    proc = logged_torchrun([str(script), "predict", "--checkpoint", str(best(smoke_run)),
+                            "--images", str(tiles(sample_root, tmp_path / "images", 2)), "--out", str(out),
+                            "--workers", "0"], tmp_path / "logs", check=False, timeout=120, extra_env={"FAIL": mode})
+    assert proc.returncode != 0 and time.monotonic() - started < 60 and not out.exists()
+    logs = rank_logs(tmp_path / "logs")
+    cause = cause.format(out=out)
+    other = 1 - failing
+    assert errors(logs[failing]) == [f"error: {cause}"], logs[failing][-2000:]
+    assert len(errors(logs[other])) == 1 and errors(logs[other])[0].startswith(
+        f"error: rank {failing} failed first: ") and errors(logs[other])[0].endswith(cause), logs[other][-2000:]
+    assert not any("Traceback" in log for log in logs.values())
