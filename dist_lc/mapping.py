@@ -22,7 +22,8 @@ its window row, predicts its windows in batches (ensemble, TTA, each checkpoint'
 blends them along the row; rank 0 gathers each turn's rows, blends them into a running
 accumulator of 256 rows and writes every row no later window will touch. The class of a pixel is
 its most probable scored class; pixels whose every band is 0 (or the scene's nodata value), or
-that the scene's own mask band masks, are no_data. A scene's class proportions are the mean
+that the scene's own mask band masks, are no_data, and the network sees them as the band means
+(what it sees beyond a tile's edge), not as their raw values. A scene's class proportions are the mean
 probabilities over its valid pixels, classes 0 and 1 removed (as ``predict`` computes them for a
 tile), next to the share of each class in the map.
 """
@@ -83,10 +84,11 @@ def row_probabilities(scene, ensemble: Ensemble, y: int, xs: list[int], weight: 
 
     float16 halves what the ranks gather; even float32 outputs hold float16 values (module docstring)."""
     strip = scene.read_rows(y, WINDOW)
+    valid = scene.valid(strip, y)
     h, w = strip.shape[1:]
     if h < WINDOW or w < WINDOW:   # a scene smaller than one window: reflected, the reflection cut off later
-        strip = np.pad(strip, ((0, 0), (0, WINDOW - h if h < WINDOW else 0), (0, WINDOW - w if w < WINDOW else 0)),
-                       mode="reflect")
+        pad = ((0, WINDOW - h if h < WINDOW else 0), (0, WINDOW - w if w < WINDOW else 0))
+        strip, valid = np.pad(strip, ((0, 0), *pad), mode="reflect"), np.pad(valid, pad, mode="reflect")
     width = strip.shape[2]
     total = torch.zeros(len(SCORED_CLASSES), WINDOW, width, device=ensemble.device)
     weights = torch.zeros(WINDOW, width, device=ensemble.device)
@@ -94,7 +96,8 @@ def row_probabilities(scene, ensemble: Ensemble, y: int, xs: list[int], weight: 
     for i in range(0, len(xs), batch_size):
         starts = xs[i:i + batch_size]
         image = torch.from_numpy(np.stack([strip[:, :, x:x + WINDOW] for x in starts]).astype(np.float32))
-        _, probs = ensemble(image.to(ensemble.device), pixels=True)
+        inside = torch.from_numpy(np.stack([valid[:, x:x + WINDOW] for x in starts]))
+        _, probs = ensemble(image.to(ensemble.device), pixels=True, valid=inside.to(ensemble.device))
         for x, p in zip(starts, probs[:, scored]):
             total[:, :, x:x + WINDOW] += p * weight
             weights[:, x:x + WINDOW] += weight

@@ -72,19 +72,26 @@ class Ensemble:
         return f"{said}: the weights may have diverged; train again (a lower optim.lr, or train.precision=fp32)"
 
     @torch.no_grad()
-    def __call__(self, image: torch.Tensor, pixels: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, image: torch.Tensor, pixels: bool = False,
+                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(tile proportions (B, 10), per-pixel probabilities (B, 10, H, W) or None). Proportions are the
         mean over members and views of each one's tile proportions; probabilities the mean of their
-        softmax (with each member's logit bias), every view turned back."""
+        softmax (with each member's logit bias), every view turned back.
+
+        ``valid`` (B, H, W) bool: pixels outside it (a scene's no_data) are given each member's band
+        means, 0 once normalised, as the convolutions' zero padding shows the network beyond a tile's
+        edge: their raw values (0, a nodata value, whatever a mask band hides) would otherwise
+        colour the valid pixels around them."""
         chosen = views.VIEWS if self.tta else views.VIEWS[:1]
         image = image.float()
         props, probs = 0, 0
         for net, cfg in self.members:
             fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
             dtype = resolve_precision(cfg.train.precision, self.device)
+            seen = image if valid is None else torch.where(valid[:, None], image, net.mean)
             for k, flip in chosen:
                 with autocast(self.device, dtype):
-                    logits = net(views.turn(image, k, flip, axes=(2, 3)).contiguous(memory_format=fmt))
+                    logits = net(views.turn(seen, k, flip, axes=(2, 3)).contiguous(memory_format=fmt))
                 props = props + tile_proportions(logits, net.logit_bias)
                 if pixels:
                     probs = probs + views.unturn(pixel_probabilities(logits, net.logit_bias), k, flip, axes=(2, 3))

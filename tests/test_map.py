@@ -127,6 +127,36 @@ def test_no_data_pixels_and_an_aoi(smoke_run, tiles, tmp_path):
     assert list(table["region"]) == ["scene", "aoi"] and abs(table[SCORED].sum(axis=1) - 1).max() < 1e-9
 
 
+def test_what_no_data_pixels_hold_does_not_change_their_neighbours(smoke_run, tiles, tmp_path):
+    """The right tile is no_data three ways: every band 0, the scene's nodata value, or real pixels its
+    mask band masks. The network sees each as the band means, so the left tile's probabilities (a
+    window straddles both tiles at --overlap 64) are the same in all three."""
+    import torch
+
+    from dist_lc.mapping import row_probabilities
+    from dist_lc.predict import Ensemble
+    from dist_lc.scene import WINDOW, open_scene, taper, window_grid
+
+    left = tiles[0]
+    scenes = [mosaic([[left, np.zeros_like(left)]], tmp_path / "zeros.tif"),
+              mosaic([[left, np.full_like(left, 65535)]], tmp_path / "nodata.tif", nodata=65535),
+              mosaic([[left, tiles[1]]], tmp_path / "masked.tif")]
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(scenes[2], "r+") as dst:
+        mask = np.full((256, 512), 255, np.uint8)
+        mask[:, 256:] = 0
+        dst.write_mask(mask)
+    ensemble = Ensemble([smoke_run / "checkpoints" / "best.pt"], torch.device("cpu"))
+    weight = torch.from_numpy(taper(WINDOW))
+    seen = []
+    for path in scenes:
+        with open_scene(path) as scene:
+            xs = window_grid(scene.height, scene.width, 64)[1]
+            assert any(0 < x < 256 for x in xs)   # a window across the boundary
+            seen.append(row_probabilities(scene, ensemble, 0, xs, weight, 4)[0][:, :, :256].astype(np.float32))
+    np.testing.assert_array_equal(seen[0], seen[1])
+    np.testing.assert_array_equal(seen[0], seen[2])
+
+
 def test_a_scene_without_georeferencing_is_mapped_without_a_crs(smoke_run, tiles, tmp_path):
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, np.concatenate(tiles[:2], axis=1), photometric="minisblack", planarconfig="contig")
