@@ -158,8 +158,11 @@ class MapWriter:
         stem = scene.path.stem
         self.finals = {"classes": out_dir / f"{stem}_classes.tif", "quicklook": out_dir / f"{stem}_quicklook.png",
                        "proportions": out_dir / f"{stem}_proportions.json"}
+        stale = out_dir / f"{stem}_probabilities.tif"
         if probabilities:
-            self.finals["probabilities"] = out_dir / f"{stem}_probabilities.tif"
+            self.finals["probabilities"] = stale
+        # an earlier map's probabilities would stand beside classes they no longer match
+        self.stale = [] if probabilities else [stale]
         self.partial = {k: p.with_name(f".{p.name}.partial{p.suffix}") for k, p in self.finals.items()}
         self.classes = self.probs_file = None
         self.gdal, self.session = GdalFailures(), contextlib.ExitStack()
@@ -284,6 +287,11 @@ class MapWriter:
         """Rename every partial file to its final name; after a failure, none keeps its final name."""
         done = []
         try:
+            for path in self.stale:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise WriteError(path, exc) from exc
             for key, final in self.finals.items():
                 with self._writing(key):
                     os.replace(self.partial[key], final)

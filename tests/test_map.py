@@ -592,6 +592,16 @@ def test_a_fourth_band_tagged_alpha_is_the_nir_not_a_mask(tmp_path):
         assert scene.valid(scene.read_rows(0, 256), 0).all()
 
 
+def test_a_map_without_probabilities_removes_those_of_an_earlier_map(tmp_path):
+    """Mapped again into the same folder without --probabilities, a scene keeps no probabilities of the
+    earlier map beside classes they no longer match."""
+    scene, out = synthetic_mosaic(tmp_path / "s.tif", 1, 1), tmp_path / "out"
+    write_map(scene, out, "uint8")
+    assert (out / "s_probabilities.tif").exists()
+    write_map(scene, out)
+    assert sorted(p.name for p in out.iterdir()) == ["s_classes.tif", "s_proportions.json", "s_quicklook.png"]
+
+
 def test_large_outputs_are_bigtiff_and_small_ones_classic(tmp_path):
     """A compressed GeoTIFF is classic unless asked: one past 4 GiB could not be written. A scene whose
     float32 probabilities hold 2.1 GB uncompressed gets a BigTIFF, its 67 MB class map a classic TIFF
