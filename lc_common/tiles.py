@@ -5,6 +5,7 @@ A tile is ``<id>.tif`` (an integer id): a 256×256×4 uint16 image (bands R, G, 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,14 +73,25 @@ def _listing(folder: Path) -> list[Path]:
         raise InputError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
 
 
+def _not_a_file(path: Path) -> str:
+    """Why an entry named like a tile is not one, for the error that names it."""
+    if path.is_symlink() and not path.exists():
+        return f"a dangling link to {os.readlink(path)}"
+    return "a folder" if path.is_dir() else "not a regular file"
+
+
 def tiffs_by_id(folder: Path) -> dict[str, Path]:
-    """``{id: path}`` of the TIFFs in a folder (hidden files ignored); ids must be integers, once each."""
+    """``{id: path}`` of the TIFFs in a folder (hidden files ignored); ids must be integers, once each.
+    An entry named like a tile that is not a file (a dangling link, a folder) is an error: skipping it
+    would drop the tile from the shards and the submission without a word."""
     found: dict[str, Path] = {}
     numeric: dict[int, Path] = {}
     for path in _listing(folder):
         suffix = path.suffix.lower()
-        if path.name.startswith(".") or suffix not in TIFF_SUFFIXES or not path.is_file():
+        if path.name.startswith(".") or suffix not in TIFF_SUFFIXES:
             continue
+        if not path.is_file():
+            raise InputError(f"{path}: not a readable file ({_not_a_file(path)})")
         tile_id = path.name[: -len(suffix)]
         if "." in tile_id:
             raise InputError(f"{path}: id {tile_id!r} contains a dot (WebDataset keys end at the first dot)")

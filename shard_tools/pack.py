@@ -11,18 +11,21 @@ Two passes over the source, both in a worker pool (the parent only plans and col
    (:func:`format.encode_sample`), writes and hashes the tar, and sums the channel statistics
    exactly in integers. The parent receives only the manifest entries.
 
-The manifest is written last and atomically. On any error the shards written by this run are
-removed, so a failed run leaves no manifest and no partial shards.
+The shards are written into a hidden staging folder in the output folder and moved into place only
+once every one is written, the old manifest deleted first and the new one written last and atomically:
+a failed run (bad pixels, a full disk, a worker's error) leaves an earlier pack as it was, and no
+manifest ever lists shards that are not there.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import shutil
 import tarfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 import multiprocessing
@@ -45,6 +48,7 @@ DEFAULT_SHARD_MB = 100  # ~150 tiles: enough shards per fold to spread over rank
 SHARD_MTIME = 0  # fixed member mtime: shards are byte-for-byte reproducible
 TAR_MEMBER_OVERHEAD = 1024  # header + padding per member, for the size-based shard limit
 PIXELS_PER_TILE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+STAGING_NAME = ".pack-staging"  # in the output folder: on its file system, so a shard moves in by a rename
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,18 @@ def scan_source(src: Path) -> tuple[list[Tile], list[Tile]]:
     test = [Tile(i, test_images[i], None) for i in sorted(test_images, key=id_sort_key)]
     if not train and not test:
         raise InputError(f"{src}: no tiles found (expected train/images/<id>.tif and/or test/images/<id>.tif)")
-    both = sorted({t.id for t in train} & set(test_images), key=id_sort_key)
-    if both:
-        raise InputError(f"{test_images[both[0]]}: id {both[0]!r} is both a train and a test tile")
+    _refuse_shared_ids(train, test_images)
     return train, test
+
+
+def _refuse_shared_ids(train: list[Tile], test_images: dict[str, Path]) -> None:
+    """An id in both splits is refused, compared as a number as within a split (1.tif and 01.tif
+    are one tile: as strings, both would be packed)."""
+    train_by_number = {int(t.id): t for t in train}
+    both = sorted((i for i in test_images if int(i) in train_by_number), key=id_sort_key)
+    if both:
+        also = train_by_number[int(both[0])].image
+        raise InputError(f"{test_images[both[0]]}: id {both[0]!r} is both a train and a test tile (also {also})")
 
 
 # ---------------------------------------------------------------- per-tile work (runs in workers)
@@ -209,8 +221,9 @@ def sample_bytes(split: str) -> int:
     return sum(len(v) + TAR_MEMBER_OVERHEAD for k, v in sample.items() if k != "__key__")
 
 
-def plan_shards(out: Path, order: list[tuple[Tile, str, int | None]], limit: ShardLimit) -> list[ShardJob]:
-    """Consecutive tiles of each group (a fold, or the test split) cut into numbered shards by ``limit``.
+def plan_shards(folder: Path, order: list[tuple[Tile, str, int | None]], limit: ShardLimit) -> list[ShardJob]:
+    """Consecutive tiles of each group (a fold, or the test split) cut into numbered shards by ``limit``,
+    to be written in ``folder`` (the staging folder: they are moved into the output once all are written).
 
     Every sample of a split has the same size, so the cut is known before anything is read: each
     shard can then be written by a worker of its own, the parent only collecting its entry.
@@ -220,13 +233,13 @@ def plan_shards(out: Path, order: list[tuple[Tile, str, int | None]], limit: Sha
         incoming = sample_bytes(split)
         if (split, fold) != group or limit.full(len(current), size, incoming):
             if current:
-                jobs.append(ShardJob(out / shard_name(*group, index), *group, tuple(current)))
+                jobs.append(ShardJob(folder / shard_name(*group, index), *group, tuple(current)))
             index = 0 if (split, fold) != group else index + 1
             group, current, size = (split, fold), [], 0
         current.append(tile)
         size += incoming
     if current:
-        jobs.append(ShardJob(out / shard_name(*group, index), *group, tuple(current)))
+        jobs.append(ShardJob(folder / shard_name(*group, index), *group, tuple(current)))
     return jobs
 
 
@@ -303,28 +316,68 @@ class ChannelStats:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output that is a file, or a non-empty folder unless ``overwrite`` (checked before
-    any work; nothing is deleted until the input has passed its checks: :func:`clear_out`)."""
+    any work; an earlier pack is replaced only once every new shard is written: :func:`publish`).
+    A staging folder alone is a killed run's leftover, which :func:`stage` empties."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name != STAGING_NAME for p in out.iterdir()) and not overwrite:
         raise InputError(f"{out}: output folder is not empty (pass --overwrite to replace its shards)")
 
 
-def clear_out(out: Path) -> None:
-    """Create ``out``, or empty it of an earlier pack: the manifest FIRST (a folder without one is
-    refused by every reader), then the old shards."""
+def stage(out: Path) -> Path:
+    """Create ``out`` and, in it, an empty staging folder for this run's shards."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out}: --out cannot be created ({exc.strerror or exc})") from None
+    staging = out / STAGING_NAME
+    try:
+        if os.path.lexists(staging):
+            shutil.rmtree(staging)   # a killed run's leftover
+        staging.mkdir()
+    except OSError as exc:
+        raise WriteError(staging, exc) from None
+    return staging
+
+
+def _remove_shards(out: Path) -> None:
+    """Delete every file of ``out`` named like a shard (so a smaller pack leaves no stale ones) or
+    like an interrupted manifest write's temporary file."""
+    for path in out.iterdir():
+        if SHARD_NAME_PATTERN.match(path.name) or path.name.startswith(f".{MANIFEST_NAME}."):
+            path.unlink()
+
+
+def _move_in(staging: Path, out: Path, names: list[str]) -> None:
+    """Replace the shards of ``out`` by the staged ones (whose data each writer has fsynced)."""
+    try:
+        _remove_shards(out)
+        for name in names:
+            os.replace(staging / name, out / name)
+        staging.rmdir()
+        fsync_dir(out)   # the shards' names are durable before the manifest that lists them
+    except OSError as exc:
+        raise WriteError(out, exc) from None
+
+
+def publish(staging: Path, out: Path, names: list[str], manifest: dict) -> None:
+    """Swap the staged shards for an earlier pack's and write the manifest: the old manifest goes
+    FIRST (a folder without one is refused by every reader) and the new one comes last, so no
+    manifest ever lists shards that are not there. Past the first step the old pack is gone, so a
+    failure removes the manifest and every shard: a folder without a manifest is no pack anyway."""
     try:
         (out / MANIFEST_NAME).unlink(missing_ok=True)
         fsync_dir(out)
-        for path in out.iterdir():
-            if SHARD_NAME_PATTERN.match(path.name) or path.name.startswith(f".{MANIFEST_NAME}."):
-                path.unlink()
     except OSError as exc:
-        raise WriteError(out, exc) from None
+        raise WriteError(out / MANIFEST_NAME, exc) from None
+    try:
+        _move_in(staging, out, names)
+        write_json_atomic(out / MANIFEST_NAME, manifest)
+    except BaseException:
+        with suppress(OSError):   # the manifest first: it may be in place if only the folder's fsync failed
+            (out / MANIFEST_NAME).unlink(missing_ok=True)
+            _remove_shards(out)
+        raise
 
 
 def _check_folds(folds: int, n_train: int) -> None:
@@ -384,8 +437,9 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
     ``folds``/``seed``: the stratified fold assignment. ``samples_per_shard`` or ``shard_size_mb``
     (default 100 MB): where a shard ends. ``workers``: reader processes (None: CPUs up to 16;
     0 or 1: read in this process). ``overwrite``: replace the shards and manifest of a non-empty
-    ``out`` (manifest deleted first). Bad input raises :class:`InputError` and leaves no manifest
-    and no shard of this run behind.
+    ``out``, once every new shard is written (both packs are on the disk until then). Bad input raises
+    :class:`InputError`; a run that fails while reading or writing leaves no file of its own behind
+    and an earlier pack as it was.
     """
     src, out = Path(src), Path(out)
     limit = shard_limit(samples_per_shard, shard_size_mb)
@@ -394,20 +448,19 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
     check_out(out, overwrite)
     stats = ChannelStats(IMAGE_SHAPE[2])
     workers = default_workers() if workers is None else int(workers)
-    jobs: list[ShardJob] = []
+    staging = None
     try:
         with _mapper(workers) as mapper:
             counts = _survey(mapper, train + test, progress)[: len(train)]
             props = np.asarray(counts, dtype=np.float64).reshape(-1, NUM_CLASSES) / PIXELS_PER_TILE
             fold_of = assign_folds(props, folds, seed) if train else np.empty(0, dtype=np.int64)
-            clear_out(out)
+            staging = stage(out)
             order = sorted(((t, "train", int(f)) for t, f in zip(train, fold_of)), key=lambda x: x[2])
-            jobs = plan_shards(out, order + [(t, "test", None) for t in test], limit)
+            jobs = plan_shards(staging, order + [(t, "test", None) for t in test], limit)
             entries = _write(mapper, jobs, stats, progress)
-        write_json_atomic(out / MANIFEST_NAME, _manifest(src, train, test, fold_of, counts, folds, seed,
-                                                         entries, stats))
-    except BaseException:
-        for job in jobs:   # whatever a worker had written of this run
-            job.path.unlink(missing_ok=True)
-        raise
+        manifest = _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats)
+        publish(staging, out, [e["name"] for e in entries], manifest)
+    finally:
+        if staging is not None:   # after the pool has drained: no worker still writes there
+            shutil.rmtree(staging, ignore_errors=True)   # already gone after a success
     return load_manifest(out)

@@ -16,6 +16,10 @@ import io
 from lc_common.errors import InputError
 
 BLOCK = 512
+# The most one read asks for. A read allocates what it asks for before it knows what the stream holds,
+# so a corrupt header that claims gigabytes (with a valid checksum) would be a MemoryError; in bounded
+# reads it ends at the end of the stream, as a truncated tar. A shard's members (~0.5 MB) take one read.
+READ_CHUNK = 16 << 20
 
 
 class TarError(InputError):
@@ -23,13 +27,14 @@ class TarError(InputError):
 
 
 def _read_exact(stream, size: int) -> bytes:
-    data = stream.read(size)
+    """``size`` bytes of ``stream``, fewer only where it ends."""
+    data = stream.read(min(size, READ_CHUNK))
     if len(data) == size or not data:
         return data
     parts = [data]
     got = len(data)
-    while got < size:   # pipes and sockets return what they have
-        more = stream.read(size - got)
+    while got < size:   # pipes and sockets return what they have; a member above READ_CHUNK is read in parts
+        more = stream.read(min(size - got, READ_CHUNK))
         if not more:
             break
         parts.append(more)

@@ -1,6 +1,7 @@
 """pack on bad input: one clear error line naming the file and the problem, exit 2, no manifest left."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import tifffile
 from lc_common.errors import InputError
 from shard_tools.cli import main
 from shard_tools.pack import pack
+from shard_tools.verify import verify
 
 RNG = np.random.default_rng(0)
 
@@ -50,6 +52,12 @@ def _mask_with_12(path: Path) -> None:
     _write(path, mask)
 
 
+def _dangling_pair(src: Path, tile_id: int) -> None:
+    """A train tile whose image and mask links both point at purged files (a tree of links)."""
+    for sub in ("images", "masks"):
+        os.symlink(src / "purged" / f"{tile_id}.tif", src / "train" / sub / f"{tile_id}.tif")
+
+
 # (case id, how to break the source, the file the message must name, the problem it must state)
 CASES = [
     ("truncated image", lambda s: _truncate(s / "train/images/2.tif"), "2.tif", "truncated TIFF"),
@@ -74,6 +82,13 @@ CASES = [
      "10.tif", "duplicate id"),
     ("id in train and test", lambda s: _write(s / "test/images/2.tif", _image()),
      "test/images/2.tif", "both a train and a test tile"),
+    ("id in train and test as 1 and 01", lambda s: _write(s / "test/images/01.tif", _image()),
+     "test/images/01.tif", "both a train and a test tile (also"),
+    ("dangling link as a test image", lambda s: os.symlink(s / "purged/11.tif", s / "test/images/11.tif"),
+     "test/images/11.tif", "not a readable file (a dangling link to"),
+    ("dangling train image and mask", lambda s: _dangling_pair(s, 4), "train/images/4.tif", "a dangling link"),
+    ("folder named like a tile", lambda s: (s / "test/images/12.tif").mkdir(),
+     "test/images/12.tif", "not a readable file (a folder)"),
     ("id with a dot", lambda s: _write(s / "test/images/11.5.tif", _image()),
      "11.5.tif", "contains a dot"),
     ("id not an integer", lambda s: _write(s / "test/images/tile_a.tif", _image()),
@@ -172,8 +187,30 @@ def test_a_failed_overwrite_keeps_the_earlier_shards(src, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_nothing(src, tmp_path):
-    """A file-size limit stands in for a full disk or a quota: the shard's write fails in a reader process."""
+def _contents(folder: Path) -> dict[str, bytes | None]:
+    """Every entry of a folder (hidden ones too) with its bytes (None: a folder), to compare after."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in folder.iterdir()}
+
+
+def test_a_late_failure_on_overwrite_keeps_the_earlier_pack(src, tmp_path, capsys):
+    """Pixel data cut with the header intact passes the survey (headers only) and is refused only while
+    the shards are written: the earlier pack must come through that too, with no leftover of this run."""
+    out = tmp_path / "out"
+    args = ["pack", "--src", str(src), "--out", str(out), "--folds", "2", "--workers", "0"]
+    assert main(args) == 0
+    before = _contents(out)
+    _truncate(src / "train/images/3.tif", 300_000)
+    assert main([*args, "--overwrite", "--samples-per-shard", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3.tif: truncated TIFF" in err, err
+    assert _contents(out) == before
+    verify(out)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new folder", "overwrite"])
+def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_nothing(src, tmp_path, overwrite):
+    """A file-size limit stands in for a full disk or a quota: the shard's write fails in a reader
+    process. An earlier pack in the folder is kept as it was."""
     import resource
     import subprocess
     import sys
@@ -182,10 +219,13 @@ def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_nothing(src, tmp_
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))   # python ignores SIGXFSZ: EFBIG
 
     out = tmp_path / "out"
+    if overwrite:
+        pack(src, out, folds=2, workers=0, progress=False)
+    before = _contents(out) if overwrite else {}
     proc = subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(src), "--out", str(out),
-                           "--folds", "2", "--workers", "2"], capture_output=True, text=True, timeout=120,
-                          preexec_fn=limit)
+                           "--folds", "2", "--workers", "2", *(["--overwrite"] if overwrite else [])],
+                          capture_output=True, text=True, timeout=120, preexec_fn=limit)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and "cannot write: File too large" in proc.stderr, proc.stderr
     assert "-000000.tar" in proc.stderr
-    _assert_clean_failure(out)
+    assert _contents(out) == before

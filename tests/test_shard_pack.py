@@ -1,7 +1,9 @@
 """pack: layout, fold purity and stratification, exact props and statistics, reproducibility, overwrite."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,7 +14,8 @@ import pandas as pd
 import pytest
 import tifffile
 
-from lc_common.errors import InputError
+from lc_common import atomic
+from lc_common.errors import InputError, WriteError
 from lc_common.tiles import CLASS_NAMES
 from shard_tools import pack as pack_module
 from shard_tools.cli import main
@@ -176,9 +179,17 @@ def test_refuses_non_empty_folder_and_overwrite_replaces(small_src, tmp_path):
     verify(out)
 
 
-def test_crash_during_overwrite_leaves_no_manifest_and_no_shards(small_src, tmp_path, monkeypatch):
+def _contents(folder):
+    """Every entry of a folder (hidden ones too) with its bytes (None: a folder), to compare after."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in folder.iterdir()}
+
+
+def test_crash_during_overwrite_keeps_the_earlier_pack(small_src, tmp_path, monkeypatch):
+    """A failure while the shards are written (here the sixth tile's read) leaves the earlier pack as
+    it was, and nothing of this run: the new shards are moved in only once all are written."""
     out = tmp_path / "out"
     pack(small_src, out, folds=2, samples_per_shard=2, workers=0, progress=False)
+    before = _contents(out)
     calls = []
 
     def failing_load(tile):
@@ -190,8 +201,60 @@ def test_crash_during_overwrite_leaves_no_manifest_and_no_shards(small_src, tmp_
     real_load = pack_module.load_tile
     monkeypatch.setattr(pack_module, "load_tile", failing_load)
     with pytest.raises(RuntimeError):
-        pack(small_src, out, folds=2, samples_per_shard=2, workers=0, overwrite=True, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == []
+        pack(small_src, out, folds=2, samples_per_shard=3, workers=0, overwrite=True, progress=False)
+    assert _contents(out) == before
+    verify(out)
+
+
+def test_a_killed_runs_staging_folder_is_taken_over(small_src, tmp_path):
+    """A run killed while writing leaves its staging folder: the next run (no --overwrite needed when
+    the folder holds nothing else) empties it and leaves none behind."""
+    out = tmp_path / "out"
+    (out / pack_module.STAGING_NAME).mkdir(parents=True)
+    (out / pack_module.STAGING_NAME / "train-f0-000000.tar").write_bytes(b"half a shard")
+    m = pack(small_src, out, folds=2, samples_per_shard=5, workers=0, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(s["name"] for s in m.data["shards"])])
+    verify(out)
+
+
+def _fail_at_replace(monkeypatch, name: str) -> None:
+    """os.replace onto ``name`` fails (pack moves the shards into place in plan order, test shards
+    last, then renames the manifest's temporary file), as on a file system that goes away."""
+    real = os.replace
+
+    def replace(a, b):
+        if os.path.basename(b) == name:
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _fail_at_manifest_fsync(monkeypatch) -> None:
+    """The folder's fsync after the manifest's rename fails: the manifest is in place, the write failed."""
+    def fsync_dir(folder):
+        raise OSError(errno.EIO, "simulated I/O error")
+
+    monkeypatch.setattr(atomic, "fsync_dir", fsync_dir)
+
+
+@pytest.mark.parametrize("fail", ["first shard's move", "last shard's move", "manifest's rename",
+                                  "manifest folder's fsync"])
+def test_a_failure_while_moving_the_shards_in_leaves_no_manifest_and_no_shard(small_src, tmp_path, monkeypatch,
+                                                                              fail):
+    """Once the old manifest is deleted the old pack is gone: a failure from there on must leave neither
+    a manifest (which could list shards that are not there) nor shards nor temporary files."""
+    out = tmp_path / "out"
+    pack(small_src, out, folds=2, samples_per_shard=4, workers=0, progress=False)
+    (out / "notes.txt").write_text("kept")
+    if fail == "manifest folder's fsync":
+        _fail_at_manifest_fsync(monkeypatch)
+    else:
+        _fail_at_replace(monkeypatch, {"first shard's move": "train-f0-000000.tar", "last shard's move":
+                                       "test-000000.tar", "manifest's rename": "manifest.json"}[fail])
+    with pytest.raises(WriteError, match="simulated I/O error"):
+        pack(small_src, out, folds=2, samples_per_shard=5, workers=0, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_shard_size_limit(small_src, tmp_path):

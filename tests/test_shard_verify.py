@@ -1,8 +1,11 @@
 """verify: a good folder passes; each kind of damage fails, naming the shard (and the sample when known)."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -105,6 +108,53 @@ def test_mask_value_above_9_names_the_sample(shards):
 def test_flipped_header_byte(shards):
     _patch(shards / SHARD, 3, ord("#"))  # inside the first member's name: its header checksum fails
     _fails(shards, SHARD, "corrupt tar")
+
+
+CLAIMED = 0o77777777770   # ~8.6 GB, the most an 11-digit octal size field holds
+
+
+def _lie_about_size(shard: Path, size: int = CLAIMED, kind: bytes = b"0") -> None:
+    """The first member's header claims ``size`` bytes (and is of ``kind``) with its checksum recomputed."""
+    data = bytearray(shard.read_bytes())
+    data[124:136] = b"%011o\0" % size
+    data[156:157] = kind
+    data[148:156] = b" " * 8   # the checksum is summed over the header with its own field as spaces
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+    shard.write_bytes(bytes(data))
+
+
+class _CappedStream(io.BytesIO):
+    """A stream where memory is capped: a read allocates what it asks for, so asking for gigabytes fails."""
+
+    def read(self, size=-1):
+        if size is None or size < 0 or size > 1 << 30:
+            raise MemoryError(f"read({size})")
+        return super().read(size)
+
+
+@pytest.mark.parametrize("kind, strict, problem", [(b"0", True, "the tar ends inside member"),
+                                                    (b"x", False, "the tar ends inside a header")],
+                         ids=["member", "pax header"])
+def test_a_header_claiming_gigabytes_is_a_truncated_tar_not_a_huge_read(shards, kind, strict, problem):
+    from shard_tools import tarstream
+
+    _lie_about_size(shards / SHARD, kind=kind)
+    with pytest.raises(tarstream.TarError, match=problem):
+        list(tarstream.samples(_CappedStream((shards / SHARD).read_bytes()), strict=strict))
+
+
+def test_verify_of_a_header_claiming_gigabytes_is_one_line_where_memory_is_capped(shards):
+    """As a user runs it: an address-space limit below the claimed size (a batch job's memory limit)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    _lie_about_size(shards / SHARD)
+    proc = subprocess.run([sys.executable, "-m", "shard_tools", "verify", str(shards)], capture_output=True,
+                          text=True, timeout=120, preexec_fn=limit)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert SHARD in proc.stderr and "truncated or corrupt tar" in proc.stderr, proc.stderr
 
 
 def test_truncated_shard_names_the_sample(shards):
