@@ -131,6 +131,10 @@ DAMAGE = {
                             "fold1/oof.csv: 1 sample_id(s) of other folds than 1: 100"),
     "other test tiles": (lambda d: _csv_lines(d / "test.csv", lambda ls: ls[:-1]),
                          "fold1/test.csv: not the test tiles of"),
+    "an oof.csv without some of its fold's tiles": (lambda d: _csv_lines(d / "oof.csv", lambda ls: ls[:3]),
+                                                    "fold1/oof.csv: 10 of fold 1's 12 tiles not predicted: "),
+    "a NaN time in the timeline": (lambda d: edit_done(d, timeline={"epochs_s": 10.0, "job_s": math.nan}),
+                                   "fold1/done.json: fold result's timeline.job_s is not a finite number (NaN)"),
 }
 
 
@@ -257,13 +261,16 @@ def test_the_submission_lists_the_folds_it_averages(cv):
 
 
 def test_an_uncorrected_submission_leaves_no_earlier_corrected_one_beside_it(cv):
+    """Neither the plain mean of an earlier report nor its cross-fitted corrected out-of-fold tables
+    (of what may have been another best point) stay beside an uncorrected submission."""
     (cv / "submission_uncalibrated.csv").write_text("sample_id,no_data\n1,1\n")   # an earlier report's
+    (cv / "oof_calibrated.csv").write_text("sample_id,no_data\n1,1\n")
     plan = json.loads((cv / "cv.json").read_text())
     plan["points"][0]["config"]["cv"]["calibrate"] = False
     (cv / "cv.json").write_text(json.dumps(plan))
     assert cli.main(["report", str(cv)]) == 0
     assert json.loads((cv / "report.json").read_text())["submission"]["correction"] == "none"
-    assert not (cv / "submission_uncalibrated.csv").exists()
+    assert not (cv / "submission_uncalibrated.csv").exists() and not (cv / "oof_calibrated.csv").exists()
 
 
 def test_the_submission_line_names_the_correction_applied():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -121,6 +122,8 @@ def read_done(path: Path) -> dict:
     for key, value in values.items():
         if not (_is_number(value) or (value is None and key in DONE_NULLABLE)):
             raise InputError(f"{path}: fold result's {key} is not a number ({json.dumps(value)[:40]})")
+        if key not in DONE_NULLABLE and _is_number(value) and not math.isfinite(value):   # times: NaN is no time
+            raise InputError(f"{path}: fold result's {key} is not a finite number ({json.dumps(value)})")
     return done
 
 
@@ -162,6 +165,11 @@ def check_oof_tiles(fold: FoldTables, truth: pd.DataFrame, shards) -> None:
     elsewhere = ids[truth.loc[ids, "fold"].to_numpy() != fold.fold]
     if len(elsewhere):
         raise InputError(f"{path}: {len(elsewhere)} sample_id(s) of other folds than {fold.fold}: {few(elsewhere)}")
+    held_out = truth.index[truth["fold"].to_numpy() == fold.fold]
+    missing = held_out.difference(ids, sort=False)
+    if len(missing):   # every score, fit and choice would quietly run on the tiles left
+        raise InputError(f"{path}: {len(missing)} of fold {fold.fold}'s {len(held_out)} tiles not predicted: "
+                         f"{few(missing)}")
 
 
 def check_test_tiles(folds: list[FoldTables]) -> None:

@@ -32,8 +32,11 @@ def write_report(folder: CVTables, blocks: list[dict], best: dict, corrections: 
     plan = folder.plan
     best_tables = folder.point(best["name"])
     write_oof_tables(plan, folder.points, best_tables)
-    for name, table in corrections.crossed.items():
-        write_csv_atomic(plan.cv_dir / CROSSED[name], table.reset_index())
+    for name, file in CROSSED.items():   # an earlier report's would pass for this best point's
+        if name in corrections.crossed:
+            write_csv_atomic(plan.cv_dir / file, corrections.crossed[name].reset_index())
+        else:
+            remove(plan.cv_dir / file)
     report = {"cv_dir": str(plan.cv_dir), "created": now(), "executor": plan.executor, "tta": plan.config.cv.tta,
               "folds_planned": plan.folds, "complete": all(b["complete"] for b in blocks), **best,
               "calibration": corrections.calibration, "second_stage": corrections.second_stage,
@@ -45,8 +48,9 @@ def write_report(folder: CVTables, blocks: list[dict], best: dict, corrections: 
         report.update(grid_axes=plan.grid, grid=blocks, grid_ranking=[b["name"] for b in ranking.blocks],
                       grid_ranking_shared_folds=ranking.shared_folds)
     report = strict(report)
+    text = markdown(report)   # before either file: a report.json beside no (or an old) report.md looks done
     write_json_atomic(plan.cv_dir / "report.json", report)
-    write_bytes_atomic(plan.cv_dir / "report.md", markdown(report).encode())
+    write_bytes_atomic(plan.cv_dir / "report.md", text.encode())
     return report
 
 
