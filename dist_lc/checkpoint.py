@@ -8,20 +8,23 @@ and scaler state dicts, ``epoch`` (epochs completed), ``step``, RNG states, ``be
 """
 from __future__ import annotations
 
+import os
 import random
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lc_common.atomic import write_atomic
-from lc_common.errors import InputError
+from lc_common.atomic import fsync_dir, write_atomic
+from lc_common.errors import InputError, WriteError
 
 from . import distributed
 from .config import normalized, to_dict, yaml_value
 
 LAST, BEST = "last.pt", "best.pt"
+NEXT_BEST = ".best.next.pt"   # an epoch's best.pt until its last.pt is written (see Checkpointer.save_best)
 
 # The config keys that may differ between a run and the last.pt it resumes: where and how it runs,
 # never what it trains ("section.*": the whole section). Any other change is refused, because the
@@ -91,8 +94,8 @@ def load(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise InputError(f"{path}: not a dist_lc checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
+        first = (str(exc).strip().splitlines() or ["(no message: an empty or cut file?)"])[0]   # a 0-byte file: EOFError()
+        raise InputError(f"{path}: not a dist_lc checkpoint ({type(exc).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise InputError(f"{path}: not a dist_lc checkpoint (no model/config entries)")
     return state
@@ -179,17 +182,49 @@ class Checkpointer:
                 "best_val_kl": p.best, "stale_validations": p.stale, "planned_epochs": p.planned,
                 "early_stop_reference": p.reference,
                 "rng": rng_state(), "config": to_dict(self.cfg),
-                "manifest_identity": self.manifest.identity, "world_size": self.world_size, "device": self.device.type}
+                "manifest_identity": self.manifest.identity, "world_size": self.world_size, "device": self.device.type,
+                "written": uuid.uuid4().hex}   # tells apart two files of the same epoch (see :meth:`resume`)
 
     def save_best(self, p: Progress) -> None:
-        """best.pt (rank 0 only; a no-op elsewhere)."""
+        """The epoch's best.pt, under a name of its own until :meth:`save_last` has written the epoch's
+        last.pt (rank 0 only): after a crash in between, the resume redoes the epoch from the previous
+        last.pt, and a best.pt of the epoch lost would stand beside a history without it (the redo
+        need not improve again: another validation plan, nondeterministic kernels)."""
         if distributed.is_main():
-            save_atomic(self.state(p), self.folder / BEST)
+            try:
+                save_atomic(self.state(p), self.folder / NEXT_BEST)
+            except WriteError as exc:   # the user knows the file as best.pt
+                raise WriteError(self.folder / BEST, exc.__cause__) from exc
 
     def save_last(self, p: Progress) -> None:
-        """last.pt, the point a resume starts from: written last of an epoch's files (rank 0 only)."""
+        """last.pt, the point a resume starts from, then the epoch's best.pt under its name (rank 0 only)."""
         if distributed.is_main():
             save_atomic(self.state(p), self.last)
+            self._promote_best()
+
+    def _promote_best(self) -> None:
+        pending = self.folder / NEXT_BEST
+        if pending.exists():
+            try:
+                os.replace(pending, self.folder / BEST)
+                fsync_dir(self.folder)
+            except OSError as exc:
+                raise WriteError(self.folder / BEST, exc) from exc
+
+    def _settle_best(self) -> None:
+        """A best.pt that was waiting for its last.pt when the run stopped: named best.pt when that
+        last.pt was written (of the same epoch), else dropped with the epoch (rank 0)."""
+        pending = self.folder / NEXT_BEST
+        if not pending.exists():
+            return
+        try:
+            same = self.last.exists() and load(pending)["epoch"] == load(self.last)["epoch"]
+        except InputError:
+            same = False
+        if same:
+            self._promote_best()
+        else:
+            pending.unlink(missing_ok=True)
 
     def check_same_data(self, state: dict) -> None:
         """The run resumes only on the shards it was trained on (the same content, wherever packed)."""
@@ -216,10 +251,11 @@ class Checkpointer:
         if distributed.is_main():  # temporary files of writes a SIGKILL cut short
             for stale in self.folder.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
+            self._settle_best()
         exists = distributed.broadcast_object(self.last.exists())
         if not exists:
             return Progress(), None
-        state = load(self.last)
+        state = self.load_same_on_every_rank()
         self.check_same_data(state)
         saved = saved_config(self.last, state)
         self.check_same_config(saved)
@@ -227,11 +263,42 @@ class Checkpointer:
         if self.parts["ema"] is not None and state["ema"] is not None:
             updates = state.get("ema_updates")   # an earlier release saved none: one per optimizer step
             self.parts["ema"].load(state["ema"], state["step"] if updates is None else updates)
-        for name in ("optimizer", "scheduler"):
-            self.parts[name].load_state_dict(state[name])
+        load_optimizer(self.parts["optimizer"], state["optimizer"])
+        self.parts["scheduler"].load_state_dict(state["scheduler"])
         notes = [note for note in [load_scaler(self.parts["scaler"], state["scaler"])] if note]
         set_rng_state(state["rng"])
         resumed = Resumed(state.get("world_size"), state.get("device"), saved["train"]["epochs"], notes)
         # checkpoints of earlier releases hold no early-stopping reference: it followed the best score
         return Progress(state["epoch"], state["step"], state["best_val_kl"], state.get("stale_validations", 0),
                         state.get("planned_epochs"), state.get("early_stop_reference", state["best_val_kl"])), resumed
+
+    def load_same_on_every_rank(self) -> dict:
+        """last.pt, loaded by every rank, and the same file on every rank: on a folder that is not
+        shared (node-local disk, a stale network view after a requeue) the ranks would load different
+        epochs, train apart and then wait in different collectives. Every rank hears the outcome, a
+        rank that could not load its copy included, and raises it in one line."""
+        try:
+            state = load(self.last)
+            mine = (state["epoch"], state["step"], state.get("written"))
+        except InputError as exc:
+            state, mine = None, str(exc)
+        seen = distributed.all_gather_objects(mine)
+        if state is None:
+            raise InputError(mine)
+        failed = [(rank, text) for rank, text in enumerate(seen) if isinstance(text, str)]
+        if failed:
+            raise InputError(f"rank {failed[0][0]} failed first: {failed[0][1]}")
+        if len(set(seen)) > 1:
+            found = ", ".join(f"rank {r}: epoch {e}" for r, (e, _, _) in enumerate(seen))
+            raise InputError(f"{self.last}: the ranks read different checkpoints ({found}); the run folder must "
+                             "be one that every node shares (--run-dir on a shared filesystem)")
+        return state
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """The optimizer's saved state, run by the kernels this launch chose (``optim.implementation``,
+    fused on CUDA): loading the state dict would bring back the saved run's along with it."""
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)

@@ -299,16 +299,17 @@ def new_launch_name() -> str:
 
 def launch_id() -> str:
     """A name for this launch, the same on every rank and across restarts of the launch, different
-    for every launch: torchrun's rendezvous id, else the Slurm job id (a requeued job keeps it), else
+    for every launch: the Slurm job id (a requeued job keeps it; torchrun inside the job included,
+    whose ``--standalone`` rendezvous id is new at every start), else torchrun's rendezvous id, else
     one chosen by the first rank to ask torchrun's agent store (kept across ``--max-restarts``),
     else a new timestamped name (broadcast from rank 0)."""
-    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if rdzv and rdzv != "none":
-        return rdzv
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_" \
         f"{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}" or os.environ.get("SLURM_JOB_ID")
     if job:
         return job
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if rdzv and rdzv != "none":
+        return rdzv
     env = read_env()
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timedelta(seconds=60))
@@ -350,6 +351,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's object, on every rank; [obj] on a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def gather_objects(obj) -> list | None:

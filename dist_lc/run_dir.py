@@ -60,8 +60,11 @@ class RunLock:
 
     def _acquire(self) -> str | None:
         self._made = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+")
+        except OSError as exc:   # answered as a problem: the other ranks wait for it in a broadcast
+            return f"{self.path}: cannot open the run folder's lock ({exc.strerror or exc})"
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -114,7 +117,9 @@ def record_failure(run_dir, rank: int, exc: BaseException) -> None:
 
 
 def first_peer_failure(run_dir, rank: int, wait_s: float = 3.0) -> tuple[int, str, str] | None:
-    """(rank, "input" | "error", message) of the first other rank that recorded a failure, or None."""
+    """(rank, "input" | "error", message) of the other rank whose failure note is the first, or None:
+    also None when this rank's own note is the first (two ranks failing as the consequence of a third
+    that left none would otherwise each blame the other)."""
     folder = Path(run_dir) / FAILURES
     deadline = time.monotonic() + wait_s
     while True:
@@ -122,16 +127,15 @@ def first_peer_failure(run_dir, rank: int, wait_s: float = 3.0) -> tuple[int, st
         for path in folder.glob("rank*") if folder.is_dir() else []:
             try:
                 other = int(path.name[4:])
-                if other != rank:
-                    stamp, kind, message = path.read_text().strip().split(" ", 2)
-                    notes.append((float(stamp), other, kind, message))
+                stamp, kind, message = path.read_text().strip().split(" ", 2)
+                notes.append((float(stamp), other, kind, message))
             except (OSError, ValueError):
                 # not a note this version wrote whole (an earlier release's torn write, a stray
                 # file): it must not hide the real cause behind a parsing error
                 continue
-        if notes:
+        if any(other != rank for _, other, _, _ in notes):
             _, other, kind, message = min(notes)
-            return other, kind, message
+            return None if other == rank else (other, kind, message)
         if time.monotonic() > deadline:
             return None
         time.sleep(0.1)

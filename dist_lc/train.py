@@ -763,10 +763,11 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
 
 
 def record_epoch(ckpt: Checkpointer, runlog: RunLog, p: Progress, row: dict, improved: bool) -> None:
-    """best.pt, then the metrics row, then last.pt: last.pt is what a resume starts from, so a
-    failure at any of these writes (a full disk) makes the resume redo the whole epoch: best.pt is
-    written again when the epoch improves again, and the metrics row, dropped past last.pt's epoch
-    on resume, is there once."""
+    """best.pt (under a name of its own), then the metrics row, then last.pt (and best.pt takes its
+    name): last.pt is what a resume starts from, so a failure at any of these writes (a full disk)
+    makes the resume redo the whole epoch: the best.pt of the epoch lost is dropped, best.pt is
+    written again when the redo improves again, and the metrics row, dropped past last.pt's epoch on
+    resume, is there once."""
     if improved:
         ckpt.save_best(p)
     runlog.epoch(row, best=improved)

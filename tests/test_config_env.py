@@ -227,3 +227,20 @@ def test_more_local_ranks_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
     monkeypatch.setattr("torch.cuda.set_device", lambda index: None)
     assert pick_device(DistEnv(rank=6, world_size=8, local_rank=2, local_world_size=4), "cuda").index == 0
+
+
+@pytest.mark.parametrize("environ, name", [
+    ({"SLURM_JOB_ID": "4242", "TORCHELASTIC_RUN_ID": "6c1e-a-new-uuid-each-start"}, "4242"),   # torchrun --standalone in a job
+    ({"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "80"}, "77_3"),
+    ({"TORCHELASTIC_RUN_ID": "my-rdzv"}, "my-rdzv"),
+])
+def test_a_launch_keeps_its_name_across_requeues(monkeypatch, environ, name):
+    """The default run folder's name: a requeued Slurm job keeps its id, also when it runs torchrun
+    --standalone, whose rendezvous id is new at every start (the requeue would start over)."""
+    from dist_lc.distributed import launch_id
+
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    assert launch_id() == name

@@ -142,3 +142,110 @@ def test_a_refused_set_up_leaves_no_run_folder(tmp_path):
     with pytest.raises(InputError, match="shard folder does not exist"):
         train_mod.train(load_config("configs/smoke.yaml", [f"data.shards={tmp_path / 'none'}"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the checkpoint files themselves
+
+def tiny_parts(seed: int = 0, **adam) -> dict:
+    """A Checkpointer's parts around a 4 → 2 linear layer (no data, no set-up)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(net.parameters(), **adam)
+    return {"model": net, "ema": None, "optimizer": optimizer,
+            "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            "scaler": torch.amp.GradScaler("cpu", enabled=False)}
+
+
+class Shards:
+    identity = "the same shards"
+
+
+def tiny_checkpointer(run, parts=None) -> Checkpointer:
+    cfg = load_config("configs/smoke.yaml", [])
+    return Checkpointer(run, parts or tiny_parts(), cfg, Shards(), 2, torch.device("cpu"))
+
+
+def epoch_of(path) -> int:
+    return torch.load(path, weights_only=True)["epoch"]
+
+
+def test_a_best_pt_whose_last_pt_was_never_written_is_dropped_on_resume(tmp_path):
+    """best.pt of an epoch whose last.pt a crash prevented would stand beside a history that no longer
+    has that epoch (the redo need not improve again): the resume keeps the earlier best.pt; when the
+    crash came after last.pt, the epoch's best.pt takes its name."""
+    from dist_lc.checkpoint import BEST, NEXT_BEST, Progress
+
+    run, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    ckpt = tiny_checkpointer(run)
+    ckpt.save_best(Progress(epoch=1, step=6, best=0.5))
+    ckpt.save_last(Progress(epoch=1, step=6, best=0.5))
+    assert epoch_of(folder / BEST) == 1 and not (folder / NEXT_BEST).exists()
+    ckpt.save_best(Progress(epoch=2, step=12, best=0.4))   # then killed before last.pt
+    p, _ = tiny_checkpointer(run).resume()
+    assert p.epoch == 1 and epoch_of(folder / BEST) == 1 and not (folder / NEXT_BEST).exists()
+    ckpt.save_best(Progress(epoch=2, step=12, best=0.4))
+    torch.save(ckpt.state(Progress(epoch=2, step=12, best=0.4)), folder / "last.pt")   # killed after last.pt
+    p, _ = tiny_checkpointer(run).resume()
+    assert p.epoch == 2 and epoch_of(folder / BEST) == 2 and not (folder / NEXT_BEST).exists()
+
+
+def test_a_resume_runs_the_optimizer_kernels_this_launch_chose(tmp_path):
+    """The loaded state dict would bring back the saved run's kernels (a CPU run resumed on CUDA
+    never fused; a kernel chosen to work around a problem silently ignored)."""
+    from dist_lc.checkpoint import Progress
+
+    tiny_checkpointer(tmp_path, tiny_parts(foreach=False)).save_last(Progress(epoch=1, step=6, best=0.5))
+    parts = tiny_parts(foreach=True)
+    tiny_checkpointer(tmp_path, parts).resume()
+    assert [g["foreach"] for g in parts["optimizer"].param_groups] == [True]
+
+
+def test_an_empty_checkpoint_is_one_line_naming_it(tmp_path):
+    """A 0-byte file (an interrupted copy of a run folder): torch raises an EOFError without a message."""
+    from dist_lc.checkpoint import load
+
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'last.pt'}: not a dist_lc checkpoint \(EOFError: "):
+        load(tmp_path / "last.pt")
+
+
+RESUME_APART = """
+import os, sys, torch
+sys.path.insert(0, os.getcwd())   # the checkout under test (torchrun runs this with the repository as its cwd)
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+from dist_lc import distributed
+from lc_common.errors import InputError
+from test_resume import tiny_checkpointer
+with distributed.process_group("cpu", 60):
+    try:   # the same run folder as two nodes see it: each its own copy
+        p, _ = tiny_checkpointer(os.path.join(sys.argv[1], "node" + os.environ["RANK"])).resume()
+        print(f"resumed epoch {p.epoch}")
+    except InputError as exc:
+        print(f"error: {exc}")
+"""
+
+
+@pytest.mark.parametrize("node1", ["same file", "older", "none"])
+def test_ranks_that_read_different_last_pt_stop_together_in_one_line(tmp_path, node1):
+    """A run folder on node-local disk (or a stale network view after a requeue): each rank would train
+    from its own epoch and weights, then wait in collectives the others never join."""
+    from dist_lc.checkpoint import Progress
+
+    tiny_checkpointer(tmp_path / "node0").save_last(Progress(epoch=3, step=18, best=0.3))
+    if node1 == "same file":
+        shutil.copytree(tmp_path / "node0", tmp_path / "node1")
+    if node1 == "older":
+        tiny_checkpointer(tmp_path / "node1").save_last(Progress(epoch=1, step=6, best=0.5))
+    script = tmp_path / "resume_apart.py"
+    script.write_text(RESUME_APART)
+    proc = torchrun([str(script), str(tmp_path)], timeout=120)
+    said = sorted(x for x in proc.stdout.splitlines() if x.startswith(("resumed", "error")))
+    missing = f"{tmp_path / 'node1' / 'checkpoints' / 'last.pt'}: checkpoint does not exist"
+    expected = {
+        "same file": ["resumed epoch 3", "resumed epoch 3"],
+        "older": [f"error: {tmp_path / f'node{r}' / 'checkpoints' / 'last.pt'}: the ranks read different "
+                  "checkpoints (rank 0: epoch 3, rank 1: epoch 1); the run folder must be one that every node "
+                  "shares (--run-dir on a shared filesystem)" for r in (0, 1)],
+        "none": [f"error: {missing}", f"error: rank 1 failed first: {missing}"],
+    }[node1]
+    assert said == sorted(expected), proc.stdout + proc.stderr[-2000:]

@@ -294,6 +294,30 @@ def test_a_torn_or_stray_failure_note_does_not_hide_a_peers_cause(tmp_path):
     assert sorted(p.name for p in (tmp_path / FAILURES).iterdir()) == ["rank1", "rank2", "rank_old"]
 
 
+def test_a_rank_whose_own_failure_note_is_the_first_blames_no_peer(tmp_path):
+    """Ranks 0 and 1 both fail in a collective, after a third that left no note: each named the other
+    as the one that failed first."""
+    from dist_lc.run_dir import FAILURES, first_peer_failure
+
+    (tmp_path / FAILURES).mkdir()
+    (tmp_path / FAILURES / "rank0").write_text("100.000 error RuntimeError: Connection closed by peer\n")
+    (tmp_path / FAILURES / "rank1").write_text("100.500 error RuntimeError: Connection closed by peer\n")
+    assert first_peer_failure(tmp_path, 0, wait_s=0) is None
+    assert first_peer_failure(tmp_path, 1, wait_s=0) == (0, "error", "RuntimeError: Connection closed by peer")
+
+
+def test_a_run_lock_that_cannot_be_opened_is_one_line(tmp_path):
+    """(A .lock of another user, mode 0644, in a shared folder; as root, a folder in its place.) Rank 0
+    answers it as a problem, which the other ranks wait for in a broadcast."""
+    from lc_common.errors import InputError
+    from dist_lc.run_dir import RunLock
+
+    (tmp_path / ".lock").mkdir()
+    with pytest.raises(InputError, match=rf"^{tmp_path / '.lock'}: cannot open the run folder's lock \(Is a dir"):
+        with RunLock(tmp_path, enabled=True):
+            pass
+
+
 @pytest.mark.parametrize("where, line", [
     ("train_step", "rank 0: out of cpu memory at train.micro_batch_size 8 (CUDA out of memory); lower "
                    "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)"),
