@@ -81,12 +81,14 @@ def test_test_split_tta_and_ensemble(smoke_run, packed_sample):
 
 
 def test_two_ranks_predict_each_tile_once(smoke_run, packed_sample, tmp_path):
+    """The 24 test tiles in shards of 16 and 8, shared by two ranks: each tile once, none dropped."""
     out = tmp_path / "two.csv"
+    assert [len(s["keys"]) for s in load_manifest(packed_sample).shards("test")] == [16, 8]
     torchrun(["-m", "dist_lc", "predict", "--checkpoint", str(best(smoke_run)), "--shards", str(packed_sample),
-              "--split", "train", "--out", str(out), "--workers", "1"])
+              "--split", "test", "--out", str(out), "--workers", "1", "--batch-size", "5"])
     two = pd.read_csv(out, dtype={"sample_id": str})
-    one = predict([best(smoke_run)], packed_sample, "train", workers=0)
-    assert len(two) == 300 and two["sample_id"].is_unique
+    one = predict([best(smoke_run)], packed_sample, "test", workers=0)
+    assert len(two) == 24 and two["sample_id"].is_unique
     merged = one.merge(two, on="sample_id", suffixes=("", "_2"))
     for c in CLASS_NAMES:
         np.testing.assert_allclose(merged[c], merged[f"{c}_2"], atol=2e-3)  # bf16 batches differ in size
