@@ -34,7 +34,7 @@ from .ema import EMA
 from .loading import Loader, LoaderError
 from .losses import SegmentationLoss, class_weights
 from .memory import fit_micro_batch, peak_memory_mb
-from .metrics import has_scored_class, kl_per_sample
+from .metrics import SCORED_CLASSES, has_scored_class, kl_per_sample
 from .model import build_network, normalisation_stats, prior_bias, tile_proportions
 from .optim import WarmupCosine, build_optimizer, build_scheduler, is_per_epoch
 from .precision import agreed_precision, autocast
@@ -100,6 +100,9 @@ def split_folds(cfg: Config, manifest) -> tuple[list, list | None]:
         return list(range(k)), None
     if not 0 <= fold < k:
         raise InputError(f"config key 'data.fold': {fold} is not a fold of {manifest.root}, which has folds 0..{k - 1}")
+    if not manifest.class_pixels([fold])[list(SCORED_CLASSES)].any():   # its KL would be 0 at every epoch
+        raise InputError(f"config key 'data.fold': fold {fold} of {manifest.root} has no pixel of a scored class "
+                         f"(only no_data and clouds) to validate on")
     return [f for f in range(k) if f != fold], [fold]
 
 
@@ -197,8 +200,9 @@ def micro_step(s: Setup, batch: dict, last: bool) -> torch.Tensor:
 
     The per-tile losses are divided by the rank's tiles in the whole step (micro-batch × accum), so
     the accumulated gradient is the step's mean; DDP's average over ranks then makes the update equal
-    to one batch of ``train.batch_size`` tiles. The loss stays on the device: reading it here would
-    make the host wait for every micro-batch's kernels instead of queueing the next one's.
+    to one batch of ``train.batch_size`` tiles (with GroupNorm; BatchNorm normalises each micro-batch
+    with its own statistics, as under any accumulation). The loss stays on the device: reading it
+    here would make the host wait for every micro-batch's kernels instead of queueing the next one's.
     """
     sync = contextlib.nullcontext() if last or not s.env.distributed else s.model.no_sync()
     if s.cuda_graphs:   # a new step: the graphs may reuse the previous one's output memory (none is kept)
@@ -344,28 +348,30 @@ def validate(s: Setup, net, epoch: int) -> tuple[dict, dict, HeldOut]:
     shown = {"key": [], "image": [], "mask": [], "pred": []}
     for batch, b, logits, props in predict_batches(s, net, s.val_data):
         loss_sum += s.loss_fn(logits, b["mask"], b["props"]).sum().item()
-        tally.add(batch["key"], props, logits.float() + net.logit_bias, b["mask"])   # as the maps are argmaxed
+        scores = logits.float() + net.logit_bias   # argmaxed over the scored classes, as the maps are
+        tally.add(batch["key"], props, scores, b["mask"])
         truth, pred = batch["props"].double().numpy(), props.double().cpu().numpy()
         scored = has_scored_class(truth)
         kl_sum += float(kl_per_sample(truth[scored], pred[scored]).sum())
         n += float(scored.sum())
         skipped += float((~scored).sum())
-        keep_shown(shown, batch, logits, s.cfg.train.plot_tiles)
+        keep_shown(shown, batch, scores, s.cfg.train.plot_tiles)
     kl_sum, loss_sum, n, tiles = distributed.all_reduce_sum([kl_sum, loss_sum, n, n + skipped], s.device)
     keys, props, matrix = tally.finish()
-    return {"val_loss": loss_sum / max(tiles, 1), "val_kl": kl_sum / max(n, 1), "val_tiles": int(tiles),
+    return {"val_loss": loss_sum / max(tiles, 1), "val_kl": kl_sum / n if n else None, "val_tiles": int(tiles),
             **pixel_metrics.summary(matrix)}, shown, HeldOut(epoch, keys, props, matrix)
 
 
-def keep_shown(shown: dict, batch: dict, logits: torch.Tensor, limit: int) -> None:
-    """The first ``limit`` validation tiles, their masks and predicted maps, for the run's plots."""
+def keep_shown(shown: dict, batch: dict, scores: torch.Tensor, limit: int) -> None:
+    """The first ``limit`` validation tiles, their masks and predicted maps (the map of the metrics and
+    of ``dist-lc map``: the scored class of the highest ``scores``), for the run's plots."""
     room = limit - len(shown["key"])
     if room > 0:
         shown["key"] += batch["key"][:room]
         # copies: the batch's memory is a loader slot, written again a few batches later
         shown["image"] += list(to_nchw(batch["image"][:room]).numpy().copy())
         shown["mask"] += list(batch["mask"][:room].numpy().copy())
-        shown["pred"] += list(logits[:room].argmax(1).cpu().numpy())
+        shown["pred"] += list((pixel_metrics.scored_argmax(scores[:room]) + SCORED_CLASSES[0]).cpu().numpy())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -473,6 +479,10 @@ def describe_start(s: Setup, p: Progress, resumed: Resumed | None) -> str:
     line = (f"{s.env.source}: {s.env.world_size} rank(s) on {s.device}, precision {s.dtype or 'fp32'}, "
             f"{s.steps_per_epoch} steps/epoch of {s.layout.batch} tiles ({s.layout.micro} × {s.layout.accum} "
             f"accumulation × {s.env.world_size} ranks)")
+    bn_tiles = s.layout.micro * (s.env.world_size if s.cfg.train.sync_batchnorm else 1)
+    if s.cfg.model.norm == "batch" and bn_tiles < s.layout.batch:
+        # the loss is exactly one big batch's, BatchNorm's batch statistics are not: say whose they are
+        line += f"; BatchNorm statistics over {bn_tiles} tiles at a time (model.norm=group does not depend on it)"
     if p.epoch:
         line += f", resuming after epoch {p.epoch}"
         if resumed and resumed.world_size is not None and \

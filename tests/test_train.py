@@ -337,3 +337,36 @@ def test_running_out_of_memory_is_one_line_naming_what_to_change(packed_sample, 
                    "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and [x for x in err if x.startswith("error: ")] == [f"error: {line}"] == err[-1:], err
+
+
+def test_a_validation_fold_without_a_scored_pixel_is_refused():
+    """Only no_data and clouds in the fold: its KL would be 0 at every epoch, the first one best."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from dist_lc.config import load_config
+    from dist_lc.train import split_folds
+    from lc_common.errors import InputError
+
+    pixels = {0: [5, 5, 0, 0, 0, 0, 0, 0, 0, 0], 1: [0, 0, 3, 0, 0, 0, 0, 0, 0, 1]}
+    manifest = SimpleNamespace(num_folds=2, root="shards", class_pixels=lambda folds: np.asarray(pixels[folds[0]]))
+    assert split_folds(load_config("configs/smoke.yaml", ["data.fold=1"]), manifest) == ([0], [1])
+    with pytest.raises(InputError, match=r"^config key 'data.fold': fold 0 of shards has no pixel of a scored class"):
+        split_folds(load_config("configs/smoke.yaml", ["data.fold=0"]), manifest)
+
+
+def test_the_plotted_map_is_the_map_of_the_metrics():
+    """The scored class with the highest score (logits plus the prior correction's bias), never no_data
+    or clouds, as the confusion matrix and ``dist-lc map`` take it."""
+    import torch
+
+    from dist_lc.train import keep_shown
+
+    scores = torch.zeros(1, 10, 2, 2)
+    scores[:, 0] = 5.0   # no_data's logit is the highest: the plot showed it
+    scores[:, 3] = 1.0
+    batch = {"key": ["7"], "image": torch.zeros(1, 2, 2, 4), "mask": torch.zeros(1, 2, 2, dtype=torch.uint8)}
+    shown = {"key": [], "image": [], "mask": [], "pred": []}
+    keep_shown(shown, batch, scores, limit=4)
+    assert (shown["pred"][0] == 3).all()
