@@ -194,7 +194,7 @@ class Checkpointer:
             try:
                 save_atomic(self.state(p), self.folder / NEXT_BEST)
             except WriteError as exc:   # the user knows the file as best.pt
-                raise WriteError(self.folder / BEST, exc.__cause__) from exc
+                raise exc.naming(self.folder / BEST) from exc
 
     def save_last(self, p: Progress) -> None:
         """last.pt, the point a resume starts from, then the epoch's best.pt under its name (rank 0 only)."""
@@ -248,12 +248,7 @@ class Checkpointer:
 
     def resume(self) -> tuple[Progress, Resumed | None]:
         """(progress, what else last.pt says) from last.pt, or a fresh start when rank 0 sees none."""
-        if distributed.is_main():  # temporary files of writes a SIGKILL cut short
-            for stale in self.folder.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
-            self._settle_best()
-        exists = distributed.broadcast_object(self.last.exists())
-        if not exists:
+        if not self.tidied_up():
             return Progress(), None
         state = self.load_same_on_every_rank()
         self.check_same_data(state)
@@ -271,6 +266,26 @@ class Checkpointer:
         # checkpoints of earlier releases hold no early-stopping reference: it followed the best score
         return Progress(state["epoch"], state["step"], state["best_val_kl"], state.get("stale_validations", 0),
                         state.get("planned_epochs"), state.get("early_stop_reference", state["best_val_kl"])), resumed
+
+    def tidied_up(self) -> bool:
+        """Whether there is a last.pt to resume, as rank 0 finds it after removing what a killed run
+        left (temporary files, a best.pt waiting for its last.pt); its failure to do so raises on
+        every rank (the others would wait in the broadcast)."""
+        exists, failure = False, None
+        if distributed.is_main():
+            try:
+                for stale in self.folder.glob(".*.tmp"):   # writes a SIGKILL cut short
+                    stale.unlink(missing_ok=True)
+                self._settle_best()
+                exists = self.last.exists()
+            except OSError as exc:
+                failure = WriteError(self.folder, exc)
+            except WriteError as exc:
+                failure = exc
+        exists, failure = distributed.broadcast_object((exists, failure))   # (a WriteError pickles)
+        if failure is not None:
+            raise failure
+        return exists
 
     def load_same_on_every_rank(self) -> dict:
         """last.pt, loaded by every rank, and the same file on every rank: on a folder that is not
@@ -299,6 +314,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """The optimizer's saved state, run by the kernels this launch chose (``optim.implementation``,
     fused on CUDA): loading the state dict would bring back the saved run's along with it."""
     kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
-    for group, chosen in zip(optimizer.param_groups, kernels):
-        group.update(chosen)
+    # into the saved groups, before the load: torch places each parameter's step counter by them
+    # (on the parameter's device for the fused kernel, on the CPU for the others)
+    groups = [{**group, **chosen} for group, chosen in zip(saved["param_groups"], kernels)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})

@@ -298,11 +298,11 @@ def new_launch_name() -> str:
 
 
 def launch_id() -> str:
-    """A name for this launch, the same on every rank and across restarts of the launch, different
-    for every launch: the Slurm job id (a requeued job keeps it; torchrun inside the job included,
-    whose ``--standalone`` rendezvous id is new at every start), else torchrun's rendezvous id, else
-    one chosen by the first rank to ask torchrun's agent store (kept across ``--max-restarts``),
-    else a new timestamped name (broadcast from rank 0)."""
+    """A name for this launch, the same on every rank and across restarts of the launch: the Slurm
+    job id (a requeued job keeps it; torchrun inside the job included, whose ``--standalone``
+    rendezvous id is new at every start; every launch of one job shares it), else torchrun's
+    rendezvous id, else one chosen by the first rank to ask torchrun's agent store (kept across
+    ``--max-restarts``), else a new timestamped name (broadcast from rank 0)."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_" \
         f"{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}" or os.environ.get("SLURM_JOB_ID")
     if job:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lc_common.atomic import check_parent, write_csv_atomic
-from lc_common.errors import InputError, WriteError, one_line, print_error
+from lc_common.errors import InputError, one_line, print_error
 from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
@@ -289,14 +289,14 @@ def run(args) -> int:
             table = predict(args.checkpoint, args.shards, args.split or "test", images=args.images, tta=args.tta,
                             batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
             write_agreed(table, args.out)
-        except (InputError, LoaderError, PredictionError, WriteError) as exc:
+        except Exception as exc:   # noqa: BLE001 - raised below
             # every rank raised it together: they leave the group together, as after a run that ended well
             failure = exc
-    if isinstance(failure, (InputError, WriteError)):
-        raise failure
-    if failure is not None:
+    if isinstance(failure, (LoaderError, PredictionError)):
         print_error(failure)
         return 1
+    if failure is not None:   # bad input, a write: one line from the entry point; anything else: its traceback
+        raise failure
     return 0
 
 
@@ -308,6 +308,6 @@ def write_agreed(table: pd.DataFrame | None, out) -> None:
         try:
             write_csv_atomic(out, table)
             print(f"wrote {len(table)} rows to {out}")
-        except WriteError as exc:
+        except Exception as exc:   # noqa: BLE001 - a full disk, a closed stdout: the peers wait to hear
             failure, verdict = exc, (0, *_note(exc))
     raise_agreed(verdict, failure)

@@ -371,7 +371,8 @@ def keep_shown(shown: dict, batch: dict, scores: torch.Tensor, limit: int) -> No
         # copies: the batch's memory is a loader slot, written again a few batches later
         shown["image"] += list(to_nchw(batch["image"][:room]).numpy().copy())
         shown["mask"] += list(batch["mask"][:room].numpy().copy())
-        shown["pred"] += list((pixel_metrics.scored_argmax(scores[:room]) + SCORED_CLASSES[0]).cpu().numpy())
+        ids = torch.as_tensor(SCORED_CLASSES, device=scores.device)
+        shown["pred"] += list(ids[pixel_metrics.scored_argmax(scores[:room])].cpu().numpy())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -479,16 +480,16 @@ def describe_start(s: Setup, p: Progress, resumed: Resumed | None) -> str:
     line = (f"{s.env.source}: {s.env.world_size} rank(s) on {s.device}, precision {s.dtype or 'fp32'}, "
             f"{s.steps_per_epoch} steps/epoch of {s.layout.batch} tiles ({s.layout.micro} × {s.layout.accum} "
             f"accumulation × {s.env.world_size} ranks)")
-    bn_tiles = s.layout.micro * (s.env.world_size if s.cfg.train.sync_batchnorm else 1)
-    if s.cfg.model.norm == "batch" and bn_tiles < s.layout.batch:
-        # the loss is exactly one big batch's, BatchNorm's batch statistics are not: say whose they are
-        line += f"; BatchNorm statistics over {bn_tiles} tiles at a time (model.norm=group does not depend on it)"
     if p.epoch:
         line += f", resuming after epoch {p.epoch}"
         if resumed and resumed.world_size is not None and \
                 (resumed.world_size, resumed.device) != (s.env.world_size, s.device.type):
             line += (f" (trained so far on {resumed.world_size} rank(s) on {resumed.device}: the same "
                      "batch size and schedule, a different tile order within each step)")
+    bn_tiles = s.layout.micro * (s.env.world_size if s.cfg.train.sync_batchnorm else 1)
+    if s.cfg.model.norm == "batch" and bn_tiles < s.layout.batch:
+        # the loss is exactly one big batch's, BatchNorm's batch statistics are not: say whose they are
+        line += f"; BatchNorm statistics over {bn_tiles} tiles at a time (model.norm=group does not depend on it)"
     return line
 
 
@@ -707,6 +708,9 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         reason = "early_stop"
         runlog.info(f"train.early_stop {t.early_stop}: this run already stopped early after epoch {p.epoch} "
                     f"(no better score in {p.stale} validations); nothing left to train")
+    elif p.epoch >= (p.planned or t.epochs):   # inside one Slurm job, launches share a default run folder
+        runlog.info(f"this run folder's run has already trained its {p.epoch} epochs; nothing left to train "
+                    "(another training needs another --run-dir)")
     while reason == "finished" and p.epoch < (p.planned or t.epochs):
         epoch_started = time.monotonic()
         last = p.planned or t.epochs

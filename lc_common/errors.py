@@ -54,6 +54,10 @@ class WriteError(Exception):
     def __reduce__(self):   # raised in a worker process, it travels pickled, without its OSError
         return _rebuilt_write_error, (str(self), self.path, self.errno)
 
+    def naming(self, path) -> "WriteError":
+        """The same failure, naming ``path`` (a file first written under another name of its own)."""
+        return _rebuilt_write_error(f"{path}{str(self)[len(self.path):]}", str(path), self.errno)
+
 
 def _rebuilt_write_error(message: str, path: str, code) -> WriteError:
     error = WriteError.__new__(WriteError)

@@ -219,9 +219,11 @@ from test_resume import tiny_checkpointer
 with distributed.process_group("cpu", 60):
     try:   # the same run folder as two nodes see it: each its own copy
         p, _ = tiny_checkpointer(os.path.join(sys.argv[1], "node" + os.environ["RANK"])).resume()
-        print(f"resumed epoch {p.epoch}")
+        said = f"resumed epoch {p.epoch}"
     except InputError as exc:
-        print(f"error: {exc}")
+        said = f"error: {exc}"
+    sys.stdout.write(said + "\\n")   # one write: the ranks share the stream (print writes the newline apart)
+    sys.stdout.flush()
 """
 
 
@@ -249,3 +251,22 @@ def test_ranks_that_read_different_last_pt_stop_together_in_one_line(tmp_path, n
         "none": [f"error: {missing}", f"error: rank 1 failed first: {missing}"],
     }[node1]
     assert said == sorted(expected), proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_full_disk_inside_torch_save_at_best_pt_is_one_line_naming_it(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError whose context is the OSError: the error
+    still names best.pt (the file is written under another name until its epoch's last.pt)."""
+    from lc_common.errors import WriteError
+    from dist_lc import checkpoint
+    from dist_lc.checkpoint import Progress
+
+    def full(state, f):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0") from None
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(WriteError) as err:
+        tiny_checkpointer(tmp_path).save_best(Progress(epoch=1, step=6, best=0.5))
+    assert str(err.value) == f"{tmp_path / 'checkpoints' / 'best.pt'}: cannot write: No space left on device"
