@@ -486,11 +486,16 @@ def describe_start(s: Setup, p: Progress, resumed: Resumed | None) -> str:
                 (resumed.world_size, resumed.device) != (s.env.world_size, s.device.type):
             line += (f" (trained so far on {resumed.world_size} rank(s) on {resumed.device}: the same "
                      "batch size and schedule, a different tile order within each step)")
-    bn_tiles = s.layout.micro * (s.env.world_size if s.cfg.train.sync_batchnorm else 1)
-    if s.cfg.model.norm == "batch" and bn_tiles < s.layout.batch:
-        # the loss is exactly one big batch's, BatchNorm's batch statistics are not: say whose they are
-        line += f"; BatchNorm statistics over {bn_tiles} tiles at a time (model.norm=group does not depend on it)"
     return line
+
+
+def batchnorm_note(s: Setup) -> str | None:
+    """The loss is exactly one big batch's, BatchNorm's batch statistics are not: whose they are."""
+    tiles = s.layout.micro * (s.env.world_size if s.cfg.train.sync_batchnorm else 1)
+    if s.cfg.model.norm != "batch" or tiles >= s.layout.batch:
+        return None
+    return f"BatchNorm normalises over {tiles} tiles at a time, not the batch's {s.layout.batch} (model.norm=group " \
+           "does not depend on the micro-batch)"
 
 
 def train(cfg: Config, run_dir) -> TrainResult:
@@ -626,8 +631,9 @@ def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
         if main:
             save_config(cfg, run_dir / "config.yaml")
         runlog.info(describe_start(s, p, resumed))
-        for note in s.notes + (resumed.notes if resumed else []):
-            runlog.info(note)
+        for note in [batchnorm_note(s), *s.notes, *(resumed.notes if resumed else [])]:
+            if note:
+                runlog.info(note)
         if resumed and resumed.epochs != cfg.train.epochs:
             runlog.info(follow_epochs(s, p, resumed.epochs))
         warn_if_all_warmup(cfg, runlog, p.planned or cfg.train.epochs)

@@ -128,7 +128,9 @@ def test_unsettled_batchnorm_statistics_are_reported(packed_sample, tmp_path):
     proc = dist_lc(["train", *SMOKE, *small(packed_sample), "--set", "train.epochs=1",
                     "--set", "model.bn_momentum=0.01", "--run-dir", str(run)])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    line = next(x for x in (run / "train.log").read_text().splitlines() if "BatchNorm" in x)
+    log = (run / "train.log").read_text().splitlines()
+    assert any("BatchNorm normalises over 8 tiles at a time, not the batch's 16" in x for x in log)
+    line = next(x for x in log if "BatchNorm running statistics" in x)
     assert "still their initial values (model.bn_momentum 0.01)" in line and "warning" in line
 
 
