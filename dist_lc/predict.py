@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lc_common.atomic import check_parent, write_csv_atomic
-from lc_common.errors import InputError, one_line, print_error
+from lc_common.errors import InputError, first_sentence, one_line, print_error
 from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
@@ -218,9 +218,9 @@ def out_of_memory(exc: Exception, batch_size: int) -> PredictionError | None:
     """A PredictionError naming the setting to lower for a device out of memory, else None."""
     if not isinstance(exc, torch.OutOfMemoryError):
         return None
-    first = one_line(exc).split(". ")[0][:160]   # torch's text is a paragraph of allocator advice
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return PredictionError(f"rank {rank}: out of memory at --batch-size {batch_size} ({first}); lower --batch-size")
+    return PredictionError(f"rank {rank}: out of memory at --batch-size {batch_size} ({first_sentence(exc)}); "
+                           "lower --batch-size")
 
 
 def _note(failure: Exception | None) -> tuple[str, str] | None:

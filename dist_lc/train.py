@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lc_common.errors import InputError, WriteError, print_error
+from lc_common.errors import InputError, WriteError, first_sentence, print_error
 from lc_common.tiles import IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
@@ -516,7 +516,7 @@ def train(cfg: Config, run_dir) -> TrainResult:
                 s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
             except torch.OutOfMemoryError as exc:
                 cause = TrainingError(f"rank {group.env.rank}: out of {group.device.type} memory while setting up "
-                                      f"the model and optimizer ({_first_sentence(exc)}); is another process "
+                                      f"the model and optimizer ({first_sentence(exc)}); is another process "
                                       "holding the GPU?")
                 record_failure(run_dir, group.env.rank, cause)
                 raise cause from exc
@@ -599,13 +599,8 @@ def out_of_memory(exc: Exception, s: Setup) -> TrainingError | None:
     if not isinstance(exc, torch.OutOfMemoryError):
         return None
     return TrainingError(f"rank {s.env.rank}: out of {s.device.type} memory at train.micro_batch_size "
-                         f"{s.layout.micro} ({_first_sentence(exc)}); lower "
+                         f"{s.layout.micro} ({first_sentence(exc)}); lower "
                          "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)")
-
-
-def _first_sentence(exc: Exception) -> str:
-    """torch's out-of-memory text is a paragraph (sizes, then advice on the allocator): its first part."""
-    return " ".join(str(exc).split()).split(". ")[0][:160] or type(exc).__name__
 
 
 def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:

@@ -14,6 +14,12 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def first_sentence(exc: BaseException) -> str:
+    """An error whose text is a paragraph (torch's out-of-memory: sizes, then advice on the
+    allocator): its first sentence, on one line."""
+    return one_line(exc).split(". ")[0][:160] or type(exc).__name__
+
+
 def print_error(text) -> None:
     """Write ``error: <text>`` to stderr in one write: the ranks of a job share one stream, often
     unbuffered (PYTHONUNBUFFERED), where print() writes the text and its newline apart and two ranks'
