@@ -28,7 +28,8 @@ def test_shard_io(sample_root, tmp_path):
 
 
 def test_train_throughput(tmp_path):
-    out = bench("train_throughput.py", "--quick", "--sections", "kernels", "--size", "64", "--work", tmp_path)
+    out = bench("train_throughput.py", "--quick", "--sections", "kernels", "--size", "32", "--batch", "2",
+                "--work", tmp_path)
     assert "images/s" in out
 
 
