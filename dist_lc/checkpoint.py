@@ -269,23 +269,17 @@ class Checkpointer:
 
     def tidied_up(self) -> bool:
         """Whether there is a last.pt to resume, as rank 0 finds it after removing what a killed run
-        left (temporary files, a best.pt waiting for its last.pt); its failure to do so raises on
-        every rank (the others would wait in the broadcast)."""
-        exists, failure = False, None
-        if distributed.is_main():
-            try:
-                for stale in self.folder.glob(".*.tmp"):   # writes a SIGKILL cut short
-                    stale.unlink(missing_ok=True)
-                self._settle_best()
-                exists = self.last.exists()
-            except OSError as exc:
-                failure = WriteError(self.folder, exc)
-            except WriteError as exc:
-                failure = exc
-        exists, failure = distributed.broadcast_object((exists, failure))   # (a WriteError pickles)
-        if failure is not None:
-            raise failure
-        return exists
+        left (temporary files, a best.pt waiting for its last.pt); its failure raises on every rank."""
+        return distributed.on_main(self._tidy_up)
+
+    def _tidy_up(self) -> bool:
+        try:
+            for stale in self.folder.glob(".*.tmp"):   # writes a SIGKILL cut short
+                stale.unlink(missing_ok=True)
+            self._settle_best()
+            return self.last.exists()
+        except OSError as exc:
+            raise WriteError(self.folder, exc) from exc
 
     def load_same_on_every_rank(self) -> dict:
         """last.pt, loaded by every rank, and the same file on every rank: on a folder that is not

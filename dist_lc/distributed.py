@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lc_common.errors import InputError, print_error
+from lc_common.errors import InputError, WriteError, print_error
 from lc_common.resources import usable_cores
 
 from .config import TrainConfig, choices
@@ -351,6 +351,22 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn, *args, errors: tuple = (InputError, WriteError)):
+    """``fn(*args)`` run by rank 0 alone (the one that reads or writes what the ranks share), its
+    value on every rank; when it raises one of ``errors`` (exceptions that pickle), every rank raises
+    it: a rank that raised alone would leave the others waiting in the broadcast. A collective."""
+    value, error = None, None
+    if is_main():
+        try:
+            value = fn(*args)
+        except errors as exc:
+            error = exc
+    value, error = broadcast_object((value, error))
+    if error is not None:
+        raise error
+    return value
 
 
 def all_gather_objects(obj) -> list:

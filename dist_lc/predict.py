@@ -265,18 +265,6 @@ def raise_agreed(verdict: tuple | None, own: Exception | None = None) -> None:
     raise {"input": InputError, "loader": LoaderError}.get(kind, PredictionError)(message)
 
 
-def check_out(path) -> None:
-    """--out's folder, checked on rank 0 alone (the one that writes; on several nodes it may exist on
-    that node only), the answer agreed by every rank."""
-    verdict = None
-    if distributed.is_main():
-        try:
-            check_parent(path, "--out")
-        except InputError as exc:
-            verdict = (None, "input", str(exc))
-    raise_agreed(verdict)
-
-
 def run(args) -> int:
     if (args.shards is None) == (args.images is None):
         raise InputError("predict: give the tiles either as --shards DIR (with --split) or as --images DIR")
@@ -285,7 +273,9 @@ def run(args) -> int:
     failure = None
     with distributed.process_group(args.device):
         try:
-            check_out(args.out)
+            # rank 0 writes --out: its folder is checked there (on several nodes it may exist on that
+            # node alone), the answer agreed by every rank
+            distributed.on_main(check_parent, args.out, "--out")
             table = predict(args.checkpoint, args.shards, args.split or "test", images=args.images, tta=args.tta,
                             batch_size=args.batch_size, workers=args.workers, device_pref=args.device)
             write_agreed(table, args.out)

@@ -47,38 +47,37 @@ class RunLock:
     created as it was: not there.
     """
 
-    def __init__(self, run_dir, enabled: bool):
-        self.path, self.enabled, self._file, self._made = Path(run_dir) / LOCK, enabled, None, False
+    def __init__(self, run_dir):
+        self.path, self._file, self._made = Path(run_dir) / LOCK, None, False
 
     def __enter__(self) -> "RunLock":
-        problem = self._acquire() if self.enabled else None
-        problem = distributed.broadcast_object(problem)
-        if problem:
+        try:
+            distributed.on_main(self._acquire)
+        except InputError:
             self.__exit__()
-            raise InputError(problem)
+            raise
         return self
 
-    def _acquire(self) -> str | None:
+    def _acquire(self) -> None:
         self._made = not self.path.parent.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a+")
-        except OSError as exc:   # answered as a problem: the other ranks wait for it in a broadcast
-            return f"{self.path}: cannot open the run folder's lock ({exc.strerror or exc})"
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot open the run folder's lock ({exc.strerror or exc})") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return None  # a filesystem without locks: nothing to guard with
+                return  # a filesystem without locks: nothing to guard with
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
-            return (f"{self.path.parent}: run folder in use by another training ({holder}); wait for it to end "
-                    "or choose another --run-dir")
+            raise InputError(f"{self.path.parent}: run folder in use by another training ({holder}); wait for it "
+                             "to end or choose another --run-dir") from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self._file.flush()
-        return None
 
     def __exit__(self, *exc) -> bool:
         if self._file is not None:

@@ -510,7 +510,7 @@ def train(cfg: Config, run_dir) -> TrainResult:
     with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s) as group:
         # the lock first: the set-up's micro-batch trials must not run on the GPU of a training
         # that already holds the folder
-        with RunLock(run_dir, enabled=group.env.is_main):
+        with RunLock(run_dir):
             forget_earlier_failures(run_dir, group.env.is_main)
             try:
                 s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
@@ -554,24 +554,19 @@ def _record_own_exit(run_dir: Path, rank: int, reason: str) -> None:
 
 def keep_chosen_micro_batch(cfg: Config, run_dir: Path) -> Config:
     """A resumed run keeps the micro-batch that ``auto`` chose when it started, as last.pt's config
-    (what the resume trusts) records it. Rank 0 reads it and hands every rank the value or its
-    error: a rank that raised alone would leave the others waiting in the broadcast."""
+    (what the resume trusts) records it, read by rank 0 for every rank."""
     if cfg.train.micro_batch_size != "auto":
         return cfg
-    found = (None, None)
-    if distributed.is_main():
-        last = run_dir / "checkpoints" / LAST
-        try:
-            if last.is_file():
-                found = (saved_config(last, load(last))["train"]["micro_batch_size"], None)
-        except InputError as exc:
-            found = (None, str(exc))
-    saved, problem = distributed.broadcast_object(found)
-    if problem:
-        raise InputError(problem)
+    saved = distributed.on_main(saved_micro_batch, run_dir / "checkpoints" / LAST)
     if not isinstance(saved, int):
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=saved))
+
+
+def saved_micro_batch(last: Path):
+    """The micro-batch recorded in ``last`` (a number, or "auto" from a run that never chose), or
+    None when there is no ``last``."""
+    return saved_config(last, load(last))["train"]["micro_batch_size"] if last.is_file() else None
 
 
 def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:

@@ -316,7 +316,7 @@ def test_a_run_lock_that_cannot_be_opened_is_one_line(tmp_path):
 
     (tmp_path / ".lock").mkdir()
     with pytest.raises(InputError, match=rf"^{tmp_path / '.lock'}: cannot open the run folder's lock \(Is a dir"):
-        with RunLock(tmp_path, enabled=True):
+        with RunLock(tmp_path):
             pass
 
 
