@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 from lc_common.errors import InputError, WriteError, one_line
+from lc_common.locks import held
 from lc_common.tiles import CLASS_NAMES
 
 from . import distributed
@@ -55,6 +56,7 @@ from .plots import PALETTE, legend_handles, rgb, save_figure
 from .predict import Ensemble
 from .scene import WINDOW, AoiMask, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths, taper, window_grid
 
+LOCK = ".map.lock"   # in --out: one mapping at a time writes there
 QUICKLOOK_PX = 1024   # the longer side of a quicklook, at most
 QUICKLOOK_MAX_IN = 24   # the tallest quicklook figure (inches): an elongated scene stays far below 2^16 pixels
 CLASS_OF = np.asarray(SCORED_CLASSES, np.uint8)   # index among the scored classes → class id
@@ -400,15 +402,27 @@ def run(args) -> int:
 
 
 def map_scenes(args, plans: list[Planned], group: distributed.Group) -> None:
+    out_dir = Path(args.out)
+    ensemble = Ensemble(args.checkpoint, group.device, tta=args.tta)
+    with contextlib.ExitStack() as claimed:
+        distributed.on_main(claim_out, out_dir, claimed)
+        map_all(args, plans, ensemble, group.env, group.device, out_dir)
+
+
+def claim_out(out_dir: Path, claimed: contextlib.ExitStack) -> None:
+    """--out made, and held by this mapping (rank 0's, the one that writes) until ``claimed`` closes:
+    two mappings into one folder would publish each other's half-written scenes."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        claimed.enter_context(held(out_dir / LOCK, f"{out_dir}: another dist-lc map ({{holder}}) is writing into "
+                                                   "this folder; wait for it to end or choose another --out"))
+    except OSError as exc:
+        raise InputError(f"{out_dir}: --out cannot be created or written ({exc.strerror or exc})") from None
+
+
+def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir: Path) -> None:
     from tqdm import tqdm
 
-    env, device, out_dir = group.env, group.device, Path(args.out)
-    ensemble = Ensemble(args.checkpoint, device, tta=args.tta)
-    if env.is_main:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"{out_dir}: --out cannot be created ({exc.strerror or exc})") from None
     records = []
     with tqdm(total=sum(len(p.ys) * len(p.xs) for p in plans), desc="map windows", unit="window",
               file=sys.stderr, disable=not (env.is_main and sys.stderr.isatty())) as bar:
