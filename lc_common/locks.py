@@ -17,8 +17,13 @@ HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 def held(path, refused: str):
     """Hold the lock on ``path`` (created) while the block runs. Another process holding it is an
     InputError, ``refused`` formatted with ``holder`` (the holder's pid). A filesystem without locks
-    (Lustre or NFS mounted without them: ENOLCK, ENOSYS, EOPNOTSUPP) runs unguarded."""
-    with open(Path(path), "a+") as lock:
+    (Lustre or NFS mounted without them: ENOLCK, ENOSYS, EOPNOTSUPP) runs unguarded; a lock that
+    cannot be opened (a read-only folder) is an InputError naming it."""
+    try:
+        lock = open(Path(path), "a+")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open the lock ({exc.strerror or exc})") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -31,3 +36,23 @@ def held(path, refused: str):
             lock.write(f"pid {os.getpid()}")
             lock.flush()
         yield
+
+
+@contextlib.contextmanager
+def folder_held(folder, refused: str):
+    """Hold the lock of ``folder`` itself (an existing folder) while the block runs, leaving no file
+    in it (an output folder holds only what its tool writes). Another process holding it is an
+    InputError, ``refused``; a filesystem without locks runs unguarded."""
+    try:
+        fd = os.open(Path(folder), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot open the folder ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in HELD:
+                raise InputError(refused) from None
+        yield
+    finally:
+        os.close(fd)   # closing drops the lock

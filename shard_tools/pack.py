@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from . import __version__
 from lc_common.errors import InputError, WriteError
+from lc_common.locks import folder_held
 from .folds import assign_folds
 from .format import ENCODING, FORMAT_VERSION, encode_sample
 from lc_common.tiles import (CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE, NUM_CLASSES, check_image_header,
@@ -324,12 +325,22 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise InputError(f"{out}: output folder is not empty (pass --overwrite to replace its shards)")
 
 
-def stage(out: Path) -> Path:
-    """Create ``out`` and, in it, an empty staging folder for this run's shards."""
+@contextmanager
+def claimed(out: Path, overwrite: bool):
+    """``out`` made and held by this pack while the block runs: a second pack into it would empty this
+    one's staging folder."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out}: --out cannot be created ({exc.strerror or exc})") from None
+    with folder_held(out, f"{out}: another pack is writing into this folder; wait for it to end or choose "
+                          "another --out"):
+        check_out(out, overwrite)   # again, held: a pack that ended meanwhile may have filled it
+        yield
+
+
+def stage(out: Path) -> Path:
+    """An empty staging folder for this run's shards in ``out``."""
     staging = out / STAGING_NAME
     try:
         if os.path.lexists(staging):
@@ -445,22 +456,23 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
     limit = shard_limit(samples_per_shard, shard_size_mb)
     train, test = scan_source(src)
     _check_folds(folds, len(train))
-    check_out(out, overwrite)
+    check_out(out, overwrite)   # before any work
     stats = ChannelStats(IMAGE_SHAPE[2])
     workers = default_workers() if workers is None else int(workers)
     staging = None
-    try:
-        with _mapper(workers) as mapper:
-            counts = _survey(mapper, train + test, progress)[: len(train)]
-            props = np.asarray(counts, dtype=np.float64).reshape(-1, NUM_CLASSES) / PIXELS_PER_TILE
-            fold_of = assign_folds(props, folds, seed) if train else np.empty(0, dtype=np.int64)
-            staging = stage(out)
-            order = sorted(((t, "train", int(f)) for t, f in zip(train, fold_of)), key=lambda x: x[2])
-            jobs = plan_shards(staging, order + [(t, "test", None) for t in test], limit)
-            entries = _write(mapper, jobs, stats, progress)
-        manifest = _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats)
-        publish(staging, out, [e["name"] for e in entries], manifest)
-    finally:
-        if staging is not None:   # after the pool has drained: no worker still writes there
-            shutil.rmtree(staging, ignore_errors=True)   # already gone after a success
+    with claimed(out, overwrite):
+        try:
+            with _mapper(workers) as mapper:
+                counts = _survey(mapper, train + test, progress)[: len(train)]
+                props = np.asarray(counts, dtype=np.float64).reshape(-1, NUM_CLASSES) / PIXELS_PER_TILE
+                fold_of = assign_folds(props, folds, seed) if train else np.empty(0, dtype=np.int64)
+                staging = stage(out)
+                order = sorted(((t, "train", int(f)) for t, f in zip(train, fold_of)), key=lambda x: x[2])
+                jobs = plan_shards(staging, order + [(t, "test", None) for t in test], limit)
+                entries = _write(mapper, jobs, stats, progress)
+            manifest = _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats)
+            publish(staging, out, [e["name"] for e in entries], manifest)
+        finally:
+            if staging is not None:   # after the pool has drained: no worker still writes there
+                shutil.rmtree(staging, ignore_errors=True)   # already gone after a success
     return load_manifest(out)
