@@ -45,6 +45,9 @@ shards and the step rates saved under ``--work``. Every variant compiles afresh
    and the sum of the jobs.
 6. **sweep**: the fastest compiled rung of part 1 at micro-batch 32, 64 and 256 (a compilation
    each), as part 1's table.
+7. **resume**: a run trained one epoch on the CPU (torch's foreach Adam) and resumed on this
+   device for a second with the trainer's defaults (on CUDA the fused Adam, whose step counters
+   must move to the GPU with the rest of its state); a run that does not resume fails the script.
 
 ``--device cpu --quick`` runs a miniature of all of it (micro-batch 2, 64² tiles, a U-Net of 8
 filters; the test suite does, so that it cannot rot, and so that the numerics check of the compiled
@@ -68,7 +71,7 @@ from common import (BENCHMARK_RECIPE, REPO, log, loss_trace, machine_line, step_
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                      "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}   # vendors' dense figures
 
-PARTS = ("kernels", "check", "profile", "e2e", "cv", "sweep")   # the order they run in
+PARTS = ("kernels", "check", "profile", "e2e", "cv", "sweep", "resume")   # the order they run in
 BEFORE = ["optim.implementation=foreach", "train.compile=false"]
 # Each rung (its --set overrides) one change on the one before; the first is the trainer's CUDA step
 # before the defaults changed (eager, torch's foreach Adam), all in bf16 autocast with channels_last.
@@ -413,6 +416,38 @@ def cv_part(b: Bench) -> None:
         table(["jobs at once", "wall s", "slowest fold job s", "sum of fold jobs s", "folds done"], rows)]))
 
 
+# ----------------------------------------------------------------------------- 7. resume across devices
+
+def resume_part(b: Bench) -> None:
+    """One epoch on the CPU, then the run resumed on this device for a second (an 8-filter U-Net:
+    what is checked is the optimizer state's move, not a speed)."""
+    shards = synthetic_shards(b.args.work, 200, usable_cores())
+    run_dir = b.args.work / "resume"
+    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    sets = [f"data.shards={shards}", "data.fold=0", "data.crop=64", "data.workers=1", "model.filters=8",
+            "model.upconv_filters=8", "train.plot_every=0", "train.loggers=[]", "train.batch_size=8",
+            "train.micro_batch_size=8", "train.compile=false"]
+    rows = []
+    for device, epochs, kernels in (("cpu", 1, "foreach"), (b.device.type, 2, "auto")):
+        log(f"resume: epoch {epochs} on {device}, optim.implementation={kernels}")
+        more = [*sets, f"train.device={device}", f"train.epochs={epochs}", f"optim.implementation={kernels}"]
+        proc = subprocess.run([sys.executable, "-m", "dist_lc", "train", "--config", str(BENCHMARK_RECIPE),
+                               "--run-dir", str(run_dir), *[a for x in more for a in ("--set", x)]],
+                              cwd=REPO, capture_output=True, text=True)
+        lines = proc.stderr.strip().splitlines() or ["(nothing)"]   # the trainer logs there
+        said = next((x for x in reversed(lines) if f"epoch {epochs}:" in x), lines[-1]) if not proc.returncode \
+            else lines[-1]
+        if proc.returncode != 0 or (epochs == 2 and "resuming after epoch 1" not in proc.stdout + proc.stderr):
+            b.failed.append(f"resume: epoch {epochs} on {device} did not resume the run: {said}")
+        rows.append([epochs, device, kernels, proc.returncode, said[:100]])
+        if proc.returncode != 0:
+            break
+    b.write("\n".join([
+        "### Resume across devices: `dist-lc train` of configs/benchmark.yaml (8 filters, 64² crops), "
+        "1 epoch on the CPU, then resumed here", "",
+        table(["epoch", "device", "optim.implementation", "exit", "its log line"], rows)]))
+
+
 # ----------------------------------------------------------------------------- main
 
 def shards(args, tiles: int) -> Path:
@@ -465,7 +500,8 @@ def main(argv=None) -> int:
                       ("check", lambda: check(b, shards(args, small))),
                       ("profile", lambda: profile(b, shards(args, small), flops, peak)),
                       ("e2e", lambda: e2e(b, shards(args, full), full)), ("cv", lambda: cv_part(b)),
-                      ("sweep", lambda: sweep(b, shards(args, small), flops, peak))):
+                      ("sweep", lambda: sweep(b, shards(args, small), flops, peak)),
+                      ("resume", lambda: resume_part(b))):
         if part in parts:
             tick = time.perf_counter()
             run()

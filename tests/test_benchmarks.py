@@ -78,8 +78,9 @@ def test_gpu_benchmark_on_cpu(tmp_path):
     script exits 1 when one does not)."""
     out = bench("gpu.py", "--device", "cpu", "--quick", "--work", tmp_path, "--out", tmp_path / "gpu.md")
     for section in ("### Step", "### Numerics", "### Profile", "### End to end", "### Several folds",
-                    "### Micro-batch sweep", "Whole benchmark"):
+                    "### Micro-batch sweep", "### Resume across devices", "Whole benchmark"):
         assert section in out
+    assert "| 2 | cpu | auto | 0 |" in out   # the run trained on, resumed
     checked = [line for line in out.splitlines() if line.startswith("| + ") and line.endswith(("pass |", "FAIL |"))]
     assert [line.split(" | ")[0] for line in checked] == ["| + fused Adam", "| + torch.compile"]
     assert all(line.endswith("pass |") for line in checked)
