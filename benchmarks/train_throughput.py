@@ -32,7 +32,7 @@ ones; only one of the two processes computes at a time.
 
 ``e2e``: the real trainer, ``python -m dist_lc train --config configs/benchmark.yaml`` on the packed
 real sample (shard pipeline, DataLoader workers, loss, Adam, validation excluded from the rate),
-default CPU path (``precision: auto`` = bf16 autocast on CPU), 1 process and 2 DDP ranks under
+default CPU path (``precision: auto``: bf16 autocast on a CPU with native bf16, else fp32), 1 process and 2 DDP ranks under
 torchrun (gloo); images/s, data-wait share and peak RSS are read from ``metrics.csv``.
 """
 from __future__ import annotations

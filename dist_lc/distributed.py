@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lc_common.errors import InputError, WriteError, print_error
+from lc_common.errors import InputError, WriteError, one_line, print_error
 from lc_common.resources import usable_cores
 
 from .config import TrainConfig, choices
@@ -355,15 +355,21 @@ def broadcast_object(obj, src: int = 0):
 
 def on_main(fn, *args, errors: tuple = (InputError, WriteError)):
     """``fn(*args)`` run by rank 0 alone (the one that reads or writes what the ranks share), its
-    value on every rank; when it raises one of ``errors`` (exceptions that pickle), every rank raises
-    it: a rank that raised alone would leave the others waiting in the broadcast. A collective."""
-    value, error = None, None
+    value on every rank. When it raises one of ``errors`` (exceptions that pickle), every rank raises
+    it; any other exception is raised on rank 0 with its traceback and, on the others, as a
+    RuntimeError naming it: a rank that raised alone would leave the others waiting in the broadcast.
+    A collective."""
+    value, error, own = None, None, None
     if is_main():
         try:
             value = fn(*args)
         except errors as exc:
-            error = exc
+            error = own = exc
+        except Exception as exc:   # noqa: BLE001 - a bug, an unforeseen OSError: raised below
+            own, error = exc, RuntimeError(f"rank 0 failed: {type(exc).__name__}: {one_line(exc)}")
     value, error = broadcast_object((value, error))
+    if own is not None:
+        raise own
     if error is not None:
         raise error
     return value

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from lc_common.errors import InputError, WriteError, one_line
-from lc_common.locks import folder_held
+from lc_common.locks import held
 from lc_common.tiles import CLASS_NAMES
 
 from . import distributed
@@ -56,6 +56,7 @@ from .plots import PALETTE, legend_handles, rgb, save_figure
 from .predict import Ensemble
 from .scene import WINDOW, AoiMask, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths, taper, window_grid
 
+LOCK = ".map.lock"   # in --out while a mapping writes there
 QUICKLOOK_PX = 1024   # the longer side of a quicklook, at most
 QUICKLOOK_MAX_IN = 24   # the tallest quicklook figure (inches): an elongated scene stays far below 2^16 pixels
 CLASS_OF = np.asarray(SCORED_CLASSES, np.uint8)   # index among the scored classes → class id
@@ -413,10 +414,10 @@ def claim_out(out_dir: Path, claimed: contextlib.ExitStack) -> None:
     two mappings into one folder would publish each other's half-written scenes."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        claimed.enter_context(folder_held(out_dir, f"{out_dir}: another dist-lc map is writing into this folder; "
-                                                   "wait for it to end or choose another --out"))
     except OSError as exc:
-        raise InputError(f"{out_dir}: --out cannot be created or written ({exc.strerror or exc})") from None
+        raise InputError(f"{out_dir}: --out cannot be created ({exc.strerror or exc})") from None
+    claimed.enter_context(held(out_dir / LOCK, f"{out_dir}: another dist-lc map ({{holder}}) is writing into this "
+                                               "folder; wait for it to end or choose another --out", transient=True))
 
 
 def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir: Path) -> None:

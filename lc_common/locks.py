@@ -14,13 +14,19 @@ HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 @contextlib.contextmanager
-def held(path, refused: str):
+def held(path, refused: str, transient: bool = False):
     """Hold the lock on ``path`` (created) while the block runs. Another process holding it is an
     InputError, ``refused`` formatted with ``holder`` (the holder's pid). A filesystem without locks
     (Lustre or NFS mounted without them: ENOLCK, ENOSYS, EOPNOTSUPP) runs unguarded; a lock that
-    cannot be opened (a read-only folder) is an InputError naming it."""
+    cannot be opened (a read-only folder) is an InputError naming it. ``transient``: the lock file is
+    removed when the block ends (an output folder keeps only its outputs; a killed holder's is taken
+    over, then removed).
+
+    A regular file opened for writing, not the folder itself: NFS and Lustre lock those on the server,
+    so the lock holds between nodes (a folder's flock would be local to each node)."""
+    path, acquired = Path(path), False
     try:
-        lock = open(Path(path), "a+")
+        lock = open(path, "a+")
     except OSError as exc:
         raise InputError(f"{path}: cannot open the lock ({exc.strerror or exc})") from None
     with lock:
@@ -31,28 +37,14 @@ def held(path, refused: str):
                 lock.seek(0)
                 raise InputError(refused.format(holder=lock.read().strip() or "?")) from None
         else:
+            acquired = True
             lock.seek(0)
             lock.truncate()
             lock.write(f"pid {os.getpid()}")
             lock.flush()
-        yield
-
-
-@contextlib.contextmanager
-def folder_held(folder, refused: str):
-    """Hold the lock of ``folder`` itself (an existing folder) while the block runs, leaving no file
-    in it (an output folder holds only what its tool writes). Another process holding it is an
-    InputError, ``refused``; a filesystem without locks runs unguarded."""
-    try:
-        fd = os.open(Path(folder), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise InputError(f"{folder}: cannot open the folder ({exc.strerror or exc})") from None
-    try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in HELD:
-                raise InputError(refused) from None
-        yield
-    finally:
-        os.close(fd)   # closing drops the lock
+            yield
+        finally:
+            if transient and acquired:
+                with contextlib.suppress(OSError):
+                    path.unlink()   # still held: a process that opened it meanwhile is refused

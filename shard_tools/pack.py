@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import __version__
 from lc_common.errors import InputError, WriteError
-from lc_common.locks import folder_held
+from lc_common.locks import held
 from .folds import assign_folds
 from .format import ENCODING, FORMAT_VERSION, encode_sample
 from lc_common.tiles import (CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE, NUM_CLASSES, check_image_header,
@@ -50,6 +50,7 @@ SHARD_MTIME = 0  # fixed member mtime: shards are byte-for-byte reproducible
 TAR_MEMBER_OVERHEAD = 1024  # header + padding per member, for the size-based shard limit
 PIXELS_PER_TILE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 STAGING_NAME = ".pack-staging"  # in the output folder: on its file system, so a shard moves in by a rename
+LOCK_NAME = ".pack.lock"  # in the output folder while a pack writes there
 
 
 @dataclass(frozen=True)
@@ -318,25 +319,32 @@ class ChannelStats:
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output that is a file, or a non-empty folder unless ``overwrite`` (checked before
     any work; an earlier pack is replaced only once every new shard is written: :func:`publish`).
-    A staging folder alone is a killed run's leftover, which :func:`stage` empties."""
+    A staging folder or lock file alone is a killed run's leftover, which this run takes over."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output exists and is not a folder")
-    if out.is_dir() and any(p.name != STAGING_NAME for p in out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name not in (STAGING_NAME, LOCK_NAME) for p in out.iterdir()) and not overwrite:
         raise InputError(f"{out}: output folder is not empty (pass --overwrite to replace its shards)")
 
 
 @contextmanager
 def claimed(out: Path, overwrite: bool):
-    """``out`` made and held by this pack while the block runs: a second pack into it would empty this
-    one's staging folder."""
+    """``out`` made and held by this pack while the block runs (a second pack into it would empty this
+    one's staging folder); a folder this run made goes again if it fails."""
+    made = not os.path.lexists(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out}: --out cannot be created ({exc.strerror or exc})") from None
-    with folder_held(out, f"{out}: another pack is writing into this folder; wait for it to end or choose "
-                          "another --out"):
-        check_out(out, overwrite)   # again, held: a pack that ended meanwhile may have filled it
-        yield
+    try:
+        with held(out / LOCK_NAME, f"{out}: another pack ({{holder}}) is writing into this folder; wait for it to "
+                                   "end or choose another --out", transient=True):
+            check_out(out, overwrite)   # again, held: a pack that ended meanwhile may have filled it
+            yield
+    except BaseException:
+        if made:
+            with suppress(OSError):
+                out.rmdir()   # only when empty
+        raise
 
 
 def stage(out: Path) -> Path:

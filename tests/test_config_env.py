@@ -244,3 +244,30 @@ def test_a_launch_keeps_its_name_across_requeues(monkeypatch, environ, name):
     for key, value in environ.items():
         monkeypatch.setenv(key, value)
     assert launch_id() == name
+
+
+def test_what_rank_0_does_alone_ends_every_rank_alike(tmp_path):
+    """distributed.on_main: rank 0's value on every rank; its InputError raised by every rank; any
+    other exception raised on rank 0 and named on the others, none left waiting in the broadcast."""
+    from torchrun_util import torchrun
+
+    script = tmp_path / "on_main.py"
+    script.write_text(
+        "import os, sys\n"
+        "from lc_common.errors import InputError\n"
+        "from dist_lc import distributed\n"
+        "def bad_input(): raise InputError('x.tif: truncated')\n"
+        "def bug(): return {}['key']\n"
+        "with distributed.process_group('cpu', 30):\n"
+        "    for fn in (lambda: os.environ['RANK'], bad_input, bug):\n"
+        "        try:\n"
+        "            got = repr(distributed.on_main(fn))\n"
+        "        except Exception as exc:\n"
+        "            got = f'{type(exc).__name__}: {exc}'\n"
+        # One write per line: the ranks share an unbuffered pipe.
+        "        sys.stdout.write(f\"rank {os.environ['RANK']} {got}\\n\")\n")
+    proc = torchrun([str(script)], timeout=120)
+    lines = sorted(x for x in proc.stdout.splitlines() if x.startswith("rank "))
+    assert lines == ["rank 0 '0'", "rank 0 InputError: x.tif: truncated", "rank 0 KeyError: 'key'",
+                     "rank 1 '0'", "rank 1 InputError: x.tif: truncated",
+                     "rank 1 RuntimeError: rank 0 failed: KeyError: 'key'"], proc.stdout + proc.stderr[-2000:]

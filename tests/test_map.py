@@ -13,7 +13,7 @@ import rasterio
 import tifffile
 
 from dist_lc.synth.scenes import mosaic
-from lc_common.locks import folder_held
+from lc_common.locks import held
 from lc_common.tiles import CLASS_NAMES
 from torchrun_util import dist_lc, torchrun
 
@@ -49,6 +49,7 @@ def mapped(smoke_run, scenes, tmp_path_factory):
 
 
 def test_the_map_keeps_the_scene_georeferencing_and_a_gis_reads_it(mapped, scenes):
+    assert not (mapped / ".map.lock").exists()   # held while mapping only
     for name, scene in scenes.items():
         with rasterio.open(scene) as src, rasterio.open(mapped / f"{scene.stem}_classes.tif") as out:
             assert (out.crs, out.transform, out.width, out.height) == (src.crs, src.transform, src.width, src.height)
@@ -176,8 +177,8 @@ def test_a_scene_without_georeferencing_is_mapped_without_a_crs(smoke_run, tiles
     ("bad aoi", "expected x0,y0,x1,y1"),
     ("not a checkpoint", "not a dist_lc checkpoint"),
     ("overlap", "--overlap 300: must be 0 to 255 pixels"),
-    ("out in use", "out: another dist-lc map is writing into this folder"),
-    ("out under a file", "--out cannot be created or written (Not a directory)"),
+    ("out in use", "out: another dist-lc map (pid "),
+    ("out under a file", "--out cannot be created (Not a directory)"),
 ])
 def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, case, message):
     import rasterio.transform
@@ -205,7 +206,7 @@ def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, c
     out, in_use = tmp_path / "out", contextlib.nullcontext()
     if case == "out in use":
         out.mkdir()
-        in_use = folder_held(out, "")   # another mapping's, as far as this one can tell
+        in_use = held(out / ".map.lock", "")   # another mapping's, as far as this one can tell
     elif case == "out under a file":
         (tmp_path / "file").write_text("")
         out = tmp_path / "file" / "out"
@@ -214,7 +215,7 @@ def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, c
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and message in line, line
-    assert not list(out.glob("*")) if out.exists() else True
+    assert [p.name for p in out.glob("*")] == ([".map.lock"] if case == "out in use" else []) if out.exists() else True
 
 
 @pytest.mark.slow

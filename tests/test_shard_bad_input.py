@@ -137,7 +137,7 @@ def test_late_failure_removes_written_shards(src, tmp_path):
     _truncate(src / "train/images/3.tif", 300_000)
     with pytest.raises(InputError, match=r"3\.tif: truncated TIFF"):
         pack(src, tmp_path / "out", folds=2, samples_per_shard=1, workers=0, progress=False)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()   # the folder it made goes too
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no tiles", "a file"])
@@ -228,4 +228,4 @@ def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_nothing(src, tmp_
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1 and "cannot write: File too large" in proc.stderr, proc.stderr
     assert "-000000.tar" in proc.stderr
-    assert _contents(out) == before
+    assert (_contents(out) if out.exists() else {}) == before   # a folder it made goes too

@@ -209,14 +209,15 @@ def test_crash_during_overwrite_keeps_the_earlier_pack(small_src, tmp_path, monk
 def test_a_second_pack_into_a_folder_being_packed_is_refused_and_the_first_left_whole(small_src, tmp_path):
     """Two packs at once into one folder (two terminals): the second would empty the first's staging
     folder or publish over it; it is refused in one line, even with --overwrite, and changes nothing."""
-    from lc_common.locks import folder_held
+    from lc_common.locks import held
 
     out = tmp_path / "out"
     pack(small_src, out, folds=2, samples_per_shard=5, workers=0, progress=False)
     before = _contents(out)
-    with folder_held(out, ""):   # the first pack, still writing as far as the second can tell
-        with pytest.raises(InputError, match="another pack is writing into this folder"):
+    with held(out / pack_module.LOCK_NAME, "", transient=True):   # the first pack, still writing, to the second
+        with pytest.raises(InputError, match=r"another pack \(pid \d+\) is writing into this folder"):
             pack(small_src, out, folds=2, samples_per_shard=3, workers=0, overwrite=True, progress=False)
+        assert _contents(out) == {**before, pack_module.LOCK_NAME: f"pid {os.getpid()}".encode()}
     assert _contents(out) == before
     verify(out)
 
