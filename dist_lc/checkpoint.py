@@ -38,6 +38,7 @@ RESUMABLE_CHANGES = (
     "train.micro_batch_size", "train.memory_limit_gb",   # accumulation keeps the batch exact
     "train.channels_last", "train.compile", "train.compile_mode", "train.deterministic", "optim.implementation",
     "train.device", "train.dist_timeout_s",
+    "train.precision",              # the autocast dtype: auto changes it with the device anyway
     "train.time_limit", "train.fit_schedule",           # the fitted length is kept in last.pt
     "train.loggers", "train.mlflow_uri", "train.experiment", "train.plot_every", "train.plot_tiles",
     "launcher.*", "cv.*",           # how jobs are run, and what a CV does after training

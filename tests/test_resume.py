@@ -65,10 +65,12 @@ def test_another_training_config_is_refused_in_one_line(tiny_shards, run, capsys
 
 
 def test_a_longer_cosine_run_is_refitted_and_where_it_runs_may_change(tiny_shards, run):  # noqa: F811
-    """train.epochs 1 → 2 with other timeouts, kernels and micro-batch: the cosine that last.pt holds
-    (one epoch long) is set to two, so the run anneals at its new end instead of idling at min_lr."""
+    """train.epochs 1 → 2 with other timeouts, kernels, precision and micro-batch: the cosine that
+    last.pt holds (one epoch long) is set to two, so the run anneals at its new end instead of idling at
+    min_lr."""
     result = train_mod.train(small(tiny_shards, "train.epochs=2", "train.dist_timeout_s=60", "data.wait_timeout_s=30",
-                                   "optim.implementation=for_loop", "train.micro_batch_size=2"), run)
+                                   "optim.implementation=for_loop", "train.micro_batch_size=2",
+                                   "train.precision=bf16"), run)
     assert result.epochs_done == 2
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["scheduler"]["lr_lambdas"][0]["total"] == 2 * STEPS
