@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from lc_common.errors import InputError, WriteError, one_line
-from lc_common.locks import held
+from lc_common import locks
 from lc_common.tiles import CLASS_NAMES
 
 from . import distributed
@@ -411,13 +411,10 @@ def map_scenes(args, plans: list[Planned], group: distributed.Group) -> None:
 
 def claim_out(out_dir: Path, claimed: contextlib.ExitStack) -> None:
     """--out made, and held by this mapping (rank 0's, the one that writes) until ``claimed`` closes:
-    two mappings into one folder would publish each other's half-written scenes."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{out_dir}: --out cannot be created ({exc.strerror or exc})") from None
-    claimed.enter_context(held(out_dir / LOCK, f"{out_dir}: another dist-lc map ({{holder}}) is writing into this "
-                                               "folder; wait for it to end or choose another --out", transient=True))
+    two mappings into one folder would publish each other's half-written scenes. A failed mapping
+    leaves no empty --out that it made."""
+    claimed.enter_context(locks.claimed(out_dir, f"{out_dir}: another dist-lc map ({{holder}}) is writing into "
+                                                 "this folder; wait for it to end or choose another --out", LOCK))
 
 
 def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir: Path) -> None:

@@ -1,15 +1,13 @@
 """The run folder: its default name, and the lock that keeps two trainings out of one folder."""
 from __future__ import annotations
 
-import errno
-import fcntl
+import contextlib
 import os
-import socket
 import time
-
 from pathlib import Path
 
 from lc_common.atomic import write_bytes_atomic
+from lc_common import locks
 from lc_common.errors import InputError, WriteError
 
 from . import distributed
@@ -37,7 +35,7 @@ def check_output_folder(path: Path, what: str = "--run-dir") -> None:
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``RUN_DIR/.lock`` held by rank 0 while it trains.
+    """``RUN_DIR/.lock`` held by rank 0 while it trains (:func:`lc_common.locks.claimed`).
 
     A second training on the same folder is refused with one line naming the holder; the kernel
     drops the lock of a process that died (SIGKILL, OOM), so a stale lock file is simply taken over.
@@ -48,52 +46,20 @@ class RunLock:
     """
 
     def __init__(self, run_dir):
-        self.path, self._file, self._made = Path(run_dir) / LOCK, None, False
+        self.run_dir, self._held = Path(run_dir), contextlib.ExitStack()
 
     def __enter__(self) -> "RunLock":
-        try:
-            distributed.on_main(self._acquire)
-        except InputError:
-            self.__exit__()
-            raise
+        distributed.on_main(self._acquire)
         return self
 
     def _acquire(self) -> None:
-        self._made = not self.path.parent.exists()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a+")
-        except OSError as exc:
-            raise InputError(f"{self.path}: cannot open the run folder's lock ({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return  # a filesystem without locks: nothing to guard with
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            raise InputError(f"{self.path.parent}: run folder in use by another training ({holder}); wait for it "
-                             "to end or choose another --run-dir") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        self._file.flush()
+        refused = f"{self.run_dir}: run folder in use by another training ({{holder}}); wait for it to end or " \
+                  "choose another --run-dir"
+        # kept after the run: the folder's outputs stay, and a resume takes it over
+        self._held.enter_context(locks.claimed(self.run_dir, refused, LOCK, what="--run-dir", transient=False))
 
     def __exit__(self, *exc) -> bool:
-        if self._file is not None:
-            failed = bool(exc) and exc[0] is not None
-            if failed and self._made and os.listdir(self.path.parent) == [LOCK]:
-                self.path.unlink(missing_ok=True)   # still holding it: no other training took it meanwhile
-            self._file.close()   # closing drops the flock
-            self._file = None
-            if failed and self._made:
-                try:
-                    self.path.parent.rmdir()   # only when empty
-                except OSError:
-                    pass
-        return False
-
-
+        return self._held.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------- failures across ranks

@@ -787,8 +787,7 @@ def record_epoch(ckpt: Checkpointer, runlog: RunLog, p: Progress, row: dict, imp
 def run_history(runlog: RunLog) -> dict:
     """The whole run's best epoch and score, epochs done, final train loss and training time, from
     its metrics log (rank 0 holds it; every rank gets rank 0's answer)."""
-    rows = runlog.rows() if runlog.enabled else None
-    return distributed.broadcast_object(summarise_rows(rows) if rows is not None else None)
+    return distributed.on_main(lambda: summarise_rows(runlog.rows()) if runlog.enabled else None)
 
 
 def summarise_rows(rows: list[dict]) -> dict:

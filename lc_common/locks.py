@@ -6,6 +6,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
+import time
 from pathlib import Path
 
 from .errors import InputError
@@ -16,7 +18,7 @@ HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 @contextlib.contextmanager
 def held(path, refused: str, transient: bool = False):
     """Hold the lock on ``path`` (created) while the block runs. Another process holding it is an
-    InputError, ``refused`` formatted with ``holder`` (the holder's pid). A filesystem without locks
+    InputError, ``refused`` formatted with ``holder`` (the holder's pid, host and start). A filesystem without locks
     (Lustre or NFS mounted without them: ENOLCK, ENOSYS, EOPNOTSUPP) runs unguarded; a lock that
     cannot be opened (a read-only folder) is an InputError naming it. ``transient``: the lock file is
     removed when the block ends (an output folder keeps only its outputs; a killed holder's is taken
@@ -40,7 +42,7 @@ def held(path, refused: str, transient: bool = False):
             acquired = True
             lock.seek(0)
             lock.truncate()
-            lock.write(f"pid {os.getpid()}")
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
             lock.flush()
         try:
             yield
@@ -48,3 +50,30 @@ def held(path, refused: str, transient: bool = False):
             if transient and acquired:
                 with contextlib.suppress(OSError):
                     path.unlink()   # still held: a process that opened it meanwhile is refused
+
+
+@contextlib.contextmanager
+def claimed(folder, refused: str, lock_name: str, what: str = "--out", transient: bool = True):
+    """``folder`` made if missing, and held through ``folder/lock_name`` while the block runs (see
+    :func:`held`). When the block fails, a folder this call made goes again if nothing but its lock
+    is in it: a refused or failed run leaves the file system as it found it. ``what`` names the
+    folder's option in the error when it cannot be created."""
+    folder = Path(folder)
+    made = not os.path.lexists(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: {what} cannot be created ({exc.strerror or exc})") from None
+    try:
+        with held(folder / lock_name, refused, transient):
+            try:
+                yield folder
+            except BaseException:
+                if made and not transient and os.listdir(folder) == [lock_name]:
+                    (folder / lock_name).unlink(missing_ok=True)   # still held: no other run took it meanwhile
+                raise
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()   # only when empty
+        raise

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import __version__
 from lc_common.errors import InputError, WriteError
-from lc_common.locks import held
+from lc_common import locks
 from .folds import assign_folds
 from .format import ENCODING, FORMAT_VERSION, encode_sample
 from lc_common.tiles import (CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, MASK_DTYPE, NUM_CLASSES, check_image_header,
@@ -330,21 +330,10 @@ def check_out(out: Path, overwrite: bool) -> None:
 def claimed(out: Path, overwrite: bool):
     """``out`` made and held by this pack while the block runs (a second pack into it would empty this
     one's staging folder); a folder this run made goes again if it fails."""
-    made = not os.path.lexists(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{out}: --out cannot be created ({exc.strerror or exc})") from None
-    try:
-        with held(out / LOCK_NAME, f"{out}: another pack ({{holder}}) is writing into this folder; wait for it to "
-                                   "end or choose another --out", transient=True):
-            check_out(out, overwrite)   # again, held: a pack that ended meanwhile may have filled it
-            yield
-    except BaseException:
-        if made:
-            with suppress(OSError):
-                out.rmdir()   # only when empty
-        raise
+    with locks.claimed(out, f"{out}: another pack ({{holder}}) is writing into this folder; wait for it to end or "
+                            "choose another --out", LOCK_NAME):
+        check_out(out, overwrite)   # again, held: a pack that ended meanwhile may have filled it
+        yield
 
 
 def stage(out: Path) -> Path:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import typing
@@ -400,9 +401,10 @@ def test_a_second_launcher_on_a_cv_folder_is_refused(packed_sample, tmp_path, ca
     plan.save()
     with held(cv_dir / launch.LOCK, "held"):   # as the running launcher holds it
         assert cli.main(["cv", "--out", str(cv_dir), "--resume"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        f"error: {cv_dir}: another dist-lc cv (pid {os.getpid()}) is running this CV; wait for it, or stop it and " \
-        "add --resume"
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(cv_dir))}: another dist-lc cv \(pid {os.getpid()} on "
+                        rf"{re.escape(socket.gethostname())} since [0-9: -]+\) is running this CV; wait for it, or stop "
+                        "it and add --resume", line), line
     assert not (cv_dir / "jobs.json").exists()
 
 

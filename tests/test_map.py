@@ -183,6 +183,7 @@ def test_a_scene_without_georeferencing_is_mapped_without_a_crs(smoke_run, tiles
     ("overlap", "--overlap 300: must be 0 to 255 pixels"),
     ("out in use", "out: another dist-lc map (pid "),
     ("out under a file", "--out cannot be created (Not a directory)"),
+    ("truncated", "cannot read rows"),
 ])
 def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, case, message):
     import rasterio.transform
@@ -197,6 +198,10 @@ def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, c
     elif case == "float32":
         with rasterio.open(scene, "w", count=4, dtype="float32", **profile) as dst:
             dst.write(image.astype(np.float32))
+    elif case == "truncated":   # its header whole: refused while mapping, once --out is made
+        mosaic([[tiles[0]]] * 3, scene)
+        with open(scene, "r+b") as f:
+            f.truncate(scene.stat().st_size // 2)
     elif case != "missing":
         mosaic([[tiles[0]]], scene)
     if case == "aoi outside":
@@ -219,7 +224,8 @@ def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, c
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and message in line, line
-    assert [p.name for p in out.glob("*")] == ([".map.lock"] if case == "out in use" else []) if out.exists() else True
+    # nothing left behind, not even an empty --out
+    assert [p.name for p in out.glob("*")] == [".map.lock"] if case == "out in use" else not out.exists()
 
 
 @pytest.mark.slow

@@ -315,7 +315,7 @@ def test_a_run_lock_that_cannot_be_opened_is_one_line(tmp_path):
     from dist_lc.run_dir import RunLock
 
     (tmp_path / ".lock").mkdir()
-    with pytest.raises(InputError, match=rf"^{tmp_path / '.lock'}: cannot open the run folder's lock \(Is a dir"):
+    with pytest.raises(InputError, match=rf"^{tmp_path / '.lock'}: cannot open the lock \(Is a dir"):
         with RunLock(tmp_path):
             pass
 
