@@ -73,7 +73,7 @@ def record_failure(run_dir, rank: int, exc: BaseException) -> None:
     folder = Path(run_dir) / FAILURES
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        kind = "input" if isinstance(exc, InputError) else "error"
+        kind = "input" if isinstance(exc, InputError) else getattr(exc, "failure_kind", "error")
         text = " ".join(str(exc).split()) or type(exc).__name__
         # whole or not at all: a peer reads it while this process may be dying
         write_bytes_atomic(folder / f"rank{rank}", f"{time.time():.3f} {kind} {type(exc).__name__}: {text}\n".encode())
@@ -82,28 +82,39 @@ def record_failure(run_dir, rank: int, exc: BaseException) -> None:
 
 
 def first_peer_failure(run_dir, rank: int, wait_s: float = 3.0) -> tuple[int, str, str] | None:
-    """(rank, "input" | "error", message) of the other rank whose failure note is the first, or None:
-    also None when this rank's own note is the first (two ranks failing as the consequence of a third
-    that left none would otherwise each blame the other)."""
-    folder = Path(run_dir) / FAILURES
+    """(rank, "input" | "diverged" | "error", message) of the other rank whose failure note is the
+    first, or None: also None when this rank's own note is the first (two ranks failing as the
+    consequence of a third that left none would otherwise each blame the other)."""
     deadline = time.monotonic() + wait_s
     while True:
-        notes = []
-        for path in folder.glob("rank*") if folder.is_dir() else []:
-            try:
-                other = int(path.name[4:])
-                stamp, kind, message = path.read_text().strip().split(" ", 2)
-                notes.append((float(stamp), other, kind, message))
-            except (OSError, ValueError):
-                # not a note this version wrote whole (an earlier release's torn write, a stray
-                # file): it must not hide the real cause behind a parsing error
-                continue
+        notes = failure_notes(run_dir)
         if any(other != rank for _, other, _, _ in notes):
             _, other, kind, message = min(notes)
             return None if other == rank else (other, kind, message)
         if time.monotonic() > deadline:
             return None
         time.sleep(0.1)
+
+
+def failure_notes(run_dir) -> list[tuple[float, int, str, str]]:
+    """(time, rank, kind, message) of every failure note in the run folder."""
+    folder, notes = Path(run_dir) / FAILURES, []
+    for path in folder.glob("rank*") if folder.is_dir() else []:
+        try:
+            other = int(path.name[4:])
+            stamp, kind, message = path.read_text().strip().split(" ", 2)
+            notes.append((float(stamp), other, kind, message))
+        except (OSError, ValueError):
+            # not a note this version wrote whole (an earlier release's torn write, a stray
+            # file): it must not hide the real cause behind a parsing error
+            continue
+    return notes
+
+
+def diverged(run_dir) -> bool:
+    """Whether the run stopped because its loss was no longer finite: the recipe's outcome (a
+    learning rate too high), which a search counts as a result rather than a broken job."""
+    return any(kind == "diverged" for _, _, kind, _ in failure_notes(run_dir))
 
 
 def clear_failures(run_dir) -> None:

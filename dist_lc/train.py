@@ -53,6 +53,12 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss is no longer finite)."""
 
 
+class Diverged(TrainingError):
+    """The loss is no longer finite: the recipe's outcome, not a fault of the job (its failure note
+    says so, and a search prunes the trial instead of failing it)."""
+    failure_kind = "diverged"
+
+
 @dataclass
 class Setup:
     """Everything one rank trains with."""
@@ -228,7 +234,7 @@ def optimizer_step(s: Setup, loss: torch.Tensor, stop_requested: bool) -> tuple[
         [loss, torch.isfinite(loss).logical_not(), float(stop_requested)], s.device)
     fp16 = s.scaler.is_enabled()
     if bad and (not fp16 or s.fp16_skips >= FP16_SKIPS_ALLOWED):
-        raise TrainingError(f"loss is not finite (NaN/inf) on {int(bad)} rank(s)"
+        raise Diverged(f"loss is not finite (NaN/inf) on {int(bad)} rank(s)"
                             + (f" for {s.fp16_skips + 1} steps in a row under fp16" if fp16 else "")
                             + "; nothing saved from this epoch; lower optim.lr or use train.precision=fp32")
     s.fp16_skips = s.fp16_skips + 1 if bad else 0

@@ -11,6 +11,7 @@ import torch
 
 from dist_lc import precision
 from dist_lc import train as train_mod
+from dist_lc.run_dir import diverged
 from torchrun_util import REPO, dist_lc, free_port, torchrun
 
 SMOKE = ["--config", "configs/smoke.yaml"]
@@ -170,6 +171,7 @@ def test_nan_loss_stops_with_error_and_saves_nothing_new(packed_sample, tmp_path
     assert proc.returncode == 1
     assert "loss is not finite" in proc.stderr.strip().splitlines()[-1]
     assert not (run / "checkpoints" / "last.pt").exists()
+    assert diverged(run)   # what a search reads: the recipe's outcome, not a broken job
 
 
 def test_peak_memory_is_the_process_own_not_its_parents():

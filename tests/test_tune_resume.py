@@ -70,17 +70,24 @@ def refused(capsys, out: Path, problem: str) -> str:
     return err[0]
 
 
-def test_a_journal_cut_short_is_refused_with_how_to_recover_and_left_as_it_is(tmp_path, capsys):
+def test_a_journal_cut_short_is_refused_to_a_launcher_with_how_to_recover_and_read_by_the_report(tmp_path, capsys):
+    """A launcher would append onto the partial line; the report only reads, and skips it as Optuna
+    does (it may be a running launcher's append, half seen over a network filesystem)."""
     out = journal_folder(tmp_path)
     path = out / "study.journal"
     whole = path.read_bytes()
     cut = b'{"op_code":6,"worker_id":"x","trial_id":1,"sta'
     path.write_bytes(whole + cut)
-    line = refused(capsys, out, "its last line is cut short (46 bytes; a launcher killed while writing it)")
-    assert line.endswith(f"remove that partial line (truncate -s -46 {path}) and run again")
+    problem = "its last line is cut short (46 bytes; a launcher killed while writing it)"
+    with pytest.raises(InputError, match=re.escape(problem)) as refusal:
+        open_study(launch.load_settings(out))
+    assert str(refusal.value).endswith(f"remove that partial line (truncate -s -46 {path}) and run again")
+    assert cli.main(["tune", "--report", str(out)]) == 0
+    assert "error" not in capsys.readouterr().err
+    assert len(load_study(out).trials) == 2
     assert path.read_bytes() == whole + cut
     path.write_bytes(whole)   # the recovery the message gives
-    assert len(load_study(out).trials) == 2
+    open_study(launch.load_settings(out))
 
 
 def test_a_missing_or_unreadable_journal_is_one_line_naming_it(tmp_path, capsys):

@@ -21,7 +21,7 @@ import math
 import os
 from pathlib import Path
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, one_line
 from lc_common.locks import held
 
 from ..config import apply_overrides, describe, from_dict, load_config, normalized, to_dict
@@ -165,7 +165,7 @@ def run(args) -> int:
 
 
 def study_run(settings: Settings, resumed: bool) -> int:
-    from .scheduler import Scheduler, say
+    from .scheduler import FAILURES_IN_A_ROW, Scheduler, say
     from .study import open_study
 
     study = open_study(settings)
@@ -181,7 +181,18 @@ def study_run(settings: Settings, resumed: bool) -> int:
             say(f"stopped by {stop.signal_name}; {scheduler.interrupt()}: dist-lc tune --out {settings.out} "
                 "--resume continues the study")
             return stop.exit_status
-    if not finished:
+        except BaseException:
+            # the jobs would otherwise run on unwatched; the error itself is the caller's to report
+            try:
+                said = scheduler.interrupt()
+            except Exception as exc:   # noqa: BLE001 - the first error is the one to raise
+                said = f"its jobs could not be ended ({one_line(exc)})"
+            say(f"the launcher failed; {said}")
+            raise
+    if scheduler.gave_up:
+        say(f"{FAILURES_IN_A_ROW} trials failed in a row, so no new trial was started: their logs say why; "
+            f"once that is fixed, dist-lc tune --out {settings.out} --resume goes on")
+    elif not finished:
         say(f"wait deadline passed with trials unfinished (their jobs may still run): dist-lc tune --out "
             f"{settings.out} --resume later")
     return finish(settings, finished)

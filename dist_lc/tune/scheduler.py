@@ -32,8 +32,9 @@ from ..cv.executors import Executor
 from ..cv.launch import Job, Launch, StopRequests, wait_budget_s
 from ..cv.plan import Plan
 from . import progress
+from ..run_dir import diverged
 from .settings import Settings, trial_plan
-from .study import reopen
+from .study import all_params, reopen
 
 FAILURES_IN_A_ROW = 3   # trials failed one after another: no new trial (a broken setup must not burn the budget)
 
@@ -113,7 +114,12 @@ class Scheduler:
         return len(self.study.get_trials(deepcopy=False))
 
     def can_ask(self) -> bool:
-        return self.failures_in_a_row < FAILURES_IN_A_ROW and self.count() < self.settings.trials
+        return not self.gave_up and self.count() < self.settings.trials
+
+    @property
+    def gave_up(self) -> bool:
+        """Trials failed one after another: a broken setup, which no new trial would fix."""
+        return self.failures_in_a_row >= FAILURES_IN_A_ROW
 
     def resume(self) -> None:
         """Continue the trials that an earlier launcher left RUNNING."""
@@ -130,7 +136,9 @@ class Scheduler:
     def _open(self, trial: optuna.Trial) -> TrialRun | None:
         """The trial's CV folder and its launch; a config refused for this trial fails it."""
         try:
-            plan = trial_plan(self.settings, trial.number, trial.params)
+            with self.stops.held():
+                params = all_params(trial, self.distributions)
+            plan = trial_plan(self.settings, trial.number, params)
         except InputError as exc:
             with self.stops.held():
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -207,6 +215,11 @@ class Scheduler:
     def _judge(self, run: TrialRun, folds: list[progress.FoldScores], ask_pruner: bool) -> None:
         failed = run.launch.failed
         if failed:
+            job = next((j for j in failed if diverged(j.run_dir)), None)
+            if job is not None:   # the parameters' outcome: pruned, so the sampler learns to avoid them
+                self.finish(run, TrialState.PRUNED, f"fold{job.fold} diverged (its loss is no longer finite); "
+                            f"log: {job.log}")
+                return
             job = failed[0]
             self.finish(run, TrialState.FAIL, f"fold{job.fold} failed ({job.detail}); log: {job.log}")
             return
@@ -229,14 +242,16 @@ class Scheduler:
         """End the trial: its jobs cancelled first, then the study told (see the module's docstring)."""
         with self.stops.held():
             jobs = run.active
-            for executor in {id(job.executor): job.executor for job in jobs}.values():
-                executor.cancel_all([(job.submission, job.handle) for job in jobs if job.executor is executor])
+            # a complete trial's jobs have all written their results and are only exiting
+            doomed = [] if state is TrialState.COMPLETE else jobs
+            for executor in {id(job.executor): job.executor for job in doomed}.values():
+                executor.cancel_all([(job.submission, job.handle) for job in doomed if job.executor is executor])
             self.study.tell(run.trial, value, state=state)
             del self.running[run.number]
             if jobs:
                 self.draining.append((run.launch, jobs))
         self._ended(state)
-        cancelled = f"; {len(jobs)} job(s) cancelled" if jobs else ""
+        cancelled = f"; {len(doomed)} job(s) cancelled" if doomed else ""
         say(f"{run.label} {state.name}: {why}{cancelled}  [{_clock(time.monotonic() - run.started)}]")
 
     def _ended(self, state: TrialState) -> None:
@@ -255,7 +270,8 @@ class Scheduler:
     # --- the whole study
 
     def run(self) -> bool:
-        """Until the study holds its trials, all finished (True), or the wait budget is spent (False)."""
+        """Until the study holds its trials, all finished (True), or the wait budget is spent or trials
+        failed one after another (False: :attr:`gave_up` says which)."""
         self.started = time.monotonic()
         self.resume()
         todo = max(self.settings.trials - self.count(), 0) + len(self.running)
@@ -266,9 +282,7 @@ class Scheduler:
             self.fill()
             self.show()
             if not self.running and not self.draining and not self.can_ask():
-                if self.failures_in_a_row >= FAILURES_IN_A_ROW:
-                    say(f"{FAILURES_IN_A_ROW} trials failed in a row: no new trial; their logs say why")
-                return True
+                return not self.gave_up
             if time.monotonic() - self.started > budget:
                 return False
             time.sleep(self.executor.poll_s)

@@ -33,12 +33,13 @@ import yaml
 
 from lc_common.errors import InputError, one_line
 
-from ..config import Config, apply_overrides, normalized
+from ..config import Config, apply_overrides, from_dict, normalized
 from ..cv.plan import FORBIDDEN_GRID
 
 KINDS = ("float", "int", "categorical")
 OPTIONS = {"float": ("log", "step"), "int": ("log", "step"), "categorical": ()}
 CHECK_EVERY_VALUE_UP_TO = 256   # an int range this small has each value checked by the config
+MAX_STEPS = 1e12               # more values than a search could ever draw: a step written wrong
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,13 @@ def overrides(params: dict) -> list[str]:
 
 
 def trial_config(base: dict, params: dict) -> dict:
-    """The resolved base config with a trial's parameters, validated by the config (InputError)."""
-    return normalized(apply_overrides(copy.deepcopy(base), overrides(params)))
+    """The resolved base config with a trial's parameters, validated by the config and by the
+    executor that runs its jobs (e.g. a batch its ranks divide): InputError."""
+    from ..cv.launch import check_launcher   # the executors import torch
+
+    config = normalized(apply_overrides(copy.deepcopy(base), overrides(params)))
+    check_launcher(from_dict(config), config["launcher"]["executor"])
+    return config
 
 
 # ----------------------------------------------------------------------------- reading a space file
@@ -327,6 +333,8 @@ def _numeric(key: str, kind: str, spec: dict, fail) -> Param:
         fail(f"low {low!r} must be below high {high!r}")
     if log and low <= 0:
         fail(f"a log distribution needs low > 0 (got {low!r})")
+    if step is not None and not (high - low) / step <= MAX_STEPS:
+        fail(f"step {step!r} cuts [{low!r}, {high!r}] into more than {MAX_STEPS:.0e} values")
     if step is not None and not _multiple(high - low, step):
         fail(f"high - low ({high - low!r}) is not a multiple of step {step!r}")
     return Param(key, kind, low, high, log, step)

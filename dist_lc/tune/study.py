@@ -48,17 +48,21 @@ def storage(out: Path) -> JournalStorage:
     return JournalStorage(JournalFileBackend(str(Path(out) / JOURNAL)))
 
 
-def check_journal(out: Path, new: bool = False) -> None:
+def check_journal(out: Path, new: bool = False, appending: bool = True) -> None:
     """Refuse a journal that Optuna would misread: a missing or empty one (Optuna would start an empty
-    study, or fail on a record it cannot find) unless the study is new, and one whose last line was cut
-    short by a launcher killed while writing it (Optuna skips that line and appends the next
-    launch's operations onto it, which leaves a journal no one can read)."""
+    study, or fail on a record it cannot find) unless the study is new, and, for a launcher that will
+    append to it, one whose last line was cut short by a launcher killed while writing it (Optuna
+    skips that line and appends the next launch's operations onto it, which leaves a journal no one
+    can read). A reader skips such a line as Optuna does: it may be a running launcher's append, half
+    seen over a network filesystem."""
     path = Path(out) / JOURNAL
     if not path.exists() or path.stat().st_size == 0:
         if new:
             return
         raise InputError(f"{path}: {'empty' if path.exists() else 'missing'} beside {SETTINGS}; it is the study's "
                          "only record of its trials: restore it, or start a new study with another --out")
+    if not appending:
+        return
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -81,21 +85,26 @@ def journal_errors(out: Path):
 
 # ----------------------------------------------------------------------------- samplers
 
+def _seed(seed: int, drawn: int) -> int:
+    """The launch's seed: numpy's generators take 0 to 2**32 - 1, and a resumed study adds its trials."""
+    return (seed + drawn) % 2**32
+
+
 def _tpe(seed: int, drawn: int, space: Space):
-    return optuna.samplers.TPESampler(seed=seed + drawn, constant_liar=True)  # parallel trials: running ones count
+    return optuna.samplers.TPESampler(seed=_seed(seed, drawn), constant_liar=True)  # parallel trials: running ones count
 
 
 def _random(seed: int, drawn: int, space: Space):
-    return optuna.samplers.RandomSampler(seed=seed + drawn)
+    return optuna.samplers.RandomSampler(seed=_seed(seed, drawn))
 
 
 def _qmc(seed: int, drawn: int, space: Space):
     return optuna.samplers.QMCSampler(seed=seed, scramble=True,
-                                      independent_sampler=optuna.samplers.RandomSampler(seed=seed + drawn))
+                                      independent_sampler=optuna.samplers.RandomSampler(seed=_seed(seed, drawn)))
 
 
 def _cmaes(seed: int, drawn: int, space: Space):
-    return optuna.samplers.CmaEsSampler(seed=seed + drawn)
+    return optuna.samplers.CmaEsSampler(seed=_seed(seed, drawn))
 
 
 SAMPLER_TABLE = {"tpe": _tpe, "random": _random, "qmc": _qmc, "cmaes": _cmaes}
@@ -174,7 +183,7 @@ def load_trials(out: Path) -> list[optuna.trial.FrozenTrial]:
 
 def load_study(out: Path) -> optuna.Study:
     quiet()
-    check_journal(out)
+    check_journal(out, appending=False)
     with journal_errors(out):
         return optuna.load_study(study_name=STUDY_NAME, storage=storage(out))
 
@@ -183,3 +192,20 @@ def reopen(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.Tria
     """A handle on a trial that an earlier launcher started, to report to and prune it. Optuna
     offers no public way from a trial's number to its handle; the storage's id is what ask() wraps."""
     return optuna.Trial(study, frozen._trial_id)
+
+
+def all_params(trial: optuna.Trial, distributions: dict) -> dict:
+    """The trial's parameters, one for every key of the space. Optuna journals a new trial and each
+    of its parameters as separate lines, so a launcher killed inside ``ask()`` leaves a RUNNING trial
+    with only some of them: the missing ones are drawn now, before its CV folder fixes its config
+    (the base config's value would otherwise stand in, unrecorded)."""
+    for name, dist in distributions.items():
+        if name in trial.params:
+            continue
+        if isinstance(dist, optuna.distributions.FloatDistribution):
+            trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            trial.suggest_categorical(name, dist.choices)
+    return trial.params

@@ -1,0 +1,200 @@
+"""``dist-lc tune``'s scheduler against an executor whose jobs are records of this process: how a
+trial ends when its folds diverge, fail, finish or were never fully drawn, and what the launcher then
+says and returns. No training runs.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from dist_lc.config import load_config, to_dict
+from dist_lc.cv import executors
+from dist_lc.cv.executors import Executor, JobState
+from dist_lc.cv.plan import Submission, now
+from dist_lc.run_dir import record_failure
+from dist_lc.train import Diverged, TrainingError
+from dist_lc.tune import launch, space
+from dist_lc.tune.settings import Settings, existing_plan
+from dist_lc.tune.study import load_trials, open_study
+from lc_common.errors import InputError
+
+LR = "optim.lr: {float: [1.0e-4, 1.0e-2], log: true}\n"
+
+
+class RecordExecutor(Executor):
+    """Each job ends at its second look: it writes metrics.csv and done.json, or a failure note of
+    the kind ``outcome(trial number)`` says ("done", "diverged", "failed")."""
+
+    name = "local"
+    poll_s = 0.01
+    gone_grace_s = 0.005
+    task_failed_grace_s = None
+    outcome = staticmethod(lambda number: "done")
+    _ids = itertools.count()
+
+    def __init__(self, launcher, folder, jobs=1):
+        super().__init__(launcher, folder, jobs)
+        self.jobs: dict[str, dict] = {}
+        self.cancelled: list[str] = []
+
+    def capacity(self) -> float:
+        return self.launcher.max_parallel or 1
+
+    def submit(self, work):
+        out = []
+        for item in work:
+            job_id = f"record{next(self._ids)}"
+            self.jobs[job_id] = {"run_dir": Path(item.run_dir), "looks": 0,
+                                 "outcome": type(self).outcome(int(Path(item.run_dir).parent.name))}
+            log = str(Path(item.run_dir) / "job.log")
+            out.append((Submission(item.point, item.fold, self.name, job_id, log, log, now()), job_id))
+        return out
+
+    def refresh(self, records) -> None:
+        pass
+
+    def presence(self, record, handle=None):
+        job = self.jobs[record.job_id]
+        job["looks"] += 1
+        if job["looks"] == 2 and record.job_id not in self.cancelled:
+            self._end(job)
+        return (JobState.RUNNING, "") if job["looks"] < 2 else (None, "gone")
+
+    @staticmethod
+    def _end(job: dict) -> None:
+        run_dir = job["run_dir"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if job["outcome"] == "done":
+            (run_dir / "metrics.csv").write_text("epoch,step,train_loss,val_kl\n1,1,1.0,0.6\n2,2,1.0,0.5\n")
+            (run_dir / "done.json").write_text(json.dumps({"best_val_kl": 0.5, "best_epoch": 2}))
+        elif job["outcome"] == "diverged":
+            record_failure(run_dir, 0, Diverged("loss is not finite (NaN/inf) on 1 rank(s)"))
+        else:
+            record_failure(run_dir, 0, TrainingError("rank 0: out of cuda memory"))
+
+    def first_failure(self, record):
+        job = self.jobs[record.job_id]
+        return ("TrainingError: it failed", record.stderr) if job["looks"] >= 2 and job["outcome"] != "done" else None
+
+    def cancel(self, record, handle=None) -> None:
+        self.cancelled.append(record.job_id)
+
+    def interrupt(self, jobs) -> str:
+        for record, handle in jobs:
+            self.cancel(record, handle)
+        return f"{len(jobs)} job(s) ended"
+
+
+@pytest.fixture
+def records(monkeypatch):
+    monkeypatch.setitem(executors.EXECUTORS, "local", RecordExecutor)
+    return RecordExecutor
+
+
+def settings_of(tmp_path: Path, text: str = LR, trials: int = 4, folds=(0,)) -> Settings:
+    config = to_dict(load_config("configs/smoke.yaml"))
+    out = tmp_path / "tune"
+    out.mkdir()
+    searched = tmp_path / "space.yaml"
+    searched.write_text(text)
+    settings = Settings(out=out, config=config, space=space.load_space(searched, config).to_dict(),
+                        folds=list(folds), executor="local", sampler="random", seed=0, pruner="none",
+                        pruner_startup=1, pruner_warmup=0, fold_order="sequential", trials=trials, parallel=1,
+                        steps_per_fold=2, recipe="configs/smoke.yaml", space_file=str(searched))
+    settings.save()
+    return settings
+
+
+def states(out: Path) -> list[str]:
+    return [t.state.name for t in load_trials(out)]
+
+
+def test_a_diverged_trial_is_pruned_for_the_sampler_and_does_not_stop_the_search(tmp_path, records, capsys):
+    """A learning rate too high is an answer of the search (pruned: TPE ranks it below every complete
+    trial), not a broken set-up: three of them in a row do not end the study."""
+    records.outcome = staticmethod(lambda number: "diverged" if number < 3 else "done")
+    settings = settings_of(tmp_path)
+    assert launch.study_run(settings, resumed=False) == 0
+    assert states(settings.out) == ["PRUNED", "PRUNED", "PRUNED", "COMPLETE"]
+    assert "trial 0 PRUNED: fold0 diverged (its loss is no longer finite)" in capsys.readouterr().err
+
+
+def test_trials_failing_in_a_row_end_the_launcher_with_a_failure_and_how_to_go_on(tmp_path, records, capsys):
+    records.outcome = staticmethod(lambda number: "done" if number == 0 else "failed")
+    settings = settings_of(tmp_path, trials=8)
+    assert launch.study_run(settings, resumed=False) == 1
+    assert states(settings.out) == ["COMPLETE", "FAIL", "FAIL", "FAIL"]
+    err = capsys.readouterr().err
+    assert f"3 trials failed in a row, so no new trial was started: their logs say why; once that is fixed, " \
+           f"dist-lc tune --out {settings.out} --resume goes on" in err
+
+
+def test_a_complete_trial_does_not_cancel_its_jobs_still_exiting(tmp_path, records, capsys):
+    """done.json is written before the job's processes end: such a job is waited for, not cancelled."""
+    settings = settings_of(tmp_path, trials=1)
+    assert launch.study_run(settings, resumed=False) == 0
+    assert "cancelled" not in capsys.readouterr().err
+
+
+def test_a_trial_whose_parameters_a_killed_launcher_cut_short_draws_the_rest_on_resume(tmp_path, records):
+    """Optuna journals a new trial and each of its parameters as separate lines: a launcher killed
+    between them leaves a RUNNING trial with some. Its CV folder must not train the base config's
+    value, unrecorded, for the others."""
+    settings = settings_of(tmp_path, LR + "model.filters: [8, 24]\n", trials=1)
+    study = open_study(settings)
+    storage, distributions = study._storage, settings.search_space.distributions()
+    trial_id = storage.create_new_trial(study._study_id)
+    storage.set_trial_param(trial_id, "optim.lr", distributions["optim.lr"].to_internal_repr(3e-3),
+                            distributions["optim.lr"])
+    (settings.out / "trials").mkdir()
+    assert launch.study_run(launch.load_settings(settings.out), resumed=True) == 0
+    trial = load_trials(settings.out)[0]
+    assert trial.state is TrialState.COMPLETE and trial.params["optim.lr"] == 3e-3
+    filters = existing_plan(settings, 0).points[0].config["model"]["filters"]
+    assert trial.params["model.filters"] in (8, 24) and filters == trial.params["model.filters"]
+
+
+def test_an_error_of_the_launcher_ends_its_jobs_before_it_is_raised(tmp_path, records, monkeypatch, capsys):
+    from dist_lc.tune import scheduler
+
+    ended = []
+    monkeypatch.setattr(scheduler.Scheduler, "show", lambda self: (_ for _ in ()).throw(OSError(28, "disk full")))
+    monkeypatch.setattr(scheduler.Scheduler, "interrupt", lambda self: ended.append(len(self.running)) or "1 job ended")
+    with pytest.raises(OSError, match="disk full"):
+        launch.study_run(settings_of(tmp_path), resumed=False)
+    assert ended == [1] and "tune: the launcher failed; 1 job ended" in capsys.readouterr().err
+
+
+def test_a_seed_at_the_top_of_its_range_still_resumes(tmp_path):
+    """Each launch seeds its sampler with the seed plus the trials drawn; numpy takes 0 to 2**32 - 1."""
+    settings = settings_of(tmp_path)
+    settings.seed = 2**32 - 1
+    for _ in range(2):
+        study = open_study(settings)
+        study.tell(study.ask(settings.search_space.distributions()), 0.5)
+    assert len(load_trials(settings.out)) == 2
+
+
+def test_searched_values_are_checked_against_the_ranks_of_a_job(tmp_path, capsys):
+    from dist_lc import cli
+
+    searched = tmp_path / "space.yaml"
+    searched.write_text("train.batch_size: [16, 17]\n")
+    out = tmp_path / "tune"
+    assert cli.main(["tune", "--config", "configs/smoke.yaml", "--set", "launcher.tasks_per_node=2", "--space",
+                     str(searched), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {searched}: train.batch_size: 17 is refused by the config: 17 tiles cannot be "
+                           "split evenly over 2 ranks"), line
+    assert not out.exists()
+
+
+def test_a_step_that_cuts_the_range_into_too_many_values_is_one_line(tmp_path):
+    searched = tmp_path / "space.yaml"
+    searched.write_text("optim.weight_decay: {float: [0.0, 1.0e+300], step: 1.0e-300}\n")
+    with pytest.raises(InputError, match=r"optim.weight_decay: step 1e-300 cuts \[0.0, 1e\+300\] into more than"):
+        space.load_space(searched, to_dict(load_config("configs/smoke.yaml")))
