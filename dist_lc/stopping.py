@@ -1,7 +1,10 @@
 """Stop requests (SIGUSR2 from submitit or an sbatch script before a time limit or on preemption,
 SIGTERM from Slurm or a user): the first one sets a flag that the ranks agree on at the next optimizer
 step; a second SIGTERM ends the process at once. The previous handlers are back when the block ends,
-so a process that leaves training on an error dies of the next SIGTERM as usual."""
+so a process that leaves training on an error dies of the next SIGTERM as usual.
+
+A signal the process was started ignoring stays ignored (``nohup`` asks for SIGHUP to be; whoever
+started the process chose so), save SIGINT: see :meth:`SignalHandlers.handler_for`."""
 from __future__ import annotations
 
 import signal
@@ -9,16 +12,24 @@ import signal
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
+def _ignore(signum, frame) -> None:
+    """Ignores a signal as SIG_IGN would, without being passed on to started programs."""
+
+
 class SignalHandlers:
-    """While open, ``self._handler`` handles each of ``SIGNALS``; the previous handlers are back on
-    exit. Outside the main thread Python cannot install handlers: the signals keep theirs."""
+    """While open, ``self._handler`` handles each of ``SIGNALS`` that is not ignored; the previous
+    handlers are back on exit. Outside the main thread Python cannot install handlers: the signals
+    keep theirs."""
     SIGNALS: tuple = ()
 
     def __enter__(self):
         self._previous = {}
         for sig in self.SIGNALS:
+            handler = self.handler_for(sig)
+            if handler is None:
+                continue
             try:
-                self._previous[sig] = signal.signal(sig, self._handler)
+                self._previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (some launchers): no handler
                 pass
         return self
@@ -28,6 +39,15 @@ class SignalHandlers:
             signal.signal(sig, handler)
         self._previous.clear()
         return False
+
+    def handler_for(self, sig: int):
+        """The handler to install for ``sig`` while open, None to leave it as it is. An ignored
+        signal stays ignored. An ignored SIGINT is ignored by a Python handler instead of SIG_IGN:
+        a started program inherits SIG_IGN but not a handler (reset to the default by exec), and
+        SIGINT is what cancels a local CV job, whose tasks must not ignore it."""
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            return self._handler
+        return _ignore if sig == signal.SIGINT else None
 
     def _handler(self, signum, frame) -> None:
         raise NotImplementedError

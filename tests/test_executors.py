@@ -425,3 +425,191 @@ def test_an_error_pickle_older_than_the_local_job_is_an_earlier_jobs(tmp_path):
     assert ex.first_failure(record) is None
     os.utime(result)   # written by this job
     assert ex.first_failure(record)[0] == "RuntimeError: CUDA out of memory (an earlier job)"
+
+
+# ----------------------------------------------------------------------------- a launcher that ends or submits badly
+
+def wait_for_cancel(job: ThreadJob) -> None:
+    job.cancelled.wait(60)
+
+
+def thread_jobs_end(limit_s: float = 30) -> bool:
+    deadline = time.monotonic() + limit_s
+    while [t for t in threading.enumerate() if t.name.startswith("thread")]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_an_error_that_ends_the_launcher_hands_its_jobs_to_the_executor_first(thread_executor, tiny_shards,
+                                                                              tmp_path, capsys, monkeypatch):
+    """Not only a stop signal: an error while the jobs run (a bug, a failed write) must not leave
+    local jobs running with nothing watching them. The error itself is raised after."""
+    import errno
+
+    monkeypatch.setattr(ThreadExecutor, "job_function", staticmethod(wait_for_cancel))
+    polls = Counter()
+
+    def poll_fails(self):
+        polls["n"] += 1
+        if polls["n"] == 3:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(launch.Launch, "poll", poll_fails)
+    cv_dir = tmp_path / "cv"
+    with pytest.raises(OSError, match="Input/output error"):
+        cli.main(cv(tiny_shards, cv_dir, "cv.folds=[0]"))
+    assert thread_executor.calls["interrupt"] == 1 and thread_jobs_end()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"cv: ended by the error below; 1 thread job(s) ended: after a fix, dist-lc cv --out {cv_dir} --resume "
+        "watches the jobs still running and reruns the others")
+
+
+def test_jobs_whose_record_cannot_be_written_are_cancelled(thread_executor, tiny_shards, tmp_path, capsys,
+                                                          monkeypatch):
+    """A job missing from jobs.json would run on unwatched, and --resume would submit its fold again
+    beside it: a failed write cancels the jobs just submitted, then is reported in one line."""
+    import errno
+
+    from lc_common.errors import WriteError
+
+    def no_room(cv_dir, new):
+        raise WriteError(Path(cv_dir) / "jobs.json", OSError(errno.EDQUOT, "Disk quota exceeded"))
+
+    monkeypatch.setattr(ThreadExecutor, "job_function", staticmethod(wait_for_cancel))
+    monkeypatch.setattr(launch, "add_submissions", no_room)
+    cv_dir = tmp_path / "cv"
+    assert cli.main(cv(tiny_shards, cv_dir, "cv.folds=[0]")) == 1
+    assert thread_executor.calls["submit"] == 1 and thread_executor.calls["cancel"] == 1 and thread_jobs_end()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-3:] == [f"cv: {cv_dir}/jobs.json not written: cancelling the 1 job(s) just submitted",
+                        f"cv: ended by the error below; no job was running: after a fix, dist-lc cv --out {cv_dir} "
+                        "--resume watches the jobs still running and reruns the others",
+                        f"error: {cv_dir}/jobs.json: cannot write: Disk quota exceeded"]
+
+
+def test_a_local_submission_that_fails_midway_cancels_the_jobs_it_started(monkeypatch, tmp_path):
+    """The jobs started before the failure are returned to no one: nothing would record or watch them."""
+    import errno
+    import types
+
+    from dist_lc.cv.executors import LocalExecutor
+
+    ex = LocalExecutor(LauncherConfig(max_parallel=2), tmp_path, jobs=2)
+    started = types.SimpleNamespace(job_id="1", paths=types.SimpleNamespace(stderr="e", result_pickle="r"))
+    outcomes = iter([started, OSError(errno.EAGAIN, "Resource temporarily unavailable")])
+
+    def submit(fn):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(ex.engine, "submit", submit)
+    cancelled = []
+    monkeypatch.setattr(ex, "cancel_all", cancelled.extend)
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        ex.submit([Work("p0", k, {}, str(tmp_path / f"f{k}"), False) for k in (0, 1)])
+    assert [(record.job_id, handle) for record, handle in cancelled] == [("1", started)]
+
+
+# ----------------------------------------------------------------------------- sbatch on a busy controller
+
+FAKE_SBATCH = """#!/bin/sh
+# fails its first {fails} calls with the error given, then submits job 4242; counts its calls
+n=$(($(cat "{calls}" 2>/dev/null || echo 0) + 1))
+echo "$n" > "{calls}"
+if [ "$n" -le {fails} ]; then echo "sbatch: error: Batch job submission failed: {error}" >&2; exit 1; fi
+echo "Submitted batch job 4242"
+"""
+TIMEOUT = "Socket timed out on send/recv operation"
+
+
+def slurm_with_fake_sbatch(tmp_path, monkeypatch, fails: int, error: str = TIMEOUT):
+    """A SlurmExecutor whose sbatch (first on PATH) fails ``fails`` times; the file counting its calls."""
+    calls, bin_dir = tmp_path / "sbatch-calls", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(fails=fails, calls=calls, error=error))
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(executors, "SBATCH_BACKOFF_S", (0.01, 0.01, 0.01), raising=False)
+    ex = executors.SlurmExecutor(LauncherConfig(), tmp_path / "submitit", jobs=2)
+    return ex, [Work("p0", k, {}, tmp_path / f"fold{k}", False) for k in (0, 1)], calls
+
+
+def test_sbatch_is_tried_again_while_the_controller_is_busy(tmp_path, monkeypatch, capsys):
+    ex, work, calls = slurm_with_fake_sbatch(tmp_path, monkeypatch, fails=2)
+    assert [record.job_id for record, _ in ex.submit(work)] == ["4242_0", "4242_1"]
+    assert calls.read_text().strip() == "3"
+    assert capsys.readouterr().err.count(f"slurm: sbatch failed (Batch job submission failed: {TIMEOUT}); "
+                                         "trying again in 0 s") == 2
+
+
+def test_sbatch_failing_on_every_try_is_one_line(tmp_path, monkeypatch):
+    ex, work, calls = slurm_with_fake_sbatch(tmp_path, monkeypatch, fails=99)
+    with pytest.raises(InputError) as error:
+        ex.submit(work)
+    assert str(error.value) == (f"sbatch failed 4 times in a row: Batch job submission failed: {TIMEOUT} (the Slurm "
+                                "controller is busy or down); none was submitted; once it answers, --resume submits "
+                                "them")
+    assert calls.read_text().strip() == "4"
+
+
+def test_jobs_sbatch_refuses_are_one_line_at_once(tmp_path, monkeypatch):
+    """Not the controller's load but the request: another try would be refused again."""
+    refused = "Invalid account or account/partition combination specified"
+    ex, work, calls = slurm_with_fake_sbatch(tmp_path, monkeypatch, fails=99, error=refused)
+    with pytest.raises(InputError, match=rf"^sbatch refused the jobs: Batch job submission failed: {refused} "
+                                         r"\(launcher.partition, launcher.account, launcher.slurm_extra\?\); none was "
+                                         "submitted; after a fix, --resume submits them$"):
+        ex.submit(work)
+    assert calls.read_text().strip() == "1"
+
+
+def test_a_launcher_started_under_nohup_outlives_a_sighup(tiny_shards, tmp_path):
+    """`nohup dist-lc cv ... &`, then the terminal closes: the launcher and its job go on; SIGTERM
+    still stops it. (A launcher of ThreadExecutor jobs, in a process of its own.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    from torchrun_util import REPO, env
+
+    if shutil.which("nohup") is None:
+        pytest.skip("needs nohup (coreutils)")
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+import test_executors as t
+from dist_lc import cli
+from dist_lc.cv import executors
+
+def wait_for_cancel(job):
+    print("running", flush=True)
+    job.cancelled.wait(120)
+
+executors.EXECUTORS["local"] = t.ThreadExecutor
+t.ThreadExecutor.job_function = staticmethod(wait_for_cancel)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+    cv_dir = tmp_path / "cv"
+    proc = subprocess.Popen(["nohup", sys.executable, "-c", code, *cv(tiny_shards, cv_dir, "cv.folds=[0]")],
+                            cwd=REPO, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = threading.Timer(120, proc.kill)   # readline() has no limit of its own
+    deadline.start()
+    try:
+        assert proc.stdout.readline() == "running\n", proc.communicate(timeout=60)[1][-3000:]
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None, proc.communicate(timeout=60)[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        deadline.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("cv: stopped by SIGTERM; 1 thread job(s) ended"), err[-3000:]

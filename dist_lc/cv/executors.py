@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from typing import ClassVar
 import submitit
 import torch
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, one_line
 from lc_common.resources import usable_core_ids, usable_cores
 
 from ..config import LauncherConfig
@@ -48,6 +49,10 @@ LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get be
 LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
                             # (a GPU task's teardown, its loader workers and compile workers take seconds);
                             # the launcher's loop goes on meanwhile
+SBATCH_BACKOFF_S = (5.0, 15.0, 40.0)   # Slurm: the waits before sbatch is tried again after a transient error
+# sbatch's words for a controller that is busy or restarting (not for jobs it refuses): worth another try
+SBATCH_TRANSIENT = ("timed out", "unable to contact slurm controller", "temporarily unavailable",
+                  "connection refused", "connection reset", "zero bytes were transmitted")
 
 
 class JobState(enum.Enum):
@@ -237,16 +242,24 @@ class LocalExecutor(Executor):
         return ex
 
     def submit(self, work: list[Work]) -> list[Submitted]:
-        """One job at a time, each on the lowest free slot."""
+        """One job at a time, each on the lowest free slot. Should one fail to start, those already
+        started are cancelled: returned to no one, nothing would record or watch them."""
         out = []
-        for item in work:
-            slots = int(self.capacity())
-            slot = min(set(range(slots)) - set(self._slots.values()), default=0)
-            submitted = self._records([item], [self.engine.submit(self._fold_job(item, slot, slots))])
-            submitted[0][0].slot = slot
-            self._slots[submitted[0][0].job_id] = slot
-            out += submitted
+        try:
+            for item in work:
+                out.append(self._submit_one(item))
+        except BaseException:
+            self.cancel_all(out)
+            raise
         return out
+
+    def _submit_one(self, item: Work) -> Submitted:
+        slots = int(self.capacity())
+        slot = min(set(range(slots)) - set(self._slots.values()), default=0)
+        (record, handle), = self._records([item], [self.engine.submit(self._fold_job(item, slot, slots))])
+        record.slot = slot
+        self._slots[record.job_id] = slot
+        return record, handle
 
     def _fold_job(self, item: Work, slot: int, slots: int) -> FoldJob:
         """The job's callable, its GPUs or else its cores set for ``slot`` of ``slots`` concurrent jobs."""
@@ -355,8 +368,11 @@ class LocalExecutor(Executor):
         """Nothing watches local jobs once the launcher is gone: end them all, their controllers and
         every process they started, killing what is still there after LOCAL_END_S."""
         trees = [_process_tree(int(record.job_id)) for record, _ in jobs if _pid_alive(record.job_id)]
-        interrupted = set(self._quieting)   # cancelled moments ago: not interrupted twice, killed below if need be
-        self._quieting.clear()
+        # cancelled moments ago: not interrupted twice, killed below if need be (other cancelled jobs,
+        # such as those whose record could not be written, stay for settle() at exit)
+        interrupted = {record.job_id for record, _ in jobs} & set(self._quieting)
+        for job_id in interrupted:
+            del self._quieting[job_id]
         self._end_quietly([job for job in jobs if job[0].job_id not in interrupted], LOCAL_END_S)
         _wait_gone([p for tree in trees for p in tree], LOCAL_END_S)
         _wait_gone(_kill_what_is_left(trees), LOCAL_END_S)
@@ -538,8 +554,28 @@ class SlurmExecutor(Executor):
         return ex
 
     def submit(self, work: list[Work]) -> list[Submitted]:
-        with self.engine.batch():   # one array
-            handles = [self.engine.submit(FoldJob(item.config, str(item.run_dir), item.tta)) for item in work]
+        """One array. A busy controller is given a few more tries (Slurm's advice for its transient
+        errors); a submission that timed out although Slurm queued it starts without the pickles
+        submitit moves in only once sbatch answers, and fails within a minute without training."""
+        waits, tries = iter(SBATCH_BACKOFF_S), 0
+        while True:
+            tries += 1
+            outcome = self._submit_array(work)
+            if not isinstance(outcome, str):
+                return outcome
+            wait_s = next(waits, None) if transient(outcome) else None
+            if wait_s is None:
+                raise InputError(sbatch_failed(outcome, tries))
+            print(f"slurm: sbatch failed ({outcome}); trying again in {wait_s:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(wait_s)
+
+    def _submit_array(self, work: list[Work]) -> list[Submitted] | str:
+        """The jobs submitted, or what sbatch said when it failed."""
+        try:
+            with self.engine.batch():
+                handles = [self.engine.submit(FoldJob(item.config, str(item.run_dir), item.tta)) for item in work]
+        except submitit.core.utils.FailedJobError as exc:
+            return sbatch_error(exc)
         return self._records(work, handles)
 
     def refresh(self, records: list[Submission]) -> None:
@@ -565,6 +601,27 @@ class SlurmExecutor(Executor):
     def interrupt(self, jobs: list[Submitted]) -> str:
         """Slurm jobs do not need the launcher: they go on, and ``--resume`` watches them again."""
         return f"{len(jobs)} Slurm job(s) go on"
+
+
+def sbatch_error(exc: Exception) -> str:
+    """What sbatch said (submitit's error holds its whole stderr): its last line, without the prefix."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else "no message"
+    return one_line(last.removeprefix("sbatch: error: "))[:300]
+
+
+def sbatch_failed(error: str, tries: int) -> str:
+    """The one line of a submission sbatch did not take."""
+    if not transient(error):
+        return (f"sbatch refused the jobs: {error} (launcher.partition, launcher.account, launcher.slurm_extra?); "
+                "none was submitted; after a fix, --resume submits them")
+    return (f"sbatch failed {tries} times in a row: {error} (the Slurm controller is busy or down); none was "
+            "submitted; once it answers, --resume submits them")
+
+
+def transient(error: str) -> bool:
+    """Whether an sbatch error is one of a busy or restarting controller, worth another try."""
+    return any(words in error.lower() for words in SBATCH_TRANSIENT)
 
 
 def slurm_problem() -> str | None:

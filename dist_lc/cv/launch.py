@@ -12,7 +12,9 @@ job does: :mod:`dist_lc.cv.fold`; where jobs run: :mod:`dist_lc.cv.executors`.
 
 Stopped by Ctrl-C, SIGTERM or SIGHUP, `dist-lc cv` hands its unfinished jobs to their executor (local
 ones are ended within seconds, Slurm ones go on), prints one line and exits with 128 + the signal's
-number (130, 143, 129); ``--resume`` watches what still runs and reruns the rest.
+number (130, 143, 129); ``--resume`` watches what still runs and reruns the rest. A signal it was
+started ignoring stays ignored (SIGHUP under ``nohup``). Ended by an error instead, it hands them over
+the same way before the error is reported.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lc_common.errors import InputError
+from lc_common.errors import InputError, one_line
 from lc_common.locks import held
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
@@ -32,8 +34,8 @@ from ..run_dir import check_output_folder
 from ..stopping import SignalHandlers
 from . import executors
 from .executors import Executor, JobState, Status, Work
-from .plan import (Plan, Submission, add_submissions, build_points, check_folds, load_plan, now, parse_grid,
-                   read_submissions)
+from .plan import (JOBS, Plan, Submission, add_submissions, build_points, check_folds, load_plan, now,
+                   parse_grid, read_submissions)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # Ctrl-C, a scheduler or kill, a closed terminal
 LOCK = ".cv.lock"   # held by the launcher that runs the CV folder
@@ -150,15 +152,18 @@ class Stopped(BaseException):
 class StopRequests(SignalHandlers):
     """While open, the first of STOP_SIGNALS raises :class:`Stopped` in the main thread, at once, or
     at the end of a ``held()`` block (a job submitted inside is always recorded first). Later ones
-    are ignored: the clean-up they would cut short is bounded. The previous handlers are back on exit."""
+    are ignored: the clean-up they would cut short is bounded, and so are all once ``ending`` is set
+    (the launcher ends on an error and cleans up). One the launcher was started ignoring stays ignored
+    (:meth:`SignalHandlers.handler_for`). The previous handlers are back on exit."""
     SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signum: int | None = None
+        self.ending = False
         self._raised, self._holding, self._previous = False, 0, {}
 
     def _handler(self, signum, frame) -> None:
-        if self.signum is None:
+        if self.signum is None and not self.ending:
             self.signum = signum
             if not self._holding:
                 self._raise()
@@ -237,9 +242,20 @@ class Launch:
                      self.cfg.cv.tta) for j in take]
         with self.stops.held():   # a stop request waits until what is submitted is recorded
             submitted = self.executor.submit(work)
+            self._record(submitted)
             for job, (record, handle) in zip(take, submitted):
                 job.submission, job.executor, job.handle, job.state = record, self.executor, handle, JobState.PENDING
+
+    def _record(self, submitted: list) -> None:
+        """Add the jobs just submitted to jobs.json, or cancel them when it cannot be written: a job
+        missing there would run on unwatched, and --resume would submit its fold again beside it."""
+        try:
             add_submissions(self.plan.cv_dir, [record for record, _ in submitted])
+        except Exception:
+            print(f"cv: {self.plan.cv_dir / JOBS} not written: cancelling the {len(submitted)} job(s) just "
+                  "submitted", file=sys.stderr, flush=True)
+            self.executor.cancel_all(submitted)
+            raise
 
     # --- watching
 
@@ -384,10 +400,25 @@ def _launch(args, plan: Plan, launch: Launch, keys: list, todo: list) -> int:
             print(f"cv: stopped by {stop.signal_name}; {launch.interrupt()}: dist-lc cv --out {plan.cv_dir} "
                   "--resume watches the jobs still running and reruns the others", file=sys.stderr, flush=True)
             return stop.exit_status
+        except BaseException:   # local jobs would run on with nothing watching them; the error follows
+            print(f"cv: ended by the error below; {_hand_over(launch)}: after a fix, dist-lc cv --out "
+                  f"{plan.cv_dir} --resume watches the jobs still running and reruns the others",
+                  file=sys.stderr, flush=True)
+            raise
     if not finished:
         print(f"cv: wait deadline passed with jobs unfinished (they may still run): dist-lc report "
               f"{plan.cv_dir} or dist-lc cv --out {plan.cv_dir} --resume later", file=sys.stderr)
     return _finish(plan, launch, finished)
+
+
+def _hand_over(launch: Launch) -> str:
+    """``launch.interrupt()`` for a launch that an error ends: neither a stop request nor a failure
+    of its own may cut it short or hide that error."""
+    launch.stops.ending = True
+    try:
+        return launch.interrupt()
+    except Exception as exc:  # noqa: BLE001 - the first error is the one to report
+        return f"its jobs could not be ended ({one_line(exc)})"
 
 
 def _finish(plan: Plan, launch: Launch, finished: bool) -> int:

@@ -183,6 +183,7 @@ def study_run(settings: Settings, resumed: bool) -> int:
             return stop.exit_status
         except BaseException:
             # the jobs would otherwise run on unwatched; the error itself is the caller's to report
+            stops.ending = True   # a stop signal must not cut this clean-up short
             try:
                 said = scheduler.interrupt()
             except Exception as exc:   # noqa: BLE001 - the first error is the one to raise
