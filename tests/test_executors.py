@@ -613,3 +613,21 @@ sys.exit(cli.main(sys.argv[1:]))
             proc.wait()
     assert proc.returncode == 143, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("cv: stopped by SIGTERM; 1 thread job(s) ended"), err[-3000:]
+
+
+def test_one_squeue_serves_every_trial_of_a_poll(tmp_path, monkeypatch):
+    """A search polls each trial's jobs in turn after one look at them all: the looks of the trials
+    moments later ask squeue nothing more; a job outside the look, or the next poll, asks again."""
+    asked = []
+    monkeypatch.setattr(executors, "slurm_states", lambda ids: asked.append(ids) or {i: "RUNNING" for i in ids})
+    slurm = executors.SlurmExecutor(LauncherConfig(), tmp_path, 4)
+    records = [Submission("", k, "slurm", str(100 + k), "o", "e", now()) for k in range(4)]
+    slurm.refresh(records)                     # the scheduler's look at every trial's jobs
+    for record in records:                     # each trial's own look, moments later
+        slurm.refresh([record])
+        assert slurm.presence(record)[0] is JobState.RUNNING
+    assert asked == [["100", "101", "102", "103"]]
+    slurm.refresh([Submission("", 9, "slurm", "109", "o", "e", now())])
+    slurm._looked_at -= slurm.poll_s   # the next poll
+    slurm.refresh(records)
+    assert asked[1:] == [["109"], ["100", "101", "102", "103"]]

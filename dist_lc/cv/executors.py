@@ -531,6 +531,7 @@ class SlurmExecutor(Executor):
         super().__init__(launcher, folder, jobs)
         self._asked: set[str] = set()              # the job ids of the last look at squeue
         self._listed: dict[str, str] | None = {}   # its answer: the active ones; None: it did not answer
+        self._looked_at = -math.inf                 # when (time.monotonic())
 
     @classmethod
     def problem(cls) -> str | None:
@@ -579,8 +580,13 @@ class SlurmExecutor(Executor):
         return self._records(work, handles)
 
     def refresh(self, records: list[Submission]) -> None:
-        self._asked = {r.job_id for r in records}
-        self._listed = slurm_states(sorted(self._asked))
+        """One squeue for these jobs, unless the last look, moments ago, covered them all: a search
+        polls each trial's jobs in turn, and one squeue per trial and poll would load the controller."""
+        wanted = {r.job_id for r in records}
+        if wanted <= self._asked and time.monotonic() - self._looked_at < self.poll_s / 2:
+            return
+        self._asked, self._looked_at = wanted, time.monotonic()
+        self._listed = slurm_states(sorted(wanted))
 
     def presence(self, record: Submission, handle=None) -> tuple[JobState | None, str]:
         if record.job_id not in self._asked:   # not part of the last look: look again, for it alone

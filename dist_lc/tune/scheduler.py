@@ -194,6 +194,10 @@ class Scheduler:
         return len(run.active) - active
 
     def poll(self) -> None:
+        jobs = [j for r in self.running.values() for j in r.launch.jobs if j.active]
+        jobs += [j for _, cancelled in self.draining for j in cancelled]
+        for executor in {id(j.executor): j.executor for j in jobs}.values():
+            executor.refresh([j.submission for j in jobs if j.executor is executor])   # one look for every trial
         for run in sorted(self.running.values(), key=lambda r: r.number):
             run.launch.poll()
             folds = progress.read_trial(run.plan)
