@@ -198,3 +198,21 @@ def test_a_step_that_cuts_the_range_into_too_many_values_is_one_line(tmp_path):
     searched.write_text("optim.weight_decay: {float: [0.0, 1.0e+300], step: 1.0e-300}\n")
     with pytest.raises(InputError, match=r"optim.weight_decay: step 1e-300 cuts \[0.0, 1e\+300\] into more than"):
         space.load_space(searched, to_dict(load_config("configs/smoke.yaml")))
+
+
+def test_more_trials_than_the_space_holds_is_a_warning(tmp_path, packed_sample, capsys):
+    """The samplers draw a point again rather than end the study: each repeat a full CV run."""
+    from dist_lc.tune.launch import new_settings
+    from dist_lc import cli
+
+    searched = tmp_path / "space.yaml"
+    searched.write_text("model.filters: {int: [8, 16], step: 8}\noptim.name: [adam, adamw, sgd]\n")
+    parser, _ = cli.build_parser()
+    for trials, warned in ((6, False), (7, True)):
+        new_settings(parser.parse_args(["tune", "--config", "configs/smoke.yaml", "--set", f"data.shards={packed_sample}",
+                                        "--space", str(searched), "--out", str(tmp_path / "out"),
+                                        "--trials", str(trials)]))
+        err = capsys.readouterr().err
+        assert ("the space holds 6 points and --trials is 7: some will be drawn (and run) more than once" in err) \
+            is warned, err
+    assert space.load_space(searched, to_dict(load_config("configs/smoke.yaml"))).points() == 6

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from lc_common.errors import InputError, one_line
@@ -96,6 +97,10 @@ def new_settings(args) -> Settings:
     from .study import check_sampler
 
     check_sampler(values["sampler"], space)
+    if values["trials"] > space.points():   # the samplers draw a point again rather than end
+        print(f"tune: warning: the space holds {space.points()} points and --trials is {values['trials']}: "
+              "some will be drawn (and run) more than once; dist-lc cv --grid runs each point once",
+              file=sys.stderr, flush=True)
     folds = check_folds(cfg)
     parallel = args.parallel or default_parallel(kind, cfg.launcher, len(folds))
     config = normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}",

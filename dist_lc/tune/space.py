@@ -115,6 +115,14 @@ class Param:
             return d.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
         return d.CategoricalDistribution(self.choices)
 
+    def points(self) -> float:
+        """How many values it can take (math.inf for a continuous range)."""
+        if self.kind == "categorical":
+            return len(self.choices)
+        if self.kind == "int":
+            return len(range(self.low, self.high + 1, self.step or 1))
+        return round((self.high - self.low) / self.step) + 1 if self.step else math.inf
+
     def values_to_check(self) -> list:
         """The values whose configs are checked before the search starts: every choice, every value
         of a small integer range (log or not), else the two bounds."""
@@ -156,6 +164,10 @@ class Space:
 
     def distributions(self) -> dict:
         return {p.key: p.distribution() for p in self.params}
+
+    def points(self) -> float:
+        """How many distinct trials it holds (math.inf when a key is continuous)."""
+        return math.prod(p.points() for p in self.params)
 
     def to_dict(self) -> dict:
         return {p.key: p.to_dict() for p in self.params}
