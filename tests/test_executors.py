@@ -533,38 +533,65 @@ def slurm_with_fake_sbatch(tmp_path, monkeypatch, fails: int, error: str = TIMEO
     (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(fails=fails, calls=calls, error=error))
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(executors, "SBATCH_BACKOFF_S", (0.01, 0.01, 0.01), raising=False)
     ex = executors.SlurmExecutor(LauncherConfig(), tmp_path / "submitit", jobs=2)
     return ex, [Work("p0", k, {}, tmp_path / f"fold{k}", False) for k in (0, 1)], calls
 
 
-def test_sbatch_is_tried_again_while_the_controller_is_busy(tmp_path, monkeypatch, capsys):
-    ex, work, calls = slurm_with_fake_sbatch(tmp_path, monkeypatch, fails=2)
-    assert [record.job_id for record, _ in ex.submit(work)] == ["4242_0", "4242_1"]
-    assert calls.read_text().strip() == "3"
-    assert capsys.readouterr().err.count(f"slurm: sbatch failed (Batch job submission failed: {TIMEOUT}); "
-                                         "trying again in 0 s") == 2
-
-
-def test_sbatch_failing_on_every_try_is_one_line(tmp_path, monkeypatch):
-    ex, work, calls = slurm_with_fake_sbatch(tmp_path, monkeypatch, fails=99)
-    with pytest.raises(InputError) as error:
+def test_sbatch_errors_of_a_busy_controller_are_busy_and_a_refusal_one_line_at_once(tmp_path, monkeypatch, capsys):
+    """A busy controller is worth another try (the launcher's); a refused request is not. sbatch's
+    own words are said once, in the error, not also by submitit."""
+    ex, work, calls = slurm_with_fake_sbatch(tmp_path, monkeypatch, fails=1)
+    with pytest.raises(executors.Busy, match=f"^Batch job submission failed: {TIMEOUT}$"):
         ex.submit(work)
-    assert str(error.value) == (f"sbatch failed 4 times in a row: Batch job submission failed: {TIMEOUT} (the Slurm "
-                                "controller is busy or down); none was submitted; once it answers, --resume submits "
-                                "them")
-    assert calls.read_text().strip() == "4"
-
-
-def test_jobs_sbatch_refuses_are_one_line_at_once(tmp_path, monkeypatch):
-    """Not the controller's load but the request: another try would be refused again."""
+    assert [record.job_id for record, _ in ex.submit(work)] == ["4242_0", "4242_1"]
+    assert calls.read_text().strip() == "2" and capsys.readouterr().err == ""
     refused = "Invalid account or account/partition combination specified"
-    ex, work, calls = slurm_with_fake_sbatch(tmp_path, monkeypatch, fails=99, error=refused)
+    (tmp_path / "refused").mkdir()
+    ex, work, calls = slurm_with_fake_sbatch(tmp_path / "refused", monkeypatch, fails=99, error=refused)
     with pytest.raises(InputError, match=rf"^sbatch refused the jobs: Batch job submission failed: {refused} "
                                          r"\(launcher.partition, launcher.account, launcher.slurm_extra\?\); none was "
                                          "submitted; after a fix, --resume submits them$"):
         ex.submit(work)
     assert calls.read_text().strip() == "1"
+
+
+class BusyExecutor(ThreadExecutor):
+    """A scheduler too busy to take the first ``busy`` submissions."""
+    busy = 0
+
+    def submit(self, work):
+        self.calls["tried"] += 1
+        if self.calls["tried"] <= type(self).busy:
+            raise executors.Busy("Socket timed out on send/recv operation")
+        return super().submit(work)
+
+
+@pytest.mark.parametrize("busy, status", [(2, 0), (99, 2)], ids=["then-takes-them", "always"])
+def test_a_busy_scheduler_is_asked_again_then_given_up_on_in_one_line(thread_executor, tiny_shards, tmp_path,
+                                                                     monkeypatch, capsys, busy, status):
+    monkeypatch.setitem(executors.EXECUTORS, "local", BusyExecutor)
+    monkeypatch.setattr(BusyExecutor, "busy", busy)
+    monkeypatch.setattr(executors, "SUBMIT_BACKOFF_S", (0.01, 0.01, 0.01))
+    assert cli.main(cv(tiny_shards, tmp_path / "cv", "cv.folds=[0]", "train.epochs=1")) == status
+    err = capsys.readouterr().err
+    assert err.count("cv: the scheduler did not take the jobs (Socket timed out on send/recv operation); trying "
+                     "again in 0.01 s") == min(busy, 3)
+    if status:
+        assert err.strip().splitlines()[-1] == (
+            "error: the scheduler refused the jobs 4 times in a row: Socket timed out on send/recv operation (busy "
+            "or down); none was submitted; once it answers, --resume submits them")
+
+
+def test_a_stop_while_waiting_for_a_busy_scheduler_ends_the_launcher_at_once(thread_executor, tiny_shards, tmp_path,
+                                                                            monkeypatch, capsys):
+    monkeypatch.setitem(executors.EXECUTORS, "local", BusyExecutor)
+    monkeypatch.setattr(BusyExecutor, "busy", 99)
+    monkeypatch.setattr(executors, "SUBMIT_BACKOFF_S", (60.0, 60.0, 60.0))
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    assert cli.main(cv(tiny_shards, tmp_path / "cv", "cv.folds=[0]")) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 30
+    assert "cv: stopped by SIGTERM" in capsys.readouterr().err
 
 
 def test_a_launcher_started_under_nohup_outlives_a_sighup(tiny_shards, tmp_path):
@@ -619,7 +646,13 @@ def test_one_squeue_serves_every_trial_of_a_poll(tmp_path, monkeypatch):
     """A search polls each trial's jobs in turn after one look at them all: the looks of the trials
     moments later ask squeue nothing more; a job outside the look, or the next poll, asks again."""
     asked = []
-    monkeypatch.setattr(executors, "slurm_states", lambda ids: asked.append(ids) or {i: "RUNNING" for i in ids})
+
+    def slow_squeue(ids):   # a busy controller: longer than the look stays fresh
+        time.sleep(executors.SlurmExecutor.poll_s * 0.6)
+        asked.append(ids)
+        return {i: "RUNNING" for i in ids}
+
+    monkeypatch.setattr(executors, "slurm_states", slow_squeue)
     slurm = executors.SlurmExecutor(LauncherConfig(), tmp_path, 4)
     records = [Submission("", k, "slurm", str(100 + k), "o", "e", now()) for k in range(4)]
     slurm.refresh(records)                     # the scheduler's look at every trial's jobs

@@ -71,6 +71,8 @@ class RecordExecutor(Executor):
         if job["outcome"] == "done":
             (run_dir / "metrics.csv").write_text("epoch,step,train_loss,val_kl\n1,1,1.0,0.6\n2,2,1.0,0.5\n")
             (run_dir / "done.json").write_text(json.dumps({"best_val_kl": 0.5, "best_epoch": 2}))
+        elif job["outcome"] == "vanished":   # killed before it could leave a note (srun failed, a lost node)
+            pass
         elif job["outcome"] == "diverged":
             record_failure(run_dir, 0, Diverged("loss is not finite (NaN/inf) on 1 rank(s)"))
         else:
@@ -123,14 +125,17 @@ def test_a_diverged_trial_is_pruned_for_the_sampler_and_does_not_stop_the_search
     assert "trial 0 PRUNED: fold0 diverged (its loss is no longer finite)" in capsys.readouterr().err
 
 
-def test_trials_failing_in_a_row_end_the_launcher_with_a_failure_and_how_to_go_on(tmp_path, records, capsys):
+@pytest.mark.parametrize("trials, status", [(8, 1), (4, 0)], ids=["trials-owed", "study-full"])
+def test_trials_failing_in_a_row_end_the_launcher_with_a_failure_and_how_to_go_on(tmp_path, records, capsys,
+                                                                                  trials, status):
+    """Only while the study still owes trials: the last three of a full study failing end it as usual."""
     records.outcome = staticmethod(lambda number: "done" if number == 0 else "failed")
-    settings = settings_of(tmp_path, trials=8)
-    assert launch.study_run(settings, resumed=False) == 1
+    settings = settings_of(tmp_path, trials=trials)
+    assert launch.study_run(settings, resumed=False) == status
     assert states(settings.out) == ["COMPLETE", "FAIL", "FAIL", "FAIL"]
     err = capsys.readouterr().err
-    assert f"3 trials failed in a row, so no new trial was started: their logs say why; once that is fixed, " \
-           f"dist-lc tune --out {settings.out} --resume goes on" in err
+    assert (f"3 trials failed in a row, so no new trial was started: their logs say why; once that is fixed, "
+            f"dist-lc tune --out {settings.out} --resume goes on" in err) is (status == 1)
 
 
 def test_a_complete_trial_does_not_cancel_its_jobs_still_exiting(tmp_path, records, capsys):
@@ -216,3 +221,25 @@ def test_more_trials_than_the_space_holds_is_a_warning(tmp_path, packed_sample, 
         assert ("the space holds 6 points and --trials is 7: some will be drawn (and run) more than once" in err) \
             is warned, err
     assert space.load_space(searched, to_dict(load_config("configs/smoke.yaml"))).points() == 6
+
+
+def test_a_launcher_section_the_executor_refuses_is_named_as_such_not_as_a_searched_value(tmp_path, capsys):
+    from dist_lc import cli
+
+    searched = tmp_path / "space.yaml"
+    searched.write_text(LR)
+    assert cli.main(["tune", "--config", "configs/smoke.yaml", "--set", "launcher.time_min=1", "--space",
+                     str(searched), "--out", str(tmp_path / "tune")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: config: launcher.time_min=1 leaves no time before the stop signal"), line
+
+
+def test_a_note_of_an_earlier_launch_does_not_make_a_fold_diverged(tmp_path, records, capsys):
+    """The fold diverged under a launcher that died before judging it; resubmitted, it fails without a
+    note of its own: a failure, not the earlier divergence."""
+    records.outcome = staticmethod(lambda number: "vanished")
+    settings = settings_of(tmp_path, trials=1)
+    open_study(settings)
+    record_failure(settings.out / "trials" / "0" / "fold0", 0, Diverged("loss is not finite (NaN/inf) on 1 rank(s)"))
+    launch.study_run(settings, resumed=False)
+    assert states(settings.out) == ["FAIL"]

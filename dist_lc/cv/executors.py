@@ -18,12 +18,12 @@ import abc
 import atexit
 import contextlib
 import enum
+import io
 import math
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -49,10 +49,15 @@ LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get be
 LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
                             # (a GPU task's teardown, its loader workers and compile workers take seconds);
                             # the launcher's loop goes on meanwhile
-SBATCH_BACKOFF_S = (5.0, 15.0, 40.0)   # Slurm: the waits before sbatch is tried again after a transient error
+SUBMIT_BACKOFF_S = (5.0, 15.0, 40.0)   # the waits before a busy scheduler is asked again to take jobs
 # sbatch's words for a controller that is busy or restarting (not for jobs it refuses): worth another try
 SBATCH_TRANSIENT = ("timed out", "unable to contact slurm controller", "temporarily unavailable",
                   "connection refused", "connection reset", "zero bytes were transmitted")
+
+
+class Busy(Exception):
+    """The scheduler did not take the jobs because it is busy or restarting (nothing was submitted):
+    worth another try. Its message is the scheduler's."""
 
 
 class JobState(enum.Enum):
@@ -555,28 +560,21 @@ class SlurmExecutor(Executor):
         return ex
 
     def submit(self, work: list[Work]) -> list[Submitted]:
-        """One array. A busy controller is given a few more tries (Slurm's advice for its transient
-        errors); a submission that timed out although Slurm queued it starts without the pickles
-        submitit moves in only once sbatch answers, and fails within a minute without training."""
-        waits, tries = iter(SBATCH_BACKOFF_S), 0
-        while True:
-            tries += 1
-            outcome = self._submit_array(work)
-            if not isinstance(outcome, str):
-                return outcome
-            wait_s = next(waits, None) if transient(outcome) else None
-            if wait_s is None:
-                raise InputError(sbatch_failed(outcome, tries))
-            print(f"slurm: sbatch failed ({outcome}); trying again in {wait_s:.0f} s", file=sys.stderr, flush=True)
-            time.sleep(wait_s)
-
-    def _submit_array(self, work: list[Work]) -> list[Submitted] | str:
-        """The jobs submitted, or what sbatch said when it failed."""
+        """One array. sbatch's errors of a busy or restarting controller raise :class:`Busy` (the
+        launcher tries again: Slurm's advice); any other is one line. A submission that timed out
+        although Slurm queued it starts without the pickles submitit moves in only once sbatch
+        answers, and fails within a minute without training."""
         try:
-            with self.engine.batch():
+            # submitit copies sbatch's stderr to ours at every failure: the error is said once, below
+            # (the batch submits as it closes, inside the redirection)
+            with contextlib.redirect_stderr(io.StringIO()), self.engine.batch():
                 handles = [self.engine.submit(FoldJob(item.config, str(item.run_dir), item.tta)) for item in work]
         except submitit.core.utils.FailedJobError as exc:
-            return sbatch_error(exc)
+            error = sbatch_error(exc)
+            if transient(error):
+                raise Busy(error) from None
+            raise InputError(f"sbatch refused the jobs: {error} (launcher.partition, launcher.account, "
+                             "launcher.slurm_extra?); none was submitted; after a fix, --resume submits them") from None
         return self._records(work, handles)
 
     def refresh(self, records: list[Submission]) -> None:
@@ -585,8 +583,8 @@ class SlurmExecutor(Executor):
         wanted = {r.job_id for r in records}
         if wanted <= self._asked and time.monotonic() - self._looked_at < self.poll_s / 2:
             return
-        self._asked, self._looked_at = wanted, time.monotonic()
-        self._listed = slurm_states(sorted(wanted))
+        self._asked, self._listed = wanted, slurm_states(sorted(wanted))
+        self._looked_at = time.monotonic()   # once answered: a slow squeue must not make the look stale at once
 
     def presence(self, record: Submission, handle=None) -> tuple[JobState | None, str]:
         if record.job_id not in self._asked:   # not part of the last look: look again, for it alone
@@ -614,15 +612,6 @@ def sbatch_error(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     last = lines[-1] if lines else "no message"
     return one_line(last.removeprefix("sbatch: error: "))[:300]
-
-
-def sbatch_failed(error: str, tries: int) -> str:
-    """The one line of a submission sbatch did not take."""
-    if not transient(error):
-        return (f"sbatch refused the jobs: {error} (launcher.partition, launcher.account, launcher.slurm_extra?); "
-                "none was submitted; after a fix, --resume submits them")
-    return (f"sbatch failed {tries} times in a row: {error} (the Slurm controller is busy or down); none was "
-            "submitted; once it answers, --resume submits them")
 
 
 def transient(error: str) -> bool:

@@ -30,7 +30,7 @@ from lc_common.errors import InputError, one_line
 from lc_common.locks import held
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
-from ..run_dir import check_output_folder
+from ..run_dir import check_output_folder, clear_failures
 from ..stopping import SignalHandlers
 from . import executors
 from .executors import Executor, JobState, Status, Work
@@ -172,6 +172,11 @@ class StopRequests(SignalHandlers):
         self._raised = True
         raise Stopped(self.signum)
 
+    def raise_pending(self) -> None:
+        """Raise the stop request that arrived in a ``held()`` block that an exception left."""
+        if self.signum is not None and not self._raised:
+            self._raise()
+
     @contextlib.contextmanager
     def held(self):
         self._holding += 1
@@ -179,8 +184,8 @@ class StopRequests(SignalHandlers):
             yield
         finally:
             self._holding -= 1
-        if not self._holding and self.signum is not None and not self._raised:
-            self._raise()
+        if not self._holding:
+            self.raise_pending()
 
 
 class Launch:
@@ -238,8 +243,22 @@ class Launch:
             return
         for job in take:
             job.run_dir.mkdir(parents=True, exist_ok=True)
+            clear_failures(job.run_dir)   # an earlier launch's notes would be read as this job's
         work = [Work(j.point, j.fold, self.plan.fold_config(self.plan.point(j.point), j.fold), j.run_dir,
                      self.cfg.cv.tta) for j in take]
+        for tries, wait_s in enumerate((*executors.SUBMIT_BACKOFF_S, None), start=1):
+            try:
+                return self._submit(take, work)
+            except executors.Busy as busy:
+                self.stops.raise_pending()   # nothing of these jobs was submitted: a stop ends it now
+                if wait_s is None:
+                    raise InputError(f"the scheduler refused the jobs {tries} times in a row: {busy} (busy or down); "
+                                     "none was submitted; once it answers, --resume submits them") from None
+                print(f"cv: the scheduler did not take the jobs ({busy}); trying again in {wait_s:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(wait_s)   # a stop signal ends the launcher here
+
+    def _submit(self, take: list[Job], work: list[Work]) -> None:
         with self.stops.held():   # a stop request waits until what is submitted is recorded
             submitted = self.executor.submit(work)
             self._record(submitted)

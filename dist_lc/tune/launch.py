@@ -93,6 +93,7 @@ def new_settings(args) -> Settings:
     cfg = load_config(args.config, [*args.set, *parse_folds(args.folds)])
     recipe_folds = load_config(args.config, args.set).cv.folds if args.folds else cfg.cv.folds
     kind = args.executor or cfg.launcher.executor
+    check_launcher(from_dict(normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}"]))), kind)
     space = load_space(args.space, normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}"])))
     from .study import check_sampler
 

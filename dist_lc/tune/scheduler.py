@@ -118,8 +118,9 @@ class Scheduler:
 
     @property
     def gave_up(self) -> bool:
-        """Trials failed one after another: a broken setup, which no new trial would fix."""
-        return self.failures_in_a_row >= FAILURES_IN_A_ROW
+        """Trials failed one after another while the study still owes some: a broken set-up, which no
+        new trial would fix."""
+        return self.failures_in_a_row >= FAILURES_IN_A_ROW and self.count() < self.settings.trials
 
     def resume(self) -> None:
         """Continue the trials that an earlier launcher left RUNNING."""
@@ -131,7 +132,7 @@ class Scheduler:
             run.reported, run.judge = set(frozen.intermediate_values), True
             done = len(run.plan.folds) - len(run.launch.jobs)
             say(f"{run.label} continued ({done} of {len(run.plan.folds)} fold(s) done; "
-                f"{describe_params(frozen.params)})")
+                f"{describe_params(trial.params)})")
 
     def _open(self, trial: optuna.Trial) -> TrialRun | None:
         """The trial's CV folder and its launch; a config refused for this trial fails it."""

@@ -39,7 +39,7 @@ from ..cv.plan import FORBIDDEN_GRID
 KINDS = ("float", "int", "categorical")
 OPTIONS = {"float": ("log", "step"), "int": ("log", "step"), "categorical": ()}
 CHECK_EVERY_VALUE_UP_TO = 256   # an int range this small has each value checked by the config
-MAX_STEPS = 1e12               # more values than a search could ever draw: a step written wrong
+MAX_STEPS = 1e12               # a float step cutting a range finer: a step written wrong
 
 
 @dataclass(frozen=True)
@@ -345,7 +345,7 @@ def _numeric(key: str, kind: str, spec: dict, fail) -> Param:
         fail(f"low {low!r} must be below high {high!r}")
     if log and low <= 0:
         fail(f"a log distribution needs low > 0 (got {low!r})")
-    if step is not None and not (high - low) / step <= MAX_STEPS:
+    if step is not None and not integer and not (high - low) / step <= MAX_STEPS:
         fail(f"step {step!r} cuts [{low!r}, {high!r}] into more than {MAX_STEPS:.0e} values")
     if step is not None and not _multiple(high - low, step):
         fail(f"high - low ({high - low!r}) is not a multiple of step {step!r}")

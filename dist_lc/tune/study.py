@@ -5,7 +5,8 @@ append-only log of the study's operations: no database server, and its default l
 link) works on a shared filesystem, so a launcher on a login node and a report on another machine
 read the same study. Every trial state a launcher recorded survives its death; a trial it had
 started is still RUNNING there, and the next launcher continues it (:mod:`.scheduler`). A line its
-death cut short is refused, with how to remove it, before Optuna reads or appends (:func:`check_journal`).
+death cut short is refused, with how to remove it, before a launcher appends (:func:`check_journal`);
+the report reads past it, as Optuna does.
 
 The sampler is re-created by every launch and samples from all the study's trials. Its random
 stream is not in the study, so each launch seeds it with the configured seed plus the trials the
