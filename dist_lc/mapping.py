@@ -57,6 +57,7 @@ from .predict import Ensemble
 from .scene import WINDOW, AoiMask, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths, taper, window_grid
 
 LOCK = ".map.lock"   # in --out while a mapping writes there
+BLOCK = 256          # the outputs' tiles, in pixels
 QUICKLOOK_PX = 1024   # the longer side of a quicklook, at most
 QUICKLOOK_MAX_IN = 24   # the tallest quicklook figure (inches): an elongated scene stays far below 2^16 pixels
 CLASS_OF = np.asarray(SCORED_CLASSES, np.uint8)   # index among the scored classes → class id
@@ -185,7 +186,7 @@ class MapWriter:
         # BigTIFF where the data could pass a classic TIFF's 4 GiB: for a compressed file GDAL's default
         # never chooses it; IF_SAFER does when the uncompressed data pass 2 GB (small maps stay classic).
         profile = {"driver": "GTiff", "width": self.scene.width, "height": self.scene.height,
-                   **self.scene.georeferencing, "tiled": True, "blockxsize": 256, "blockysize": 256,
+                   **self.scene.georeferencing, "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
                    "compress": "deflate", "BIGTIFF": "IF_SAFER"}
         with warnings.catch_warnings(), self._writing("classes"):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -396,9 +397,21 @@ def run(args) -> int:
     aoi = parse_aoi(args.aoi)
     plans = [plan_scene(p, aoi, args.overlap) for p in paths]   # every scene checked before any work
     # Inside an Env, GDAL's error messages go to rasterio's log, not to stderr: an error ends in one line.
-    with rasterio.Env(), distributed.process_group(args.device) as group:
+    with rasterio.Env(**gdal_cache(plans, args.probabilities)), distributed.process_group(args.device) as group:
         map_scenes(args, plans, group)
     return 0
+
+
+def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
+    """GDAL's block cache for the outputs (``rasterio.Env`` options): two rows of blocks of each (a
+    window row's rows fill the blocks they start, written once the next row completes them) and a
+    margin. GDAL's default, 5 % of the memory, keeps written blocks too: the map's memory would grow
+    with the scene up to that (gigabytes on a large node). A GDAL_CACHEMAX of the user's wins."""
+    if "GDAL_CACHEMAX" in os.environ:
+        return {}
+    width = max(p.xs[-1] + WINDOW for p in plans)
+    per_pixel = 1 + (len(SCORED_CLASSES) * np.dtype(probabilities).itemsize + 1 if probabilities else 0)
+    return {"GDAL_CACHEMAX": 64 + math.ceil(2 * BLOCK * width * per_pixel / 2**20)}   # in MB
 
 
 def map_scenes(args, plans: list[Planned], group: distributed.Group) -> None:

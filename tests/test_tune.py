@@ -452,8 +452,11 @@ def test_a_study_through_the_local_executor_prunes_the_rate_that_does_not_learn(
         assert proc.returncode == 0, proc.stderr[-3000:]
         rep = check_report(out, 6)
         pruned = [t for t in rep["trials"] if t["state"] == "PRUNED"]
-        assert pruned and all(t["params"]["optim.lr"] == BAD_LR for t in pruned)
-        assert all(t["folds_done"] < 2 and len(submissions(out, t["number"])) <= 1 for t in pruned)
+        assert pruned and all(t["params"]["optim.lr"] == BAD_LR and t["folds_done"] < 2 for t in pruned)
+        # trials 0 and 1 start together, so trial 0 may run both folds before one completes; the trials
+        # after them start once one has completed
+        late = [t for t in pruned if t["number"] >= 2]
+        assert late and all(len(submissions(out, t["number"])) <= 1 for t in late)
         assert rep["best"]["params"]["optim.lr"] == GOOD_LR
         complete = [t for t in rep["trials"] if t["state"] == "COMPLETE"]
         assert all(set(t["intermediate"]) == {"0", "1"} for t in complete)   # one step per validated epoch
