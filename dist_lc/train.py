@@ -235,8 +235,8 @@ def optimizer_step(s: Setup, loss: torch.Tensor, stop_requested: bool) -> tuple[
     fp16 = s.scaler.is_enabled()
     if bad and (not fp16 or s.fp16_skips >= FP16_SKIPS_ALLOWED):
         raise Diverged(f"loss is not finite (NaN/inf) on {int(bad)} rank(s)"
-                            + (f" for {s.fp16_skips + 1} steps in a row under fp16" if fp16 else "")
-                            + "; nothing saved from this epoch; lower optim.lr or use train.precision=fp32")
+                       + (f" for {s.fp16_skips + 1} steps in a row under fp16" if fp16 else "")
+                       + "; nothing saved from this epoch; lower optim.lr or use train.precision=fp32")
     s.fp16_skips = s.fp16_skips + 1 if bad else 0
     clip = s.cfg.optim.clip_grad_norm
     if clip:

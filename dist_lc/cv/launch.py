@@ -420,7 +420,7 @@ def _launch(args, plan: Plan, launch: Launch, keys: list, todo: list) -> int:
                   "--resume watches the jobs still running and reruns the others", file=sys.stderr, flush=True)
             return stop.exit_status
         except BaseException:   # local jobs would run on with nothing watching them; the error follows
-            print(f"cv: ended by the error below; {_hand_over(launch)}: after a fix, dist-lc cv --out "
+            print(f"cv: ended by the error below; {hand_over(launch.stops, launch.interrupt)}: after a fix, dist-lc cv --out "
                   f"{plan.cv_dir} --resume watches the jobs still running and reruns the others",
                   file=sys.stderr, flush=True)
             raise
@@ -430,12 +430,12 @@ def _launch(args, plan: Plan, launch: Launch, keys: list, todo: list) -> int:
     return _finish(plan, launch, finished)
 
 
-def _hand_over(launch: Launch) -> str:
-    """``launch.interrupt()`` for a launch that an error ends: neither a stop request nor a failure
-    of its own may cut it short or hide that error."""
-    launch.stops.ending = True
+def hand_over(stops: StopRequests, interrupt) -> str:
+    """``interrupt()`` (a launch's or a search's) for a launcher that an error ends: neither a stop
+    request nor a failure of its own may cut it short or hide that error."""
+    stops.ending = True
     try:
-        return launch.interrupt()
+        return interrupt()
     except Exception as exc:  # noqa: BLE001 - the first error is the one to report
         return f"its jobs could not be ended ({one_line(exc)})"
 

@@ -22,12 +22,12 @@ import os
 import sys
 from pathlib import Path
 
-from lc_common.errors import InputError, one_line
+from lc_common.errors import InputError
 from lc_common.locks import held
 
 from ..config import apply_overrides, describe, from_dict, load_config, normalized, to_dict
 from ..cv import executors
-from ..cv.launch import StopRequests, Stopped, check_executor, check_launcher
+from ..cv.launch import StopRequests, Stopped, check_executor, check_launcher, hand_over
 from ..cv.plan import check_folds
 from ..run_dir import check_output_folder
 from .settings import Settings, is_tune_folder, load_settings
@@ -93,8 +93,9 @@ def new_settings(args) -> Settings:
     cfg = load_config(args.config, [*args.set, *parse_folds(args.folds)])
     recipe_folds = load_config(args.config, args.set).cv.folds if args.folds else cfg.cv.folds
     kind = args.executor or cfg.launcher.executor
-    check_launcher(from_dict(normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}"]))), kind)
-    space = load_space(args.space, normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}"])))
+    base = normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}"]))
+    check_launcher(from_dict(base), kind)   # before the space, whose values it would be blamed on
+    space = load_space(args.space, base)
     from .study import check_sampler
 
     check_sampler(values["sampler"], space)
@@ -187,14 +188,8 @@ def study_run(settings: Settings, resumed: bool) -> int:
             say(f"stopped by {stop.signal_name}; {scheduler.interrupt()}: dist-lc tune --out {settings.out} "
                 "--resume continues the study")
             return stop.exit_status
-        except BaseException:
-            # the jobs would otherwise run on unwatched; the error itself is the caller's to report
-            stops.ending = True   # a stop signal must not cut this clean-up short
-            try:
-                said = scheduler.interrupt()
-            except Exception as exc:   # noqa: BLE001 - the first error is the one to raise
-                said = f"its jobs could not be ended ({one_line(exc)})"
-            say(f"the launcher failed; {said}")
+        except BaseException:   # the jobs would otherwise run on unwatched; the error follows
+            say(f"the launcher failed; {hand_over(stops, scheduler.interrupt)}")
             raise
     if scheduler.gave_up:
         say(f"{FAILURES_IN_A_ROW} trials failed in a row, so no new trial was started: their logs say why; "

@@ -31,8 +31,8 @@ from ..cv import executors
 from ..cv.executors import Executor
 from ..cv.launch import Job, Launch, StopRequests, wait_budget_s
 from ..cv.plan import Plan
-from . import progress
 from ..run_dir import diverged
+from . import progress
 from .settings import Settings, trial_plan
 from .study import all_params, reopen
 
