@@ -178,6 +178,8 @@ def _demo(sub):
     p.add_argument("--data", metavar="DIR", help="a challenge folder to use instead of synthetic data")
     p.add_argument("--executor", choices=EXECUTORS,
                    help="where the folds run (default: slurm if a cluster answers, else local)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the demo's recipe (configs/demo.yaml), e.g. train.epochs=5")
     return "dist_lc.demo"
 
 

@@ -15,6 +15,7 @@ from lc_common.errors import InputError
 from shard_tools.pack import pack
 
 from . import cli
+from .config import load_config
 from .cv import report
 from .cv.executors import slurm_problem
 from .synth.generate import generate
@@ -62,6 +63,7 @@ def run(args) -> int:
     if data is not None:
         check_challenge_folder(data)
     recipe = recipe_path()
+    load_config(recipe, args.set)   # a bad --set is refused before anything is written
     prepare_out(out)
     if data is None:
         print("1/4 synthesising a challenge-like dataset")
@@ -72,7 +74,7 @@ def run(args) -> int:
     print(f"3/4 3-fold cross-validation, each fold a 2-process DDP job ({executor} executor)")
     cv_dir = out / "cv"
     code = cli.main(["cv", "--config", str(recipe), "--out", str(cv_dir), "--executor", executor,
-                     "--set", f"data.shards={out / 'shards'}"])
+                     "--set", f"data.shards={out / 'shards'}", *[a for kv in args.set for a in ("--set", kv)]])
     report_path = cv_dir / "report.json"
     if not report_path.is_file():
         print("the cross-validation did not produce a report; see the messages above")
