@@ -30,12 +30,23 @@ class BucketCount(logging.Handler):
             self.buckets = max(self.buckets, int(record.args[1]))
 
 
+def aot_eager():
+    """The trainer's ``model.compile`` with dynamo's ``aot_eager`` backend: dynamo's graph split at
+    DDP's buckets and AOTAutograd's backward, which is what DDP and accumulation meet, without
+    inductor's code generation (a minute of C++ compilation per graph on a CPU; its numerics are
+    checked by the GPU benchmark's miniature, tests/test_benchmarks.py)."""
+    compile_module = torch.nn.Module.compile
+    torch.nn.Module.compile = lambda self, *args, **kw: compile_module(self, *args, backend="aot_eager", **kw)
+
+
 def main(shards, out, batch, micro, steps, compile=False, wide=False):
     filters = 48 if wide else 8
     cfg = load_config(None, [f"data.shards={shards}", "data.fold=null", "model.norm=group", f"model.filters={filters}",
                              f"model.upconv_filters={filters}", "optim.name=sgd", "optim.lr=0.003",
                              "schedule.name=constant", f"train.batch_size={batch}", f"train.micro_batch_size={micro}",
                              "train.precision=fp32", "loss.kl_weight=0.5", f"train.compile={str(compile).lower()}"])
+    if compile:
+        aot_eager()
     counter = BucketCount()
     split_log = logging.getLogger("torch._dynamo.backends.distributed")
     split_log.setLevel(logging.INFO)
