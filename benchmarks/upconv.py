@@ -66,14 +66,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--md", type=Path, help="append the table to this markdown file")
-    ap.add_argument("--quick", action="store_true", help="1 repeat, batch 1 (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="1 repeat, batch 1, layers of an eighth the side "
+                    "(a smoke run)")
     args = ap.parse_args(argv)
+    layers = LAYERS
     if args.quick:
         args.repeats, args.batch = 1, 1
+        layers = [(side // 8, ch) for side, ch in LAYERS]
     rows = []
     for dtype, fmt in ((torch.bfloat16, torch.channels_last), (None, torch.channels_last),
                        (torch.bfloat16, torch.contiguous_format), (None, torch.contiguous_format)):
-        for side, ch in LAYERS:
+        for side, ch in layers:
             log(f"{dtype} {fmt} {side}² × {ch}")
             r = measure(side, ch, args.batch, dtype, fmt, args.repeats)
             rows.append(["bf16" if dtype else "fp32", "NHWC" if fmt == torch.channels_last else "NCHW",

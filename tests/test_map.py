@@ -252,7 +252,7 @@ def test_predict_from_the_raw_test_folder_equals_predict_from_shards(smoke_run, 
     ckpt = str(smoke_run / "checkpoints" / "best.pt")
     for args, name in (([f"--shards={packed_sample}"], "shards.csv"),
                        ([f"--images={sample_root / 'test' / 'images'}"], "images.csv")):
-        proc = dist_lc(["predict", "--checkpoint", ckpt, *args, "--out", str(tmp_path / name), "--tta"])
+        proc = dist_lc(["predict", "--checkpoint", ckpt, *args, "--out", str(tmp_path / name)])
         assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (pd.read_csv(tmp_path / n, dtype={"sample_id": str}).set_index("sample_id") for n in ("shards.csv",
                                                                                                   "images.csv"))
