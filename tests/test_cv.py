@@ -247,12 +247,24 @@ def test_the_second_stage_is_cross_fitted_and_chosen_only_when_it_scores_lowest(
     check_correction_choice(local_cv, report)
 
 
-def test_failed_fold_is_reported_then_resume_reruns_only_it(tiny_shards, tmp_path):
-    """The first rank to reach step 2 is SIGKILLed (no result pickle): cv reports the other fold and exits 1;
-    --resume reruns only the failed one."""
+def test_a_fold_job_killed_from_outside_is_submitted_once_more(tiny_shards, tmp_path):
+    """The first rank to reach step 2 is SIGKILLed (no result pickle, no note: as by the kernel's
+    out-of-memory killer or with a lost node): its fold is submitted once more and the CV completes."""
     cv_dir = tmp_path / "cv"
     args = [*tiny(tiny_shards, "launcher.tasks_per_node=1", "launcher.max_parallel=2"), "--out", str(cv_dir)]
     proc = run_cv(args, extra_env=fault(f"kill step=2 marker={tmp_path / 'killed'}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("was lost (process exited, without done.json or an error); submitting it once more") == 1
+    assert len(json.loads((cv_dir / "jobs.json").read_text())["jobs"]) == 3
+    assert json.loads((cv_dir / "report.json").read_text())["complete"]
+
+
+def test_failed_fold_is_reported_then_resume_reruns_only_it(tiny_shards, tmp_path):
+    """The first rank to reach step 2 raises: cv reports the other fold and exits 1; --resume reruns
+    only the failed one."""
+    cv_dir = tmp_path / "cv"
+    args = [*tiny(tiny_shards, "launcher.tasks_per_node=1", "launcher.max_parallel=2"), "--out", str(cv_dir)]
+    proc = run_cv(args, extra_env=fault(f"raise step=2 marker={tmp_path / 'raised'}"))
     assert proc.returncode == 1
     report = json.loads((cv_dir / "report.json").read_text())
     assert len(report["folds"]) == 1 and len(report["missing_folds"]) == 1 and not report["complete"]

@@ -34,12 +34,14 @@ class RecordExecutor(Executor):
     gone_grace_s = 0.005
     task_failed_grace_s = None
     outcome = staticmethod(lambda number: "done")
+    lose = 0   # each fold's first `lose` jobs are lost: gone without a note or an error (a lost node)
     _ids = itertools.count()
 
     def __init__(self, launcher, folder, jobs=1):
         super().__init__(launcher, folder, jobs)
         self.jobs: dict[str, dict] = {}
         self.cancelled: list[str] = []
+        self.submitted: dict[Path, int] = {}
 
     def capacity(self) -> float:
         return self.launcher.max_parallel or 1
@@ -48,8 +50,11 @@ class RecordExecutor(Executor):
         out = []
         for item in work:
             job_id = f"record{next(self._ids)}"
-            self.jobs[job_id] = {"run_dir": Path(item.run_dir), "looks": 0,
-                                 "outcome": type(self).outcome(int(Path(item.run_dir).parent.name))}
+            run_dir = Path(item.run_dir)
+            self.submitted[run_dir] = self.submitted.get(run_dir, 0) + 1
+            lost = self.submitted[run_dir] <= self.lose
+            self.jobs[job_id] = {"run_dir": run_dir, "looks": 0,
+                                 "outcome": "lost" if lost else type(self).outcome(int(run_dir.parent.name))}
             log = str(Path(item.run_dir) / "job.log")
             out.append((Submission(item.point, item.fold, self.name, job_id, log, log, now()), job_id))
         return out
@@ -71,7 +76,7 @@ class RecordExecutor(Executor):
         if job["outcome"] == "done":
             (run_dir / "metrics.csv").write_text("epoch,step,train_loss,val_kl\n1,1,1.0,0.6\n2,2,1.0,0.5\n")
             (run_dir / "done.json").write_text(json.dumps({"best_val_kl": 0.5, "best_epoch": 2}))
-        elif job["outcome"] == "vanished":   # killed before it could leave a note (srun failed, a lost node)
+        elif job["outcome"] in ("vanished", "lost"):   # killed before it could leave a note
             pass
         elif job["outcome"] == "diverged":
             record_failure(run_dir, 0, Diverged("loss is not finite (NaN/inf) on 1 rank(s)"))
@@ -80,7 +85,8 @@ class RecordExecutor(Executor):
 
     def first_failure(self, record):
         job = self.jobs[record.job_id]
-        return ("TrainingError: it failed", record.stderr) if job["looks"] >= 2 and job["outcome"] != "done" else None
+        failed = job["looks"] >= 2 and job["outcome"] not in ("done", "lost")
+        return ("TrainingError: it failed", record.stderr) if failed else None
 
     def cancel(self, record, handle=None) -> None:
         self.cancelled.append(record.job_id)
@@ -93,8 +99,11 @@ class RecordExecutor(Executor):
 
 @pytest.fixture
 def records(monkeypatch):
-    monkeypatch.setitem(executors.EXECUTORS, "local", RecordExecutor)
-    return RecordExecutor
+    class Records(RecordExecutor):   # what a test sets (outcome, lose) stays its own
+        pass
+
+    monkeypatch.setitem(executors.EXECUTORS, "local", Records)
+    return Records
 
 
 def settings_of(tmp_path: Path, text: str = LR, trials: int = 4, folds=(0,)) -> Settings:
@@ -243,3 +252,24 @@ def test_a_note_of_an_earlier_launch_does_not_make_a_fold_diverged(tmp_path, rec
     record_failure(settings.out / "trials" / "0" / "fold0", 0, Diverged("loss is not finite (NaN/inf) on 1 rank(s)"))
     launch.study_run(settings, resumed=False)
     assert states(settings.out) == ["FAIL"]
+
+
+@pytest.mark.parametrize("lose", [1, 2])
+def test_a_lost_fold_job_is_submitted_once_more(tmp_path, records, capsys, lose):
+    """A fold whose job vanished without a note or an error (a lost node, a preemption) is submitted
+    again, once: the trial completes; lost twice, it fails, and says so."""
+    records.lose = lose
+    settings = settings_of(tmp_path, trials=1)
+    open_study(settings)
+    launch.study_run(settings, resumed=False)
+    err = capsys.readouterr().err
+    assert err.count("was lost (gone, without done.json or an error); submitting it once more") == 1, err
+    assert states(settings.out) == (["COMPLETE"] if lose == 1 else ["FAIL"])
+    if lose == 2:
+        assert "fold0 failed (gone without done.json)" in err, err
+
+
+def test_a_slurm_job_ended_on_purpose_is_not_submitted_again():
+    slurm = executors.SlurmExecutor
+    assert slurm.lost("Slurm state NODE_FAIL") and slurm.lost("no longer in squeue")
+    assert not any(slurm.lost(f"Slurm state {s}") for s in ("CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"))

@@ -44,6 +44,9 @@ from .plan import DONE, Submission, now
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                        "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
                        "PREEMPTED", "RESV_DEL_HOLD"}
+# Slurm end states that someone or something meant (a cancel, the time limit, the memory limit): a job
+# gone in one is not submitted again, as one lost with its node or preempted is, once.
+MEANT_SLURM_ENDS = {"CANCELLED", "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY"}
 TASK_FAILED_GRACE_S = 15.0  # local: a job whose task failed this long ago has its other tasks ended
 LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get before they are killed
 LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
@@ -188,6 +191,12 @@ class Executor(abc.ABC):
     def first_failure(self, record: Submission) -> tuple[str, str] | None:
         """(the error, the log) of the job's task that failed first, or None."""
         return first_failure(record)
+
+    @classmethod
+    def lost(cls, detail: str) -> bool:
+        """Whether a job gone without done.json or an error, as ``detail`` (presence's word) says, was
+        lost rather than ended on purpose: the launcher then submits it once more (its fold resumes)."""
+        return True
 
     # --- ending
 
@@ -595,6 +604,10 @@ class SlurmExecutor(Executor):
         if state in ACTIVE_SLURM_STATES:
             return (JobState.PENDING if state == "PENDING" else JobState.RUNNING), state
         return None, f"Slurm state {state}" if state else "no longer in squeue"
+
+    @classmethod
+    def lost(cls, detail: str) -> bool:
+        return detail.removeprefix("Slurm state ") not in MEANT_SLURM_ENDS
 
     def cancel(self, record: Submission, handle=None) -> None:
         try:

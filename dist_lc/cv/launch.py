@@ -30,7 +30,7 @@ from lc_common.errors import InputError, one_line
 from lc_common.locks import held
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
-from ..run_dir import check_output_folder, clear_failures
+from ..run_dir import check_output_folder, clear_failures, failure_notes
 from ..stopping import SignalHandlers
 from . import executors
 from .executors import Executor, JobState, Status, Work
@@ -119,6 +119,7 @@ class Job:
     handle: object = None            # this launch's handle on it (none for a job of an earlier launch)
     ended_at: float | None = None    # when it was first seen gone without done.json
     task_failed_at: float | None = None  # when a task of the still running job was seen failed
+    resubmitted: bool = False        # submitted again after its job was lost (once at most)
 
     @property
     def label(self) -> str:
@@ -296,6 +297,8 @@ class Launch:
             job.ended_at = job.ended_at or clock
             if clock - job.ended_at < job.executor.gone_grace_s:
                 return
+            if self._resubmit_lost(job, status):
+                return
             status = Status(JobState.FAILED, f"{status.detail} without done.json", status.log)
         else:
             job.ended_at = None
@@ -305,6 +308,19 @@ class Launch:
         if status.state is JobState.FAILED:
             print(f"cv: {job.label} FAILED (job {job.submission.job_id}: {status.detail}); log: {status.log}",
                   file=sys.stderr, flush=True)
+
+    def _resubmit_lost(self, job: Job, status: Status) -> bool:
+        """A job gone without done.json, an error or a failure note (a lost node, a preemption, a
+        process killed from outside) is queued once more, as --resume would do: its fold resumes from
+        its last checkpoint. Not one ended on purpose (scancel, the time limit), and only once."""
+        if job.resubmitted or failure_notes(job.run_dir) or not job.executor.lost(status.detail):
+            return False
+        print(f"cv: {job.label}: job {job.submission.job_id} was lost ({status.detail}, without done.json or an "
+              "error); submitting it once more (it resumes from its last checkpoint)", file=sys.stderr, flush=True)
+        job.state, job.submission, job.executor, job.handle = JobState.QUEUED, None, None, None
+        job.ended_at = job.task_failed_at = None
+        job.resubmitted = True
+        return True
 
     def _end_if_a_task_failed(self, job: Job, clock: float) -> None:
         """Where the executor does not do it itself (srun's --kill-on-bad-exit), a job one of whose
