@@ -383,7 +383,8 @@ def e2e(b: Bench, shards: Path, tiles: int) -> None:
         f"2 epochs, {r['workers']} loader workers; the second epoch", "",
         table(["run", "images/s", "of the step's rate", "data wait", "epoch s", "validation s",
                "checkpoints + log s per epoch", "compile s", "set-up s", "peak MB"], rows),
-        "", "before: train.compile false, optim.implementation foreach; after: the recipe's defaults."]))
+        "", "before: train.compile false, optim.implementation foreach; after: the recipe's defaults"
+        + (" (--quick: after alone)." if b.args.quick else ".")]))
 
 
 # ----------------------------------------------------------------------------- 5. several folds on one GPU

@@ -18,9 +18,12 @@ from . import cli
 from .config import load_config
 from .cv import report
 from .cv.executors import slurm_problem
+from .cv.launch import check_launcher
 from .synth.generate import generate
 
 MARKER = ".dist_lc_demo"
+FOLDS = 3
+OWN_KEYS = {"data.shards": "give a challenge folder with --data", "launcher.executor": "use --executor"}
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
@@ -50,6 +53,20 @@ def recipe_path() -> Path:
     return RECIPE
 
 
+def check_sets(recipe: Path, sets: list[str], executor: str) -> None:
+    """The recipe with the user's --set, checked as `dist-lc cv` checks it (the folds against the
+    demo's 3), before anything is written; the two keys the demo sets itself are refused."""
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        if key in OWN_KEYS:
+            raise InputError(f"--set {key}: the demo sets it itself; {OWN_KEYS[key]}")
+    cfg = load_config(recipe, [*sets, f"launcher.executor={executor}"])
+    check_launcher(cfg, executor)
+    for fold in cfg.cv.folds or []:
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < FOLDS:
+            raise InputError(f"config key 'cv.folds': fold {fold!r} is not one of the demo's folds 0..{FOLDS - 1}")
+
+
 def pick_executor(requested: str | None) -> str:
     if requested:
         return requested
@@ -63,14 +80,14 @@ def run(args) -> int:
     if data is not None:
         check_challenge_folder(data)
     recipe = recipe_path()
-    load_config(recipe, args.set)   # a bad --set is refused before anything is written
+    executor = pick_executor(args.executor)
+    check_sets(recipe, args.set, executor)
     prepare_out(out)
     if data is None:
         print("1/4 synthesising a challenge-like dataset")
         data = generate(out / "data", n_train=150, n_test=24, seed=0, progress=True)
     print(f"2/4 packing {data} into shards (3 folds)")
-    pack(data, out / "shards", folds=3, seed=0, samples_per_shard=32, progress=True)
-    executor = pick_executor(args.executor)
+    pack(data, out / "shards", folds=FOLDS, seed=0, samples_per_shard=32, progress=True)
     print(f"3/4 3-fold cross-validation, each fold a 2-process DDP job ({executor} executor)")
     cv_dir = out / "cv"
     code = cli.main(["cv", "--config", str(recipe), "--out", str(cv_dir), "--executor", executor,

@@ -62,6 +62,11 @@ class RunLock:
         return self._held.__exit__(*exc)
 
 
+def trainer_of(run_dir) -> str | None:
+    """The training that holds the run folder now ("pid X on HOST since T"), or None."""
+    return locks.holder(Path(run_dir) / LOCK)
+
+
 # ----------------------------------------------------------------------------- failures across ranks
 
 FAILURES = ".failures"

@@ -52,6 +52,22 @@ def held(path, refused: str, transient: bool = False):
                     path.unlink()   # still held: a process that opened it meanwhile is refused
 
 
+def holder(path) -> str | None:
+    """Who holds the lock on ``path`` (as :func:`held` names it), or None: nobody, no such file, or a
+    filesystem without locks (nothing can be told there). Takes the lock for a moment when it is free."""
+    try:
+        lock = open(path, "r+")
+    except OSError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            return (lock.read().strip() or "?") if exc.errno in HELD else None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def claimed(folder, refused: str, lock_name: str, what: str = "--out", transient: bool = True):
     """``folder`` made if missing, and held through ``folder/lock_name`` while the block runs (see

@@ -248,8 +248,8 @@ def test_the_second_stage_is_cross_fitted_and_chosen_only_when_it_scores_lowest(
 
 
 def test_a_fold_job_killed_from_outside_is_submitted_once_more(tiny_shards, tmp_path):
-    """The first rank to reach step 2 is SIGKILLed (no result pickle, no note: as by the kernel's
-    out-of-memory killer or with a lost node): its fold is submitted once more and the CV completes."""
+    """The first rank to reach step 2 is SIGKILLed, its job's only task (no result pickle, no note, the
+    run folder's lock gone with it): its fold is submitted once more and the CV completes."""
     cv_dir = tmp_path / "cv"
     args = [*tiny(tiny_shards, "launcher.tasks_per_node=1", "launcher.max_parallel=2"), "--out", str(cv_dir)]
     proc = run_cv(args, extra_env=fault(f"kill step=2 marker={tmp_path / 'killed'}"))

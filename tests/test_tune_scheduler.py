@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ class RecordExecutor(Executor):
     task_failed_grace_s = None
     outcome = staticmethod(lambda number: "done")
     lose = 0   # each fold's first `lose` jobs are lost: gone without a note or an error (a lost node)
+    gone = ("gone",)   # what presence says of a gone job at its 2nd, 3rd, ... look (the last one repeats)
     _ids = itertools.count()
 
     def __init__(self, launcher, folder, jobs=1):
@@ -67,7 +69,9 @@ class RecordExecutor(Executor):
         job["looks"] += 1
         if job["looks"] == 2 and record.job_id not in self.cancelled:
             self._end(job)
-        return (JobState.RUNNING, "") if job["looks"] < 2 else (None, "gone")
+        if job["looks"] < 2:
+            return JobState.RUNNING, ""
+        return None, self.gone[min(job["looks"] - 2, len(self.gone) - 1)]
 
     @staticmethod
     def _end(job: dict) -> None:
@@ -269,7 +273,36 @@ def test_a_lost_fold_job_is_submitted_once_more(tmp_path, records, capsys, lose)
         assert "fold0 failed (gone without done.json)" in err, err
 
 
-def test_a_slurm_job_ended_on_purpose_is_not_submitted_again():
-    slurm = executors.SlurmExecutor
-    assert slurm.lost("Slurm state NODE_FAIL") and slurm.lost("no longer in squeue")
-    assert not any(slurm.lost(f"Slurm state {s}") for s in ("CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"))
+@pytest.mark.parametrize("seen,again", [(("Slurm state NODE_FAIL", "no longer in squeue"), True),
+                                        (("Slurm state CANCELLED", "no longer in squeue"), False),
+                                        (("Slurm state TIMEOUT",), False), (("no longer in squeue",), False)])
+def test_a_slurm_job_is_submitted_again_only_when_slurm_said_its_node_failed(tmp_path, records, capsys, seen,
+                                                                             again):
+    """Judged by the first end state seen: Slurm lists an ended job only for MinJobAge (5 s on the
+    local cluster), so by the end of the grace a cancelled job is only "no longer in squeue"."""
+    records.lose, records.gone, records.lost = 1, seen, executors.SlurmExecutor.lost
+    settings = settings_of(tmp_path, trials=1)
+    open_study(settings)
+    launch.study_run(settings, resumed=False)
+    err = capsys.readouterr().err
+    assert ("submitting it once more" in err) is again, err
+    assert states(settings.out) == (["COMPLETE"] if again else ["FAIL"])
+    if not again:
+        assert f"fold0 failed ({seen[0]} without done.json)" in err, err
+
+
+def test_a_lost_job_is_not_submitted_again_while_a_training_holds_its_folder(tmp_path, records, capsys):
+    """Tasks that outlived their killed controller still train in the folder: a second job would be
+    refused by the run lock, and the orphans would go on unwatched."""
+    from lc_common.locks import held
+
+    records.lose = 1
+    settings = settings_of(tmp_path, trials=1)
+    open_study(settings)
+    run_dir = settings.out / "trials" / "0" / "fold0"
+    run_dir.mkdir(parents=True)
+    with held(run_dir / ".lock", "held"):
+        launch.study_run(settings, resumed=False)
+    err = capsys.readouterr().err
+    assert "but a training still holds" in err and f"pid {os.getpid()} on" in err, err
+    assert "submitting it once more" not in err and states(settings.out) == ["FAIL"]

@@ -44,9 +44,10 @@ from .plan import DONE, Submission, now
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                        "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
                        "PREEMPTED", "RESV_DEL_HOLD"}
-# Slurm end states that someone or something meant (a cancel, the time limit, the memory limit): a job
-# gone in one is not submitted again, as one lost with its node or preempted is, once.
-MEANT_SLURM_ENDS = {"CANCELLED", "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY"}
+# Slurm end states of a job lost with its node: submitted once more. Not the others: a cancel, the time
+# or memory limit were meant, and a job that FAILED without a result pickle (a bad launcher.setup)
+# would fail again.
+LOST_SLURM_ENDS = {"NODE_FAIL", "BOOT_FAIL"}
 TASK_FAILED_GRACE_S = 15.0  # local: a job whose task failed this long ago has its other tasks ended
 LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get before they are killed
 LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
@@ -194,8 +195,9 @@ class Executor(abc.ABC):
 
     @classmethod
     def lost(cls, detail: str) -> bool:
-        """Whether a job gone without done.json or an error, as ``detail`` (presence's word) says, was
-        lost rather than ended on purpose: the launcher then submits it once more (its fold resumes)."""
+        """Whether a job gone without done.json or an error, as ``detail`` (presence's word when it
+        was first seen gone) says, was lost rather than ended on purpose: the launcher then submits it
+        once more (its fold resumes)."""
         return True
 
     # --- ending
@@ -607,7 +609,7 @@ class SlurmExecutor(Executor):
 
     @classmethod
     def lost(cls, detail: str) -> bool:
-        return detail.removeprefix("Slurm state ") not in MEANT_SLURM_ENDS
+        return detail.removeprefix("Slurm state ") in LOST_SLURM_ENDS
 
     def cancel(self, record: Submission, handle=None) -> None:
         try:

@@ -30,7 +30,7 @@ from lc_common.errors import InputError, one_line
 from lc_common.locks import held
 
 from ..config import Config, apply_overrides, batch_layout, from_dict, normalized
-from ..run_dir import check_output_folder, clear_failures, failure_notes
+from ..run_dir import check_output_folder, clear_failures, failure_notes, trainer_of
 from ..stopping import SignalHandlers
 from . import executors
 from .executors import Executor, JobState, Status, Work
@@ -118,6 +118,7 @@ class Job:
     executor: Executor | None = None  # the one running it (a job of an earlier launch: of its kind)
     handle: object = None            # this launch's handle on it (none for a job of an earlier launch)
     ended_at: float | None = None    # when it was first seen gone without done.json
+    end_detail: str = ""             # what its executor said then (Slurm lists an ended job's state only a while)
     task_failed_at: float | None = None  # when a task of the still running job was seen failed
     resubmitted: bool = False        # submitted again after its job was lost (once at most)
 
@@ -294,12 +295,13 @@ class Launch:
 
     def _update(self, job: Job, status: Status, clock: float) -> None:
         if status.state is JobState.ENDED:
-            job.ended_at = job.ended_at or clock
+            if job.ended_at is None:
+                job.ended_at, job.end_detail = clock, status.detail
             if clock - job.ended_at < job.executor.gone_grace_s:
                 return
-            if self._resubmit_lost(job, status):
+            if self._resubmit_lost(job):
                 return
-            status = Status(JobState.FAILED, f"{status.detail} without done.json", status.log)
+            status = Status(JobState.FAILED, f"{job.end_detail} without done.json", status.log)
         else:
             job.ended_at = None
         if status.state is JobState.RUNNING:
@@ -309,13 +311,19 @@ class Launch:
             print(f"cv: {job.label} FAILED (job {job.submission.job_id}: {status.detail}); log: {status.log}",
                   file=sys.stderr, flush=True)
 
-    def _resubmit_lost(self, job: Job, status: Status) -> bool:
-        """A job gone without done.json, an error or a failure note (a lost node, a preemption, a
-        process killed from outside) is queued once more, as --resume would do: its fold resumes from
-        its last checkpoint. Not one ended on purpose (scancel, the time limit), and only once."""
-        if job.resubmitted or failure_notes(job.run_dir) or not job.executor.lost(status.detail):
+    def _resubmit_lost(self, job: Job) -> bool:
+        """A job whose every task vanished without done.json, an error or a failure note (its node lost,
+        its processes killed from outside) is queued once more, as --resume would do: its fold resumes
+        from its last checkpoint. Not one ended on purpose (scancel, the time limit), not while a
+        training still holds its run folder (tasks that outlived their controller), and only once."""
+        if job.resubmitted or failure_notes(job.run_dir) or not job.executor.lost(job.end_detail):
             return False
-        print(f"cv: {job.label}: job {job.submission.job_id} was lost ({status.detail}, without done.json or an "
+        trainer = trainer_of(job.run_dir)
+        if trainer:
+            print(f"cv: {job.label}: job {job.submission.job_id} is gone ({job.end_detail}) but a training still "
+                  f"holds {job.run_dir} ({trainer}): not submitted again", file=sys.stderr, flush=True)
+            return False
+        print(f"cv: {job.label}: job {job.submission.job_id} was lost ({job.end_detail}, without done.json or an "
               "error); submitting it once more (it resumes from its last checkpoint)", file=sys.stderr, flush=True)
         job.state, job.submission, job.executor, job.handle = JobState.QUEUED, None, None, None
         job.ended_at = job.task_failed_at = None
