@@ -34,10 +34,16 @@ def test_demo_refuses_a_folder_holding_other_files(tmp_path):
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
 
 
-def test_demo_refuses_an_unknown_key_before_writing_anything(tmp_path):
-    proc = dist_lc(["demo", "--out", str(tmp_path / "o"), "--set", "train.epoch=5"], timeout=120)
-    assert proc.returncode == 2 and "unknown config key 'train.epoch'" in proc.stderr
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("setting,says", [
+    ("train.epoch=5", "unknown config key 'train.epoch'"),
+    ("train.batch_size=3", "3 tiles cannot be split evenly over 2 ranks"),   # what only cv's checks see
+    ("cv.folds=[5]", "fold 5 is not one of the demo's folds 0..2"),
+    ("data.shards=/elsewhere", "--set data.shards: the demo sets it itself; give a challenge folder with --data"),
+])
+def test_demo_refuses_a_bad_setting_before_writing_anything(tmp_path, setting, says):
+    proc = dist_lc(["demo", "--out", str(tmp_path / "o"), "--executor", "local", "--set", setting], timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def test_demo_refuses_data_that_is_not_the_challenge_layout(tmp_path):
