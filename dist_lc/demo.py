@@ -19,6 +19,7 @@ from .config import load_config
 from .cv import report
 from .cv.executors import slurm_problem
 from .cv.launch import check_launcher
+from .cv.plan import check_fold_list
 from .synth.generate import generate
 
 MARKER = ".dist_lc_demo"
@@ -62,9 +63,7 @@ def check_sets(recipe: Path, sets: list[str], executor: str) -> None:
             raise InputError(f"--set {key}: the demo sets it itself; {OWN_KEYS[key]}")
     cfg = load_config(recipe, [*sets, f"launcher.executor={executor}"])
     check_launcher(cfg, executor)
-    for fold in cfg.cv.folds or []:
-        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < FOLDS:
-            raise InputError(f"config key 'cv.folds': fold {fold!r} is not one of the demo's folds 0..{FOLDS - 1}")
+    check_fold_list(cfg.cv.folds, FOLDS, f"is not one of the demo's folds 0..{FOLDS - 1}")
 
 
 def pick_executor(requested: str | None) -> str:

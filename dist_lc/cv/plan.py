@@ -199,13 +199,17 @@ def check_folds(cfg: Config) -> list[int]:
         raise InputError("config key 'data.shards' is empty: --set data.shards=DIR")
     manifest = load_manifest(cfg.data.shards)
     k = manifest.num_folds
-    folds = list(range(k)) if cfg.cv.folds is None else cfg.cv.folds
+    return check_fold_list(cfg.cv.folds, k, f"is not in {manifest.root} (its manifest has folds 0..{k - 1})")
+
+
+def check_fold_list(folds: list | None, k: int, outside: str) -> list[int]:
+    """cv.folds of ``k`` folds (all of them when None); ``outside`` ends the line of a fold not among them."""
+    folds = list(range(k)) if folds is None else folds
     if not folds:
         raise InputError("config key 'cv.folds' is empty")
     for fold in folds:
         if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < k:
-            raise InputError(f"config key 'cv.folds': fold {fold!r} is not in {manifest.root} "
-                             f"(its manifest has folds 0..{k - 1})")
+            raise InputError(f"config key 'cv.folds': fold {fold!r} {outside}")
     if len(set(folds)) != len(folds):
         raise InputError(f"config key 'cv.folds': a fold is listed twice ({folds})")
     return list(folds)
