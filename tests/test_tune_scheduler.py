@@ -56,7 +56,7 @@ class RecordExecutor(Executor):
             self.submitted[run_dir] = self.submitted.get(run_dir, 0) + 1
             lost = self.submitted[run_dir] <= self.lose
             self.jobs[job_id] = {"run_dir": run_dir, "looks": 0,
-                                 "outcome": "lost" if lost else type(self).outcome(int(run_dir.parent.name))}
+                                 "outcome": "lost" if lost else type(self).outcome(trial_of(run_dir))}
             log = str(Path(item.run_dir) / "job.log")
             out.append((Submission(item.point, item.fold, self.name, job_id, log, log, now()), job_id))
         return out
@@ -99,6 +99,12 @@ class RecordExecutor(Executor):
         for record, handle in jobs:
             self.cancel(record, handle)
         return f"{len(jobs)} job(s) ended"
+
+
+def trial_of(run_dir: Path) -> int:
+    """trials/N/foldK: N; a CV's fold folder: 0."""
+    name = run_dir.parent.name
+    return int(name) if name.isdigit() else 0
 
 
 @pytest.fixture
@@ -306,3 +312,71 @@ def test_a_lost_job_is_not_submitted_again_while_a_training_holds_its_folder(tmp
     err = capsys.readouterr().err
     assert "but a training still holds" in err and f"pid {os.getpid()} on" in err, err
     assert "submitting it once more" not in err and states(settings.out) == ["FAIL"]
+
+
+class Clock:
+    """time for the launchers: monotonic() only moves when they sleep, or when a test says so."""
+
+    def __init__(self):
+        import time
+
+        self.real, self.now = time, 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def clock(monkeypatch, records):
+    """A fake clock under cv's and tune's launchers; a lost job's second submission takes the
+    whole computed wait budget (as a resubmitted fold that runs as long as the first would)."""
+    from dist_lc.cv import launch as cv_launch
+    from dist_lc.tune import scheduler
+
+    fake = Clock()
+    for module in (cv_launch, scheduler):
+        monkeypatch.setattr(module, "time", fake)
+    submit = records.submit
+
+    def submit_then_age(self, work):
+        out = submit(self, work)
+        if any(self.submitted[Path(item.run_dir)] > 1 for item in work):
+            fake.now += cv_launch.wait_budget_s(load_config("configs/smoke.yaml"), 1, 1)
+        return out
+
+    monkeypatch.setattr(records, "submit", submit_then_age)
+    return fake
+
+
+def test_a_lost_job_submitted_again_extends_the_searchs_wait_budget(tmp_path, records, clock, capsys):
+    records.lose = 1
+    settings = settings_of(tmp_path, trials=1)
+    open_study(settings)
+    assert launch.study_run(settings, resumed=False) == 0
+    err = capsys.readouterr().err
+    assert "submitting it once more" in err and "wait deadline passed" not in err, err
+    assert states(settings.out) == ["COMPLETE"]
+
+
+def test_a_lost_job_submitted_again_extends_the_cvs_wait_budget(tmp_path, records, clock, packed_sample):
+    import argparse
+
+    from dist_lc.cv import launch as cv_launch
+
+    args = argparse.Namespace(config="configs/smoke.yaml", set=["cv.folds=[0]", f"data.shards={packed_sample}"],
+                              grid=None, executor="local", out=tmp_path / "cv")
+    plan = cv_launch.new_plan(args)
+    plan.cv_dir.mkdir()
+    plan.save()
+    todo = [(plan.points[0].name, 0)]
+    records.lose = 1
+    run = cv_launch.Launch(plan, todo)
+    run.start(resume=False)
+    assert run.wait(1, cv_launch.wait_budget_s(run.cfg, 1, run.capacity()))
+    assert run.all_done and run.jobs[0].resubmitted

@@ -202,6 +202,7 @@ class Launch:
         self.stops = StopRequests()
         self._shown = ("", 0.0)
         self.started = time.monotonic()
+        self.extra_wait_s = 0.0   # added to the wait budget by each job submitted again
 
     def _executor(self, kind: str, jobs: int) -> Executor:
         """A fresh submitit folder per launch: Slurm job ids may restart at 1."""
@@ -328,6 +329,7 @@ class Launch:
         job.state, job.submission, job.executor, job.handle = JobState.QUEUED, None, None, None
         job.ended_at = job.task_failed_at = None
         job.resubmitted = True
+        self.extra_wait_s += resubmission_wait_s(self.cfg)
         return True
 
     def _end_if_a_task_failed(self, job: Job, clock: float) -> None:
@@ -370,7 +372,7 @@ class Launch:
             self.show(total)
             if all(j.final for j in self.jobs):
                 return True
-            if time.monotonic() - self.started > deadline_s:
+            if time.monotonic() - self.started > deadline_s + self.extra_wait_s:
                 return False
             time.sleep(self.executor.poll_s)
 
@@ -403,6 +405,13 @@ def wait_budget_s(cfg: Config, jobs_count: int, parallel: float) -> float:
     at_once = min(parallel, lc.max_parallel or math.inf)
     waves = math.ceil(jobs_count / at_once) if math.isfinite(at_once) else min(jobs_count, 1)  # Slurm: one
     return waves * lc.time_min * 60.0 * (lc.max_requeues + 1) + 1800.0
+
+
+def resubmission_wait_s(cfg: Config) -> float:
+    """What a job submitted again adds to the computed wait budget: one job's run with all its
+    requeues (nothing when launcher.wait_min bounds the wait: the user's bound stands)."""
+    lc = cfg.launcher
+    return 0.0 if lc.wait_min else lc.time_min * 60.0 * (lc.max_requeues + 1)
 
 
 def run(args) -> int:

@@ -100,6 +100,7 @@ class Scheduler:
         self.failures_in_a_row = 0
         self._shown = ("", 0.0)
         self.started = time.monotonic()
+        self.extra_wait_s = 0.0   # finished trials' lost jobs' share of the wait budget
 
     def _executor(self) -> Executor:
         """One executor for every trial of this launch, in a fresh submitit folder (Slurm job ids may
@@ -253,6 +254,7 @@ class Scheduler:
                 executor.cancel_all([(job.submission, job.handle) for job in doomed if job.executor is executor])
             self.study.tell(run.trial, value, state=state)
             del self.running[run.number]
+            self.extra_wait_s += run.launch.extra_wait_s
             if jobs:
                 self.draining.append((run.launch, jobs))
         self._ended(state)
@@ -288,9 +290,13 @@ class Scheduler:
             self.show()
             if not self.running and not self.draining and not self.can_ask():
                 return not self.gave_up
-            if time.monotonic() - self.started > budget:
+            if time.monotonic() - self.started > budget + self.wait_extension_s():
                 return False
             time.sleep(self.executor.poll_s)
+
+    def wait_extension_s(self) -> float:
+        """What the jobs submitted again after they were lost add to the wait budget."""
+        return self.extra_wait_s + sum(r.launch.extra_wait_s for r in self.running.values())
 
     def show(self) -> None:
         states = Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
