@@ -1,6 +1,6 @@
-"""``dist-lc tune``'s scheduler against an executor whose jobs are records of this process: how a
-trial ends when its folds diverge, fail, finish or were never fully drawn, and what the launcher then
-says and returns. No training runs.
+"""``dist-lc tune``'s scheduler (and the cv launch it is made of) against an executor whose jobs are
+records of this process: how a trial ends when its folds diverge, fail, finish, are lost or were never
+fully drawn, and what the launcher then says and returns. No training runs.
 """
 from __future__ import annotations
 
@@ -364,19 +364,42 @@ def test_a_lost_job_submitted_again_extends_the_searchs_wait_budget(tmp_path, re
     assert states(settings.out) == ["COMPLETE"]
 
 
-def test_a_lost_job_submitted_again_extends_the_cvs_wait_budget(tmp_path, records, clock, packed_sample):
+def cv_launch_of(out: Path, shards: Path, *sets: str):
+    """A started cv launch of smoke.yaml on ``shards`` (the in-process part of ``dist-lc cv``)."""
     import argparse
 
     from dist_lc.cv import launch as cv_launch
 
-    args = argparse.Namespace(config="configs/smoke.yaml", set=["cv.folds=[0]", f"data.shards={packed_sample}"],
-                              grid=None, executor="local", out=tmp_path / "cv")
+    args = argparse.Namespace(config="configs/smoke.yaml", set=[f"data.shards={shards}", *sets], grid=None,
+                              executor="local", out=out)
     plan = cv_launch.new_plan(args)
     plan.cv_dir.mkdir()
     plan.save()
-    todo = [(plan.points[0].name, 0)]
-    records.lose = 1
-    run = cv_launch.Launch(plan, todo)
+    run = cv_launch.Launch(plan, [(plan.points[0].name, k) for k in plan.folds])
     run.start(resume=False)
+    return run
+
+
+def test_a_lost_job_submitted_again_extends_the_cvs_wait_budget(tmp_path, records, clock, packed_sample):
+    from dist_lc.cv import launch as cv_launch
+
+    records.lose = 1
+    run = cv_launch_of(tmp_path / "cv", packed_sample, "cv.folds=[0]")
     assert run.wait(1, cv_launch.wait_budget_s(run.cfg, 1, run.capacity()))
     assert run.all_done and run.jobs[0].resubmitted
+
+
+def test_lost_jobs_submitted_again_keep_to_max_parallel_where_the_scheduler_queues(tmp_path, records,
+                                                                                  packed_sample, monkeypatch):
+    """On Slurm the first array's throttle carries launcher.max_parallel; jobs submitted again are
+    outside it, so the launcher submits them only as running ones finish."""
+    import math
+
+    sizes = []
+    submit = records.submit
+    monkeypatch.setattr(records, "capacity", lambda self: math.inf)
+    monkeypatch.setattr(records, "submit", lambda self, work: sizes.append(len(work)) or submit(self, work))
+    records.lose = 1
+    run = cv_launch_of(tmp_path / "cv", packed_sample, "cv.folds=[0,1,2]", "launcher.max_parallel=2")
+    assert run.wait(3, 60.0) and run.all_done
+    assert sizes == [3, 2, 1]

@@ -240,7 +240,12 @@ class Launch:
 
     def submit_queued(self) -> None:
         queued = [j for j in self.jobs if j.state is JobState.QUEUED]
-        room = self.capacity() - sum(j.active for j in self.jobs)
+        active = sum(j.active for j in self.jobs)
+        room = self.capacity() - active
+        limit = self.cfg.launcher.max_parallel
+        if room == math.inf and limit:   # Slurm: the first array's throttle carries max_parallel; a job
+            again = [j for j in queued if j.resubmitted]   # submitted again is outside it, so waits its turn
+            queued = [j for j in queued if not j.resubmitted] + again[:max(limit - active, 0)]
         take = queued if room == math.inf else queued[:max(int(room), 0)]
         if not take:
             return
