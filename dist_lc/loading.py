@@ -83,6 +83,12 @@ class _WorkerProcess(ForkServerProcess):
     def _Popen(process_obj):
         return _WorkerPopen(process_obj)
 
+    def terminate(self) -> None:
+        """Kill: a worker ignores SIGTERM (a job's stop signal is its rank's to handle), so whoever
+        terminates one means it — torch's shutdown once a worker did not join in time (it would
+        otherwise wait another 5 s for nothing), multiprocessing's exit handler."""
+        self.kill()
+
 
 class _WorkerContext(ForkServerContext):
     Process = _WorkerProcess
@@ -410,9 +416,9 @@ class Loader:
                 if queue is not None:
                     queue.cancel_join_thread()   # nor may exit wait for a feeder writing to the dead
         elif hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()   # asks each worker to stop, waits, then sends SIGTERM (ignored) ...
+            it._shutdown_workers()   # asks each worker to stop, waits, then terminates (kills) it
         for worker in workers:
-            if worker.is_alive():   # ... so one still there (stuck in a read) is killed
+            if worker.is_alive():   # (after a dead one, above: the others, which nothing asked)
                 worker.kill()
             worker.join(timeout=5)
         if self.ring is not None:
