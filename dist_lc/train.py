@@ -13,6 +13,7 @@ import functools
 import itertools
 import re
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -588,11 +589,30 @@ def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
     record_failure(run_dir, s.env.rank, own or exc)
     if not s.env.distributed or isinstance(exc, (InputError, TrainingError, LoaderError, WriteError)):
         return exc
-    peer = first_peer_failure(run_dir, s.env.rank)
+    peer = first_peer_failure(run_dir, s.env.rank, wait_s=3.0 if through_torch_collectives(exc) else 0.0)
     if peer is None:
         return own or exc
     rank, kind, message = peer
     return (InputError if kind == "input" else TrainingError)(f"rank {rank} failed first: {message}")
+
+
+# where a peer's failure surfaces in this rank: a collective, or DDP's all-reduce run inside backward
+COLLECTIVE_CODE = ("torch/distributed/", "torch/nn/parallel/", "torch/autograd/")
+
+
+def through_torch_collectives(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, came up through torch's distributed or
+    autograd code: only then can it be the consequence of a peer's failure whose note is still to
+    come (on a shared file system, seconds later), worth waiting for. An error raised by this rank's
+    own code path is its own cause, said at once."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            if any(part in frame.f_code.co_filename.replace("\\", "/") for part in COLLECTIVE_CODE):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def out_of_memory(exc: Exception, s: Setup) -> TrainingError | None:
