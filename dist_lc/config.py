@@ -169,6 +169,8 @@ class LauncherConfig:
     max_requeues: int = option(3, "timeouts tolerated per job (preemptions are unlimited)", min=0)
     signal_delay_s: int = option(120, "seconds before time_min at which the stop signal (USR2) comes", min=0)
     wait_min: int | None = option(None, "minutes `cv` waits for its jobs; null: derived from time_min", min=1)
+    task_failed_grace_s: float = option(15.0, "local executor: seconds a job's other tasks get to record why they "
+                                        "stop after one failed, before they are ended (Slurm: srun ends them)", min=0)
     setup: list = option(None, "shell lines run before each job (module load ...)", factory=list)
     slurm_extra: dict = option(None, "extra #SBATCH options, e.g. {qos: high}", factory=dict)
 

@@ -163,12 +163,12 @@ def test_the_local_executor_ends_a_job_whose_task_failed(tiny_shards, tmp_path):
     """Rank 1 raises, rank 0 never notices (it sleeps): as srun's --kill-on-bad-exit does on Slurm,
     the local executor ends the job's other task, and the fold is failed with rank 1's error."""
     started = time.monotonic()
-    proc = run_cv([*tiny(tiny_shards, "train.epochs=20", "cv.folds=[0]", "train.dist_timeout_s=300"), "--out",
-                   str(tmp_path / "cv"), "--executor", "local"],
+    proc = run_cv([*tiny(tiny_shards, "train.epochs=20", "cv.folds=[0]", "train.dist_timeout_s=300",
+                         "launcher.task_failed_grace_s=3"), "--out", str(tmp_path / "cv"), "--executor", "local"],
                   extra_env={**fault("raise-peers-hang step=2 rank=1"), "DIST_LC_TEST_TAG": str(tmp_path)},
                   timeout=BOUND_S + 120)
     assert proc.returncode == 1 and time.monotonic() - started < BOUND_S + 30, proc.stderr[-3000:]
-    assert "a task failed 15 s ago and the job still runs; ending its other tasks" in proc.stderr
+    assert "a task failed 3 s ago and the job still runs; ending its other tasks" in proc.stderr
     line = next(x for x in proc.stderr.splitlines() if "fold0 FAILED" in x)
     assert "rank 1: RuntimeError: injected fault after step 2" in line, line
     assert not tagged_processes(str(tmp_path), within_s=10)

@@ -48,7 +48,6 @@ ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUE
 # or memory limit were meant, and a job that FAILED without a result pickle (a bad launcher.setup)
 # would fail again.
 LOST_SLURM_ENDS = {"NODE_FAIL", "BOOT_FAIL"}
-TASK_FAILED_GRACE_S = 15.0  # local: a job whose task failed this long ago has its other tasks ended
 LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get before they are killed
 LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
                             # (a GPU task's teardown, its loader workers and compile workers take seconds);
@@ -226,7 +225,10 @@ class LocalExecutor(Executor):
     name = "local"
     poll_s = 0.5                          # a look is cheap: a process and a few files
     gone_grace_s = 2.0
-    task_failed_grace_s = TASK_FAILED_GRACE_S   # what srun's --kill-on-bad-exit does on Slurm
+
+    @property
+    def task_failed_grace_s(self) -> float:   # what srun's --kill-on-bad-exit does on Slurm
+        return self.launcher.task_failed_grace_s
 
     def __init__(self, launcher: LauncherConfig, folder: Path, jobs: int = 1):
         super().__init__(launcher, folder, jobs)
