@@ -26,8 +26,42 @@ ACTION, after the N-th optimizer step of this process (on rank R only, if given)
 With ``marker``, the fault fires once across processes: only the process that creates PATH acts.
 """
 import os
+import sys
 
 SPEC = os.environ.get("DIST_LC_TEST_FAULT")
+
+
+def after_import(name: str, patch) -> None:
+    """``patch(module)`` once the module ``name`` is imported (at once if it is): a process that
+    never imports it (a submitit controller, multiprocessing's resource tracker, the cv launcher)
+    is not made to import torch for a fault it cannot hit."""
+    if name in sys.modules:
+        patch(sys.modules[name])
+        return
+    import importlib.abc
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            for finder in sys.meta_path:
+                spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+                if spec is not None:
+                    break
+            else:
+                return None
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Finder())
+
 
 if SPEC:
     import signal
@@ -47,13 +81,10 @@ if SPEC:
                 return False
         return True
 
-    import dist_lc.checkpoint as _ckpt
-    import dist_lc.train as _train
-
-    _step, _save = _train.optimizer_step, _ckpt.save_atomic
+    real = {}
 
     def optimizer_step(*args, **kwargs):
-        out = _step(*args, **kwargs)
+        out = real["step"](*args, **kwargs)
         state["steps"] += 1
         if state["steps"] == at and action == "raise-peers-hang" and not _my_turn():
             import time
@@ -71,30 +102,34 @@ if SPEC:
 
     def save_atomic(state_dict, path):
         if not state["armed"]:
-            return _save(state_dict, path)
+            return real["save"](state_dict, path)
         state["armed"] = False
         import torch
 
-        real = torch.save
+        real_save = torch.save
 
         def half_then_fault(obj, f, *a, **k):
-            real(obj, f, *a, **k)
+            real_save(obj, f, *a, **k)
             f.flush()
             f.truncate(f.tell() // 2)   # as if the signal came halfway through the write
             if action == "kill-in-save":
                 os.kill(os.getpid(), signal.SIGKILL)
             os.killpg(os.getpgid(0), signal.SIGTERM)
             f.seek(0)
-            real(obj, f, *a, **k)       # TERM only asks to stop: the write completes
+            real_save(obj, f, *a, **k)  # TERM only asks to stop: the write completes
 
         torch.save = half_then_fault
         try:
-            return _save(state_dict, path)
+            return real["save"](state_dict, path)
         finally:
-            torch.save = real
+            torch.save = real_save
 
-    _train.optimizer_step = optimizer_step
-    _ckpt.save_atomic = save_atomic
+    def wrap_trainer(train_module) -> None:   # dist_lc.train imports dist_lc.checkpoint first
+        checkpoint = sys.modules["dist_lc.checkpoint"]
+        real.update(step=train_module.optimizer_step, save=checkpoint.save_atomic)
+        train_module.optimizer_step, checkpoint.save_atomic = optimizer_step, save_atomic
+
+    after_import("dist_lc.train", wrap_trainer)
 
     if action == "disk-full":
         import errno
@@ -114,32 +149,37 @@ if SPEC:
     if action == "hang-loader":
         import time
 
-        import dist_lc.data as _data
-        from torch.utils.data import get_worker_info
+        def hang_loader(data) -> None:
+            from torch.utils.data import get_worker_info
 
-        _iter = _data.ShardStream.__iter__
+            _iter = data.ShardStream.__iter__
 
-        def hanging_iter(self):
-            if self.train and get_worker_info() is not None and self.epoch >= int(opts["epoch"]) and \
-                    (only_rank is None or str(self.rank) == only_rank):
-                while True:
-                    time.sleep(3600)
-            return _iter(self)
+            def hanging_iter(self):
+                if self.train and get_worker_info() is not None and self.epoch >= int(opts["epoch"]) and \
+                        (only_rank is None or str(self.rank) == only_rank):
+                    while True:
+                        time.sleep(3600)
+                return _iter(self)
 
-        _data.ShardStream.__iter__ = hanging_iter
+            data.ShardStream.__iter__ = hanging_iter
+
+        after_import("dist_lc.data", hang_loader)
 
     if action == "kill-reader":
         import multiprocessing
 
-        import shard_tools.pack as _pack
+        surveyed = {"n": 0}
 
-        _survey_tile, surveyed = _pack.survey_tile, {"n": 0}
-
-        def survey_tile(tile):
+        def survey_tile(tile):   # module-level: the pool pickles it by name, as sitecustomize.survey_tile
             if multiprocessing.current_process().name != "MainProcess":   # a reader of the pool
                 surveyed["n"] += 1
                 if surveyed["n"] == int(opts.get("nth", 1)) and _my_turn():
                     os.kill(os.getpid(), signal.SIGKILL)
-            return _survey_tile(tile)
+            if "survey" not in real:
+                import shard_tools.pack   # noqa: F401  (a reader unpickles this function first: the hook fills it)
+            return real["survey"](tile)
 
-        _pack.survey_tile = survey_tile
+        def kill_reader(pack) -> None:
+            real["survey"], pack.survey_tile = pack.survey_tile, survey_tile
+
+        after_import("shard_tools.pack", kill_reader)
