@@ -199,13 +199,21 @@ def _single(args, tmp_path, extra_env=None, timeout=180):
                           text=True, timeout=timeout, start_new_session=True)
 
 
+@pytest.fixture(scope="module")
+def straight_single(tiny_shards, tmp_path_factory):  # noqa: F811
+    """The uninterrupted one-process run every interrupted one must reproduce."""
+    run = tmp_path_factory.mktemp("straight-single") / "run"
+    assert _single([*recipe(tiny_shards), "--run-dir", str(run)], run.parent).returncode == 0
+    return run
+
+
 @pytest.mark.parametrize("action", ["term-in-save", "kill-in-save"])
-def test_a_signal_during_a_checkpoint_write_never_leaves_a_truncated_checkpoint(tiny_shards, tmp_path, action):  # noqa: F811
+def test_a_signal_during_a_checkpoint_write_never_leaves_a_truncated_checkpoint(tiny_shards, straight_single,  # noqa: F811
+                                                                                tmp_path, action):
     """SIGTERM to the process group halfway through writing last.pt (the run stops at the next step
     and resumes), or SIGKILL there (last.pt stays the previous epoch's): last.pt always loads, the
     resumed run ends where the uninterrupted one does."""
-    straight_run, run = tmp_path / "straight", tmp_path / "run"
-    assert _single([*recipe(tiny_shards), "--run-dir", str(straight_run)], tmp_path).returncode == 0
+    run = tmp_path / "run"
     first = _single([*recipe(tiny_shards), "--run-dir", str(run)], tmp_path, fault(f"{action} step=7"))
     assert first.returncode == (0 if action == "term-in-save" else -signal.SIGKILL), first.stderr[-2000:]
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)   # loads: not truncated
@@ -216,7 +224,7 @@ def test_a_signal_during_a_checkpoint_write_never_leaves_a_truncated_checkpoint(
     assert again.returncode == 0, again.stderr[-2000:]
     assert not list((run / "checkpoints").glob(".*.tmp"))
     assert epochs_in(run) == list(range(1, EPOCHS + 1))
-    a, b = weights(straight_run), weights(run)
+    a, b = weights(straight_single), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
