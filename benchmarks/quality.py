@@ -217,10 +217,12 @@ def main(argv=None) -> int:
     ap.add_argument("--include", type=Path, help="keep the methods of an earlier run's JSON not computed here")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--quick", action="store_true", help="2 folds, tiny budgets and models (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="2 folds, tiny budgets and models, one rank a fold "
+                    "(a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.folds, args.fold_minutes, args.gbm_pixels, args.gbm_rounds, args.gbm_stride = [0, 1], [0.15], 20_000, 10, 8
+        args.folds, args.fold_minutes, args.gbm_pixels, args.gbm_rounds, args.gbm_stride = [0, 1], [0.1], 20_000, 10, 8
+        args.nproc = 1   # the plumbing: DDP folds are the other benchmarks' and the suite's
         args.set += ["data.crop=32", "model.filters=8", "model.upconv_filters=8", "data.workers=0"]
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -63,7 +63,7 @@ def test_quality(sample_root, tmp_path):
                   "--json", tmp_path / "again.json",
                   "--cv-from", tmp_path / "quality.json", "--gbm-from", tmp_path / "quality.json")
     assert "(quality.json) + second stage with the pixel GBM's tile means" in again
-    key = "dist-lc cv recommended.yaml (0.15 min/fold)"
+    key = "dist-lc cv recommended.yaml (0.1 min/fold)"
     paired = bench("paired_quality.py", "--work", tmp_path, "--a", tmp_path / "quality.json", f"{key} / plain",
                    "--b", tmp_path / "quality.json", f"{key} / second stage")
     assert "(paired bootstrap)" in paired and "B per fold: fold 0:" in paired
