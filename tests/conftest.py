@@ -96,7 +96,7 @@ def smoke_run(packed_sample, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("smoke") / "run"
     cfg = load_config(REPO / "configs" / "smoke.yaml", [f"data.shards={packed_sample}", "data.crop=32",
-                                                       "train.epochs=1", "data.workers=0"])
+                                                       "train.epochs=1", "data.workers=0", "train.plot_every=0"])
     train(cfg, run)
     return run
 
