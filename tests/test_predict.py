@@ -17,6 +17,7 @@ from dist_lc.evaluate import evaluate_csv
 from dist_lc.predict import predict
 from lc_common.atomic import write_csv_atomic
 
+from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from test_faults import logged_torchrun, rank_logs
 from torchrun_util import dist_lc, torchrun
 
@@ -66,16 +67,16 @@ def test_fold_prediction_scores_as_validation_did(smoke_run, packed_sample, samp
     assert kl == pytest.approx(val_kl, rel=1e-5)  # one score function, one prediction path
 
 
-def test_test_split_tta_and_ensemble(smoke_run, packed_sample):
-    ids = [k for s in load_manifest(packed_sample).shards("test") for k in s["keys"]]
-    plain = predict([best(smoke_run)], packed_sample, "test", workers=0)
-    tta = predict([best(smoke_run)], packed_sample, "test", tta=True, workers=0)
+def test_test_split_tta_and_ensemble(smoke_run, tiny_shards):
+    ids = [k for s in load_manifest(tiny_shards).shards("test") for k in s["keys"]]
+    plain = predict([best(smoke_run)], tiny_shards, "test", workers=0)
+    tta = predict([best(smoke_run)], tiny_shards, "test", tta=True, workers=0)
     check_submission(plain, ids)
     check_submission(tta, ids)
     assert not np.allclose(plain[list(CLASS_NAMES)], tta[list(CLASS_NAMES)])
     last = smoke_run / "checkpoints" / "last.pt"
-    both = predict([best(smoke_run), last], packed_sample, "test", workers=0)
-    alone = predict([last], packed_sample, "test", workers=0)
+    both = predict([best(smoke_run), last], tiny_shards, "test", workers=0)
+    alone = predict([last], tiny_shards, "test", workers=0)
     np.testing.assert_allclose(both[list(CLASS_NAMES)], (plain[list(CLASS_NAMES)] + alone[list(CLASS_NAMES)]) / 2,
                                atol=1e-6)
 

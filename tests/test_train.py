@@ -12,6 +12,7 @@ import torch
 from dist_lc import precision
 from dist_lc import train as train_mod
 from dist_lc.run_dir import diverged
+from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from torchrun_util import REPO, dist_lc, free_port, torchrun
 
 SMOKE = ["--config", "configs/smoke.yaml"]
@@ -113,9 +114,9 @@ def test_the_multi_node_example_runs_on_8_ranks_as_2_nodes_of_4(packed_sample, t
     assert len(read_metrics(run)) == 1
 
 
-def test_time_limit_stops_at_an_epoch_boundary(packed_sample, tmp_path):
+def test_time_limit_stops_at_an_epoch_boundary(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    proc = dist_lc(["train", *SMOKE, *small(packed_sample), "--set", "train.epochs=50",
+    proc = dist_lc(["train", *SMOKE, *small(tiny_shards), "--set", "train.epochs=50",
                     "--set", "train.time_limit=0.01", "--set", "train.ema_decay=0.9", "--run-dir", str(run)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(read_metrics(run)) == 1 and read_metrics(run)[0]["val_kl"]  # the last epoch is validated
@@ -123,10 +124,10 @@ def test_time_limit_stops_at_an_epoch_boundary(packed_sample, tmp_path):
     assert state["epoch"] == 1 and state["ema"] is not None  # validated and saved with EMA weights
 
 
-def test_unsettled_batchnorm_statistics_are_reported(packed_sample, tmp_path):
+def test_unsettled_batchnorm_statistics_are_reported(tiny_shards, tmp_path):
     """Keras' momentum over a short run leaves the running statistics near (0, 1): the log says so."""
     run = tmp_path / "run"
-    proc = dist_lc(["train", *SMOKE, *small(packed_sample), "--set", "train.epochs=1",
+    proc = dist_lc(["train", *SMOKE, *small(tiny_shards), "--set", "train.epochs=1",
                     "--set", "model.bn_momentum=0.01", "--run-dir", str(run)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = (run / "train.log").read_text().splitlines()

@@ -16,6 +16,7 @@ from dist_lc import cli, memory
 from dist_lc import train as train_mod
 from dist_lc.config import load_config
 from shard_tools import cli as shard_cli
+from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from torchrun_util import REPO, dist_lc
 
 SMALL = ["data.crop=32", "data.workers=0", "model.filters=8", "model.upconv_filters=8", "train.plot_every=0",
@@ -35,33 +36,39 @@ def run_train(shards, run, *extra, timeout=300):
 
 # ----------------------------------------------------------------------------- micro-batch auto
 
-def test_auto_micro_batch_under_a_small_memory_budget_accumulates_and_equals_the_fixed_run(packed_sample, tmp_path,
+def test_auto_micro_batch_under_a_small_memory_budget_accumulates_and_equals_the_fixed_run(tiny_shards, tmp_path,
                                                                                          monkeypatch):
     """A budget with room for 5 tiles' activations: auto picks 4 (the largest divisor of 16 that fits)
     and trains exactly as micro-batch 4 does; the run folder's config records the 4."""
-    cfg = load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", *SMALL, "train.micro_batch_size=auto",
+    cfg = load_config("configs/smoke.yaml", [f"data.shards={tiny_shards}", *SMALL, "train.micro_batch_size=auto",
                                              "train.batch_size=16"])
-    probe = train_mod.build_setup(load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", *SMALL]))
+    probe = train_mod.build_setup(load_config("configs/smoke.yaml", [f"data.shards={tiny_shards}", *SMALL]))
     per_tile = memory.saved_bytes_per_tile(probe.net, probe.loss_fn, 32, probe.device, None, True)
     states = sum(p.numel() * p.element_size() for p in probe.net.parameters()) * 4
     monkeypatch.setattr(memory, "rss_bytes", lambda: 1e9)   # the process's present footprint, fixed for the test
     budget_gb = (1e9 + states + 5 * per_tile * memory.BACKWARD_FACTOR) / 2**30
-    auto = train_mod.build_setup(load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", *SMALL,
+    auto = train_mod.build_setup(load_config("configs/smoke.yaml", [f"data.shards={tiny_shards}", *SMALL,
                                                                     "train.micro_batch_size=auto", "train.batch_size=16",
                                                                     f"train.memory_limit_gb={budget_gb}"]))
     assert (auto.layout.micro, auto.layout.accum) == (4, 4) and auto.cfg.train.micro_batch_size == 4
     assert "train.micro_batch_size auto: 4" in auto.notes[0]
     assert cfg.train.micro_batch_size == "auto"
+    # The runs in this process, under the RSS fixed above: a run in a process of its own (its real RSS
+    # far below 1e9) would find room for 16 and compare 16 with 16, then resume with 16 whatever it read.
     run_a, run_f = tmp_path / "auto", tmp_path / "fixed"
-    run_train(packed_sample, run_a, "train.epochs=1", "train.micro_batch_size=auto", f"train.memory_limit_gb={budget_gb}",
-              "train.batch_size=16")
-    chosen = yaml.safe_load((run_a / "config.yaml").read_text())["train"]["micro_batch_size"]
-    run_train(packed_sample, run_f, "train.epochs=1", f"train.micro_batch_size={chosen}", "train.batch_size=16")
+    common = [f"data.shards={tiny_shards}", *SMALL, "train.batch_size=16", "train.loggers=[]"]
+    result = train_mod.train(load_config("configs/smoke.yaml", [*common, "train.epochs=1", "train.micro_batch_size=auto",
+                                                                f"train.memory_limit_gb={budget_gb}"]), run_a)
+    assert result.config.train.micro_batch_size == 4
+    assert yaml.safe_load((run_a / "config.yaml").read_text())["train"]["micro_batch_size"] == 4
+    train_mod.train(load_config("configs/smoke.yaml", [*common, "train.epochs=1", "train.micro_batch_size=4"]), run_f)
     a = torch.load(run_a / "checkpoints" / "last.pt", weights_only=True)["model"]
     f = torch.load(run_f / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], f[k]) for k in a), "auto trained differently from the fixed micro-batch it chose"
-    again = run_train(packed_sample, run_a, "train.epochs=2", "train.micro_batch_size=auto", "train.batch_size=16")
-    assert f"({chosen} × " in again.stderr   # resumed with the micro-batch chosen when it started
+    # resumed without the memory limit (room for 16 now): with the micro-batch chosen when it started
+    train_mod.train(load_config("configs/smoke.yaml", [*common, "train.epochs=2", "train.micro_batch_size=auto"]), run_a)
+    resumed = [x for x in (run_a / "train.log").read_text().splitlines() if "resuming after epoch 1" in x]
+    assert len(resumed) == 1 and "(4 × 4 accumulation × 1 ranks)" in resumed[0], resumed
 
 
 def test_micro_batch_candidates_keep_the_batch_exact():
@@ -70,9 +77,11 @@ def test_micro_batch_candidates_keep_the_batch_exact():
 
 # ----------------------------------------------------------------------------- schedule, early stop, clipping
 
-def test_a_time_limit_fits_the_cosine_schedule_and_a_resume_keeps_it(packed_sample, tmp_path):
+def test_a_time_limit_fits_the_cosine_schedule_and_a_resume_keeps_it(tiny_shards, tmp_path):
+    # 9 s: an epoch of the 48 training tiles (3 steps) and its validation of 12 take about a second on
+    # 2 cores, so several epochs fit (as 15 s fitted a few on the 300-tile sample)
     run = tmp_path / "run"
-    proc = run_train(packed_sample, run, "train.epochs=1000", "train.time_limit=0.25", "schedule.name=cosine",
+    proc = run_train(tiny_shards, run, "train.epochs=1000", "train.time_limit=0.15", "schedule.name=cosine",
                      "schedule.warmup_epochs=1", "optim.lr=0.002", "schedule.min_lr=0.00002")
     log = (run / "train.log").read_text()
     assert "the cosine schedule now ends after epoch" in log, proc.stderr[-2000:]
@@ -100,22 +109,22 @@ def test_a_late_refit_only_shortens_the_schedule_to_what_still_fits():
     assert refit_length(t, 60, 60, [5.0], [4.0], 0.0) == 60      # the schedule's end
 
 
-def test_no_fitted_schedule_without_a_time_limit(packed_sample, tmp_path):
+def test_no_fitted_schedule_without_a_time_limit(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    run_train(packed_sample, run, "train.epochs=2", "schedule.name=cosine")
+    run_train(tiny_shards, run, "train.epochs=2", "schedule.name=cosine")
     assert "cosine schedule now ends" not in (run / "train.log").read_text()
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
 
 
-def test_early_stop_after_patience_validations_without_a_better_score(packed_sample, tmp_path):
+def test_early_stop_after_patience_validations_without_a_better_score(tiny_shards, tmp_path):
     run = tmp_path / "run"
     stopping = ["train.epochs=20", "train.early_stop=2", "train.early_stop_min_delta=0.01", "optim.lr=1e-9",
                 "model.norm=group", "model.groups=4"]
-    run_train(packed_sample, run, *stopping)
+    run_train(tiny_shards, run, *stopping)
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
     assert "train.early_stop 2: no better score in 2 validations; stopping after epoch 3" in \
         (run / "train.log").read_text()
-    run_train(packed_sample, run, *stopping)   # run again: it has stopped, it does not train on
+    run_train(tiny_shards, run, *stopping)   # run again: it has stopped, it does not train on
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
     assert "train.early_stop 2: this run already stopped early after epoch 3" in (run / "train.log").read_text()
 
@@ -288,14 +297,14 @@ def test_gradient_clipping_bounds_the_true_gradient(packed_sample, precision):
 
 # ----------------------------------------------------------------------------- tracking
 
-def test_tensorboard_gets_prediction_plots_and_the_config_and_mlflow_the_run(packed_sample, tmp_path):
+def test_tensorboard_gets_prediction_plots_and_the_config_and_mlflow_the_run(tiny_shards, tmp_path):
     import os
 
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "runs" / "tracked"
-    run_train(packed_sample, run, "train.epochs=2", "train.plot_every=1", "train.loggers=[tensorboard,mlflow]",
+    run_train(tiny_shards, run, "train.epochs=2", "train.plot_every=1", "train.loggers=[tensorboard,mlflow]",
               "train.experiment=landcover")
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
     assert "predictions" in events.Tags()["images"] and len(events.Images("predictions")) == 2
@@ -307,7 +316,7 @@ def test_tensorboard_gets_prediction_plots_and_the_config_and_mlflow_the_run(pac
     assert found.info.run_name == "tracked" and found.info.status == "FINISHED"
     assert found.data.params["train.epochs"] == "2" and found.data.params["model.filters"] == "8"
     assert [m.step for m in client.get_metric_history(found.info.run_id, "val_kl")] == [1, 2]
-    run_train(packed_sample, run, "train.epochs=3", "train.loggers=[tensorboard,mlflow]", "train.experiment=landcover")
+    run_train(tiny_shards, run, "train.epochs=3", "train.loggers=[tensorboard,mlflow]", "train.experiment=landcover")
     (again,) = client.search_runs([experiment.experiment_id])   # the resumed run continues the same MLflow run
     assert [m.step for m in client.get_metric_history(again.info.run_id, "val_kl")] == [1, 2, 3]
 
