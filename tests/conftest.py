@@ -89,6 +89,23 @@ def packed_sample(sample_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_shards(sample_root, tmp_path_factory) -> Path:
+    """60 train tiles (5 folds of 12) and 8 test tiles of the real sample, packed."""
+    from shard_tools.pack import pack
+
+    src = tmp_path_factory.mktemp("tiny-src")
+    for split, count in (("train", 60), ("test", 8)):
+        names = sorted(os.listdir(sample_root / split / "images"), key=lambda n: int(n.split(".")[0]))[:count]
+        for kind in ("images", "masks") if split == "train" else ("images",):
+            (src / split / kind).mkdir(parents=True)
+            for name in names:
+                (src / split / kind / name).symlink_to(sample_root / split / kind / name)
+    out = tmp_path_factory.mktemp("tiny") / "shards"
+    pack(src, out, folds=5, seed=0, samples_per_shard=8, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smoke_run(packed_sample, tmp_path_factory) -> Path:
     """One epoch of the smoke recipe on fold 0 of the real shards (single process): a run folder."""
     from dist_lc.config import load_config

@@ -20,7 +20,6 @@ import yaml
 from dist_lc import cli
 from dist_lc.config import load_config
 from dist_lc.train import train
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 
 ADDED = {"train": ("val_from", "early_stop", "early_stop_min_delta", "fit_schedule", "loggers", "mlflow_uri",
                    "experiment", "dist_timeout_s", "memory_limit_gb"),
@@ -52,7 +51,7 @@ def small(shards, *extra):
                                               "train.precision=fp32", "schedule.name=cosine", *extra])
 
 
-def test_a_checkpoint_of_the_previous_version_resumes(tiny_shards, tmp_path):  # noqa: F811
+def test_a_checkpoint_of_the_previous_version_resumes(tiny_shards, tmp_path):
     run = tmp_path / "run"
     train(small(tiny_shards, "train.epochs=1", "train.ema_decay=0.9"), run)
     for name in ("last.pt", "best.pt"):
@@ -62,7 +61,7 @@ def test_a_checkpoint_of_the_previous_version_resumes(tiny_shards, tmp_path):  #
     assert result.epochs_done == 2 and "resuming after epoch 1" in (run / "train.log").read_text()
 
 
-def test_the_same_tiles_packed_again_are_the_same_data_for_a_resume(tiny_shards, tmp_path):  # noqa: F811
+def test_the_same_tiles_packed_again_are_the_same_data_for_a_resume(tiny_shards, tmp_path):
     from shard_tools.manifest import load_manifest
     from shard_tools.pack import pack
 
@@ -76,7 +75,7 @@ def test_the_same_tiles_packed_again_are_the_same_data_for_a_resume(tiny_shards,
     assert result.epochs_done == 2 and "resuming after epoch 1" in (run / "train.log").read_text()
 
 
-def test_a_cv_folder_of_the_previous_version_reports(tiny_shards, tmp_path):  # noqa: F811
+def test_a_cv_folder_of_the_previous_version_reports(tiny_shards, tmp_path):
     from test_cv import tiny
 
     cv_dir = tmp_path / "cv"
@@ -104,7 +103,7 @@ def test_a_cv_folder_of_the_previous_version_reports(tiny_shards, tmp_path):  # 
 
 
 @pytest.mark.parametrize("what", ["shards", "model"])
-def test_what_cannot_resume_is_refused_naming_what_changed(tiny_shards, tmp_path, what):  # noqa: F811
+def test_what_cannot_resume_is_refused_naming_what_changed(tiny_shards, tmp_path, what):
     from lc_common.errors import InputError
 
     run = tmp_path / "run"

@@ -41,23 +41,6 @@ def tiny(shards, *extra) -> list[str]:
     return ["--config", "configs/smoke.yaml", *[a for s in sets for a in ("--set", s)]]
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(sample_root, tmp_path_factory) -> Path:
-    """60 train tiles (5 folds of 12) and 8 test tiles of the real sample, packed."""
-    from shard_tools.pack import pack
-
-    src = tmp_path_factory.mktemp("tiny-src")
-    for split, count in (("train", 60), ("test", 8)):
-        names = sorted(os.listdir(sample_root / split / "images"), key=lambda n: int(n.split(".")[0]))[:count]
-        for kind in ("images", "masks") if split == "train" else ("images",):
-            (src / split / kind).mkdir(parents=True)
-            for name in names:
-                (src / split / kind / name).symlink_to(sample_root / split / kind / name)
-    out = tmp_path_factory.mktemp("tiny") / "shards"
-    pack(src, out, folds=5, seed=0, samples_per_shard=8, workers=1, progress=False)
-    return out
-
-
 def run_cv(args: list[str], timeout: float = 300, extra_env=None) -> subprocess.CompletedProcess:
     proc = dist_lc(["cv", *args], timeout=timeout, extra_env=extra_env)
     print(proc.stderr[-3000:])

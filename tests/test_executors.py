@@ -33,7 +33,6 @@ from dist_lc.cv.fold import FoldJob
 from dist_lc.cv.plan import Submission, now
 from lc_common.errors import InputError
 
-tiny_shards = test_cv.tiny_shards   # the session fixture (60 real tiles, 5 folds, 8 test), shared
 
 
 def test_every_declared_executor_name_has_its_class_and_no_other_name_has_one():

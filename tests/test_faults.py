@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from slurm_util import require_slurm, sbatch, scancel, wait_job
-from test_cv import run_cv, tiny, tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
+from test_cv import run_cv, tiny
 from torchrun_util import REPO, env, fault, torchrun
 
 EPOCHS, STEPS_PER_EPOCH = 3, 6
@@ -60,7 +60,7 @@ def logged_torchrun(args, log_dir: Path, **kw):
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_shards, tmp_path_factory):  # noqa: F811
+def straight(tiny_shards, tmp_path_factory):
     """The uninterrupted 2-rank run every interrupted one must reproduce."""
     run = tmp_path_factory.mktemp("straight") / "run"
     torchrun([*recipe(tiny_shards), "--run-dir", str(run)])
@@ -76,7 +76,7 @@ KILL_POINTS = _ALL_POINTS if os.environ.get("DIST_LC_TEST_ALL_KILL_POINTS") else
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rank,step", KILL_POINTS, ids=[f"rank{r}-step{s}" for r, s in KILL_POINTS])
-def test_sigkill_of_one_rank_resumes_to_the_same_weights(tiny_shards, straight, tmp_path, rank, step):  # noqa: F811
+def test_sigkill_of_one_rank_resumes_to_the_same_weights(tiny_shards, straight, tmp_path, rank, step):
     run, marker = tmp_path / "run", tmp_path / "killed"
     torchrun(["--max-restarts=1", *recipe(tiny_shards), "--run-dir", str(run)],
              extra_env=fault(f"kill step={step} rank={rank} marker={marker}"))
@@ -102,7 +102,7 @@ def _damage(shards: Path, how: str) -> str:
 
 @pytest.mark.parametrize("workers", [0, 2])   # in the rank; a worker beside another that reads on
 @pytest.mark.parametrize("how", ["deleted", "truncated", "zeroed"])
-def test_a_damaged_shard_stops_every_rank_with_its_name(tiny_shards, tmp_path, how, workers):  # noqa: F811
+def test_a_damaged_shard_stops_every_rank_with_its_name(tiny_shards, tmp_path, how, workers):
     shards = tmp_path / "shards"
     subprocess.run(["cp", "-r", str(tiny_shards), str(shards)], check=True)
     name = _damage(shards, how)
@@ -117,7 +117,7 @@ def test_a_damaged_shard_stops_every_rank_with_its_name(tiny_shards, tmp_path, h
         assert last and name in last[-1], f"rank {rank}: {logs[rank][-2000:]}"
 
 
-def test_an_exception_in_one_rank_ends_every_rank_with_its_cause(tiny_shards, tmp_path):  # noqa: F811
+def test_an_exception_in_one_rank_ends_every_rank_with_its_cause(tiny_shards, tmp_path):
     started = time.monotonic()
     proc = logged_torchrun([*recipe(tiny_shards, "data.workers=1"), "--run-dir", str(tmp_path / "run")],
                            tmp_path / "logs", check=False, extra_env=fault("raise step=2 rank=1"),
@@ -128,7 +128,7 @@ def test_an_exception_in_one_rank_ends_every_rank_with_its_cause(tiny_shards, tm
     assert "error: rank 1 failed first: RuntimeError: injected fault after step 2" in logs[0], logs[0][-2000:]
 
 
-def test_a_stuck_loader_worker_ends_every_rank_with_its_cause(tiny_shards, tmp_path):  # noqa: F811
+def test_a_stuck_loader_worker_ends_every_rank_with_its_cause(tiny_shards, tmp_path):
     """A worker of rank 1 blocks forever in epoch 2: rank 1 stops after data.wait_timeout_s naming
     itself and what it waited for, rank 0 reports it as the first failure, nothing is left running."""
     started = time.monotonic()
@@ -145,7 +145,7 @@ def test_a_stuck_loader_worker_ends_every_rank_with_its_cause(tiny_shards, tmp_p
     assert not tagged_processes(str(tmp_path), within_s=10)
 
 
-def test_a_stuck_loader_worker_fails_its_cv_fold_with_its_cause(tiny_shards, tmp_path):  # noqa: F811
+def test_a_stuck_loader_worker_fails_its_cv_fold_with_its_cause(tiny_shards, tmp_path):
     """The same fault inside `dist-lc cv` (local executor, 2 tasks per fold): the fold is failed with
     rank 1's cause within the limit, the CV exits, and no task, forkserver or worker is left."""
     started = time.monotonic()
@@ -159,7 +159,7 @@ def test_a_stuck_loader_worker_fails_its_cv_fold_with_its_cause(tiny_shards, tmp
     assert not tagged_processes(str(tmp_path), within_s=10)
 
 
-def test_the_local_executor_ends_a_job_whose_task_failed(tiny_shards, tmp_path):  # noqa: F811
+def test_the_local_executor_ends_a_job_whose_task_failed(tiny_shards, tmp_path):
     """Rank 1 raises, rank 0 never notices (it sleeps): as srun's --kill-on-bad-exit does on Slurm,
     the local executor ends the job's other task, and the fold is failed with rank 1's error."""
     started = time.monotonic()
@@ -200,7 +200,7 @@ def _single(args, tmp_path, extra_env=None, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def straight_single(tiny_shards, tmp_path_factory):  # noqa: F811
+def straight_single(tiny_shards, tmp_path_factory):
     """The uninterrupted one-process run every interrupted one must reproduce."""
     run = tmp_path_factory.mktemp("straight-single") / "run"
     assert _single([*recipe(tiny_shards), "--run-dir", str(run)], run.parent).returncode == 0
@@ -208,7 +208,7 @@ def straight_single(tiny_shards, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("action", ["term-in-save", "kill-in-save"])
-def test_a_signal_during_a_checkpoint_write_never_leaves_a_truncated_checkpoint(tiny_shards, straight_single,  # noqa: F811
+def test_a_signal_during_a_checkpoint_write_never_leaves_a_truncated_checkpoint(tiny_shards, straight_single,
                                                                                 tmp_path, action):
     """SIGTERM to the process group halfway through writing last.pt (the run stops at the next step
     and resumes), or SIGKILL there (last.pt stays the previous epoch's): last.pt always loads, the
@@ -243,7 +243,7 @@ def _ranks_of(run: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_ranks_exit_when_their_launcher_is_killed_and_a_restart_never_crosses_them(tiny_shards, tmp_path):  # noqa: F811
+def test_ranks_exit_when_their_launcher_is_killed_and_a_restart_never_crosses_them(tiny_shards, tmp_path):
     run, epochs = tmp_path / "run", 8
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            *recipe(tiny_shards, f"train.epochs={epochs}"), "--run-dir", str(run)]
@@ -268,7 +268,7 @@ def test_ranks_exit_when_their_launcher_is_killed_and_a_restart_never_crosses_th
     assert "resuming after epoch" in (run / "train.log").read_text()
 
 
-def test_a_second_training_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(tiny_shards, tmp_path):  # noqa: F811
+def test_a_second_training_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(tiny_shards, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, *recipe(tiny_shards, "train.epochs=30"), "--run-dir", str(run)],
                              cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -289,7 +289,7 @@ def test_a_second_training_on_the_same_folder_is_refused_and_a_stale_lock_taken_
     assert again.returncode == 0, again.stderr[-2000:]
 
 
-def test_launches_without_a_run_dir_never_share_one(tiny_shards, tmp_path):  # noqa: F811
+def test_launches_without_a_run_dir_never_share_one(tiny_shards, tmp_path):
     """torchrun without --standalone or --rdzv-id has the run id 'none': two launches must still get two
     folders, and a restart within one launch (--max-restarts) keeps its folder and resumes."""
     args = [a if a != "configs/smoke.yaml" else str(REPO / "configs" / "smoke.yaml")
@@ -305,7 +305,7 @@ def test_launches_without_a_run_dir_never_share_one(tiny_shards, tmp_path):  # n
     assert all(epochs_in(f) == [1, 2] for f in folders)
 
 
-def test_a_run_resumes_on_another_world_size_and_says_so(tiny_shards, tmp_path):  # noqa: F811
+def test_a_run_resumes_on_another_world_size_and_says_so(tiny_shards, tmp_path):
     run = tmp_path / "run"
     torchrun([*recipe(tiny_shards, "train.epochs=1"), "--run-dir", str(run)])
     proc = _single([*recipe(tiny_shards, "train.epochs=2"), "--run-dir", str(run)], tmp_path)
@@ -316,7 +316,7 @@ def test_a_run_resumes_on_another_world_size_and_says_so(tiny_shards, tmp_path):
 
 
 @pytest.mark.slurm
-def test_an_exception_in_one_srun_task_ends_the_job(tiny_shards, tmp_path):  # noqa: F811
+def test_an_exception_in_one_srun_task_ends_the_job(tiny_shards, tmp_path):
     """train.sbatch's srun --kill-on-bad-exit: rank 1 raises, the job fails at once, not at its time limit."""
     require_slurm()
     run, log = tmp_path / "run", tmp_path / "job.out"
@@ -337,7 +337,7 @@ def test_an_exception_in_one_srun_task_ends_the_job(tiny_shards, tmp_path):  # n
 
 
 @pytest.mark.slurm
-def test_cv_names_the_failed_task_and_its_log_when_one_rank_fails(tiny_shards, tmp_path):  # noqa: F811
+def test_cv_names_the_failed_task_and_its_log_when_one_rank_fails(tiny_shards, tmp_path):
     """submitit job of 2 tasks, rank 1 raises: srun ends rank 0 too, cv reports rank 1's error and log."""
     require_slurm()
     cv_dir = tmp_path / "cv"
@@ -352,7 +352,7 @@ def test_cv_names_the_failed_task_and_its_log_when_one_rank_fails(tiny_shards, t
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_predict_on_a_damaged_shard_exits_with_its_name(tiny_shards, smoke_run, tmp_path, workers):  # noqa: F811
+def test_predict_on_a_damaged_shard_exits_with_its_name(tiny_shards, smoke_run, tmp_path, workers):
     """A loader worker's error used to leave its workers alive at exit (SIGTERM ignored): a hang."""
     shards = tmp_path / "shards"
     subprocess.run(["cp", "-r", str(tiny_shards), str(shards)], check=True)
@@ -398,7 +398,7 @@ def _stopped(proc: subprocess.Popen, sig: int) -> tuple[float, str]:
     return time.monotonic() - started, err
 
 
-def test_sigterm_to_cv_ends_its_local_jobs_and_resume_finishes(tiny_shards, tmp_path):  # noqa: F811
+def test_sigterm_to_cv_ends_its_local_jobs_and_resume_finishes(tiny_shards, tmp_path):
     """Two local folds run (2 controllers, 2 tasks); SIGTERM to `dist-lc cv` alone: it ends them all
     within the bound, exits 143 with one line, leaves no process; --resume runs both folds again."""
     cv_dir, tag = tmp_path / "cv", str(tmp_path)
@@ -432,7 +432,7 @@ def _tagged_outside_slurm(tag: str) -> list[str]:
 
 
 @pytest.mark.slurm
-def test_sigterm_to_cv_leaves_its_slurm_jobs_running_and_resume_watches_them(tiny_shards, tmp_path):  # noqa: F811
+def test_sigterm_to_cv_leaves_its_slurm_jobs_running_and_resume_watches_them(tiny_shards, tmp_path):
     """As Ctrl-C does: the Slurm jobs go on without their launcher; --resume watches them (no fold
     submitted twice) and reports."""
     import json

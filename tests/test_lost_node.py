@@ -11,14 +11,13 @@ import time
 
 import pytest
 
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from test_faults import BOUND_S, recipe
 from torchrun_util import REPO, env, free_port
 
 pytestmark = pytest.mark.fault
 
 
-def test_a_killed_node_agent_is_reported_by_the_other_node_as_rank_0s_cause(tiny_shards, tmp_path):  # noqa: F811
+def test_a_killed_node_agent_is_reported_by_the_other_node_as_rank_0s_cause(tiny_shards, tmp_path):
     run, port = tmp_path / "run", free_port()
     args = [*recipe(tiny_shards, "train.epochs=30", "data.workers=0"), "--run-dir", str(run)]
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",

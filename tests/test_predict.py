@@ -17,7 +17,6 @@ from dist_lc.evaluate import evaluate_csv
 from dist_lc.predict import predict
 from lc_common.atomic import write_csv_atomic
 
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from test_faults import logged_torchrun, rank_logs
 from torchrun_util import dist_lc, torchrun
 

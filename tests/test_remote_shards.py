@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from shard_tools.cli import main as lc_shard
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from torchrun_util import dist_lc, free_port
 
 
@@ -47,7 +46,7 @@ class Server:
 
 
 @pytest.fixture
-def served(tiny_shards, tmp_path):  # noqa: F811
+def served(tiny_shards, tmp_path):
     root = tmp_path / "www"
     shutil.copytree(tiny_shards, root / "shards")
     server = Server(root).start()
@@ -106,7 +105,7 @@ def test_a_url_without_a_manifest_or_server(served, capsys):
     assert "cannot connect to the server" in capsys.readouterr().err
 
 
-def test_file_urls_are_local_folders(tiny_shards, capsys):  # noqa: F811
+def test_file_urls_are_local_folders(tiny_shards, capsys):
     assert lc_shard(["verify", f"file://{tiny_shards}"]) == 0
 
 
@@ -116,7 +115,7 @@ def pipe_of(folder: Path) -> str:
     return f"pipe:exec cat {folder}/{{name}}"
 
 
-def test_a_pipe_closed_before_its_end_is_no_error(tiny_shards):  # noqa: F811
+def test_a_pipe_closed_before_its_end_is_no_error(tiny_shards):
     from dist_lc.data import Segment, decoded_segment
     from shard_tools.manifest import load_manifest
 
@@ -126,7 +125,7 @@ def test_a_pipe_closed_before_its_end_is_no_error(tiny_shards):  # noqa: F811
     assert [key for key, *_ in got] == entry["keys"][1:3]
 
 
-def test_a_corrupt_shard_read_through_a_pipe_names_its_sample(tiny_shards, tmp_path, capsys):  # noqa: F811
+def test_a_corrupt_shard_read_through_a_pipe_names_its_sample(tiny_shards, tmp_path, capsys):
     copy = tmp_path / "shards"
     shutil.copytree(tiny_shards, copy)
     shard = sorted(copy.glob("train-f0-*.tar"))[0]

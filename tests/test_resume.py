@@ -14,7 +14,6 @@ from dist_lc import train as train_mod
 from dist_lc.checkpoint import Checkpointer
 from dist_lc.config import load_config
 from lc_common.errors import InputError
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from torchrun_util import torchrun
 
 STEPS = 6   # 48 training tiles in batches of 8
@@ -32,7 +31,7 @@ def small(shards, *extra):
 
 
 @pytest.fixture(scope="module")
-def one_epoch(tiny_shards, tmp_path_factory):  # noqa: F811
+def one_epoch(tiny_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("one-epoch") / "run"
     train_mod.train(small(tiny_shards, "train.epochs=1"), run)
     return run
@@ -52,7 +51,7 @@ def run(one_epoch, tmp_path):
     ("data.fold=1", "data config (data.fold: 0 there, 1 now)"),      # trained on the new validation fold
     ("loss.class_weights=inverse_frequency", "loss config (loss.class_weights: none there, inverse_frequency now)"),
 ])
-def test_another_training_config_is_refused_in_one_line(tiny_shards, run, capsys, change, said):  # noqa: F811
+def test_another_training_config_is_refused_in_one_line(tiny_shards, run, capsys, change, said):
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
     rc = cli.main(["train", "--config", "configs/smoke.yaml",
                    *[a for s in sets(tiny_shards, "train.epochs=2", change) for a in ("--set", s)],
@@ -64,7 +63,7 @@ def test_another_training_config_is_refused_in_one_line(tiny_shards, run, capsys
     assert {name: (run / name).read_bytes() for name in before} == before   # config.yaml not rewritten
 
 
-def test_a_longer_cosine_run_is_refitted_and_where_it_runs_may_change(tiny_shards, run):  # noqa: F811
+def test_a_longer_cosine_run_is_refitted_and_where_it_runs_may_change(tiny_shards, run):
     """train.epochs 1 → 2 with other timeouts, kernels, precision and micro-batch: the cosine that
     last.pt holds (one epoch long) is set to two, so the run anneals at its new end instead of idling at
     min_lr."""
@@ -79,7 +78,7 @@ def test_a_longer_cosine_run_is_refitted_and_where_it_runs_may_change(tiny_shard
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
 
 
-def test_a_checkpoint_whose_config_this_version_cannot_read_is_one_line_naming_it(tiny_shards, run):  # noqa: F811
+def test_a_checkpoint_whose_config_this_version_cannot_read_is_one_line_naming_it(tiny_shards, run):
     last = run / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
     state["config"]["train"]["epochz"] = 3
@@ -91,7 +90,7 @@ def test_a_checkpoint_whose_config_this_version_cannot_read_is_one_line_naming_i
     assert str(err.value).endswith("use a fresh --run-dir")
 
 
-def test_an_fp16_run_resumes_a_checkpoint_without_scaler_state(tiny_shards, one_epoch):  # noqa: F811
+def test_an_fp16_run_resumes_a_checkpoint_without_scaler_state(tiny_shards, one_epoch):
     """train.precision auto: bf16 (no scaler) where it started, fp16 after a requeue onto an older GPU."""
     s = train_mod.build_setup(small(tiny_shards, "train.epochs=1"))
     try:
@@ -106,7 +105,7 @@ def test_an_fp16_run_resumes_a_checkpoint_without_scaler_state(tiny_shards, one_
                              "fp16); starting from a fresh scale of 65536"]
 
 
-def test_an_unreadable_checkpoint_config_stops_every_rank_in_one_line(tiny_shards, run, tmp_path):  # noqa: F811
+def test_an_unreadable_checkpoint_config_stops_every_rank_in_one_line(tiny_shards, run, tmp_path):
     """micro_batch_size auto: rank 0 reads the micro-batch chosen earlier from last.pt and hands every
     rank the value or the error; a rank 0 that failed alone left the others in the broadcast."""
     last = run / "checkpoints" / "last.pt"
@@ -127,7 +126,7 @@ def test_an_unreadable_checkpoint_config_stops_every_rank_in_one_line(tiny_shard
             f"rank {rank}: {text[-2000:]}"
 
 
-def test_the_run_folder_is_locked_before_the_set_up(tiny_shards, tmp_path, monkeypatch):  # noqa: F811
+def test_the_run_folder_is_locked_before_the_set_up(tiny_shards, tmp_path, monkeypatch):
     """The set-up's micro-batch trials would run on the GPU of the training that holds the folder."""
     run = tmp_path / "run"
     run.mkdir()

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from slurm_util import require_slurm, sbatch, scancel, wait_job
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds)
 from torchrun_util import REPO
 
 CPU = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
@@ -45,7 +44,7 @@ def epochs_of(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slurm
-def test_train_sbatch_wait_trains_with_two_tasks(tiny_shards, tmp_path):  # noqa: F811
+def test_train_sbatch_wait_trains_with_two_tasks(tiny_shards, tmp_path):
     require_slurm()
     run, log, name = tmp_path / "run", tmp_path / "job.out", f"dlc-test-wait-{time.time_ns()}"
     cmd = ["sbatch", "--wait", *CPU, "-J", name, "-o", str(log), str(REPO / "slurm" / "train.sbatch"),
@@ -75,7 +74,7 @@ def train_interrupted(tiny_shards, tmp_path, run, epochs, interrupt: list[str]):
 
 
 @pytest.mark.slurm
-def test_job_requeued_by_slurm_resumes_from_its_checkpoint(tiny_shards, tmp_path):  # noqa: F811
+def test_job_requeued_by_slurm_resumes_from_its_checkpoint(tiny_shards, tmp_path):
     """`scontrol requeue` during epoch 2+ (SIGTERM to the tasks): the rerun resumes from last.pt and finishes."""
     require_slurm()
     run, epochs = tmp_path / "run", 5
@@ -89,7 +88,7 @@ def test_job_requeued_by_slurm_resumes_from_its_checkpoint(tiny_shards, tmp_path
 
 
 @pytest.mark.slurm
-def test_usr2_before_the_time_limit_makes_the_script_requeue_itself(tiny_shards, tmp_path):  # noqa: F811
+def test_usr2_before_the_time_limit_makes_the_script_requeue_itself(tiny_shards, tmp_path):
     """--signal=B:USR2: the trap stops the tasks at a step boundary and requeues; the rerun resumes."""
     require_slurm()
     run, epochs = tmp_path / "run", 5
@@ -101,7 +100,7 @@ def test_usr2_before_the_time_limit_makes_the_script_requeue_itself(tiny_shards,
 
 
 @pytest.mark.slurm
-def test_cv_array_trains_the_folds_and_feeds_the_report(tiny_shards, tmp_path):  # noqa: F811
+def test_cv_array_trains_the_folds_and_feeds_the_report(tiny_shards, tmp_path):
     require_slurm()
     cv_dir, name = tmp_path / "cv", f"dlc-test-array-{time.time_ns()}"
     cmd = ["sbatch", "--wait", "--array=0,1", *CPU, "-J", name, "-o", str(tmp_path / "array-%a.out"),

@@ -12,7 +12,6 @@ import torch
 from dist_lc import precision
 from dist_lc import train as train_mod
 from dist_lc.run_dir import diverged
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from torchrun_util import REPO, dist_lc, free_port, torchrun
 
 SMOKE = ["--config", "configs/smoke.yaml"]

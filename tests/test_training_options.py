@@ -16,7 +16,6 @@ from dist_lc import cli, memory
 from dist_lc import train as train_mod
 from dist_lc.config import load_config
 from shard_tools import cli as shard_cli
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from torchrun_util import REPO, dist_lc
 
 SMALL = ["data.crop=32", "data.workers=0", "model.filters=8", "model.upconv_filters=8", "train.plot_every=0",

@@ -27,7 +27,6 @@ from dist_lc.tune import progress, report, space
 from dist_lc.tune.settings import Settings, trial_plan
 from lc_common.errors import InputError
 
-tiny_shards = test_cv.tiny_shards   # the session fixture: 60 real tiles in 5 folds, 8 test tiles
 GOOD_LR, BAD_LR = 0.01, 1.0e-9      # one epoch: val KL about 0.54 against 1.09 (the untrained net)
 STOP_BOUND_S = 25
 

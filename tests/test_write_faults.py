@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from test_cv import tiny_shards  # noqa: F401 - the session fixture (60 real tiles, 5 folds, 8 test)
 from test_faults import BOUND_S, EPOCHS, epochs_in, logged_torchrun, rank_logs, recipe
 from torchrun_util import REPO, env, fault
 
@@ -31,7 +30,7 @@ def _finishes_after(run, args) -> None:
 
 
 @pytest.mark.parametrize("name, nth", [("best.pt", 1), ("metrics.csv", 2)])
-def test_a_full_disk_at_a_write_is_one_line_and_the_rerun_finishes(tiny_shards, tmp_path, name, nth):  # noqa: F811
+def test_a_full_disk_at_a_write_is_one_line_and_the_rerun_finishes(tiny_shards, tmp_path, name, nth):
     run = tmp_path / "run"
     args = [*recipe(tiny_shards, "data.fold=0"), "--run-dir", str(run)]
     written = ".best.next.pt" if name == "best.pt" else name   # best.pt's name until its epoch's last.pt
@@ -44,7 +43,7 @@ def test_a_full_disk_at_a_write_is_one_line_and_the_rerun_finishes(tiny_shards, 
     _finishes_after(run, args)
 
 
-def test_a_full_disk_at_last_pt_ends_every_rank_with_its_cause(tiny_shards, tmp_path):  # noqa: F811
+def test_a_full_disk_at_last_pt_ends_every_rank_with_its_cause(tiny_shards, tmp_path):
     run = tmp_path / "run"
     args = [*recipe(tiny_shards, "data.fold=0", "data.workers=1"), "--run-dir", str(run)]
     proc = logged_torchrun(args, tmp_path / "logs", check=False, timeout=BOUND_S * 2,
