@@ -38,6 +38,10 @@ def test_train_memory(packed_sample):
                            "--set", "model.filters=8", "--set", "model.upconv_filters=8").lower()
 
 
+def test_exit_time():
+    assert "after / before:" in bench("exit_time.py", "--quick")
+
+
 def test_upconv():
     assert "speed-up" in bench("upconv.py", "--quick")
 
