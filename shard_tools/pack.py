@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import shutil
 import tarfile
 from collections import deque
@@ -127,7 +128,12 @@ def channel_sums(image: np.ndarray) -> dict:
 
 
 def _ordered_imap(pool, fn, items, window: int):
-    """``pool.map`` with at most ``window`` tiles in flight, so fast readers cannot fill memory."""
+    """``pool.map`` with at most ``window`` tiles in flight, so fast readers cannot fill memory.
+
+    ``fn`` is pickled here first: a task that fails to pickle in the pool's feeder thread makes
+    Python 3.11's ``shutdown(cancel_futures=True)`` wait for ever (CPython gh-116685), where this
+    raises the pickling error at once."""
+    pickle.dumps(fn)
     pending: deque = deque()
     for item in items:
         pending.append(pool.submit(fn, item))

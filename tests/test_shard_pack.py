@@ -26,6 +26,8 @@ from shard_tools.manifest import load_manifest
 from shard_tools.pack import pack
 from shard_tools.verify import verify
 
+from torchrun_util import REPO
+
 
 def _ids(folder):
     return sorted((p.stem for p in folder.glob("*.tif")), key=int)
@@ -319,3 +321,16 @@ def test_ties_between_folds_do_not_depend_on_rounding(seed):
     props = kinds[rng.integers(0, 4, 300)]
     order = rng.permutation(10)
     assert np.array_equal(assign_folds(props, 5, seed), assign_folds(props[:, order], 5, seed))
+
+
+def test_a_pool_task_that_cannot_be_pickled_fails_at_once():
+    """A function the readers cannot receive raises its pickling error (on Python 3.11 the pool's
+    shutdown with cancel_futures waited for ever once its feeder thread had failed to pickle a task)."""
+    script = ("from shard_tools.pack import _mapper\n"
+              "def main():\n"
+              "    def local(x): return x\n"
+              "    with _mapper(2) as mapper:\n"
+              "        list(mapper(local, range(40)))\n"
+              "main()\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "Can't pickle local object" in run.stderr, run.stderr[-2000:]
