@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
-import torch
+import scipy.optimize
 
 from lc_common.tiles import NUM_CLASSES
 
@@ -48,28 +48,31 @@ def fit(truth, pred, l2: float = L2) -> Calibration:
     """The calibration minimising mean KL(truth ‖ calibrated pred) (+ ``l2`` × squared distance to identity).
 
     Tiles whose truth has no scored class are left out, as in the score, and so are non-finite predictions.
+    Minimised by L-BFGS on the exact gradient (scipy: torch's optimizers import its compiler on first use,
+    seconds for 9 numbers).
     """
     y, p = scored_proportions(truth), scored_proportions(pred)
     keep = has_scored_class(truth) & np.isfinite(p).all(axis=1)
     if not keep.any():
         return IDENTITY
-    y = torch.as_tensor(y[keep] + EPSILON, dtype=torch.float64)
-    y = y / y.sum(dim=1, keepdim=True)
-    z = torch.as_tensor(np.log(p[keep] + EPSILON), dtype=torch.float64)
-    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_scale, bias], lr=1.0, max_iter=200, tolerance_grad=1e-10,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    y = y[keep] + EPSILON
+    y = y / y.sum(axis=1, keepdims=True)
+    z = np.log(p[keep] + EPSILON)
+    entropy = (y * np.log(y)).sum(axis=1).mean()
 
-    def objective():
-        opt.zero_grad()
-        logq = torch.log_softmax(log_scale.exp() * z + bias, dim=1)
-        loss = (y * (y.log() - logq)).sum(dim=1).mean() + l2 * (log_scale ** 2 + (bias ** 2).sum())
-        loss.backward()
-        return loss
+    def objective(x):
+        log_scale, bias = x[0], x[1:]
+        logits = np.exp(log_scale) * z + bias
+        logits -= logits.max(axis=1, keepdims=True)
+        logq = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        loss = entropy - (y * logq).sum(axis=1).mean() + l2 * (x ** 2).sum()
+        d_logits = (np.exp(logq) - y) / len(y)   # rows of y sum to 1
+        grad = np.concatenate([[np.exp(log_scale) * (d_logits * z).sum()], d_logits.sum(axis=0)]) + 2 * l2 * x
+        return loss, grad
 
-    opt.step(objective)
-    return Calibration(float(log_scale.detach().exp()), [float(b) for b in bias.detach()])
+    x = scipy.optimize.minimize(objective, np.zeros(1 + z.shape[1]), jac=True, method="L-BFGS-B",
+                                options={"maxiter": 500, "gtol": 1e-10, "ftol": 1e-12}).x
+    return Calibration(float(np.exp(x[0])), [float(b) for b in x[1:]])
 
 
 # A correction fitted on some rows of a table of tiles: ``fit(rows)`` (a boolean mask) returns the

@@ -125,3 +125,23 @@ def test_cross_fit_fits_on_the_other_folds_and_applies_to_its_own():
     assert [r.tolist() for r in seen] == [[False, False, True, True, True], [True, True, False, True, True],
                                           [True, True, True, False, False]]
     assert out[:, 0].tolist() == [3, 3, 4, 3, 3]
+
+
+def test_fit_is_the_minimum_of_its_objective(truth):
+    """No step of any of the 9 parameters lowers mean KL + the pull toward identity: the fit is the optimum."""
+    pred = distort(truth, 0.6, np.linspace(-1, 1, 8), seed=3)
+
+    def objective(scale, bias):
+        cal = calibration.Calibration(scale, list(bias))
+        y = scored_proportions(truth) + calibration.EPSILON
+        y /= y.sum(axis=1, keepdims=True)
+        q = scored_proportions(cal.apply(pred))
+        return (y * np.log(y / q)).sum(axis=1).mean() + calibration.L2 * (np.log(scale) ** 2 + (bias ** 2).sum())
+
+    cal = calibration.fit(truth, pred)
+    best = objective(cal.scale, np.array(cal.bias))
+    for i in range(9):
+        for step in (-1e-3, 1e-3):
+            x = np.concatenate([[np.log(cal.scale)], cal.bias])
+            x[i] += step
+            assert objective(np.exp(x[0]), x[1:]) >= best - 1e-12, (i, step)
