@@ -56,7 +56,8 @@ def plot_learning_curves(tables: PointTables, path: Path) -> None:
     ax_kl.set(xlabel="epoch", ylabel="validation KL", title="validation KL per epoch")
     for ax in (ax_loss, ax_kl):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:   # no fold has curves: no legend (and no warning on stderr)
+            ax.legend(fontsize=7)
     fig.suptitle(f"learning curves {tables.point.name}".strip())
     _save(fig, path)
 
