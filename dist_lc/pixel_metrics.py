@@ -16,19 +16,33 @@ from .metrics import SCORED_CLASSES, SCORED_NAMES
 
 SCORED = torch.tensor(SCORED_CLASSES)
 N = len(SCORED_CLASSES)
+assert SCORED_CLASSES == tuple(range(SCORED_CLASSES[0], SCORED_CLASSES[0] + N)), "scored classes not contiguous"
 
 
 def scored_argmax(scores: torch.Tensor) -> torch.Tensor:
-    """Index 0..7 of the most probable scored class per pixel, from (B, 10, H, W) logits or probabilities."""
-    return scores[:, SCORED.to(scores.device)].argmax(dim=1)
+    """Index 0..7 of the most probable scored class per pixel, from (B, 10, H, W) logits or probabilities
+    (the first such class on a tie, as ``argmax``)."""
+    scored = scores[:, SCORED_CLASSES[0]:SCORED_CLASSES[-1] + 1]   # a view: the scored classes are 2..9
+    if scores.device.type != "cpu":
+        return scored.argmax(dim=1)
+    # On the CPU, argmax across channels walks memory with a stride of H·W per step; comparing whole
+    # channel planes instead is several times faster (docs/BENCHMARKS.md).
+    best, index = scored[:, 0], torch.zeros(scored[:, 0].shape, dtype=torch.long)
+    for c in range(1, N):
+        better = scored[:, c] > best
+        best = torch.maximum(best, scored[:, c])
+        index.masked_fill_(better, c)
+    return index
 
 
 def confusion(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """(8, 8) int64 counts, rows = true class, columns = predicted class, over the scored pixels."""
     truth = mask.long() - SCORED_CLASSES[0]
     keep = (truth >= 0) & (truth < N)
-    pairs = truth[keep] * N + scored_argmax(scores)[keep]
-    return torch.bincount(pairs, minlength=N * N).reshape(N, N)
+    # unscored pixels counted in an extra bin and dropped: no boolean indexing, which copies on the
+    # CPU and waits for the GPU to learn the count
+    pairs = torch.where(keep, truth * N + scored_argmax(scores), N * N)
+    return torch.bincount(pairs.flatten(), minlength=N * N + 1)[:N * N].reshape(N, N)
 
 
 def summary(matrix) -> dict:

@@ -42,6 +42,10 @@ def test_exit_time():
     assert "after / before:" in bench("exit_time.py", "--quick")
 
 
+def test_confusion():
+    assert "confusion: shipped / before:" in bench("confusion.py", "--quick")
+
+
 def test_upconv():
     assert "speed-up" in bench("upconv.py", "--quick")
 

@@ -129,3 +129,16 @@ def test_the_best_constant_is_the_mean_of_the_scored_proportions(rng):
             moved[c] += step
             assert kl_of(moved / moved.sum()) > kl_of(best)
     assert np.isnan(metrics.best_constant(truth[-1:])).all()   # nothing to average
+
+
+def test_scored_argmax_is_argmax_over_the_scored_classes_ties_to_the_first():
+    import torch
+
+    from dist_lc.pixel_metrics import scored_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (3, 10, 5, 7), generator=gen).float()   # few values: many ties
+    scores[:, :2] = 9   # unscored classes never win
+    expected = np.argmax(scores[:, 2:].numpy(), axis=1)   # numpy's argmax: the first maximum
+    assert torch.equal(scored_argmax(scores), torch.from_numpy(expected))
+    assert torch.equal(scored_argmax(scores.bfloat16()), torch.from_numpy(expected))
