@@ -691,18 +691,23 @@ def refit_length(t, epoch: int, planned: int, recent_train_s: list, val_s: list,
     return last
 
 
-def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, val_s: list, runlog: RunLog) -> None:
+def fit_schedule_to_time(s: Setup, p: Progress, started: float, train_s: list, val_s: list, runlog: RunLog,
+                         stopping: bool) -> None:
     """Fit a cosine schedule into train.time_limit from the measured cost of its epochs: after each
     of the first two epochs to the time left (training + the share of validation), after every later
     one shortened again if the recent epochs say its end would not fit (a node that slows down,
     validations dearer than the first). A late schedule is never lengthened: its annealing would
-    restart. The length is kept in the scheduler's state and the checkpoint, so a resumed run keeps it."""
+    restart. The length is kept in the scheduler's state and the checkpoint, so a resumed run keeps it.
+    A run ``stopping`` for time after this epoch ends its schedule here (a resume of it then has
+    nothing left to train, rather than a schedule lengthened past what it trained)."""
     t = s.cfg.train
     shape = getattr(s.scheduler, "lr_lambdas", [None])[0]
     if not (t.time_limit and t.fit_schedule and isinstance(shape, WarmupCosine)):
         return
     left = t.time_limit * 60 - (time.monotonic() - started)
-    if p.epoch <= 2:
+    if stopping:
+        per_epoch, fits = float(np.mean(train_s[-REFIT_EPOCHS:])), p.epoch
+    elif p.epoch <= 2:
         per_epoch = train_s[-1] + (np.mean(val_s) / t.val_every if val_s else 0.0) * validated_share(t)
         # never ends at the epoch just trained: its validation was planned against the old end
         more = int(max(left, 0.0) * SCHEDULE_MARGIN // per_epoch)
@@ -772,7 +777,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
         # before last.pt is written: the fitted length must be in the checkpoint a resume reads
-        fit_schedule_to_time(s, p, started, cost_s, val_s, runlog)
+        fit_schedule_to_time(s, p, started, cost_s, val_s, runlog, stopping=out_of_time)
         bookkeeping = time.monotonic()
         improved = p.judge(score, t.early_stop_min_delta)
         record_epoch(ckpt, runlog, p, row, improved)
@@ -783,7 +788,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         other_s += time.monotonic() - bookkeeping
         if out_of_time:
             reason = "time_limit"
-            runlog.info(f"train.time_limit {t.time_limit} min: stopping after epoch {p.epoch}")
+            runlog.info(f"train.time_limit {t.time_limit:g} min: stopping after epoch {p.epoch}")
             break
         if t.early_stop and p.stale >= t.early_stop:
             reason = "early_stop"

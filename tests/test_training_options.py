@@ -270,6 +270,20 @@ def test_a_schedule_fitted_to_the_time_limit_ends_validated_and_is_saved_before_
     assert p.epoch == 2 and saved == p.planned < 1000
 
 
+def test_a_run_stopped_for_time_ends_its_schedule_where_it_stops(packed_sample, tmp_path, monkeypatch):
+    """Epochs of 10 s and validations of 5 s in 40 s: the schedule fitted after epoch 1 ends after epoch 2,
+    after which a third does not fit. The run stops there and so does its schedule, in the log and in
+    last.pt (it was lengthened to epoch 3 when there was no time for it: a resume re-warmed the rate)."""
+    p, validated, clock, saved = simulated_run(packed_sample, tmp_path, monkeypatch,
+                                               ["train.epochs=1000", f"train.time_limit={40 / 60}",
+                                                "schedule.name=cosine"], lambda e: 10, 5)
+    ends = [int(line.split("now ends after epoch ")[1].split()[0]) for line in
+            (tmp_path / "train.log").read_text().splitlines() if "now ends after epoch" in line]
+    assert p.epoch == 2 and validated == [1, 2] and clock <= 40
+    assert ends[-1] == saved == p.planned == 2, ends
+    assert "train.time_limit 0.666667 min: stopping after epoch 2" in (tmp_path / "train.log").read_text()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_gradient_clipping_bounds_the_true_gradient(packed_sample, precision):
     """SGD with lr 1 moves the weights by exactly the clipped gradient; under fp16 the clip applies to
