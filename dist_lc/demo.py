@@ -85,6 +85,8 @@ def run(args) -> int:
     if data is None:
         print("1/4 synthesising a challenge-like dataset")
         data = generate(out / "data", n_train=150, n_test=24, seed=0, progress=True)
+    else:
+        print(f"1/4 no synthesis: the challenge's tiles of --data {data}")
     print(f"2/4 packing {data} into shards (3 folds)")
     pack(data, out / "shards", folds=FOLDS, seed=0, samples_per_shard=32, progress=True)
     print(f"3/4 3-fold cross-validation, each fold a 2-process DDP job ({executor} executor)")

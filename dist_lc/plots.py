@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -24,10 +26,16 @@ def rgb(image_chw: np.ndarray) -> np.ndarray:
     return np.clip((img - lo) / max(hi - lo, 1.0), 0, 1)
 
 
-def prediction_figure(keys, images, masks, preds, title: str = "") -> Figure:
-    """One row per tile: RGB image, true mask, predicted mask (argmax)."""
+def prediction_figure(keys, images, masks, preds, title: str = "", dpi: int = 80) -> Figure:
+    """One row per tile: RGB image, true mask, predicted mask (argmax).
+
+    The margins are fixed in inches (titles above, the legend below) rather than found by
+    ``tight_layout``, which draws the whole figure once more only to measure its text."""
     n = len(keys)
-    fig = Figure(figsize=(9, 3 * n))
+    height = 3 * n
+    fig = Figure(figsize=(9, height), dpi=dpi)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.55 / height, top=1 - 0.75 / height, wspace=0.05,
+                        hspace=0.12)
     axes = fig.subplots(n, 3, squeeze=False)
     for i in range(n):
         for ax, pic, name in zip(axes[i], (rgb(images[i]), masks[i], preds[i]), ("image", "mask", "predicted")):
@@ -39,8 +47,21 @@ def prediction_figure(keys, images, masks, preds, title: str = "") -> Figure:
             ax.axis("off")
     fig.legend(legend_handles(), CLASS_NAMES, loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return fig
+
+
+def drawn(fig: Figure) -> np.ndarray:
+    """(H, W, 3) uint8: ``fig`` drawn once, for a PNG file and TensorBoard alike (its add_figure
+    would draw it again)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
+
+
+def save_pixels(pixels: np.ndarray, path) -> None:
+    """A PNG of (H, W, 3) uint8 pixels, written whole or not at all."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: matplotlib.image.imsave(f, pixels, format="png"))
 
 
 def legend_handles() -> list:

@@ -217,12 +217,13 @@ class RunLog:
 
     def plot(self, epoch: int, shown: dict) -> None:
         if self.enabled and shown["key"]:
-            from .plots import prediction_figure, save_figure   # matplotlib: only when a run plots
+            from .plots import drawn, prediction_figure, save_pixels   # matplotlib: only when a run plots
 
-            fig = prediction_figure(shown["key"], shown["image"], shown["mask"], shown["pred"], title=f"epoch {epoch}")
-            save_figure(fig, self.run_dir / "plots" / f"epoch_{epoch:03d}.png")
+            pixels = drawn(prediction_figure(shown["key"], shown["image"], shown["mask"], shown["pred"],
+                                             title=f"epoch {epoch}"))
+            save_pixels(pixels, self.run_dir / "plots" / f"epoch_{epoch:03d}.png")
             if self.writer is not None:
-                self.writer.add_figure("predictions", fig, epoch)
+                self.writer.add_image("predictions", pixels, epoch, dataformats="HWC")
 
     def failure(self) -> None:
         """The traceback of the exception being handled, into train.log only: stderr gets the one

@@ -46,6 +46,10 @@ def test_confusion():
     assert "confusion: shipped / before:" in bench("confusion.py", "--quick")
 
 
+def test_plot_time():
+    assert "shipped / before:" in bench("plot_time.py", "--quick")
+
+
 def test_upconv():
     assert "speed-up" in bench("upconv.py", "--quick")
 
