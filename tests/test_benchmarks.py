@@ -50,6 +50,10 @@ def test_plot_time():
     assert "shipped / before:" in bench("plot_time.py", "--quick")
 
 
+def test_calibration_fit():
+    assert "shipped / before:" in bench("calibration_fit.py", "--quick")
+
+
 def test_upconv():
     assert "speed-up" in bench("upconv.py", "--quick")
 
