@@ -153,6 +153,9 @@ def format_report(result: dict) -> str:
     for name, value in result["per_class"].items():
         share = f"{100 * value / result['kl']:6.1f}%" if result["kl"] > 0 else f"{'-':>7}"
         lines.append(f"{name:<{width}}  {value:>12.6f}  {share}")
+    if any(value < 0 for value in result["per_class"].values()):
+        lines.append("(negative: where present, the class is predicted above its true share, its terms "
+                     "y·log(y/q) below 0; the contributions add up to the score)")
     return "\n".join(lines)
 
 

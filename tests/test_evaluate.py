@@ -258,3 +258,11 @@ def test_the_report_s_reader_keeps_ids_as_written_and_refuses_an_empty_one(tmp_p
     (tmp_path / "q.csv").write_text("sample_id," + ",".join(NAMES) + "\n," + ",".join(["0.1"] * 10) + "\n")
     with pytest.raises(InputError, match="q.csv: empty sample_id on data row"):
         read_predictions(tmp_path / "q.csv", NAMES, text_ids=True)
+
+
+def test_the_table_explains_a_negative_contribution():
+    from dist_lc.evaluate import format_report
+
+    shown = format_report({"kl": 0.1, "n": 3, "per_class": {"water": 0.12, "snow": -0.02}})
+    assert shown.splitlines()[-1].startswith("(negative: where present")
+    assert "negative" not in format_report({"kl": 0.1, "n": 3, "per_class": {"water": 0.1, "snow": 0.0}})
