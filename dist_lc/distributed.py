@@ -126,7 +126,7 @@ def read_env(environ=None) -> DistEnv:
         port = _int(e, "MASTER_PORT", _port_for_job(str(job.job_id), e.get("SLURM_STEP_ID")))
         return _check(DistEnv(job.global_rank, job.num_tasks, job.local_rank,
                               job.num_tasks // max(job.num_nodes, 1), hosts[0] if hosts else "127.0.0.1",
-                              port, "submitit", _int(e, "SLURM_CPUS_PER_TASK")))
+                              port, f"submitit {e['SUBMITIT_EXECUTOR']}", _int(e, "SLURM_CPUS_PER_TASK")))
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:
         world = _int(e, "SLURM_STEP_NUM_TASKS")
         nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "127.0.0.1")

@@ -153,6 +153,7 @@ def test_local_executor_gives_the_same_report(local_cv, sample_root, tiny_shards
     check_cv_folder(local_cv, sample_root, tiny_shards)
     records = json.loads((local_cv / "jobs.json").read_text())["jobs"]
     assert {r["executor"] for r in records} == {"local"}
+    assert " submitit local: 2 rank(s) on cpu" in (local_cv / "fold0" / "train.log").read_text()
 
 
 def test_the_out_of_fold_table_is_what_the_best_checkpoint_predicts(local_cv, tiny_shards):
