@@ -1,8 +1,8 @@
 """Validation's pixel metrics on the CPU: the most probable scored class per pixel
 (``dist_lc.pixel_metrics.scored_argmax``: channel planes compared) and a batch's confusion matrix
-(``confusion``: unscored pixels in an extra bin) as shipped, against the code before (torch's
-``argmax`` across the scored channels picked by index; the scored pixels picked by a boolean
-index), interleaved, on a validation batch of logits. Both give the same classes and counts
+(``confusion``: unscored pixels in an extra bin, counted by ``index_add_``) as shipped, against the
+code before (torch's ``argmax`` across the scored channels picked by index; the scored pixels picked
+by a boolean index, counted by ``bincount``), interleaved, on a validation batch of logits. Both give the same classes and counts
 (checked here)::
 
     python benchmarks/confusion.py [--rounds 5] [--batch 32] [--threads 1] [--quick]

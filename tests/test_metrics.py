@@ -142,3 +142,24 @@ def test_scored_argmax_is_argmax_over_the_scored_classes_ties_to_the_first():
     expected = np.argmax(scores[:, 2:].numpy(), axis=1)   # numpy's argmax: the first maximum
     assert torch.equal(scored_argmax(scores), torch.from_numpy(expected))
     assert torch.equal(scored_argmax(scores.bfloat16()), torch.from_numpy(expected))
+    scores[0, 5, 0, 0], scores[0, 7, 0, 0], scores[1, 2:, 0, 0] = float("nan"), float("nan"), float("nan")
+    assert torch.equal(scored_argmax(scores), scores[:, 2:].argmax(dim=1))   # the first NaN wins, as in argmax
+    assert scored_argmax(scores)[0, 0, 0] == 3 and scored_argmax(scores)[1, 0, 0] == 0
+
+
+def test_the_confusion_matrix_counts_scored_pixels_by_true_and_predicted_class():
+    import torch
+
+    from dist_lc.pixel_metrics import confusion
+
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.randint(0, 10, (2, 6, 5), generator=gen, dtype=torch.uint8)
+    scores = torch.randn(2, 10, 6, 5, generator=gen)
+    truth, pred = mask.numpy().ravel().astype(int), scores[:, 2:].argmax(dim=1).numpy().ravel()
+    expected = np.zeros((8, 8), np.int64)
+    for t, p in zip(truth, pred):
+        if t >= 2:
+            expected[t - 2, p] += 1
+    assert np.array_equal(confusion(mask, scores).numpy(), expected)
+    with pytest.raises(ValueError, match="masks of shape"):
+        confusion(mask[:, None], scores)
