@@ -95,6 +95,14 @@ def test_a_finished_folder_reports(cv):
     assert [f["fold"] for f in report["folds"]] == [0, 1, 2] and report["submission"]["folds"] == [0, 1, 2]
 
 
+def test_the_fold_table_says_which_folds_a_time_limit_or_early_stop_ended(cv):
+    edit_done(cv / "fold0", stop_reason="time_limit")
+    edit_done(cv / "fold1", stop_reason="early_stop")   # fold 2: a done.json of before it was recorded
+    assert cli.main(["report", str(cv)]) == 0
+    rows = [line for line in (cv / "report.md").read_text().splitlines() if line.startswith("| ") and "/3" in line]
+    assert [r.split(" | ")[5] for r in rows] == ["3/3 (time limit)", "3/3 (early stop)", "3/3"], rows
+
+
 # ----------------------------------------------------------------------------- damaged fold files
 
 def _csv_lines(path, edit) -> None:

@@ -87,8 +87,9 @@ def _agree(values: list[float]) -> list[float]:
 
 
 def fold_summary(trained: TrainResult) -> dict:
-    """Best epoch, best validation KL, final train loss, epochs and training time of the fold."""
+    """Best epoch, best validation KL, final train loss, epochs, why training ended and its time."""
     return {"fold": trained.config.data.fold, "epochs": trained.epochs_planned, "epochs_done": trained.epochs_done,
+            "stop_reason": trained.stop_reason,
             "best_epoch": trained.best_epoch, "best_val_kl": trained.best_val_kl,
             "final_train_loss": trained.final_train_loss, "train_s": trained.train_s}
 

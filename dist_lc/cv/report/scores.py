@@ -58,7 +58,7 @@ def fold_row(fold: FoldTables, truth: pd.DataFrame) -> dict:
     return {"fold": fold.fold, "status": "done", "best_epoch": done["best_epoch"], "best_val_kl": done["best_val_kl"],
             "pixel": pixel_metrics.summary(fold.confusion) if fold.confusion is not None else None,
             "final_train_loss": done["final_train_loss"], "epochs_done": done["epochs_done"],
-            "epochs": done["epochs"], "oof_kl": oof.kl, "oof_tiles": oof.tiles,
+            "epochs": done["epochs"], "stop_reason": done.get("stop_reason"), "oof_kl": oof.kl, "oof_tiles": oof.tiles,
             "train_s": round(done["train_s"], 1), "predict_s": round(done["predict_s"], 1),
             "world_size": done["world_size"], "job_id": done.get("job_id"), "run_dir": str(fold.run_dir),
             "timeline": done.get("timeline")}

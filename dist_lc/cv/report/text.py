@@ -65,6 +65,11 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+# how a fold's training ended, beside its epochs, where it was not its schedule's end (done.json
+# before this was recorded has no stop_reason)
+ENDED = {"time_limit": " (time limit)", "early_stop": " (early stop)"}
+
+
 def markdown(report: dict) -> str:
     best = f" · best grid point **{report['name']}**" if report.get("grid") else ""
     lines = [f"# Cross-validation report: {report['cv_dir']}", "",
@@ -75,8 +80,9 @@ def markdown(report: dict) -> str:
     for r in report["folds"]:
         t = r.get("timeline") or {}
         outside = f"{1 - t['epochs_s'] / t['job_s']:.0%}" if t.get("job_s") and "epochs_s" in t else "–"
+        epochs = f"{r['epochs_done']}/{r['epochs']}{ENDED.get(r.get('stop_reason'), '')}"
         lines.append(f"| {r['fold']} | {r['best_epoch']} | {fmt(r['best_val_kl'])} | {fmt(r['oof_kl'])} | "
-                     f"{fmt(r['final_train_loss'])} | {r['epochs_done']}/{r['epochs']} | {r['train_s']} | "
+                     f"{fmt(r['final_train_loss'])} | {epochs} | {r['train_s']} | "
                      f"{r['predict_s']} | {t.get('job_s', 0):.0f} | {outside} |")
     lines += ["", f"- mean ± std of the best validation KL over {len(report['folds'])} fold(s): "
               f"**{spread(report)}**" + (" (no std from one fold)" if len(report["folds"]) < 2 else ""),
