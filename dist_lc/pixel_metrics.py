@@ -47,7 +47,7 @@ def confusion(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     # and bincount, which on a GPU both wait for it to send a count or a maximum back to the host.
     pairs = torch.where(keep, truth * N + scored_argmax(scores), N * N).flatten()
     counts = torch.zeros(N * N + 1, dtype=torch.long, device=pairs.device)
-    counts.index_add_(0, pairs, torch.ones(1, dtype=torch.long, device=pairs.device).expand_as(pairs))
+    counts.index_add_(0, pairs, torch.ones_like(pairs))
     return counts[:N * N].reshape(N, N)
 
 
