@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine_line, table  # noqa: E402
+from common import REPO, print_interleaved  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -83,11 +82,9 @@ def main(argv=None) -> int:
     apart = max(abs(a - b) for a, b in zip(params["before"], params["shipped"]))
     if apart > 1e-4:
         raise SystemExit(f"calibration_fit: the two fits differ by {apart:.2g} in a parameter")
-    print(f"Machine: {machine_line()}; {tiles} tiles, a fresh process per fit, {rounds} round(s), interleaved\n")
-    rows = [[v, f"{statistics.median(s):.2f}", f"{min(s):.2f}-{max(s):.2f}"] for v, s in seconds.items()]
-    print(table(["first fit in a process", "median s", "range s"], rows))
-    print(f"\nlargest parameter difference: {apart:.1g}")
-    print(f"shipped / before: {statistics.median(seconds['shipped']) / statistics.median(seconds['before']):.2f}")
+    print_interleaved(f"{tiles} tiles, a fresh process per fit, {rounds} round(s), interleaved",
+                      "first fit in a process", seconds)
+    print(f"largest parameter difference: {apart:.1g}")
     return 0
 
 

@@ -79,6 +79,14 @@ def table(headers: list[str], rows: list[list], align: str | None = None) -> str
     return "\n".join(lines)
 
 
+def print_interleaved(setting: str, what: str, seconds: dict, before: str = "before", after: str = "shipped") -> None:
+    """The machine and ``setting``; each variant's median and range of ``seconds`` (variant → list);
+    then the ratio of ``after``'s median to ``before``'s: the report of an interleaved before/after."""
+    print(f"Machine: {machine_line()}; {setting}\n")
+    print(table([what, "median s", "range s"], [[v, f"{median(s):.2f}", spread(s)] for v, s in seconds.items()]))
+    print(f"\n{after} / {before}: {median(seconds[after]) / median(seconds[before]):.2f}")
+
+
 def ensure_shards(out: Path, src: Path = SAMPLE_SRC) -> Path:
     """A shard folder of the real sample: ``out`` if it already has a manifest, else packed there."""
     if (out / "manifest.json").is_file():

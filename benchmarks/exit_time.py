@@ -11,7 +11,6 @@ and exits; the figure is the time from that write to the process being gone, as 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine_line, synthetic_shards, table  # noqa: E402
+from common import REPO, print_interleaved, synthetic_shards  # noqa: E402
 
 CHILD = """
 import atexit, gc, sys, time
@@ -54,10 +53,7 @@ def main(argv=None) -> int:
         for _ in range(rounds):
             for variant in seconds:
                 seconds[variant].append(one_exit(shards, variant))
-    print(f"Machine: {machine_line()}; {rounds} round(s), interleaved\n")
-    rows = [[v, f"{statistics.median(s):.2f}", f"{min(s):.2f}-{max(s):.2f}"] for v, s in seconds.items()]
-    print(table(["exit", "median s", "range s"], rows))
-    print(f"\nafter / before: {statistics.median(seconds['after']) / statistics.median(seconds['before']):.2f}")
+    print_interleaved(f"{rounds} round(s), interleaved", "exit", seconds, after="after")
     return 0
 
 

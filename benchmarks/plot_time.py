@@ -8,7 +8,6 @@ interleaved, on ``train.plot_tiles`` synthetic validation tiles of 256²::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, table  # noqa: E402
+from common import print_interleaved  # noqa: E402
 
 from dist_lc.plots import drawn, prediction_figure, save_figure, save_pixels  # noqa: E402
 
@@ -60,10 +59,7 @@ def main(argv=None) -> int:
                 variant(shown, Path(work), writer, epoch)
                 seconds[name].append(time.perf_counter() - started)
         writer.close()
-    print(f"Machine: {machine_line()}; {tiles} tile(s) of 256², {rounds} round(s), interleaved\n")
-    rows = [[name, f"{statistics.median(s):.2f}", f"{min(s):.2f}-{max(s):.2f}"] for name, s in seconds.items()]
-    print(table(["plot", "median s", "range s"], rows))
-    print(f"\nshipped / before: {statistics.median(seconds['shipped']) / statistics.median(seconds['before']):.2f}")
+    print_interleaved(f"{tiles} tile(s) of 256², {rounds} round(s), interleaved", "plot", seconds)
     return 0
 
 
