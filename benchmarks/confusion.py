@@ -1,5 +1,5 @@
 """Validation's pixel metrics on the CPU: the most probable scored class per pixel
-(``dist_lc.pixel_metrics.scored_argmax``: channel planes compared) and a batch's confusion matrix
+(``dist_lc.confusion.scored_argmax``: channel planes compared) and a batch's confusion matrix
 (``confusion``: unscored pixels in an extra bin, counted by ``index_add_``) as shipped, against the
 code before (torch's ``argmax`` across the scored channels picked by index; the scored pixels picked
 by a boolean index, counted by ``bincount``), interleaved, on a validation batch of logits. Both give the same classes and counts
@@ -20,18 +20,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, table  # noqa: E402
 
-from dist_lc import pixel_metrics  # noqa: E402
+from dist_lc import confusion as shipped  # noqa: E402
 
 
 def argmax_before(scores: torch.Tensor) -> torch.Tensor:
-    return scores[:, pixel_metrics.SCORED].argmax(dim=1)
+    return scores[:, shipped.SCORED].argmax(dim=1)
 
 
 def confusion_before(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    truth = mask.long() - pixel_metrics.SCORED_CLASSES[0]
-    keep = (truth >= 0) & (truth < pixel_metrics.N)
-    pairs = truth[keep] * pixel_metrics.N + argmax_before(scores)[keep]
-    return torch.bincount(pairs, minlength=pixel_metrics.N ** 2).reshape(pixel_metrics.N, pixel_metrics.N)
+    truth = mask.long() - shipped.SCORED_CLASSES[0]
+    keep = (truth >= 0) & (truth < shipped.N)
+    pairs = truth[keep] * shipped.N + argmax_before(scores)[keep]
+    return torch.bincount(pairs, minlength=shipped.N ** 2).reshape(shipped.N, shipped.N)
 
 
 def seconds(fn, *args, repeat: int) -> float:
@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(batch, 10, 256, 256, generator=gen)
     mask = torch.randint(0, 10, (batch, 256, 256), generator=gen, dtype=torch.uint8)
-    variants = {"argmax": {"before": (argmax_before, scores), "shipped": (pixel_metrics.scored_argmax, scores)},
+    variants = {"argmax": {"before": (argmax_before, scores), "shipped": (shipped.scored_argmax, scores)},
                 "confusion": {"before": (confusion_before, mask, scores),
-                              "shipped": (pixel_metrics.confusion, mask, scores)}}
+                              "shipped": (shipped.confusion, mask, scores)}}
     for what, pair in variants.items():
         (f, *a), (g, *b) = pair.values()
         if not torch.equal(f(*a), g(*b)):

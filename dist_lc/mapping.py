@@ -51,7 +51,7 @@ from . import distributed
 from lc_common.atomic import fsync_dir, fsync_path, write_csv_atomic, write_json_atomic
 from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
-from .pixel_metrics import SCORED
+from .confusion import SCORED
 from .plots import PALETTE, legend_handles, rgb, save_figure
 from .predict import Ensemble
 from .scene import WINDOW, AoiMask, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths, taper, window_grid

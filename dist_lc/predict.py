@@ -19,7 +19,7 @@ from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
 from . import checkpoint as ckpt
-from . import distributed, pixel_metrics
+from . import confusion, distributed, pixel_metrics
 from .config import from_dict
 from . import views
 from .data import eval_loader, tiff_loader, to_nchw
@@ -111,10 +111,10 @@ class Tally:
     """What a prediction pass gathers on one rank, batch by batch: tile ids, tile proportions and,
     for tiles with masks, the pixel confusion matrix (summed over ranks by :meth:`finish`)."""
 
-    def __init__(self, device: torch.device, confusion: bool):
+    def __init__(self, device: torch.device, with_confusion: bool):
         self.keys, self.rows = [], []
         self.matrix = torch.zeros(pixel_metrics.N, pixel_metrics.N, dtype=torch.int64, device=device) \
-            if confusion else None
+            if with_confusion else None
 
     def add(self, keys: list, props: torch.Tensor, scores: torch.Tensor | None = None, mask=None) -> None:
         """``scores``: per-pixel class scores whose argmax is the predicted map (probabilities, or
@@ -122,7 +122,7 @@ class Tally:
         self.keys += keys
         self.rows.append(props.double().cpu().numpy())
         if self.matrix is not None:
-            self.matrix += pixel_metrics.confusion(mask.to(self.matrix.device), scores)
+            self.matrix += confusion.confusion(mask.to(self.matrix.device), scores)
 
     def finish(self) -> tuple[list, np.ndarray, np.ndarray | None]:
         """(this rank's ids, its proportions (N, 10), the confusion of all ranks or None); every rank

@@ -27,7 +27,7 @@ from lc_common.errors import InputError, WriteError, first_sentence, print_error
 from lc_common.tiles import IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
-from . import distributed, pixel_metrics
+from . import confusion, distributed, pixel_metrics
 from .checkpoint import LAST, Checkpointer, Progress, Resumed, load, saved_config
 from .config import BatchLayout, Config, batch_layout, per_rank_batch, save_config
 from .data import apply_views, copy_to, eval_loader, to_nchw, train_loader
@@ -351,7 +351,7 @@ def validate(s: Setup, net, epoch: int) -> tuple[dict, dict, HeldOut]:
     tiles' proportions and the confusion are gathered as prediction gathers them."""
     distributed.broadcast_buffers(net)
     kl_sum = loss_sum = n = skipped = 0.0
-    tally = Tally(s.device, confusion=True)
+    tally = Tally(s.device, with_confusion=True)
     shown = {"key": [], "image": [], "mask": [], "pred": []}
     for batch, b, logits, props in predict_batches(s, net, s.val_data):
         loss_sum += s.loss_fn(logits, b["mask"], b["props"]).sum().item()
@@ -379,7 +379,7 @@ def keep_shown(shown: dict, batch: dict, scores: torch.Tensor, limit: int) -> No
         shown["image"] += list(to_nchw(batch["image"][:room]).numpy().copy())
         shown["mask"] += list(batch["mask"][:room].numpy().copy())
         ids = torch.as_tensor(SCORED_CLASSES, device=scores.device)
-        shown["pred"] += list(ids[pixel_metrics.scored_argmax(scores[:room])].cpu().numpy())
+        shown["pred"] += list(ids[confusion.scored_argmax(scores[:room])].cpu().numpy())
 
 
 # ----------------------------------------------------------------------------- the run

@@ -134,7 +134,7 @@ def test_the_best_constant_is_the_mean_of_the_scored_proportions(rng):
 def test_scored_argmax_is_argmax_over_the_scored_classes_ties_to_the_first():
     import torch
 
-    from dist_lc.pixel_metrics import scored_argmax
+    from dist_lc.confusion import scored_argmax
 
     gen = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 4, (3, 10, 5, 7), generator=gen).float()   # few values: many ties
@@ -150,7 +150,7 @@ def test_scored_argmax_is_argmax_over_the_scored_classes_ties_to_the_first():
 def test_the_confusion_matrix_counts_scored_pixels_by_true_and_predicted_class():
     import torch
 
-    from dist_lc.pixel_metrics import confusion
+    from dist_lc.confusion import confusion
 
     gen = torch.Generator().manual_seed(1)
     mask = torch.randint(0, 10, (2, 6, 5), generator=gen, dtype=torch.uint8)
