@@ -1,4 +1,8 @@
-"""The run folder: its default name, and the lock that keeps two trainings out of one folder."""
+"""The run folder: its default name, the lock that keeps two trainings out of one folder, and the
+failure notes its ranks leave there.
+
+The launchers (``dist-lc cv``, ``dist-lc tune``) read locks and notes here and do not import torch:
+the two helpers that only a training calls import :mod:`dist_lc.distributed` when called."""
 from __future__ import annotations
 
 import contextlib
@@ -10,14 +14,14 @@ from lc_common.atomic import write_bytes_atomic
 from lc_common import locks
 from lc_common.errors import InputError, WriteError
 
-from . import distributed
-
 LOCK = ".lock"
 
 
 def default_run_dir(config_path) -> Path:
     """``runs/<recipe>-<launch id>``: the same on every rank and across restarts of one launch,
     different for every launch (see :func:`distributed.launch_id`)."""
+    from . import distributed
+
     return Path("runs") / f"{Path(config_path or 'default').stem}-{distributed.launch_id()}"
 
 
@@ -49,6 +53,8 @@ class RunLock:
         self.run_dir, self._held = Path(run_dir), contextlib.ExitStack()
 
     def __enter__(self) -> "RunLock":
+        from . import distributed
+
         distributed.on_main(self._acquire)
         return self
 

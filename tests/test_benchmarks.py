@@ -42,6 +42,12 @@ def test_exit_time():
     assert "after / before:" in bench("exit_time.py", "--quick")
 
 
+def test_launcher_start():
+    out = bench("launcher_start.py", "--before", REPO, "--quick")
+    assert "after / before:" in out
+    assert [line.split(" | ")[-1] for line in out.splitlines() if line.startswith("| after |")] == ["no |"]
+
+
 def test_confusion():
     assert "confusion: shipped / before:" in bench("confusion.py", "--quick")
 

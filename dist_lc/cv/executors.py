@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import submitit
-import torch
 
 from lc_common.errors import InputError, one_line
 from lc_common.resources import usable_core_ids, usable_cores
 
 from ..config import LauncherConfig
-from .fold import FoldJob
+from .job import FoldJob
 from .plan import DONE, Submission, now
 
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
@@ -242,7 +241,7 @@ class LocalExecutor(Executor):
             raise InputError(f"config key 'launcher.nodes': {launcher.nodes} needs --executor slurm (the local "
                              "executor has one node)")
         if launcher.gpus_per_node:
-            seen = torch.cuda.device_count()
+            seen = gpu_count()
             if launcher.gpus_per_node > seen:
                 shown = os.environ.get("CUDA_VISIBLE_DEVICES")
                 raise InputError(f"config key 'launcher.gpus_per_node': {launcher.gpus_per_node}, but this machine "
@@ -285,7 +284,7 @@ class LocalExecutor(Executor):
         if gpus:
             # slots go round the GPU groups, so that every GPU has a job before any has two (jobs_per_gpu
             # of them share one); slots beyond that (max_parallel above the GPUs) wrap around and share too
-            group = slot % max(1, torch.cuda.device_count() // gpus)
+            group = slot % max(1, gpu_count() // gpus)
             self.engine.update_parameters(visible_gpus=physical_gpus(range(group * gpus, (group + 1) * gpus)))
             return FoldJob(item.config, str(item.run_dir), item.tta, gpu_share=1.0 / sharing if sharing > 1 else None)
         return FoldJob(item.config, str(item.run_dir), item.tta, cpu_slice(slot, slots))
@@ -414,10 +413,17 @@ def physical_gpus(indices) -> tuple[int, ...]:
     return tuple(int(ids[i]) for i in indices)
 
 
+def gpu_count() -> int:
+    """The GPUs this machine shows the local executor's jobs (CUDA_VISIBLE_DEVICES applied)."""
+    import torch   # here, not at the top: a launcher that asks for no GPU stays free of torch
+
+    return torch.cuda.device_count()
+
+
 def local_capacity(launcher: LauncherConfig) -> int:
     """Jobs the local machine runs at once: GPUs (or CPU cores) over what one job takes."""
     if launcher.gpus_per_node:
-        return max(1, torch.cuda.device_count() // launcher.gpus_per_node) * launcher.jobs_per_gpu
+        return max(1, gpu_count() // launcher.gpus_per_node) * launcher.jobs_per_gpu
     return max(1, usable_cores() // (launcher.tasks_per_node * launcher.cpus_per_task))
 
 

@@ -15,10 +15,11 @@ ranks at a step boundary, keep last.pt) for as long as it trains, so the job rec
 arrived (:class:`SignalLog`) and, after ``train`` returns early:
 
 * SIGUSR2 (submitit's time-limit / preemption signal): rank 0 calls submitit's own handler, which
-  calls :meth:`FoldJob.checkpoint` (a resubmission of the same callable) and requeues the job
-  (``scontrol requeue``, or exit 144 under the local executor; a time-out counts against
-  ``launcher.max_requeues``, a preemption does not). The other ranks wait for it at a barrier,
-  then leave with status 0, so that srun's ``--kill-on-bad-exit`` cannot cut rank 0's requeue short.
+  calls :meth:`FoldJob.checkpoint <dist_lc.cv.job.FoldJob.checkpoint>` (a resubmission of the same
+  callable) and requeues the job (``scontrol requeue``, or exit 144 under the local executor; a
+  time-out counts against ``launcher.max_requeues``, a preemption does not). The other ranks wait
+  for it at a barrier, then leave with status 0, so that srun's ``--kill-on-bad-exit`` cannot cut
+  rank 0's requeue short.
 * SIGTERM (Slurm ends the job: ``scontrol requeue``, ``scancel``, preemption by requeue): every rank
   exits without a result; Slurm either reruns the job (which resumes) or the launcher sees it gone.
 """
@@ -44,6 +45,7 @@ from ..config import Config, from_dict
 from ..predict import gathered_table, predict
 from ..metrics import SCORED_NAMES
 from ..train import TrainResult, train
+from .job import FoldJob   # also where jobs pickled by earlier releases look for it
 from .plan import CONFUSION, DONE, OOF, TEST, load_plan, now
 
 STOPPED_EXIT = 0   # a task that leaves after a stop signal, without a result (0: srun must not kill the others)
@@ -164,50 +166,40 @@ def _job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-class FoldJob(submitit.helpers.Checkpointable):
-    """The submitit callable of one CV job (every task runs it)."""
+def run_job(job: FoldJob) -> dict:
+    """:class:`FoldJob`'s work on one task: its share of the machine, the process group, the fold;
+    after a stop signal, :func:`_leave`."""
+    cpus = getattr(job, "cpus", None)  # absent from jobs pickled by earlier releases
+    if cpus:  # the local executor's share of the machine; threads and loader workers inherit it
+        os.sched_setaffinity(0, cpus)
+    share = getattr(job, "gpu_share", None)
+    if share and torch.cuda.is_available():
+        # jobs sharing a GPU: each allocates at most its share, so micro_batch_size auto fits it
+        # and a job that outgrows it fails alone instead of starving the others
+        for index in range(torch.cuda.device_count()):   # the GPUs this job sees
+            torch.cuda.set_per_process_memory_fraction(share, index)
+    requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+    cfg = from_dict(job.config)
+    with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s):
+        result = run_fold(cfg, job.run_dir, job.tta)
+        if result["status"] == "stopped":
+            _leave(result, requeue)   # the other ranks wait for rank 0's requeue in the group
+    return result
 
-    def __init__(self, config: dict, run_dir: str, tta: bool = False, cpus: tuple[int, ...] | None = None,
-                 gpu_share: float | None = None):
-        self.config, self.run_dir, self.tta, self.cpus, self.gpu_share = config, str(run_dir), tta, cpus, gpu_share
 
-    def __call__(self) -> dict:
-        cpus = getattr(self, "cpus", None)  # absent from jobs pickled by earlier releases
-        if cpus:  # the local executor's share of the machine; threads and loader workers inherit it
-            os.sched_setaffinity(0, cpus)
-        share = getattr(self, "gpu_share", None)
-        if share and torch.cuda.is_available():
-            # jobs sharing a GPU: each allocates at most its share, so micro_batch_size auto fits it
-            # and a job that outgrows it fails alone instead of starving the others
-            for index in range(torch.cuda.device_count()):   # the GPUs this job sees
-                torch.cuda.set_per_process_memory_fraction(share, index)
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
-        cfg = from_dict(self.config)
-        with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s):
-            result = run_fold(cfg, self.run_dir, self.tta)
-            if result["status"] == "stopped":
-                self._leave(result, requeue)   # the other ranks wait for rank 0's requeue in the group
-        return result
-
-    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """Called on rank 0 only: resubmit this same callable; training resumes from last.pt."""
-        print(f"checkpoint: {self.run_dir} will resume from last.pt", file=sys.stderr, flush=True)
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-    @staticmethod
-    def _leave(result: dict, requeue) -> None:
-        """Rank 0 requeues (after USR2) while the others wait at a barrier; then every rank exits
-        without a result pickle (so the job is not marked finished)."""
-        print(f"stopped by SIG{result['signal']} after epoch {result['epochs_done']}", file=sys.stderr, flush=True)
-        code = STOPPED_EXIT
-        if result["signal"] == "USR2" and result["rank"] == 0 and callable(requeue):
-            try:
-                requeue(signal.SIGUSR2, None)  # checkpoint(), requeue, then sys.exit; raises if out of timeouts
-            except SystemExit as exc:
-                code = exc.code
-        if dist.is_initialized():
-            dist.barrier()
-        sys.exit(code)
+def _leave(result: dict, requeue) -> None:
+    """Rank 0 requeues (after USR2) while the others wait at a barrier; then every rank exits
+    without a result pickle (so the job is not marked finished)."""
+    print(f"stopped by SIG{result['signal']} after epoch {result['epochs_done']}", file=sys.stderr, flush=True)
+    code = STOPPED_EXIT
+    if result["signal"] == "USR2" and result["rank"] == 0 and callable(requeue):
+        try:
+            requeue(signal.SIGUSR2, None)  # FoldJob.checkpoint(), requeue, then sys.exit; raises if out of timeouts
+        except SystemExit as exc:
+            code = exc.code
+    if dist.is_initialized():
+        dist.barrier()
+    sys.exit(code)
 
 
 def run_array_fold(cv_dir: Path, fold: int) -> dict:
