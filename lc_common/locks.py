@@ -26,30 +26,71 @@ def held(path, refused: str, transient: bool = False):
 
     A regular file opened for writing, not the folder itself: NFS and Lustre lock those on the server,
     so the lock holds between nodes (a folder's flock would be local to each node)."""
-    path, acquired = Path(path), False
-    try:
-        lock = open(path, "a+")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot open the lock ({exc.strerror or exc})") from None
+    path = Path(path)
+    lock, acquired = _take(path, refused)
     with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in HELD:
-                lock.seek(0)
-                raise InputError(refused.format(holder=lock.read().strip() or "?")) from None
-        else:
-            acquired = True
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            lock.flush()
         try:
             yield
         finally:
             if transient and acquired:
                 with contextlib.suppress(OSError):
-                    path.unlink()   # still held: a process that opened it meanwhile is refused
+                    path.unlink()   # before the lock goes: whoever waits for it then takes a new file (_take)
+
+
+PROBE_WAIT_S = 0.5   # far longer than holder() keeps a free lock, far shorter than any real holder
+
+
+def _take(path: Path, refused: str):
+    """(the lock file, open; whether this process holds it: not on a filesystem without locks).
+
+    A busy lock is tried again for :data:`PROBE_WAIT_S`: :func:`holder` takes a free lock for a
+    moment to tell it is free, and a run starting in that moment must not be refused. A lock taken
+    on a file that is no longer at ``path`` (its transient holder removed it, then let it go) is
+    let go, and the file now at ``path`` taken instead: two processes never hold the same folder."""
+    while True:
+        try:
+            lock = open(path, "a+")
+        except OSError as exc:
+            raise InputError(f"{path}: cannot open the lock ({exc.strerror or exc})") from None
+        try:
+            _lock_now_or_soon(lock)
+        except OSError as exc:
+            if exc.errno not in HELD:
+                return lock, False   # a filesystem without locks: unguarded
+            lock.seek(0)
+            holder_text = lock.read().strip() or "?"
+            lock.close()
+            raise InputError(refused.format(holder=holder_text)) from None
+        if _still_at(lock, path):
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            lock.flush()
+            return lock, True
+        lock.close()
+
+
+def _lock_now_or_soon(lock) -> None:
+    """``flock``, tried again for :data:`PROBE_WAIT_S` while another process holds it (see :func:`_take`)."""
+    deadline = time.monotonic() + PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in HELD or time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
+
+
+def _still_at(lock, path: Path) -> bool:
+    """Whether the open ``lock`` is the file at ``path`` (not one removed since it was opened)."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(lock.fileno())
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def holder(path) -> str | None:

@@ -102,3 +102,48 @@ def test_a_cv_plan_without_a_grid_point_is_one_line_naming_it(tmp_path):
     (tmp_path / PLAN).write_text('{"points": [], "folds": [0], "executor": "local"}')
     with pytest.raises(InputError, match=r"cv.json: unreadable CV plan \(ValueError: no grid point\)"):
         load_plan(tmp_path)
+
+
+def test_a_run_starting_while_its_lock_is_probed_is_never_refused(tmp_path):
+    """``holder`` takes a free lock for a moment to tell that it is free; a run that starts in that
+    moment waits for it instead of being refused (a stress loop: another process probes all along)."""
+    import subprocess
+    import sys
+
+    from lc_common import locks
+
+    path = tmp_path / ".lock"
+    path.touch()
+    probe = subprocess.Popen([sys.executable, "-c", "import sys\nfrom lc_common.locks import holder\n"
+                              "print('probing', flush=True)\nwhile True: holder(sys.argv[1])", str(path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert probe.stdout.readline() == "probing\n"
+        for _ in range(300):
+            with locks.held(path, "refused while free ({holder})"):
+                pass
+    finally:
+        probe.kill()
+        probe.wait()
+
+
+def test_a_run_waiting_for_a_transient_lock_takes_the_file_that_replaces_it(tmp_path):
+    """A transient lock's holder removes the file, then lets it go: a run that opened the file while it
+    was held, and waited, must not hold the removed file (a third run would take the new one too)."""
+    import threading
+    import time
+
+    from lc_common import locks
+
+    path, seen = tmp_path / ".lock", {}
+
+    def second():
+        with locks.held(path, "refused ({holder})", transient=True):
+            seen["the file it holds is the folder's"] = path.exists()
+
+    with locks.held(path, "refused ({holder})", transient=True):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.1)   # the second run has opened the file and waits for it
+    waiting.join()
+    assert seen == {"the file it holds is the folder's": True}
