@@ -593,6 +593,17 @@ def test_a_stop_while_waiting_for_a_busy_scheduler_ends_the_launcher_at_once(thr
     assert "cv: stopped by SIGTERM" in capsys.readouterr().err
 
 
+def test_a_passed_wait_deadline_ends_the_local_jobs_it_leaves(thread_executor, tiny_shards, tmp_path, capsys,
+                                                               monkeypatch):
+    """As after a stop: nothing would watch them once the launcher is gone; --resume reruns them."""
+    monkeypatch.setattr(ThreadExecutor, "job_function", staticmethod(lambda job: job.cancelled.wait(60)))
+    monkeypatch.setattr(launch, "wait_budget_s", lambda *args: 0.5)
+    assert cli.main(cv(tiny_shards, tmp_path / "cv", "cv.folds=[0]")) == 1
+    assert ("cv: wait deadline passed with jobs unfinished; 1 thread job(s) ended: dist-lc report"
+            in capsys.readouterr().err)
+    assert ThreadExecutor.calls["interrupt"] == 1
+
+
 def test_a_launcher_started_under_nohup_outlives_a_sighup(tiny_shards, tmp_path):
     """`nohup dist-lc cv ... &`, then the terminal closes: the launcher and its job go on; SIGTERM
     still stops it. (A launcher of ThreadExecutor jobs, in a process of its own.)"""

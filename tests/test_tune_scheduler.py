@@ -28,7 +28,8 @@ LR = "optim.lr: {float: [1.0e-4, 1.0e-2], log: true}\n"
 
 class RecordExecutor(Executor):
     """Each job ends at its second look: it writes metrics.csv and done.json, or a failure note of
-    the kind ``outcome(trial number)`` says ("done", "diverged", "failed")."""
+    the kind ``outcome(trial number)`` says ("done", "diverged", "failed"); or it runs until cancelled
+    ("runs")."""
 
     name = "local"
     poll_s = 0.01
@@ -67,6 +68,8 @@ class RecordExecutor(Executor):
     def presence(self, record, handle=None):
         job = self.jobs[record.job_id]
         job["looks"] += 1
+        if job["outcome"] == "runs":   # until it is cancelled
+            return (None, "cancelled") if record.job_id in self.cancelled else (JobState.RUNNING, "")
         if job["looks"] == 2 and record.job_id not in self.cancelled:
             self._end(job)
         if job["looks"] < 2:
@@ -362,6 +365,18 @@ def test_a_lost_job_submitted_again_extends_the_searchs_wait_budget(tmp_path, re
     err = capsys.readouterr().err
     assert "submitting it once more" in err and "wait deadline passed" not in err, err
     assert states(settings.out) == ["COMPLETE"]
+
+
+def test_a_passed_wait_deadline_ends_the_jobs_of_the_trials_it_leaves(tmp_path, records, monkeypatch, capsys):
+    """As cv's launcher does: local jobs would run on with nothing watching them."""
+    from dist_lc.tune import scheduler
+
+    records.outcome = staticmethod(lambda number: "runs")
+    monkeypatch.setattr(scheduler, "wait_budget_s", lambda *args: 0.2)
+    settings = settings_of(tmp_path, trials=1)
+    open_study(settings)
+    assert launch.study_run(settings, resumed=False) == 1
+    assert "wait deadline passed with trials unfinished; 1 job(s) ended: dist-lc tune --out" in capsys.readouterr().err
 
 
 def cv_launch_of(out: Path, shards: Path, *sets: str):

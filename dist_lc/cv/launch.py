@@ -453,6 +453,10 @@ def _launch(args, plan: Plan, launch: Launch, keys: list, todo: list) -> int:
                 print(f"cv: submitted; later: dist-lc report {plan.cv_dir}", file=sys.stderr)
                 return 0
             finished = launch.wait(len(keys), wait_budget_s(launch.cfg, len(todo), launch.capacity()))
+            if not finished:   # as a stop: local jobs would run on with nothing watching them
+                print(f"cv: wait deadline passed with jobs unfinished; {launch.interrupt()}: dist-lc report "
+                      f"{plan.cv_dir} reports the folds done, dist-lc cv --out {plan.cv_dir} --resume watches the "
+                      "jobs still running and reruns the others", file=sys.stderr, flush=True)
         except Stopped as stop:
             print(f"cv: stopped by {stop.signal_name}; {launch.interrupt()}: dist-lc cv --out {plan.cv_dir} "
                   "--resume watches the jobs still running and reruns the others", file=sys.stderr, flush=True)
@@ -462,9 +466,6 @@ def _launch(args, plan: Plan, launch: Launch, keys: list, todo: list) -> int:
                   f"{plan.cv_dir} --resume watches the jobs still running and reruns the others",
                   file=sys.stderr, flush=True)
             raise
-    if not finished:
-        print(f"cv: wait deadline passed with jobs unfinished (they may still run): dist-lc report "
-              f"{plan.cv_dir} or dist-lc cv --out {plan.cv_dir} --resume later", file=sys.stderr)
     return _finish(plan, launch, finished)
 
 

@@ -184,6 +184,9 @@ def study_run(settings: Settings, resumed: bool) -> int:
     with stops:   # still open while the jobs are ended: a second signal cannot cut that short
         try:
             finished = scheduler.run()
+            if not finished and not scheduler.gave_up:   # as a stop: local jobs would run on unwatched
+                say(f"wait deadline passed with trials unfinished; {scheduler.interrupt()}: dist-lc tune --out "
+                    f"{settings.out} --resume continues the study")
         except Stopped as stop:
             say(f"stopped by {stop.signal_name}; {scheduler.interrupt()}: dist-lc tune --out {settings.out} "
                 "--resume continues the study")
@@ -194,9 +197,6 @@ def study_run(settings: Settings, resumed: bool) -> int:
     if scheduler.gave_up:
         say(f"{FAILURES_IN_A_ROW} trials failed in a row, so no new trial was started: their logs say why; "
             f"once that is fixed, dist-lc tune --out {settings.out} --resume goes on")
-    elif not finished:
-        say(f"wait deadline passed with trials unfinished (their jobs may still run): dist-lc tune --out "
-            f"{settings.out} --resume later")
     return finish(settings, finished)
 
 
