@@ -38,6 +38,7 @@ def held(path, refused: str, transient: bool = False):
 
 
 PROBE_WAIT_S = 0.5   # far longer than holder() keeps a free lock, far shorter than any real holder
+TAKE_ATTEMPTS = 10   # files at the path taken in turn, each removed by a transient holder meanwhile
 
 
 def _take(path: Path, refused: str):
@@ -47,27 +48,35 @@ def _take(path: Path, refused: str):
     moment to tell it is free, and a run starting in that moment must not be refused. A lock taken
     on a file that is no longer at ``path`` (its transient holder removed it, then let it go) is
     let go, and the file now at ``path`` taken instead: two processes never hold the same folder."""
-    while True:
+    said = "?"   # what the last holder wrote, for a refusal
+    for attempt in range(TAKE_ATTEMPTS):
         try:
-            lock = open(path, "a+")
+            lock = open(path, "a+", errors="replace")
         except OSError as exc:
+            if attempt and isinstance(exc, FileNotFoundError):   # the holder waited for took its folder away
+                raise InputError(refused.format(holder=said)) from None
             raise InputError(f"{path}: cannot open the lock ({exc.strerror or exc})") from None
         try:
-            _lock_now_or_soon(lock)
-        except OSError as exc:
-            if exc.errno not in HELD:
-                return lock, False   # a filesystem without locks: unguarded
             lock.seek(0)
-            holder_text = lock.read().strip() or "?"
+            said = lock.read().strip() or said
+            try:
+                _lock_now_or_soon(lock)
+            except OSError as exc:
+                if exc.errno not in HELD:
+                    return lock, False   # a filesystem without locks: unguarded
+                lock.seek(0)
+                raise InputError(refused.format(holder=lock.read().strip() or said)) from None
+            if _still_at(lock, path):
+                lock.seek(0)
+                lock.truncate()
+                lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                lock.flush()
+                return lock, True
+        except BaseException:
             lock.close()
-            raise InputError(refused.format(holder=holder_text)) from None
-        if _still_at(lock, path):
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            lock.flush()
-            return lock, True
+            raise
         lock.close()
+    raise InputError(refused.format(holder=said))   # replaced each time it was taken: runs keep starting there
 
 
 def _lock_now_or_soon(lock) -> None:
@@ -89,6 +98,8 @@ def _still_at(lock, path: Path) -> bool:
         here = os.stat(path)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        raise InputError(f"{path}: cannot check the lock ({exc.strerror or exc})") from None
     mine = os.fstat(lock.fileno())
     return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
@@ -97,7 +108,7 @@ def holder(path) -> str | None:
     """Who holds the lock on ``path`` (as :func:`held` names it), or None: nobody, no such file, or a
     filesystem without locks (nothing can be told there). Takes the lock for a moment when it is free."""
     try:
-        lock = open(path, "r+")
+        lock = open(path, "r+", errors="replace")
     except OSError:
         return None
     with lock:

@@ -147,3 +147,30 @@ def test_a_run_waiting_for_a_transient_lock_takes_the_file_that_replaces_it(tmp_
         time.sleep(0.1)   # the second run has opened the file and waits for it
     waiting.join()
     assert seen == {"the file it holds is the folder's": True}
+
+
+def test_a_run_waiting_for_a_folder_whose_first_run_fails_is_refused_or_takes_it(tmp_path):
+    """The first run fails and removes the output folder it made as the second waits for its lock:
+    the second is refused naming the first, or holds the folder; never a stray error."""
+    import threading
+    import time
+
+    from lc_common import locks
+
+    folder, seen = tmp_path / "out", []
+
+    def second():
+        try:
+            with locks.held(folder / ".lock", "in use ({holder})"):
+                seen.append(("held", folder.is_dir()))
+        except InputError as exc:
+            seen.append(("refused", str(exc)[:12]))
+
+    with pytest.raises(RuntimeError):
+        with locks.claimed(folder, "in use ({holder})", ".lock"):
+            waiting = threading.Thread(target=second)
+            waiting.start()
+            time.sleep(0.1)   # the second run has opened the lock file and waits for it
+            raise RuntimeError("the first run fails")
+    waiting.join()
+    assert seen in ([("held", True)], [("refused", "in use (pid ")])
