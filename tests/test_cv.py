@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from slurm_util import require_slurm
-from torchrun_util import REPO, dist_lc, fault
+from torchrun_util import REPO, dist_lc, env, fault
 
 from dist_lc import calibration, cli
 from dist_lc.cv import executors, fold, plan
@@ -113,13 +113,15 @@ def slurm_cv(tiny_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_cv(tiny_shards, tmp_path_factory) -> Path:
-    """A 2-fold CV through the local executor; the launcher's imports (``-X importtime``) kept beside it."""
+    """A 2-fold CV through the local executor; the modules its launcher held at the end kept beside it."""
     cv_dir = tmp_path_factory.mktemp("local-cv") / "cv"
-    proc = run_cv([*tiny(tiny_shards, "train.loggers=[tensorboard,mlflow]"), "--out", str(cv_dir),
-                   "--executor", "local"], extra_env={"PYTHONPROFILEIMPORTTIME": "1"})
+    modules = cv_dir.parent / "launcher-modules.txt"
+    launcher = ("import sys\nfrom dist_lc import cli\nstatus = cli.main(sys.argv[2:])\n"
+                "open(sys.argv[1], 'w').write('\\n'.join(sorted(sys.modules)))\nsys.exit(status)")
+    proc = subprocess.run([sys.executable, "-c", launcher, str(modules), "cv",
+                           *tiny(tiny_shards, "train.loggers=[tensorboard,mlflow]"), "--out", str(cv_dir),
+                           "--executor", "local"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
-    (cv_dir.parent / "launcher-imports.txt").write_text("\n".join(imported))
     return cv_dir
 
 
@@ -155,8 +157,8 @@ def test_submission_is_the_ensemble_of_the_folds_best_checkpoints(slurm_cv, tiny
 def test_local_executor_gives_the_same_report(local_cv, sample_root, tiny_shards):
     check_cv_folder(local_cv, sample_root, tiny_shards)
     # the launcher (often on a login node) neither starts nor reports with torch: its jobs do
-    imported = (local_cv.parent / "launcher-imports.txt").read_text().split()
-    assert "submitit" in imported and "matplotlib" in imported and "torch" not in imported
+    modules = (local_cv.parent / "launcher-modules.txt").read_text().split()
+    assert "submitit" in modules and "matplotlib" in modules and "torch" not in modules
     records = json.loads((local_cv / "jobs.json").read_text())["jobs"]
     assert {r["executor"] for r in records} == {"local"}
     assert " submitit local: 2 rank(s) on cpu" in (local_cv / "fold0" / "train.log").read_text()

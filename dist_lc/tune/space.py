@@ -183,7 +183,7 @@ def overrides(params: dict) -> list[str]:
 def trial_config(base: dict, params: dict) -> dict:
     """The resolved base config with a trial's parameters, validated by the config and by the
     executor that runs its jobs (e.g. a batch its ranks divide): InputError."""
-    from ..cv.launch import check_launcher   # the executors import torch
+    from ..cv.launch import check_launcher   # submitit and the launch: only a launcher checks a trial
 
     config = normalized(apply_overrides(copy.deepcopy(base), overrides(params)))
     check_launcher(from_dict(config), config["launcher"]["executor"])
