@@ -18,7 +18,7 @@ HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 @contextlib.contextmanager
 def held(path, refused: str, transient: bool = False):
     """Hold the lock on ``path`` (created) while the block runs. Another process holding it is an
-    InputError, ``refused`` formatted with ``holder`` (the holder's pid, host and start). A filesystem without locks
+    InputError, ``refused`` with ``{holder}`` replaced by the holder's pid, host and start. A filesystem without locks
     (Lustre or NFS mounted without them: ENOLCK, ENOSYS, EOPNOTSUPP) runs unguarded; a lock that
     cannot be opened (a read-only folder) is an InputError naming it. ``transient``: the lock file is
     removed when the block ends (an output folder keeps only its outputs; a killed holder's is taken
@@ -54,7 +54,8 @@ def _take(path: Path, refused: str):
             lock = open(path, "a+", errors="replace")
         except OSError as exc:
             if attempt and isinstance(exc, FileNotFoundError):   # the holder waited for took its folder away
-                raise InputError(refused.format(holder=said)) from None
+                raise InputError(f"{path.parent}: removed by the run this one waited for ({said}) as it ended; "
+                                 "start again") from None
             raise InputError(f"{path}: cannot open the lock ({exc.strerror or exc})") from None
         try:
             lock.seek(0)
@@ -65,7 +66,7 @@ def _take(path: Path, refused: str):
                 if exc.errno not in HELD:
                     return lock, False   # a filesystem without locks: unguarded
                 lock.seek(0)
-                raise InputError(refused.format(holder=lock.read().strip() or said)) from None
+                raise InputError(refused.replace("{holder}", lock.read().strip() or said)) from None
             if _still_at(lock, path):
                 lock.seek(0)
                 lock.truncate()
@@ -76,19 +77,24 @@ def _take(path: Path, refused: str):
             lock.close()
             raise
         lock.close()
-    raise InputError(refused.format(holder=said))   # replaced each time it was taken: runs keep starting there
+    raise InputError(refused.replace("{holder}", said))   # replaced each time it was taken: runs keep starting there
 
 
 def _lock_now_or_soon(lock) -> None:
-    """``flock``, tried again for :data:`PROBE_WAIT_S` while another process holds it (see :func:`_take`)."""
-    deadline = time.monotonic() + PROBE_WAIT_S
+    """``flock``, tried again for :data:`PROBE_WAIT_S` while another process holds it (see :func:`_take`).
+    Once it was busy, another error (a transient ENOLCK of an NFS server) counts as busy too: only a
+    first try tells a filesystem without locks."""
+    deadline, busy = time.monotonic() + PROBE_WAIT_S, False
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except OSError as exc:
-            if exc.errno not in HELD or time.monotonic() > deadline:
+            busy = busy or exc.errno in HELD
+            if not busy:
                 raise
+            if time.monotonic() > deadline:
+                raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK)) from exc
         time.sleep(0.02)
 
 

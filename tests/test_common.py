@@ -127,50 +127,67 @@ def test_a_run_starting_while_its_lock_is_probed_is_never_refused(tmp_path):
         probe.wait()
 
 
-def test_a_run_waiting_for_a_transient_lock_takes_the_file_that_replaces_it(tmp_path):
-    """A transient lock's holder removes the file, then lets it go: a run that opened the file while it
-    was held, and waited, must not hold the removed file (a third run would take the new one too)."""
+def waiting_for_the_lock(monkeypatch):
+    """An event set once a thread other than the main one has opened a lock file and tries to lock it
+    (it then waits: held retries for 30 s here, so a loaded machine cannot make it give up)."""
     import threading
-    import time
 
     from lc_common import locks
 
-    path, seen = tmp_path / ".lock", {}
+    waiting, real = threading.Event(), locks._lock_now_or_soon
+
+    def tried(lock):
+        if threading.current_thread() is not threading.main_thread():
+            waiting.set()
+        return real(lock)
+
+    monkeypatch.setattr(locks, "_lock_now_or_soon", tried)
+    monkeypatch.setattr(locks, "PROBE_WAIT_S", 30.0)
+    return waiting
+
+
+def test_a_run_waiting_for_a_transient_lock_takes_the_file_that_replaces_it(tmp_path, monkeypatch):
+    """A transient lock's holder removes the file, then lets it go: a run that opened the file while it
+    was held, and waited, must not hold the removed file (a third run would take the new one too)."""
+    import threading
+
+    from lc_common import locks
+
+    path, seen, waiting = tmp_path / ".lock", {}, waiting_for_the_lock(monkeypatch)
 
     def second():
         with locks.held(path, "refused ({holder})", transient=True):
             seen["the file it holds is the folder's"] = path.exists()
 
     with locks.held(path, "refused ({holder})", transient=True):
-        waiting = threading.Thread(target=second)
-        waiting.start()
-        time.sleep(0.1)   # the second run has opened the file and waits for it
-    waiting.join()
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert waiting.wait(30)
+    thread.join(60)
     assert seen == {"the file it holds is the folder's": True}
 
 
-def test_a_run_waiting_for_a_folder_whose_first_run_fails_is_refused_or_takes_it(tmp_path):
+def test_a_run_waiting_for_a_folder_whose_first_run_fails_is_refused_or_takes_it(tmp_path, monkeypatch):
     """The first run fails and removes the output folder it made as the second waits for its lock:
-    the second is refused naming the first, or holds the folder; never a stray error."""
+    the second is refused in one line saying so, or holds the folder; never a stray error."""
     import threading
-    import time
 
     from lc_common import locks
 
-    folder, seen = tmp_path / "out", []
+    folder, seen, waiting = tmp_path / "out", [], waiting_for_the_lock(monkeypatch)
 
     def second():
         try:
             with locks.held(folder / ".lock", "in use ({holder})"):
                 seen.append(("held", folder.is_dir()))
         except InputError as exc:
-            seen.append(("refused", str(exc)[:12]))
+            seen.append(("refused", str(exc).startswith(f"{folder}: removed by the run this one waited for (pid ")))
 
     with pytest.raises(RuntimeError):
         with locks.claimed(folder, "in use ({holder})", ".lock"):
-            waiting = threading.Thread(target=second)
-            waiting.start()
-            time.sleep(0.1)   # the second run has opened the lock file and waits for it
+            thread = threading.Thread(target=second)
+            thread.start()
+            assert waiting.wait(30)
             raise RuntimeError("the first run fails")
-    waiting.join()
-    assert seen in ([("held", True)], [("refused", "in use (pid ")])
+    thread.join(60)
+    assert seen in ([("held", True)], [("refused", True)])

@@ -379,6 +379,21 @@ def test_a_passed_wait_deadline_ends_the_jobs_of_the_trials_it_leaves(tmp_path, 
     assert "wait deadline passed with trials unfinished; 1 job(s) ended: dist-lc tune --out" in capsys.readouterr().err
 
 
+def test_a_deadline_after_the_search_gave_up_still_ends_the_trial_left_running(tmp_path, records, monkeypatch,
+                                                                               capsys):
+    from dist_lc.tune import scheduler
+
+    records.outcome = staticmethod(lambda number: "runs" if number == 0 else "failed")
+    monkeypatch.setattr(scheduler, "wait_budget_s", lambda *args: 0.5)
+    settings = settings_of(tmp_path, trials=6)   # trials 1-3 fail in a row: no 5th or 6th is started
+    settings.parallel = 4
+    settings.save()
+    open_study(settings)
+    assert launch.study_run(settings, resumed=False) == 1
+    err = capsys.readouterr().err
+    assert "wait deadline passed with trials unfinished; 1 job(s) ended" in err and "failed in a row" in err, err
+
+
 def cv_launch_of(out: Path, shards: Path, *sets: str):
     """A started cv launch of smoke.yaml on ``shards`` (the in-process part of ``dist-lc cv``)."""
     import argparse

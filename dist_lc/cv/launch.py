@@ -454,9 +454,10 @@ def _launch(args, plan: Plan, launch: Launch, keys: list, todo: list) -> int:
                 return 0
             finished = launch.wait(len(keys), wait_budget_s(launch.cfg, len(todo), launch.capacity()))
             if not finished:   # as a stop: local jobs would run on with nothing watching them
-                print(f"cv: wait deadline passed with jobs unfinished; {launch.interrupt()}: dist-lc report "
-                      f"{plan.cv_dir} reports the folds done, dist-lc cv --out {plan.cv_dir} --resume watches the "
-                      "jobs still running and reruns the others", file=sys.stderr, flush=True)
+                ended = hand_over(launch.stops, launch.interrupt)
+                print(f"cv: wait deadline passed with jobs unfinished; {ended}: dist-lc report {plan.cv_dir} "
+                      f"reports the folds done, dist-lc cv --out {plan.cv_dir} --resume watches the jobs still "
+                      "running and reruns the others", file=sys.stderr, flush=True)
         except Stopped as stop:
             print(f"cv: stopped by {stop.signal_name}; {launch.interrupt()}: dist-lc cv --out {plan.cv_dir} "
                   "--resume watches the jobs still running and reruns the others", file=sys.stderr, flush=True)

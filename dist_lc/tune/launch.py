@@ -184,9 +184,9 @@ def study_run(settings: Settings, resumed: bool) -> int:
     with stops:   # still open while the jobs are ended: a second signal cannot cut that short
         try:
             finished = scheduler.run()
-            if not finished and not scheduler.gave_up:   # as a stop: local jobs would run on unwatched
-                say(f"wait deadline passed with trials unfinished; {scheduler.interrupt()}: dist-lc tune --out "
-                    f"{settings.out} --resume continues the study")
+            if not finished and (scheduler.running or scheduler.draining):   # as a stop: jobs left unwatched
+                say(f"wait deadline passed with trials unfinished; {hand_over(stops, scheduler.interrupt)}: "
+                    f"dist-lc tune --out {settings.out} --resume continues the study")
         except Stopped as stop:
             say(f"stopped by {stop.signal_name}; {scheduler.interrupt()}: dist-lc tune --out {settings.out} "
                 "--resume continues the study")
