@@ -29,7 +29,7 @@ from dist_lc import cli
 from dist_lc.config import LauncherConfig
 from dist_lc.cv import executors, launch
 from dist_lc.cv.executors import Executor, JobState, Work
-from dist_lc.cv.fold import FoldJob
+from dist_lc.cv.job import FoldJob
 from dist_lc.cv.plan import Submission, now
 from lc_common.errors import InputError
 

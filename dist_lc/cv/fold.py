@@ -45,7 +45,6 @@ from ..config import Config, from_dict
 from ..predict import gathered_table, predict
 from ..metrics import SCORED_NAMES
 from ..train import TrainResult, train
-from .job import FoldJob   # also where jobs pickled by earlier releases look for it
 from .plan import CONFUSION, DONE, OOF, TEST, load_plan, now
 
 STOPPED_EXIT = 0   # a task that leaves after a stop signal, without a result (0: srun must not kill the others)
@@ -166,9 +165,9 @@ def _job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def run_job(job: FoldJob) -> dict:
-    """:class:`FoldJob`'s work on one task: its share of the machine, the process group, the fold;
-    after a stop signal, :func:`_leave`."""
+def run_job(job) -> dict:
+    """The work of a :class:`~dist_lc.cv.job.FoldJob` on one task: its share of the machine, the
+    process group, the fold; after a stop signal, :func:`_leave`."""
     cpus = getattr(job, "cpus", None)  # absent from jobs pickled by earlier releases
     if cpus:  # the local executor's share of the machine; threads and loader workers inherit it
         os.sched_setaffinity(0, cpus)
