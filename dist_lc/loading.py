@@ -290,6 +290,21 @@ class Batches:
             self._ring.release(worker, seq, self._generation)
 
 
+def _exited(worker) -> bool:
+    """Whether a worker process has ended. ``is_alive`` hears it from the forkserver, which reaps its
+    children only when it next runs: a worker killed a moment ago still looks alive there, so on Linux
+    its state is read from /proc as well (Z: ended, not yet reaped)."""
+    if not worker.is_alive():
+        return True
+    if not os.path.isdir("/proc/self"):   # not Linux: is_alive's word stands
+        return False
+    try:
+        with open(f"/proc/{worker.pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:   # reaped since is_alive looked
+        return True
+
+
 _OPEN: "weakref.WeakSet[Loader]" = weakref.WeakSet()
 
 
@@ -370,13 +385,14 @@ class Loader:
         previous = getattr(loader, "_iterator", None)
         if previous is not None:
             previous._timeout = self.timeout_s
-            dead = [w for w in getattr(previous, "_workers", ()) if not w.is_alive()]
+            dead = [w for w in getattr(previous, "_workers", ()) if _exited(w)]
             if dead:   # between passes (the OOM killer during validation): torch would wait the whole limit
+                dead[0].join(timeout=CHECK_S)   # its exit status comes once the forkserver has reaped it
                 code = dead[0].exitcode
                 self._stop_workers()
                 raise LoaderError(self._describe_wait(
-                    f"DataLoader worker (pid {dead[0].pid}) exited between passes, "
-                    f"{f'killed by signal {-code}' if code is not None and code < 0 else f'exit code {code}'}"))
+                    f"DataLoader worker (pid {dead[0].pid}) exited between passes"
+                    + ("" if code is None else f", killed by signal {-code}" if code < 0 else f", exit code {code}")))
         try:
             it = iter(loader)
         except RuntimeError as exc:
@@ -410,7 +426,7 @@ class Loader:
         if self.ring is not None:
             self.ring.close()
         workers = list(getattr(it, "_workers", ()))
-        if any(not w.is_alive() for w in workers):
+        if any(_exited(w) for w in workers):
             it._shutdown = True   # torch's clean-up (also at garbage collection) would take that lock
             for queue in [*getattr(it, "_index_queues", ()), getattr(it, "_worker_result_queue", None)]:
                 if queue is not None:

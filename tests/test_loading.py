@@ -4,6 +4,8 @@ beside a rank's running threads."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import pytest
@@ -29,6 +31,12 @@ def worker_pids(loader: Loader) -> list[int]:
     return [w.pid for w in loader._iterator._workers]
 
 
+def process_stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command's name: state, parent pid, ..."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
 def test_persistent_workers_give_each_epoch_the_batches_of_fresh_ones(packed_sample):
     """Three epochs through one loader's workers = three epochs each through a new loader: the same
     tiles, pixels, crops, views and order; the workers stay the same processes and are not the
@@ -43,8 +51,7 @@ def test_persistent_workers_give_each_epoch_the_batches_of_fresh_ones(packed_sam
                 got.append([copied(b) for b in batches])
                 pids.append(worker_pids(persistent))
         assert pids[0] == pids[1] == pids[2]
-        assert all(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] != str(os.getpid())
-                   for pid in pids[0])
+        assert all(process_stat(pid)[1] != str(os.getpid()) for pid in pids[0])
     for epoch in range(3):
         fresh, _ = train_loader(manifest, [1, 2, 3, 4], epoch=epoch, **args)
         with fresh:
@@ -113,22 +120,29 @@ def test_hundreds_of_worker_starts_beside_a_ranks_threads_never_hang(packed_samp
 
 def test_a_worker_that_died_between_passes_ends_the_next_pass_at_once(packed_sample):
     """Persistent workers wait between passes (during validation, say): one the OOM killer ended then
-    is named when the next pass starts, not after data.wait_timeout_s, and in one line."""
+    is named when the next pass starts, not after data.wait_timeout_s, and in one line; also when the
+    pass starts before the forkserver has reaped it (the forkserver is held stopped until then)."""
     loader = eval_loader(load_manifest(packed_sample), "train", None, world=1, rank=0, batch_size=4, workers=1,
-                         timeout_s=300)
+                         timeout_s=60)
     with loader:
         with loader.batches() as batches:
             for _ in batches:
                 pass
         pid = worker_pids(loader)[0]
-        os.kill(pid, 9)
-        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
-            time.sleep(0.05)
-        started = time.monotonic()
-        with pytest.raises(LoaderError, match=rf"^rank 0: a data loader worker died \(DataLoader worker \(pid {pid}\) "
-                                              r"exited between passes, killed by signal 9\)$"):
-            with loader.batches():
-                pass
-        assert time.monotonic() - started < 30
+        forkserver = int(process_stat(pid)[1])
+        os.kill(forkserver, signal.SIGSTOP)
+        try:
+            os.kill(pid, 9)
+            while process_stat(pid)[0] != "Z":
+                time.sleep(0.05)
+            threading.Timer(1.0, os.kill, (forkserver, signal.SIGCONT)).start()
+            started = time.monotonic()
+            with pytest.raises(LoaderError, match=rf"^rank 0: a data loader worker died \(DataLoader worker "
+                                                  rf"\(pid {pid}\) exited between passes, killed by signal 9\)$"):
+                with loader.batches():
+                    pass
+            assert time.monotonic() - started < 30
+        finally:
+            os.kill(forkserver, signal.SIGCONT)
         with loader.batches() as batches:   # the next pass starts new workers
             assert sum(1 for _ in batches) > 0
