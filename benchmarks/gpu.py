@@ -68,6 +68,8 @@ from lc_common.resources import usable_cores  # noqa: E402
 from common import (BENCHMARK_RECIPE, REPO, log, loss_trace, machine_line, step_batches, step_overrides,  # noqa: E402
                     synthetic_shards, table, trace_deviation, trainer_setup)
 
+QUICK_TILES = 100   # the miniature's synthetic tiles (also what the resume part trains on)
+
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                      "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}   # vendors' dense figures
 
@@ -393,7 +395,7 @@ def e2e(b: Bench, shards: Path, tiles: int) -> None:
 def cv_part(b: Bench) -> None:
     """Folds one after another, then sharing the device (on a CPU, the miniature: jobs side by side)."""
     quick = b.args.quick
-    recipe, tiles, folds, epochs = ("smoke", 200, [0, 1], 1) if quick else ("recommended", 2000, [0, 1, 2, 3, 4], 2)
+    recipe, tiles, folds, epochs = ("smoke", QUICK_TILES, [0, 1], 1) if quick else ("recommended", 2000, [0, 1, 2, 3, 4], 2)
     shards = synthetic_shards(b.args.work, tiles, usable_cores())
     rows = []
     for sharing in (len(folds),) if quick else (1, len(folds)):   # the miniature: the plumbing, once
@@ -425,7 +427,7 @@ def cv_part(b: Bench) -> None:
 def resume_part(b: Bench) -> None:
     """One epoch on the CPU, then the run resumed on this device for a second (a one-level U-Net of 8
     filters: what is checked is the optimizer state's move, not a speed)."""
-    shards = synthetic_shards(b.args.work, 200, usable_cores())
+    shards = synthetic_shards(b.args.work, QUICK_TILES, usable_cores())
     run_dir = b.args.work / "resume"
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     sets = [f"data.shards={shards}", "data.fold=0", "data.crop=64", "data.workers=1", "model.filters=8",
@@ -472,7 +474,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("gpu_benchmark.md"), help="where the tables are written")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dist_lc_gpu_bench"), help="synthetic tiles and runs")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
-    ap.add_argument("--quick", action="store_true", help="a miniature: micro-batch 2, 64² tiles, 200 tiles, "
+    ap.add_argument("--quick", action="store_true", help="a miniature: micro-batch 2, 64² tiles, 100 tiles, "
                     "a one-level U-Net of 8 filters")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -498,8 +500,8 @@ def main(argv=None) -> int:
     b.write(f"Machine: {machine_line()}; device {name}; torch {torch.__version__}; MFU against {peak_text}.")
     # the step's set-up needs a manifest and a full micro-batch of tiles (its batches are built in
     # memory); the end-to-end run trains on a full-size fold, made only when that part runs
-    small = 200 if args.quick else 512
-    full = 200 if args.quick else 18491
+    small = QUICK_TILES if args.quick else 512
+    full = QUICK_TILES if args.quick else 18491
     for part, run in (("kernels", lambda: kernels(b, shards(args, small), flops, peak)),
                       ("check", lambda: check(b, shards(args, small))),
                       ("profile", lambda: profile(b, shards(args, small), flops, peak)),

@@ -168,10 +168,9 @@ def _job_id() -> str | None:
 def run_job(job) -> dict:
     """The work of a :class:`~dist_lc.cv.job.FoldJob` on one task: its share of the machine, the
     process group, the fold; after a stop signal, :func:`_leave`."""
-    cpus = getattr(job, "cpus", None)  # absent from jobs pickled by earlier releases
-    if cpus:  # the local executor's share of the machine; threads and loader workers inherit it
-        os.sched_setaffinity(0, cpus)
-    share = getattr(job, "gpu_share", None)
+    if job.cpus:  # the local executor's share of the machine; threads and loader workers inherit it
+        os.sched_setaffinity(0, job.cpus)
+    share = job.gpu_share
     if share and torch.cuda.is_available():
         # jobs sharing a GPU: each allocates at most its share, so micro_batch_size auto fits it
         # and a job that outgrows it fails alone instead of starving the others
