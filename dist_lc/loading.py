@@ -28,6 +28,7 @@ import atexit
 import collections
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -292,17 +293,28 @@ class Batches:
 
 def _exited(worker) -> bool:
     """Whether a worker process has ended. ``is_alive`` hears it from the forkserver, which reaps its
-    children only when it next runs: a worker killed a moment ago still looks alive there, so on Linux
-    its state is read from /proc as well (Z: ended, not yet reaped)."""
+    children only when it next runs: a worker killed a moment ago still looks alive there, so where
+    /proc shows this pid namespace its state is read there too (Z: ended, not yet reaped)."""
     if not worker.is_alive():
         return True
-    if not os.path.isdir("/proc/self"):   # not Linux: is_alive's word stands
+    if not _proc_is_ours():
         return False
     try:
         with open(f"/proc/{worker.pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:   # reaped since is_alive looked
+    except (FileNotFoundError, ProcessLookupError):   # reaped since is_alive looked
         return True
+    except (OSError, IndexError):   # unreadable: is_alive's word stands
+        return False
+
+
+@functools.cache
+def _proc_is_ours() -> bool:
+    """Linux with a /proc of this process's pid namespace (a sandbox may mount another one)."""
+    try:
+        return sys.platform.startswith("linux") and os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 _OPEN: "weakref.WeakSet[Loader]" = weakref.WeakSet()

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing import forkserver
 
 import pytest
 import torch
@@ -129,13 +130,17 @@ def test_a_worker_that_died_between_passes_ends_the_next_pass_at_once(packed_sam
             for _ in batches:
                 pass
         pid = worker_pids(loader)[0]
-        forkserver = int(process_stat(pid)[1])
-        os.kill(forkserver, signal.SIGSTOP)
+        server = forkserver._forkserver._forkserver_pid
+        assert int(process_stat(pid)[1]) == server
+        os.kill(server, signal.SIGSTOP)
+        wake = threading.Timer(0.5, os.kill, (server, signal.SIGCONT))
         try:
             os.kill(pid, 9)
-            while process_stat(pid)[0] != "Z":
+            deadline = time.monotonic() + 10
+            while process_stat(pid)[0] != "Z" and time.monotonic() < deadline:
                 time.sleep(0.05)
-            threading.Timer(1.0, os.kill, (forkserver, signal.SIGCONT)).start()
+            assert process_stat(pid)[0] == "Z"   # dead, and the stopped forkserver cannot reap it
+            wake.start()
             started = time.monotonic()
             with pytest.raises(LoaderError, match=rf"^rank 0: a data loader worker died \(DataLoader worker "
                                                   rf"\(pid {pid}\) exited between passes, killed by signal 9\)$"):
@@ -143,6 +148,9 @@ def test_a_worker_that_died_between_passes_ends_the_next_pass_at_once(packed_sam
                     pass
             assert time.monotonic() - started < 30
         finally:
-            os.kill(forkserver, signal.SIGCONT)
+            wake.cancel()
+            os.kill(server, signal.SIGCONT)
+            if wake.ident is not None:
+                wake.join()
         with loader.batches() as batches:   # the next pass starts new workers
             assert sum(1 for _ in batches) > 0
