@@ -395,7 +395,8 @@ def e2e(b: Bench, shards: Path, tiles: int) -> None:
 def cv_part(b: Bench) -> None:
     """Folds one after another, then sharing the device (on a CPU, the miniature: jobs side by side)."""
     quick = b.args.quick
-    recipe, tiles, folds, epochs = ("smoke", QUICK_TILES, [0, 1], 1) if quick else ("recommended", 2000, [0, 1, 2, 3, 4], 2)
+    recipe, tiles, folds, epochs = (("smoke", QUICK_TILES, [0, 1], 1) if quick
+                                    else ("recommended", 2000, [0, 1, 2, 3, 4], 2))
     shards = synthetic_shards(b.args.work, tiles, usable_cores())
     rows = []
     for sharing in (len(folds),) if quick else (1, len(folds)):   # the miniature: the plumbing, once

@@ -308,6 +308,12 @@ def _exited(worker) -> bool:
         return False
 
 
+def _how_it_ended(code: int | None) -> str:
+    if code is None:   # not yet reaped after the wait
+        return ""
+    return f", killed by signal {-code}" if code < 0 else f", exit code {code}"
+
+
 @functools.cache
 def _proc_is_ours() -> bool:
     """Linux with a /proc of this process's pid namespace (a sandbox may mount another one)."""
@@ -403,8 +409,7 @@ class Loader:
                 code = dead[0].exitcode
                 self._stop_workers()
                 raise LoaderError(self._describe_wait(
-                    f"DataLoader worker (pid {dead[0].pid}) exited between passes"
-                    + ("" if code is None else f", killed by signal {-code}" if code < 0 else f", exit code {code}")))
+                    f"DataLoader worker (pid {dead[0].pid}) exited between passes{_how_it_ended(code)}"))
         try:
             it = iter(loader)
         except RuntimeError as exc:
