@@ -130,12 +130,13 @@ def channel_sums(image: np.ndarray) -> dict:
 def _ordered_imap(pool, fn, items, window: int):
     """``pool.map`` with at most ``window`` tiles in flight, so fast readers cannot fill memory.
 
-    ``fn`` is pickled here first: a task that fails to pickle in the pool's feeder thread makes
-    Python 3.11's ``shutdown(cancel_futures=True)`` wait for ever (CPython gh-116685), where this
-    raises the pickling error at once."""
+    ``fn`` and each item are pickled here first: tasks that fail to pickle in the pool's feeder
+    thread can make Python 3.11's ``shutdown(cancel_futures=True)`` wait for ever (CPython
+    gh-116685), where this raises the pickling error at once. Items are a tile's paths: cheap."""
     pickle.dumps(fn)
     pending: deque = deque()
     for item in items:
+        pickle.dumps(item)
         pending.append(pool.submit(fn, item))
         if len(pending) >= window:
             yield pending.popleft().result()

@@ -323,14 +323,21 @@ def test_ties_between_folds_do_not_depend_on_rounding(seed):
     assert np.array_equal(assign_folds(props, 5, seed), assign_folds(props[:, order], 5, seed))
 
 
-def test_a_pool_task_that_cannot_be_pickled_fails_at_once():
-    """A function the readers cannot receive raises its pickling error (on Python 3.11 the pool's
-    shutdown with cancel_futures waited for ever once its feeder thread had failed to pickle a task)."""
-    script = ("from shard_tools.pack import _mapper\n"
+@pytest.mark.parametrize("fn, items, error", [
+    ("local", "range(40)", "Can't pickle local object"),
+    ("str", "[threading.Lock() for _ in range(40)]", "cannot pickle '_thread.lock' object"),
+], ids=["function", "items"])
+def test_a_pool_task_that_cannot_be_pickled_fails_at_once(fn, items, error):
+    """A function or items the readers cannot receive raise the pickling error (on Python 3.11 the
+    pool's shutdown with cancel_futures waited for ever once its feeder thread had failed to pickle
+    tasks)."""
+    script = ("import threading\n"
+              "from shard_tools.pack import _mapper\n"
               "def main():\n"
               "    def local(x): return x\n"
               "    with _mapper(2) as mapper:\n"
-              "        list(mapper(local, range(40)))\n"
-              "main()\n")
+              f"        list(mapper({fn}, {items}))\n"
+              "if __name__ == '__main__':\n"
+              "    main()\n")
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and "Can't pickle local object" in run.stderr, run.stderr[-2000:]
+    assert run.returncode == 1 and error in run.stderr, run.stderr[-2000:]
