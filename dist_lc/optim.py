@@ -29,12 +29,13 @@ def build_optimizer(cfg: Config, params, device: torch.device | None = None) -> 
 def implementation(o: OptimConfig, device: torch.device | None) -> dict:
     """The optimizer's kernels: ``fused`` (one kernel for all parameters: what pays on CUDA, where
     the per-parameter updates were a launch each), ``foreach`` (grouped tensor ops; torch's own
-    default where it can) or ``for_loop``. ``auto``: fused on CUDA where the optimizer has it,
-    else torch's default."""
+    default where it can) or ``for_loop``. ``auto``: fused on CUDA where this torch has the
+    optimizer's fused CUDA kernel, else torch's default."""
     choice = o.implementation
     fusable = o.name in FUSABLE
     if choice == "auto":
-        return {"fused": True} if fusable and device is not None and device.type == "cuda" else {}
+        cuda = device is not None and device.type == "cuda"
+        return {"fused": True} if fusable and cuda and has_fused_kernel(o.name, "CUDA") else {}
     if choice == "fused":
         if not fusable:
             raise InputError(f"config key 'optim.implementation': fused is not available for optim.name "
@@ -44,6 +45,12 @@ def implementation(o: OptimConfig, device: torch.device | None) -> dict:
 
 
 FUSABLE = ("adam", "adamw", "sgd", "adagrad")   # the torch optimizers with a fused kernel
+
+
+def has_fused_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether this torch registers ``name``'s fused kernel for a device (Adagrad's came to CUDA
+    releases after Adam's: ``auto`` must not choose what the installed torch lacks)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::_fused_{name}_", dispatch_key)
 
 
 class WarmupCosine:

@@ -284,3 +284,22 @@ def test_the_shipped_recipes_that_derive_from_recommended_name_it():
             if section != "base":
                 same = [k for k, v in keys.items() if base.get(section, {}).get(k, "<unset>") == v]
                 assert not same, f"{recipe}.yaml restates {section}.{same[0]} of recommended.yaml"
+
+
+@pytest.mark.parametrize("has_kernel", [True, False])
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_auto_fuses_the_optimizer_on_cuda_only_where_torch_has_its_kernel(monkeypatch, name, has_kernel):
+    from dist_lc import optim
+
+    monkeypatch.setattr(optim, "has_fused_kernel", lambda n, key: has_kernel and key == "CUDA")
+    o = load_config(None, [f"optim.name={name}"]).optim
+    assert optim.implementation(o, torch.device("cuda")) == ({"fused": True} if has_kernel else {})
+    assert optim.implementation(o, torch.device("cpu")) == {}
+
+
+def test_the_fused_kernels_auto_asks_for_are_torchs_own():
+    """Each fusable optimizer's kernel under the name ``auto`` probes (this CPU build registers them all
+    for the CPU): a misspelt name would silently never fuse on CUDA."""
+    from dist_lc.optim import FUSABLE, has_fused_kernel
+
+    assert all(has_fused_kernel(name, "CPU") for name in FUSABLE)
