@@ -199,7 +199,7 @@ class BatchRing:
             if t is None or t.is_pinned():
                 continue
             if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:
-                _clear_cuda_error(cudart)   # else the next kernel launch check would report it
+                take_cuda_error()   # else the trainer's next kernel launch would raise the refusal
                 self.unpin()
                 return False
             self._pinned.append(t.data_ptr())
@@ -216,10 +216,35 @@ def _unregister(pointers: list) -> None:
         cudart.cudaHostUnregister(pointers.pop())
 
 
-def _clear_cuda_error(cudart) -> None:
-    clear = getattr(cudart, "cudaGetLastError", None)
-    if clear is not None:
-        clear()
+def take_cuda_error() -> None:
+    """Reset the CUDA runtime's last error, which a refused ``cudaHostRegister`` leaves set: torch
+    reads it (``cudaGetLastError``) after its next kernel launch and raises it there. torch's cudart
+    bindings do not offer that call, so a kernel launched here takes the error instead."""
+    try:
+        torch.zeros(1, device="cuda")   # a fill kernel, then torch's launch check
+        torch.cuda.synchronize()
+    except RuntimeError:   # the refusal, now reported and reset
+        pass
+
+
+def _ring(workers: int, batch: int, size: int, masks: bool, rank: int) -> BatchRing:
+    """The rank's BatchRing, or a LoaderError saying what it needs where shared memory is short (a
+    container's /dev/shm is 64 MB unless it was given more)."""
+    try:
+        return BatchRing(workers, batch, size, masks)
+    except RuntimeError as exc:
+        if "shared memory" not in str(exc):
+            raise
+        need = workers * SLOTS * batch * size * size * (4 * 2 + (1 if masks else 0))
+        try:
+            shm = os.statvfs("/dev/shm")
+            free = f"{shm.f_bavail * shm.f_frsize / 2**30:.2f} GiB free"
+        except OSError:
+            free = "no room"
+        raise LoaderError(f"rank {rank}: the loader's batch ring needs {need / 2**30:.2f} GiB of shared memory "
+                          f"({workers} workers × {SLOTS} slots × {batch} tiles of {size}²) and /dev/shm has "
+                          f"{free}: use fewer loader workers (data.workers; --workers of predict and map) or a "
+                          "smaller batch, or give the container more shared memory (docker run --shm-size)") from None
 
 
 class Batches:
@@ -351,7 +376,7 @@ class Loader:
         self.ring = None
         if workers:
             batch, size, masks = dataset.batch_shape()
-            self.ring = BatchRing(workers, batch, size, masks)
+            self.ring = _ring(workers, batch, size, masks, rank)
             dataset.ring = self.ring
             if self.cuda and not self.ring.pin():
                 print(f"warning: rank {rank}: CUDA could not page-lock the loader's "

@@ -527,6 +527,9 @@ def train(cfg: Config, run_dir) -> TrainResult:
                                       "holding the GPU?")
                 record_failure(run_dir, group.env.rank, cause)
                 raise cause from exc
+            except LoaderError as exc:   # no room for its batches: the peers say this rank's cause
+                record_failure(run_dir, group.env.rank, exc)
+                raise
             setup_s = time.monotonic() - started
             note_own_exit = functools.partial(_record_own_exit, run_dir, s.env.rank)
             with StopSignals() as stop, distributed.last_words(note_own_exit):

@@ -4,7 +4,10 @@ beside a rank's running threads."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing import forkserver
@@ -16,7 +19,7 @@ from dist_lc.data import ShardStream, eval_loader, train_loader
 from dist_lc.loading import SLOTS, Loader, LoaderError
 from shard_tools.manifest import load_manifest
 
-from torchrun_util import torchrun
+from torchrun_util import REPO, torchrun
 
 
 def copied(batch: dict) -> dict:
@@ -154,3 +157,24 @@ def test_a_worker_that_died_between_passes_ends_the_next_pass_at_once(packed_sam
                 wake.join()
         with loader.batches() as batches:   # the next pass starts new workers
             assert sum(1 for _ in batches) > 0
+
+
+def _can_mount_a_small_shm() -> bool:
+    return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                          capture_output=True).returncode == 0 if shutil.which("unshare") else False
+
+
+@pytest.mark.skipif(not _can_mount_a_small_shm(), reason="needs unshare -m and mount (root)")
+def test_a_batch_ring_that_shared_memory_cannot_hold_is_one_line_naming_the_workers(tiny_shards, tmp_path):
+    """A container's /dev/shm (64 MB unless given more) too small for the ring: one line with what it
+    needs and what to change, exit 1; not torch's traceback. Run under a 16 MB /dev/shm of its own."""
+    train = (f"exec {sys.executable} -m dist_lc train --config configs/smoke.yaml --run-dir {tmp_path / 'run'} "
+             f"--set data.shards={tiny_shards} --set data.workers=2 --set train.batch_size=16 "
+             "--set train.micro_batch_size=16 --set data.crop=null")
+    run = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=16m tmpfs /dev/shm && {train}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1, run.stderr[-2000:]
+    assert lines[0].startswith("error: rank 0: the loader's batch ring needs 0.07 GiB of shared memory "
+                               "(2 workers × 4 slots × 16 tiles of 256²) and /dev/shm has 0.02 GiB free: "
+                               "use fewer loader workers (data.workers"), lines[0]
