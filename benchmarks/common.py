@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -101,19 +102,24 @@ def ensure_shards(out: Path, src: Path = SAMPLE_SRC) -> Path:
 BENCHMARK_RECIPE = REPO / "configs" / "benchmark.yaml"
 
 
-def synthetic_shards(work: Path, tiles: int, workers: int = 1) -> Path:
+def synthetic_shards(work: Path, tiles: int, workers: int = 1, *, keep_tiles: bool = True,
+                     timeout: float | None = None) -> Path:
     """A shard folder of ``tiles`` synthetic tiles (``dist-lc synth``, then ``lc-shard pack``), made
     under ``work/synth-<tiles>`` unless already there. The folder is named by its tile count so that a
-    run never reuses a smaller set left by another (the trainer needs a full batch of tiles)."""
+    run never reuses a smaller set left by another (the trainer needs a full batch of tiles).
+    ``keep_tiles=False`` removes the TIFFs once packed (a full-size set's take half of 22 GB)."""
     base = work / f"synth-{tiles}"
     data, shards = base / "data", base / "shards"
     if not (shards / "manifest.json").exists():
         if not (data / "train_labels.csv").exists():
             subprocess.run([sys.executable, "-m", "dist_lc", "synth", "--out", str(data), "--train", str(tiles),
                             "--test", "0", "--workers", str(workers)], check=True, cwd=REPO,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, timeout=timeout)
         subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(data), "--out", str(shards),
-                        "--workers", str(workers)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+                        "--workers", str(workers)], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                       timeout=timeout)
+    if not keep_tiles:
+        shutil.rmtree(data, ignore_errors=True)
     return shards
 
 

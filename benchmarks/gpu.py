@@ -10,11 +10,15 @@ On a machine without the project's packages and without network (this workplace'
 machines), ``make gpu-wheels`` here fetches the few packages that such an image lacks into
 ``.whl/``, and ``bash benchmarks/gpu_device.sh`` there installs them and runs this script with its
 output under ``$OUT``. Parts (``--parts``, all by default, in this order: what the others need
-first, the optional sweep last), each written to ``--out`` as it ends, so that a run cut short
-keeps what it measured; a later call with the remaining ``--parts`` on the same machine reuses the
-shards and the step rates saved under ``--work``. Every variant compiles afresh
+first, then by what the GPU figures need most), each written to ``--out`` as it ends, so that a run
+cut short keeps what it measured. A part that fails is recorded and the next one runs; a part not
+started within ``--budget-s`` is skipped and named, and its subprocesses are stopped at the budget
+(a lent GPU's time is short). A later call with the remaining ``--parts`` on the same machine reuses
+the shards and the step rates saved under ``--work``. Every variant compiles afresh
 (``torch.compiler.reset()`` first):
 
+0. **pinning** (CUDA): the loader's batch ring page-locked in place, and a refused page-lock (the
+   same memory registered twice) leaving no CUDA error behind for the next kernel.
 1. **kernels**: timed optimizer steps of the trainer itself, ``dist_lc.train.train_step`` on the
    Setup that ``dist_lc.train.build_setup`` makes of ``configs/benchmark.yaml`` (the benchmark
    U-Net, its loss, Adam, bf16 autocast, channels_last), on one fixed batch of 256² tiles shaped as
@@ -26,28 +30,29 @@ shards and the step rates saved under ``--work``. Every variant compiles afresh
    other elementwise passes), + CUDA graphs (``train.compile_mode: reduce-overhead``). images/s,
    peak GPU memory, and MFU =
    images/s × training FLOPs per image (3 × forward, ``dist_lc.flops``) ÷ the GPU's dense bf16 peak
-   (the vendor's figure for the device named in the table).
+   (the vendor's figure for the device named in the table). Where inductor skipped the CUDA graphs
+   (a mutated input, a CPU tensor), the table says how often (``TORCH_LOGS=perf_hints`` says why).
 2. **check**: every rung's numerics: 50 optimizer steps (30 in ``--quick``; lr 1e-4, five fixed
    batches in turn) from the same weights, each step's loss against the eager foreach run's. A rung
    passes when its mean relative difference is within that of the eager run in bf16 against fp32
    (the precision's own tolerance). A failed check makes the script exit 1, after writing its table.
-3. **profile**: torch.profiler over 5 steps of the fastest rung; the GPU kernels' time grouped
+3. **resume**: a run trained one epoch on the CPU (torch's foreach Adam) and resumed on this
+   device for a second with the trainer's defaults (on CUDA the fused Adam, whose step counters
+   must move to the GPU with the rest of its state); a run that does not resume fails the script.
+4. **profile**: torch.profiler over 5 steps of the fastest rung; the GPU kernels' time grouped
    into convolution, normalisation, elementwise, optimizer and other, with their shares, the share
    of wall time the GPU was busy, and the MFU.
-4. **e2e**: ``dist_lc.train.train`` of ``configs/benchmark.yaml`` (micro-batch = batch = 128,
+5. **e2e**: ``dist_lc.train.train`` of ``configs/benchmark.yaml`` (micro-batch = batch = 128,
    workers = the cores less one) on fold 0 of 18,491 synthetic tiles (14,793 trained, 3,698
    validated, every epoch), two epochs, before (eager, foreach Adam) and after (the recipe's
    defaults), each in its own process: the second epoch's images/s against the step's own rate
    from part 1, its data-wait share, and the validation, checkpoint and compilation seconds apart.
-5. **cv**: ``dist-lc cv --executor local`` of ``configs/recommended.yaml`` (5 folds of 2,000
+6. **cv**: ``dist-lc cv --executor local`` of ``configs/recommended.yaml`` (5 folds of 2,000
    synthetic tiles, 2 epochs, one rank each, eager: ten compilations would take most of the time)
    on the one GPU with ``launcher.jobs_per_gpu`` 1, then 5: wall time, against the slowest fold job
    and the sum of the jobs.
-6. **sweep**: the fastest compiled rung of part 1 at micro-batch 32, 64 and 256 (a compilation
+7. **sweep**: the fastest compiled rung of part 1 at micro-batch 32, 64 and 256 (a compilation
    each), as part 1's table.
-7. **resume**: a run trained one epoch on the CPU (torch's foreach Adam) and resumed on this
-   device for a second with the trainer's defaults (on CUDA the fused Adam, whose step counters
-   must move to the GPU with the rest of its state); a run that does not resume fails the script.
 
 ``--device cpu --quick`` runs a miniature of all of it (micro-batch 2, 64² tiles, a one-level U-Net
 of 8 filters, the end-to-end part's "after" run alone; the test suite does, so that it cannot rot, and so
@@ -58,9 +63,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,7 +80,7 @@ QUICK_TILES = 100   # the miniature's synthetic tiles (also what the resume part
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                      "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}   # vendors' dense figures
 
-PARTS = ("kernels", "check", "profile", "e2e", "cv", "sweep", "resume")   # the order they run in
+PARTS = ("pinning", "kernels", "check", "resume", "profile", "e2e", "cv", "sweep")   # the order they run in
 BEFORE = ["optim.implementation=foreach", "train.compile=false"]
 # Each rung (its --set overrides) one change on the one before; the first is the trainer's CUDA step
 # before the defaults changed (eager, torch's foreach Adam), all in bf16 autocast with channels_last.
@@ -120,6 +127,20 @@ class Bench:
         self.step_rates: dict[str, float] = {}   # rung label → images/s at self.micro
         self.best: tuple[str, list[str], int, float] | None = None   # (rung, overrides, micro-batch, images/s)
         self.saved = args.work / "steps.json"   # both, for a later call's parts on this machine
+        self.deadline = time.perf_counter() + args.budget_s if args.budget_s else None
+
+    def left(self) -> float | None:
+        """Seconds left of ``--budget-s`` (None: no budget)."""
+        return None if self.deadline is None else self.deadline - time.perf_counter()
+
+    def over(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+    def timeout(self) -> float | None:
+        """A subprocess's limit: what is left of the budget, and a minute's grace to end its work."""
+        left = self.left()
+        return None if left is None else max(left, 0) + 60
 
     def save_steps(self) -> None:
         self.args.work.mkdir(parents=True, exist_ok=True)
@@ -167,6 +188,40 @@ def peak_tflops(name: str) -> tuple[float | None, str]:
     return None, "no bf16 peak known for this device"
 
 
+# ----------------------------------------------------------------------------- 0. pinning
+
+def pinning(b: Bench) -> None:
+    """The loader's batch ring page-locked in place; then a refused page-lock (the same memory
+    registered again) must leave no CUDA error behind: the trainer's next kernel would raise it."""
+    title = "### Page-locked batches: the loader's batch ring registered with CUDA in place"
+    if not b.cuda:
+        b.write(f"{title}: no CUDA device here")
+        return
+    from dist_lc.loading import BatchRing, take_cuda_error
+
+    torch = b.torch
+    ring = BatchRing(2, 8, 256, True)
+    pinned = ring.pin()
+    rows = [["page-lock the ring (cudaHostRegister)", "yes" if pinned else "refused: pageable copies"]]
+    if pinned:
+        t = ring.image
+        cudart = torch.cuda.cudart()
+        code = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+        if code == 0:   # not refused after all: nothing is pending, and the ring is registered twice
+            cudart.cudaHostUnregister(t.data_ptr())
+        take_cuda_error()
+        try:
+            (torch.ones(4, device=b.device) * 2).sum().item()
+            after = "none"
+        except RuntimeError as exc:
+            after = f"FAIL: {str(exc).strip().splitlines()[0][:120]}"
+            b.failed.append(f"pinning: a refused page-lock left a CUDA error for the next kernel: {after}")
+        rows.append([f"register it again (refused, code {code}), then a kernel", f"error raised: {after}"])
+        ring.unpin()
+    free = shutil.disk_usage("/dev/shm").free / 2**30
+    b.write("\n".join([title, "", table(["what", "outcome"], rows), "", f"/dev/shm: {free:.1f} GiB free."]))
+
+
 # ----------------------------------------------------------------------------- 1. kernels
 
 def fresh_compilation(b: Bench) -> None:
@@ -183,10 +238,13 @@ def fresh_compilation(b: Bench) -> None:
 def time_steps(b: Bench, shards: Path, sets: list[str], steps: int, profile=None) -> dict:
     """``steps`` timed optimizer steps of the trainer's ``train_step`` (after 3 warm-up steps, which
     compile when the variant does); under ``profile`` (a torch.profiler context) when given."""
+    from torch._dynamo.utils import counters
+
     from dist_lc.train import train_step
 
     torch = b.torch
     fresh_compilation(b)
+    skips = counters["inductor"]["cudagraph_skips"]
     s = trainer_setup(shards, sets)
     batches = step_batches(s)   # on the host, pinned, as the loader's ring: the step copies them over
     s.model.train()
@@ -211,7 +269,8 @@ def time_steps(b: Bench, shards: Path, sets: list[str], steps: int, profile=None
             torch.cuda.empty_cache()
     peak = torch.cuda.max_memory_allocated(b.device) / 2**20 if b.cuda else None
     return {"images_per_s": s.layout.micro * steps / seconds, "peak_mb": peak, "warm_s": warm_s,
-            "seconds": seconds, "compiled": s.compiled}
+            "seconds": seconds, "compiled": s.compiled,
+            "graph_skips": counters["inductor"]["cudagraph_skips"] - skips}
 
 
 def step_table(b: Bench, rows: list, flops: float, title: str) -> str:
@@ -228,12 +287,21 @@ def step_row(micro: int, label: str, r: dict, flops: float, peak: float | None) 
             mfu, f"{r['warm_s']:.0f} s" if r.get("compiled") else ""]
 
 
+NOT_RUN = "not run: --budget-s spent"
+
+
 def kernels(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
-    rows, compiled = [], []
+    rows, compiled, notes = [], [], []
     for label, overrides in b.ladder:
+        if b.over():
+            rows.append([b.micro, label, NOT_RUN, "–", "–", ""])
+            continue
         log(f"kernels: micro-batch {b.micro}, {label}")
         r = time_steps(b, shards, b.sets(overrides, b.micro), b.steps)
         rows.append(step_row(b.micro, label, r, flops, peak))
+        if r.get("graph_skips"):
+            notes.append(f"{label}: inductor skipped CUDA graphs {r['graph_skips']} time(s) "
+                         "(TORCH_LOGS=perf_hints says why)")
         if r["images_per_s"]:
             b.step_rates[label] = r["images_per_s"]
             if "train.compile=true" in overrides:
@@ -242,7 +310,7 @@ def kernels(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
         _, label, overrides = max(compiled)
         b.best = (label, overrides, b.micro, b.step_rates[label])
     b.save_steps()
-    b.write(step_table(b, rows, flops, "Step"))
+    b.write(step_table(b, rows, flops, "Step") + "".join(f"\n\n{note}" for note in notes))
 
 
 def sweep(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
@@ -254,6 +322,9 @@ def sweep(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
     label, overrides, _, best_ips = b.best
     rows = []
     for micro in b.sweep:
+        if b.over():
+            rows.append([micro, label, NOT_RUN, "–", "–", ""])
+            continue
         log(f"sweep: micro-batch {micro}, {label}")
         r = time_steps(b, shards, b.sets(overrides, micro), b.steps)
         rows.append(step_row(micro, label, r, flops, peak))
@@ -273,21 +344,30 @@ def check(b: Bench, shards: Path) -> None:
     micro = b.micro   # the kernels' shapes: their compiled graphs are in inductor's cache
     traces = {}
     for label, overrides, precision in [("eager fp32", BEFORE, "fp32"), *[(lab, o, "bf16") for lab, o in b.ladder]]:
+        if b.over():
+            break
         log(f"check: {b.check_steps} steps, {label}")
         fresh_compilation(b)
         traces[label] = loss_trace(shards, b.sets(["optim.lr=1e-4", *overrides], micro, precision), b.check_steps)
+    title = (f"### Numerics: {b.check_steps} steps from the same weights (micro-batch {micro}, lr 1e-4, 5 batches "
+             "in turn), each step's loss against the eager foreach bf16 run")
+    if b.ladder[0][0] not in traces:
+        b.write(f"{title}: {NOT_RUN}")
+        return
     reference = traces[b.ladder[0][0]]
     tolerance = trace_deviation(reference, traces["eager fp32"])
     rows = []
     for label, _ in b.ladder[1:]:
+        if label not in traces:
+            rows.append([label, "–", f"{tolerance:.3%}", NOT_RUN])
+            continue
         deviation = trace_deviation(traces[label], reference)
         ok = deviation <= tolerance and bool(np.isfinite(traces[label]).all())
         if not ok:
             b.failed.append(f"check: {label} differs from the eager step by {deviation:.2%} (bf16: {tolerance:.2%})")
         rows.append([label, f"{deviation:.3%}", f"{tolerance:.3%}", "pass" if ok else "FAIL"])
     b.write("\n".join([
-        f"### Numerics: {b.check_steps} steps from the same weights (micro-batch {micro}, lr 1e-4, 5 batches in "
-        f"turn), each step's loss against the eager foreach bf16 run", "",
+        title, "",
         table(["variant", "mean relative difference", "bf16 against fp32, eager", "check"], rows)]))
 
 
@@ -331,7 +411,26 @@ def profile(b: Bench, shards: Path, flops: float, peak: float | None) -> None:
         f"MFU {mfu}."]))
 
 
-# ----------------------------------------------------------------------------- 4. end to end
+def run_bounded(b: Bench, cmd: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run`` stopped at the budget as a user would stop it: SIGTERM first (a training
+    saves and ends, ``dist-lc cv`` ends its local fold jobs), SIGKILL 20 s later."""
+    with subprocess.Popen(cmd, cwd=REPO, **kw) as proc:
+        try:
+            out, err = proc.communicate(timeout=b.timeout())
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            raise TimeoutError(f"{' '.join(map(str, cmd[1:4]))} ...: stopped at --budget-s") from None
+    if check and proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# ----------------------------------------------------------------------------- 5. end to end
 
 def e2e_worker(run_dir: Path, sets: list[str]) -> int:
     """One ``dist_lc.train.train`` of configs/benchmark.yaml in this process; its Timing and metrics
@@ -349,8 +448,7 @@ def e2e_worker(run_dir: Path, sets: list[str]) -> int:
     return 0
 
 
-def e2e_run(b: Bench, shards: Path, name: str, overrides: list[str]) -> dict:
-    workers = max(1, min(usable_cores() - 1, 16))
+def e2e_run(b: Bench, shards: Path, name: str, overrides: list[str], workers: int) -> dict:
     batch = 8 if b.args.quick else 128
     sets = [f"data.shards={shards}", "data.fold=0", f"data.workers={workers}", "train.epochs=2",
             f"train.device={b.device.type}", "train.plot_every=0", "train.loggers=[]",
@@ -359,11 +457,9 @@ def e2e_run(b: Bench, shards: Path, name: str, overrides: list[str]) -> dict:
     run_dir = b.args.work / f"e2e-{name}"
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     log(f"e2e: {name}: {' '.join(sets[1:])}")
-    out = subprocess.run([sys.executable, __file__, "--e2e-worker", str(run_dir), *sets], cwd=REPO, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["workers"] = workers
-    return result
+    out = run_bounded(b, [sys.executable, __file__, "--e2e-worker", str(run_dir), *sets],
+                      stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def e2e(b: Bench, shards: Path, tiles: int) -> None:
@@ -372,8 +468,12 @@ def e2e(b: Bench, shards: Path, tiles: int) -> None:
     if b.args.quick:   # the plumbing: on a CPU both are the same eager step (the kernels part runs BEFORE)
         del runs["before"]
     rows = []
+    workers = max(1, min(usable_cores() - 1, 16))
     for name, (overrides, rung) in runs.items():
-        r = e2e_run(b, shards, name, overrides)
+        if b.over():
+            rows.append([name, NOT_RUN, *["–"] * 8])
+            continue
+        r = e2e_run(b, shards, name, overrides, workers)
         t, last = r["timing"], r["rows"][-1]
         step = b.step_rates.get(rung)
         ips = last["images_per_s"]
@@ -383,23 +483,26 @@ def e2e(b: Bench, shards: Path, tiles: int) -> None:
                      f"{t['setup_s']:.0f}", f"{last['peak_mem_mb']:,.0f}"])
     b.write("\n".join([
         f"### End to end: `dist_lc.train.train` of configs/benchmark.yaml, fold 0 of {tiles:,} synthetic tiles, "
-        f"2 epochs, {r['workers']} loader workers; the second epoch", "",
+        f"2 epochs, {workers} loader workers; the second epoch", "",
         table(["run", "images/s", "of the step's rate", "data wait", "epoch s", "validation s",
                "checkpoints + log s per epoch", "compile s", "set-up s", "peak MB"], rows),
         "", "before: train.compile false, optim.implementation foreach; after: the recipe's defaults"
         + (" (--quick: after alone)." if b.args.quick else ".")]))
 
 
-# ----------------------------------------------------------------------------- 5. several folds on one GPU
+# ----------------------------------------------------------------------------- 6. several folds on one GPU
 
 def cv_part(b: Bench) -> None:
     """Folds one after another, then sharing the device (on a CPU, the miniature: jobs side by side)."""
     quick = b.args.quick
     recipe, tiles, folds, epochs = (("smoke", QUICK_TILES, [0, 1], 1) if quick
                                     else ("recommended", 2000, [0, 1, 2, 3, 4], 2))
-    shards = synthetic_shards(b.args.work, tiles, usable_cores())
+    shards = synthetic_shards(b.args.work, tiles, usable_cores(), timeout=b.timeout())
     rows = []
     for sharing in (len(folds),) if quick else (1, len(folds)):   # the miniature: the plumbing, once
+        if b.over():
+            rows.append([sharing, NOT_RUN, "–", "–", "–"])
+            continue
         out = b.args.work / f"cv-{sharing}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         sets = [f"data.shards={shards}", f"cv.folds={folds}", f"train.epochs={epochs}", "train.plot_every=0",
@@ -409,9 +512,9 @@ def cv_part(b: Bench) -> None:
                  if b.cuda else ["launcher.gpus_per_node=0", f"launcher.max_parallel={sharing}"])
         log(f"cv: {len(folds)} folds, {sharing} at a time")
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "dist_lc", "cv", "--config", f"configs/{recipe}.yaml", "--out",
+        run_bounded(b, [sys.executable, "-m", "dist_lc", "cv", "--config", f"configs/{recipe}.yaml", "--out",
                         str(out), "--executor", "local", *[a for s in sets for a in ("--set", s)]],
-                       cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+                    stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         jobs = [json.loads(p.read_text()) for p in sorted(out.glob("**/fold*/done.json"))]
         job_s = [j.get("timeline", {}).get("job_s", float("nan")) for j in jobs]
@@ -423,12 +526,12 @@ def cv_part(b: Bench) -> None:
         table(["jobs at once", "wall s", "slowest fold job s", "sum of fold jobs s", "folds done"], rows)]))
 
 
-# ----------------------------------------------------------------------------- 7. resume across devices
+# ----------------------------------------------------------------------------- 3. resume across devices
 
 def resume_part(b: Bench) -> None:
     """One epoch on the CPU, then the run resumed on this device for a second (a one-level U-Net of 8
     filters: what is checked is the optimizer state's move, not a speed)."""
-    shards = synthetic_shards(b.args.work, QUICK_TILES, usable_cores())
+    shards = synthetic_shards(b.args.work, QUICK_TILES, usable_cores(), timeout=b.timeout())
     run_dir = b.args.work / "resume"
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     sets = [f"data.shards={shards}", "data.fold=0", "data.crop=64", "data.workers=1", "model.filters=8",
@@ -438,9 +541,9 @@ def resume_part(b: Bench) -> None:
     for device, epochs, kernels in (("cpu", 1, "foreach"), (b.device.type, 2, "auto")):
         log(f"resume: epoch {epochs} on {device}, optim.implementation={kernels}")
         more = [*sets, f"train.device={device}", f"train.epochs={epochs}", f"optim.implementation={kernels}"]
-        proc = subprocess.run([sys.executable, "-m", "dist_lc", "train", "--config", str(BENCHMARK_RECIPE),
+        proc = run_bounded(b, [sys.executable, "-m", "dist_lc", "train", "--config", str(BENCHMARK_RECIPE),
                                "--run-dir", str(run_dir), *[a for x in more for a in ("--set", x)]],
-                              cwd=REPO, capture_output=True, text=True)
+                           check=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines = proc.stderr.strip().splitlines() or ["(nothing)"]   # the trainer logs there
         said = next((x for x in reversed(lines) if f"epoch {epochs}:" in x), lines[-1]) if not proc.returncode \
             else lines[-1]
@@ -457,10 +560,10 @@ def resume_part(b: Bench) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-def shards(args, tiles: int) -> Path:
+def shards(b: Bench, tiles: int, keep_tiles: bool = True) -> Path:
     """Synthetic shards of ``tiles`` tiles under ``--work``, made on the first call."""
     tick = time.perf_counter()
-    made = synthetic_shards(args.work, tiles, usable_cores())
+    made = synthetic_shards(b.args.work, tiles, usable_cores(), keep_tiles=keep_tiles, timeout=b.timeout())
     if time.perf_counter() - tick > 1:
         log(f"synthetic shards, {tiles} tiles: {time.perf_counter() - tick:.0f} s")
     return made
@@ -477,6 +580,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
     ap.add_argument("--quick", action="store_true", help="a miniature: micro-batch 2, 64² tiles, 100 tiles, "
                     "a one-level U-Net of 8 filters")
+    ap.add_argument("--budget-s", type=float, default=480, help="parts not started within this many seconds "
+                    "are skipped, subprocesses stopped at it (0: no budget)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     unknown = parts - set(PARTS)
@@ -503,17 +608,26 @@ def main(argv=None) -> int:
     # memory); the end-to-end run trains on a full-size fold, made only when that part runs
     small = QUICK_TILES if args.quick else 512
     full = QUICK_TILES if args.quick else 18491
-    for part, run in (("kernels", lambda: kernels(b, shards(args, small), flops, peak)),
-                      ("check", lambda: check(b, shards(args, small))),
-                      ("profile", lambda: profile(b, shards(args, small), flops, peak)),
-                      ("e2e", lambda: e2e(b, shards(args, full), full)), ("cv", lambda: cv_part(b)),
-                      ("sweep", lambda: sweep(b, shards(args, small), flops, peak)),
-                      ("resume", lambda: resume_part(b))):
-        if part in parts:
-            tick = time.perf_counter()
-            run()
-            log(f"{part}: {time.perf_counter() - tick:.0f} s")
+    runs = {"pinning": lambda: pinning(b), "kernels": lambda: kernels(b, shards(b, small), flops, peak),
+            "check": lambda: check(b, shards(b, small)), "resume": lambda: resume_part(b),
+            "profile": lambda: profile(b, shards(b, small), flops, peak),
+            "e2e": lambda: e2e(b, shards(b, full, keep_tiles=args.quick), full), "cv": lambda: cv_part(b),
+            "sweep": lambda: sweep(b, shards(b, small), flops, peak)}
+    skipped = []
+    for part in [p for p in PARTS if p in parts]:
+        if b.over():
+            skipped.append(part)
+            continue
+        tick = time.perf_counter()
+        try:
+            runs[part]()
+        except Exception as exc:   # the next parts still run: a lent GPU's time is short
+            traceback.print_exc()
+            b.failed.append(f"{part}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+        log(f"{part}: {time.perf_counter() - tick:.0f} s")
     b.write(f"Whole benchmark: {time.perf_counter() - started:.0f} s." +
+            (f" Not started within --budget-s {args.budget_s:g}: {', '.join(skipped)} (`--parts "
+             f"{','.join(skipped)}` on the same machine reuses --work)." if skipped else "") +
             "".join(f"\n- {line}" for line in b.failed))
     return 1 if b.failed else 0
 

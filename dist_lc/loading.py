@@ -221,7 +221,7 @@ def take_cuda_error() -> None:
     reads it (``cudaGetLastError``) after its next kernel launch and raises it there. torch's cudart
     bindings do not offer that call, so a kernel launched here takes the error instead."""
     try:
-        torch.zeros(1, device="cuda")   # a fill kernel, then torch's launch check
+        torch.ones(1, device="cuda")   # a fill kernel, then torch's launch check
         torch.cuda.synchronize()
     except RuntimeError:   # the refusal, now reported and reset
         pass

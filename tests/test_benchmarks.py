@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -99,7 +100,7 @@ def test_gpu_benchmark_on_cpu(tmp_path):
     """Its miniature runs every part, and the compiled and fused steps pass the numerics check (the
     script exits 1 when one does not)."""
     out = bench("gpu.py", "--device", "cpu", "--quick", "--work", tmp_path, "--out", tmp_path / "gpu.md")
-    for section in ("### Step", "### Numerics", "### Profile", "### End to end", "### Several folds",
+    for section in ("### Page-locked batches", "### Step", "### Numerics", "### Profile", "### End to end", "### Several folds",
                     "### Micro-batch sweep", "### Resume across devices", "Whole benchmark"):
         assert section in out
     assert "| 2 | cpu | auto | 0 |" in out   # the run trained on, resumed
@@ -107,6 +108,33 @@ def test_gpu_benchmark_on_cpu(tmp_path):
     assert [line.split(" | ")[0] for line in checked] == ["| + fused Adam", "| + torch.compile"]
     assert all(line.endswith("pass |") for line in checked)
     assert (tmp_path / "gpu.md").read_text().strip() == out.strip()
+
+
+def test_the_gpu_benchmark_goes_on_after_a_failed_part_and_names_the_parts_past_its_budget(tmp_path, monkeypatch):
+    """A lent GPU's minutes are few: a part that raises is recorded (exit 1) and the next part runs;
+    a part not started within --budget-s is skipped and named."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu
+
+    def broken(*args):
+        raise RuntimeError("a broken part")
+
+    def spends_the_budget(b, shards):
+        ran.append("check")
+        b.deadline = time.perf_counter()
+
+    ran = []
+    monkeypatch.setattr(gpu, "shards", lambda b, tiles, keep_tiles=True: tmp_path)
+    monkeypatch.setattr(gpu, "kernels", broken)
+    monkeypatch.setattr(gpu, "check", spends_the_budget)
+    monkeypatch.setattr(gpu, "resume_part", lambda b: ran.append("resume"))
+    out = tmp_path / "gpu.md"
+    code = gpu.main(["--device", "cpu", "--quick", "--work", str(tmp_path), "--out", str(out),
+                     "--parts", "kernels,check,resume", "--budget-s", "600"])
+    text = out.read_text()
+    assert code == 1 and ran == ["check"], text
+    assert "Not started within --budget-s 600: resume (`--parts resume`" in text
+    assert "\n- kernels: RuntimeError: a broken part" in text
 
 
 def test_the_gpu_benchmark_numerics_check_fails_a_step_that_computes_another_loss(packed_sample, tmp_path,
@@ -118,7 +146,7 @@ def test_the_gpu_benchmark_numerics_check_fails_a_step_that_computes_another_los
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import gpu
 
-    args = argparse.Namespace(device="cpu", quick=True, out=tmp_path / "gpu.md", work=tmp_path)
+    args = argparse.Namespace(device="cpu", quick=True, out=tmp_path / "gpu.md", work=tmp_path, budget_s=0)
     b = gpu.Bench(args)
     b.ladder = (gpu.LADDER[0], ("+ NCHW", [*gpu.BEFORE, "train.channels_last=false"]),
                 ("+ other loss", [*gpu.BEFORE, "loss.class_weights=none"]))
