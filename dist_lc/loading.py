@@ -238,13 +238,14 @@ def _ring(workers: int, batch: int, size: int, masks: bool, rank: int) -> BatchR
         need = workers * SLOTS * batch * size * size * (4 * 2 + (1 if masks else 0))
         try:
             shm = os.statvfs("/dev/shm")
-            free = f"{shm.f_bavail * shm.f_frsize / 2**30:.2f} GiB free"
+            room = f"{shm.f_blocks * shm.f_frsize / 2**30:.2f} GiB, {shm.f_bavail * shm.f_frsize / 2**30:.2f} free now"
         except OSError:
-            free = "no room"
-        raise LoaderError(f"rank {rank}: the loader's batch ring needs {need / 2**30:.2f} GiB of shared memory "
-                          f"({workers} workers × {SLOTS} slots × {batch} tiles of {size}²) and /dev/shm has "
-                          f"{free}: use fewer loader workers (data.workers; --workers of predict and map) or a "
-                          "smaller batch, or give the container more shared memory (docker run --shm-size)") from None
+            room = "not there"
+        raise LoaderError(f"rank {rank}: no room in /dev/shm ({room}) for a loader's batch ring of {need / 2**30:.2f} "
+                          f"GiB ({workers} workers × {SLOTS} slots × {batch} tiles of {size}²; each rank on a node "
+                          "holds one per loader, training and validation): use fewer loader workers (data.workers; "
+                          "--workers of predict and map) or a smaller batch, or give the container more shared "
+                          "memory (docker run --shm-size)") from None
 
 
 class Batches:

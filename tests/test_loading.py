@@ -175,6 +175,6 @@ def test_a_batch_ring_that_shared_memory_cannot_hold_is_one_line_naming_the_work
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 1 and len(lines) == 1, run.stderr[-2000:]
-    assert lines[0].startswith("error: rank 0: the loader's batch ring needs 0.07 GiB of shared memory "
-                               "(2 workers × 4 slots × 16 tiles of 256²) and /dev/shm has 0.02 GiB free: "
-                               "use fewer loader workers (data.workers"), lines[0]
+    assert lines[0].startswith("error: rank 0: no room in /dev/shm (0.02 GiB, ") and \
+        "free now) for a loader's batch ring of 0.07 GiB (2 workers × 4 slots × 16 tiles of 256²; " in lines[0] and \
+        "use fewer loader workers (data.workers" in lines[0], lines[0]
