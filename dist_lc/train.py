@@ -29,6 +29,7 @@ from shard_tools.manifest import load_manifest
 
 from . import confusion, distributed, pixel_metrics
 from .checkpoint import LAST, Checkpointer, Progress, Resumed, load, saved_config
+from .compiling import compile_decision
 from .config import BatchLayout, Config, batch_layout, per_rank_batch, save_config
 from .data import apply_views, copy_to, eval_loader, to_nchw, train_loader
 from .ema import EMA
@@ -148,7 +149,8 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     if t.ema_decay:
         ema = EMA(net, t.ema_decay)
     model = net
-    compiled = compiles(t.compile, device)
+    compiled, note = compile_decision(t.compile, device)
+    notes += [note] if note else []
     if compiled:
         check_compile_mode(t, layout, device)
         # the network itself, so that validation runs compiled too; called from DDP's forward, it is
@@ -181,11 +183,6 @@ def check_compile_mode(t, layout: BatchLayout, device: torch.device) -> None:
                          f"gradients, and train.batch_size {t.batch_size} is {layout.accum} micro-batches of "
                          f"{layout.micro} per rank; raise train.micro_batch_size to the batch per rank, or use "
                          f"compile_mode default or max-autotune-no-cudagraphs")
-
-
-def compiles(setting, device: torch.device) -> bool:
-    """train.compile: ``auto`` compiles on CUDA only (on a CPU its compile time is not paid back)."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -584,10 +581,10 @@ def explained(exc: Exception, s: Setup, run_dir: Path) -> Exception:
     only the consequence (a collective that failed because the peer is gone or stuck). A collective
     that timed out with no peer's cause on record says so, naming this rank and the limit; a device
     out of memory names the setting to lower."""
-    oom = out_of_memory(exc, s)
-    if oom is not None:   # this rank's own cause, whatever its peers recorded since
-        record_failure(run_dir, s.env.rank, oom)
-        return oom
+    own_cause = out_of_memory(exc, s) or compile_failure(exc, s)
+    if own_cause is not None:   # this rank's own cause, whatever its peers recorded since
+        record_failure(run_dir, s.env.rank, own_cause)
+        return own_cause
     own = collective_timeout(exc, s)
     record_failure(run_dir, s.env.rank, own or exc)
     if not s.env.distributed or isinstance(exc, (InputError, TrainingError, LoaderError, WriteError)):
@@ -625,6 +622,16 @@ def out_of_memory(exc: Exception, s: Setup) -> TrainingError | None:
     return TrainingError(f"rank {s.env.rank}: out of {s.device.type} memory at train.micro_batch_size "
                          f"{s.layout.micro} ({first_sentence(exc)}); lower "
                          "train.micro_batch_size, or set it to auto (the largest that fits, the batch kept exact)")
+
+
+def compile_failure(exc: Exception, s: Setup) -> TrainingError | None:
+    """A TrainingError for torch.compile failing in a compiled run (a compiler that does not work, an
+    op inductor cannot lower), naming the setting that trains without it; else None."""
+    if not s.compiled or not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__   # then torch's advice
+    return TrainingError(f"rank {s.env.rank}: torch.compile failed ({type(exc).__name__}: {said}); "
+                         "set train.compile=false to train eager")
 
 
 def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:

@@ -175,7 +175,7 @@ def check_implementation(choice, tmp_path):
 
 
 def check_compile(choice, tmp_path):
-    from dist_lc.train import compiles
+    from dist_lc.compiling import compiles
 
     want = expected({"auto": {"cpu": False, "cuda": True}}, choice)
     assert {kind: compiles(choice, torch.device(kind)) for kind in ("cpu", "cuda")} == want

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 
@@ -395,3 +396,45 @@ def test_cuda_graphs_refuse_gradient_accumulation_in_one_line():
         train_mod.check_compile_mode(t, batch_layout(t, 1), torch.device("cuda"))
     train_mod.check_compile_mode(t, batch_layout(t, 4), torch.device("cuda"))   # 8 per rank: no accumulation
     train_mod.check_compile_mode(t, batch_layout(t, 1), torch.device("cpu"))    # no CUDA graphs on a CPU
+
+
+def test_auto_trains_eager_where_the_node_lacks_the_compiler_and_true_is_refused(monkeypatch):
+    """Triton builds its CUDA kernels with a C compiler ($CC, gcc or clang) that a compute node may lack."""
+    import shutil
+
+    from dist_lc import compiling
+    from lc_common.errors import InputError
+
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert compiling.compile_decision("auto", cuda) == (False, "train.compile auto: training eager, no C compiler on "
+                                                        "this node ($CC, gcc or clang), which Triton needs to build "
+                                                        "its CUDA kernels")
+    with pytest.raises(InputError, match=r"config key 'train.compile': true, but no C compiler"):
+        compiling.compile_decision(True, cuda)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang" else None)
+    assert compiling.compile_decision("auto", cuda) == (True, None)
+    assert compiling.compile_decision("auto", torch.device("cpu")) == (False, None)
+
+
+@pytest.mark.parametrize("when", ["before", "first-step"])
+def test_a_compiler_that_does_not_work_is_one_line_not_a_traceback(tiny_shards, tmp_path, when):
+    """train.compile true with no working C++ compiler: refused before anything starts (exit 2), or,
+    where the check passed and the compilation itself fails, one line at the first step (exit 1)."""
+    skip_check = "import dist_lc.compiling as c; c.missing_compiler = lambda device: None; " if when != "before" else ""
+    code = (f"{skip_check}import sys; from dist_lc.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = ["train", "--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "run"),
+            *[a for s in (f"data.shards={tiny_shards}", "data.workers=0", "train.epochs=1", "train.compile=true",
+                          "train.plot_every=0") for a in ("--set", s)]]
+    run = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CXX": "/nonexistent/g++"})
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    if when == "before":
+        assert run.returncode == 2 and last.startswith("error: config key 'train.compile': true, but no working C++ "
+                                                       "compiler on this node"), run.stderr[-2000:]
+    else:
+        assert run.returncode == 1 and last.startswith("error: rank 0: torch.compile failed (InductorError: "
+                                                       "InvalidCxxCompiler"), run.stderr[-2000:]
+        assert last.endswith("set train.compile=false to train eager")
