@@ -426,7 +426,8 @@ def test_a_compiler_that_does_not_work_is_one_line_not_a_traceback(tiny_shards, 
     code = (f"{skip_check}import sys; from dist_lc.cli import main; sys.exit(main(sys.argv[1:]))")
     args = ["train", "--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "run"),
             *[a for s in (f"data.shards={tiny_shards}", "data.workers=0", "train.epochs=1", "train.compile=true",
-                          "train.plot_every=0") for a in ("--set", s)]]
+                          "train.plot_every=0", "data.crop=64", "model.filters=8", "model.upconv_filters=8",
+                          "model.num_layers=0") for a in ("--set", s)]]
     run = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "CXX": "/nonexistent/g++"})
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
