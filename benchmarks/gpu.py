@@ -209,14 +209,16 @@ def pinning(b: Bench) -> None:
         code = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
         if code == 0:   # not refused after all: nothing is pending, and the ring is registered twice
             cudart.cudaHostUnregister(t.data_ptr())
-        take_cuda_error()
+        taken = take_cuda_error()
         try:
             (torch.ones(4, device=b.device) * 2).sum().item()
             after = "none"
         except RuntimeError as exc:
             after = f"FAIL: {str(exc).strip().splitlines()[0][:120]}"
             b.failed.append(f"pinning: a refused page-lock left a CUDA error for the next kernel: {after}")
-        rows.append([f"register it again (refused, code {code}), then a kernel", f"error raised: {after}"])
+        rows.append([f"register it again ({'refused, code ' if code else 'accepted?! code '}{code})",
+                     f"the error taken by take_cuda_error: {taken[:120] if taken else 'none'}"])
+        rows.append(["then a kernel", f"error raised: {after}"])
         ring.unpin()
     free = shutil.disk_usage("/dev/shm").free / 2**30
     b.write("\n".join([title, "", table(["what", "outcome"], rows), "", f"/dev/shm: {free:.1f} GiB free."]))
@@ -581,7 +583,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a miniature: micro-batch 2, 64² tiles, 100 tiles, "
                     "a one-level U-Net of 8 filters")
     ap.add_argument("--budget-s", type=float, default=480, help="parts not started within this many seconds "
-                    "are skipped, subprocesses stopped at it (0: no budget)")
+                    "are skipped; a subprocess still running a minute past it gets SIGTERM (0: no budget)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     unknown = parts - set(PARTS)
@@ -624,6 +626,8 @@ def main(argv=None) -> int:
         except Exception as exc:   # the next parts still run: a lent GPU's time is short
             traceback.print_exc()
             b.failed.append(f"{part}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+        finally:   # the next part (or its subprocesses) gets the GPU without this one's graphs and cache
+            fresh_compilation(b)
         log(f"{part}: {time.perf_counter() - tick:.0f} s")
     b.write(f"Whole benchmark: {time.perf_counter() - started:.0f} s." +
             (f" Not started within --budget-s {args.budget_s:g}: {', '.join(skipped)} (`--parts "

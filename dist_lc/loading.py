@@ -216,15 +216,17 @@ def _unregister(pointers: list) -> None:
         cudart.cudaHostUnregister(pointers.pop())
 
 
-def take_cuda_error() -> None:
+def take_cuda_error() -> str | None:
     """Reset the CUDA runtime's last error, which a refused ``cudaHostRegister`` leaves set: torch
     reads it (``cudaGetLastError``) after its next kernel launch and raises it there. torch's cudart
-    bindings do not offer that call, so a kernel launched here takes the error instead."""
+    bindings do not offer that call, so a kernel launched here takes the error instead; returns the
+    error's first line (None: there was none)."""
     try:
         torch.ones(1, device="cuda")   # a fill kernel, then torch's launch check
         torch.cuda.synchronize()
-    except RuntimeError:   # the refusal, now reported and reset
-        pass
+    except RuntimeError as exc:   # the refusal, now reported and reset
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
 
 
 def _ring(workers: int, batch: int, size: int, masks: bool, rank: int) -> BatchRing:
@@ -233,19 +235,20 @@ def _ring(workers: int, batch: int, size: int, masks: bool, rank: int) -> BatchR
     try:
         return BatchRing(workers, batch, size, masks)
     except RuntimeError as exc:
-        if "shared memory" not in str(exc):
+        if "unable to allocate shared memory" not in str(exc):   # not the room: too many open files, rights
             raise
-        need = workers * SLOTS * batch * size * size * (4 * 2 + (1 if masks else 0))
-        try:
-            shm = os.statvfs("/dev/shm")
-            room = f"{shm.f_blocks * shm.f_frsize / 2**30:.2f} GiB, {shm.f_bavail * shm.f_frsize / 2**30:.2f} free now"
-        except OSError:
-            room = "not there"
-        raise LoaderError(f"rank {rank}: no room in /dev/shm ({room}) for a loader's batch ring of {need / 2**30:.2f} "
-                          f"GiB ({workers} workers × {SLOTS} slots × {batch} tiles of {size}²; each rank on a node "
-                          "holds one per loader, training and validation): use fewer loader workers (data.workers; "
-                          "--workers of predict and map) or a smaller batch, or give the container more shared "
-                          "memory (docker run --shm-size)") from None
+    # out of the handler, whose exception held the half-built ring: the room said is the room there is
+    need = workers * SLOTS * batch * size * size * (4 * 2 + (1 if masks else 0))
+    try:
+        shm = os.statvfs("/dev/shm")
+        room = f"{shm.f_blocks * shm.f_frsize / 2**30:.2f} GiB, {shm.f_bavail * shm.f_frsize / 2**30:.2f} free now"
+    except OSError:
+        room = "not there"
+    raise LoaderError(f"rank {rank}: no room in /dev/shm ({room}) for a loader's batch ring of {need / 2**30:.2f} "
+                      f"GiB ({workers} workers × {SLOTS} slots × {batch} tiles of {size}²; each rank on a node "
+                      "holds one per loader, training and validation): use fewer loader workers (data.workers, "
+                      "or predict's --workers) or a smaller batch, or give the container more shared memory "
+                      "(docker run --shm-size)")
 
 
 class Batches:

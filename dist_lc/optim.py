@@ -50,7 +50,10 @@ FUSABLE = ("adam", "adamw", "sgd", "adagrad")   # the torch optimizers with a fu
 def has_fused_kernel(name: str, dispatch_key: str) -> bool:
     """Whether this torch registers ``name``'s fused kernel for a device (Adagrad's came to CUDA
     releases after Adam's: ``auto`` must not choose what the installed torch lacks)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::_fused_{name}_", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::_fused_{name}_", dispatch_key)
+    except RuntimeError:   # a torch without the operator at all
+        return False
 
 
 class WarmupCosine:

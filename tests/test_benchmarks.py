@@ -99,7 +99,8 @@ def test_scale(tmp_path):
 def test_gpu_benchmark_on_cpu(tmp_path):
     """Its miniature runs every part, and the compiled and fused steps pass the numerics check (the
     script exits 1 when one does not)."""
-    out = bench("gpu.py", "--device", "cpu", "--quick", "--work", tmp_path, "--out", tmp_path / "gpu.md")
+    out = bench("gpu.py", "--device", "cpu", "--quick", "--work", tmp_path, "--out", tmp_path / "gpu.md",
+                "--budget-s", "0")   # every part, however slow the machine
     for section in ("### Page-locked batches", "### Step", "### Numerics", "### Profile", "### End to end", "### Several folds",
                     "### Micro-batch sweep", "### Resume across devices", "Whole benchmark"):
         assert section in out
