@@ -44,18 +44,19 @@ the shards and the step rates saved under ``--work``. Every variant compiles afr
    of wall time the GPU was busy, and the MFU.
 5. **e2e**: ``dist_lc.train.train`` of ``configs/benchmark.yaml`` (micro-batch = batch = 128,
    workers = the cores less one) on fold 0 of 18,491 synthetic tiles (14,793 trained, 3,698
-   validated, every epoch), two epochs, before (eager, foreach Adam) and after (the recipe's
-   defaults), each in its own process: the second epoch's images/s against the step's own rate
-   from part 1, its data-wait share, and the validation, checkpoint and compilation seconds apart.
+   validated, every epoch), two epochs with the recipe's defaults, in its own process: the second
+   epoch's images/s against the step's own rate from part 1, its data-wait share, and the
+   validation, checkpoint and compilation seconds apart.
 6. **cv**: ``dist-lc cv --executor local`` of ``configs/recommended.yaml`` (5 folds of 2,000
-   synthetic tiles, 2 epochs, one rank each, eager: ten compilations would take most of the time)
+   synthetic tiles, 1 epoch, one rank each, eager: ten compilations would take most of the time)
    on the one GPU with ``launcher.jobs_per_gpu`` 1, then 5: wall time, against the slowest fold job
    and the sum of the jobs.
 7. **sweep**: the fastest compiled rung of part 1 at micro-batch 32, 64 and 256 (a compilation
    each), as part 1's table.
+8. **e2e-before**: part 5 as the trainer ran before its CUDA defaults (eager, foreach Adam).
 
 ``--device cpu --quick`` runs a miniature of all of it (micro-batch 2, 64² tiles, a one-level U-Net
-of 8 filters, the end-to-end part's "after" run alone; the test suite does, so that it cannot rot, and so
+of 8 filters, no e2e-before: on a CPU it is the same eager step; the test suite does, so that it cannot rot, and so
 that the numerics check of inductor's compiled step runs in every CI run).
 """
 from __future__ import annotations
@@ -80,7 +81,8 @@ QUICK_TILES = 100   # the miniature's synthetic tiles (also what the resume part
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                      "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}   # vendors' dense figures
 
-PARTS = ("pinning", "kernels", "check", "resume", "profile", "e2e", "cv", "sweep")   # the order they run in
+# the order they run in; e2e-before (the trainer end to end as before its CUDA defaults) last, for its time
+PARTS = ("pinning", "kernels", "check", "resume", "profile", "e2e", "cv", "sweep", "e2e-before")
 BEFORE = ["optim.implementation=foreach", "train.compile=false"]
 # Each rung (its --set overrides) one change on the one before; the first is the trainer's CUDA step
 # before the defaults changed (eager, torch's foreach Adam), all in bf16 autocast with channels_last.
@@ -464,11 +466,12 @@ def e2e_run(b: Bench, shards: Path, name: str, overrides: list[str], workers: in
     return json.loads(out.strip().splitlines()[-1])
 
 
-def e2e(b: Bench, shards: Path, tiles: int) -> None:
+def e2e(b: Bench, shards: Path, tiles: int, name: str) -> None:
+    """One run: ``after`` (the recipe's defaults: compile + fused Adam on CUDA) or ``before`` (eager,
+    foreach Adam: its own part, run last, for its time)."""
     runs = {"before": (BEFORE, b.ladder[0][0]),
-            "after": ([], b.ladder[2][0] if b.cuda else None)}   # the defaults: compile + fused on CUDA
-    if b.args.quick:   # the plumbing: on a CPU both are the same eager step (the kernels part runs BEFORE)
-        del runs["before"]
+            "after": ([], b.ladder[2][0] if b.cuda else None)}
+    runs = {name: runs[name]}
     rows = []
     workers = max(1, min(usable_cores() - 1, 16))
     for name, (overrides, rung) in runs.items():
@@ -484,12 +487,11 @@ def e2e(b: Bench, shards: Path, tiles: int) -> None:
                      f"{t['bookkeeping_s'] / max(len(r['rows']), 1):.2f}", f"{t['compile_s']:.0f}",
                      f"{t['setup_s']:.0f}", f"{last['peak_mem_mb']:,.0f}"])
     b.write("\n".join([
-        f"### End to end: `dist_lc.train.train` of configs/benchmark.yaml, fold 0 of {tiles:,} synthetic tiles, "
-        f"2 epochs, {workers} loader workers; the second epoch", "",
+        f"### End to end{', before' if name == 'before' else ''}: `dist_lc.train.train` of configs/benchmark.yaml, "
+        f"fold 0 of {tiles:,} synthetic tiles, 2 epochs, {workers} loader workers; the second epoch", "",
         table(["run", "images/s", "of the step's rate", "data wait", "epoch s", "validation s",
                "checkpoints + log s per epoch", "compile s", "set-up s", "peak MB"], rows),
-        "", "before: train.compile false, optim.implementation foreach; after: the recipe's defaults"
-        + (" (--quick: after alone)." if b.args.quick else ".")]))
+        "", "before: train.compile false, optim.implementation foreach; after: the recipe's defaults."]))
 
 
 # ----------------------------------------------------------------------------- 6. several folds on one GPU
@@ -498,7 +500,7 @@ def cv_part(b: Bench) -> None:
     """Folds one after another, then sharing the device (on a CPU, the miniature: jobs side by side)."""
     quick = b.args.quick
     recipe, tiles, folds, epochs = (("smoke", QUICK_TILES, [0, 1], 1) if quick
-                                    else ("recommended", 2000, [0, 1, 2, 3, 4], 2))
+                                    else ("recommended", 2000, [0, 1, 2, 3, 4], 1))
     shards = synthetic_shards(b.args.work, tiles, usable_cores(), timeout=b.timeout())
     rows = []
     for sharing in (len(folds),) if quick else (1, len(folds)):   # the miniature: the plumbing, once
@@ -582,7 +584,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
     ap.add_argument("--quick", action="store_true", help="a miniature: micro-batch 2, 64² tiles, 100 tiles, "
                     "a one-level U-Net of 8 filters")
-    ap.add_argument("--budget-s", type=float, default=480, help="parts not started within this many seconds "
+    ap.add_argument("--budget-s", type=float, default=500, help="parts not started within this many seconds "
                     "are skipped; a subprocess still running a minute past it gets SIGTERM (0: no budget)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -613,8 +615,10 @@ def main(argv=None) -> int:
     runs = {"pinning": lambda: pinning(b), "kernels": lambda: kernels(b, shards(b, small), flops, peak),
             "check": lambda: check(b, shards(b, small)), "resume": lambda: resume_part(b),
             "profile": lambda: profile(b, shards(b, small), flops, peak),
-            "e2e": lambda: e2e(b, shards(b, full, keep_tiles=args.quick), full), "cv": lambda: cv_part(b),
-            "sweep": lambda: sweep(b, shards(b, small), flops, peak)}
+            "e2e": lambda: e2e(b, shards(b, full, keep_tiles=args.quick), full, "after"), "cv": lambda: cv_part(b),
+            "sweep": lambda: sweep(b, shards(b, small), flops, peak),
+            "e2e-before": lambda: (b.write("### End to end, before: none in --quick") if args.quick
+                                   else e2e(b, shards(b, full, keep_tiles=False), full, "before"))}
     skipped = []
     for part in [p for p in PARTS if p in parts]:
         if b.over():

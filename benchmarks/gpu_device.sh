@@ -20,8 +20,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
     > "$out/nvidia-smi.csv" 2>&1 || true
 df -h /tmp /dev/shm >> "$out/nvidia-smi.csv" 2>&1 || true
-# gpu.py skips the parts it cannot start within its --budget-s (480 s by default); this stops it
+# gpu.py skips the parts it cannot start within its --budget-s (500 s by default); this stops it
 # outright where a part overran, before the device's own per-command limit (each part's table is
 # already written).
-timeout --signal=INT --kill-after=20 "${GPU_BENCH_LIMIT_S:-560}" \
+timeout --signal=INT --kill-after=10 "${GPU_BENCH_LIMIT_S:-575}" \
     python3 benchmarks/gpu.py --out "$out/gpu.md" --work /tmp/dist_lc_gpu_bench "$@" 2>&1 | tee "$out/gpu.log"

@@ -101,8 +101,9 @@ def test_gpu_benchmark_on_cpu(tmp_path):
     script exits 1 when one does not)."""
     out = bench("gpu.py", "--device", "cpu", "--quick", "--work", tmp_path, "--out", tmp_path / "gpu.md",
                 "--budget-s", "0")   # every part, however slow the machine
-    for section in ("### Page-locked batches", "### Step", "### Numerics", "### Profile", "### End to end", "### Several folds",
-                    "### Micro-batch sweep", "### Resume across devices", "Whole benchmark"):
+    for section in ("### Page-locked batches", "### Step", "### Numerics", "### Profile", "### End to end",
+                    "### Several folds", "### Micro-batch sweep", "### Resume across devices",
+                    "### End to end, before: none", "Whole benchmark"):
         assert section in out
     assert "| 2 | cpu | auto | 0 |" in out   # the run trained on, resumed
     checked = [line for line in out.splitlines() if line.startswith("| + ") and line.endswith(("pass |", "FAIL |"))]
