@@ -9,6 +9,7 @@ import csv
 import io
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -18,7 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from lc_common.atomic import write_bytes_atomic
-from lc_common.errors import InputError
+from lc_common.errors import InputError, first_sentence
 
 from . import pixel_metrics
 from .config import Config, TrainConfig, dispatch_table, pick, to_dict
@@ -79,19 +80,39 @@ def flat_params(cfg: Config) -> dict[str, str]:
     return {f"{section}.{key}": str(value) for section, keys in to_dict(cfg).items() for key, value in keys.items()}
 
 
-class MLflowRun:
-    """One run folder as one MLflow run (the same run after a resume), through MlflowClient."""
+# MLflow's own HTTP defaults retry a server that does not answer for about four minutes per call:
+# at the start that is a run that seems to hang, at each epoch a training that stalls. Bounded here
+# (about 7 s of retries, 30 s per request) unless the environment sets them.
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+MLFLOW_GIVE_UP = 3   # epochs in a row that could not be logged before the run stops trying
 
-    def __init__(self, run_dir: Path, cfg: Config, resumed: bool):
+
+def _mlflow_reason(exc: Exception) -> str:
+    """Why MLflow failed, short: the socket's own error where its long retry message carries one."""
+    found = re.findall(r"\[Errno -?\d+\] [^'\")]+", str(exc))
+    return found[-1].strip() if found else first_sentence(exc)
+
+
+class MLflowRun:
+    """One run folder as one MLflow run (the same run after a resume), through MlflowClient. A tracking
+    server that cannot be reached at the start is one line (the run has not begun); later, an epoch
+    that cannot be logged is a warning (metrics.csv holds every epoch), and the run stops trying after
+    ``MLFLOW_GIVE_UP`` in a row."""
+
+    def __init__(self, run_dir: Path, cfg: Config, resumed: bool, warn):
         try:
             from mlflow import MlflowClient
             from mlflow.entities import Metric, Param
         except ImportError:
             raise InputError("train.loggers lists mlflow but MLflow is not installed: "
                              "pip install 'dist-lc[mlflow]' (or mlflow-skinny)") from None
-        self._metric = Metric
+        self._metric, self._warn, self._failed = Metric, warn, 0
+        for key, value in MLFLOW_HTTP.items():
+            os.environ.setdefault(key, value)
         uri = (cfg.train.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
                or (run_dir.parent.resolve() / "mlruns").as_uri())
+        self.uri = uri
         if uri.startswith("file:"):
             # A file store is what many ranks and jobs can share on a cluster filesystem (SQLite is not
             # safe over NFS); MLflow 3 asks for this opt-in before it uses one.
@@ -101,12 +122,19 @@ class MLflowRun:
         if resumed and id_file.exists():
             self.run_id = id_file.read_text().strip()
             return
-        experiment = self._experiment(cfg.train.experiment or "dist_lc")
-        run = self.client.create_run(experiment, run_name=run_dir.name, tags={"run_dir": str(run_dir.resolve())})
-        self.run_id = run.info.run_id
-        params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
-        for i in range(0, len(params), 100):   # MLflow takes at most 100 parameters per call
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        key = "train.mlflow_uri" if cfg.train.mlflow_uri else "MLFLOW_TRACKING_URI" if \
+            os.environ.get("MLFLOW_TRACKING_URI") else "train.mlflow_uri (null: a file store beside the run)"
+        try:
+            experiment = self._experiment(cfg.train.experiment or "dist_lc")
+            run = self.client.create_run(experiment, run_name=run_dir.name,
+                                         tags={"run_dir": str(run_dir.resolve())})
+            self.run_id = run.info.run_id
+            params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
+            for i in range(0, len(params), 100):   # MLflow takes at most 100 parameters per call
+                self.client.log_batch(self.run_id, params=params[i:i + 100])
+        except Exception as exc:  # noqa: BLE001 - MlflowException, or the store's own OSError
+            raise InputError(f"{key} {uri}: MLflow does not take the run ({_mlflow_reason(exc)}); check the "
+                             "server, or drop mlflow from train.loggers") from None
         id_file.write_text(self.run_id + "\n")
 
     def _experiment(self, name: str) -> str:
@@ -118,14 +146,25 @@ class MLflowRun:
         except Exception:  # noqa: BLE001 - another fold created it at the same moment
             return self.client.get_experiment_by_name(name).experiment_id
 
+    def _call(self, what: str, call) -> None:
+        if self._failed >= MLFLOW_GIVE_UP:
+            return
+        try:
+            call()
+            self._failed = 0
+        except Exception as exc:  # noqa: BLE001 - logging must not end a training
+            self._failed += 1
+            stop = " (no more tries: metrics.csv has every epoch)" if self._failed >= MLFLOW_GIVE_UP else ""
+            self._warn(f"warning: MLflow at {self.uri} did not take {what} ({_mlflow_reason(exc)}){stop}")
+
     def epoch(self, row: dict) -> None:
         stamp = int(time.time() * 1000)
         metrics = [self._metric(k, float(v), stamp, int(row["epoch"])) for k, v in row.items()
                    if k not in ("epoch", "step") and isinstance(v, (int, float)) and v == v]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        self._call(f"epoch {row['epoch']}", lambda: self.client.log_batch(self.run_id, metrics=metrics))
 
     def close(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status)
+        self._call(f"the run's end ({status})", lambda: self.client.set_terminated(self.run_id, status))
 
 
 class RunLog:
@@ -161,7 +200,7 @@ class RunLog:
             self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)   # markdown code block
 
     def _start_mlflow(self, cfg: Config | None, resume_epoch: int) -> None:
-        self.mlflow = MLflowRun(self.run_dir, cfg, resumed=resume_epoch > 0)
+        self.mlflow = MLflowRun(self.run_dir, cfg, resumed=resume_epoch > 0, warn=self.info)
 
     def _keep_rows_up_to(self, epoch: int) -> None:
         """On resume, drop rows of epochs the checkpoint does not hold (they will be trained again)."""

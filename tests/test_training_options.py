@@ -439,3 +439,45 @@ def test_a_compiler_that_does_not_work_is_one_line_not_a_traceback(tiny_shards, 
         assert run.returncode == 1 and last.startswith("error: rank 0: torch.compile failed (InductorError: "
                                                        "InvalidCxxCompiler"), run.stderr[-2000:]
         assert last.endswith("set train.compile=false to train eager")
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_line_at_the_start(tiny_shards, tmp_path):
+    """Not MLflow's four minutes of retries then a traceback: its HTTP retries are bounded, and the
+    refusal names the key and the reason."""
+    import socket
+    import time
+
+    with socket.socket() as free:   # a port nothing listens on once closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = time.monotonic()
+    run = dist_lc(["train", "--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "run"),
+                   *sets(tiny_shards, "train.epochs=1", "train.loggers=[mlflow]",
+                         f"train.mlflow_uri=http://127.0.0.1:{port}")])
+    assert time.monotonic() - started < 90
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
+        f"error: train.mlflow_uri http://127.0.0.1:{port}: MLflow does not take the run ([Errno 111] Connection "
+        "refused); check the server, or drop mlflow from train.loggers"), run.stderr[-2000:]
+
+
+def test_epochs_mlflow_does_not_take_are_warnings_and_the_run_stops_trying(tmp_path, monkeypatch):
+    from dist_lc import run_log
+    from dist_lc.config import load_config
+
+    said = []
+    cfg = load_config(None, [f"train.mlflow_uri={(tmp_path / 'mlruns').as_uri()}"])
+    (tmp_path / "run").mkdir()
+    tracked = run_log.MLflowRun(tmp_path / "run", cfg, resumed=False, warn=said.append)
+    calls = []
+
+    def refused(*args, **kwargs):
+        calls.append(1)
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.setattr(tracked.client, "log_batch", refused)
+    for epoch in range(1, 6):
+        tracked.epoch({"epoch": epoch, "step": epoch, "train_loss": 1.0})
+    assert len(calls) == run_log.MLFLOW_GIVE_UP == len(said)
+    assert said[0].startswith("warning: MLflow at file:") and "did not take epoch 1 ([Errno 111] Connection refused)" \
+        in said[0]
+    assert said[-1].endswith("(no more tries: metrics.csv has every epoch)")
