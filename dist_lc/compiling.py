@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sysconfig
 
 import torch
 
 from lc_common.errors import InputError, first_sentence
+
+from . import distributed
 
 
 def compiles(setting, device: torch.device) -> bool:
@@ -22,10 +25,8 @@ def compiles(setting, device: torch.device) -> bool:
 
 def missing_compiler(device: torch.device) -> str | None:
     """What torch.compile would lack on this node to build its kernels for ``device``, or None."""
-    if device.type == "cuda":   # Triton's own search: $CC, else gcc, else clang
-        if os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"):
-            return None
-        return "no C compiler on this node ($CC, gcc or clang), which Triton needs to build its CUDA kernels"
+    if device.type == "cuda":
+        return _missing_for_triton()
     try:
         from torch._inductor import cpp_builder
 
@@ -37,15 +38,36 @@ def missing_compiler(device: torch.device) -> str | None:
     return None
 
 
-def compile_decision(setting, device: torch.device) -> tuple[bool, str | None]:
-    """(whether to compile, a note for the run's log). ``auto`` without the compiler it needs trains
-    eager, said in the note; ``true`` without it is an InputError."""
+def _missing_for_triton() -> str | None:
+    """Triton builds its launchers as Python extensions: with $CC, else gcc, else clang, against the
+    Python headers of the interpreter (which a node's system Python may lack: python3-devel)."""
+    cc = os.environ.get("CC")
+    if cc is not None and not shutil.which(cc):
+        return f"$CC ({cc!r}) is not a compiler on this node, which Triton needs to build its CUDA kernels"
+    if cc is None and not (shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler on this node ($CC, gcc or clang), which Triton needs to build its CUDA kernels"
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return (f"no Python headers on this node ({include}/Python.h: python3-devel or python3-dev), which "
+                "Triton needs to build its CUDA kernels")
+    return None
+
+
+def agreed_compile(setting, device: torch.device) -> tuple[bool, str | None]:
+    """(whether to compile, a note for the run's log), the same on every rank (a collective: every
+    rank calls it). Where a rank's node lacks what torch.compile needs, ``auto`` trains eager on
+    every rank, said in the note, and ``true`` is an InputError on every rank (none waits for one
+    that stopped)."""
     if not compiles(setting, device):
         return False, None
-    missing = missing_compiler(device)
-    if missing is None:
+    said = distributed.all_gather_objects(missing_compiler(device))
+    lacking = [(rank, why) for rank, why in enumerate(said) if why]
+    if not lacking:
         return True, None
+    rank, why = lacking[0]
+    why = f"rank {rank}: {why}" if len(said) > 1 else why
     if setting == "auto":
-        return False, f"train.compile auto: training eager, {missing}"
-    raise InputError(f"config key 'train.compile': true, but {missing}; install one (or point $CC/$CXX at it), "
+        return False, f"train.compile auto: training eager, {why}"
+    raise InputError(f"config key 'train.compile': true, but {why}; install it (or point $CC/$CXX at a compiler), "
                      "or set train.compile=false")

@@ -82,9 +82,10 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
 # MLflow's own HTTP defaults retry a server that does not answer for about four minutes per call:
 # at the start that is a run that seems to hang, at each epoch a training that stalls. Bounded here
-# (about 7 s of retries, 30 s per request) unless the environment sets them.
+# (3 retries about 7 s apart in all, 10 s per request: seconds for a refused connection, under a
+# minute for a server that drops packets) unless the environment sets them.
 MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 MLFLOW_GIVE_UP = 3   # epochs in a row that could not be logged before the run stops trying
 
 
@@ -143,8 +144,11 @@ class MLflowRun:
             return found.experiment_id
         try:
             return self.client.create_experiment(name)
-        except Exception:  # noqa: BLE001 - another fold created it at the same moment
-            return self.client.get_experiment_by_name(name).experiment_id
+        except Exception:  # noqa: BLE001 - another fold created it at the same moment, or the refusal stands
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
     def _call(self, what: str, call) -> None:
         if self._failed >= MLFLOW_GIVE_UP:

@@ -29,7 +29,7 @@ from shard_tools.manifest import load_manifest
 
 from . import confusion, distributed, pixel_metrics
 from .checkpoint import LAST, Checkpointer, Progress, Resumed, load, saved_config
-from .compiling import compile_decision
+from .compiling import agreed_compile
 from .config import BatchLayout, Config, batch_layout, per_rank_batch, save_config
 from .data import apply_views, copy_to, eval_loader, to_nchw, train_loader
 from .ema import EMA
@@ -149,7 +149,7 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     if t.ema_decay:
         ema = EMA(net, t.ema_decay)
     model = net
-    compiled, note = compile_decision(t.compile, device)
+    compiled, note = agreed_compile(t.compile, device)
     notes += [note] if note else []
     if compiled:
         check_compile_mode(t, layout, device)
@@ -524,7 +524,7 @@ def train(cfg: Config, run_dir) -> TrainResult:
                                       "holding the GPU?")
                 record_failure(run_dir, group.env.rank, cause)
                 raise cause from exc
-            except LoaderError as exc:   # no room for its batches: the peers say this rank's cause
+            except (LoaderError, InputError) as exc:   # no room for batches, no compiler: the peers say so
                 record_failure(run_dir, group.env.rank, exc)
                 raise
             setup_s = time.monotonic() - started
@@ -625,12 +625,18 @@ def out_of_memory(exc: Exception, s: Setup) -> TrainingError | None:
 
 
 def compile_failure(exc: Exception, s: Setup) -> TrainingError | None:
-    """A TrainingError for torch.compile failing in a compiled run (a compiler that does not work, an
-    op inductor cannot lower), naming the setting that trains without it; else None."""
-    if not s.compiled or not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+    """A TrainingError for torch.compile's backend failing in a compiled run (a compiler that does not
+    work, an op inductor cannot lower), naming the setting that trains without it; else None. Errors
+    of the model's own code that dynamo only passes on (a shape mismatch) are left as they are."""
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+
+    if not s.compiled or not isinstance(exc, (BackendCompilerFailed, InternalTorchDynamoError)):
         return None
-    said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__   # then torch's advice
-    return TrainingError(f"rank {s.env.rank}: torch.compile failed ({type(exc).__name__}: {said}); "
+    inner = getattr(exc, "inner_exception", None) or exc
+    if isinstance(inner, torch.OutOfMemoryError):   # inductor's autotuning ran out: the micro-batch's
+        return out_of_memory(inner, s)
+    said = str(inner).strip().splitlines()[0][:200] if str(inner).strip() else "no message"
+    return TrainingError(f"rank {s.env.rank}: torch.compile failed ({type(inner).__name__}: {said}); "
                          "set train.compile=false to train eager")
 
 

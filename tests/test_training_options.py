@@ -398,9 +398,11 @@ def test_cuda_graphs_refuse_gradient_accumulation_in_one_line():
     train_mod.check_compile_mode(t, batch_layout(t, 1), torch.device("cpu"))    # no CUDA graphs on a CPU
 
 
-def test_auto_trains_eager_where_the_node_lacks_the_compiler_and_true_is_refused(monkeypatch):
-    """Triton builds its CUDA kernels with a C compiler ($CC, gcc or clang) that a compute node may lack."""
+def test_auto_trains_eager_where_the_node_lacks_the_compiler_and_true_is_refused(monkeypatch, tmp_path):
+    """Triton builds its CUDA kernels with a C compiler ($CC, gcc or clang) and the Python headers,
+    which a compute node may lack."""
     import shutil
+    import sysconfig
 
     from dist_lc import compiling
     from lc_common.errors import InputError
@@ -408,14 +410,21 @@ def test_auto_trains_eager_where_the_node_lacks_the_compiler_and_true_is_refused
     cuda = torch.device("cuda")
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert compiling.compile_decision("auto", cuda) == (False, "train.compile auto: training eager, no C compiler on "
-                                                        "this node ($CC, gcc or clang), which Triton needs to build "
-                                                        "its CUDA kernels")
+    assert compiling.agreed_compile("auto", cuda) == (False, "train.compile auto: training eager, no C compiler on "
+                                                      "this node ($CC, gcc or clang), which Triton needs to build "
+                                                      "its CUDA kernels")
     with pytest.raises(InputError, match=r"config key 'train.compile': true, but no C compiler"):
-        compiling.compile_decision(True, cuda)
+        compiling.agreed_compile(True, cuda)
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang" else None)
-    assert compiling.compile_decision("auto", cuda) == (True, None)
-    assert compiling.compile_decision("auto", torch.device("cpu")) == (False, None)
+    assert compiling.agreed_compile("auto", cuda) == (True, None)
+    assert compiling.agreed_compile("auto", torch.device("cpu")) == (False, None)
+    monkeypatch.setenv("CC", "/opt/no/cc")   # a $CC that is not there is what Triton would run
+    assert "$CC ('/opt/no/cc') is not a compiler" in compiling.agreed_compile("auto", cuda)[1]
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})   # no Python.h
+    assert compiling.agreed_compile("auto", cuda)[1] == (f"train.compile auto: training eager, no Python headers on "
+                                                         f"this node ({tmp_path}/Python.h: python3-devel or "
+                                                         "python3-dev), which Triton needs to build its CUDA kernels")
 
 
 @pytest.mark.parametrize("when", ["before", "first-step"])
@@ -427,7 +436,7 @@ def test_a_compiler_that_does_not_work_is_one_line_not_a_traceback(tiny_shards, 
     args = ["train", "--config", "configs/smoke.yaml", "--run-dir", str(tmp_path / "run"),
             *[a for s in (f"data.shards={tiny_shards}", "data.workers=0", "train.epochs=1", "train.compile=true",
                           "train.plot_every=0", "data.crop=64", "model.filters=8", "model.upconv_filters=8",
-                          "model.num_layers=0") for a in ("--set", s)]]
+                          "model.num_layers=0", "train.device=cpu") for a in ("--set", s)]]
     run = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "CXX": "/nonexistent/g++"})
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
@@ -436,8 +445,8 @@ def test_a_compiler_that_does_not_work_is_one_line_not_a_traceback(tiny_shards, 
         assert run.returncode == 2 and last.startswith("error: config key 'train.compile': true, but no working C++ "
                                                        "compiler on this node"), run.stderr[-2000:]
     else:
-        assert run.returncode == 1 and last.startswith("error: rank 0: torch.compile failed (InductorError: "
-                                                       "InvalidCxxCompiler"), run.stderr[-2000:]
+        assert run.returncode == 1 and last.startswith("error: rank 0: torch.compile failed (InvalidCxxCompiler: "
+                                                       "No working C++ compiler"), run.stderr[-2000:]
         assert last.endswith("set train.compile=false to train eager")
 
 
