@@ -117,8 +117,9 @@ class TrainConfig:
         "auto", "auto: bf16 where the device runs it natively, fp16 + gradient scaler on older GPUs, else fp32")
     channels_last: bool = option(True, "NHWC tensors: faster convolutions with oneDNN (CPU) and tensor cores")
     compile: bool | Literal["auto"] = option("auto", "torch.compile the model; auto: on CUDA, not on a CPU "
-                                             "(where it does not pay), nor on a node without the C compiler "
-                                             "Triton needs (said in the log); its first step is timed apart")
+                                             "(where it does not pay), nor where a node lacks the C compiler or "
+                                             "Python headers Triton needs (said in the log); its first step is "
+                                             "timed apart")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = option(
         "default", "torch.compile's mode: default (fused kernels: BatchNorm's normalisation and ReLU in one "
         "pass); reduce-overhead adds CUDA graphs (one launch per graph, for launch-bound steps; more GPU "
