@@ -524,8 +524,9 @@ def train(cfg: Config, run_dir) -> TrainResult:
                                       "holding the GPU?")
                 record_failure(run_dir, group.env.rank, cause)
                 raise cause from exc
-            except (LoaderError, InputError) as exc:   # no room for batches, no compiler: the peers say so
-                record_failure(run_dir, group.env.rank, exc)
+            except LoaderError as exc:   # no room for its batches, maybe on this node alone: the peers say so
+                if group.env.distributed:   # (a single process leaves no folder of its own making)
+                    record_failure(run_dir, group.env.rank, exc)
                 raise
             setup_s = time.monotonic() - started
             note_own_exit = functools.partial(_record_own_exit, run_dir, s.env.rank)
