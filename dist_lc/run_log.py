@@ -123,8 +123,10 @@ class MLflowRun:
         if resumed and id_file.exists():
             self.run_id = id_file.read_text().strip()
             return
-        key = "train.mlflow_uri" if cfg.train.mlflow_uri else "MLFLOW_TRACKING_URI" if \
-            os.environ.get("MLFLOW_TRACKING_URI") else "train.mlflow_uri (null: a file store beside the run)"
+        key = "train.mlflow_uri"   # where the URI came from, for the refusal
+        if not cfg.train.mlflow_uri:
+            key = ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+                   else f"{key} (null: a file store beside the run)")
         try:
             experiment = self._experiment(cfg.train.experiment or "dist_lc")
             run = self.client.create_run(experiment, run_name=run_dir.name,
