@@ -72,6 +72,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lc_common.errors import said  # noqa: E402
 from lc_common.resources import usable_cores  # noqa: E402
 from common import (BENCHMARK_RECIPE, REPO, log, loss_trace, machine_line, step_batches, step_overrides,  # noqa: E402
                     synthetic_shards, table, trace_deviation, trainer_setup)
@@ -216,7 +217,7 @@ def pinning(b: Bench) -> None:
             (torch.ones(4, device=b.device) * 2).sum().item()
             after = "none"
         except RuntimeError as exc:
-            after = f"FAIL: {str(exc).strip().splitlines()[0][:120]}"
+            after = f"FAIL: {said(exc, limit=120)}"
             b.failed.append(f"pinning: a refused page-lock left a CUDA error for the next kernel: {after}")
         rows.append([f"register it again ({'refused, code ' if code else 'accepted?! code '}{code})",
                      f"the error taken by take_cuda_error: {taken[:120] if taken else 'none'}"])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lc_common.atomic import fsync_dir, write_atomic
-from lc_common.errors import InputError, WriteError
+from lc_common.errors import InputError, WriteError, said
 
 from . import distributed
 from .config import normalized, to_dict, yaml_value
@@ -95,8 +95,8 @@ def load(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        first = (str(exc).strip().splitlines() or ["(no message: an empty or cut file?)"])[0]   # a 0-byte file: EOFError()
-        raise InputError(f"{path}: not a dist_lc checkpoint ({type(exc).__name__}: {first[:200]})") from None
+        first = said(exc, empty="(no message: an empty or cut file?)")   # a 0-byte file: EOFError()
+        raise InputError(f"{path}: not a dist_lc checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise InputError(f"{path}: not a dist_lc checkpoint (no model/config entries)")
     return state

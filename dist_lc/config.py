@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 
 from lc_common.atomic import write_bytes_atomic
-from lc_common.errors import InputError, one_line
+from lc_common.errors import InputError, one_line, said
 from lc_common.tiles import IMAGE_SHAPE
 
 BASE_KEY = "base"
@@ -342,7 +342,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise InputError(f"--set {item!r}: invalid YAML value ({str(exc).splitlines()[0]})") from None
+            raise InputError(f"--set {item!r}: invalid YAML value ({said(exc)})") from None
     return raw
 
 
@@ -398,17 +398,17 @@ def _read_text(path: Path) -> str:
                          "save the recipe as UTF-8") from None
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + one_line(getattr(exc, "problem", None) or str(exc).splitlines()[0])
+    return where + one_line(getattr(exc, "problem", None) or said(exc))
 
 
 def _read_one(path: Path) -> dict:
     try:
         raw = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from None
+        raise InputError(f"{path}: invalid YAML: {yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a config is a mapping of sections")
     return raw

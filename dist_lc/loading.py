@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lc_common.errors import said
+
 PREFETCH = 2          # batches each worker may be asked for ahead (torch's prefetch_factor)
 SLOTS = PREFETCH + 2  # ring slots per worker: what it may have in flight, plus the consumer's two
 HELD = 1              # earlier batches the consumer may still be using when it asks for the next
@@ -225,7 +227,7 @@ def take_cuda_error() -> str | None:
         torch.ones(1, device="cuda")   # a fill kernel, then torch's launch check
         torch.cuda.synchronize()
     except RuntimeError as exc:   # the refusal, now reported and reset
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return said(exc)
     return None
 
 
@@ -404,7 +406,7 @@ class Loader:
 
     def _describe_wait(self, died: str | None = None) -> str:
         if died:
-            return f"rank {self.rank}: a data loader worker died ({died.strip().splitlines()[0][:200]})"
+            return f"rank {self.rank}: a data loader worker died ({said(died)})"
         return (f"rank {self.rank}: no batch from its {self.workers} data loader worker(s) in "
                 f"{self.timeout_s:g} s (data.wait_timeout_s): a worker is stuck or far too slow")
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lc_common.atomic import check_parent, write_csv_atomic
-from lc_common.errors import InputError, first_sentence, one_line, print_error
+from lc_common.errors import InputError, first_sentence, one_line, print_error, said
 from lc_common.tiles import CLASS_NAMES
 from shard_tools.manifest import load_manifest
 
@@ -45,7 +45,7 @@ def load_network(path, device: torch.device):
         net.load_state_dict(state["ema"] if state.get("ema") else state["model"])
     except (InputError, RuntimeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: written by an incompatible model config "
-                         f"({str(exc).splitlines()[0][:160]})") from None
+                         f"({said(exc, limit=160)})") from None
     net = net.to(device).eval()
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)

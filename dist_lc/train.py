@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lc_common.errors import InputError, WriteError, first_sentence, print_error
+from lc_common.errors import InputError, WriteError, first_sentence, print_error, said
 from lc_common.tiles import IMAGE_SHAPE
 from shard_tools.manifest import load_manifest
 
@@ -636,8 +636,8 @@ def compile_failure(exc: Exception, s: Setup) -> TrainingError | None:
     inner = getattr(exc, "inner_exception", None) or exc
     if isinstance(inner, torch.OutOfMemoryError):   # inductor's autotuning ran out: the micro-batch's
         return out_of_memory(inner, s)
-    said = str(inner).strip().splitlines()[0][:200] if str(inner).strip() else "no message"
-    return TrainingError(f"rank {s.env.rank}: torch.compile failed ({type(inner).__name__}: {said}); "
+    return TrainingError(f"rank {s.env.rank}: torch.compile failed ({type(inner).__name__}: "
+                         f"{said(inner, empty='no message')}); "
                          "set train.compile=false to train eager")
 
 
@@ -649,7 +649,7 @@ def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:
         return None
     return TrainingError(f"rank {s.env.rank}: the other ranks did not answer in a collective within "
                          f"train.dist_timeout_s = {s.cfg.train.dist_timeout_s} s "
-                         f"({text.strip().splitlines()[-1][:160] if text.strip() else type(exc).__name__})")
+                         f"({said(exc, last=True, limit=160)})")
 
 
 def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:

@@ -14,6 +14,17 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def said(what, *, last: bool = False, limit: int = 200, empty: str | None = None) -> str:
+    """One line of what an exception (or a program's output) said: its first non-blank line, or its
+    last (``last=True``: a traceback or sbatch ends with the point), cut to ``limit`` characters.
+    ``empty`` stands for a text with nothing in it (default: the exception's type, or "no message")."""
+    lines = [line.strip() for line in str(what).splitlines() if line.strip()]
+    if not lines:
+        return empty if empty is not None else (
+            type(what).__name__ if isinstance(what, BaseException) else "no message")
+    return one_line(lines[-1] if last else lines[0])[:limit]
+
+
 def first_sentence(exc: BaseException) -> str:
     """An error whose text is a paragraph (torch's out-of-memory: sizes, then advice on the
     allocator): its first sentence, on one line."""

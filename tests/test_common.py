@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lc_common.atomic import write_atomic, write_csv_atomic, write_json_atomic
-from lc_common.errors import InputError, WriteError, print_error
+from lc_common.errors import InputError, WriteError, print_error, said
 
 
 def test_writers_take_path_first_and_replace_whole(tmp_path):
@@ -94,6 +94,16 @@ def test_an_error_line_is_one_write(monkeypatch):
     monkeypatch.setattr("sys.stderr", Stream())
     print_error(InputError("a.tif: truncated"))
     assert writes == ["error: a.tif: truncated\n"]
+
+
+def test_what_an_exception_said_is_one_line_even_when_it_said_nothing():
+    assert said(RuntimeError("CUDA error: out of memory\n  more\n")) == "CUDA error: out of memory"
+    assert said("Traceback\n  ...\nValueError:  a   b \n\n", last=True) == "ValueError: a b"
+    assert said(RuntimeError("x" * 500), limit=10) == "x" * 10
+    # an empty message (torch.load of a 0-byte file raises EOFError()) has no first line to index
+    assert said(EOFError()) == "EOFError"
+    assert said(" \n ") == "no message"
+    assert said(RuntimeError(""), empty="(nothing)") == "(nothing)"
 
 
 def test_a_cv_plan_without_a_grid_point_is_one_line_naming_it(tmp_path):

@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import submitit
 
-from lc_common.errors import InputError, one_line
+from lc_common.errors import InputError, said
 from lc_common.resources import usable_core_ids, usable_cores
 
 from ..config import LauncherConfig
@@ -632,9 +632,7 @@ class SlurmExecutor(Executor):
 
 def sbatch_error(exc: Exception) -> str:
     """What sbatch said (submitit's error holds its whole stderr): its last line, without the prefix."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    last = lines[-1] if lines else "no message"
-    return one_line(last.removeprefix("sbatch: error: "))[:300]
+    return said(exc, last=True, limit=10_000, empty="no message").removeprefix("sbatch: error: ")[:300]
 
 
 def transient(error: str) -> bool:
@@ -656,8 +654,7 @@ def slurm_problem() -> str | None:
         return "Slurm controller not reachable (scontrol ping: no answer within 20 s)"
     out = (p.stdout + p.stderr).strip()
     if p.returncode != 0 or "is UP" not in out:
-        first = out.splitlines()[0] if out else f"exit status {p.returncode}"
-        return f"Slurm controller not reachable (scontrol ping: {first[:200]})"
+        return f"Slurm controller not reachable (scontrol ping: {said(out, empty=f'exit status {p.returncode}')})"
     return None
 
 
@@ -694,8 +691,7 @@ def _error_of(path: Path) -> str | None:
         return None if time.time() - path.stat().st_mtime < 5 else f"unreadable result pickle ({exc})"
     if outcome != "error":
         return None
-    lines = [line for line in str(payload).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "error"
+    return said(payload, last=True, limit=10_000, empty="error")
 
 
 def first_failure(record: Submission, since: float | None = None) -> tuple[str, str] | None:

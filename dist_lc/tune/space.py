@@ -33,7 +33,7 @@ import yaml
 
 from lc_common.errors import InputError, one_line
 
-from ..config import Config, apply_overrides, from_dict, normalized
+from ..config import Config, apply_overrides, from_dict, normalized, yaml_problem
 from ..cv.plan import FORBIDDEN_GRID
 
 KINDS = ("float", "int", "categorical")
@@ -218,10 +218,7 @@ def _read(path: Path) -> dict:
     except OSError as exc:
         raise InputError(f"{path}: cannot read the space file: {exc.strerror or one_line(exc)}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise InputError(f"{path}: invalid YAML: {where}{one_line(problem)}") from None
+        raise InputError(f"{path}: invalid YAML: {yaml_problem(exc)}") from None
     if not isinstance(raw, dict) or not raw:
         raise InputError(f"{path}: a space file maps config keys to distributions (e.g. "
                          "'optim.lr: {float: [1.0e-4, 1.0e-2], log: true}'); this one is "
