@@ -20,7 +20,8 @@ How a scene is read and predicted (bounded memory: one row of windows at a time)
 window rows (:mod:`dist_lc.scene`) are dealt to the ranks in turns; a rank reads the 256 rows of
 its window row, predicts its windows in batches (ensemble, TTA, each checkpoint's precision) and
 blends them along the row; rank 0 gathers each turn's rows, blends them into a running
-accumulator of 256 rows and writes every row no later window will touch. The class of a pixel is
+accumulator of 256 rows, finishes every row no later window will touch and writes them in whole
+rows of 256 × 256 blocks (a block written twice would leave its first copy in the file). The class of a pixel is
 its most probable scored class; pixels whose every band is 0 (or the scene's nodata value), or
 that the scene's own mask band masks, are no_data, and the network sees them as the band means
 (what it sees beyond a tile's edge), not as their raw values. A scene's class proportions are the mean
@@ -34,6 +35,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -43,18 +45,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lc_common.errors import InputError, WriteError, one_line
 from lc_common import locks
+from lc_common.atomic import fsync_dir, fsync_path, write_csv_atomic, write_json_atomic
+from lc_common.errors import InputError, WriteError, one_line, print_error
 from lc_common.tiles import CLASS_NAMES
 
 from . import distributed
-from lc_common.atomic import fsync_dir, fsync_path, write_csv_atomic, write_json_atomic
+from .confusion import SCORED
 from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
-from .confusion import SCORED
 from .plots import PALETTE, legend_handles, rgb, save_figure
-from .predict import Ensemble
+from .predict import Ensemble, PredictionError, failure_note, first_failure, out_of_memory, raise_agreed
 from .scene import WINDOW, AoiMask, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths, taper, window_grid
+from .stopping import SignalHandlers
 
 LOCK = ".map.lock"   # in --out while a mapping writes there
 BLOCK = 256          # the outputs' tiles, in pixels
@@ -104,8 +107,11 @@ def row_probabilities(scene, ensemble: Ensemble, y: int, xs: list[int], weight: 
         for x, p in zip(starts, probs[:, scored]):
             total[:, :, x:x + WINDOW] += p * weight
             weights[:, x:x + WINDOW] += weight
-    probs = (total / weights).cpu().numpy()[:, :h, :w].astype(np.float16)
-    return probs, weights.cpu().numpy()[:h, :w]
+    probs = (total / weights)[:, :h, :w]
+    if not torch.isfinite(probs).all():   # an overflow (fp16) or diverged weights: argmax of NaN is a class
+        raise InputError(f"{scene.path}: the window row at pixel row {y} was predicted with probabilities that "
+                         f"are not finite (NaN/inf); {ensemble.precision_hint()}")
+    return probs.cpu().numpy().astype(np.float16), weights.cpu().numpy()[:h, :w]
 
 
 class GdalFailures(logging.Handler):
@@ -179,6 +185,8 @@ class MapWriter:
         self.counts = {"scene": np.zeros(len(CLASS_NAMES), np.int64), "aoi": np.zeros(len(CLASS_NAMES), np.int64)}
         self.step = max(1, math.ceil(max(scene.height, scene.width) / QUICKLOOK_PX))
         self.look_rgb, self.look_classes = [], []
+        self.queued: list[tuple] = []   # finished rows not yet written: (classes, probabilities, valid)
+        self.written = 0                # the rows written to the files, a multiple of BLOCK until the last
 
     def _open(self) -> None:
         import rasterio
@@ -223,22 +231,18 @@ class MapWriter:
         self._flush(until - self.base)
 
     def _flush(self, n: int) -> None:
-        from rasterio.windows import Window
-
+        """Finish the accumulator's first ``n`` rows: their classes, probabilities and counts, queued
+        for the files (:meth:`_write`)."""
         probs = self.acc[:, :n] / self.wacc[:n]
         valid = self.scene.valid(pixels := self.scene.read_rows(self.base, n), self.base)
         classes = CLASS_OF[probs.argmax(axis=0)]
         classes[~valid] = 0
-        window = Window(0, self.base, self.scene.width, n)
-        with self._writing("classes"), self.gdal.watch():
-            self.classes.write(classes[None], window=window)
+        out = None
         if self.probs_file is not None:
             out = np.round(probs * 255).astype(np.uint8) if self.probabilities == "uint8" else probs
             out[:, ~valid] = 0
-            with self._writing("probabilities"), self.gdal.watch():
-                self.probs_file.write(out, window=window)
-                # no nodata value would do (0 is a probability): the file's mask band says no_data
-                self.probs_file.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+        self.queued.append((classes, out, valid))
+        self._write()
         self._count("scene", probs, classes, valid)
         if self.aoi is not None:
             self._count("aoi", probs, classes, valid & self.aoi.rows(self.base, n))
@@ -250,6 +254,30 @@ class MapWriter:
         self.wacc[:-n or None] = self.wacc[n:] if n < WINDOW else 0
         self.wacc[WINDOW - n:] = 0
         self.base += n
+
+    def _write(self, last: bool = False) -> None:
+        """Write the queued rows in whole rows of blocks (all of them when ``last``). A block written
+        part-filled is written again once the next rows fill it, and GDAL appends the recompressed
+        block and leaves the first copy in the file as dead bytes: a third of the file when window
+        rows (192 rows apart at the default overlap) were written as they came."""
+        from rasterio.windows import Window
+
+        rows = sum(c.shape[0] for c, _, _ in self.queued)
+        n = rows if last else rows - rows % BLOCK
+        if not n:
+            return
+        classes, valid = (np.concatenate([q[i] for q in self.queued]) for i in (0, 2))
+        probs = np.concatenate([q[1] for q in self.queued], axis=1) if self.probs_file is not None else None
+        window = Window(0, self.written, self.scene.width, n)
+        with self._writing("classes"), self.gdal.watch():
+            self.classes.write(classes[None, :n], window=window)
+        if probs is not None:
+            with self._writing("probabilities"), self.gdal.watch():
+                self.probs_file.write(probs[:, :n], window=window)
+                # no nodata value would do (0 is a probability): the file's mask band says no_data
+                self.probs_file.write_mask(np.where(valid[:n], 255, 0).astype(np.uint8), window=window)
+        self.queued = [(classes[n:], probs[:, n:] if probs is not None else None, valid[n:])] if n < rows else []
+        self.written += n
 
     def _count(self, region: str, probs, classes, inside) -> None:
         self.sums[region] += probs[:, inside].astype(np.float64).sum(axis=1)
@@ -263,6 +291,7 @@ class MapWriter:
 
     def finish(self) -> dict:
         """Close and check the GeoTIFFs, write the rest, then give every file its final name."""
+        self._write(last=True)
         self._close("classes")
         if self.probs_file is not None:
             self._close("probabilities")
@@ -357,25 +386,49 @@ def _with_errno(partial: Path, exc: OSError) -> OSError:
 
 def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, batch_size: int,
               probabilities: str | None, progress) -> dict | None:
-    """Predict and write one scene (window rows dealt to the ranks); its record on rank 0."""
+    """Predict and write one scene (window rows dealt to the ranks); its record on rank 0.
+
+    Every rank learns each turn's outcome (:func:`~dist_lc.predict.raise_agreed`): a rank whose row
+    failed, or rank 0 failing to write, ends them all with its cause, and rank 0 removes the scene's
+    partial files. A rank that raised alone would leave the others waiting in the next gather."""
     ys, xs = plan.ys, plan.xs
     weight = torch.from_numpy(taper(WINDOW)).to(ensemble.device)
-    writer = MapWriter(scene, out_dir, probabilities, plan.aoi) if env.is_main else None
+    writer = _on_main(env, MapWriter, scene, out_dir, probabilities, plan.aoi)
     try:
         for turn in range(0, len(ys), env.world_size):
-            mine = turn + env.rank
-            part = (mine, *row_probabilities(scene, ensemble, ys[mine], xs, weight, batch_size)) \
-                if mine < len(ys) else None
-            parts = distributed.gather_objects(part)
-            if writer is not None:
-                for r, probs, weights in sorted(p for p in parts if p is not None):
-                    writer.add(ys[r], probs, weights, ys[r + 1] if r + 1 < len(ys) else scene.height)
+            mine, part, failure = turn + env.rank, None, None
+            if mine < len(ys):
+                try:
+                    part = (mine, *row_probabilities(scene, ensemble, ys[mine], xs, weight, batch_size))
+                except Exception as exc:   # noqa: BLE001 - agreed below
+                    failure = out_of_memory(exc, batch_size) or exc
+            parts = distributed.gather_objects((part, failure_note(failure)))
+            verdict = first_failure([note for _, note in parts]) if parts is not None else None
+            if writer is not None and verdict is None:
+                try:
+                    for r, probs, weights in sorted(p for p, _ in parts if p is not None):
+                        writer.add(ys[r], probs, weights, ys[r + 1] if r + 1 < len(ys) else scene.height)
+                except Exception as exc:   # noqa: BLE001 - a full disk: the peers wait to hear
+                    failure, verdict = exc, (0, *failure_note(exc))
+            raise_agreed(verdict, failure)
             progress.update(len(xs) * min(env.world_size, len(ys) - turn))
-        return writer.finish() if writer is not None else None
+        return _on_main(env, lambda: writer.finish())
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+
+
+def _on_main(env, fn, *args):
+    """``fn(*args)`` on rank 0 (None elsewhere), its failure raised on every rank. A collective."""
+    value, failure, verdict = None, None, None
+    if env.is_main:
+        try:
+            value = fn(*args)
+        except Exception as exc:   # noqa: BLE001 - agreed below
+            failure, verdict = exc, (0, *failure_note(exc))
+    raise_agreed(verdict, failure)
+    return value
 
 
 def _rows_of(record: dict) -> list[dict]:
@@ -396,22 +449,56 @@ def run(args) -> int:
     paths = scene_paths(args.scenes)
     aoi = parse_aoi(args.aoi)
     plans = [plan_scene(p, aoi, args.overlap) for p in paths]   # every scene checked before any work
+    failure = None
     # Inside an Env, GDAL's error messages go to rasterio's log, not to stderr: an error ends in one line.
     with rasterio.Env(**gdal_cache(plans, args.probabilities)), distributed.process_group(args.device) as group:
-        map_scenes(args, plans, group)
+        try:
+            with StopOnce():
+                map_scenes(args, plans, group)
+        except Exception as exc:   # noqa: BLE001 - raised below
+            # every rank raised it together: they leave the group together
+            failure = exc
+    if isinstance(failure, (PredictionError, Stopped)):
+        print_error(failure)
+        return 128 + failure.signum if isinstance(failure, Stopped) else 1
+    if failure is not None:   # bad input, a write: one line from the entry point; anything else: its traceback
+        raise failure
     return 0
 
 
+class Stopped(Exception):
+    """A mapping ended by a signal (a user's, Slurm's, or torchrun's when a peer rank has died)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"dist-lc map: stopped by {signal.Signals(signum).name}; the scene being mapped was "
+                         "not written (its partial files removed); the scenes before it are in --out")
+        self.signum = signum
+
+
+class StopOnce(SignalHandlers):
+    """While open, the first SIGTERM or SIGHUP raises :class:`Stopped`, so that the scene being written
+    removes its partial files on the way out; later ones are ignored, so that nothing cuts that short."""
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise Stopped(signum)
+
+
 def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
-    """GDAL's block cache for the outputs (``rasterio.Env`` options): two rows of blocks of each (a
-    window row's rows fill the blocks they start, written once the next row completes them) and a
-    margin. GDAL's default, 5 % of the memory, keeps written blocks too: the map's memory would grow
-    with the scene up to that (gigabytes on a large node). A GDAL_CACHEMAX of the user's wins."""
+    """GDAL's block cache for the outputs (``rasterio.Env`` options): a row of blocks of each (the map
+    writes whole rows of blocks) and a margin. GDAL's default, 5 % of the memory, keeps written blocks
+    too: the map's memory would grow with the scene up to that (gigabytes on a large node). A
+    GDAL_CACHEMAX of the user's wins."""
     if "GDAL_CACHEMAX" in os.environ:
         return {}
     width = max(p.xs[-1] + WINDOW for p in plans)
     per_pixel = 1 + (len(SCORED_CLASSES) * np.dtype(probabilities).itemsize + 1 if probabilities else 0)
-    return {"GDAL_CACHEMAX": 64 + math.ceil(2 * BLOCK * width * per_pixel / 2**20)}   # in MB
+    return {"GDAL_CACHEMAX": 64 + math.ceil(BLOCK * width * per_pixel / 2**20)}   # in MB
 
 
 def map_scenes(args, plans: list[Planned], group: distributed.Group) -> None:
@@ -440,8 +527,9 @@ def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir
             with open_scene(plan.path) as scene:
                 records.append(map_scene(scene, plan, ensemble, env, out_dir, args.batch_size,
                                          args.probabilities, bar))
+    distributed.on_main(write_csv_atomic, out_dir / "proportions.csv",
+                        pd.DataFrame([row for r in records if r for row in _rows_of(r)]))
     if env.is_main:
-        write_csv_atomic(out_dir / "proportions.csv", pd.DataFrame([row for r in records for row in _rows_of(r)]))
         for r in records:
             print(f"mapped {r['scene']} ({r['width']} × {r['height']} px) → {out_dir}")
         print(f"peak memory of rank 0: {peak_memory_mb(device):.0f} MB")

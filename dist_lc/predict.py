@@ -192,7 +192,7 @@ def gathered_table(keys: list, props: np.ndarray, failure: Exception | None = No
     ``rank R failed first: ...`` naming the lowest such rank) or when rank 0 finds rows that are not
     finite or sum to 0, naming the ``ensemble`` that predicted them.
     """
-    parts = distributed.gather_objects((keys, props, _note(failure)))
+    parts = distributed.gather_objects((keys, props, failure_note(failure)))
     table, verdict = _assembled(parts, ensemble) if parts is not None else (None, None)
     raise_agreed(verdict, failure)
     return table
@@ -201,7 +201,7 @@ def gathered_table(keys: list, props: np.ndarray, failure: Exception | None = No
 def _assembled(parts: list, ensemble: Ensemble | None) -> tuple[pd.DataFrame | None, tuple | None]:
     """Rank 0's (table, None) from the ranks' (ids, proportions, failure note), or (None, the verdict
     that every rank raises)."""
-    verdict = _first_failure([note for _, _, note in parts])
+    verdict = first_failure([note for _, _, note in parts])
     if verdict is not None:
         return None, verdict
     keys = [k for ks, _, _ in parts for k in ks]
@@ -223,7 +223,7 @@ def out_of_memory(exc: Exception, batch_size: int) -> PredictionError | None:
                            "lower --batch-size")
 
 
-def _note(failure: Exception | None) -> tuple[str, str] | None:
+def failure_note(failure: Exception | None) -> tuple[str, str] | None:
     """What a rank that failed sends rank 0: the kind of its error and its text (as training records it)."""
     if failure is None:
         return None
@@ -231,7 +231,7 @@ def _note(failure: Exception | None) -> tuple[str, str] | None:
     return kind, f"{type(failure).__name__}: {one_line(failure) or type(failure).__name__}"
 
 
-def _first_failure(notes: list) -> tuple | None:
+def first_failure(notes: list) -> tuple | None:
     """(rank, kind, text) of the lowest rank that failed, or None."""
     return next(((rank, *note) for rank, note in enumerate(notes) if note is not None), None)
 
@@ -299,5 +299,5 @@ def write_agreed(table: pd.DataFrame | None, out) -> None:
             write_csv_atomic(out, table)
             print(f"wrote {len(table)} rows to {out}")
         except Exception as exc:   # noqa: BLE001 - a full disk, a closed stdout: the peers wait to hear
-            failure, verdict = exc, (0, *_note(exc))
+            failure, verdict = exc, (0, *failure_note(exc))
     raise_agreed(verdict, failure)

@@ -25,6 +25,7 @@ from lc_common.tiles import IMAGE_DTYPE, IMAGE_SHAPE
 WINDOW = IMAGE_SHAPE[0]
 TAPER_FLOOR = 1e-3
 SUFFIXES = (".tif", ".tiff")
+DENSIFY_DEG = 0.01   # a lon/lat AOI's points along its edges, reprojected: 1 km apart, a 0.001-pixel bow
 
 
 def positions(length: int, size: int, step: int) -> list[int]:
@@ -296,7 +297,7 @@ def _reprojected(scene: Scene, geometry: dict, crs) -> dict:
     from rasterio.warp import transform_geom
 
     try:
-        out = transform_geom(crs, scene.dataset.crs, geometry)
+        out = transform_geom(crs, scene.dataset.crs, _densified(geometry))
         reason = None if np.isfinite(_bounds(out)).all() else "coordinates outside the projection's domain"
     except (CPLE_BaseError, CRSError, TransformError) as exc:
         # GDAL spells out a CRS without an EPSG code as PROJJSON, hundreds of characters: named instead
@@ -304,6 +305,23 @@ def _reprojected(scene: Scene, geometry: dict, crs) -> dict:
     if reason is not None:
         raise InputError(f"{scene.path}: the --aoi cannot be placed in the scene's CRS ({reason})")
     return out
+
+
+def _densified(geometry: dict, step: float = DENSIFY_DEG) -> dict:
+    """A lon/lat polygon with points every ``step`` degrees along its edges. Reprojected, a straight
+    edge in lon/lat (a parallel of a box) is a curve: joined by its corners alone, a parallel across
+    one degree in UTM at 45° N is off by 12 pixels in its middle, and the AOI takes the wrong pixels."""
+    def ring(points) -> list:
+        points = np.asarray(points, dtype=np.float64)[:, :2]
+        out = [points[:1]]
+        for a, b in zip(points[:-1], points[1:]):
+            n = max(1, int(np.ceil(np.abs(b - a).max() / step)))
+            out.append(a + (b - a) * (np.arange(1, n + 1)[:, None] / n))
+        return np.concatenate(out).tolist()
+
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    dense = [[ring(r) for r in polygon] for polygon in polygons]
+    return {"type": geometry["type"], "coordinates": dense[0] if geometry["type"] == "Polygon" else dense}
 
 
 def _bounds(geometry: dict) -> tuple[float, float, float, float]:

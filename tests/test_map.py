@@ -17,7 +17,7 @@ import tifffile
 from dist_lc.synth.scenes import mosaic
 from lc_common.locks import held
 from lc_common.tiles import CLASS_NAMES
-from torchrun_util import REPO, dist_lc, env, torchrun
+from torchrun_util import REPO, dist_lc, env, fault, torchrun
 
 SCORED = list(CLASS_NAMES[2:])
 
@@ -116,6 +116,36 @@ def test_two_ranks_write_the_same_map_as_one_process(mapped, smoke_run, scenes, 
     one, two = (json.loads((d / "cut_proportions.json").read_text())["scene_region"] for d in (mapped, out))
     assert one["valid_pixels"] == two["valid_pixels"]
     assert one["proportions"] == pytest.approx(two["proportions"], abs=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["map-raise nth=2 rank=1", "map-kill nth=2 rank=1"], ids=["raises", "killed"])
+def test_a_rank_that_fails_mid_scene_ends_the_map_and_leaves_no_partial_file(smoke_run, scenes, tmp_path, spec):
+    """Rank 1 fails at its second window row, once rank 0 has written rows of the scene: no rank waits
+    in the next gather, the launch fails, and rank 0 removes the scene's partial files, having heard
+    of the failure in the turn's verdict or from torchrun's SIGTERM once rank 1 is gone."""
+    out = tmp_path / "out"
+    proc = torchrun(["-m", "dist_lc", *map_cmd(smoke_run / "checkpoints" / "best.pt", out, scenes["mosaic"],
+                                               extra=["--probabilities", "uint8"])],
+                    extra_env=fault(spec), check=False, timeout=300)
+    assert proc.returncode != 0
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left in ([], [".map.lock"]), (left, proc.stderr[-3000:])
+    if spec.startswith("map-raise"):
+        said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert said and ("rank 1 failed first: RuntimeError: injected fault in a window row" in said[0]
+                         or "stopped by SIGTERM" in said[0]), proc.stderr[-3000:]
+
+
+def test_probabilities_that_are_not_finite_are_one_line_and_no_map(smoke_run, scenes, tmp_path):
+    """A model whose output overflows (fp16) or diverged gives NaN, whose argmax is a class: refused,
+    naming the scene, the row and the precision, rather than a map of one class."""
+    out = tmp_path / "out"
+    proc = dist_lc(map_cmd(smoke_run / "checkpoints" / "best.pt", out, scenes["cut"]), extra_env=fault("map-nan"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {scenes['cut']}: the window row at pixel row 0 was predicted with "
+                           "probabilities that are not finite (NaN/inf); run in"), line
+    assert not out.exists() or [p.name for p in out.iterdir()] == [".map.lock"]
 
 
 def test_no_data_pixels_and_an_aoi(smoke_run, tiles, tmp_path):
@@ -667,3 +697,40 @@ def test_large_outputs_are_bigtiff_and_small_ones_classic(tmp_path):
     finally:
         writer.abort()
     assert magic == {"classes": b"II*\x00", "probabilities": b"II+\x00"}   # classic, BigTIFF
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_overlapping_window_rows_leave_no_dead_bytes_in_the_geotiffs(tmp_path, kind):
+    """Window rows 192 rows apart (the default overlap) finish rows that end inside a block: were
+    they written as they came, GDAL would write each such block twice and leave its first copy in the
+    file (a third of a float32 map). Every tile's bytes, the mask's included, are all the file holds
+    beside its header. GDAL's block cache is made too small to hold a block until the file closes, as
+    the map's is on a wide scene."""
+    import tifffile
+
+    out = tmp_path / "out"
+    with rasterio.Env(GDAL_CACHEMAX=1):   # MB
+        write_map(synthetic_mosaic(tmp_path / "s.tif", rows=3, cols=3, crop=(700, 700)), out, kind, overlap=64)
+    for name in ("s_classes.tif", "s_probabilities.tif"):
+        with tifffile.TiffFile(out / name) as tif:
+            live = sum(sum(page.databytecounts) for page in tif.pages)
+        assert (out / name).stat().st_size - live < 4096, name
+
+
+def test_a_lonlat_aoi_follows_its_parallels_across_the_scene(tmp_path):
+    """A lon/lat box's northern edge is a parallel, which is curved in UTM: joined by its corners alone,
+    a 2°-long edge would cut the scene tens of pixels off the parallel in its middle. Each column's
+    AOI pixels are those whose centre lies south of the parallel, to the pixel."""
+    from rasterio.warp import transform
+
+    from dist_lc.scene import aoi_mask_for, open_scene, parse_aoi
+
+    with open_scene(synthetic_mosaic(tmp_path / "s.tif", rows=3, cols=4)) as scene:   # 45° N, 3° E (its meridian)
+        t = scene.dataset.transform
+        _, (lat,) = transform(scene.crs, "EPSG:4326", *map(list, zip(t * (512, 384))))
+        inside = aoi_mask_for(scene, parse_aoi(f"lonlat:2,40,4,{lat}")).rows(0, scene.height)
+        cols, rows = np.meshgrid(np.arange(scene.width) + 0.5, np.arange(scene.height) + 0.5)
+        _, lats = transform(scene.crs, "EPSG:4326", *(t * (cols.ravel(), rows.ravel())))
+    expected = (np.asarray(lats) <= lat).reshape(inside.shape)
+    assert 0 < expected.mean() < 1
+    assert (inside != expected).sum(axis=0).max() <= 1   # the edge's own pixel, at most, in each column

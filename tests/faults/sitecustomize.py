@@ -6,12 +6,17 @@ loads this module at start-up and wraps one trainer function.
     DIST_LC_TEST_FAULT="hang-loader epoch=E [rank=R]"
     DIST_LC_TEST_FAULT="disk-full file=NAME [nth=N] [marker=PATH]"
     DIST_LC_TEST_FAULT="kill-reader [nth=N] [marker=PATH]"
+    DIST_LC_TEST_FAULT="map-raise|map-kill nth=N [rank=R]" or "map-nan [rank=R]"
 
 ``disk-full``: the N-th atomic write (default the first) of a file called NAME fails with ENOSPC
 when it is synced, as on a full disk.
 
 ``kill-reader``: the N-th tile (default the first) that a reader process of ``lc-shard pack``
 surveys kills that reader (SIGKILL, as the kernel's out-of-memory killer would).
+
+``map-raise nth=N`` / ``map-kill nth=N`` / ``map-nan`` (``[rank=R]``): in ``dist-lc map``, the N-th
+window row this process predicts raises RuntimeError / SIGKILLs the process; or every probability
+the ensemble gives is NaN (an overflow).
 
 ``hang-loader``: the loader workers of rank R block forever (as in a read that never returns) when
 they start the training pass of epoch E (0-based), so the rank waits for data that never comes.
@@ -183,3 +188,33 @@ if SPEC:
             real["survey"], pack.survey_tile = pack.survey_tile, survey_tile
 
         after_import("shard_tools.pack", kill_reader)
+
+    if action in ("map-raise", "map-kill"):
+        rows = {"n": 0}
+
+        def faulty_rows(mapping) -> None:
+            real_rows = mapping.row_probabilities
+
+            def row_probabilities(*args, **kwargs):
+                rows["n"] += 1
+                if rows["n"] == int(opts.get("nth", 1)) and _my_turn():
+                    if action == "map-kill":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    raise RuntimeError("injected fault in a window row")
+                return real_rows(*args, **kwargs)
+
+            mapping.row_probabilities = row_probabilities
+
+        after_import("dist_lc.mapping", faulty_rows)
+
+    if action == "map-nan":
+        def nan_probabilities(predict) -> None:
+            call = predict.Ensemble.__call__
+
+            def nan_call(self, image, pixels=False, **kwargs):
+                out = call(self, image, pixels=pixels, **kwargs)
+                return (out[0], out[1] * float("nan")) if pixels and _my_turn() else out
+
+            predict.Ensemble.__call__ = nan_call
+
+        after_import("dist_lc.predict", nan_probabilities)
