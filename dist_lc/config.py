@@ -398,6 +398,15 @@ def _read_text(path: Path) -> str:
                          "save the recipe as UTF-8") from None
 
 
+def shard_folder(cfg: Config) -> str:
+    """``data.shards``; unset, one line saying so (empty, it would name the current folder, and the
+    complaint would be a missing manifest there)."""
+    if not str(cfg.data.shards).strip():
+        raise InputError("config key 'data.shards' is empty: give the folder `lc-shard pack` wrote "
+                         "(--set data.shards=DIR)")
+    return cfg.data.shards
+
+
 def yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -30,7 +30,7 @@ from shard_tools.manifest import load_manifest
 from . import confusion, distributed, pixel_metrics
 from .checkpoint import LAST, Checkpointer, Progress, Resumed, load, saved_config
 from .compiling import agreed_compile
-from .config import BatchLayout, Config, batch_layout, per_rank_batch, save_config
+from .config import BatchLayout, Config, batch_layout, per_rank_batch, save_config, shard_folder
 from .data import apply_views, copy_to, eval_loader, to_nchw, train_loader
 from .ema import EMA
 from .loading import Loader, LoaderError
@@ -122,7 +122,7 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     np.random.seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    manifest = load_manifest(cfg.data.shards)
+    manifest = load_manifest(shard_folder(cfg))
     train_folds, val_folds = split_folds(cfg, manifest)
     t = cfg.train
     weights = class_weights(manifest.class_pixels(train_folds), cfg.loss.class_weights)

@@ -130,10 +130,10 @@ def holder(path) -> str | None:
 def claimed(folder, refused: str, lock_name: str, what: str = "--out", transient: bool = True):
     """``folder`` made if missing, and held through ``folder/lock_name`` while the block runs (see
     :func:`held`). When the block fails, a folder this call made goes again if nothing but its lock
-    is in it: a refused or failed run leaves the file system as it found it. ``what`` names the
-    folder's option in the error when it cannot be created."""
+    is in it, and so do the empty parents it made: a refused or failed run leaves the file system as
+    it found it. ``what`` names the folder's option in the error when it cannot be created."""
     folder = Path(folder)
-    made = not os.path.lexists(folder)
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]   # the deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -147,7 +147,9 @@ def claimed(folder, refused: str, lock_name: str, what: str = "--out", transient
                     (folder / lock_name).unlink(missing_ok=True)   # still held: no other run took it meanwhile
                 raise
     except BaseException:
-        if made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()   # only when empty
+        for path in made:
+            try:
+                path.rmdir()   # only when empty
+            except OSError:
+                break
         raise

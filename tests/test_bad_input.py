@@ -65,6 +65,7 @@ CASES = [
     ("verify: missing folder", "lc-shard verify {tmp}/nowhere", "shard folder does not exist"),
     ("verify: folder without manifest", "lc-shard verify {tmp}/empty", "no manifest"),
     ("describe: a file", "lc-shard describe {tmp}/a_file", "shard folder does not exist"),
+    ("train: no shard folder", "dist-lc train --run-dir {tmp}/made/r1", "config key 'data.shards' is empty"),
     ("train: unknown key", "dist-lc train --set data.shards={shards} --set train.epoch=3",
      "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
     ("train: zero epochs", "dist-lc train --set data.shards={shards} --set train.epochs=0",
@@ -164,6 +165,7 @@ def test_bad_input_is_one_clear_line(world, capsys, command, message):
     tmp = Path(world["tmp"])
     assert sorted(p.name for p in (tmp / "notes").iterdir()) == ["thesis.tex"]
     assert not (tmp / "p.csv").exists() and not (tmp / "r1").exists() and not (tmp / "cv1").exists()
+    assert not (tmp / "made").exists()   # nor the parents a refused run made for its folder
 
 
 def test_the_list_covers_every_command():

@@ -30,7 +30,7 @@ from lc_common.errors import InputError
 from lc_common.records import read_json_object, read_record
 from shard_tools.manifest import load_manifest
 
-from ..config import Config, from_dict, load_config, normalized, to_dict
+from ..config import Config, from_dict, load_config, normalized, shard_folder, to_dict
 
 PLAN, JOBS = "cv.json", "jobs.json"
 DONE, OOF, TEST, CONFUSION = "done.json", "oof.csv", "test.csv", "oof_confusion.json"
@@ -195,9 +195,7 @@ def build_points(config_path, sets: list[str], grid: dict[str, list[str]]) -> li
 
 def check_folds(cfg: Config) -> list[int]:
     """cv.folds (all the manifest's folds when null), each one the shards have."""
-    if not cfg.data.shards:
-        raise InputError("config key 'data.shards' is empty: --set data.shards=DIR")
-    manifest = load_manifest(cfg.data.shards)
+    manifest = load_manifest(shard_folder(cfg))
     k = manifest.num_folds
     return check_fold_list(cfg.cv.folds, k, f"is not in {manifest.root} (its manifest has folds 0..{k - 1})")
 
