@@ -164,10 +164,53 @@ def open_scene(path) -> Scene:
         if np.dtype(dataset.dtypes[0]) != IMAGE_DTYPE:
             raise InputError(f"{path}: bands of type {dataset.dtypes[0]}, expected {IMAGE_DTYPE} (Sentinel-2 digital "
                              "numbers, as in the challenge tiles)")
+        _check_bands(path, dataset)
     except InputError:
         dataset.close()
         raise
     return scene
+
+
+BAND_NAMES = ("R", "G", "B", "NIR")   # the challenge tiles' order; Sentinel-2's B04, B03, B02, B08
+_S2_BAND = {"2": "B", "3": "G", "4": "R", "8": "NIR"}
+_WORD = {"red": "R", "green": "G", "blue": "B", "nir": "NIR", "near-infrared": "NIR", "near infrared": "NIR"}
+
+
+def _band_name(description: str | None) -> str | None:
+    """R, G, B or NIR for a band description that names one (``B04``, ``B4``, ``red``...), else None."""
+    text = (description or "").strip().lower()
+    found = re.fullmatch(r"(?:sentinel-?2\s*)?b0?(\d{1,2})a?", text)
+    if found:
+        return _S2_BAND.get(found.group(1)) if not text.endswith("a") else None   # B8A is not the tiles' NIR
+    return _WORD.get(text)
+
+
+def _check_bands(path: Path, dataset) -> None:
+    """Refuse a scene whose own metadata says it is not what the model reads: bands in another order
+    (B02, B03, B04, B08 as Sentinel-2 numbers them, or a blue/green/red colour interpretation), or an
+    offset on its digital numbers (processing baseline 04.00, from 2022, adds 1000 to the L2A digital
+    numbers, and says so by an offset of -1000, or -0.1 with the 1e-4 scale): the challenge tiles are
+    R, G, B, NIR without an offset, and a scene read otherwise is mapped wrong without a word."""
+    from rasterio.enums import ColorInterp
+
+    named = [_band_name(d) for d in dataset.descriptions]
+    colours = {ColorInterp.red: "R", ColorInterp.green: "G", ColorInterp.blue: "B"}
+    interp = [colours.get(c) for c in dataset.colorinterp[:3]]
+    for said, how in ((named, "described as"), (interp[:3] + [None], "colour-interpreted as")):
+        known = [(i, n) for i, n in enumerate(said) if n is not None]
+        wrong = [(i, n) for i, n in known if n != BAND_NAMES[i]]
+        if wrong and len({n for _, n in known}) == len(known):
+            order = " ".join(f"-b {said.index(n) + 1}" if n in said else "-b ?" for n in BAND_NAMES)
+            shown = ", ".join(d or "?" for d in dataset.descriptions) if how == "described as" else \
+                ", ".join(c.name for c in dataset.colorinterp)
+            raise InputError(f"{path}: bands {how} {shown}; a scene needs the challenge tiles' order R, G, B, NIR "
+                             f"(Sentinel-2 B04, B03, B02, B08): reorder them (gdal_translate {order})")
+    offsets = sorted({o for o in dataset.offsets if o})
+    if offsets:
+        raise InputError(f"{path}: its bands carry an offset ({', '.join(f'{o:g}' for o in offsets)}; scale "
+                         f"{', '.join(f'{c:g}' for c in sorted(set(dataset.scales)))}): the model reads digital numbers "
+                         "without one, as the challenge tiles are; for Sentinel-2 L2A of processing baseline "
+                         "04.00 or later, subtract 1000 from each band (0 stays no_data) and drop the offset")
 
 
 def scene_paths(items: list[str]) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import rasterio
 import tifffile
 
 from dist_lc.synth.scenes import mosaic
+from lc_common.errors import InputError
 from lc_common.locks import held
 from lc_common.tiles import CLASS_NAMES
 from torchrun_util import REPO, dist_lc, env, fault, torchrun
@@ -442,7 +444,6 @@ def test_a_final_name_that_cannot_be_taken_leaves_no_output(tmp_path):
 
 def test_a_truncated_scene_is_one_line_naming_the_file_and_rows(tmp_path):
     from dist_lc.scene import open_scene
-    from lc_common.errors import InputError
 
     scene = synthetic_mosaic(tmp_path / "s.tif", 3, 1)
     with open(scene, "r+b") as f:
@@ -734,3 +735,40 @@ def test_a_lonlat_aoi_follows_its_parallels_across_the_scene(tmp_path):
     expected = (np.asarray(lats) <= lat).reshape(inside.shape)
     assert 0 < expected.mean() < 1
     assert (inside != expected).sum(axis=0).max() <= 1   # the edge's own pixel, at most, in each column
+
+
+@pytest.mark.parametrize("tag, problem", [
+    ({"descriptions": ("B02", "B03", "B04", "B08")},
+     "bands described as B02, B03, B04, B08; a scene needs the challenge tiles' order R, G, B, NIR "
+     "(Sentinel-2 B04, B03, B02, B08): reorder them (gdal_translate -b 3 -b 2 -b 1 -b 4)"),
+    ({"colorinterp": ("blue", "green", "red", "undefined")}, "bands colour-interpreted as blue, green, red, undefined"),
+    ({"offsets": (-1000,) * 4}, "its bands carry an offset (-1000; scale 1): the model reads digital numbers"),
+    ({"offsets": (-0.1,) * 4, "scales": (1e-4,) * 4}, "its bands carry an offset (-0.1; scale 0.0001)"),
+    ({"descriptions": ("B04", "B03", "B02", "B08")}, None),
+    ({"descriptions": ("Red", "green", "blue", "NIR"), "scales": (1e-4,) * 4}, None),   # reflectance × 10⁴, no offset
+    ({"colorinterp": ("red", "green", "blue", "alpha")}, None),
+], ids=["S2 order", "BGR colours", "baseline 04.00 offset", "offset in reflectance", "R G B NIR", "names and scale",
+        "RGB + alpha"])
+def test_a_scene_whose_metadata_says_other_bands_is_refused_in_one_line(tmp_path, tag, problem):
+    """Band descriptions, colour interpretation and offsets that contradict R, G, B, NIR digital numbers
+    without an offset (the tiles the model learned from) are refused before any work; metadata that
+    agrees, or says nothing, is not."""
+    from rasterio.enums import ColorInterp
+
+    from dist_lc.scene import open_scene
+
+    path = synthetic_mosaic(tmp_path / "s.tif")
+    with rasterio.open(path, "r+") as dst:
+        for i, text in enumerate(tag.get("descriptions", ()), 1):
+            dst.set_band_description(i, text)
+        if "colorinterp" in tag:
+            dst.colorinterp = [ColorInterp[name] for name in tag["colorinterp"]]
+        if "offsets" in tag:
+            dst.offsets = tag["offsets"]
+        if "scales" in tag:
+            dst.scales = tag["scales"]
+    if problem is None:
+        with open_scene(path):
+            return
+    with pytest.raises(InputError, match=re.escape(f"{path}: {problem}")):
+        open_scene(path)
