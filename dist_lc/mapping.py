@@ -56,7 +56,8 @@ from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
 from .plots import PALETTE, legend_handles, rgb, save_figure
 from .predict import Ensemble, PredictionError, failure_note, first_failure, out_of_memory, raise_agreed
-from .scene import WINDOW, AoiMask, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths, taper, window_grid
+from .scene import (WINDOW, AoiMask, AoiOutside, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths,
+                    taper, window_grid)
 from .stopping import SignalHandlers
 
 LOCK = ".map.lock"   # in --out while a mapping writes there
@@ -77,11 +78,27 @@ class Planned:
     xs: list[int]
 
 
-def plan_scene(path: Path, aoi, overlap: int) -> Planned:
+def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | None]:
+    """The scene's plan, and whether the AOI misses it (its map then has no AOI proportions)."""
     with open_scene(path) as scene:
         if scene.crs is None:
             print(f"warning: {path}: no georeferencing; its map is written without a CRS", file=sys.stderr)
-        return Planned(path, aoi_mask_for(scene, aoi), *window_grid(scene.height, scene.width, overlap))
+        try:
+            mask, outside = aoi_mask_for(scene, aoi), None
+        except AoiOutside as exc:
+            mask, outside = None, exc
+        return Planned(path, mask, *window_grid(scene.height, scene.width, overlap)), outside
+
+
+def plan_scenes(paths: list[Path], aoi, overlap: int) -> list[Planned]:
+    """Every scene checked before any work. An AOI may miss some scenes of a folder of neighbouring
+    ones (said, and their maps have no AOI proportions), not all of them."""
+    plans, missed = zip(*(plan_scene(p, aoi, overlap) for p in paths))
+    if all(missed):
+        raise missed[0]
+    for exc in filter(None, missed):
+        print(f"warning: {exc}; its map has no AOI proportions", file=sys.stderr)
+    return list(plans)
 
 
 def row_probabilities(scene, ensemble: Ensemble, y: int, xs: list[int], weight: torch.Tensor,
@@ -448,7 +465,7 @@ def run(args) -> int:
         raise InputError(f"--overlap {args.overlap}: must be 0 to {WINDOW - 1} pixels")
     paths = scene_paths(args.scenes)
     aoi = parse_aoi(args.aoi)
-    plans = [plan_scene(p, aoi, args.overlap) for p in paths]   # every scene checked before any work
+    plans = plan_scenes(paths, aoi, args.overlap)
     failure = None
     # Inside an Env, GDAL's error messages go to rasterio's log, not to stderr: an error ends in one line.
     with rasterio.Env(**gdal_cache(plans, args.probabilities)), distributed.process_group(args.device) as group:

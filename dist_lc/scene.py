@@ -311,6 +311,10 @@ def _rings_ok(geometry: dict) -> bool:
                                                  and np.isfinite(r).all() for r in rings)
 
 
+class AoiOutside(InputError):
+    """An AOI that misses a scene entirely: a refusal when it misses every scene of the command."""
+
+
 def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
     """The AOI on the scene's grid; an error when the scene lacks a CRS it needs or misses it entirely."""
     if aoi is None:
@@ -327,7 +331,7 @@ def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
     x0, y0, x1, y1 = _bounds(geometry)
     left, bottom, right, top = scene.dataset.bounds
     if x1 <= min(left, right) or x0 >= max(left, right) or y1 <= min(bottom, top) or y0 >= max(bottom, top):
-        raise InputError(f"{scene.path}: --aoi lies outside the scene (AOI {x0:.6g},{y0:.6g},{x1:.6g},{y1:.6g}; "
+        raise AoiOutside(f"{scene.path}: --aoi lies outside the scene (AOI {x0:.6g},{y0:.6g},{x1:.6g},{y1:.6g}; "
                          f"scene {left:.6g},{bottom:.6g},{right:.6g},{top:.6g} in its CRS)")
     return mask
 

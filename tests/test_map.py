@@ -150,6 +150,26 @@ def test_probabilities_that_are_not_finite_are_one_line_and_no_map(smoke_run, sc
     assert not out.exists() or [p.name for p in out.iterdir()] == [".map.lock"]
 
 
+def test_an_aoi_that_misses_some_scenes_of_a_folder_is_said_and_maps_them_all(smoke_run, tiles, tmp_path):
+    """Two neighbouring tiles, an AOI inside the western one: both are mapped, the eastern one said to
+    lie outside the AOI and without AOI proportions (an AOI that misses every scene is refused)."""
+    from affine import Affine
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for name, tile, east in (("west", tiles[0], 0), ("east", tiles[1], 2560)):
+        with rasterio.open(mosaic([[tile]], folder / f"{name}.tif"), "r+") as dst:
+            dst.transform = Affine.translation(east, 0) * dst.transform
+    out = tmp_path / "out"
+    proc = dist_lc(map_cmd(smoke_run / "checkpoints" / "best.pt", out, folder,
+                           extra=["--aoi", "500500,4998000,501500,4999000"]), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"warning: {folder / 'east.tif'}: --aoi lies outside the scene" in proc.stderr
+    table = pd.read_csv(out / "proportions.csv")
+    assert sorted(zip(table["scene"], table["region"])) == [("east", "scene"), ("west", "aoi"), ("west", "scene")]
+    assert json.loads((out / "east_proportions.json").read_text())["aoi_region"] is None
+
+
 def test_no_data_pixels_and_an_aoi(smoke_run, tiles, tmp_path):
     grid = [[t.copy() for t in tiles[:2]]]
     grid[0][1][:] = 0                                      # the right tile: every band 0
