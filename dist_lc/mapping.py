@@ -293,7 +293,9 @@ class MapWriter:
                 self.probs_file.write(probs[:, :n], window=window)
                 # no nodata value would do (0 is a probability): the file's mask band says no_data
                 self.probs_file.write_mask(np.where(valid[:n], 255, 0).astype(np.uint8), window=window)
-        self.queued = [(classes[n:], probs[:, n:] if probs is not None else None, valid[n:])] if n < rows else []
+        rest = (classes[n:], probs[:, n:] if probs is not None else None, valid[n:])
+        # copies: views would keep the whole concatenation alive until the next write
+        self.queued = [tuple(a.copy() if a is not None else None for a in rest)] if n < rows else []
         self.written += n
 
     def _count(self, region: str, probs, classes, inside) -> None:
@@ -402,49 +404,57 @@ def _with_errno(partial: Path, exc: OSError) -> OSError:
 
 
 def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, batch_size: int,
-              probabilities: str | None, progress) -> dict | None:
+              probabilities: str | None, progress, stop: "StopOnce") -> dict | None:
     """Predict and write one scene (window rows dealt to the ranks); its record on rank 0.
 
     Every rank learns each turn's outcome (:func:`~dist_lc.predict.raise_agreed`): a rank whose row
-    failed, or rank 0 failing to write, ends them all with its cause, and rank 0 removes the scene's
-    partial files. A rank that raised alone would leave the others waiting in the next gather."""
+    failed, or was stopped by a signal, or rank 0 failing to write, ends them all with its cause, and
+    rank 0 removes the scene's partial files. A rank that raised alone would leave the others waiting
+    in the next gather. A signal is raised at once only while the rank predicts its row; one that
+    comes while it gathers, writes or cleans up is taken at its next turn (``stop.held``)."""
     ys, xs = plan.ys, plan.xs
     weight = torch.from_numpy(taper(WINDOW)).to(ensemble.device)
-    writer = _on_main(env, MapWriter, scene, out_dir, probabilities, plan.aoi)
+    writer = None
     try:
+        writer = _on_main(env, stop, MapWriter, scene, out_dir, probabilities, plan.aoi)
         for turn in range(0, len(ys), env.world_size):
             mine, part, failure = turn + env.rank, None, None
-            if mine < len(ys):
-                try:
+            try:
+                stop.check()   # a signal that came while this rank gathered or wrote
+                if mine < len(ys):
                     part = (mine, *row_probabilities(scene, ensemble, ys[mine], xs, weight, batch_size))
-                except Exception as exc:   # noqa: BLE001 - agreed below
-                    failure = out_of_memory(exc, batch_size) or exc
-            parts = distributed.gather_objects((part, failure_note(failure)))
-            verdict = first_failure([note for _, note in parts]) if parts is not None else None
-            if writer is not None and verdict is None:
-                try:
-                    for r, probs, weights in sorted(p for p, _ in parts if p is not None):
-                        writer.add(ys[r], probs, weights, ys[r + 1] if r + 1 < len(ys) else scene.height)
-                except Exception as exc:   # noqa: BLE001 - a full disk: the peers wait to hear
-                    failure, verdict = exc, (0, *failure_note(exc))
-            raise_agreed(verdict, failure)
+            except Exception as exc:   # noqa: BLE001 - agreed below (Stopped included)
+                failure = out_of_memory(exc, batch_size) or exc
+            with stop.held():
+                parts = distributed.gather_objects((part, failure_note(failure)))
+                verdict = first_failure([note for _, note in parts]) if parts is not None else None
+                if writer is not None and verdict is None:
+                    try:
+                        for r, probs, weights in sorted(p for p, _ in parts if p is not None):
+                            writer.add(ys[r], probs, weights, ys[r + 1] if r + 1 < len(ys) else scene.height)
+                    except Exception as exc:   # noqa: BLE001 - a full disk: the peers wait to hear
+                        failure, verdict = exc, (0, *failure_note(exc))
+                raise_agreed(verdict, failure)
             progress.update(len(xs) * min(env.world_size, len(ys) - turn))
-        return _on_main(env, lambda: writer.finish())
+        return _on_main(env, stop, lambda: writer.finish())
     except BaseException:
         if writer is not None:
-            writer.abort()
+            with stop.held():
+                writer.abort()
         raise
 
 
-def _on_main(env, fn, *args):
-    """``fn(*args)`` on rank 0 (None elsewhere), its failure raised on every rank. A collective."""
+def _on_main(env, stop: "StopOnce", fn, *args):
+    """``fn(*args)`` on rank 0 (None elsewhere) with signals held, its failure raised on every rank. A
+    collective."""
     value, failure, verdict = None, None, None
-    if env.is_main:
-        try:
-            value = fn(*args)
-        except Exception as exc:   # noqa: BLE001 - agreed below
-            failure, verdict = exc, (0, *failure_note(exc))
-    raise_agreed(verdict, failure)
+    with stop.held():
+        if env.is_main:
+            try:
+                value = fn(*args)
+            except Exception as exc:   # noqa: BLE001 - agreed below
+                failure, verdict = exc, (0, *failure_note(exc))
+        raise_agreed(verdict, failure)
     return value
 
 
@@ -469,12 +479,15 @@ def run(args) -> int:
     failure = None
     # Inside an Env, GDAL's error messages go to rasterio's log, not to stderr: an error ends in one line.
     with rasterio.Env(**gdal_cache(plans, args.probabilities)), distributed.process_group(args.device) as group:
+        stop = StopOnce()
         try:
-            with StopOnce():
-                map_scenes(args, plans, group)
+            with stop:
+                map_scenes(args, plans, group, stop)
         except Exception as exc:   # noqa: BLE001 - raised below
             # every rank raised it together: they leave the group together
             failure = exc
+    if failure is not None and stop.signum is not None:   # a peer's error too: the signal came first or
+        failure = Stopped(stop.signum)                    # because of it (torchrun's, once a rank died)
     if isinstance(failure, (PredictionError, Stopped)):
         print_error(failure)
         return 128 + failure.signum if isinstance(failure, Stopped) else 1
@@ -494,16 +507,32 @@ class Stopped(Exception):
 
 class StopOnce(SignalHandlers):
     """While open, the first SIGTERM or SIGHUP raises :class:`Stopped`, so that the scene being written
-    removes its partial files on the way out; later ones are ignored, so that nothing cuts that short."""
+    removes its partial files on the way out; later ones are ignored, so that nothing cuts that short.
+    Inside ``held()`` (a collective, a write, the clean-up) the signal is only noted, and ``check()``
+    raises it where the ranks can agree on it."""
     SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
         self.signum: int | None = None
+        self._holding = 0
 
     def _handler(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            raise Stopped(signum)
+            if not self._holding:
+                raise Stopped(signum)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Stopped(self.signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
 
 
 def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
@@ -518,12 +547,13 @@ def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
     return {"GDAL_CACHEMAX": 64 + math.ceil(BLOCK * width * per_pixel / 2**20)}   # in MB
 
 
-def map_scenes(args, plans: list[Planned], group: distributed.Group) -> None:
+def map_scenes(args, plans: list[Planned], group: distributed.Group, stop: StopOnce) -> None:
     out_dir = Path(args.out)
     ensemble = Ensemble(args.checkpoint, group.device, tta=args.tta)
     with contextlib.ExitStack() as claimed:
-        distributed.on_main(claim_out, out_dir, claimed)
-        map_all(args, plans, ensemble, group.env, group.device, out_dir)
+        with stop.held():
+            distributed.on_main(claim_out, out_dir, claimed)
+        map_all(args, plans, ensemble, group.env, group.device, out_dir, stop)
 
 
 def claim_out(out_dir: Path, claimed: contextlib.ExitStack) -> None:
@@ -534,7 +564,7 @@ def claim_out(out_dir: Path, claimed: contextlib.ExitStack) -> None:
                                                  "this folder; wait for it to end or choose another --out", LOCK))
 
 
-def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir: Path) -> None:
+def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir: Path, stop: StopOnce) -> None:
     from tqdm import tqdm
 
     records = []
@@ -543,9 +573,10 @@ def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir
         for plan in plans:
             with open_scene(plan.path) as scene:
                 records.append(map_scene(scene, plan, ensemble, env, out_dir, args.batch_size,
-                                         args.probabilities, bar))
-    distributed.on_main(write_csv_atomic, out_dir / "proportions.csv",
-                        pd.DataFrame([row for r in records if r for row in _rows_of(r)]))
+                                         args.probabilities, bar, stop))
+    with stop.held():   # the scenes are written: a signal now ends a mapping that is complete
+        distributed.on_main(write_csv_atomic, out_dir / "proportions.csv",
+                            pd.DataFrame([row for r in records if r for row in _rows_of(r)]))
     if env.is_main:
         for r in records:
             print(f"mapped {r['scene']} ({r['width']} × {r['height']} px) → {out_dir}")

@@ -195,16 +195,19 @@ def _check_bands(path: Path, dataset) -> None:
 
     named = [_band_name(d) for d in dataset.descriptions]
     colours = {ColorInterp.red: "R", ColorInterp.green: "G", ColorInterp.blue: "B"}
-    interp = [colours.get(c) for c in dataset.colorinterp[:3]]
-    for said, how in ((named, "described as"), (interp[:3] + [None], "colour-interpreted as")):
-        known = [(i, n) for i, n in enumerate(said) if n is not None]
-        wrong = [(i, n) for i, n in known if n != BAND_NAMES[i]]
-        if wrong and len({n for _, n in known}) == len(known):
-            order = " ".join(f"-b {said.index(n) + 1}" if n in said else "-b ?" for n in BAND_NAMES)
-            shown = ", ".join(d or "?" for d in dataset.descriptions) if how == "described as" else \
-                ", ".join(c.name for c in dataset.colorinterp)
-            raise InputError(f"{path}: bands {how} {shown}; a scene needs the challenge tiles' order R, G, B, NIR "
-                             f"(Sentinel-2 B04, B03, B02, B08): reorder them (gdal_translate {order})")
+    interp = [colours.get(c) for c in dataset.colorinterp[:3]] + ["NIR"]
+    # judged only on what names every band (or the three colours) once: partial or generic names
+    # ("B1".."B4", "Band 1") say nothing; descriptions, which say more, win over colours
+    if all(named) and len(set(named)) == 4:
+        said, shown = named, f"described as {', '.join(dataset.descriptions)}"
+    elif all(interp) and len(set(interp)) == 4:
+        said, shown = interp, f"colour-interpreted as {', '.join(c.name for c in dataset.colorinterp)}"
+    else:
+        said, shown = list(BAND_NAMES), ""
+    if said != list(BAND_NAMES):
+        order = " ".join(f"-b {said.index(n) + 1}" for n in BAND_NAMES)
+        raise InputError(f"{path}: bands {shown}; a scene needs the challenge tiles' order R, G, B, NIR "
+                         f"(Sentinel-2 B04, B03, B02, B08): reorder them (gdal_translate {order})")
     offsets = sorted({o for o in dataset.offsets if o})
     if offsets:
         raise InputError(f"{path}: its bands carry an offset ({', '.join(f'{o:g}' for o in offsets)}; scale "
@@ -360,6 +363,8 @@ def _densified(geometry: dict, step: float = DENSIFY_DEG) -> dict:
     one degree in UTM at 45° N is off by 12 pixels in its middle, and the AOI takes the wrong pixels."""
     def ring(points) -> list:
         points = np.asarray(points, dtype=np.float64)[:, :2]
+        # an edge from 179.99° to -179.99° is 0.02° long across the antimeridian, not 359.98° around
+        points[:, 0] = np.degrees(np.unwrap(np.radians(points[:, 0])))
         out = [points[:1]]
         for a, b in zip(points[:-1], points[1:]):
             n = max(1, int(np.ceil(np.abs(b - a).max() / step)))

@@ -135,10 +135,10 @@ def claimed(folder, refused: str, lock_name: str, what: str = "--out", transient
     folder = Path(folder)
     made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]   # the deepest first
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{folder}: {what} cannot be created ({exc.strerror or exc})") from None
-    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{folder}: {what} cannot be created ({exc.strerror or exc})") from None
         with held(folder / lock_name, refused, transient):
             try:
                 yield folder
@@ -148,6 +148,8 @@ def claimed(folder, refused: str, lock_name: str, what: str = "--out", transient
                 raise
     except BaseException:
         for path in made:
+            if not os.path.lexists(path):   # the mkdir failed above it
+                continue
             try:
                 path.rmdir()   # only when empty
             except OSError:

@@ -767,8 +767,10 @@ def test_a_lonlat_aoi_follows_its_parallels_across_the_scene(tmp_path):
     ({"descriptions": ("B04", "B03", "B02", "B08")}, None),
     ({"descriptions": ("Red", "green", "blue", "NIR"), "scales": (1e-4,) * 4}, None),   # reflectance × 10⁴, no offset
     ({"colorinterp": ("red", "green", "blue", "alpha")}, None),
+    ({"descriptions": ("B04", "B03", "B02", "B08"), "colorinterp": ("blue", "green", "red", "undefined")}, None),
+    ({"descriptions": ("B1", "B2", "B3", "B4")}, None),   # generic numbers: not Sentinel-2's, not judged
 ], ids=["S2 order", "BGR colours", "baseline 04.00 offset", "offset in reflectance", "R G B NIR", "names and scale",
-        "RGB + alpha"])
+        "RGB + alpha", "names over colours", "generic names"])
 def test_a_scene_whose_metadata_says_other_bands_is_refused_in_one_line(tmp_path, tag, problem):
     """Band descriptions, colour interpretation and offsets that contradict R, G, B, NIR digital numbers
     without an offset (the tiles the model learned from) are refused before any work; metadata that
@@ -792,3 +794,13 @@ def test_a_scene_whose_metadata_says_other_bands_is_refused_in_one_line(tmp_path
             return
     with pytest.raises(InputError, match=re.escape(f"{path}: {problem}")):
         open_scene(path)
+
+
+def test_a_lonlat_aoi_across_the_antimeridian_stays_a_small_box():
+    """Densified, an edge from 179.99° to -179.99° is 0.02° long, not a trip around the globe."""
+    from dist_lc.scene import _densified
+
+    box = {"type": "Polygon", "coordinates": [[[179.99, -10.0], [-179.99, -10.0], [-179.99, -9.98],
+                                                [179.99, -9.98], [179.99, -10.0]]]}
+    lons = np.asarray(_densified(box)["coordinates"][0])[:, 0]
+    assert len(lons) < 20 and np.ptp(lons) == pytest.approx(0.02)
