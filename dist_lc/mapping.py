@@ -526,14 +526,6 @@ class StopOnce(SignalHandlers):
         if self.signum is not None:
             raise Stopped(self.signum)
 
-    @contextlib.contextmanager
-    def held(self):
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
-
 
 def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
     """GDAL's block cache for the outputs (``rasterio.Env`` options): a row of blocks of each (the map

@@ -7,6 +7,7 @@ A signal the process was started ignoring stays ignored (``nohup`` asks for SIGH
 started the process chose so), save SIGINT: see :meth:`SignalHandlers.handler_for`."""
 from __future__ import annotations
 
+import contextlib
 import signal
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -51,6 +52,24 @@ class SignalHandlers:
 
     def _handler(self, signum, frame) -> None:
         raise NotImplementedError
+
+    _holding = 0   # inside held(): a handler that raises only notes the signal
+
+    @contextlib.contextmanager
+    def held(self):
+        """A block that a signal must not cut short (a collective, a write, a clean-up): the handler
+        sees ``self._holding`` and only notes the signal; :meth:`_released` runs when the outermost
+        such block ends."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        if not self._holding:
+            self._released()
+
+    def _released(self) -> None:
+        """What a signal noted inside ``held()`` does once the block ends: nothing here."""
 
 
 class StopSignals(SignalHandlers):

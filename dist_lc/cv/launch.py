@@ -18,7 +18,6 @@ the same way before the error is reported.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import sys
@@ -179,15 +178,8 @@ class StopRequests(SignalHandlers):
         if self.signum is not None and not self._raised:
             self._raise()
 
-    @contextlib.contextmanager
-    def held(self):
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
-        if not self._holding:
-            self.raise_pending()
+    def _released(self) -> None:
+        self.raise_pending()
 
 
 class Launch:
