@@ -48,7 +48,7 @@ import torch
 from lc_common import locks
 from lc_common.atomic import fsync_dir, fsync_path, write_csv_atomic, write_json_atomic
 from lc_common.errors import InputError, WriteError, one_line, print_error
-from lc_common.tiles import CLASS_NAMES
+from lc_common.tiles import CLASS_NAMES, IMAGE_DTYPE, IMAGE_SHAPE
 
 from . import distributed
 from .confusion import SCORED
@@ -66,6 +66,7 @@ QUICKLOOK_PX = 1024   # the longer side of a quicklook, at most
 QUICKLOOK_MAX_IN = 24   # the tallest quicklook figure (inches): an elongated scene stays far below 2^16 pixels
 CLASS_OF = np.asarray(SCORED_CLASSES, np.uint8)   # index among the scored classes → class id
 PROBE_BYTES = 1 << 20
+CACHE_MARGIN = 16 << 20   # bytes of GDAL's block cache beyond what a map's rows need
 
 
 @dataclass
@@ -528,15 +529,19 @@ class StopOnce(SignalHandlers):
 
 
 def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
-    """GDAL's block cache for the outputs (``rasterio.Env`` options): a row of blocks of each (the map
-    writes whole rows of blocks) and a margin. GDAL's default, 5 % of the memory, keeps written blocks
-    too: the map's memory would grow with the scene up to that (gigabytes on a large node). A
-    GDAL_CACHEMAX of the user's wins."""
+    """GDAL's block cache (``rasterio.Env`` options): two rows of windows of the widest scene (a
+    window row's blocks, read again by the next row where they overlap, and by the writer for its
+    no_data mask and quicklook), a row of blocks of each output (the map writes whole rows of
+    blocks) and a margin. GDAL's default, 5 % of the memory, keeps blocks long done with: the map's
+    memory would grow with the scene up to that (gigabytes on a large node). rasterio takes the size
+    in bytes (GDAL's own GDAL_CACHEMAX variable, in MB, is read only when none is set: the user's
+    wins)."""
     if "GDAL_CACHEMAX" in os.environ:
         return {}
     width = max(p.xs[-1] + WINDOW for p in plans)
+    scene = 2 * WINDOW * width * IMAGE_SHAPE[2] * np.dtype(IMAGE_DTYPE).itemsize
     per_pixel = 1 + (len(SCORED_CLASSES) * np.dtype(probabilities).itemsize + 1 if probabilities else 0)
-    return {"GDAL_CACHEMAX": 64 + math.ceil(BLOCK * width * per_pixel / 2**20)}   # in MB
+    return {"GDAL_CACHEMAX": scene + BLOCK * width * per_pixel + CACHE_MARGIN}
 
 
 def map_scenes(args, plans: list[Planned], group: distributed.Group, stop: StopOnce) -> None:

@@ -730,7 +730,7 @@ def test_overlapping_window_rows_leave_no_dead_bytes_in_the_geotiffs(tmp_path, k
     import tifffile
 
     out = tmp_path / "out"
-    with rasterio.Env(GDAL_CACHEMAX=1):   # MB
+    with rasterio.Env(GDAL_CACHEMAX=1):   # bytes, as rasterio takes it: no block stays cached
         write_map(synthetic_mosaic(tmp_path / "s.tif", rows=3, cols=3, crop=(700, 700)), out, kind, overlap=64)
     for name in ("s_classes.tif", "s_probabilities.tif"):
         with tifffile.TiffFile(out / name) as tif:
@@ -804,3 +804,17 @@ def test_a_lonlat_aoi_across_the_antimeridian_stays_a_small_box():
                                                 [179.99, -9.98], [179.99, -10.0]]]}
     lons = np.asarray(_densified(box)["coordinates"][0])[:, 0]
     assert len(lons) < 20 and np.ptp(lons) == pytest.approx(0.02)
+
+
+def test_gdal_cache_holds_two_rows_of_windows_of_the_scene_and_a_row_of_output_blocks(monkeypatch):
+    """rasterio.Env takes GDAL_CACHEMAX in bytes (GDAL's own variable is in MB): a size in MB given
+    there is a cache of a few dozen bytes, and every block is decoded again at each read."""
+    from dist_lc.mapping import CACHE_MARGIN, Planned, gdal_cache
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    plan = Planned(None, None, [0], [0, 192, 768])   # a 1024-wide scene
+    rows = 2 * 256 * 1024 * 4 * 2   # two window rows of the scene's 4 uint16 bands
+    assert gdal_cache([plan], None)["GDAL_CACHEMAX"] == rows + 256 * 1024 + CACHE_MARGIN
+    assert gdal_cache([plan], "float32")["GDAL_CACHEMAX"] == rows + 256 * 1024 * (1 + 8 * 4 + 1) + CACHE_MARGIN
+    monkeypatch.setenv("GDAL_CACHEMAX", "300")
+    assert gdal_cache([plan], None) == {}
