@@ -56,8 +56,8 @@ from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
 from .plots import PALETTE, legend_handles, rgb, save_figure
 from .predict import Ensemble, PredictionError, failure_note, first_failure, out_of_memory, raise_agreed
-from .scene import (WINDOW, AoiMask, AoiOutside, aoi_mask_for, gdal_text, open_scene, parse_aoi, scene_paths,
-                    taper, window_grid)
+from .scene import (WINDOW, AoiMask, AoiOutside, aoi_mask_for, gdal_text, open_scene, parse_aoi, scale_warning,
+                    scene_paths, taper, window_grid)
 from .stopping import SignalHandlers
 
 LOCK = ".map.lock"   # in --out while a mapping writes there
@@ -79,26 +79,29 @@ class Planned:
     xs: list[int]
 
 
-def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | None]:
-    """The scene's plan, and whether the AOI misses it (its map then has no AOI proportions)."""
+def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | None, list[str]]:
+    """The scene's plan, whether the AOI misses it (its map then has no AOI proportions), and what
+    to warn of."""
     with open_scene(path) as scene:
-        if scene.crs is None:
-            print(f"warning: {path}: no georeferencing; its map is written without a CRS", file=sys.stderr)
+        warned = [f"{path}: no georeferencing; its map is written without a CRS"] if scene.crs is None else []
+        warned += filter(None, [scale_warning(scene)])
         try:
             mask, outside = aoi_mask_for(scene, aoi), None
         except AoiOutside as exc:
             mask, outside = None, exc
-        return Planned(path, mask, *window_grid(scene.height, scene.width, overlap)), outside
+        return Planned(path, mask, *window_grid(scene.height, scene.width, overlap)), outside, warned
 
 
 def plan_scenes(paths: list[Path], aoi, overlap: int) -> list[Planned]:
-    """Every scene checked before any work. An AOI may miss some scenes of a folder of neighbouring
-    ones (said, and their maps have no AOI proportions), not all of them."""
-    plans, missed = zip(*(plan_scene(p, aoi, overlap) for p in paths))
+    """Every scene checked before any work, its warnings said once (by rank 0 under a launcher). An
+    AOI may miss some scenes of a folder of neighbouring ones (said, and their maps have no AOI
+    proportions), not all of them."""
+    plans, missed, warned = zip(*(plan_scene(p, aoi, overlap) for p in paths))
     if all(missed):
         raise missed[0]
-    for exc in filter(None, missed):
-        print(f"warning: {exc}; its map has no AOI proportions", file=sys.stderr)
+    if distributed.read_env().is_main:
+        for line in [w for ws in warned for w in ws] + [f"{e}; its map has no AOI proportions" for e in missed if e]:
+            print(f"warning: {line}", file=sys.stderr)
     return list(plans)
 
 
@@ -328,11 +331,12 @@ class MapWriter:
         return record
 
     def _close(self, key: str) -> None:
-        """Close a GeoTIFF (GDAL writes its cached blocks then), and fsync it."""
+        """Close a GeoTIFF (GDAL writes its cached blocks then), give it overviews, and fsync it."""
         handle = self.classes if key == "classes" else self.probs_file
         with self._writing(key):
             with self.gdal.watch():
                 handle.close()
+                add_overviews(self.partial[key], "mode" if key == "classes" else "average")
             fsync_path(self.partial[key])
 
     def _publish(self) -> None:
@@ -386,6 +390,32 @@ class MapWriter:
                    fontsize=8)
         fig.tight_layout(rect=(0, 1.0 / height, 1, 1))
         save_figure(fig, self.partial["quicklook"], dpi=90)
+
+
+def overview_factors(height: int, width: int) -> list[int]:
+    """Halvings until the coarsest overview fits in one block, as ``gdaladdo`` chooses by default."""
+    factors = []
+    while max(height, width) / (factors[-1] if factors else 1) > BLOCK:
+        factors.append(2 * (factors[-1] if factors else 1))
+    return factors
+
+
+def add_overviews(path: Path, resampling: str) -> None:
+    """Internal overviews (compressed as the file is): without them a GIS reads every pixel of a
+    scene to draw it whole. ``mode`` keeps a class map's classes (an average of class numbers is
+    another class); ``average`` suits probabilities. Both leave out no_data pixels (nodata value or
+    mask band)."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    with rasterio.open(path, "r+") as dst:
+        factors = overview_factors(dst.height, dst.width)
+        # a row of blocks in the cache: with less than a block, GDAL writes back each block it reads
+        # (a second copy of the whole file, the first left dead)
+        row = math.ceil(dst.width / BLOCK) * BLOCK * BLOCK * dst.count * np.dtype(dst.dtypes[0]).itemsize
+        with rasterio.Env(GDAL_CACHEMAX=row + CACHE_MARGIN):
+            if factors:
+                dst.build_overviews(factors, Resampling[resampling])
 
 
 def _with_errno(partial: Path, exc: OSError) -> OSError:

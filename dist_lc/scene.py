@@ -26,6 +26,9 @@ WINDOW = IMAGE_SHAPE[0]
 TAPER_FLOOR = 1e-3
 SUFFIXES = (".tif", ".tiff")
 DENSIFY_DEG = 0.01   # a lon/lat AOI's points along its edges, reprojected: 1 km apart, a 0.001-pixel bow
+TILE_PIXEL_M = 10.0   # the challenge tiles' pixels on the ground: Sentinel-2's 10 m bands
+PIXEL_RATIO = 1.25    # pixels this many times larger or smaller than the tiles' are warned about
+EARTH_RADIUS_M = 6_371_008.8   # the mean radius: a pixel's size to 0.5 %, enough to tell 10 m from 20 m
 
 
 def positions(length: int, size: int, step: int) -> list[int]:
@@ -174,6 +177,37 @@ def open_scene(path) -> Scene:
 BAND_NAMES = ("R", "G", "B", "NIR")   # the challenge tiles' order; Sentinel-2's B04, B03, B02, B08
 _S2_BAND = {"2": "B", "3": "G", "4": "R", "8": "NIR"}
 _WORD = {"red": "R", "green": "G", "blue": "B", "nir": "NIR", "near-infrared": "NIR", "near infrared": "NIR"}
+
+
+def ground_pixel_m(scene: Scene) -> tuple[float, float] | None:
+    """The width and height on the ground, in metres, of the scene's central pixel, whatever its CRS
+    (in lon/lat or Web Mercator the nominal pixel size says little); None without a transform and CRS."""
+    from rasterio.warp import transform
+
+    where = scene.georeferencing
+    if "transform" not in where or "crs" not in where:
+        return None
+    c, r = scene.width / 2, scene.height / 2
+    xs, ys = zip(*(where["transform"] * p for p in ((c, r), (c + 1, r), (c, r + 1))))
+    lons, lats = np.radians(transform(where["crs"], "EPSG:4326", list(xs), list(ys)))
+
+    def metres(i: int) -> float:   # haversine from the pixel's corner to its neighbour ``i``
+        h = (np.sin((lats[i] - lats[0]) / 2) ** 2
+             + np.cos(lats[0]) * np.cos(lats[i]) * np.sin((lons[i] - lons[0]) / 2) ** 2)
+        return float(2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(h)))
+
+    return metres(1), metres(2)
+
+
+def scale_warning(scene: Scene) -> str | None:
+    """A line for a scene whose pixels are not the tiles' 10 m (a 20 or 60 m product, a resampled
+    mosaic): the model would see every field and road at another scale, and its map says nothing of it."""
+    size = ground_pixel_m(scene)
+    if size is None or all(1 / PIXEL_RATIO <= s / TILE_PIXEL_M <= PIXEL_RATIO for s in size):
+        return None
+    return (f"{scene.path}: pixels of {size[0]:.2g} × {size[1]:.2g} m on the ground; the model learned from "
+            f"{TILE_PIXEL_M:g} m pixels and may map this scale poorly (resample it: gdalwarp -tr "
+            f"{TILE_PIXEL_M:g} {TILE_PIXEL_M:g}, in a CRS in metres)")
 
 
 def _band_name(description: str | None) -> str | None:

@@ -726,7 +726,8 @@ def test_overlapping_window_rows_leave_no_dead_bytes_in_the_geotiffs(tmp_path, k
     they written as they came, GDAL would write each such block twice and leave its first copy in the
     file (a third of a float32 map). Every tile's bytes, the mask's included, are all the file holds
     beside its header. GDAL's block cache is made too small to hold a block until the file closes, as
-    the map's is on a wide scene."""
+    the map's is on a wide scene. The dead bytes left are less than any tile: the headers GDAL writes
+    again when it adds the overviews."""
     import tifffile
 
     out = tmp_path / "out"
@@ -735,7 +736,34 @@ def test_overlapping_window_rows_leave_no_dead_bytes_in_the_geotiffs(tmp_path, k
     for name in ("s_classes.tif", "s_probabilities.tif"):
         with tifffile.TiffFile(out / name) as tif:
             live = sum(sum(page.databytecounts) for page in tif.pages)
-        assert (out / name).stat().st_size - live < 4096, name
+            smallest = min(tif.pages[0].databytecounts)
+        assert (out / name).stat().st_size - live < smallest, name
+
+
+def test_the_geotiffs_have_overviews_that_keep_classes_and_no_data(tmp_path):
+    """Halvings down to one block, as gdaladdo makes them: a GIS draws the whole scene from them.
+    The class map's overviews hold classes (the most frequent, not an average of class numbers),
+    its no_data stays 0; the probabilities' are averages of valid pixels, masked where none is."""
+    from dist_lc.mapping import overview_factors
+
+    assert [overview_factors(h, w) for h, w in ((256, 256), (257, 100), (700, 700), (10980, 10980))] == [
+        [], [2], [2, 4], [2, 4, 8, 16, 32, 64]]
+    path = synthetic_mosaic(tmp_path / "s.tif", rows=3, cols=3, crop=(700, 700))
+    with rasterio.open(path, "r+") as dst:   # an empty left edge: no_data, in the outputs and their overviews
+        dst.write(np.zeros((4, 700, 100), np.uint16), window=rasterio.windows.Window(0, 0, 100, 700))
+    write_map(path, tmp_path / "out", "uint8", overlap=64)
+    with rasterio.open(tmp_path / "out" / "s_classes.tif") as classes:
+        assert classes.overviews(1) == [2, 4]
+        base, coarse = classes.read(1), classes.read(1, out_shape=(175, 175))   # GDAL reads the overview
+    assert set(np.unique(coarse)) <= set(np.unique(base)) and (coarse[:, :25] == 0).all() and coarse[:, 25:].all()
+    with rasterio.open(tmp_path / "out" / "s_probabilities.tif") as probs:
+        assert probs.overviews(1) == [2, 4]
+        mask = probs.read_masks(1, out_shape=(350, 350))
+        half = probs.read(out_shape=(8, 350, 350)).astype(np.float64)
+        full = probs.read().astype(np.float64)
+    assert (mask[:, :50] == 0).all() and mask[:, 50:].all()
+    pooled = full[:, :, 100:].reshape(8, 350, 2, 300, 2).mean(axis=(2, 4))
+    assert np.abs(half[:, :, 50:] - pooled).max() <= 1   # averages, rounded to uint8
 
 
 def test_a_lonlat_aoi_follows_its_parallels_across_the_scene(tmp_path):
@@ -818,3 +846,33 @@ def test_gdal_cache_holds_two_rows_of_windows_of_the_scene_and_a_row_of_output_b
     assert gdal_cache([plan], "float32")["GDAL_CACHEMAX"] == rows + 256 * 1024 * (1 + 8 * 4 + 1) + CACHE_MARGIN
     monkeypatch.setenv("GDAL_CACHEMAX", "300")
     assert gdal_cache([plan], None) == {}
+
+
+@pytest.mark.parametrize("crs, origin, pixel, warned", [
+    ("EPSG:32631", (500_000, 5_000_000), (10, 10), None),
+    ("EPSG:32631", (500_000, 5_000_000), (20, 20), "pixels of 20 × 20 m on the ground"),
+    ("EPSG:32631", (500_000, 5_000_000), (60, 60), "pixels of 60 × 60 m on the ground"),
+    ("EPSG:4326", (3, 45), (1.2718e-4, 8.993e-5), None),   # 10 m at 45° N in degrees
+    ("EPSG:4326", (3, 45), (8.993e-5, 8.993e-5), "pixels of 7.1 × 10 m on the ground"),
+    ("EPSG:3857", (333_958, 5_621_521), (14.142, 14.142), None),   # Web Mercator's 14.1 m are 10 m at 45° N
+], ids=["UTM 10 m", "UTM 20 m", "UTM 60 m", "lon/lat 10 m", "lon/lat square degrees", "Web Mercator 10 m"])
+def test_a_scene_whose_pixels_are_not_10_m_on_the_ground_is_warned_about_once(tmp_path, monkeypatch, capsys,
+                                                                              crs, origin, pixel, warned):
+    """The model learned from 10 m pixels; a 20 or 60 m product would be mapped at the wrong scale
+    without a word. The size is measured on the ground, whatever the CRS: Web Mercator's nominal
+    14 m at 45° N are 10 m. Under a launcher, rank 0 alone says it."""
+    from rasterio.transform import from_origin
+
+    from dist_lc.mapping import plan_scenes
+
+    path = synthetic_mosaic(tmp_path / "s.tif")
+    with rasterio.open(path, "r+") as dst:
+        dst.crs, dst.transform = crs, from_origin(*origin, *pixel)
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        plan_scenes([path], None, 64)
+    said = capsys.readouterr().err.splitlines()
+    expected = ([f"warning: {path}: {warned}; the model learned from 10 m pixels and may map this scale poorly "
+                 "(resample it: gdalwarp -tr 10 10, in a CRS in metres)"] if warned else [])
+    assert said == expected
