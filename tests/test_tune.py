@@ -253,6 +253,36 @@ def test_parallel_folds_report_an_epoch_once_every_fold_has_passed_it():
     assert progress.intermediate(folds, "parallel", 3)[2] == pytest.approx(0.5)
 
 
+def test_the_median_pruner_judges_a_trial_by_its_value_now_not_by_its_first_folds_best():
+    """Sequential folds: a trial's value rises when its next fold starts (the finished folds' mean
+    with the running fold's best). Fold 0 went better than the others', fold 1 far worse than any
+    complete trial's: pruned, where Optuna's rule (the trial's best value ever: its first fold's)
+    keeps it."""
+    import optuna
+
+    from dist_lc.tune.study import MedianNowPruner
+
+    others = [{0: 0.60, 1: 0.50, 2: 0.45 + d, 3: 0.44 + d} for d in (0.0, 0.01, 0.02)]   # 2 folds of 2 steps
+    late = {0: 0.50, 1: 0.40, 2: 0.80}   # fold 0 better than the others', fold 1 far worse
+    verdicts = {}
+    for pruner in (optuna.pruners.MedianPruner(n_startup_trials=1), MedianNowPruner(n_startup_trials=1)):
+        study = optuna.create_study(pruner=pruner)
+        for values in others:
+            study.add_trial(optuna.trial.create_trial(value=values[3], intermediate_values=values))
+        trial = study.ask()
+        for step, value in late.items():
+            trial.report(value, step)
+        verdicts[type(pruner).__name__] = trial.should_prune()
+    assert verdicts == {"MedianPruner": False, "MedianNowPruner": True}
+    study = optuna.create_study(pruner=MedianNowPruner(n_startup_trials=1))   # as good as the median now: kept
+    for values in others:
+        study.add_trial(optuna.trial.create_trial(value=values[3], intermediate_values=values))
+    trial = study.ask()
+    for step, value in {0: 0.7, 1: 0.6, 2: 0.45}.items():
+        trial.report(value, step)
+    assert not trial.should_prune()
+
+
 def test_a_fold_is_read_from_its_metrics_and_done_json(tmp_path):
     (tmp_path / "metrics.csv").write_text("epoch,step,train_loss,val_kl\n1,6,2.1,0.9\n2,12,1.9,\n3,18,1.5,0.95\n"
                                           "4,24,1.2,0.7\n")
@@ -308,24 +338,41 @@ def test_the_report_ranks_trials_measures_the_gap_in_fold_noise_and_writes_a_loa
     gap = rep["gap"]   # 0.46 - 0.42 = 0.04; the best's standard error 0.0283/√2 = 0.02
     assert gap["second"] == 3 and gap["difference"] == pytest.approx(0.04)
     assert gap["se_best"] == pytest.approx(0.02) and gap["in_se_best"] == pytest.approx(2.0)
-    assert gap["z"] == pytest.approx(0.04 / (0.02 ** 2 + 0.01 ** 2) ** 0.5)
-    assert rep["importance"] == {"reason": "needs at least 4 completed trials (3 so far)"}
+    # fold by fold: 0.45 - 0.40, 0.47 - 0.44; their std 0.0141 / √2 = 0.01
+    assert (gap["folds_paired"], gap["better_on"]) == (2, 2) and gap["z"] == pytest.approx(4.0)
+    assert rep["importance"] == {"reason": "needs at least 10 completed trials (3 so far)"}
     assert rep["trials"][2]["state"] == "PRUNED" and rep["trials"][2]["value"] == 1.5
     cfg = load_config(out / "best.yaml")
     assert cfg.optim.lr == pytest.approx(rep["best"]["params"]["optim.lr"])
     assert cfg.optim.name == rep["best"]["params"]["optim.name"]
     text = (out / "report.md").read_text()
     assert "Trial 1: mean validation KL **0.4200**" in text and "2.0 × its fold noise" in text
-    assert "| 2 | pruned |" in text and "| 4 | fail |" in text and "Not computed: needs at least 4" in text
+    assert ("fold by fold, better on 2 of the 2 folds both ran, the mean difference 4.0 standard errors of the "
+            "per-fold differences." in text)
+    assert "| 2 | pruned |" in text and "| 4 | fail |" in text and "Not computed: needs at least 10" in text
     assert "best trial 1: KL 0.4200" in printed
     assert (out / "plots" / "history.png").stat().st_size > 1000
 
 
+def test_two_trials_whose_every_fold_differs_alike_are_told_apart_fold_by_fold(tmp_path):
+    """Folds 0.30 / 0.50 against 0.33 / 0.52: the best wins on both, by 0.03 and 0.02; the two trials'
+    standard errors (the folds' own spread, 0.1 and 0.095) would call them alike (z 0.18)."""
+    out = tmp_path / "tune"
+    synthetic_study(out, {0: [0.30, 0.50], 1: [0.33, 0.52]})
+    gap = report.build(out)["gap"]
+    assert (gap["best"], gap["folds_paired"], gap["better_on"]) == (0, 2, 2)
+    assert gap["z"] == pytest.approx(0.025 / 0.005) and gap["in_se_best"] == pytest.approx(0.025 / 0.1)
+    text = (out / "report.md").read_text()
+    assert "better on 2 of the 2 folds both ran, the mean difference 5.0 standard errors" in text
+    assert "do not tell the two apart" not in text
+
+
 def test_importances_come_with_enough_trials_and_a_study_without_a_complete_trial_still_reports(tmp_path):
     out = tmp_path / "tune"
-    synthetic_study(out, {k: [0.3 + 0.05 * k, 0.32 + 0.05 * k] for k in range(6)})
+    synthetic_study(out, {k: [0.3 + 0.05 * k, 0.32 + 0.05 * k] for k in range(10)})
     rep = report.build(out)
-    assert set(rep["importance"]["values"]) == {"optim.lr", "optim.name"}
+    assert set(rep["importance"]["values"]) == {"optim.lr", "optim.name"} and rep["importance"]["top"] == 0.5
+    assert "among the best 50% of the completed ones" in (out / "report.md").read_text()
     empty = tmp_path / "empty" / "tune"
     empty.parent.mkdir()
     synthetic_study(empty, {0: "FAIL"})

@@ -160,6 +160,39 @@ def test_trials_failing_in_a_row_end_the_launcher_with_a_failure_and_how_to_go_o
             f"dist-lc tune --out {settings.out} --resume goes on" in err) is (status == 1)
 
 
+def test_trials_whose_parameters_the_config_refuses_together_do_not_stop_the_search(tmp_path, records, capsys):
+    """GroupNorm's groups must divide the channels: a combination of values that each pass alone.
+    Such trials fail without a job (nothing to fix, no log to read): the study still draws all its
+    trials, and says why each one failed."""
+    settings = settings_of(tmp_path, LR + "model.norm: [group]\nmodel.groups: [3]\n", trials=4)
+    assert launch.study_run(settings, resumed=False) == 1   # no trial completed
+    assert states(settings.out) == ["FAIL"] * 4
+    err = capsys.readouterr().err
+    assert err.count("FAILED: its config is refused") == 4 and "in a row" not in err
+    assert "are not divisible by model.groups 3 (GroupNorm)" in err
+
+
+@pytest.mark.parametrize("argv, executor, parallel", [
+    (["--set", "launcher.max_parallel=2"], "local", 2),
+    (["--parallel", "3", "--set", "launcher.max_parallel=2"], "local", 3),
+    (["--set", "launcher.executor=slurm", "--set", "launcher.max_parallel=5"], "slurm", 5),
+    ([], "local", 1),
+], ids=["set parallel", "option wins", "set executor", "as saved"])
+def test_a_resume_runs_the_executor_and_parallel_jobs_its_launcher_keys_say(tmp_path, argv, executor, parallel):
+    """``--set launcher.max_parallel=N`` on a resume changed the trials' config but not the scheduler's
+    jobs at once (nor ``launcher.executor`` the executor): the two would disagree on the jobs' room."""
+    from dist_lc.cli import build_parser
+
+    settings = settings_of(tmp_path)
+    settings.config["launcher"]["max_parallel"] = settings.parallel   # as a new study saves it
+    settings.save()
+    args = build_parser()[0].parse_args(["tune", "--out", str(settings.out), "--resume", *argv])
+    resumed = launch.resumed_settings(args)
+    launcher = resumed.config["launcher"]
+    assert (resumed.executor, resumed.parallel) == (executor, parallel)
+    assert (launcher["executor"], launcher["max_parallel"]) == (executor, parallel)
+
+
 def test_a_complete_trial_does_not_cancel_its_jobs_still_exiting(tmp_path, records, capsys):
     """done.json is written before the job's processes end: such a job is waited for, not cancelled."""
     settings = settings_of(tmp_path, trials=1)

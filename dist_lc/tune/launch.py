@@ -131,16 +131,16 @@ def resumed_settings(args) -> Settings:
     if other:
         raise InputError(f"--resume: only launcher.* keys can be changed, not {other[0]!r}")
     settings = load_settings(args.out)
-    sets = list(args.set)
-    if args.executor:
-        settings.executor = args.executor
-        sets.append(f"launcher.executor={args.executor}")
-    if args.parallel:
-        settings.parallel = args.parallel
-        sets.append(f"launcher.max_parallel={args.parallel}")
+    # the executor and the jobs at once follow the config, whichever way they were changed
+    # (--executor/--parallel win over the same keys given with --set)
+    sets = [*args.set, *([f"launcher.executor={args.executor}"] if args.executor else []),
+            *([f"launcher.max_parallel={args.parallel}"] if args.parallel else [])]
+    cfg = from_dict(normalized(apply_overrides(settings.config, sets)))
+    settings.executor = cfg.launcher.executor
+    settings.parallel = default_parallel(settings.executor, cfg.launcher, len(settings.folds))
+    settings.config = normalized(apply_overrides(to_dict(cfg), [f"launcher.max_parallel={settings.parallel}"]))
     if args.trials is not None:
         settings.trials = args.trials
-    settings.config = normalized(apply_overrides(settings.config, sets))
     check_launcher(from_dict(settings.config), settings.executor)
     return settings
 

@@ -136,7 +136,9 @@ class Scheduler:
                 f"{describe_params(trial.params)})")
 
     def _open(self, trial: optuna.Trial) -> TrialRun | None:
-        """The trial's CV folder and its launch; a config refused for this trial fails it."""
+        """The trial's CV folder and its launch; a config refused for this trial fails it. Such a
+        failure is the parameters' (two keys that no single value breaks), not a broken set-up: it
+        does not count among the failures in a row (no job ran, so no log would say why)."""
         try:
             with self.stops.held():
                 params = all_params(trial, self.distributions)
@@ -144,7 +146,6 @@ class Scheduler:
         except InputError as exc:
             with self.stops.held():
                 self.study.tell(trial, state=TrialState.FAIL)
-            self._ended(TrialState.FAIL)
             say(f"trial {trial.number} FAILED: its config is refused ({describe_params(trial.params)}): {exc}")
             return None
         point = plan.points[0]

@@ -18,6 +18,7 @@ in Optuna versions that keep them out of the sequence) follows the launch's seed
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import warnings
@@ -135,9 +136,23 @@ def total_steps(settings: Settings) -> int:
     return folds * settings.steps_per_fold
 
 
+class MedianNowPruner(optuna.pruners.MedianPruner):
+    """Optuna's median rule on the trial's value at its last step, not on the best value it ever
+    reported. A trial's value here is already a best-so-far within a fold, but it rises when the
+    next fold starts (the finished folds' mean, then the running fold's best): judged on its best
+    value ever, a trial whose first fold went well would survive any later fold."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        now = copy.copy(trial)
+        now.intermediate_values = {step: trial.intermediate_values[step]}
+        return super().prune(study, now)
+
+
 def _median(settings: Settings):
-    return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup,
-                                       n_warmup_steps=settings.pruner_warmup)
+    return MedianNowPruner(n_startup_trials=settings.pruner_startup, n_warmup_steps=settings.pruner_warmup)
 
 
 def _halving(settings: Settings):
