@@ -193,6 +193,28 @@ def test_a_resume_runs_the_executor_and_parallel_jobs_its_launcher_keys_say(tmp_
     assert (launcher["executor"], launcher["max_parallel"]) == (executor, parallel)
 
 
+def test_a_trial_whose_results_cannot_be_read_fails_alone_and_the_search_goes_on(tmp_path, records, capsys,
+                                                                                monkeypatch):
+    """A damaged done.json (or metrics.csv) of one trial: that trial fails, its jobs cancelled, naming
+    the file; the launcher does not end every trial's jobs with it."""
+    from dist_lc.tune import scheduler
+
+    read = scheduler.progress.read_trial
+
+    def damaged(plan):
+        if plan.cv_dir.name == "1":
+            raise InputError(f"{plan.cv_dir / 'fold0' / 'done.json'}: unreadable fold result")
+        return read(plan)
+
+    monkeypatch.setattr(scheduler.progress, "read_trial", damaged)
+    settings = settings_of(tmp_path, trials=3)
+    assert launch.study_run(settings, resumed=False) == 0
+    assert states(settings.out) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert (f"trial 1 FAIL: its folds' results cannot be read: {settings.out / 'trials' / '1' / 'fold0' / 'done.json'}: "
+            "unreadable fold result; 1 job(s) cancelled") in capsys.readouterr().err
+    assert "| 1 | fail | " in (settings.out / "report.md").read_text()   # the report still covers every trial
+
+
 def test_a_complete_trial_does_not_cancel_its_jobs_still_exiting(tmp_path, records, capsys):
     """done.json is written before the job's processes end: such a job is waited for, not cancelled."""
     settings = settings_of(tmp_path, trials=1)

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
 from lc_common.atomic import write_bytes_atomic, write_json_atomic
-from lc_common.errors import one_line
+from lc_common.errors import InputError, one_line
 
 from ..plots import save_figure
 from . import progress
@@ -38,7 +38,12 @@ PLOTS = {"history": "plots/history.png", "intermediate": "plots/intermediate.png
 def trial_row(settings: Settings, trial) -> dict:
     """One trial: its parameters, state, fold results (from its CV folder) and wall time."""
     plan = existing_plan(settings, trial.number)
-    folds = progress.read_trial(plan) if plan is not None else []
+    try:
+        folds = progress.read_trial(plan) if plan is not None else []
+    except InputError as exc:   # one trial's damaged result: the others are still reported
+        folds, unreadable = [], str(exc)
+    else:
+        unreadable = None
     results = progress.fold_results(folds)
     mean, std = progress.mean_std(results)
     wall = (trial.datetime_complete - trial.datetime_start).total_seconds() \
@@ -49,7 +54,7 @@ def trial_row(settings: Settings, trial) -> dict:
                       for f in folds if f.best is not None],
             "folds_done": len(results), "folds_total": len(settings.folds), "wall_s": wall,
             "intermediate": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
-            "folder": f"trials/{trial.number}" if plan is not None else None}
+            "folder": f"trials/{trial.number}" if plan is not None else None, "unreadable": unreadable}
 
 
 def ranked(rows: list[dict]) -> list[dict]:
@@ -282,6 +287,8 @@ def _trials_table(report: dict, settings: Settings) -> list[str]:
         kl = f"{_fmt(r['kl_mean'])} ± {_fmt(r['kl_std'])}" if r["kl_mean"] is not None else "–"
         if r["state"] == "PRUNED" and r["value"] is not None:
             kl += f" (pruned at {_fmt(r['value'])})"
+        if r["unreadable"]:
+            kl += " (results unreadable: see report.json)"
         cells = [str(r["number"]), r["state"].lower(), *[_value(r["params"].get(k, "–")) for k in keys], kl,
                  f"{r['folds_done']}/{r['folds_total']}", _clock(r["wall_s"])]
         lines.append("| " + " | ".join(cells) + " |")

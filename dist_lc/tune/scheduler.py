@@ -203,7 +203,11 @@ class Scheduler:
             executor.refresh([j.submission for j in jobs if j.executor is executor])   # one look for every trial
         for run in sorted(self.running.values(), key=lambda r: r.number):
             run.launch.poll()
-            folds = progress.read_trial(run.plan)
+            try:
+                folds = progress.read_trial(run.plan)
+            except InputError as exc:   # one trial's damaged result ends that trial, not the search
+                self.finish(run, TrialState.FAIL, f"its folds' results cannot be read: {exc}")
+                continue
             new = self._report(run, folds)
             self._judge(run, folds, new or run.judge)
             run.judge = False
