@@ -53,7 +53,7 @@ def summary(report: dict) -> str:
         lines.append(f"  {label:<20}  {fmt(part['oof_kl'])}   (cross-fitted over folds; {use})")
     if report.get("choice_nested"):
         lines.append(f"  {'chosen, nested':<20}  {fmt(report['choice_nested']['oof_kl'])}   "
-                     "(each fold corrected as chosen on the other folds alone: the honest score)")
+                     "(each fold corrected as chosen on the other folds alone)")
     ratio = report["oof_kl"] / report["baseline_kl"] if report["oof_kl"] is not None and report["baseline_kl"] else None
     lines += [f"mean-distribution KL    {fmt(report['baseline_kl'])}   (predicting the training folds' mean)",
               f"oof / baseline          {fmt(ratio, 2)}"]
