@@ -60,7 +60,8 @@ def _predict(sub):
     tiles.add_argument("--shards", metavar="DIR|URL", help="shard folder or URL (lc-shard pack)")
     tiles.add_argument("--images", metavar="DIR", help="a folder of <id>.tif tiles as the challenge ships them "
                        "(e.g. DATA/test/images), instead of shards")
-    p.add_argument("--split", help="with --shards: test, train or fold:K (default: test)")
+    p.add_argument("--split", help="with --shards: test, train or fold:K (default: test); a checkpoint that "
+                                   "trained on the folds asked for is warned about (in-sample)")
     p.add_argument("--out", required=True, metavar="CSV", help="submission CSV to write (sample_id + 10 classes)")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of every tile (8× the time)")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",

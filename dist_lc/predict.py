@@ -7,6 +7,7 @@ challenge's TIFFs (``--images``, e.g. ``test/images/`` as it comes); both give t
 """
 from __future__ import annotations
 
+import sys
 
 import numpy as np
 import pandas as pd
@@ -37,7 +38,8 @@ class PredictionError(RuntimeError):
 
 
 def load_network(path, device: torch.device):
-    """The network of a checkpoint (EMA weights when the run kept them) and its config."""
+    """The network of a checkpoint (EMA weights when the run kept them), its config and the identity
+    of the shards it trained on (None for a checkpoint of an earlier release)."""
     state = ckpt.load(path)
     try:
         cfg = from_dict(state["config"])
@@ -49,7 +51,7 @@ def load_network(path, device: torch.device):
     net = net.to(device).eval()
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return net, cfg
+    return net, cfg, state.get("manifest_identity")
 
 
 class Ensemble:
@@ -57,8 +59,25 @@ class Ensemble:
 
     def __init__(self, checkpoints, device: torch.device, tta: bool = False):
         self.checkpoints = [str(p) for p in checkpoints]
-        self.members = [load_network(p, device) for p in checkpoints]
+        loaded = [load_network(p, device) for p in checkpoints]
+        self.members = [(net, cfg) for net, cfg, _ in loaded]
+        self.trained_on = [identity for _, _, identity in loaded]   # the shards' identity, or None
         self.device, self.tta = device, tta
+
+    def in_sample(self, manifest, folds: list[int] | None) -> list[str]:
+        """A line for each member that trained on some of the train ``folds`` (None: all) of these
+        very shards: its predictions of them are in-sample, and their KL optimistic. Shards packed
+        otherwise (another seed, other tiles) or an older checkpoint say nothing here."""
+        asked = set(range(manifest.num_folds) if folds is None else folds)
+        out = []
+        for path, (_, cfg), identity in zip(self.checkpoints, self.members, self.trained_on):
+            if identity != manifest.identity:
+                continue
+            seen = sorted(asked - {cfg.data.fold})
+            if seen:
+                out.append(f"{path}: trained on fold(s) {', '.join(map(str, seen))} of these shards (data.fold="
+                           f"{cfg.data.fold}): its predictions of them are in-sample, their KL optimistic")
+        return out
 
     def precision_hint(self) -> str:
         """The precision the checkpoints run in on this device, and what to try when their output is
@@ -154,7 +173,7 @@ def _predict(checkpoints, shards, split, group: distributed.Group, *, images, tt
     try:
         ensemble = Ensemble(checkpoints, group.device, tta)
         loader = open_loader(shards, split, images, group, batch_size=batch_size, workers=workers,
-                             wait_timeout_s=wait_timeout_s)
+                             wait_timeout_s=wait_timeout_s, ensemble=ensemble)
         with loader, loader.batches() as batches:
             for batch in batches:
                 props, probs = ensemble(to_nchw(batch["image"]).to(group.device), pixels=with_confusion)
@@ -169,8 +188,10 @@ def _predict(checkpoints, shards, split, group: distributed.Group, *, images, tt
     return (table, matrix) if with_confusion else table
 
 
-def open_loader(shards, split, images, group: distributed.Group, *, batch_size, workers, wait_timeout_s):
-    """This rank's share of the tiles: a folder of TIFFs (``images``) or a split of shards."""
+def open_loader(shards, split, images, group: distributed.Group, *, batch_size, workers, wait_timeout_s,
+                ensemble: Ensemble | None = None):
+    """This rank's share of the tiles: a folder of TIFFs (``images``) or a split of shards (rank 0
+    warns of ``ensemble`` members that trained on them)."""
     env, device = group.env, group.device
     if images is not None:
         return tiff_loader(images, world=env.world_size, rank=env.rank, batch_size=batch_size, workers=workers,
@@ -179,6 +200,9 @@ def open_loader(shards, split, images, group: distributed.Group, *, batch_size, 
     split_name, folds = parse_split(split, manifest.num_folds)
     if not manifest.shards(split_name, folds):
         raise InputError(f"{manifest.root}: no {split} shards")
+    if ensemble is not None and split_name == "train" and group.env.is_main:
+        for line in ensemble.in_sample(manifest, folds):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     return eval_loader(manifest, split_name, folds, world=env.world_size, rank=env.rank, batch_size=batch_size,
                        workers=workers, device=device, timeout_s=wait_timeout_s)
 

@@ -66,6 +66,22 @@ def test_fold_prediction_scores_as_validation_did(smoke_run, packed_sample, samp
     assert kl == pytest.approx(val_kl, rel=1e-5)  # one score function, one prediction path
 
 
+def test_predicting_folds_a_checkpoint_trained_on_warns_that_they_are_in_sample(smoke_run, packed_sample, tiny_shards,
+                                                                               capsys):
+    """smoke_run validated on fold 0 and trained on folds 1-4: its predictions of those score low for
+    the wrong reason. Its own fold, and shards packed otherwise, say nothing."""
+    predict([best(smoke_run)], packed_sample, "fold:0", workers=0)
+    assert "warning" not in capsys.readouterr().err
+    predict([best(smoke_run)], packed_sample, "fold:2", workers=0)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {best(smoke_run)}: trained on fold(s) 2 of these shards (data.fold=0): its predictions of them "
+        "are in-sample, their KL optimistic"]
+    predict([best(smoke_run)], packed_sample, "train", workers=0)
+    assert "trained on fold(s) 1, 2, 3, 4 of these shards" in capsys.readouterr().err
+    predict([best(smoke_run)], tiny_shards, "fold:2", workers=0)   # other shards: their folds are not its
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_test_split_tta_and_ensemble(smoke_run, tiny_shards):
     ids = [k for s in load_manifest(tiny_shards).shards("test") for k in s["keys"]]
     plain = predict([best(smoke_run)], tiny_shards, "test", workers=0)
