@@ -95,6 +95,10 @@ def fold_summary(trained: TrainResult) -> dict:
             "final_train_loss": trained.final_train_loss, "train_s": trained.train_s}
 
 
+def has_test_shards(shards) -> bool:
+    return bool(load_manifest(shards).shards("test"))
+
+
 def predict_fold(trained: TrainResult, run_dir: Path, tta: bool) -> dict:
     """oof.csv (held-out fold) and test.csv from the fold's best.pt, on all ranks; files on rank 0.
 
@@ -112,7 +116,8 @@ def predict_fold(trained: TrainResult, run_dir: Path, tta: bool) -> dict:
         oof = None if table is None else (table, held.matrix)
     else:
         oof = predict(best, cfg.data.shards, f"fold:{cfg.data.fold}", with_confusion=True, **common)
-    has_test = bool(load_manifest(cfg.data.shards).shards("test"))
+    # read by rank 0 for all: a rank whose read differed would skip the test pass its peers wait in
+    has_test = distributed.on_main(has_test_shards, cfg.data.shards)
     test = predict(best, cfg.data.shards, "test", **common) if has_test else None
     if oof is None:   # not rank 0
         return {"predict_s": time.perf_counter() - started}
