@@ -367,6 +367,15 @@ def test_two_trials_whose_every_fold_differs_alike_are_told_apart_fold_by_fold(t
     assert "do not tell the two apart" not in text
 
 
+@pytest.mark.parametrize("extra", [["--trials", "3"], ["--set", "launcher.max_parallel=2"], ["--pruner", "none"]])
+def test_report_refuses_options_it_would_ignore(tmp_path, capsys, extra):
+    out = tmp_path / "tune"
+    synthetic_study(out, {0: [0.5, 0.6]})
+    assert cli.main(["tune", "--report", str(out), *extra]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --report DIR rebuilds the report from DIR alone: drop "
+                                               f"{extra[0]}")
+
+
 def test_importances_come_with_enough_trials_and_a_study_without_a_complete_trial_still_reports(tmp_path):
     out = tmp_path / "tune"
     synthetic_study(out, {k: [0.3 + 0.05 * k, 0.32 + 0.05 * k] for k in range(10)})

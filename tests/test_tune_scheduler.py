@@ -215,6 +215,19 @@ def test_a_trial_whose_results_cannot_be_read_fails_alone_and_the_search_goes_on
     assert "| 1 | fail | " in (settings.out / "report.md").read_text()   # the report still covers every trial
 
 
+def test_a_trial_folder_of_other_parameters_is_not_taken_as_the_trials(tmp_path):
+    """A study journal restored from an older copy numbers new trials as old ones: their CV folders
+    (and finished folds) must not be reported as the new trials' results."""
+    from dist_lc.tune.settings import trial_plan
+
+    settings = settings_of(tmp_path)
+    trial_plan(settings, 0, {"optim.lr": 1e-3})
+    assert trial_plan(settings, 0, {"optim.lr": 1e-3}).points[0].params == {"optim.lr": 1e-3}
+    with pytest.raises(InputError, match=r"trials/0/cv.json: holds other parameters \({'optim.lr': 0.001}\) than "
+                                         r"trial 0 of the study \({'optim.lr': 0.002}\)"):
+        trial_plan(settings, 0, {"optim.lr": 2e-3})
+
+
 def test_a_complete_trial_does_not_cancel_its_jobs_still_exiting(tmp_path, records, capsys):
     """done.json is written before the job's processes end: such a job is waited for, not cancelled."""
     settings = settings_of(tmp_path, trials=1)

@@ -212,7 +212,8 @@ def finish(settings: Settings, finished: bool) -> int:
 def report_only(args) -> int:
     from . import report
 
-    extra = [o for o in ("config", "space", "out") if getattr(args, o, None)] + (["resume"] if args.resume else [])
+    # every other option would be silently ignored: --report reads the folder alone
+    extra = [k for k, v in vars(args).items() if k not in ("command", "report") and v not in (None, False, [])]
     if extra:
         raise InputError(f"--report DIR rebuilds the report from DIR alone: drop {option(extra[0])}")
     built = report.build(Path(args.report))

@@ -243,8 +243,9 @@ def markdown(report: dict, settings: Settings) -> str:
 def _setup_line(report: dict, settings: Settings) -> str:
     s = report["settings"]
     states = ", ".join(f"{n} {k.lower()}" for k, n in report["states"].items()) or "none yet"
+    startup = f"startup {s['pruner_startup']} trials, " if s["pruner"] == "median" else ""   # the others have none
     pruner = s["pruner"] if s["pruner"] == "none" else \
-        f"{s['pruner']} (startup {s['pruner_startup']} trials, warm-up {s['pruner_warmup']} epochs of every fold)"
+        f"{s['pruner']} ({startup}warm-up {s['pruner_warmup']} epochs of every fold)"
     return (f"Recipe `{s['recipe'] or '(defaults)'}`, space `{s['space_file']}` ({', '.join(settings.space)}); "
             f"folds {', '.join(map(str, s['folds']))} ({s['fold_order']}); sampler {s['sampler']} (seed {s['seed']}); "
             f"pruner {pruner}; executor {s['executor']}, {s['parallel']} job(s) at once. "

@@ -83,7 +83,12 @@ def trial_plan(settings: Settings, number: int, params: dict) -> Plan:
     two keys that no single value breaks)."""
     cv_dir = settings.trial_dir(number)
     if (cv_dir / "cv.json").exists():
-        return load_plan(cv_dir)
+        plan = load_plan(cv_dir)
+        if plan.points[0].params != params:   # its folds' results would be told as this trial's
+            raise InputError(f"{cv_dir / 'cv.json'}: holds other parameters ({plan.points[0].params}) than trial "
+                             f"{number} of the study ({params}): the journal and the trials' folders disagree "
+                             "(a journal restored from an older copy?)")
+        return plan
     config = trial_config(settings.config, params)
     plan = Plan(cv_dir, [Point("", dict(params), config)], list(settings.folds), {}, settings.executor, now())
     cv_dir.mkdir(parents=True, exist_ok=True)
