@@ -52,6 +52,7 @@ def cv(tmp_path, monkeypatch):
     truth = table(ids, proportions(rng, n))
     truth.insert(0, "fold", np.repeat([0, 1, 2], PER_FOLD))
     monkeypatch.setattr(tables, "read_truth", lambda cv_dir, shards: truth)
+    monkeypatch.setattr(tables, "read_test_ids", lambda shards: set(TEST_IDS))
     cv_dir = tmp_path / "cv"
     config = to_dict(load_config("configs/smoke.yaml", [f"data.shards={tmp_path / 'shards'}", "cv.folds=[0,1,2]",
                                                        "cv.second_stage=false"]))
@@ -153,6 +154,16 @@ def test_a_damaged_fold_file_is_one_line_naming_it(cv, capsys, damage):
     line = report_error(cv, capsys)
     assert line.startswith("error: ") and message in line, line
     assert not (cv / "report.json").exists()
+
+
+def test_test_predictions_of_shards_packed_again_with_other_test_tiles_are_refused(cv, capsys):
+    """Every fold predicted the same test tiles, but the shards' are others now: the submission
+    would be of the old tiles (and the second stage would find no features for them)."""
+    for k in range(3):
+        _csv_lines(cv / f"fold{k}" / "test.csv", lambda ls: ls[:-1])
+    line = report_error(cv, capsys)
+    assert line == (f"error: {cv / 'fold0' / 'test.csv'}: not the test tiles of {cv.parent / 'shards'} (1 missing, "
+                    "0 extra: 903); were the shards packed again since?")
 
 
 # ----------------------------------------------------------------------------- the ranking of grid points

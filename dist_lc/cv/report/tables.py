@@ -78,9 +78,12 @@ def read_folder(cv_dir) -> CVTables:
     points = [read_point(plan, p) for p in plan.points]
     if not any(p.folds for p in points):
         raise InputError(f"{plan.cv_dir}: no fold has finished yet (no done.json); nothing to report")
-    truth = read_truth(plan.cv_dir, plan.config.data.shards)
+    shards = plan.config.data.shards
+    truth = read_truth(plan.cv_dir, shards)
+    test_ids = read_test_ids(shards)
     for fold in (f for p in points for f in p.folds):
-        check_oof_tiles(fold, truth, plan.config.data.shards)
+        check_oof_tiles(fold, truth, shards)
+        check_test_of_shards(fold, test_ids, shards)
     return CVTables(plan, truth, points)
 
 
@@ -172,6 +175,19 @@ def check_oof_tiles(fold: FoldTables, truth: pd.DataFrame, shards) -> None:
                          f"{few(missing)}")
 
 
+def check_test_of_shards(fold: FoldTables, test_ids: set[str], shards) -> None:
+    """A fold's test.csv predicts the shards' test tiles as they are now: after the shards were packed
+    again with other test tiles, the submission would hold the old ones (or the second stage find no
+    features for them)."""
+    if fold.test is None:
+        return
+    ids = set(fold.test.index)
+    if ids != test_ids:
+        lacks, extra = sorted(test_ids - ids), sorted(ids - test_ids)
+        raise InputError(f"{fold.run_dir / TEST}: not the test tiles of {shards} ({len(lacks)} missing, "
+                         f"{len(extra)} extra: {few([*lacks, *extra])}); were the shards packed again since?")
+
+
 def check_test_tiles(folds: list[FoldTables]) -> None:
     """Every fold's test.csv predicts the same tiles (the submission is their mean, tile by tile)."""
     tests = [f for f in folds if f.test is not None]
@@ -184,6 +200,11 @@ def check_test_tiles(folds: list[FoldTables]) -> None:
 
 
 # ----------------------------------------------------------------------------- from the shards
+
+def read_test_ids(shards) -> set[str]:
+    """The shards' test tiles: what every fold's test.csv must predict."""
+    return {str(k) for entry in load_manifest(shards).shards("test") for k in entry["keys"]}
+
 
 def read_truth(cv_dir: Path, shards) -> pd.DataFrame:
     """True proportions and fold of every train tile (from the shards; cached in truth.csv)."""
