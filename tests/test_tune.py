@@ -217,6 +217,19 @@ def test_a_trial_is_not_pruned_before_a_quarter_of_a_folds_epochs_unless_told(ti
     assert (settings.steps_per_fold, settings.pruner_warmup) == (epochs, warmup)
 
 
+@pytest.mark.parametrize("extra, warned", [((), True), (("--pruner-warmup", "2"), False), (("--pruner", "none"), False)])
+def test_a_time_limited_study_with_the_default_warm_up_is_warned_about(tiny_shards, tmp_path, capsys, extra, warned):
+    """train.epochs high and a time limit deciding: a quarter of train.epochs is never reached, and
+    no fold would be cut midway without a word."""
+    from dist_lc.tune import launch
+
+    parser, _ = cli.build_parser()
+    args = parser.parse_args(["tune", *study_args(tiny_shards, tmp_path / "study", lr_space(tmp_path), "--executor",
+                                                  "local", *extra, sets=["train.epochs=1000", "train.time_limit=1"])])
+    launch.new_settings(args)
+    assert ("default warm-up of 250 epochs" in capsys.readouterr().err) is warned
+
+
 # ----------------------------------------------------------------------------- what a trial reports
 
 def fold(k: int, curve, seen: int, best: float | None = None) -> progress.FoldScores:

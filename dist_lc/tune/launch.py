@@ -112,6 +112,11 @@ def new_settings(args) -> Settings:
     check_new_out(out)
     steps = steps_per_fold(space, cfg.train.epochs)
     warmup = default_warmup(steps) if values["pruner_warmup"] is None else values["pruner_warmup"]
+    if cfg.train.time_limit is not None and values["pruner_warmup"] is None and values["pruner"] != "none":
+        print(f"tune: warning: train.time_limit may end a fold before train.epochs ({steps}), and so before the "
+              f"default warm-up of {warmup} epochs (a quarter of them): such folds are judged at their end only; "
+              "--pruner-warmup N sets it in epochs (e.g. a quarter of those a fold runs in its time)",
+              file=sys.stderr, flush=True)
     return Settings(out=out, config=config, space=space.to_dict(), folds=folds, executor=kind,
                     sampler=values["sampler"], seed=values["seed"], pruner=values["pruner"],
                     pruner_startup=values["pruner_startup"], pruner_warmup=warmup,
