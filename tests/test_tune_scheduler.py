@@ -228,6 +228,22 @@ def test_a_trial_folder_of_other_parameters_is_not_taken_as_the_trials(tmp_path)
         trial_plan(settings, 0, {"optim.lr": 2e-3})
 
 
+def test_a_trials_folds_log_to_the_studys_mlflow_store_under_an_experiment_named_after_both(tmp_path, monkeypatch):
+    """The CV folder's own name (the trial's number) would put trial k of every study in one
+    experiment of a shared tracking server, and each trial's store in its own folder."""
+    from dist_lc.cv.plan import load_plan
+    from dist_lc.tune.settings import trial_plan
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = settings_of(tmp_path)
+    trial_plan(settings, 2, {"optim.lr": 1e-3})
+    plan = load_plan(settings.trial_dir(2))   # as a fold job reads it
+    train = plan.fold_config(plan.points[0], 0)["train"]
+    assert (train["experiment"], train["mlflow_uri"]) == ("tune/trial2", (settings.out.resolve() / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")   # a server named: it is the store
+    assert plan.fold_config(plan.points[0], 0)["train"]["mlflow_uri"] in ("", None)
+
+
 def test_a_complete_trial_does_not_cancel_its_jobs_still_exiting(tmp_path, records, capsys):
     """done.json is written before the job's processes end: such a job is waited for, not cancelled."""
     settings = settings_of(tmp_path, trials=1)

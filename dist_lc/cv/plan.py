@@ -58,6 +58,8 @@ class Plan:
     grid: dict = field(default_factory=dict)
     executor: str = "local"
     created: str = ""
+    # the folds' MLflow experiment and default store when not the CV folder's own (a tune study's trial)
+    tracking: dict = field(default_factory=dict)
 
     @property
     def config(self) -> Config:
@@ -73,13 +75,14 @@ class Plan:
         return self.point_dir(point) / f"fold{fold}"
 
     def fold_config(self, point: Point, fold: int) -> dict:
-        """The point's config for one fold; its MLflow runs grouped under the CV folder's experiment."""
+        """The point's config for one fold; its MLflow runs grouped under the CV folder's experiment
+        (or the plan's ``tracking``), in a file store in the CV folder unless one is named."""
         config = copy.deepcopy(point.config)
         config["data"]["fold"] = fold
         train = config["train"]
-        train["experiment"] = train.get("experiment") or self.cv_dir.resolve().name
+        train["experiment"] = train.get("experiment") or self.tracking.get("experiment") or self.cv_dir.resolve().name
         if not train.get("mlflow_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
-            train["mlflow_uri"] = (self.cv_dir.resolve() / "mlruns").as_uri()
+            train["mlflow_uri"] = self.tracking.get("store") or (self.cv_dir.resolve() / "mlruns").as_uri()
         return config
 
     def is_done(self, point: Point, fold: int) -> bool:
@@ -88,7 +91,7 @@ class Plan:
     def save(self) -> None:
         write_json_atomic(self.cv_dir / PLAN, {
             "format": PLAN_FORMAT, "created": self.created, "executor": self.executor, "folds": self.folds,
-            "grid": self.grid, "points": [vars(p) for p in self.points]})
+            "grid": self.grid, "points": [vars(p) for p in self.points], "tracking": self.tracking})
 
 
 def load_plan(cv_dir) -> Plan:
@@ -105,7 +108,7 @@ def load_plan(cv_dir) -> Plan:
                 raise InputError(f"{cv_dir / PLAN}: grid point {p.name or '(the only one)'} was written by another "
                                  f"version of dist_lc ({exc})") from None
         return Plan(cv_dir, points, [int(k) for k in data["folds"]], data.get("grid", {}),
-                    data.get("executor", "local"), data.get("created", ""))
+                    data.get("executor", "local"), data.get("created", ""), data.get("tracking", {}))
 
     return read_record(cv_dir, PLAN, "CV", "CV plan", build)
 

@@ -90,7 +90,12 @@ def trial_plan(settings: Settings, number: int, params: dict) -> Plan:
                              "(a journal restored from an older copy?)")
         return plan
     config = trial_config(settings.config, params)
-    plan = Plan(cv_dir, [Point("", dict(params), config)], list(settings.folds), {}, settings.executor, now())
+    # one MLflow store for the study, an experiment per trial named after it (the CV folder's own
+    # name, the trial's number, would mix every study's trial k in a shared tracking server)
+    study = settings.out.resolve()
+    tracking = {"experiment": f"{study.name}/trial{number}", "store": (study / "mlruns").as_uri()}
+    plan = Plan(cv_dir, [Point("", dict(params), config)], list(settings.folds), {}, settings.executor, now(),
+                tracking)
     cv_dir.mkdir(parents=True, exist_ok=True)
     plan.save()
     return plan
