@@ -138,13 +138,15 @@ def states(out: Path) -> list[str]:
 
 
 def test_a_diverged_trial_is_pruned_for_the_sampler_and_does_not_stop_the_search(tmp_path, records, capsys):
-    """A learning rate too high is an answer of the search (pruned: TPE ranks it below every complete
-    trial), not a broken set-up: three of them in a row do not end the study."""
+    """A learning rate too high is an answer of the search (pruned and infeasible: TPE ranks it below
+    every complete and pruned trial), not a broken set-up: three of them in a row do not end the study."""
     records.outcome = staticmethod(lambda number: "diverged" if number < 3 else "done")
     settings = settings_of(tmp_path)
     assert launch.study_run(settings, resumed=False) == 0
     assert states(settings.out) == ["PRUNED", "PRUNED", "PRUNED", "COMPLETE"]
     assert "trial 0 PRUNED: fold0 diverged (its loss is no longer finite)" in capsys.readouterr().err
+    # infeasible: TPE ranks it below every complete and pruned trial, however far it got
+    assert [max(t.constraints.values(), default=0.0) > 0 for t in load_trials(settings.out)] == [True] * 3 + [False]
 
 
 @pytest.mark.parametrize("trials, status", [(8, 1), (4, 0)], ids=["trials-owed", "study-full"])

@@ -70,6 +70,17 @@ class TrialRun:
         return f"trial {self.number}"
 
 
+def mark_infeasible(trial: optuna.Trial) -> None:
+    """A violated constraint on a diverged trial. Pruned alone, TPE would rank it by how far it got
+    (a trial that diverged late ranks first among pruned ones, and joins the "good" trials when few
+    completed); infeasible, it ranks below every complete and pruned trial. Optuna 5's
+    ``set_constraint``, else the system attribute earlier versions read constraints from."""
+    if hasattr(trial, "set_constraint"):
+        trial.set_constraint("finite_loss", 1.0)
+    else:
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [1.0])
+
+
 def describe_params(params: dict) -> str:
     return ", ".join(f"{k}={_short(v)}" for k, v in params.items())
 
@@ -227,7 +238,9 @@ class Scheduler:
         failed = run.launch.failed
         if failed:
             job = next((j for j in failed if diverged(j.run_dir)), None)
-            if job is not None:   # the parameters' outcome: pruned, so the sampler learns to avoid them
+            if job is not None:   # the parameters' outcome: pruned, and marked infeasible (below)
+                with self.stops.held():
+                    mark_infeasible(run.trial)
                 self.finish(run, TrialState.PRUNED, f"fold{job.fold} diverged (its loss is no longer finite); "
                             f"log: {job.log}")
                 return
