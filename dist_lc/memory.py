@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lc_common.tiles import IMAGE_SHAPE
+
 from . import distributed
 from .precision import autocast
 
@@ -95,18 +97,27 @@ def saved_bytes_per_tile(net, loss_fn, size: int, device, dtype, channels_last: 
 
 
 def _fits_on_cuda(net, loss_fn, n: int, size: int, device, dtype, channels_last: bool) -> bool:
+    """Whether a training step of ``n`` tiles at ``size``² fits, and validation's forward pass of ``n``
+    whole tiles (no gradients, but at 256²: after a small crop's step, a whole tile can need more)."""
+    logits = None
     image, mask, props = _inputs(n, size, device, channels_last)
     try:
         with _trial(net):
             with autocast(device, dtype):
                 logits = net(image)
             loss_fn(logits, mask, props).sum().backward()
+        logits = image = mask = props = None
+        if size < IMAGE_SHAPE[0]:
+            image = _inputs(n, IMAGE_SHAPE[0], device, channels_last)[0]
+            with _trial(net), torch.no_grad(), autocast(device, dtype):
+                logits = net(image)
         torch.cuda.synchronize(device)
         return True
     except torch.cuda.OutOfMemoryError:
         return False
     finally:
-        del image, mask, props
+        # the failed attempt's activations (held by ``logits``'s graph) freed before the cache is
+        logits = image = mask = props = None
         torch.cuda.empty_cache()
 
 

@@ -797,7 +797,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         fit_schedule_to_time(s, p, started, cost_s, val_s, runlog, stopping=out_of_time)
         bookkeeping = time.monotonic()
         improved = p.judge(score, t.early_stop_min_delta)
-        record_epoch(ckpt, runlog, p, row, improved)
+        record_epoch_agreed(ckpt, runlog, p, row, improved)
         if improved and val:
             best_held = held
         if shown and t.plot_every and p.epoch % t.plot_every == 0:
@@ -830,6 +830,19 @@ def record_epoch(ckpt: Checkpointer, runlog: RunLog, p: Progress, row: dict, imp
         ckpt.save_best(p)
     runlog.epoch(row, best=improved)
     ckpt.save_last(p)
+
+
+def record_epoch_agreed(ckpt: Checkpointer, runlog: RunLog, p: Progress, row: dict, improved: bool) -> None:
+    """:func:`record_epoch` by rank 0, its outcome heard by every rank at the epoch's end: after a
+    failed write (a full disk) the others would start the next epoch and wait in its all-reduce for
+    a rank that is gone, until the collective timeout (under srun or submitit with NCCL, nothing
+    else ends them)."""
+    try:
+        distributed.on_main(record_epoch, ckpt, runlog, p, row, improved)
+    except WriteError as exc:
+        if distributed.is_main():
+            raise
+        raise TrainingError(f"rank 0 failed first: {type(exc).__name__}: {exc}") from None
 
 
 def run_history(runlog: RunLog) -> dict:
