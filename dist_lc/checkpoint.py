@@ -121,13 +121,15 @@ def set_rng_state(state: dict) -> None:
 class Progress:
     """Where a run stands: epochs completed, optimizer steps taken, best score so far, validations
     since the score last beat the early-stopping reference, that reference, and the epochs planned
-    when the schedule was fitted to a time limit (None: train.epochs)."""
+    when the schedule was fitted to a time limit (None: train.epochs), and the dearest validation's
+    seconds (None before the first)."""
     epoch: int = 0
     step: int = 0
     best: float = float("inf")
     stale: int = 0
     planned: int | None = None
     reference: float = float("inf")
+    validation_s: float | None = None
 
     def judge(self, score: float | None, min_delta: float) -> bool:
         """Count one epoch's score (None: not validated); True when it is the best so far (best.pt).
@@ -181,7 +183,7 @@ class Checkpointer:
                 "optimizer": self.parts["optimizer"].state_dict(), "scheduler": self.parts["scheduler"].state_dict(),
                 "scaler": self.parts["scaler"].state_dict(), "epoch": p.epoch, "step": p.step,
                 "best_val_kl": p.best, "stale_validations": p.stale, "planned_epochs": p.planned,
-                "early_stop_reference": p.reference,
+                "early_stop_reference": p.reference, "validation_s": p.validation_s,
                 "rng": rng_state(), "config": to_dict(self.cfg),
                 "manifest_identity": self.manifest.identity, "world_size": self.world_size, "device": self.device.type,
                 "written": uuid.uuid4().hex}   # tells apart two files of the same epoch (see :meth:`resume`)
@@ -266,7 +268,8 @@ class Checkpointer:
         resumed = Resumed(state.get("world_size"), state.get("device"), saved["train"]["epochs"], notes)
         # checkpoints of earlier releases hold no early-stopping reference: it followed the best score
         return Progress(state["epoch"], state["step"], state["best_val_kl"], state.get("stale_validations", 0),
-                        state.get("planned_epochs"), state.get("early_stop_reference", state["best_val_kl"])), resumed
+                        state.get("planned_epochs"), state.get("early_stop_reference", state["best_val_kl"]),
+                        state.get("validation_s")), resumed
 
     def tidied_up(self) -> bool:
         """Whether there is a last.pt to resume, as rank 0 finds it after removing what a killed run

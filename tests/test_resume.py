@@ -254,6 +254,25 @@ def test_ranks_that_read_different_last_pt_stop_together_in_one_line(tmp_path, n
     assert said == sorted(expected), proc.stdout + proc.stderr[-2000:]
 
 
+def test_a_resumed_run_counts_the_validation_cost_of_its_earlier_launches_until_it_validates(tmp_path):
+    """train.val_every > 1 after a requeue: until this launch's first validation, the time checks
+    would count validation as free, and the one forced at the limit could overrun it (killed before
+    last.pt: the epoch lost). last.pt carries the dearest validation so far; a checkpoint of an
+    earlier release, none."""
+    from dist_lc.checkpoint import Progress
+    from dist_lc.train import validation_costs
+
+    tiny_checkpointer(tmp_path).save_last(Progress(epoch=2, step=12, best=0.4, validation_s=3.5))
+    p, _ = tiny_checkpointer(tmp_path).resume()
+    assert p.validation_s == 3.5
+    assert validation_costs([], p) == [3.5] and validation_costs([1.0], p) == [1.0]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    del state["validation_s"]
+    torch.save(state, tmp_path / "checkpoints" / "last.pt")
+    p, _ = tiny_checkpointer(tmp_path).resume()
+    assert p.validation_s is None and validation_costs([], p) == []
+
+
 def test_a_full_disk_inside_torch_save_at_best_pt_is_one_line_naming_it(tmp_path, monkeypatch):
     """torch.save reports a failed write as a RuntimeError whose context is the OSError: the error
     still names best.pt (the file is written under another name until its epoch's last.pt)."""
