@@ -420,10 +420,14 @@ class TrainResult:
         """A stop signal ended the run early: it resumes later from last.pt."""
         return self.stop_reason == "stopped"
 
-def validation_costs(val_s: list, p: Progress) -> list:
+def validation_costs(val_s: list, p: Progress, compiling_first: bool = False) -> list:
     """What a validation costs, for the time checks: this launch's validations, or before its first
     (a resumed run, train.val_every > 1) the dearest of the run's earlier launches, from last.pt:
-    counted as free, the validation forced at the limit could overrun it."""
+    counted as free, the validation forced at the limit could overrun it. ``compiling_first``: the
+    first validation compiled the network's evaluation graph (torch.compile without EMA); once
+    another is measured, it no longer counts (its compile time would be charged to every epoch)."""
+    if compiling_first and len(val_s) > 1:
+        return val_s[1:]
     return val_s if val_s or p.validation_s is None else [p.validation_s]
 
 
@@ -784,15 +788,18 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         train_s.append(time.monotonic() - epoch_started)
         cost_s.append(max(train_s[-1] - compiling, 0.0) + other_s / max(len(cost_s), 1))
         validating = s.val_folds is not None and validates(t, p.epoch, last)
-        out_of_time = should_stop_for_time(s, started, cost_s, validation_costs(val_s, p), validating)
+        compiling_first = s.compiled and s.ema is None   # EMA validates an uncompiled copy
+        out_of_time = should_stop_for_time(s, started, cost_s, validation_costs(val_s, p, compiling_first),
+                                           validating)
         val, shown = {}, None
         if s.val_folds is not None and (validating or out_of_time):
             val_started = time.monotonic()
             val, shown, held = validate(s, s.ema.module if s.ema is not None else s.net, p.epoch)
             val_s.append(time.monotonic() - val_started)
-            p.validation_s = max(p.validation_s or 0.0, val_s[-1])
+            p.validation_s = max(validation_costs(val_s, p, compiling_first))
             # this validation's cost is measured now (the first one's was not known): does another epoch fit?
-            out_of_time = out_of_time or should_stop_for_time(s, started, cost_s, val_s, False)
+            out_of_time = out_of_time or should_stop_for_time(s, started, cost_s,
+                                                              validation_costs(val_s, p, compiling_first), False)
         score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
         if score is not None and is_per_epoch(s.scheduler):
             s.scheduler.step(score)
@@ -802,7 +809,8 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
         # before last.pt is written: the fitted length must be in the checkpoint a resume reads
-        fit_schedule_to_time(s, p, started, cost_s, validation_costs(val_s, p), runlog, stopping=out_of_time)
+        fit_schedule_to_time(s, p, started, cost_s, validation_costs(val_s, p, compiling_first), runlog,
+                             stopping=out_of_time)
         bookkeeping = time.monotonic()
         improved = p.judge(score, t.early_stop_min_delta)
         record_epoch_agreed(ckpt, runlog, p, row, improved)

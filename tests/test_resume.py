@@ -266,6 +266,8 @@ def test_a_resumed_run_counts_the_validation_cost_of_its_earlier_launches_until_
     p, _ = tiny_checkpointer(tmp_path).resume()
     assert p.validation_s == 3.5
     assert validation_costs([], p) == [3.5] and validation_costs([1.0], p) == [1.0]
+    # a compiling first validation counts until a second one is measured
+    assert validation_costs([40.0], p, True) == [40.0] and validation_costs([40.0, 2.0, 3.0], p, True) == [2.0, 3.0]
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     del state["validation_s"]
     torch.save(state, tmp_path / "checkpoints" / "last.pt")
