@@ -504,6 +504,10 @@ def run(args) -> int:
 
     if not 0 <= args.overlap < WINDOW:
         raise InputError(f"--overlap {args.overlap}: must be 0 to {WINDOW - 1} pixels")
+    if args.overlap > WINDOW // 2 and distributed.read_env().is_main:   # legal, but the cost grows fast
+        print(f"warning: --overlap {args.overlap}: windows {WINDOW - args.overlap} px apart, each pixel predicted "
+              f"about {(WINDOW / (WINDOW - args.overlap)) ** 2:.0f} times ({WINDOW // 2} px: 4 times)",
+              file=sys.stderr, flush=True)
     paths = scene_paths(args.scenes)
     aoi = parse_aoi(args.aoi)
     plans = plan_scenes(paths, aoi, args.overlap)

@@ -282,6 +282,16 @@ def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, c
     assert [p.name for p in out.glob("*")] == [".map.lock"] if case == "out in use" else not out.exists()
 
 
+def test_an_overlap_past_half_a_window_is_warned_about_with_its_cost(tiles, tmp_path):
+    """Legal, but a typo (250 for 25) would predict each pixel 1,820 times: said before any work."""
+    scene = mosaic([[tiles[0]]], tmp_path / "s.tif")
+    proc = dist_lc(map_cmd(scene, tmp_path / "out", scene, extra=["--overlap", "192"]), timeout=120)
+    assert "warning: --overlap 192: windows 64 px apart, each pixel predicted about 16 times (128 px: 4 times)" \
+        in proc.stderr.splitlines(), proc.stderr[-2000:]
+    proc = dist_lc(map_cmd(scene, tmp_path / "out", scene, extra=["--overlap", "128"]), timeout=120)
+    assert "--overlap" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_peak_memory_is_bounded_on_a_large_scene(packed_sample, tiles, tmp_path):
     """A 3072 × 4096 scene (12 × 16 tiles, overlap 0) is mapped one row of windows at a time: its
