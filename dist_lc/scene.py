@@ -368,8 +368,13 @@ def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
     x0, y0, x1, y1 = _bounds(geometry)
     left, bottom, right, top = scene.dataset.bounds
     if x1 <= min(left, right) or x0 >= max(left, right) or y1 <= min(bottom, top) or y0 >= max(bottom, top):
-        raise AoiOutside(f"{scene.path}: --aoi lies outside the scene (AOI {x0:.6g},{y0:.6g},{x1:.6g},{y1:.6g}; "
-                         f"scene {left:.6g},{bottom:.6g},{right:.6g},{top:.6g} in its CRS)")
+        digits = 6 if scene.crs.is_geographic else 1   # whole numbers a user can copy back, not 5.4054e+06
+
+        def box(*values: float) -> str:
+            return ",".join(f"{v:.{digits}f}" for v in values)
+
+        raise AoiOutside(f"{scene.path}: --aoi lies outside the scene (AOI {box(x0, y0, x1, y1)}; "
+                         f"scene {box(left, bottom, right, top)} in its CRS)")
     return mask
 
 

@@ -278,6 +278,8 @@ def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, c
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and message in line, line
+    if case == "aoi outside":   # coordinates a user can copy back
+        assert "e+0" not in line and "scene 500000.0,4997440.0,502560.0,5000000.0 in its CRS" in line, line
     # nothing left behind, not even an empty --out
     assert [p.name for p in out.glob("*")] == [".map.lock"] if case == "out in use" else not out.exists()
 
