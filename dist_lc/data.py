@@ -351,7 +351,8 @@ class ShardStream(IterableDataset):
         while buf:
             yield buf.pop(int(rng.integers(len(buf))))
 
-    def __iter__(self):
+    def samples(self):
+        """This worker's samples of the pass, in the order they are batched."""
         wid, start, stop = self._worker_range()
         epoch = self.epoch
         rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
@@ -359,6 +360,10 @@ class ShardStream(IterableDataset):
         stream = self._samples(shards, start, stop, rng)
         if self.train and self.shuffle_buffer > 1:
             stream = self._shuffled(stream, rng)
+        return stream
+
+    def __iter__(self):
+        stream = self.samples()
         if self._counter is None:
             self._counter = BatchCount()
         builder = BatchBuilder(self.batch_size, self.ring, self._counter)

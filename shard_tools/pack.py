@@ -230,6 +230,18 @@ def sample_bytes(split: str) -> int:
     return sum(len(v) + TAR_MEMBER_OVERHEAD for k, v in sample.items() if k != "__key__")
 
 
+def train_order(train: list[Tile], fold_of: np.ndarray, seed: int) -> list[tuple[Tile, str, int]]:
+    """The train tiles grouped by fold, each fold in a seeded random order. Neighbouring ids are
+    neighbouring places with alike labels; in id order a fold's shards would each hold one region,
+    and the loader's small shuffle buffer would then feed batches of one landscape."""
+    rng = np.random.default_rng([int(seed), 1])   # a stream apart from the fold assignment's
+    order = []
+    for k in np.unique(fold_of):
+        members = [t for t, f in zip(train, fold_of) if f == k]
+        order += [(members[i], "train", int(k)) for i in rng.permutation(len(members))]
+    return order
+
+
 def plan_shards(folder: Path, order: list[tuple[Tile, str, int | None]], limit: ShardLimit) -> list[ShardJob]:
     """Consecutive tiles of each group (a fold, or the test split) cut into numbered shards by ``limit``,
     to be written in ``folder`` (the staging folder: they are moved into the output once all are written).
@@ -471,7 +483,7 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
                 props = np.asarray(counts, dtype=np.float64).reshape(-1, NUM_CLASSES) / PIXELS_PER_TILE
                 fold_of = assign_folds(props, folds, seed) if train else np.empty(0, dtype=np.int64)
                 staging = stage(out)
-                order = sorted(((t, "train", int(f)) for t, f in zip(train, fold_of)), key=lambda x: x[2])
+                order = train_order(train, fold_of, seed)
                 jobs = plan_shards(staging, order + [(t, "test", None) for t in test], limit)
                 entries = _write(mapper, jobs, stats, progress)
             manifest = _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats)

@@ -24,6 +24,11 @@ def test_loader(packed_sample):
     assert "rank CPU ms/tile" in bench("loader.py", "--quick", "--shards", packed_sample)
 
 
+def test_batch_mix(sample_root):
+    out = bench("batch_mix.py", "--quick", "--labels", sample_root / "train_labels.csv")
+    assert "now: seeded order in each fold" in out and "random batches" in out
+
+
 def test_shard_io(sample_root, tmp_path):
     assert "max fold KL" in bench("shard_io.py", "--quick", "--src", sample_root, "--work", tmp_path / "w")
 

@@ -78,11 +78,18 @@ def test_layout_counts_and_fold_purity(packed_sample, sample_root):
     assert np.bincount(list(m.data["folds"].values())).tolist() == [60] * 5
 
 
-def test_shards_are_in_numeric_id_order(packed_sample):
+def test_each_folds_tiles_are_spread_over_its_shards_not_in_id_order(packed_sample):
+    """Neighbouring ids are neighbouring places: in id order the shuffle buffer would feed batches of
+    one region. Test tiles stay in id order."""
     m = load_manifest(packed_sample)
     for k in range(m.num_folds):
-        keys = [key for s in m.shards("train", [k]) for key in s["keys"]]
-        assert keys == sorted(keys, key=int)
+        keys = [int(key) for s in m.shards("train", [k]) for key in s["keys"]]
+        by_id = sorted(keys)
+        assert keys != by_id and set(keys) == {int(t) for t, f in m.data["folds"].items() if f == k}
+        gap = np.abs(np.diff(keys)).mean()
+        assert gap > 5 * np.diff(by_id).mean(), gap
+    test_keys = [int(key) for s in m.shards("test") for key in s["keys"]]
+    assert test_keys == sorted(test_keys)
 
 
 def test_props_read_back_equal_train_labels(packed_sample, sample_root):
