@@ -410,12 +410,13 @@ def add_overviews(path: Path, resampling: str) -> None:
 
     with rasterio.open(path, "r+") as dst:
         factors = overview_factors(dst.height, dst.width)
+        if not factors:   # a scene a GIS draws whole from its own pixels
+            return
         # a row of blocks in the cache: with less than a block, GDAL writes back each block it reads
         # (a second copy of the whole file, the first left dead)
         row = math.ceil(dst.width / BLOCK) * BLOCK * BLOCK * dst.count * np.dtype(dst.dtypes[0]).itemsize
         with rasterio.Env(GDAL_CACHEMAX=row + CACHE_MARGIN):
-            if factors:
-                dst.build_overviews(factors, Resampling[resampling])
+            dst.build_overviews(factors, Resampling[resampling])
 
 
 def _with_errno(partial: Path, exc: OSError) -> OSError:

@@ -789,17 +789,17 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         cost_s.append(max(train_s[-1] - compiling, 0.0) + other_s / max(len(cost_s), 1))
         validating = s.val_folds is not None and validates(t, p.epoch, last)
         compiling_first = s.compiled and s.ema is None   # EMA validates an uncompiled copy
-        out_of_time = should_stop_for_time(s, started, cost_s, validation_costs(val_s, p, compiling_first),
-                                           validating)
+        val_costs = validation_costs(val_s, p, compiling_first)
+        out_of_time = should_stop_for_time(s, started, cost_s, val_costs, validating)
         val, shown = {}, None
         if s.val_folds is not None and (validating or out_of_time):
             val_started = time.monotonic()
             val, shown, held = validate(s, s.ema.module if s.ema is not None else s.net, p.epoch)
             val_s.append(time.monotonic() - val_started)
-            p.validation_s = max(validation_costs(val_s, p, compiling_first))
+            val_costs = validation_costs(val_s, p, compiling_first)
+            p.validation_s = max(val_costs)
             # this validation's cost is measured now (the first one's was not known): does another epoch fit?
-            out_of_time = out_of_time or should_stop_for_time(s, started, cost_s,
-                                                              validation_costs(val_s, p, compiling_first), False)
+            out_of_time = out_of_time or should_stop_for_time(s, started, cost_s, val_costs, False)
         score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
         if score is not None and is_per_epoch(s.scheduler):
             s.scheduler.step(score)
@@ -809,8 +809,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
         # before last.pt is written: the fitted length must be in the checkpoint a resume reads
-        fit_schedule_to_time(s, p, started, cost_s, validation_costs(val_s, p, compiling_first), runlog,
-                             stopping=out_of_time)
+        fit_schedule_to_time(s, p, started, cost_s, val_costs, runlog, stopping=out_of_time)
         bookkeeping = time.monotonic()
         improved = p.judge(score, t.early_stop_min_delta)
         record_epoch_agreed(ckpt, runlog, p, row, improved)

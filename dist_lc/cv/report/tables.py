@@ -179,24 +179,25 @@ def check_test_of_shards(fold: FoldTables, test_ids: set[str], shards) -> None:
     """A fold's test.csv predicts the shards' test tiles as they are now: after the shards were packed
     again with other test tiles, the submission would hold the old ones (or the second stage find no
     features for them)."""
-    if fold.test is None:
-        return
-    ids = set(fold.test.index)
-    if ids != test_ids:
-        lacks, extra = sorted(test_ids - ids), sorted(ids - test_ids)
-        raise InputError(f"{fold.run_dir / TEST}: not the test tiles of {shards} ({len(lacks)} missing, "
-                         f"{len(extra)} extra: {few([*lacks, *extra])}); were the shards packed again since?")
+    if fold.test is not None and set(fold.test.index) != test_ids:
+        raise InputError(f"{fold.run_dir / TEST}: not the test tiles of {shards} "
+                         f"({_difference(test_ids, fold.test.index)}); were the shards packed again since?")
 
 
 def check_test_tiles(folds: list[FoldTables]) -> None:
     """Every fold's test.csv predicts the same tiles (the submission is their mean, tile by tile)."""
     tests = [f for f in folds if f.test is not None]
     for f in tests[1:]:
-        first, ids = tests[0].test.index, f.test.index
-        if set(ids) != set(first):
-            lacks, extra = first.difference(ids), ids.difference(first)
+        if set(f.test.index) != set(tests[0].test.index):
             raise InputError(f"{f.run_dir / TEST}: not the test tiles of {tests[0].run_dir / TEST} "
-                             f"({len(lacks)} missing, {len(extra)} extra: {few([*lacks, *extra])})")
+                             f"({_difference(tests[0].test.index, f.test.index)})")
+
+
+def _difference(expected, found) -> str:
+    """'N missing, M extra: a few of them' between two sets of tile ids."""
+    expected, found = set(expected), set(found)
+    lacks, extra = sorted(expected - found), sorted(found - expected)
+    return f"{len(lacks)} missing, {len(extra)} extra: {few([*lacks, *extra])}"
 
 
 # ----------------------------------------------------------------------------- from the shards
