@@ -88,12 +88,13 @@ def print_interleaved(setting: str, what: str, seconds: dict, before: str = "bef
     print(f"\n{after} / {before}: {median(seconds[after]) / median(seconds[before]):.2f}")
 
 
-def ensure_shards(out: Path, src: Path = SAMPLE_SRC) -> Path:
-    """A shard folder of the real sample: ``out`` if it already has a manifest, else packed there."""
+def ensure_shards(out: Path, src: Path = SAMPLE_SRC, block_size: str = "auto") -> Path:
+    """A shard folder of the real sample: ``out`` if it already has a manifest, else packed there
+    (``block_size``: ``lc-shard pack --block-size``)."""
     if (out / "manifest.json").is_file():
         return out
-    subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(src), "--out", str(out)],
-                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(src), "--out", str(out),
+                    "--block-size", str(block_size)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return out
 
 

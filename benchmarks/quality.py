@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--src", type=Path, default=SAMPLE_SRC)
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--block-size", default="auto", help="lc-shard pack --block-size of the sample's pack")
     ap.add_argument("--methods", default="baseline,gbm,stack,cv,joint")
     ap.add_argument("--recipe", type=Path, default=REPO / "configs" / "recommended.yaml")
     ap.add_argument("--fold-minutes", type=float, nargs="+", default=[5.0], help="train.time_limit of each fold")
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
         args.set += ["data.crop=32", "model.filters=8", "model.upconv_filters=8", "data.workers=0"]
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    shards = ensure_shards(args.work / "shards", args.src)
+    shards = ensure_shards(args.work / "shards", args.src, args.block_size)
     tiles = pixel_gbm.load_tiles(shards)
     keep = np.isin(tiles.folds, args.folds)
     truth = pd.DataFrame(tiles.props[keep], index=np.asarray(tiles.keys)[keep], columns=CLASSES)

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--out", required=True, help="shard folder to create")
     pack.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     pack.add_argument("--seed", type=int, default=0, help="fold assignment seed (default 0)")
+    pack.add_argument("--block-size", default="auto", metavar="N|auto",
+                      help="train tiles of consecutive ids that go to one fold together, so that a fold holds "
+                           "out regions (1: tile by tile; default auto: 500, fewer for a small set)")
     size = pack.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, help="samples per shard")
     size.add_argument("--shard-size", type=float, metavar="MB", help="shard size in MB (default 100)")
@@ -38,7 +41,7 @@ def _run(args) -> None:
     if args.command == "pack":
         from .pack import pack
 
-        manifest = pack(args.src, args.out, folds=args.folds, seed=args.seed,
+        manifest = pack(args.src, args.out, folds=args.folds, seed=args.seed, block_size=args.block_size,
                         samples_per_shard=args.samples_per_shard, shard_size_mb=args.shard_size,
                         workers=args.workers, overwrite=args.overwrite, progress=sys.stderr.isatty())
         counts = manifest.data["counts"]

@@ -82,6 +82,12 @@ def _channel_table(manifest: Manifest) -> list[str]:
     return lines
 
 
+def _blocks(size) -> str:
+    if size is None:
+        return "tile by tile"   # a pack made before blocks
+    return "tile by tile" if size == 1 else f"blocks of {size} consecutive ids"
+
+
 def describe(root) -> str:
     """Folds, counts per split and fold, class distribution and KL per fold, channel statistics."""
     m = load_manifest(root)
@@ -90,7 +96,8 @@ def describe(root) -> str:
             f"source   {d.get('source', '?')}",
             f"format   {d['format_version']} (tool {d.get('tool_version', '?')}, encoding "
             + ", ".join(f"{k}={v}" for k, v in d.get("encoding", {}).items()) + ")",
-            f"folds    {m.num_folds} (seed {d.get('seed', '?')}); train {d['counts'].get('train', 0)}, "
+            f"folds    {m.num_folds} (seed {d.get('seed', '?')}, {_blocks(d.get('block_size'))}); "
+            f"train {d['counts'].get('train', 0)}, "
             f"test {d['counts'].get('test', 0)} tiles"]
     sections = [head,
                 ["", "samples per split and fold"] + _counts_table(m),

@@ -63,14 +63,23 @@ def visit_order(props: np.ndarray, weights: np.ndarray, rng: np.random.Generator
     return np.lexsort((rng.permutation(len(props)), stratum))
 
 
-def assign_folds(props, k: int, seed: int = 0) -> np.ndarray:
-    """Fold index (0..k-1) of each row of ``props`` (n × classes). Deterministic for ``seed``."""
+def assign_folds(props, k: int, seed: int = 0, groups=None) -> np.ndarray:
+    """Fold index (0..k-1) of each row of ``props`` (n × classes). Deterministic for ``seed``.
+
+    ``groups`` (one label per row): rows of a group go to one fold together, the group weighing as
+    its tiles (spatial blocks: neighbouring tiles look alike, so a tile's neighbour in the training
+    folds tells the model its label). Fold sizes then differ by up to a group's size."""
     props = np.asarray(props, dtype=np.float64)
     n = len(props)
     if k < 1:
         raise ValueError(f"need at least one fold, got {k}")
-    if n < k:
-        raise ValueError(f"cannot split {n} tiles into {k} folds")
+    labels, rows = np.unique(np.arange(n) if groups is None else np.asarray(groups), return_inverse=True)
+    if len(labels) < k:
+        raise ValueError(f"cannot split {len(labels)} {'tiles' if groups is None else 'blocks'} into {k} folds")
+    counts = np.bincount(rows, minlength=len(labels))
+    items = np.zeros((len(labels), props.shape[1]))
+    np.add.at(items, rows, props)
+    items /= counts[:, None]   # a group's mean proportions (a tile's own when groups is None)
     rng = np.random.default_rng(seed)
     sizes = fold_sizes(n, k, rng)
     weights = rarity_weights(props)
@@ -78,12 +87,13 @@ def assign_folds(props, k: int, seed: int = 0) -> np.ndarray:
     mass = np.zeros_like(target)
     filled = np.zeros(k, dtype=np.int64)
     fold_rank = rng.permutation(k)  # seeded tie-break between equally needy folds
-    folds = np.empty(n, dtype=np.int64)
-    for i in visit_order(props, weights, rng):
-        need = quantised(dot_rows(mass - target, weights * props[i]))
-        need[filled >= sizes] = np.inf
+    fold_of_item = np.empty(len(labels), dtype=np.int64)
+    for i in visit_order(items, weights, rng):
+        need = quantised(dot_rows(mass - target, weights * items[i]))
+        full = 2 * filled + counts[i] > 2 * sizes   # a group would overshoot by more than half of it
+        need[full if not full.all() else filled > filled.min()] = np.inf
         best = np.lexsort((fold_rank, need))[0]
-        folds[i] = best
-        mass[best] += props[i]
-        filled[best] += 1
-    return folds
+        fold_of_item[i] = best
+        mass[best] += counts[i] * items[i]
+        filled[best] += counts[i]
+    return fold_of_item[rows]

@@ -6,7 +6,7 @@ Schema (format_version 1)::
       "format_version": 1, "tool_version": "0.1.0", "created": "<iso time>", "source": "<abs path>",
       "class_names": [10 names], "encoding": {"image": "npy", "mask": "npy", "props": "npy"},
       "image_shape": [256, 256, 4], "image_dtype": "uint16", "mask_dtype": "uint8",
-      "num_folds": 5, "seed": 0,
+      "num_folds": 5, "seed": 0, "block_size": 15,     # train tiles of consecutive ids per fold block
       "counts": {"train": 300, "test": 24},
       "shards": [{"name": "train-f0-000000.tar", "split": "train", "fold": 0,
                   "count": 60, "bytes": 35000000, "sha256": "...", "keys": ["1", "7", ...]}, ...],

@@ -52,6 +52,11 @@ TAR_MEMBER_OVERHEAD = 1024  # header + padding per member, for the size-based sh
 PIXELS_PER_TILE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 STAGING_NAME = ".pack-staging"  # in the output folder: on its file system, so a shard moves in by a rename
 LOCK_NAME = ".pack.lock"  # in the output folder while a pack writes there
+# Folds of whole blocks of consecutive ids: the challenge numbers tiles row by row over a region, and a
+# tile whose neighbours are in the training folds is scored as no held-out region would score it (at
+# 500, about 11 rows; docs/BENCHMARKS.md, "Folds that hold out regions").
+MAX_AUTO_BLOCK = 500
+BLOCKS_PER_FOLD = 4
 
 
 @dataclass(frozen=True)
@@ -414,6 +419,24 @@ def _check_folds(folds: int, n_train: int) -> None:
         raise InputError(f"cannot split {n_train} train tiles into {folds} folds")
 
 
+def block_size_for(block_size, folds: int, n_train: int) -> int:
+    """Train tiles per block of consecutive ids that go to one fold together. ``auto``: at most
+    ``MAX_AUTO_BLOCK``, and at least ``BLOCKS_PER_FOLD`` blocks in each fold (1, tile by tile, for a
+    set too small for that)."""
+    if block_size == "auto":
+        return int(min(MAX_AUTO_BLOCK, max(1, n_train // (BLOCKS_PER_FOLD * folds))))
+    try:
+        size = int(block_size)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or str(block_size).strip() != str(size):
+        raise InputError(f"--block-size must be a whole number of tiles (1: tile by tile) or auto, got {block_size!r}")
+    if 0 < n_train and -(-n_train // size) < folds:
+        raise InputError(f"--block-size {size}: {n_train} train tiles make {-(-n_train // size)} block(s), "
+                         f"fewer than the {folds} folds")
+    return size
+
+
 # ---------------------------------------------------------------- pack
 
 
@@ -439,7 +462,7 @@ def _write(mapper, jobs: list[ShardJob], stats: ChannelStats, progress: bool) ->
     return entries
 
 
-def _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats) -> dict:
+def _manifest(src, train, test, fold_of, counts, folds, seed, block, entries, stats) -> dict:
     fold_pixels = {str(k): [0] * NUM_CLASSES for k in range(folds)}
     for f, c in zip(fold_of, counts):
         fold_pixels[str(f)] = [a + int(b) for a, b in zip(fold_pixels[str(f)], c)]
@@ -448,7 +471,7 @@ def _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats) ->
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": str(src.resolve()),
         "class_names": list(CLASS_NAMES), "encoding": dict(ENCODING),
         "image_shape": list(IMAGE_SHAPE), "image_dtype": IMAGE_DTYPE.name, "mask_dtype": MASK_DTYPE.name,
-        "num_folds": int(folds), "seed": int(seed),
+        "num_folds": int(folds), "seed": int(seed), "block_size": int(block),
         "counts": {"train": len(train), "test": len(test)},
         "shards": entries,
         "folds": {t.id: int(f) for t, f in zip(train, fold_of)},
@@ -457,11 +480,12 @@ def _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats) ->
     }
 
 
-def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=None, workers=None,
-         overwrite=False, progress=True) -> Manifest:
+def pack(src, out, *, folds=5, seed=0, block_size="auto", samples_per_shard=None, shard_size_mb=None,
+         workers=None, overwrite=False, progress=True) -> Manifest:
     """Pack ``src`` (challenge layout) into fold-pure shards in ``out``; returns the loaded manifest.
 
-    ``folds``/``seed``: the stratified fold assignment. ``samples_per_shard`` or ``shard_size_mb``
+    ``folds``/``seed``: the stratified fold assignment; ``block_size``: tiles of consecutive ids that
+    share a fold (:func:`block_size_for`: neighbouring ids are neighbouring places). ``samples_per_shard`` or ``shard_size_mb``
     (default 100 MB): where a shard ends. ``workers``: reader processes (None: CPUs up to 16;
     0 or 1: read in this process). ``overwrite``: replace the shards and manifest of a non-empty
     ``out``, once every new shard is written (both packs are on the disk until then). Bad input raises
@@ -472,6 +496,7 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
     limit = shard_limit(samples_per_shard, shard_size_mb)
     train, test = scan_source(src)
     _check_folds(folds, len(train))
+    block = block_size_for(block_size, folds, len(train))
     check_out(out, overwrite)   # before any work
     stats = ChannelStats(IMAGE_SHAPE[2])
     workers = default_workers() if workers is None else int(workers)
@@ -481,12 +506,13 @@ def pack(src, out, *, folds=5, seed=0, samples_per_shard=None, shard_size_mb=Non
             with _mapper(workers) as mapper:
                 counts = _survey(mapper, train + test, progress)[: len(train)]
                 props = np.asarray(counts, dtype=np.float64).reshape(-1, NUM_CLASSES) / PIXELS_PER_TILE
-                fold_of = assign_folds(props, folds, seed) if train else np.empty(0, dtype=np.int64)
+                blocks = np.arange(len(train)) // block   # train is in id order
+                fold_of = assign_folds(props, folds, seed, blocks) if train else np.empty(0, dtype=np.int64)
                 staging = stage(out)
                 order = train_order(train, fold_of, seed)
                 jobs = plan_shards(staging, order + [(t, "test", None) for t in test], limit)
                 entries = _write(mapper, jobs, stats, progress)
-            manifest = _manifest(src, train, test, fold_of, counts, folds, seed, entries, stats)
+            manifest = _manifest(src, train, test, fold_of, counts, folds, seed, block, entries, stats)
             publish(staging, out, [e["name"] for e in entries], manifest)
         finally:
             if staging is not None:   # after the pool has drained: no worker still writes there

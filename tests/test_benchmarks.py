@@ -29,6 +29,11 @@ def test_batch_mix(sample_root):
     assert "now: seeded order in each fold" in out and "random batches" in out
 
 
+def test_spatial_folds(sample_root):
+    out = bench("spatial_folds.py", "--quick", "--labels", sample_root / "train_labels.csv")
+    assert "held-out ranges (the truth)" in out and "blocks of 100 ids" in out
+
+
 def test_shard_io(sample_root, tmp_path):
     assert "max fold KL" in bench("shard_io.py", "--quick", "--src", sample_root, "--work", tmp_path / "w")
 

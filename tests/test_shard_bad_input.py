@@ -162,6 +162,9 @@ def test_source_folder_missing_or_empty(tmp_path, capsys, case):
     (["--folds", "4"], "cannot split 3 train tiles into 4 folds"),
     (["--samples-per-shard", "0"], "samples per shard must be at least 1"),
     (["--shard-size", "0"], "shard size must be positive"),
+    (["--folds", "2", "--block-size", "0"], "--block-size must be a whole number of tiles (1: tile by tile) or auto, got '0'"),
+    (["--folds", "2", "--block-size", "2.5"], "--block-size must be a whole number of tiles (1: tile by tile) or auto, got '2.5'"),
+    (["--folds", "2", "--block-size", "3"], "--block-size 3: 3 train tiles make 1 block(s), fewer than the 2 folds"),
 ])
 def test_bad_options(src, tmp_path, capsys, args, problem):
     assert main(["pack", "--src", str(src), "--out", str(tmp_path / "out"), *args]) == 2
