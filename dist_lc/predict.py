@@ -8,6 +8,7 @@ challenge's TIFFs (``--images``, e.g. ``test/images/`` as it comes); both give t
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,15 @@ def load_network(path, device: torch.device):
     return net, cfg, state.get("manifest_identity")
 
 
+def same_folder(shards, root) -> bool:
+    """Whether a config's ``data.shards`` names the folder ``root`` (a Location) is read from."""
+    if shards is None:
+        return False
+    if root.remote:
+        return str(shards).rstrip("/") == root.text
+    return Path(shards).resolve() == root.path
+
+
 class Ensemble:
     """One or more checkpoints on a device, each in its own precision; ``tta``: the 8 flips/rotations."""
 
@@ -66,12 +76,16 @@ class Ensemble:
 
     def in_sample(self, manifest, folds: list[int] | None) -> list[str]:
         """A line for each member that trained on some of the train ``folds`` (None: all) of these
-        very shards: its predictions of them are in-sample, and their KL optimistic. Shards packed
-        otherwise (another seed, other tiles) or an older checkpoint say nothing here."""
+        very shards: its predictions of them are in-sample, and their KL optimistic. A member trained
+        on an earlier pack of the same folder may have had other folds (another seed or block size):
+        said too. Other shards, or an older checkpoint, say nothing here."""
         asked = set(range(manifest.num_folds) if folds is None else folds)
         out = []
         for path, (_, cfg), identity in zip(self.checkpoints, self.members, self.trained_on):
             if identity != manifest.identity:
+                if identity is not None and same_folder(cfg.data.shards, manifest.root):
+                    out.append(f"{path}: trained on an earlier pack of {manifest.root}, whose folds may not be "
+                               "these: some of these tiles may be in-sample, their KL optimistic")
                 continue
             seen = sorted(asked - {cfg.data.fold})
             if seen:

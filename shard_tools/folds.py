@@ -20,8 +20,8 @@ another, and from one row to the next) and the needs compared at 12 significant 
 the last bits of a mass summed in another order do not decide. The same seed then gives the same
 folds on every machine.
 
-Compared with dealing a sorted list round-robin and with a random split in
-docs/BENCHMARKS.md ("Fold stratification").
+``groups`` makes the items whole blocks of tiles (``lc-shard pack --block-size``); balance and
+truthfulness of tile-by-tile and block folds: docs/BENCHMARKS.md ("Folds that hold out regions").
 """
 from __future__ import annotations
 

@@ -485,8 +485,8 @@ def pack(src, out, *, folds=5, seed=0, block_size="auto", samples_per_shard=None
     """Pack ``src`` (challenge layout) into fold-pure shards in ``out``; returns the loaded manifest.
 
     ``folds``/``seed``: the stratified fold assignment; ``block_size``: tiles of consecutive ids that
-    share a fold (:func:`block_size_for`: neighbouring ids are neighbouring places). ``samples_per_shard`` or ``shard_size_mb``
-    (default 100 MB): where a shard ends. ``workers``: reader processes (None: CPUs up to 16;
+    share a fold (:func:`block_size_for`: neighbouring ids are neighbouring places).
+    ``samples_per_shard`` or ``shard_size_mb`` (default 100 MB): where a shard ends. ``workers``: reader processes (None: CPUs up to 16;
     0 or 1: read in this process). ``overwrite``: replace the shards and manifest of a non-empty
     ``out``, once every new shard is written (both packs are on the disk until then). Bad input raises
     :class:`InputError`; a run that fails while reading or writing leaves no file of its own behind

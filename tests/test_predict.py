@@ -82,6 +82,23 @@ def test_predicting_folds_a_checkpoint_trained_on_warns_that_they_are_in_sample(
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_member_trained_on_an_earlier_pack_of_the_same_folder_is_warned_of(tiny_shards, tmp_path):
+    """The folder packed again (another seed, or blocks where the old pack drew tiles): the member's
+    folds may not be these, and no identity tells which tiles it saw."""
+    from dist_lc.config import load_config
+    from dist_lc.predict import Ensemble
+
+    manifest = load_manifest(tiny_shards)
+    ensemble = object.__new__(Ensemble)
+    ensemble.checkpoints = ["a.pt", "b.pt", "c.pt"]
+    ensemble.members = [(None, load_config(None, [f"data.shards={where}", "data.fold=0"]))
+                        for where in (tiny_shards, tiny_shards, tmp_path / "other")]
+    ensemble.trained_on = ["an earlier pack", None, "another folder"]   # b.pt: a checkpoint without one
+    assert ensemble.in_sample(manifest, [0]) == [
+        f"a.pt: trained on an earlier pack of {tiny_shards}, whose folds may not be these: some of these tiles "
+        "may be in-sample, their KL optimistic"]
+
+
 def test_test_split_tta_and_ensemble(smoke_run, tiny_shards):
     ids = [k for s in load_manifest(tiny_shards).shards("test") for k in s["keys"]]
     plain = predict([best(smoke_run)], tiny_shards, "test", workers=0)

@@ -52,7 +52,7 @@ def cv(tmp_path, monkeypatch):
     truth = table(ids, proportions(rng, n))
     truth.insert(0, "fold", np.repeat([0, 1, 2], PER_FOLD))
     monkeypatch.setattr(tables, "read_truth", lambda cv_dir, shards: truth)
-    monkeypatch.setattr(tables, "read_test_ids", lambda shards: set(TEST_IDS))
+    monkeypatch.setattr(tables, "read_shard_facts", lambda shards: tables.ShardFacts(set(TEST_IDS), 2))
     cv_dir = tmp_path / "cv"
     config = to_dict(load_config("configs/smoke.yaml", [f"data.shards={tmp_path / 'shards'}", "cv.folds=[0,1,2]",
                                                        "cv.second_stage=false"]))
@@ -94,6 +94,7 @@ def test_a_finished_folder_reports(cv):
     assert cli.main(["report", str(cv)]) == 0
     report = json.loads((cv / "report.json").read_text())
     assert [f["fold"] for f in report["folds"]] == [0, 1, 2] and report["submission"]["folds"] == [0, 1, 2]
+    assert report["fold_blocks"] == 2 and "folds [0, 1, 2] (blocks of 2 consecutive ids)" in (cv / "report.md").read_text()
 
 
 def test_the_fold_table_says_which_folds_a_time_limit_or_early_stop_ended(cv):

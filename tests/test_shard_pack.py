@@ -142,8 +142,7 @@ def _max_fold_kl(props, fold):
 
 
 def test_folds_are_stratified(packed_sample, sample_root):
-    """Tile by tile: < 1e-3 on the sample (a random split: ~4e-3, docs/BENCHMARKS.md); in blocks,
-    better than a random deal of the same blocks."""
+    """Tile by tile: < 1e-3 on the sample; in blocks, better than a random deal of the same blocks."""
     kl = fold_kl(load_manifest(packed_sample))
     assert len(kl) == 5
     labels = pd.read_csv(sample_root / "train_labels.csv").set_index("sample_id")

@@ -67,6 +67,7 @@ class CVTables:
     plan: Plan
     truth: pd.DataFrame              # per train tile: "fold", then the true proportions
     points: list[PointTables]        # in the plan's order
+    block_size: int | None           # train tiles of consecutive ids per fold block (None: a pack before blocks)
 
     def point(self, name: str) -> PointTables:
         return next(p for p in self.points if p.point.name == name)
@@ -80,11 +81,11 @@ def read_folder(cv_dir) -> CVTables:
         raise InputError(f"{plan.cv_dir}: no fold has finished yet (no done.json); nothing to report")
     shards = plan.config.data.shards
     truth = read_truth(plan.cv_dir, shards)
-    test_ids = read_test_ids(shards)
+    facts = read_shard_facts(shards)
     for fold in (f for p in points for f in p.folds):
         check_oof_tiles(fold, truth, shards)
-        check_test_of_shards(fold, test_ids, shards)
-    return CVTables(plan, truth, points)
+        check_test_of_shards(fold, facts.test_ids, shards)
+    return CVTables(plan, truth, points, facts.block_size)
 
 
 def read_point(plan: Plan, point: Point) -> PointTables:
@@ -202,9 +203,16 @@ def _difference(expected, found) -> str:
 
 # ----------------------------------------------------------------------------- from the shards
 
-def read_test_ids(shards) -> set[str]:
-    """The shards' test tiles: what every fold's test.csv must predict."""
-    return {str(k) for entry in load_manifest(shards).shards("test") for k in entry["keys"]}
+@dataclass(frozen=True)
+class ShardFacts:
+    test_ids: set[str]        # what every fold's test.csv must predict
+    block_size: int | None    # how the folds were drawn (``lc-shard pack --block-size``)
+
+
+def read_shard_facts(shards) -> ShardFacts:
+    manifest = load_manifest(shards)
+    return ShardFacts({str(k) for entry in manifest.shards("test") for k in entry["keys"]},
+                      manifest.data.get("block_size"))
 
 
 def read_truth(cv_dir: Path, shards) -> pd.DataFrame:

@@ -65,6 +65,13 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def fold_scheme(block_size) -> str:
+    """How the shards' folds were drawn (``lc-shard pack --block-size``)."""
+    if block_size is None or block_size == 1:   # None: a pack made before blocks
+        return "tile by tile: a tile's neighbours were in the training folds"
+    return f"blocks of {block_size} consecutive ids"
+
+
 # how a fold's training ended, beside its epochs, where it was not its schedule's end (done.json
 # before this was recorded has no stop_reason)
 ENDED = {"time_limit": " (time limit)", "early_stop": " (early stop)"}
@@ -73,7 +80,8 @@ ENDED = {"time_limit": " (time limit)", "early_stop": " (early stop)"}
 def markdown(report: dict) -> str:
     best = f" · best grid point **{report['name']}**" if report.get("grid") else ""
     lines = [f"# Cross-validation report: {report['cv_dir']}", "",
-             f"{report['created']} · executor {report['executor']} · folds {report['folds_planned']} · "
+             f"{report['created']} · executor {report['executor']} · folds {report['folds_planned']} "
+             f"({fold_scheme(report.get('fold_blocks'))}) · "
              f"TTA {'on' if report['tta'] else 'off'}{best}",
              "", "| fold | best epoch | best val KL | oof KL | final train loss | epochs | train s | predict s | "
              "job s | outside epochs |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -38,7 +38,8 @@ def write_report(folder: CVTables, blocks: list[dict], best: dict, corrections: 
         else:
             remove(plan.cv_dir / file)
     report = {"cv_dir": str(plan.cv_dir), "created": now(), "executor": plan.executor, "tta": plan.config.cv.tta,
-              "folds_planned": plan.folds, "complete": all(b["complete"] for b in blocks), **best,
+              "folds_planned": plan.folds, "fold_blocks": folder.block_size,
+              "complete": all(b["complete"] for b in blocks), **best,
               "calibration": corrections.calibration, "second_stage": corrections.second_stage,
               "choice_nested": corrections.nested,
               "submission": write_submission(plan, best_tables, corrections),
