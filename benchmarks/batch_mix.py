@@ -1,5 +1,6 @@
 """How mixed the training batches are at the challenge's full size: each fold packed in a seeded random
-order (``lc-shard pack`` now) against in id order (the pack before), in the trainer's own sample order.
+order (``lc-shard pack`` now) against in id order, with folds of blocks of ids (now) and tile by tile (the
+pack before), in the trainer's own sample order.
 
     python benchmarks/batch_mix.py [--labels CSV] [--micro 16] [--layouts 1x2 8x8] [--epochs 2]
     python benchmarks/batch_mix.py --quick          # the test suite's smoke run
@@ -26,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SAMPLE_SRC, machine_line, table  # noqa: E402
 
 FOLDS, SEED, SHUFFLE_BUFFER, VALIDATION_FOLD = 5, 0, 64, 0
+PACKS = (   # name, tiles in id order within a fold, --block-size
+    ("now: blocks of ids, each fold in a seeded order", False, "auto"),
+    ("blocks of ids, each fold in id order", True, "auto"),
+    ("before: tile by tile, each fold in id order", True, "1"),
+)
 
 
 def id_order(train, fold_of, seed):
@@ -33,15 +39,17 @@ def id_order(train, fold_of, seed):
     return sorted(((t, "train", int(f)) for t, f in zip(train, fold_of)), key=lambda x: x[2])
 
 
-def planned_shards(labels: pd.DataFrame, in_id_order: bool) -> tuple[list[tuple[str, int]], dict]:
+def planned_shards(labels: pd.DataFrame, in_id_order: bool, block: str) -> tuple[list[tuple[str, int]], dict]:
     """(name, count) of each training shard of folds other than the validation one, in manifest
-    order, and each shard's (ids, proportions)."""
+    order, and each shard's (ids, proportions); ``labels`` in id order, folds of ``block``
+    (``--block-size``) tiles."""
     from shard_tools import pack
 
     props = labels.to_numpy(np.float64)
     props = props / props.sum(1, keepdims=True)
     tiles = [pack.Tile(str(i), Path(f"{i}.tif"), Path(f"{i}.tif")) for i in labels.index]
-    fold_of = pack.assign_folds(props, FOLDS, SEED)
+    blocks = np.arange(len(tiles)) // pack.block_size_for(block, FOLDS, len(tiles))
+    fold_of = pack.assign_folds(props, FOLDS, SEED, blocks)
     order = (id_order if in_id_order else pack.train_order)(tiles, fold_of, SEED)
     row = {t.id: k for k, t in enumerate(tiles)}
     jobs = [j for j in pack.plan_shards(Path("."), order, pack.shard_limit(None, None)) if j.fold != VALIDATION_FOLD]
@@ -110,23 +118,22 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the first 2,000 tiles, one epoch (a smoke run)")
     args = ap.parse_args(argv)
-    labels = pd.read_csv(args.labels).set_index("sample_id")
+    labels = pd.read_csv(args.labels).set_index("sample_id").sort_index()
     if args.quick:
         labels, args.epochs = labels.iloc[:2000], 1
-    packs = {name: planned_shards(labels, in_id) for name, in_id in (("now", False), ("before", True))}
+    packs = {name: planned_shards(labels, in_id, block) for name, in_id, block in PACKS}
     rows = []
     for layout in args.layouts:
         world, workers = (int(x) for x in layout.split("x"))
         found = {name: [b for e in range(args.epochs) for b in epoch_batches(*packs[name], world, workers, args.micro, e)]
                  for name in packs}
         for name, batches in found.items():
-            rows.append([layout, f"{name}: seeded order in each fold" if name == "now" else f"{name}: id order",
-                         *(f"{x:.3f}" if k == 0 else f"{x:.0f}" for k, x in enumerate(pair_stats(batches))),
+            rows.append([layout, name, *(f"{x:.3f}" if k == 0 else f"{x:.0f}" for k, x in enumerate(pair_stats(batches))),
                          len(batches)])
         rows.append([layout, "random batches of the same tiles",
-                     *(f"{x:.3f}" if k == 0 else f"{x:.0f}" for k, x in enumerate(pair_stats(random_batches(found["now"])))),
-                     "–"])
-    shards = len(packs["now"][0])
+                     *(f"{x:.3f}" if k == 0 else f"{x:.0f}"
+                       for k, x in enumerate(pair_stats(random_batches(found[PACKS[0][0]])))), "–"])
+    shards = len(packs[PACKS[0][0]][0])
     print(f"Machine: {machine_line()}; {args.labels} ({len(labels)} tiles), {FOLDS} folds (fold {VALIDATION_FOLD} "
           f"held out), {shards} training shards of 100 MB, micro-batches of {args.micro}, shuffle buffer "
           f"{SHUFFLE_BUFFER}, {args.epochs} epoch(s)\n")

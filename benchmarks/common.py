@@ -92,6 +92,13 @@ def ensure_shards(out: Path, src: Path = SAMPLE_SRC, block_size: str = "auto") -
     """A shard folder of the real sample: ``out`` if it already has a manifest, else packed there
     (``block_size``: ``lc-shard pack --block-size``)."""
     if (out / "manifest.json").is_file():
+        from shard_tools.manifest import load_manifest
+        from shard_tools.pack import block_size_for
+
+        m = load_manifest(out)
+        made, asked = m.data.get("block_size", 1), block_size_for(block_size, m.num_folds, m.data["counts"]["train"])
+        if made != asked:
+            raise SystemExit(f"{out}: packed with --block-size {made}, not {asked}; use another --work")
         return out
     subprocess.run([sys.executable, "-m", "shard_tools", "pack", "--src", str(src), "--out", str(out),
                     "--block-size", str(block_size)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)

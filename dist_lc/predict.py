@@ -8,7 +8,6 @@ challenge's TIFFs (``--images``, e.g. ``test/images/`` as it comes); both give t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,7 @@ import torch.distributed as dist
 from lc_common.atomic import check_parent, write_csv_atomic
 from lc_common.errors import InputError, first_sentence, one_line, print_error, said
 from lc_common.tiles import CLASS_NAMES
-from shard_tools.manifest import load_manifest
+from shard_tools.manifest import Location, load_manifest
 
 from . import checkpoint as ckpt
 from . import confusion, distributed, pixel_metrics
@@ -56,12 +55,12 @@ def load_network(path, device: torch.device):
 
 
 def same_folder(shards, root) -> bool:
-    """Whether a config's ``data.shards`` names the folder ``root`` (a Location) is read from."""
-    if shards is None:
+    """Whether a config's ``data.shards`` names the folder ``root`` (a Location) is read from (a
+    relative path as seen from here: the training may have run elsewhere)."""
+    try:
+        return shards is not None and str(Location(shards)) == str(root)
+    except InputError:   # what the training read is not a folder this release reads
         return False
-    if root.remote:
-        return str(shards).rstrip("/") == root.text
-    return Path(shards).resolve() == root.path
 
 
 class Ensemble:

@@ -82,10 +82,11 @@ def _channel_table(manifest: Manifest) -> list[str]:
     return lines
 
 
-def _blocks(size) -> str:
-    if size is None:
-        return "tile by tile"   # a pack made before blocks
-    return "tile by tile" if size == 1 else f"blocks of {size} consecutive ids"
+def fold_scheme(block_size) -> str:
+    """How a pack drew its folds (``block_size`` from its manifest; None: a pack made before blocks)."""
+    if block_size is None or block_size == 1:
+        return "tile by tile: a tile's neighbours were in the other folds"
+    return f"blocks of {block_size} consecutive ids"
 
 
 def describe(root) -> str:
@@ -96,7 +97,7 @@ def describe(root) -> str:
             f"source   {d.get('source', '?')}",
             f"format   {d['format_version']} (tool {d.get('tool_version', '?')}, encoding "
             + ", ".join(f"{k}={v}" for k, v in d.get("encoding", {}).items()) + ")",
-            f"folds    {m.num_folds} (seed {d.get('seed', '?')}, {_blocks(d.get('block_size'))}); "
+            f"folds    {m.num_folds} (seed {d.get('seed', '?')}, {fold_scheme(d.get('block_size'))}); "
             f"train {d['counts'].get('train', 0)}, "
             f"test {d['counts'].get('test', 0)} tiles"]
     sections = [head,

@@ -88,10 +88,13 @@ def assign_folds(props, k: int, seed: int = 0, groups=None) -> np.ndarray:
     filled = np.zeros(k, dtype=np.int64)
     fold_rank = rng.permutation(k)  # seeded tie-break between equally needy folds
     fold_of_item = np.empty(len(labels), dtype=np.int64)
-    for i in visit_order(items, weights, rng):
+    for placed, i in enumerate(visit_order(items, weights, rng)):
         need = quantised(dot_rows(mass - target, weights * items[i]))
         full = 2 * filled + counts[i] > 2 * sizes   # a group would overshoot by more than half of it
         need[full if not full.all() else filled > filled.min()] = np.inf
+        empty = filled == 0
+        if len(labels) - placed <= empty.sum():   # as many items left as empty folds: one each
+            need[~empty] = np.inf
         best = np.lexsort((fold_rank, need))[0]
         fold_of_item[i] = best
         mass[best] += counts[i] * items[i]

@@ -5,8 +5,8 @@ Two passes over the source, both in a worker pool (the parent only plans and col
 1. *survey*: every mask is read and checked (shape, dtype, values 0..9) and its class pixel
    counts taken; every image's TIFF header is checked (shape, dtype). Folds are then assigned
    from the class proportions (:mod:`shard_tools.folds`).
-2. *pack*: the shards are planned, fold by fold in id order (``train-f<k>-<nnnnnn>.tar``, then
-   ``test-<nnnnnn>.tar``; every sample has the same size, so where a shard ends is known in
+2. *pack*: the shards are planned, fold by fold, each fold's tiles in a seeded random order
+   (``train-f<k>-<nnnnnn>.tar``), then the test tiles in id order (``test-<nnnnnn>.tar``; every sample has the same size, so where a shard ends is known in
    advance); each worker writes whole shards: it reads, checks and encodes their tiles
    (:func:`format.encode_sample`), writes and hashes the tar, and sums the channel statistics
    exactly in integers. The parent receives only the manifest entries.

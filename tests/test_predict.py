@@ -92,7 +92,7 @@ def test_a_member_trained_on_an_earlier_pack_of_the_same_folder_is_warned_of(tin
     ensemble = object.__new__(Ensemble)
     ensemble.checkpoints = ["a.pt", "b.pt", "c.pt"]
     ensemble.members = [(None, load_config(None, [f"data.shards={where}", "data.fold=0"]))
-                        for where in (tiny_shards, tiny_shards, tmp_path / "other")]
+                        for where in (tiny_shards.as_uri(), tiny_shards, tmp_path / "other")]
     ensemble.trained_on = ["an earlier pack", None, "another folder"]   # b.pt: a checkpoint without one
     assert ensemble.in_sample(manifest, [0]) == [
         f"a.pt: trained on an earlier pack of {tiny_shards}, whose folds may not be these: some of these tiles "

@@ -190,6 +190,9 @@ def test_assign_folds_balanced_deterministic_and_seeded():
     b = assign_folds(props, 5, seed=3, groups=np.arange(23) // 3)
     assert all(len(set(b[g: g + 3])) == 1 for g in range(0, 23, 3))
     assert max(np.bincount(b, minlength=5)) - min(np.bincount(b, minlength=5)) <= 3
+    for seed in range(10):   # a short last block must not crowd a fold out: every fold gets a block
+        g = np.arange(9) // 4
+        assert sorted(set(assign_folds(np.eye(10)[g], 3, seed, g))) == [0, 1, 2]
     with pytest.raises(ValueError, match="cannot split 4 blocks into 5 folds"):
         assign_folds(props[:12], 5, groups=np.arange(12) // 3)
 

@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from shard_tools.describe import fold_scheme
+
 from ...metrics import SCORED_NAMES
 
 CORRECTIONS = (("calibration", "calibrated"), ("second_stage", "second stage"))   # report key, label
@@ -63,13 +65,6 @@ def summary(report: dict) -> str:
               f"oof         {cv_dir / 'oof.csv'}", f"submission  {cv_dir / 'submission.csv'}",
               f"fold runs   {runs}/fold<k>/ (metrics.csv, tensorboard/, plots/, checkpoints/)"]
     return "\n".join(lines)
-
-
-def fold_scheme(block_size) -> str:
-    """How the shards' folds were drawn (``lc-shard pack --block-size``)."""
-    if block_size is None or block_size == 1:   # None: a pack made before blocks
-        return "tile by tile: a tile's neighbours were in the training folds"
-    return f"blocks of {block_size} consecutive ids"
 
 
 # how a fold's training ended, beside its epochs, where it was not its schedule's end (done.json
