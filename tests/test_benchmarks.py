@@ -26,7 +26,7 @@ def test_loader(packed_sample):
 
 def test_batch_mix(sample_root):
     out = bench("batch_mix.py", "--quick", "--labels", sample_root / "train_labels.csv")
-    assert "now: seeded order in each fold" in out and "random batches" in out
+    assert "now: blocks of ids, each fold in a seeded order" in out and "random batches" in out
 
 
 def test_spatial_folds(sample_root):
