@@ -12,6 +12,7 @@ from shard_tools.describe import fold_scheme
 
 from ...metrics import SCORED_NAMES
 
+TILE_FOLDS_HINT = "lc-shard pack --block-size auto holds out regions"
 CORRECTIONS = (("calibration", "calibrated"), ("second_stage", "second stage"))   # report key, label
 
 
@@ -36,9 +37,11 @@ def summary_line(report: dict) -> str:
     nested = report.get("choice_nested")
     if nested:
         extra.append(f"{fmt(nested['oof_kl'])} chosen, nested")
+    tiles = (f"; folds drawn tile by tile: optimistic ({TILE_FOLDS_HINT})"
+             if report.get("fold_blocks") in (None, 1) else "")
     return (f"{head}mean KL {spread(report)} over {len(report['folds'])} fold(s), "
             f"oof KL {fmt(report['oof_kl'])}" + (f" ({', '.join(extra)})" if extra else "")
-            + f", baseline {fmt(report['baseline_kl'])}; {report['cv_dir']}/report.md")
+            + f", baseline {fmt(report['baseline_kl'])}{tiles}; {report['cv_dir']}/report.md")
 
 
 def summary(report: dict) -> str:
