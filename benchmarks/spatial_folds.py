@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     rows = [["held-out ranges (the truth)", *(f"{x:.4f}" for x in held_row), f"{held_row[1] / held_row[0]:.2f}", "–"]]
     for b in args.blocks:
         row = [mean(cv[b], "mean"), mean(cv[b], "neighbours")]
-        rows.append([f"5-fold CV, {'tile by tile' if b == 1 else f'blocks of {b} ids'}", *(f"{x:.4f}" for x in row),
+        rows.append([f"5-fold CV, {'tile by tile' if b == 1 else f'blocks of {b} tiles'}", *(f"{x:.4f}" for x in row),
                      f"{row[1] / row[0]:.2f}", f"{mean(cv[b], 'balance'):.1e}"])
     print(f"Machine: {machine_line()}; {args.labels} ({len(ids)} tiles); held out: "
           f"{', '.join(f'{lo}–{hi}' for lo, hi in ranges)}\n")

@@ -68,7 +68,9 @@ def assign_folds(props, k: int, seed: int = 0, groups=None) -> np.ndarray:
 
     ``groups`` (one label per row): rows of a group go to one fold together, the group weighing as
     its tiles (spatial blocks: neighbouring tiles look alike, so a tile's neighbour in the training
-    folds tells the model its label). Fold sizes then differ by up to a group's size."""
+    folds tells the model its label). A group goes only to a fold it fills no more than half a group
+    past its size (to the least filled when none is left), and the last groups go to folds still
+    empty: sizes differ by about a group (more with under 4 groups a fold)."""
     props = np.asarray(props, dtype=np.float64)
     n = len(props)
     if k < 1:

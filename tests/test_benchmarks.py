@@ -31,7 +31,7 @@ def test_batch_mix(sample_root):
 
 def test_spatial_folds(sample_root):
     out = bench("spatial_folds.py", "--quick", "--labels", sample_root / "train_labels.csv")
-    assert "held-out ranges (the truth)" in out and "blocks of 100 ids" in out
+    assert "held-out ranges (the truth)" in out and "blocks of 100 tiles" in out
 
 
 def test_shard_io(sample_root, tmp_path):

@@ -12,7 +12,7 @@ from shard_tools.describe import fold_scheme
 
 from ...metrics import SCORED_NAMES
 
-TILE_FOLDS_HINT = "lc-shard pack --block-size auto holds out regions"
+TILE_FOLDS_HINT = "lc-shard pack --block-size above 1 holds out regions"
 CORRECTIONS = (("calibration", "calibrated"), ("second_stage", "second stage"))   # report key, label
 
 
