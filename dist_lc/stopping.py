@@ -1,7 +1,8 @@
 """Stop requests (SIGUSR2 from submitit or an sbatch script before a time limit or on preemption,
 SIGTERM from Slurm or a user): the first one sets a flag that the ranks agree on at the next optimizer
 step; a second SIGTERM ends the process at once. The previous handlers are back when the block ends,
-so a process that leaves training on an error dies of the next SIGTERM as usual.
+so a process that leaves training on an error dies of the next SIGTERM as usual, once it has written
+its error line (:meth:`StopSignals.say_on_termination`).
 
 A signal the process was started ignoring stays ignored (``nohup`` asks for SIGHUP to be; whoever
 started the process chose so), save SIGINT: see :meth:`SignalHandlers.handler_for`."""
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+
+from lc_common.errors import print_error_once
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -78,6 +81,28 @@ class StopSignals(SignalHandlers):
     def __init__(self):
         self.set = False
         self._previous: dict = {}
+        self._farewell: str | None = None
+
+    def say_on_termination(self, text: str) -> None:
+        """This process is ending with ``text`` as its error: from now until it exits, a SIGTERM
+        (its launcher ending the ranks of a failed job, maybe while this one still tears down its
+        loader and process group) writes that line before the default action, instead of killing the
+        process before it has said why."""
+        self._farewell = text
+
+    def __exit__(self, *exc) -> bool:
+        super().__exit__(*exc)
+        if self._farewell is not None:
+            farewell = self._farewell
+
+            def say_then_end(signum, frame):
+                print_error_once(farewell)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.raise_signal(signal.SIGTERM)
+
+            with contextlib.suppress(ValueError):   # not the main thread: the default action stays
+                signal.signal(signal.SIGTERM, say_then_end)
+        return False
 
     def _handler(self, signum, frame) -> None:
         if self.set and signum == signal.SIGTERM:  # asked twice: the default action (termination), now

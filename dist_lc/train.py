@@ -546,6 +546,7 @@ def train(cfg: Config, run_dir) -> TrainResult:
                     result = _train(s, run_dir, stop, started)
                 except Exception as exc:
                     cause = explained(exc, s, run_dir)
+                    stop.say_on_termination(str(cause))   # the launcher may end this rank mid-teardown
                     if cause is exc:
                         raise
                     raise cause from exc

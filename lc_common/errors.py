@@ -31,12 +31,22 @@ def first_sentence(exc: BaseException) -> str:
     return one_line(exc).split(". ")[0][:160] or type(exc).__name__
 
 
+_PRINTED: set[str] = set()   # what print_error has written in this process
+
+
 def print_error(text) -> None:
     """Write ``error: <text>`` to stderr in one write: the ranks of a job share one stream, often
     unbuffered (PYTHONUNBUFFERED), where print() writes the text and its newline apart and two ranks'
     lines could interleave."""
+    _PRINTED.add(str(text))
     sys.stderr.write(f"error: {text}\n")
     sys.stderr.flush()
+
+
+def print_error_once(text) -> None:
+    """:func:`print_error`, unless this process has already written that line."""
+    if str(text) not in _PRINTED:
+        print_error(text)
 
 
 class InputError(Exception):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +62,27 @@ def test_training_keeps_an_ignored_sigterm_ignored_and_takes_sigusr2(disposition
         signal.raise_signal(signal.SIGUSR2)
         assert stop.set
     assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+
+
+FAREWELL = """
+import os, signal, sys, time
+from dist_lc.stopping import StopSignals
+from lc_common.errors import print_error
+with StopSignals() as stop:
+    stop.say_on_termination("x.tar: bad shard")
+if sys.argv[1] == "said":
+    print_error("x.tar: bad shard")
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("not ended")
+"""
+
+
+@pytest.mark.parametrize("before", ["tearing down", "said"])
+def test_a_rank_ended_by_its_launcher_after_a_failure_still_writes_its_error_line_once(before):
+    """The launcher ends the other ranks of a failed job with SIGTERM, maybe while this one still tears
+    down its loader and process group after its error: the line comes out, once, and the signal
+    still ends the process."""
+    proc = subprocess.run([sys.executable, "-c", FAREWELL, before], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "not ended" not in proc.stdout
+    assert proc.stderr.splitlines() == ["error: x.tar: bad shard"]
