@@ -69,6 +69,25 @@ def cv_scores(ids, props, block: int) -> dict[str, float]:
     return out
 
 
+def id_structure(ids, props) -> str:
+    """Mean L1 between the class proportions of tiles 1, 44, 45 ids apart and of random pairs, and the
+    two longest runs of missing ids (where the test tiles are)."""
+    full = np.full((int(ids.max()) + 1, props.shape[1]), np.nan)
+    full[ids] = props
+
+    def at(lag):
+        a, b = full[lag:], full[:-lag]
+        ok = ~np.isnan(a[:, 0]) & ~np.isnan(b[:, 0])
+        return np.abs(a[ok] - b[ok]).sum(1).mean()
+
+    shuffled = props[np.random.default_rng(SEED).permutation(len(props))]
+    gaps = np.diff(ids)
+    runs = sorted(((int(ids[k]) + 1, int(ids[k + 1]) - 1) for k in np.argsort(gaps)[-2:]))
+    return (f"L1 between the proportions of tiles 1 / 44 / 45 ids apart: {at(1):.3f} / {at(44):.3f} / "
+            f"{at(45):.3f}; of random pairs: {np.abs(props - shuffled).sum(1).mean():.3f}. Longest runs of "
+            f"missing ids: {', '.join(f'{a}–{b} ({b - a + 1})' for a, b in runs)}")
+
+
 def random_balance(props) -> float:
     """The largest KL of a fold's mean proportions from all tiles' for a random tile-by-tile split."""
     from shard_tools.describe import kl_divergence
@@ -123,6 +142,7 @@ def main(argv=None) -> int:
                      f"{row[1] / row[0]:.2f}", f"{mean(cv[b], 'balance'):.1e}"])
     print(f"Machine: {machine_line()}; {args.labels} ({len(ids)} tiles); held out: "
           f"{', '.join(f'{lo}–{hi}' for lo, hi in ranges)}\n")
+    print(id_structure(ids, props) + "\n")
     print(table(["score of", "KL, mean", "KL, neighbours", "neighbours / mean", "largest fold KL from all"], rows))
     print(f"\nLargest fold KL from all of a random tile-by-tile split of the same tiles: {mean(cv['random'], 'balance'):.1e}")
     return 0
