@@ -82,9 +82,15 @@ def _channel_table(manifest: Manifest) -> list[str]:
     return lines
 
 
+def drawn_tile_by_tile(block_size) -> bool:
+    """Whether a pack's folds were drawn tile by tile (``block_size`` from its manifest; None: a pack
+    made before blocks)."""
+    return block_size is None or block_size == 1
+
+
 def fold_scheme(block_size) -> str:
-    """How a pack drew its folds (``block_size`` from its manifest; None: a pack made before blocks)."""
-    if block_size is None or block_size == 1:
+    """How a pack drew its folds."""
+    if drawn_tile_by_tile(block_size):
         return "tile by tile: a tile's neighbours were in the other folds"
     return f"blocks of {block_size} consecutive ids"
 

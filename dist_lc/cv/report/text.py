@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from shard_tools.describe import fold_scheme
+from shard_tools.describe import drawn_tile_by_tile, fold_scheme
 
 from ...metrics import SCORED_NAMES
 
@@ -38,7 +38,7 @@ def summary_line(report: dict) -> str:
     if nested:
         extra.append(f"{fmt(nested['oof_kl'])} chosen, nested")
     tiles = (f"; folds drawn tile by tile: optimistic ({TILE_FOLDS_HINT})"
-             if report.get("fold_blocks") in (None, 1) else "")
+             if drawn_tile_by_tile(report.get("fold_blocks")) else "")
     return (f"{head}mean KL {spread(report)} over {len(report['folds'])} fold(s), "
             f"oof KL {fmt(report['oof_kl'])}" + (f" ({', '.join(extra)})" if extra else "")
             + f", baseline {fmt(report['baseline_kl'])}{tiles}; {report['cv_dir']}/report.md")
