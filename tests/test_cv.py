@@ -426,3 +426,34 @@ def test_launcher_section_becomes_slurm_parameters(tmp_path):
     assert params["ntasks_per_node"] == 4 and params["cpus_per_task"] == 8 and params["time"] == 240
     assert params["additional_parameters"] == {"qos": "high"} and params["setup"] == ["module load cuda"]
     assert params["array_parallelism"] == 2 and params["mem"] == "65536MB" and params["signal_delay_s"] == 120
+    # srun of Slurm 22.05 to 23.02 does not take sbatch's --cpus-per-task: each rank would get one core
+    assert params["srun_args"] == ["--kill-on-bad-exit=1", "--cpus-per-task=8"]
+
+
+def test_a_plan_names_its_shards_by_absolute_path(tiny_shards, tmp_path, monkeypatch):
+    """A shard folder given relative to the launch's folder is kept absolute in cv.json: the jobs, a
+    --resume and `dist-lc report` may run elsewhere. URLs stay as they are."""
+    monkeypatch.chdir(tiny_shards.parent)
+    point, = build_points(str(REPO / "configs/smoke.yaml"), ["data.shards=shards"], {})
+    assert point.config["data"]["shards"] == str(tiny_shards)
+    point, = build_points(str(REPO / "configs/smoke.yaml"), ["data.shards=https://example.org/shards"], {})
+    assert point.config["data"]["shards"] == "https://example.org/shards"
+
+
+def test_array_tasks_share_one_plan_on_a_filesystem_without_locks(tiny_shards, tmp_path, monkeypatch):
+    """slurm/cv_array.sbatch's tasks write cv.json once under a lock of their own (not the launcher's,
+    which a watching `dist-lc cv --resume` holds); where flock is not supported (Lustre without
+    locks: ENOSYS) they go on unserialised instead of failing."""
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cv_dir = tmp_path / "cv"
+    sets = [f"data.shards={tiny_shards}"]
+    first = plan.prepare_array(REPO / "configs/smoke.yaml", sets, cv_dir)
+    again = plan.prepare_array(REPO / "configs/smoke.yaml", sets, cv_dir)
+    assert first.folds == again.folds == [0, 1, 2, 3, 4] and (cv_dir / "cv.json").exists()
+    assert sorted(p.name for p in cv_dir.iterdir()) == [".array.lock", "cv.json"]

@@ -8,6 +8,7 @@ dist_lc/cv/launch.py.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+import types
 import typing
 from collections import Counter
 from pathlib import Path
@@ -674,3 +676,72 @@ def test_one_squeue_serves_every_trial_of_a_poll(tmp_path, monkeypatch):
     slurm._looked_at -= slurm.poll_s   # the next poll
     slurm.refresh(records)
     assert asked[1:] == [["109"], ["100", "101", "102", "103"]]
+
+
+class RecordingEngine:
+    """A submitit executor stand-in that keeps the environment each submission saw."""
+
+    def __init__(self):
+        self.seen = []
+
+    def submit(self, fn):
+        self.seen.append(dict(os.environ))
+        return types.SimpleNamespace(job_id=str(len(self.seen)),
+                                     paths=types.SimpleNamespace(stderr="err", result_pickle="result"))
+
+    def update_parameters(self, **_):
+        pass
+
+    @contextlib.contextmanager
+    def batch(self):
+        yield
+
+
+@pytest.mark.parametrize("kind", ["local", "slurm"])
+def test_jobs_do_not_inherit_the_launchers_allocation_or_rendezvous(kind, monkeypatch, tmp_path):
+    """A launcher run inside a Slurm allocation (an salloc shell) or with MASTER_PORT exported: its
+    jobs get neither (srun refuses SLURM_MEM_PER_CPU beside the job's own --mem; one port for every
+    job collides), the cluster's SLURM_CONF stays, and the launcher's own environment is as before."""
+    outer = {"SLURM_JOB_ID": "77", "SLURM_MEM_PER_CPU": "4000", "SLURM_CPUS_PER_TASK": "8", "MASTER_PORT": "29500",
+             "SBATCH_PARTITION": "cpu", "SLURM_CONF": "/etc/slurm/other.conf"}
+    for name, value in outer.items():
+        monkeypatch.setenv(name, value)
+    ex = executors.executor_class(kind)(LauncherConfig(), tmp_path, jobs=2)
+    engine = ex._engine = RecordingEngine()
+    ex.submit([Work("", fold, {}, str(tmp_path / f"fold{fold}"), False) for fold in (0, 1)])
+    assert len(engine.seen) == 2
+    for seen in engine.seen:
+        assert seen["SLURM_CONF"] == "/etc/slurm/other.conf"
+        assert not {name for name in outer if name != "SLURM_CONF"} & set(seen), seen
+    assert {name: os.environ.get(name) for name in outer} == outer
+
+
+def test_ranks_and_gpus_per_node_must_match():
+    """One rank per GPU: fewer ranks leave GPUs idle, more put two ranks on one GPU (NCCL refuses it
+    after the job has queued)."""
+    from dist_lc.config import load_config
+
+    for tasks in (1, 8):
+        cfg = load_config("configs/cv5.yaml", [f"launcher.tasks_per_node={tasks}", "train.batch_size=64"])
+        with pytest.raises(InputError, match=rf"launcher.tasks_per_node={tasks} with launcher.gpus_per_node=4: "
+                                             "each rank trains on one GPU"):
+            launch.check_launcher(cfg, "slurm")
+    launch.check_launcher(load_config("configs/cv5.yaml"), "slurm")
+    launch.check_launcher(load_config("configs/cv5.yaml", ["launcher.gpus_per_node=0", "launcher.tasks_per_node=2"]),
+                          "slurm")
+
+
+def test_a_job_that_holds_gpus_trains_on_them_or_says_why_not(monkeypatch):
+    """``train.device: auto`` in a job given GPUs would fall back to the CPU under a torch without
+    CUDA and train there, unnoticed, while the GPUs idle: it is one line instead."""
+    from dist_lc.config import load_config
+    from dist_lc.cv.fold import job_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(InputError, match=r"'launcher.gpus_per_node' is 4 but this job sees no CUDA device \(torch "):
+        job_device(load_config("configs/cv5.yaml"))
+    assert job_device(load_config("configs/cv5.yaml", ["train.device=cpu"])) == "cpu"
+    assert job_device(load_config("configs/cv5.yaml", ["launcher.gpus_per_node=0", "launcher.tasks_per_node=4"])) \
+        == "auto"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert job_device(load_config("configs/cv5.yaml")) == "cuda"

@@ -273,7 +273,9 @@ class LocalExecutor(Executor):
     def _submit_one(self, item: Work) -> Submitted:
         slots = int(self.capacity())
         slot = min(set(range(slots)) - set(self._slots.values()), default=0)
-        (record, handle), = self._records([item], [self.engine.submit(self._fold_job(item, slot, slots))])
+        with own_environment():
+            submitted = self.engine.submit(self._fold_job(item, slot, slots))
+        (record, handle), = self._records([item], [submitted])
         record.slot = slot
         self._slots[record.job_id] = slot
         return record, handle
@@ -532,6 +534,20 @@ def _wait_gone(processes: list[tuple[int, str]], limit_s: float) -> list[tuple[i
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def own_environment():
+    """Jobs submitted meanwhile do not inherit the launcher's Slurm and rendezvous variables
+    (submitit's ``clean_env``): a launcher run inside an allocation (an salloc shell, a CPU job) would
+    hand its SLURM_* to the jobs, whose srun then refuses them ("mutually exclusive") or takes over
+    their binding, and an exported MASTER_PORT would put every job on one port. SLURM_CONF, which
+    names the cluster, stays."""
+    conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env():
+        if conf is not None:
+            os.environ["SLURM_CONF"] = conf
+        yield
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -548,7 +564,9 @@ class SlurmExecutor(Executor):
     name = "slurm"
     aliases = ("sbatch",)     # a CV folder written by slurm/cv_array.sbatch resumes on Slurm
     poll_s = 2.0              # squeue asks the controller: not too often
-    gone_grace_s = 15.0
+    # an NFS client caches a folder's attributes up to acdirmax (60 s by default): done.json written on a
+    # compute node may show here only that long after its job has left squeue
+    gone_grace_s = 75.0
     task_failed_grace_s = None  # srun's --kill-on-bad-exit ends the job
 
     def __init__(self, launcher: LauncherConfig, folder: Path, jobs: int = 1):
@@ -572,7 +590,9 @@ class SlurmExecutor(Executor):
                   "signal_delay_s": lc.signal_delay_s, "setup": list(lc.setup),
                   "additional_parameters": dict(lc.slurm_extra),
                   "array_parallelism": lc.max_parallel or self.jobs,
-                  "srun_args": ["--kill-on-bad-exit=1"]}  # one failed rank ends the job, not a hang
+                  # one failed rank ends the job, not a hang; srun from Slurm 22.05 to 23.02 does not
+                  # inherit sbatch's --cpus-per-task and would bind each rank and its loader workers to one core
+                  "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={lc.cpus_per_task}"]}
         optional = {"gpus_per_node": lc.gpus_per_node or None, "partition": lc.partition,
                     "account": lc.account, "mem": f"{int(lc.mem_gb * 1024)}MB" if lc.mem_gb else None}
         ex.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
@@ -586,7 +606,7 @@ class SlurmExecutor(Executor):
         try:
             # submitit copies sbatch's stderr to ours at every failure: the error is said once, below
             # (the batch submits as it closes, inside the redirection)
-            with contextlib.redirect_stderr(io.StringIO()), self.engine.batch():
+            with contextlib.redirect_stderr(io.StringIO()), own_environment(), self.engine.batch():
                 handles = [self.engine.submit(FoldJob(item.config, str(item.run_dir), item.tta)) for item in work]
         except submitit.core.utils.FailedJobError as exc:
             error = sbatch_error(exc)

@@ -183,11 +183,25 @@ def run_job(job) -> dict:
             torch.cuda.set_per_process_memory_fraction(share, index)
     requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
     cfg = from_dict(job.config)
-    with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_s):
+    with distributed.process_group(job_device(cfg), cfg.train.dist_timeout_s):
         result = run_fold(cfg, job.run_dir, job.tta)
         if result["status"] == "stopped":
             _leave(result, requeue)   # the other ranks wait for rank 0's requeue in the group
     return result
+
+
+def job_device(cfg: Config) -> str:
+    """The device preference of a job: one that holds GPUs (``launcher.gpus_per_node``) trains on
+    them, since ``auto`` would fall back to the CPU, unnoticed and at a fraction of the speed, under a
+    torch without CUDA or a driver that does not match."""
+    if not cfg.launcher.gpus_per_node or cfg.train.device != "auto":
+        return cfg.train.device
+    if not torch.cuda.is_available():
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise InputError(f"config key 'launcher.gpus_per_node' is {cfg.launcher.gpus_per_node} but this job "
+                         f"sees no CUDA device (torch {torch.__version__}, {built}): install torch for the "
+                         "nodes' CUDA in the jobs' environment, or set launcher.gpus_per_node=0")
+    return "cuda"
 
 
 def _leave(result: dict, requeue) -> None:

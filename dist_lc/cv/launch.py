@@ -45,6 +45,10 @@ LOCK = ".cv.lock"   # held by the launcher that runs the CV folder
 def check_launcher(cfg: Config, kind: str) -> None:
     lc = cfg.launcher
     executors.executor_class(kind).check_launcher(lc)
+    if lc.gpus_per_node and lc.tasks_per_node != lc.gpus_per_node:
+        # fewer tasks leave GPUs idle; more put two ranks on one GPU, which NCCL refuses once the job runs
+        raise InputError(f"config: launcher.tasks_per_node={lc.tasks_per_node} with launcher.gpus_per_node="
+                         f"{lc.gpus_per_node}: each rank trains on one GPU; set them equal")
     if lc.time_min * 60 <= lc.signal_delay_s + 60:
         raise InputError(f"config: launcher.time_min={lc.time_min} leaves no time before the stop signal "
                          f"(launcher.signal_delay_s={lc.signal_delay_s}): time_min * 60 must exceed "

@@ -15,6 +15,7 @@ A fold is finished iff its run dir holds ``done.json`` (written last, atomically
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import os
@@ -28,12 +29,13 @@ import yaml
 from lc_common.atomic import write_json_atomic
 from lc_common.errors import InputError
 from lc_common.records import read_json_object, read_record
-from shard_tools.manifest import load_manifest
+from shard_tools.manifest import is_url, load_manifest
 
 from ..config import Config, from_dict, load_config, normalized, shard_folder, to_dict
 
 PLAN, JOBS = "cv.json", "jobs.json"
 DONE, OOF, TEST, CONFUSION = "done.json", "oof.csv", "test.csv", "oof_confusion.json"
+ARRAY_LOCK = ".array.lock"   # held by slurm/cv_array.sbatch's tasks while one of them writes cv.json
 PLAN_FORMAT = "dist_lc.cv/1"
 FORBIDDEN_GRID = ("data.fold", "data.shards", "launcher.", "cv.")
 
@@ -187,13 +189,23 @@ def build_points(config_path, sets: list[str], grid: dict[str, list[str]]) -> li
             except InputError as exc:
                 raise InputError(f"--grid {key}={','.join(values)}: {exc}") from None
     if not grid:
-        return [Point("", {}, to_dict(load_config(config_path, sets)))]
+        return [Point("", {}, anchored(to_dict(load_config(config_path, sets))))]
     points = []
     for index, combo in enumerate(itertools.product(*grid.values())):
         overrides = [f"{key}={text}" for key, text in zip(grid, combo)]
         params = {key: yaml.safe_load(text) for key, text in zip(grid, combo)}
-        points.append(Point(_point_name(index, params), params, to_dict(load_config(config_path, [*sets, *overrides]))))
+        config = anchored(to_dict(load_config(config_path, [*sets, *overrides])))
+        points.append(Point(_point_name(index, params), params, config))
     return points
+
+
+def anchored(config: dict) -> dict:
+    """``config`` with a local ``data.shards`` made absolute: the jobs, ``--resume`` and ``dist-lc
+    report`` of a plan may run in another folder than the launch."""
+    shards = str(config["data"]["shards"])
+    if shards.strip() and not is_url(shards):
+        config["data"]["shards"] = os.path.abspath(shards)   # symlinks kept: a cluster's /scratch may be one
+    return config
 
 
 def check_folds(cfg: Config) -> list[int]:
@@ -219,19 +231,22 @@ def check_fold_list(folds: list | None, k: int, outside: str) -> list[int]:
 def prepare_array(config_path, sets: list[str], cv_dir: Path) -> Plan:
     """cv.json for slurm/cv_array.sbatch (no grid); an existing one must hold the same config.
 
-    Every array task calls this at its start (and again after a requeue): a lock file serialises them.
+    Every array task calls this at its start (and again after a requeue): a lock file of their own
+    serialises them (not the launcher's, which a ``dist-lc cv --resume`` holds for as long as it
+    watches); a filesystem without locks (Lustre mounted without them) leaves them unserialised.
     """
     points = build_points(config_path, sets, {})
     folds = check_folds(from_dict(points[0].config))
     cv_dir.mkdir(parents=True, exist_ok=True)
-    with open(cv_dir / ".cv.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(cv_dir / ARRAY_LOCK, "w") as lock:
+        with contextlib.suppress(OSError):   # ENOLCK, ENOSYS, EOPNOTSUPP: no locks there
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if (cv_dir / PLAN).exists():
             plan = load_plan(cv_dir)
             if plan.grid or normalized(plan.points[0].config) != points[0].config:
                 raise InputError(f"{cv_dir / PLAN}: written for another config or a grid; use a fresh CV folder")
             return plan
-        others = [p.name for p in cv_dir.iterdir() if p.name != ".cv.lock"]
+        others = [p.name for p in cv_dir.iterdir() if p.name != ARRAY_LOCK]
         if others:
             raise InputError(f"{cv_dir}: exists and is not empty nor a CV folder ({others[0]}); use a fresh folder")
         plan = Plan(cv_dir, points, folds, {}, "sbatch", now())

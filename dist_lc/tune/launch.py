@@ -28,7 +28,7 @@ from lc_common.locks import held
 from ..config import apply_overrides, describe, from_dict, load_config, normalized, to_dict
 from ..cv import executors
 from ..cv.launch import StopRequests, Stopped, check_executor, check_launcher, hand_over
-from ..cv.plan import check_folds
+from ..cv.plan import anchored, check_folds
 from ..run_dir import check_output_folder
 from .settings import Settings, is_tune_folder, load_settings
 from .space import Space, load_space
@@ -105,8 +105,8 @@ def new_settings(args) -> Settings:
               file=sys.stderr, flush=True)
     folds = check_folds(cfg)
     parallel = args.parallel or default_parallel(kind, cfg.launcher, len(folds))
-    config = normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}",
-                                                       f"launcher.max_parallel={parallel}"]))
+    config = anchored(normalized(apply_overrides(to_dict(cfg), [f"launcher.executor={kind}",
+                                                                f"launcher.max_parallel={parallel}"])))
     check_launcher(from_dict(config), kind)
     out = Path(args.out)
     check_new_out(out)
