@@ -92,7 +92,7 @@ def fold_scheme(block_size) -> str:
     """How a pack drew its folds."""
     if drawn_tile_by_tile(block_size):
         return "tile by tile: a tile's neighbours were in the other folds"
-    return f"blocks of {block_size} consecutive ids"
+    return f"blocks of {block_size} train tiles in id order"
 
 
 def describe(root) -> str:

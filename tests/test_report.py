@@ -94,7 +94,7 @@ def test_a_finished_folder_reports(cv):
     assert cli.main(["report", str(cv)]) == 0
     report = json.loads((cv / "report.json").read_text())
     assert [f["fold"] for f in report["folds"]] == [0, 1, 2] and report["submission"]["folds"] == [0, 1, 2]
-    assert report["fold_blocks"] == 2 and "folds [0, 1, 2] (blocks of 2 consecutive ids)" in (cv / "report.md").read_text()
+    assert report["fold_blocks"] == 2 and "folds [0, 1, 2] (blocks of 2 train tiles in id order)" in (cv / "report.md").read_text()
     assert "tile by tile" not in text.summary_line(report)
     for tiles in (None, 1):   # a pack made before blocks, or --block-size 1
         assert "; folds drawn tile by tile: optimistic (lc-shard pack --block-size above 1 holds out regions); " \

@@ -132,7 +132,7 @@ def test_folds_are_whole_blocks_of_consecutive_ids(packed_sample):
     blocks = [{m.data["folds"][i] for i in ids[b: b + 15]} for b in range(0, len(ids), 15)]
     assert all(len(b) == 1 for b in blocks)
     assert len({f for b in blocks for f in b}) == 5
-    assert "blocks of 15 consecutive ids" in describe(packed_sample)
+    assert "blocks of 15 train tiles in id order" in describe(packed_sample)
 
 
 def _max_fold_kl(props, fold):
