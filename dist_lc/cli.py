@@ -59,7 +59,8 @@ def _predict(sub):
     tiles = p.add_mutually_exclusive_group(required=True)
     tiles.add_argument("--shards", metavar="DIR|URL", help="shard folder or URL (lc-shard pack)")
     tiles.add_argument("--images", metavar="DIR", help="a folder of <id>.tif tiles as the challenge ships them "
-                       "(e.g. DATA/test/images), instead of shards")
+                       "(e.g. DATA/test/images), instead of shards; other imagery: dist-lc map, which checks "
+                       "bands, offset and no_data")
     p.add_argument("--split", help="with --shards: test, train or fold:K (default: test); a checkpoint that "
                                    "trained on the folds asked for is warned about (in-sample)")
     p.add_argument("--out", required=True, metavar="CSV", help="submission CSV to write (sample_id + 10 classes)")

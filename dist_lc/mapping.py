@@ -56,8 +56,8 @@ from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
 from .plots import PALETTE, legend_handles, rgb, save_figure
 from .predict import Ensemble, PredictionError, failure_note, first_failure, out_of_memory, raise_agreed
-from .scene import (WINDOW, AoiMask, AoiOutside, aoi_mask_for, gdal_text, open_scene, parse_aoi, scale_warning,
-                    scene_paths, taper, window_grid)
+from .scene import (WINDOW, AoiMask, AoiOutside, aoi_mask_for, band_order_warning, gdal_text, offset_warning,
+                    open_scene, parse_aoi, scale_warning, scene_paths, taper, window_grid)
 from .stopping import SignalHandlers
 
 LOCK = ".map.lock"   # in --out while a mapping writes there
@@ -84,7 +84,7 @@ def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | Non
     to warn of."""
     with open_scene(path) as scene:
         warned = [f"{path}: no georeferencing; its map is written without a CRS"] if scene.crs is None else []
-        warned += filter(None, [scale_warning(scene)])
+        warned += filter(None, [scale_warning(scene), band_order_warning(scene), offset_warning(scene)])
         try:
             mask, outside = aoi_mask_for(scene, aoi), None
         except AoiOutside as exc:
@@ -379,7 +379,7 @@ class MapWriter:
         height = min(6 * ratio + 1.2, QUICKLOOK_MAX_IN)   # a tall, narrow image is drawn narrower instead
         fig = Figure(figsize=(12, height))
         ax_rgb, ax_map = fig.subplots(1, 2)
-        ax_rgb.imshow(rgb(image))
+        ax_rgb.imshow(rgb(image, classes != 0))   # 0: no_data
         ax_map.imshow(classes, cmap=ListedColormap(PALETTE), vmin=0, vmax=len(CLASS_NAMES) - 1,
                       interpolation="nearest")
         for ax, title in ((ax_rgb, "RGB"), (ax_map, "land cover")):

@@ -19,10 +19,12 @@ PALETTE = np.array([[0, 0, 0], [255, 25, 236], [215, 25, 28], [211, 154, 92], [3
 CMAP = ListedColormap(PALETTE)
 
 
-def rgb(image_chw: np.ndarray) -> np.ndarray:
-    """Bands R, G, B stretched between their 2nd and 98th percentiles for display."""
+def rgb(image_chw: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Bands R, G, B stretched between their 2nd and 98th percentiles for display, taken over the
+    ``valid`` pixels where given (a scene's empty corners would otherwise darken the whole picture)."""
     img = np.asarray(image_chw[:3], dtype=np.float32).transpose(1, 2, 0)
-    lo, hi = np.percentile(img, 2), np.percentile(img, 98)
+    shown = img[valid] if valid is not None and valid.any() else img
+    lo, hi = np.percentile(shown, 2), np.percentile(shown, 98)
     return np.clip((img - lo) / max(hi - lo, 1.0), 0, 1)
 
 

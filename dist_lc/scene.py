@@ -29,6 +29,11 @@ DENSIFY_DEG = 0.01   # a lon/lat AOI's points along its edges, reprojected: 1 km
 TILE_PIXEL_M = 10.0   # the challenge tiles' pixels on the ground: Sentinel-2's 10 m bands
 PIXEL_RATIO = 1.25    # pixels this many times larger or smaller than the tiles' are warned about
 EARTH_RADIUS_M = 6_371_008.8   # the mean radius: a pixel's size to 0.5 %, enough to tell 10 m from 20 m
+L2A_OFFSET = 1000   # what processing baseline 04.00 adds to the L2A digital numbers
+OFFSET_SAMPLES = 4  # windows down and across read to judge a scene's darkest pixels
+OFFSET_ADVICE = ("subtract 1000 from the pixels above 0 (0 is no_data), keeping them at 1 or more: gdal_calc.py "
+                 "-A SCENE --allBands A --calc \"where(A > 1001, A - 1000, where(A > 0, 1, 0))\" --type UInt16 "
+                 "--NoDataValue 0 --outfile OUT")
 
 
 def positions(length: int, size: int, step: int) -> list[int]:
@@ -95,14 +100,16 @@ class Scene:
     def nodata(self):
         return self.dataset.nodata
 
-    def read_rows(self, top: int, rows: int) -> np.ndarray:
-        """(4, rows, width) uint16 of the scene's rows [top, top + rows) (clipped to the scene)."""
+    def read_rows(self, top: int, rows: int, left: int = 0, cols: int | None = None) -> np.ndarray:
+        """(4, rows, cols) uint16 of the scene's rows [top, top + rows) and columns [left, left + cols)
+        (clipped to the scene; all columns when ``cols`` is None)."""
         from rasterio.errors import RasterioIOError
         from rasterio.windows import Window
 
         rows = min(rows, self.height - top)
+        cols = self.width - left if cols is None else min(cols, self.width - left)
         try:
-            return self.dataset.read(window=Window(0, top, self.width, rows))
+            return self.dataset.read(window=Window(left, top, cols, rows))
         except RasterioIOError as exc:   # the header was fine at open; the pixels are read only now
             raise InputError(f"{self.path}: cannot read rows {top}-{top + rows - 1} of the scene, truncated or "
                              f"corrupt ({gdal_text(exc)})") from None
@@ -118,12 +125,9 @@ class Scene:
         return MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags
 
     def valid(self, pixels: np.ndarray, top: int) -> np.ndarray:
-        """(rows, width) bool for ``pixels``, the scene's rows from ``top``: False (no_data) where every
-        band is 0 or the scene's nodata value, or where the file's mask band masks the pixel."""
-        empty = pixels == 0
-        if self.nodata is not None:
-            empty |= pixels == self.nodata
-        valid = ~empty.all(axis=0)
+        """(rows, width) bool for ``pixels``, the scene's rows from ``top``: False (no_data) where a band
+        is missing (:func:`missing`), or where the file's mask band masks the pixel."""
+        valid = ~missing(pixels, self.nodata)
         if self.has_mask_band:   # read only then: a file without one costs nothing more than before
             valid &= self._mask_rows(top, pixels.shape[1]) > 0
         return valid
@@ -140,6 +144,16 @@ class Scene:
 
     def close(self) -> None:
         self.dataset.close()
+
+
+def missing(pixels: np.ndarray, nodata) -> np.ndarray:
+    """Pixels (bands first) where any band is 0 or the scene's nodata value. Any band, not all: at a
+    swath's edge the bands' footprints differ by a few pixels, and a band at 0 there would be read as
+    black ground (the tiles hold no 0: their digital numbers start at 1)."""
+    empty = pixels == 0
+    if nodata is not None:
+        empty |= pixels == nodata
+    return empty.any(axis=0)
 
 
 def open_scene(path) -> Scene:
@@ -163,10 +177,12 @@ def open_scene(path) -> Scene:
     try:
         if dataset.count != IMAGE_SHAPE[2]:
             raise InputError(f"{path}: {dataset.count} band(s); a scene needs the {IMAGE_SHAPE[2]} bands of the "
-                             "challenge tiles (R, G, B, NIR)")
+                             "challenge tiles (R, G, B, NIR; from a 12-band L2A or 13-band L1C stack in band "
+                             "order: gdal_translate -b 4 -b 3 -b 2 -b 8)")
         if np.dtype(dataset.dtypes[0]) != IMAGE_DTYPE:
             raise InputError(f"{path}: bands of type {dataset.dtypes[0]}, expected {IMAGE_DTYPE} (Sentinel-2 digital "
-                             "numbers, as in the challenge tiles)")
+                             "numbers, reflectance × 10000, as in the challenge tiles; from reflectance in 0..1: "
+                             "gdal_translate -ot UInt16 -scale 0 1 0 10000)")
         _check_bands(path, dataset)
     except InputError:
         dataset.close()
@@ -181,7 +197,8 @@ _WORD = {"red": "R", "green": "G", "blue": "B", "nir": "NIR", "near-infrared": "
 
 def ground_pixel_m(scene: Scene) -> tuple[float, float] | None:
     """The width and height on the ground, in metres, of the scene's central pixel, whatever its CRS
-    (in lon/lat or Web Mercator the nominal pixel size says little); None without a transform and CRS."""
+    (in lon/lat or Web Mercator the nominal pixel size says little); None without a transform and a CRS
+    that reaches lon/lat."""
     from rasterio.warp import transform
 
     where = scene.georeferencing
@@ -189,7 +206,12 @@ def ground_pixel_m(scene: Scene) -> tuple[float, float] | None:
         return None
     c, r = scene.width / 2, scene.height / 2
     xs, ys = zip(*(where["transform"] * p for p in ((c, r), (c + 1, r), (c, r + 1))))
-    lons, lats = np.radians(transform(where["crs"], "EPSG:4326", list(xs), list(ys)))
+    try:
+        lons, lats = np.radians(transform(where["crs"], "EPSG:4326", list(xs), list(ys)))
+    except Exception:   # noqa: BLE001 - a local or engineering CRS, with no way to lon/lat: no size to tell
+        return None
+    if not np.isfinite([lons, lats]).all():
+        return None
 
     def metres(i: int) -> float:   # haversine from the pixel's corner to its neighbour ``i``
         h = (np.sin((lats[i] - lats[0]) / 2) ** 2
@@ -219,12 +241,8 @@ def _band_name(description: str | None) -> str | None:
     return _WORD.get(text)
 
 
-def _check_bands(path: Path, dataset) -> None:
-    """Refuse a scene whose own metadata says it is not what the model reads: bands in another order
-    (B02, B03, B04, B08 as Sentinel-2 numbers them, or a blue/green/red colour interpretation), or an
-    offset on its digital numbers (processing baseline 04.00, from 2022, adds 1000 to the L2A digital
-    numbers, and says so by an offset of -1000, or -0.1 with the 1e-4 scale): the challenge tiles are
-    R, G, B, NIR without an offset, and a scene read otherwise is mapped wrong without a word."""
+def _stated_order(dataset) -> tuple[list[str], str] | None:
+    """(the band order a scene's metadata states, how it states it), or None where it states none."""
     from rasterio.enums import ColorInterp
 
     named = [_band_name(d) for d in dataset.descriptions]
@@ -233,11 +251,59 @@ def _check_bands(path: Path, dataset) -> None:
     # judged only on what names every band (or the three colours) once: partial or generic names
     # ("B1".."B4", "Band 1") say nothing; descriptions, which say more, win over colours
     if all(named) and len(set(named)) == 4:
-        said, shown = named, f"described as {', '.join(dataset.descriptions)}"
-    elif all(interp) and len(set(interp)) == 4:
-        said, shown = interp, f"colour-interpreted as {', '.join(c.name for c in dataset.colorinterp)}"
-    else:
-        said, shown = list(BAND_NAMES), ""
+        return named, f"described as {', '.join(dataset.descriptions)}"
+    if all(interp) and len(set(interp)) == 4:
+        return interp, f"colour-interpreted as {', '.join(c.name for c in dataset.colorinterp)}"
+    return None
+
+
+def band_order_warning(scene: Scene) -> str | None:
+    """A line for a scene whose metadata does not say which band is which: it is read as R, G, B, NIR,
+    and a stack in Sentinel-2's own numbering (B02, B03, B04, B08: what ``gdal_merge -separate`` of
+    the band files in name order gives) would be mapped with red and blue swapped, without a word."""
+    if _stated_order(scene.dataset) is not None:
+        return None
+    return (f"{scene.path}: its bands are not named (band descriptions or colour interpretation): read as R, G, "
+            "B, NIR (Sentinel-2 B04, B03, B02, B08); a B02, B03, B04, B08 stack needs gdal_translate -b 3 -b 2 "
+            "-b 1 -b 4 (naming the bands, e.g. B04..B08 as descriptions, silences this)")
+
+
+def offset_warning(scene: Scene) -> str | None:
+    """A line for a scene whose darkest pixels are at 1000 or more in R, G and B alike: digital numbers
+    offset by +1000, as Sentinel-2 L2A of processing baseline 04.00 (2022) and its reprocessed
+    collection are, in a file that carries no offset to say so (COGs of cloud catalogues, band files
+    stacked by hand). Water, shadow and vegetation keep the visible bands' darkest percent of a real
+    scene well below 1000 without the offset; only a scene under snow or cloud is that bright."""
+    dark = []
+    for top in _spread(scene.height):
+        for left in _spread(scene.width):
+            pixels = scene.read_rows(top, WINDOW, left, WINDOW).reshape(IMAGE_SHAPE[2], -1)
+            dark.append(pixels[:3, ~missing(pixels, scene.nodata)])
+    visible = np.concatenate(dark, axis=1)
+    if visible.shape[1] == 0:
+        return None
+    darkest = np.percentile(visible, 1, axis=1)
+    if (darkest < L2A_OFFSET).any():
+        return None
+    return (f"{scene.path}: its darkest pixels are {', '.join(f'{v:.0f}' for v in darkest)} in R, G, B (1st "
+            f"percentile over windows spread across it): digital numbers offset by +{L2A_OFFSET}, as Sentinel-2 "
+            "L2A of processing baseline 04.00 or later is? The model would read brighter ground than there is: "
+            f"{OFFSET_ADVICE}. A scene under snow or cloud is this bright without an offset.")
+
+
+def _spread(length: int) -> list[int]:
+    """Starts of OFFSET_SAMPLES windows spread evenly along an axis (fewer on a small scene)."""
+    last = max(length - WINDOW, 0)
+    return sorted({last * i // (OFFSET_SAMPLES - 1) for i in range(OFFSET_SAMPLES)})
+
+
+def _check_bands(path: Path, dataset) -> None:
+    """Refuse a scene whose own metadata says it is not what the model reads: bands in another order
+    (B02, B03, B04, B08 as Sentinel-2 numbers them, or a blue/green/red colour interpretation), or an
+    offset on its digital numbers (processing baseline 04.00, from 2022, adds 1000 to the L2A digital
+    numbers, and says so by an offset of -1000, or -0.1 with the 1e-4 scale): the challenge tiles are
+    R, G, B, NIR without an offset, and a scene read otherwise is mapped wrong without a word."""
+    said, shown = _stated_order(dataset) or (list(BAND_NAMES), "")
     if said != list(BAND_NAMES):
         order = " ".join(f"-b {said.index(n) + 1}" for n in BAND_NAMES)
         raise InputError(f"{path}: bands {shown}; a scene needs the challenge tiles' order R, G, B, NIR "
@@ -247,7 +313,7 @@ def _check_bands(path: Path, dataset) -> None:
         raise InputError(f"{path}: its bands carry an offset ({', '.join(f'{o:g}' for o in offsets)}; scale "
                          f"{', '.join(f'{c:g}' for c in sorted(set(dataset.scales)))}): the model reads digital numbers "
                          "without one, as the challenge tiles are; for Sentinel-2 L2A of processing baseline "
-                         "04.00 or later, subtract 1000 from each band (0 stays no_data) and drop the offset")
+                         f"04.00 or later, {OFFSET_ADVICE} (a new file, without the offset)")
 
 
 def scene_paths(items: list[str]) -> list[Path]:

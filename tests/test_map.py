@@ -252,7 +252,7 @@ def test_bad_scenes_and_options_are_one_clear_line(smoke_run, tiles, tmp_path, c
     elif case == "float32":
         with rasterio.open(scene, "w", count=4, dtype="float32", **profile) as dst:
             dst.write(image.astype(np.float32))
-    elif case == "truncated":   # its header whole: refused while mapping, once --out is made
+    elif case == "truncated":   # its header whole: refused when its pixels are first read, at the checks
         mosaic([[tiles[0]]] * 3, scene)
         with open(scene, "r+b") as f:
             f.truncate(scene.stat().st_size // 2)
@@ -821,6 +821,8 @@ def test_a_scene_whose_metadata_says_other_bands_is_refused_in_one_line(tmp_path
 
     path = synthetic_mosaic(tmp_path / "s.tif")
     with rasterio.open(path, "r+") as dst:
+        for i in range(1, 5):
+            dst.set_band_description(i, "")   # the mosaic's own names, which would win over colours
         for i, text in enumerate(tag.get("descriptions", ()), 1):
             dst.set_band_description(i, text)
         if "colorinterp" in tag:
@@ -834,6 +836,78 @@ def test_a_scene_whose_metadata_says_other_bands_is_refused_in_one_line(tmp_path
             return
     with pytest.raises(InputError, match=re.escape(f"{path}: {problem}")):
         open_scene(path)
+
+
+@pytest.mark.parametrize("case", ["plain", "offset", "unnamed", "offset in a corner"])
+def test_what_a_scene_leaves_unsaid_is_warned_about_before_any_work(tmp_path, monkeypatch, capsys, case):
+    """Digital numbers offset by +1000 (L2A of processing baseline 04.00 in a file that does not declare
+    it) and bands without names (a B02, B03, B04, B08 stack would be read with red and blue swapped)
+    pass every check of the metadata: each is one warning, naming the file, before any work. A scene
+    whose only bright part is a corner is not taken for an offset one."""
+    from dist_lc.mapping import plan_scenes
+
+    path = synthetic_mosaic(tmp_path / "s.tif", 2, 2)
+    with rasterio.open(path, "r+") as dst:
+        pixels = dst.read()
+        if case == "offset":
+            dst.write(pixels + 1000)
+        elif case == "offset in a corner":
+            pixels[:, :256, :256] += 1000
+            dst.write(pixels)
+        elif case == "unnamed":
+            for band in range(1, 5):
+                dst.set_band_description(band, "")
+    monkeypatch.delenv("RANK", raising=False)
+    plan_scenes([path], None, 64)
+    said = capsys.readouterr().err.splitlines()
+    if case == "offset":
+        assert len(said) == 1 and said[0].startswith(f"warning: {path}: its darkest pixels are "), said
+        assert "digital numbers offset by +1000" in said[0] and "gdal_calc.py" in said[0], said
+    elif case == "unnamed":
+        assert said == [f"warning: {path}: its bands are not named (band descriptions or colour interpretation): read "
+                        "as R, G, B, NIR (Sentinel-2 B04, B03, B02, B08); a B02, B03, B04, B08 stack needs "
+                        "gdal_translate -b 3 -b 2 -b 1 -b 4 (naming the bands, e.g. B04..B08 as descriptions, "
+                        "silences this)"]
+    else:
+        assert said == []
+
+
+def test_a_pixel_with_any_band_at_zero_is_no_data():
+    """At a swath's edge the bands' footprints differ: a pixel whose NIR alone is 0 is no ground the
+    model knows (the tiles hold no 0), and must not be mapped as black ground."""
+    from dist_lc.scene import missing
+
+    pixels = np.full((4, 1, 4), 500, np.uint16)
+    pixels[3, 0, 1] = 0          # NIR missing
+    pixels[:, 0, 2] = 0          # every band missing
+    pixels[0, 0, 3] = 7          # the scene's nodata value in one band
+    assert missing(pixels, 7).tolist() == [[False, True, True, True]]
+    assert missing(pixels, None).tolist() == [[False, True, True, False]]
+
+
+def test_the_quicklook_stretch_ignores_no_data():
+    """A scene mostly empty (an orbit's edge) is stretched on its valid pixels, not drawn black."""
+    from dist_lc.plots import rgb
+
+    image = np.zeros((4, 10, 10), np.uint16)
+    image[:, :2, :2] = np.arange(1000, 1004).reshape(2, 2)
+    shown = rgb(image, image[0] > 0)
+    assert shown[:2, :2].max() == 1.0 and shown[:2, :2].min() == 0.0
+    assert rgb(image)[:2, :2].min() > 0.99   # stretched over every pixel, the valid ones all but saturate
+
+
+def test_a_scene_in_a_crs_without_a_way_to_lonlat_has_no_ground_size(tmp_path):
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    from dist_lc.scene import ground_pixel_m, open_scene
+
+    path = synthetic_mosaic(tmp_path / "s.tif", 1, 1)
+    with rasterio.open(path, "r+") as dst:
+        dst.crs = CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]')
+        dst.transform = from_origin(0, 2560, 10, 10)
+    with open_scene(path) as scene:
+        assert ground_pixel_m(scene) is None
 
 
 def test_a_lonlat_aoi_across_the_antimeridian_stays_a_small_box():

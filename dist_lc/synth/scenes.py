@@ -16,6 +16,7 @@ TILE = IMAGE_SHAPE[0]
 UTM31N = "EPSG:32631"
 ORIGIN = (500_000.0, 5_000_000.0)   # upper-left corner, metres (45°N, 3°E)
 PIXEL_M = 10.0
+BAND_IDS = ("B04", "B03", "B02", "B08")   # the challenge tiles' R, G, B, NIR
 
 
 def _profile(height: int, width: int, crs, nodata) -> dict:
@@ -36,8 +37,15 @@ def mosaic(images: list[list[np.ndarray]], out, *, crs=UTM31N, nodata=0, crop: t
         grid = grid[:crop[0], :crop[1]]
     out = Path(out)
     with rasterio.open(out, "w", **_profile(grid.shape[0], grid.shape[1], crs, nodata)) as dst:
+        _name_bands(dst)
         dst.write(grid.transpose(2, 0, 1))
     return out
+
+
+def _name_bands(dst) -> None:
+    """The tiles' bands by their Sentinel-2 names, so that a reader need not assume their order."""
+    for index, name in enumerate(BAND_IDS, 1):
+        dst.set_band_description(index, name)
 
 
 def synthetic_scene(out, height: int, width: int, seed: int = 0, crs=UTM31N) -> Path:
@@ -50,6 +58,7 @@ def synthetic_scene(out, height: int, width: int, seed: int = 0, crs=UTM31N) -> 
     out = Path(out)
     cols = -(-width // TILE)
     with rasterio.open(out, "w", **_profile(height, width, crs, 0)) as dst:
+        _name_bands(dst)
         for r in range(-(-height // TILE)):
             row = np.concatenate([make_tile(seed, r * cols + c + 1)[0] for c in range(cols)], axis=1)
             rows = min(TILE, height - r * TILE)
