@@ -316,3 +316,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     # (on the parameter's device for the fused kernel, on the CPU for the others)
     groups = [{**group, **chosen} for group, chosen in zip(saved["param_groups"], kernels)]
     optimizer.load_state_dict({**saved, "param_groups": groups})
+    # each state tensor in its parameter's memory layout: a resume may change train.channels_last,
+    # load_state_dict keeps the saved layout, and the fused kernels refuse parameters, gradients and
+    # state of different layouts ("must have same dtype, device, and layout")
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)

@@ -54,13 +54,18 @@ def _missing_for_triton() -> str | None:
     return None
 
 
-def agreed_compile(setting, device: torch.device) -> tuple[bool, str | None]:
+def agreed_compile(setting, device: torch.device, sync_batchnorm: bool = False) -> tuple[bool, str | None]:
     """(whether to compile, a note for the run's log), the same on every rank (a collective: every
     rank calls it). Where a rank's node lacks what torch.compile needs, ``auto`` trains eager on
     every rank, said in the note, and ``true`` is an InputError on every rank (none waits for one
-    that stopped)."""
+    that stopped). ``sync_batchnorm`` (a distributed run's SyncBatchNorm layers): ``auto`` trains
+    eager, since dynamo breaks the graph at each of them (the fusions around every normalisation, what
+    compiling gains here, are lost, and CUDA graphs are cut into pieces)."""
     if not compiles(setting, device):
         return False, None
+    if setting == "auto" and sync_batchnorm:   # the same on every rank: no collective needed
+        return False, ("train.compile auto: training eager, train.sync_batchnorm: torch.compile breaks its graph "
+                       "at every SyncBatchNorm (train.compile=true compiles anyway)")
     said = distributed.all_gather_objects(missing_compiler(device))
     lacking = [(rank, why) for rank, why in enumerate(said) if why]
     if not lacking:

@@ -96,6 +96,18 @@ def saved_bytes_per_tile(net, loss_fn, size: int, device, dtype, channels_last: 
     return total[0]
 
 
+# what cuDNN and cuBLAS raise, as a plain RuntimeError, when no workspace can be allocated: near the
+# memory limit a convolution fails so before the caching allocator raises OutOfMemoryError
+ALLOCATION_FAILURES = ("unable to find an engine", "CUBLAS_STATUS_ALLOC_FAILED", "NOT_ENOUGH_WORKSPACE")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the device ran out of memory, whatever library said it."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(words in str(exc) for words in ALLOCATION_FAILURES)
+
+
 def _fits_on_cuda(net, loss_fn, n: int, size: int, device, dtype, channels_last: bool) -> bool:
     """Whether a training step of ``n`` tiles at ``size``² fits, and validation's forward pass of ``n``
     whole tiles (no gradients, but at 256²: after a small crop's step, a whole tile can need more)."""
@@ -113,7 +125,9 @@ def _fits_on_cuda(net, loss_fn, n: int, size: int, device, dtype, channels_last:
                 logits = net(image)
         torch.cuda.synchronize(device)
         return True
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
         return False
     finally:
         # the failed attempt's activations (held by ``logits``'s graph) freed before the cache is

@@ -25,6 +25,7 @@ from .config import from_dict
 from . import views
 from .data import eval_loader, tiff_loader, to_nchw
 from .loading import LoaderError
+from .memory import is_out_of_memory
 from .model import build_network, pixel_probabilities, tile_proportions
 from .precision import autocast, resolve_precision
 
@@ -253,7 +254,7 @@ def _assembled(parts: list, ensemble: Ensemble | None) -> tuple[pd.DataFrame | N
 
 def out_of_memory(exc: Exception, batch_size: int) -> PredictionError | None:
     """A PredictionError naming the setting to lower for a device out of memory, else None."""
-    if not isinstance(exc, torch.OutOfMemoryError):
+    if not is_out_of_memory(exc):
         return None
     rank = dist.get_rank() if dist.is_initialized() else 0
     return PredictionError(f"rank {rank}: out of memory at --batch-size {batch_size} ({first_sentence(exc)}); "

@@ -35,7 +35,7 @@ from .data import apply_views, copy_to, eval_loader, to_nchw, train_loader
 from .ema import EMA
 from .loading import Loader, LoaderError
 from .losses import SegmentationLoss, class_weights
-from .memory import fit_micro_batch, peak_memory_mb
+from .memory import fit_micro_batch, is_out_of_memory, peak_memory_mb
 from .metrics import SCORED_CLASSES, has_scored_class, kl_per_sample
 from .model import build_network, normalisation_stats, prior_bias, tile_proportions
 from .optim import WarmupCosine, build_optimizer, build_scheduler, is_per_epoch
@@ -149,7 +149,7 @@ def build_setup(cfg: Config, group: distributed.Group | None = None) -> Setup:
     if t.ema_decay:
         ema = EMA(net, t.ema_decay)
     model = net
-    compiled, note = agreed_compile(t.compile, device)
+    compiled, note = agreed_compile(t.compile, device, sync_batchnorm=t.sync_batchnorm and env.distributed)
     notes += [note] if note else []
     if compiled:
         check_compile_mode(t, layout, device)
@@ -529,7 +529,9 @@ def train(cfg: Config, run_dir) -> TrainResult:
             forget_earlier_failures(run_dir, group.env.is_main)
             try:
                 s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
-            except torch.OutOfMemoryError as exc:
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 cause = TrainingError(f"rank {group.env.rank}: out of {group.device.type} memory while setting up "
                                       f"the model and optimizer ({first_sentence(exc)}); is another process "
                                       "holding the GPU?")
@@ -630,7 +632,7 @@ def through_torch_collectives(exc: BaseException) -> bool:
 
 def out_of_memory(exc: Exception, s: Setup) -> TrainingError | None:
     """A TrainingError naming the setting to change for a device that ran out of memory, else None."""
-    if not isinstance(exc, torch.OutOfMemoryError):
+    if not is_out_of_memory(exc):
         return None
     return TrainingError(f"rank {s.env.rank}: out of {s.device.type} memory at train.micro_batch_size "
                          f"{s.layout.micro} ({first_sentence(exc)}); lower "
@@ -646,7 +648,7 @@ def compile_failure(exc: Exception, s: Setup) -> TrainingError | None:
     if not s.compiled or not isinstance(exc, (BackendCompilerFailed, InternalTorchDynamoError)):
         return None
     inner = getattr(exc, "inner_exception", None) or exc
-    if isinstance(inner, torch.OutOfMemoryError):   # inductor's autotuning ran out: the micro-batch's
+    if is_out_of_memory(inner):   # inductor's autotuning ran out: the micro-batch's
         return out_of_memory(inner, s)
     return TrainingError(f"rank {s.env.rank}: torch.compile failed ({type(inner).__name__}: "
                          f"{said(inner, empty='no message')}); "

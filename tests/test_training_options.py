@@ -427,6 +427,58 @@ def test_auto_trains_eager_where_the_node_lacks_the_compiler_and_true_is_refused
                                                          "python3-dev), which Triton needs to build its CUDA kernels")
 
 
+def test_auto_trains_eager_with_syncbatchnorm_where_dynamo_breaks_the_graph(monkeypatch):
+    """torch.compile breaks its graph at every SyncBatchNorm: compiling a distributed run with them
+    loses the fusions it is for. ``auto`` trains eager and says why; ``true`` still compiles."""
+    import shutil
+
+    from dist_lc import compiling
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(compiling, "_missing_for_triton", lambda: None)
+    assert compiling.agreed_compile("auto", cuda, sync_batchnorm=True) == (
+        False, "train.compile auto: training eager, train.sync_batchnorm: torch.compile breaks its graph at every "
+               "SyncBatchNorm (train.compile=true compiles anyway)")
+    assert compiling.agreed_compile(True, cuda, sync_batchnorm=True) == (True, None)
+    assert compiling.agreed_compile("auto", cuda, sync_batchnorm=False) == (True, None)
+
+
+def test_a_resume_that_changes_channels_last_gives_the_optimizer_state_its_parameters_layout():
+    """load_state_dict keeps the saved layout of Adam's moments; the fused CUDA kernels refuse state of
+    another layout than its parameters' ("must have same dtype, device, and layout")."""
+    from dist_lc.checkpoint import load_optimizer
+
+    def step(net, optimizer):
+        net(torch.rand(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)).sum().backward()
+        optimizer.step()
+
+    saved_net = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    saved_opt = torch.optim.AdamW(saved_net.parameters())
+    step(saved_net, saved_opt)
+    net = torch.nn.Conv2d(4, 8, 3)   # the resumed run trains without channels_last
+    net.load_state_dict(saved_net.state_dict())
+    optimizer = torch.optim.AdamW(net.parameters())
+    load_optimizer(optimizer, saved_opt.state_dict())
+    weight = net.weight
+    assert weight.is_contiguous()
+    for key in ("exp_avg", "exp_avg_sq"):
+        state = optimizer.state[weight][key]
+        assert state.stride() == weight.stride(), key
+        assert torch.equal(state, saved_opt.state[saved_net.weight][key]), key
+    step(net, optimizer)
+
+
+def test_cudnn_and_cublas_workspace_failures_are_out_of_memory():
+    """Near the memory limit a convolution fails in cuDNN, a plain RuntimeError, before the caching
+    allocator's OutOfMemoryError: the micro-batch probe must take it as "does not fit"."""
+    assert memory.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert memory.is_out_of_memory(RuntimeError("GET was unable to find an engine to execute this computation"))
+    assert memory.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not memory.is_out_of_memory(RuntimeError("Given groups=1, weight of size [8, 4, 3, 3], expected input"))
+    assert not memory.is_out_of_memory(ValueError("unable to find an engine"))
+
+
 @pytest.mark.parametrize("when", ["before", "first-step"])
 def test_a_compiler_that_does_not_work_is_one_line_not_a_traceback(tiny_shards, tmp_path, when):
     """train.compile true with no working C++ compiler: refused before anything starts (exit 2), or,

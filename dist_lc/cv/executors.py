@@ -51,6 +51,9 @@ LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get be
 LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
                             # (a GPU task's teardown, its loader workers and compile workers take seconds);
                             # the launcher's loop goes on meanwhile
+# the part of a shared GPU's memory that its jobs' caps divide between them: each process's CUDA
+# context and NCCL's buffers lie outside the caching allocator, and so outside its cap
+SHARED_GPU_USABLE = 0.9
 SUBMIT_BACKOFF_S = (5.0, 15.0, 40.0)   # the waits before a busy scheduler is asked again to take jobs
 # sbatch's words for a controller that is busy or restarting (not for jobs it refuses): worth another try
 SBATCH_TRANSIENT = ("timed out", "unable to contact slurm controller", "temporarily unavailable",
@@ -288,7 +291,8 @@ class LocalExecutor(Executor):
             # of them share one); slots beyond that (max_parallel above the GPUs) wrap around and share too
             group = slot % max(1, gpu_count() // gpus)
             self.engine.update_parameters(visible_gpus=physical_gpus(range(group * gpus, (group + 1) * gpus)))
-            return FoldJob(item.config, str(item.run_dir), item.tta, gpu_share=1.0 / sharing if sharing > 1 else None)
+            share = SHARED_GPU_USABLE / sharing if sharing > 1 else None
+            return FoldJob(item.config, str(item.run_dir), item.tta, gpu_share=share)
         return FoldJob(item.config, str(item.run_dir), item.tta, cpu_slice(slot, slots))
 
     def first_failure(self, record: Submission) -> tuple[str, str] | None:

@@ -175,15 +175,14 @@ def run_job(job) -> dict:
     process group, the fold; after a stop signal, :func:`_leave`."""
     if job.cpus:  # the local executor's share of the machine; threads and loader workers inherit it
         os.sched_setaffinity(0, job.cpus)
-    share = job.gpu_share
-    if share and torch.cuda.is_available():
-        # jobs sharing a GPU: each allocates at most its share, so micro_batch_size auto fits it
-        # and a job that outgrows it fails alone instead of starving the others
-        for index in range(torch.cuda.device_count()):   # the GPUs this job sees
-            torch.cuda.set_per_process_memory_fraction(share, index)
     requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
     cfg = from_dict(job.config)
-    with distributed.process_group(job_device(cfg), cfg.train.dist_timeout_s):
+    with distributed.process_group(job_device(cfg), cfg.train.dist_timeout_s) as group:
+        if job.gpu_share and group.device.type == "cuda":
+            # jobs sharing a GPU: each allocates at most its share, so micro_batch_size auto fits it
+            # and a job that outgrows it fails alone instead of starving the others; on this rank's
+            # own GPU only (setting it for another would create a CUDA context there)
+            torch.cuda.set_per_process_memory_fraction(job.gpu_share, group.device)
         result = run_fold(cfg, job.run_dir, job.tta)
         if result["status"] == "stopped":
             _leave(result, requeue)   # the other ranks wait for rank 0's requeue in the group
