@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--src", type=Path, default=SAMPLE_SRC)
     ap.add_argument("--a", nargs=2, required=True, metavar=("JSON", "KEY"))
     ap.add_argument("--b", nargs=2, required=True, metavar=("JSON", "KEY"))
+    ap.add_argument("--block-size", default="auto", help="lc-shard pack --block-size of the runs' pack")
     args = ap.parse_args(argv)
-    tiles = pixel_gbm.load_tiles(ensure_shards(args.work / "shards", args.src))
+    tiles = pixel_gbm.load_tiles(ensure_shards(args.work / "shards", args.src, args.block_size))
     truth = pd.DataFrame(tiles.props, index=np.asarray(tiles.keys).astype(str), columns=CLASSES)
     folds = pd.Series(tiles.folds, index=truth.index)
     scores = {}
