@@ -6,7 +6,8 @@ KL divergence to the true proportions (the challenge's score) with a small L2 pu
 identity (``scale = 1``, ``bias = 0``). It corrects what a U-Net trained for a few epochs gets
 wrong systematically: proportions too sharp or too flat, a class under- or over-predicted.
 
-The CV report fits it on every out-of-fold tile and applies it to the ensemble's test predictions;
+The CV report fits it on every out-of-fold tile and applies it to each fold model's test
+predictions before they are averaged;
 its out-of-fold score *with* calibration is cross-fitted (each fold calibrated by a fit on the
 other folds), so that it is not scored on the tiles it was fitted on. :func:`cross_fit` is that
 loop for any correction fitted on out-of-fold tiles (the second stage's too).

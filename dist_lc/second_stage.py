@@ -37,9 +37,10 @@ def _inputs(pred, features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _objective(target: np.ndarray):
-    """LightGBM's custom multiclass objective: soft-label cross-entropy (grad q − y, hess q(1 − q))."""
+    """LightGBM's custom multiclass objective: soft-label cross-entropy (grad q − y, hess q(1 − q)).
+    LightGBM 4 passes the raw scores as (tiles, classes)."""
     def soft_cross_entropy(raw, dataset):
-        q = _softmax(raw.reshape(len(target), -1) if raw.ndim == 1 else raw)
+        q = _softmax(raw)
         return q - target, np.maximum(q * (1.0 - q), 1e-6)
     return soft_cross_entropy
 
