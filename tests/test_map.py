@@ -690,16 +690,18 @@ def test_pixels_masked_by_the_scene_mask_band_are_no_data(tmp_path):
 
 
 def test_a_fourth_band_tagged_alpha_is_the_nir_not_a_mask(tmp_path):
-    """tifffile tags the 4th sample of an RGB image alpha by default: in a scene it is the NIR, so a
-    pixel whose NIR is 0 stays valid (GDAL alone would mask it), as it always was."""
+    """tifffile tags the 4th sample of an RGB image alpha by default: in a scene it is the NIR, not a
+    mask band, so a dark NIR stays valid; a NIR at 0 is no_data as any band at 0 is."""
     from dist_lc.scene import open_scene
 
     image = np.full((256, 256, 4), 1000, np.uint16)
-    image[:, :128, 3] = 0
+    image[:, :128, 3] = 5
+    image[:, 255, 3] = 0
     tifffile.imwrite(tmp_path / "rgb.tif", image, photometric="rgb")
     with open_scene(tmp_path / "rgb.tif") as scene:
-        assert scene.dataset.colorinterp[3].name == "alpha"
-        assert scene.valid(scene.read_rows(0, 256), 0).all()
+        assert scene.dataset.colorinterp[3].name == "alpha" and not scene.has_mask_band
+        valid = scene.valid(scene.read_rows(0, 256), 0)
+        assert valid[:, :255].all() and not valid[:, 255].any()
 
 
 def test_a_map_without_probabilities_removes_those_of_an_earlier_map(tmp_path):
