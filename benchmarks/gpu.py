@@ -534,8 +534,9 @@ def cv_part(b: Bench) -> None:
 # ----------------------------------------------------------------------------- 3. resume across devices
 
 def resume_part(b: Bench) -> None:
-    """One epoch on the CPU, then the run resumed on this device for a second (a one-level U-Net of 8
-    filters: what is checked is the optimizer state's move, not a speed)."""
+    """One epoch on the CPU in channels_last, then the run resumed on this device for a second without
+    it (a one-level U-Net of 8 filters: what is checked is the optimizer state's move to the device
+    and to the other memory layout, which the fused CUDA kernels require, not a speed)."""
     shards = synthetic_shards(b.args.work, QUICK_TILES, usable_cores(), timeout=b.timeout())
     run_dir = b.args.work / "resume"
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
@@ -543,9 +544,10 @@ def resume_part(b: Bench) -> None:
             "model.upconv_filters=8", "model.num_layers=0", "train.plot_every=0", "train.loggers=[]",
             "train.batch_size=8", "train.micro_batch_size=8", "train.compile=false"]
     rows = []
-    for device, epochs, kernels in (("cpu", 1, "foreach"), (b.device.type, 2, "auto")):
-        log(f"resume: epoch {epochs} on {device}, optim.implementation={kernels}")
-        more = [*sets, f"train.device={device}", f"train.epochs={epochs}", f"optim.implementation={kernels}"]
+    for device, epochs, kernels, layout in (("cpu", 1, "foreach", True), (b.device.type, 2, "auto", False)):
+        log(f"resume: epoch {epochs} on {device}, optim.implementation={kernels}, train.channels_last={layout}")
+        more = [*sets, f"train.device={device}", f"train.epochs={epochs}", f"optim.implementation={kernels}",
+                f"train.channels_last={str(layout).lower()}"]
         proc = run_bounded(b, [sys.executable, "-m", "dist_lc", "train", "--config", str(BENCHMARK_RECIPE),
                                "--run-dir", str(run_dir), *[a for x in more for a in ("--set", x)]],
                            check=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -554,13 +556,13 @@ def resume_part(b: Bench) -> None:
             else lines[-1]
         if proc.returncode != 0 or (epochs == 2 and "resuming after epoch 1" not in proc.stdout + proc.stderr):
             b.failed.append(f"resume: epoch {epochs} on {device} did not resume the run: {said}")
-        rows.append([epochs, device, kernels, proc.returncode, said[:100]])
+        rows.append([epochs, device, kernels, layout, proc.returncode, said[:100]])
         if proc.returncode != 0:
             break
     b.write("\n".join([
         "### Resume across devices: `dist-lc train` of configs/benchmark.yaml (one level of 8 filters, 64² crops), "
-        "1 epoch on the CPU, then resumed here", "",
-        table(["epoch", "device", "optim.implementation", "exit", "its log line"], rows)]))
+        "1 epoch on the CPU in channels_last, then resumed here without it", "",
+        table(["epoch", "device", "optim.implementation", "channels_last", "exit", "its log line"], rows)]))
 
 
 # ----------------------------------------------------------------------------- main

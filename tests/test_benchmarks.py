@@ -115,7 +115,7 @@ def test_gpu_benchmark_on_cpu(tmp_path):
                     "### Several folds", "### Micro-batch sweep", "### Resume across devices",
                     "### End to end, before: none", "Whole benchmark"):
         assert section in out
-    assert "| 2 | cpu | auto | 0 |" in out   # the run trained on, resumed
+    assert "| 2 | cpu | auto | False | 0 |" in out   # the run trained on, resumed out of channels_last
     checked = [line for line in out.splitlines() if line.startswith("| + ") and line.endswith(("pass |", "FAIL |"))]
     assert [line.split(" | ")[0] for line in checked] == ["| + fused Adam", "| + torch.compile"]
     assert all(line.endswith("pass |") for line in checked)
