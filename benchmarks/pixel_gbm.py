@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lc_common.tiles import NUM_CLASSES
+from lc_common.tiles import BAND_NAMES, NUM_CLASSES
 from shard_tools.format import decode_sample
 from shard_tools.manifest import load_manifest
 
 WINDOWS = (5, 15, 45)
-BANDS = ("R", "G", "B", "NIR")
+BANDS = BAND_NAMES
 FEATURE_NAMES = (list(BANDS) + ["NDVI", "NDWI"]
                  + [f"{stat}{w}_{b}" for w in WINDOWS for stat in ("mean", "std") for b in BANDS])
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lc_common.errors import InputError, one_line
-from lc_common.tiles import IMAGE_DTYPE, IMAGE_SHAPE
+from lc_common.tiles import BAND_NAMES, IMAGE_DTYPE, IMAGE_SHAPE, S2_BAND_IDS
 
 WINDOW = IMAGE_SHAPE[0]
 TAPER_FLOOR = 1e-3
@@ -190,8 +190,7 @@ def open_scene(path) -> Scene:
     return scene
 
 
-BAND_NAMES = ("R", "G", "B", "NIR")   # the challenge tiles' order; Sentinel-2's B04, B03, B02, B08
-_S2_BAND = {"2": "B", "3": "G", "4": "R", "8": "NIR"}
+_S2_BAND = {band[1:].lstrip("0"): name for band, name in zip(S2_BAND_IDS, BAND_NAMES)}   # "4": "R", ...
 _WORD = {"red": "R", "green": "G", "blue": "B", "nir": "NIR", "near-infrared": "NIR", "near infrared": "NIR"}
 
 

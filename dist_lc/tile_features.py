@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from lc_common.tiles import BAND_NAMES
+
 STRIDE = 4
 K = 16
 SAMPLE_PER_TILE = 256      # pixels per tile that the k-means fit draws
 KMEANS_TILES = 1024        # tiles whose samples the fit uses, at most: its memory and time stay flat
 KMEANS_ITERATIONS = 25
-BANDS = ("R", "G", "B", "NIR")
+BANDS = BAND_NAMES
 PIXEL_NAMES = (*(f"log_{b}" for b in BANDS), "ndvi", "ndwi")
 
 

@@ -529,7 +529,11 @@ def train(cfg: Config, run_dir) -> TrainResult:
             forget_earlier_failures(run_dir, group.env.is_main)
             try:
                 s = build_setup(keep_chosen_micro_batch(cfg, run_dir), group)
-            except RuntimeError as exc:
+            except LoaderError as exc:   # no room for its batches, maybe on this node alone: the peers say so
+                if group.env.distributed:   # (a single process leaves no folder of its own making)
+                    record_failure(run_dir, group.env.rank, exc)
+                raise
+            except RuntimeError as exc:   # (LoaderError is one: handled above)
                 if not is_out_of_memory(exc):
                     raise
                 cause = TrainingError(f"rank {group.env.rank}: out of {group.device.type} memory while setting up "
@@ -537,10 +541,6 @@ def train(cfg: Config, run_dir) -> TrainResult:
                                       "holding the GPU?")
                 record_failure(run_dir, group.env.rank, cause)
                 raise cause from exc
-            except LoaderError as exc:   # no room for its batches, maybe on this node alone: the peers say so
-                if group.env.distributed:   # (a single process leaves no folder of its own making)
-                    record_failure(run_dir, group.env.rank, exc)
-                raise
             setup_s = time.monotonic() - started
             note_own_exit = functools.partial(_record_own_exit, run_dir, s.env.rank)
             with StopSignals() as stop, distributed.last_words(note_own_exit):

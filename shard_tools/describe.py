@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from lc_common.tiles import CLASS_NAMES, IGNORED_CLASSES, NUM_CLASSES
+from lc_common.tiles import BAND_NAMES, CLASS_NAMES, IGNORED_CLASSES, NUM_CLASSES
 from .manifest import Manifest, load_manifest
 
 EPSILON = 1e-7
-BANDS = ("R", "G", "B", "NIR")
+BANDS = BAND_NAMES
 
 
 def kl_divergence(y_true, y_pred) -> float:

@@ -35,7 +35,7 @@ import numpy as np
 import tifffile
 
 from lc_common.errors import InputError, print_error
-from lc_common.tiles import CLASS_NAMES, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions
+from lc_common.tiles import BAND_NAMES, CLASS_NAMES, MAX_PIXEL_VALUE, NUM_CLASSES, class_proportions
 
 # Pixel counts per class of the full challenge training set (18,491 tiles), from the challenge data.
 FULL_TRAIN_COUNTS = [0, 20643, 60971025, 404760981, 277012377, 96473046, 333407133, 9775295, 1071, 29404605]
@@ -269,7 +269,7 @@ def derive(src: Path) -> dict:
         "source_tiles": len(ids),
         "date": _dt.date.today().isoformat(),
         "generated_by": "python -m dist_lc.synth.derive_constants",
-        "bands": ["R", "G", "B", "NIR"],
+        "bands": list(BAND_NAMES),
         "pixel_range": [1, MAX_PIXEL_VALUE],
         "log_offset": LOG_OFFSET,
         "texture_sigma": TEXTURE_SIGMA,

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lc_common.tiles import IMAGE_SHAPE
+from lc_common.tiles import IMAGE_SHAPE, S2_BAND_IDS
 
 TILE = IMAGE_SHAPE[0]
 UTM31N = "EPSG:32631"
 ORIGIN = (500_000.0, 5_000_000.0)   # upper-left corner, metres (45°N, 3°E)
 PIXEL_M = 10.0
-BAND_IDS = ("B04", "B03", "B02", "B08")   # the challenge tiles' R, G, B, NIR
 
 
 def _profile(height: int, width: int, crs, nodata) -> dict:
@@ -44,7 +43,7 @@ def mosaic(images: list[list[np.ndarray]], out, *, crs=UTM31N, nodata=0, crop: t
 
 def _name_bands(dst) -> None:
     """The tiles' bands by their Sentinel-2 names, so that a reader need not assume their order."""
-    for index, name in enumerate(BAND_IDS, 1):
+    for index, name in enumerate(S2_BAND_IDS, 1):
         dst.set_band_description(index, name)
 
 
