@@ -23,6 +23,7 @@ over, not read.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,6 +394,12 @@ def train_loader(manifest: Manifest, folds, *, seed, world, rank, micro, accum, 
     return Loader(ds, workers, rank=rank, timeout_s=timeout_s, device=device), steps
 
 
+def listing(tiles: int, lines) -> tuple[int, str]:
+    """(tiles, a digest of ``lines``: the tile ids, or the shards' names and counts) of what a rank
+    listed for a prediction pass: the ranks compare theirs (see :class:`~dist_lc.loading.Loader`)."""
+    return tiles, hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+
 def eval_loader(manifest: Manifest, split: str, folds, *, world, rank, batch_size, workers, device=None,
                 timeout_s=300.0) -> Loader:
     """Each tile of the split (and folds) exactly once across ranks, in manifest order."""
@@ -402,7 +409,7 @@ def eval_loader(manifest: Manifest, split: str, folds, *, world, rank, batch_siz
     start, stop = balanced_range(total, world, rank)
     ds = ShardStream(shards, start, stop, batch_size, split=split, sizes=sizes)
     return Loader(ds, min(workers, max(1, stop - start)) if workers else 0, rank=rank, timeout_s=timeout_s,
-                  device=device)
+                  device=device, listed=listing(total, (f"{Path(p).name} {c}" for p, c in shards)))
 
 
 class TiffStream(IterableDataset):
@@ -454,4 +461,4 @@ def tiff_loader(folder, *, world, rank, batch_size, workers, device=None, timeou
     start, stop = balanced_range(len(items), world, rank)
     mine = items[start:stop]
     return Loader(TiffStream(mine, batch_size), min(workers, max(1, len(mine))) if workers else 0, rank=rank,
-                  timeout_s=timeout_s, device=device)
+                  timeout_s=timeout_s, device=device, listed=listing(len(items), (k for k, _ in items)))

@@ -243,6 +243,38 @@ def _leave_together(group: Group) -> None:
         pass
 
 
+class PeerFailed:
+    """A flag that any rank sets and every rank reads without a collective, through the rendezvous
+    store: for a loop whose ranks run unequal numbers of steps (a prediction's shares), where no
+    collective per step can be agreed. A rank that fails sets it; its peers stop at their next check
+    instead of finishing their share while it waits for them in the final collective, where the
+    group's timeout could end it before its cause is heard. The store is asked at most every
+    ``every_s``: hundreds of ranks asking per batch would load rank 0's host."""
+    _made = 0   # the ranks of a group make the same flags in the same order: the n-th flag has one key
+
+    def __init__(self, group: Group, name: str, every_s: float = 1.0):
+        self.store, self.every_s, self._asked = group.store, every_s, time.monotonic()
+        if self.store is not None:
+            PeerFailed._made += 1
+        self.key = f"dist_lc/failed/{name}/{PeerFailed._made}"
+
+    def set(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.set(self.key, "1")
+            except Exception:  # noqa: BLE001 - the store's host gone: the final collective fails anyway
+                pass
+
+    def is_set(self) -> bool:
+        if self.store is None or time.monotonic() - self._asked < self.every_s:
+            return False
+        self._asked = time.monotonic()
+        try:
+            return self.store.check([self.key])
+        except Exception:  # noqa: BLE001 - a store that does not answer is no peer's failure: the gather says
+            return False
+
+
 def single_process(preference: str = "auto") -> Group:
     """The group of a plain process with no launcher (tests, benchmarks): no collective to join."""
     env = DistEnv()

@@ -373,11 +373,15 @@ class Loader:
     ``workers`` processes start at the first pass and serve every later one until :meth:`close`;
     ``with loader.batches(epoch) as it`` is one pass. A pass left before its end (an error, a stop
     request) ends the workers, and the next pass starts new ones. Iterating the loader itself is one
-    whole pass."""
+    whole pass.
+
+    ``listed``: (tiles, digest) of every rank's share together, as this rank listed them (a prediction
+    pass's: the ranks compare it, as nodes can see different copies of a folder)."""
 
     def __init__(self, dataset, workers: int, *, rank: int = 0, timeout_s: float = 300.0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, listed: tuple[int, str] | None = None):
         self.dataset, self.workers, self.rank, self.timeout_s = dataset, workers, rank, timeout_s
+        self.listed = listed
         self.cuda = device is not None and device.type == "cuda"
         self.ring = None
         if workers:

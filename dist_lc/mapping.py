@@ -56,6 +56,7 @@ from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
 from .plots import PALETTE, legend_handles, rgb, save_figure
 from .predict import Ensemble, PredictionError, failure_note, first_failure, out_of_memory, raise_agreed
+from .precision import agreed_precision
 from .scene import (WINDOW, AoiMask, AoiOutside, aoi_mask_for, band_order_warning, gdal_text, offset_warning,
                     open_scene, parse_aoi, scale_warning, scene_paths, taper, window_grid)
 from .stopping import SignalHandlers
@@ -581,7 +582,7 @@ def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
 
 def map_scenes(args, plans: list[Planned], group: distributed.Group, stop: StopOnce) -> None:
     out_dir = Path(args.out)
-    ensemble = Ensemble(args.checkpoint, group.device, tta=args.tta)
+    ensemble = Ensemble(args.checkpoint, group.device, tta=args.tta, auto=agreed_precision("auto", group.device))
     with contextlib.ExitStack() as claimed:
         with stop.held():
             distributed.on_main(claim_out, out_dir, claimed)

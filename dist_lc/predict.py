@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from lc_common.atomic import check_parent, write_csv_atomic
 from lc_common.errors import InputError, first_sentence, one_line, print_error, said
-from lc_common.tiles import CLASS_NAMES
+from lc_common.tiles import CLASS_NAMES, id_sort_key
 from shard_tools.manifest import Location, load_manifest
 
 from . import checkpoint as ckpt
@@ -27,7 +27,7 @@ from .data import eval_loader, tiff_loader, to_nchw
 from .loading import LoaderError
 from .memory import is_out_of_memory
 from .model import build_network, pixel_probabilities, tile_proportions
-from .precision import autocast, resolve_precision
+from .precision import agreed_precision, autocast, resolve_precision
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}   # train.precision's words
 SAMPLE_IDS = 3   # tile ids named in the message about rows that are not proportions
@@ -64,15 +64,26 @@ def same_folder(shards, root) -> bool:
         return False
 
 
-class Ensemble:
-    """One or more checkpoints on a device, each in its own precision; ``tta``: the 8 flips/rotations."""
+OWN_DEVICE = "own device"   # Ensemble's ``auto``: what this rank's device runs, not agreed with the others
 
-    def __init__(self, checkpoints, device: torch.device, tta: bool = False):
+
+class Ensemble:
+    """One or more checkpoints on a device, each in its own precision; ``tta``: the 8 flips/rotations.
+    ``auto``: the dtype of members trained with ``train.precision=auto``, agreed by the ranks
+    (:func:`~dist_lc.precision.agreed_precision`, a collective its caller runs where every rank does),
+    as training agreed it; OWN_DEVICE decides by this rank's device alone."""
+
+    def __init__(self, checkpoints, device: torch.device, tta: bool = False, auto=OWN_DEVICE):
         self.checkpoints = [str(p) for p in checkpoints]
         loaded = [load_network(p, device) for p in checkpoints]
         self.members = [(net, cfg) for net, cfg, _ in loaded]
         self.trained_on = [identity for _, _, identity in loaded]   # the shards' identity, or None
         self.device, self.tta = device, tta
+        self.auto = resolve_precision("auto", device) if auto is OWN_DEVICE else auto
+
+    def dtype(self, cfg) -> torch.dtype | None:
+        """The autocast dtype of a member trained with ``cfg`` (None: fp32)."""
+        return self.auto if cfg.train.precision == "auto" else resolve_precision(cfg.train.precision, self.device)
 
     def in_sample(self, manifest, folds: list[int] | None) -> list[str]:
         """A line for each member that trained on some of the train ``folds`` (None: all) of these
@@ -96,7 +107,7 @@ class Ensemble:
     def precision_hint(self) -> str:
         """The precision the checkpoints run in on this device, and what to try when their output is
         not finite: fp16 overflows where bf16 (a model trained on a newer GPU) did not."""
-        ran = [PRECISION_NAMES[resolve_precision(cfg.train.precision, self.device)] for _, cfg in self.members]
+        ran = [PRECISION_NAMES[self.dtype(cfg)] for _, cfg in self.members]
         said = f"run in {', '.join(dict.fromkeys(ran))} here (train.precision=" \
                f"{', '.join(dict.fromkeys(cfg.train.precision for _, cfg in self.members))})"
         if "fp16" in ran:
@@ -120,7 +131,7 @@ class Ensemble:
         props, probs = 0, 0
         for net, cfg in self.members:
             fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-            dtype = resolve_precision(cfg.train.precision, self.device)
+            dtype = self.dtype(cfg)
             seen = image if valid is None else torch.where(valid[:, None], image, net.mean)
             for k, flip in chosen:
                 with autocast(self.device, dtype):
@@ -183,20 +194,26 @@ def predict(checkpoints, shards=None, split="test", *, images=None, tta=False, b
 
 def _predict(checkpoints, shards, split, group: distributed.Group, *, images, tta, batch_size, workers,
              with_confusion, wait_timeout_s):
-    tally, ensemble, failure = Tally(group.device, with_confusion), None, None
+    tally, ensemble, failure, listed = Tally(group.device, with_confusion), None, None, None
+    peer_failed = distributed.PeerFailed(group, "predict")
+    auto = agreed_precision("auto", group.device)   # a collective: before anything that can fail on one rank
     try:
-        ensemble = Ensemble(checkpoints, group.device, tta)
+        ensemble = Ensemble(checkpoints, group.device, tta, auto)
         loader = open_loader(shards, split, images, group, batch_size=batch_size, workers=workers,
                              wait_timeout_s=wait_timeout_s, ensemble=ensemble)
+        listed = loader.listed
         with loader, loader.batches() as batches:
             for batch in batches:
+                if peer_failed.is_set():   # the gather below names the peer's error; this share is moot
+                    break
                 props, probs = ensemble(to_nchw(batch["image"]).to(group.device), pixels=with_confusion)
                 tally.add(batch["key"], props, probs, batch.get("mask"))
     except Exception as exc:   # noqa: BLE001 - whatever it is, the peers must hear of it
         # raised below, after the collectives: a rank that left now would leave its peers waiting in them
         failure = out_of_memory(exc, batch_size) or exc
+        peer_failed.set()
     keys, props, matrix = tally.finish()
-    table = gathered_table(keys, props, failure, ensemble)
+    table = gathered_table(keys, props, failure, ensemble, listed)
     if table is None:
         return None
     return (table, matrix) if with_confusion else table
@@ -222,15 +239,16 @@ def open_loader(shards, split, images, group: distributed.Group, *, batch_size, 
 
 
 def gathered_table(keys: list, props: np.ndarray, failure: Exception | None = None,
-                   ensemble: Ensemble | None = None) -> pd.DataFrame | None:
-    """Every rank's (tile ids, proportions) as one table on rank 0, rows summing to 1 in float64
-    (None on the other ranks; every rank must call it, a rank whose prediction failed included).
+                   ensemble: Ensemble | None = None, listed: tuple | None = None) -> pd.DataFrame | None:
+    """Every rank's (tile ids, proportions) as one table on rank 0, rows in id order summing to 1 in
+    float64 (None on the other ranks; every rank must call it, a rank whose prediction failed included).
 
     Every rank raises when one failed (``failure``, its error: it raises that, the others
-    ``rank R failed first: ...`` naming the lowest such rank) or when rank 0 finds rows that are not
-    finite or sum to 0, naming the ``ensemble`` that predicted them.
+    ``rank R failed first: ...`` naming the lowest such rank), when rank 0 finds rows that are not
+    finite or sum to 0, naming the ``ensemble`` that predicted them, or tiles not predicted once
+    each: the ranks' ``listed`` (tiles, digest of their ids) differ, or a tile came from two ranks.
     """
-    parts = distributed.gather_objects((keys, props, failure_note(failure)))
+    parts = distributed.gather_objects((keys, props, failure_note(failure), listed))
     table, verdict = _assembled(parts, ensemble) if parts is not None else (None, None)
     raise_agreed(verdict, failure)
     return table
@@ -239,17 +257,35 @@ def gathered_table(keys: list, props: np.ndarray, failure: Exception | None = No
 def _assembled(parts: list, ensemble: Ensemble | None) -> tuple[pd.DataFrame | None, tuple | None]:
     """Rank 0's (table, None) from the ranks' (ids, proportions, failure note), or (None, the verdict
     that every rank raises)."""
-    verdict = first_failure([note for _, _, note in parts])
+    verdict = first_failure([note for _, _, note, _ in parts])
     if verdict is not None:
         return None, verdict
-    keys = [k for ks, _, _ in parts for k in ks]
-    values = np.concatenate([r for _, r, _ in parts])
-    verdict = _not_proportions(keys, values, ensemble)
+    keys = [k for ks, _, _, _ in parts for k in ks]
+    values = np.concatenate([r for _, r, _, _ in parts])
+    verdict = _not_once_each(keys, [listed for _, _, _, listed in parts]) or \
+        _not_proportions(keys, values, ensemble)
     if verdict is not None:
         return None, verdict
     table = pd.DataFrame(values / values.sum(axis=1, keepdims=True), columns=list(CLASS_NAMES))
     table.insert(0, "sample_id", keys)
-    return table, None
+    order = sorted(range(len(keys)), key=lambda i: id_sort_key(str(keys[i])))
+    return table.iloc[order].reset_index(drop=True), None
+
+
+def _not_once_each(keys: list, listed: list) -> tuple | None:
+    """The verdict on ranks that listed different tiles (each took its share of its own list: some
+    tiles twice, others never), or None."""
+    where = "does every node see the same tiles (--images folder, --shards)?"
+    if len(set(listed)) > 1:
+        counts = [(entry or (None, None))[0] for entry in listed]
+        what = "numbers of tiles" if len(set(counts)) > 1 else "tiles (as many, with other ids)"
+        said = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(counts))
+        return None, "input", f"the ranks listed different {what} ({said}); {where}"
+    twice = pd.Index(keys)[pd.Index(keys).duplicated()].unique()
+    if len(twice):
+        shown = ", ".join(map(str, twice[:SAMPLE_IDS])) + (", ..." if len(twice) > SAMPLE_IDS else "")
+        return None, "input", f"{len(twice)} tile(s) predicted by more than one rank (ids {shown}); {where}"
+    return None
 
 
 def out_of_memory(exc: Exception, batch_size: int) -> PredictionError | None:

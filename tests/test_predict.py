@@ -114,14 +114,16 @@ def test_test_split_tta_and_ensemble(smoke_run, tiny_shards):
 
 
 def test_two_ranks_predict_each_tile_once(smoke_run, packed_sample, tmp_path):
-    """The 24 test tiles in shards of 16 and 8, shared by two ranks: each tile once, none dropped."""
+    """The 24 test tiles in shards of 16 and 8, shared by two ranks: each tile once, none dropped, in
+    id order (two workers a rank hand over their batches in turn)."""
     out = tmp_path / "two.csv"
     assert [len(s["keys"]) for s in load_manifest(packed_sample).shards("test")] == [16, 8]
     torchrun(["-m", "dist_lc", "predict", "--checkpoint", str(best(smoke_run)), "--shards", str(packed_sample),
-              "--split", "test", "--out", str(out), "--workers", "1", "--batch-size", "5"])
+              "--split", "test", "--out", str(out), "--workers", "2", "--batch-size", "5"])
     two = pd.read_csv(out, dtype={"sample_id": str})
     one = predict([best(smoke_run)], packed_sample, "test", workers=0)
     assert len(two) == 24 and two["sample_id"].is_unique
+    assert list(two["sample_id"]) == sorted(two["sample_id"], key=int)
     merged = one.merge(two, on="sample_id", suffixes=("", "_2"))
     for c in CLASS_NAMES:
         np.testing.assert_allclose(merged[c], merged[f"{c}_2"], atol=2e-3)  # bf16 batches differ in size
@@ -213,13 +215,13 @@ def test_only_rank_0_needs_the_output_folder(smoke_run, sample_root, tmp_path):
 
 
 ONE_RANK_FAILS = """
-import os, sys
+import os, sys, time
 sys.path.insert(0, os.getcwd())   # the checkout under test (torchrun runs this with the repository as its cwd)
 import torch
 import dist_lc.predict
 from lc_common.errors import WriteError
 rank, mode = os.environ["RANK"], os.environ["FAIL"]
-if mode == "oom" and rank == "1":   # as a GPU shared with another job would, in this rank's first batch
+if mode in ("oom", "slow") and rank == "1":   # as a GPU shared with another job would, in its first batch
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
     dist_lc.predict.Ensemble.__call__ = no_memory
@@ -227,6 +229,18 @@ if mode == "write" and rank == "0":   # a full disk
     def full(path, table):
         raise WriteError(path, OSError(28, "No space left on device"))
     dist_lc.predict.write_csv_atomic = full
+if mode == "slow" and rank == "0":   # a long share: each of its batches takes 1 s, counted
+    predicting = dist_lc.predict.Ensemble.__call__
+    def slowly(*args, **kwargs):
+        with open(os.environ["CALLS"], "a") as calls:
+            calls.write("batch\\n")
+        time.sleep(1.0)
+        return predicting(*args, **kwargs)
+    dist_lc.predict.Ensemble.__call__ = slowly
+if mode == "fewer" and rank == "1":   # as on a node whose copy of the folder lacks a tile
+    import lc_common.tiles
+    listing = lc_common.tiles.tiffs_by_id
+    lc_common.tiles.tiffs_by_id = lambda folder: dict(list(listing(folder).items())[:-1])
 from dist_lc.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -256,3 +270,62 @@ def test_any_error_of_one_rank_ends_every_rank_with_its_cause(smoke_run, sample_
     assert len(errors(logs[other])) == 1 and errors(logs[other])[0].startswith(
         f"error: rank {failing} failed first: ") and errors(logs[other])[0].endswith(cause), logs[other][-2000:]
     assert not any("Traceback" in log for log in logs.values())
+
+
+def test_a_rank_s_failure_stops_its_peers_before_the_end_of_their_share(smoke_run, sample_root, tmp_path):
+    """Rank 1 fails in its first batch; rank 0, whose 12 batches take 12 s, stops within about a second
+    of it (through the rendezvous store) instead of finishing its share while rank 1 waits in the
+    gather, where the group's timeout could end it before its cause is heard."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    calls = tmp_path / "calls"
+    proc = logged_torchrun([str(script), "predict", "--checkpoint", str(best(smoke_run)),
+                            "--images", str(tiles(sample_root, tmp_path / "images", 24)), "--out",
+                            str(tmp_path / "out.csv"), "--workers", "0", "--batch-size", "1"], tmp_path / "logs",
+                           check=False, timeout=120, extra_env={"FAIL": "slow", "CALLS": str(calls)})
+    assert proc.returncode != 0
+    logs = rank_logs(tmp_path / "logs")
+    assert errors(logs[0]) == [f"error: rank 1 failed first: PredictionError: rank 1: out of memory at --batch-size 1 "
+                               "(CUDA out of memory); lower --batch-size"], logs[0][-2000:]
+    assert (len(calls.read_text().splitlines()) if calls.exists() else 0) < 9
+
+
+def test_ranks_that_list_different_tiles_are_refused(smoke_run, sample_root, tmp_path):
+    """Rank 1's copy of the folder lacks a tile: each rank would take its share of its own list, some
+    tiles twice and others never, in a CSV that looks whole."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    out = tmp_path / "out.csv"
+    proc = logged_torchrun([str(script), "predict", "--checkpoint", str(best(smoke_run)),
+                            "--images", str(tiles(sample_root, tmp_path / "images", 4)), "--out", str(out),
+                            "--workers", "0"], tmp_path / "logs", check=False, timeout=120, extra_env={"FAIL": "fewer"})
+    assert proc.returncode != 0 and not out.exists()
+    said = ("error: the ranks listed different numbers of tiles (rank 0: 4, rank 1: 3); does every node see the "
+            "same tiles (--images folder, --shards)?")
+    assert all(errors(log) == [said] for log in rank_logs(tmp_path / "logs").values())
+
+
+def test_a_tile_from_two_ranks_is_refused_and_rows_come_in_id_order():
+    from dist_lc.predict import _assembled
+
+    rows = np.full((2, len(CLASS_NAMES)), 0.1)
+    listed = (4, "ab12")
+    table, verdict = _assembled([(["10", "9"], rows, None, listed), (["2", "1"], rows, None, listed)], None)
+    assert verdict is None and list(table["sample_id"]) == ["1", "2", "9", "10"]
+    table, verdict = _assembled([(["1", "2"], rows, None, listed), (["2", "3"], rows, None, listed)], None)
+    assert table is None and verdict[2].startswith("1 tile(s) predicted by more than one rank (ids 2); ")
+    table, verdict = _assembled([(["1", "2"], rows, None, listed), (["3", "5"], rows, None, (4, "cd34"))], None)
+    assert table is None and verdict[2].startswith(
+        "the ranks listed different tiles (as many, with other ids) (rank 0: 4, rank 1: 4); ")
+
+
+def test_members_trained_with_auto_precision_run_in_the_dtype_the_ranks_agreed(smoke_run):
+    from dataclasses import replace
+
+    from dist_lc.predict import Ensemble
+
+    ensemble = Ensemble([best(smoke_run)], torch.device("cpu"), auto=torch.float16)
+    (_, cfg), = ensemble.members
+    trained = {p: replace(cfg, train=replace(cfg.train, precision=p)) for p in ("auto", "fp32", "bf16")}
+    assert ensemble.dtype(trained["auto"]) == torch.float16
+    assert ensemble.dtype(trained["fp32"]) is None and ensemble.dtype(trained["bf16"]) == torch.bfloat16
