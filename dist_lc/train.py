@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import math
 import re
 import time
 import traceback
@@ -422,7 +423,7 @@ class TrainResult:
 
 def validation_costs(val_s: list, p: Progress, compiling_first: bool = False) -> list:
     """What a validation costs, for the time checks: this launch's validations, or before its first
-    (a resumed run, train.val_every > 1) the dearest of the run's earlier launches, from last.pt:
+    (a resumed run, train.val_every > 1) the dearest of the launch before, from last.pt:
     counted as free, the validation forced at the limit could overrun it. ``compiling_first``: the
     first validation compiled the network's evaluation graph (torch.compile without EMA); once
     another is measured, it no longer counts (its compile time would be charged to every epoch)."""
@@ -667,16 +668,15 @@ def collective_timeout(exc: Exception, s: Setup) -> TrainingError | None:
 
 
 def _train(s: Setup, run_dir: Path, stop: StopSignals, started: float) -> dict:
-    cfg, main = s.cfg, s.env.is_main
+    cfg = s.cfg
     ckpt = Checkpointer(run_dir, {"model": s.net, "ema": s.ema, "optimizer": s.optimizer,
                                   "scheduler": s.scheduler, "scaler": s.scaler},
                         cfg, s.manifest, s.env.world_size, s.device)
     p, resumed = ckpt.resume()
-    runlog = RunLog(run_dir, enabled=main, resume_epoch=p.epoch, cfg=cfg)
+    runlog = open_runlog(run_dir, p, cfg)
     status = "FAILED"
     try:
-        if main:
-            save_config(cfg, run_dir / "config.yaml")
+        rank0_agreed(save_config, cfg, run_dir / "config.yaml")
         runlog.info(describe_start(s, p, resumed))
         for note in [batchnorm_note(s), *s.notes, *(resumed.notes if resumed else [])]:
             if note:
@@ -793,7 +793,9 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
         validating = s.val_folds is not None and validates(t, p.epoch, last)
         compiling_first = s.compiled and s.ema is None   # EMA validates an uncompiled copy
         val_costs = validation_costs(val_s, p, compiling_first)
-        out_of_time = should_stop_for_time(s, started, cost_s, val_costs, validating)
+        late = should_stop_for_time(s, started, cost_s, val_costs, validating)
+        # the schedule's last epoch ends the run anyway: "time_limit" is for a run the limit cut short
+        out_of_time = late and p.epoch < last
         val, shown = {}, None
         if s.val_folds is not None and (validating or out_of_time):
             val_started = time.monotonic()
@@ -802,7 +804,8 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             val_costs = validation_costs(val_s, p, compiling_first)
             p.validation_s = max(val_costs)
             # this validation's cost is measured now (the first one's was not known): does another epoch fit?
-            out_of_time = out_of_time or should_stop_for_time(s, started, cost_s, val_costs, False)
+            late = late or should_stop_for_time(s, started, cost_s, val_costs, False)
+            out_of_time = late and p.epoch < last
         score = val.get("val_kl", result["train_loss"] if s.val_folds is None else None)
         if score is not None and is_per_epoch(s.scheduler):
             s.scheduler.step(score)
@@ -812,14 +815,14 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                "images_per_s": result["images_per_s"],
                "data_wait_frac": result["data_wait_frac"], "peak_mem_mb": peak_memory_mb(s.device)}
         # before last.pt is written: the fitted length must be in the checkpoint a resume reads
-        fit_schedule_to_time(s, p, started, cost_s, val_costs, runlog, stopping=out_of_time)
+        fit_schedule_to_time(s, p, started, cost_s, val_costs, runlog, stopping=late)
         bookkeeping = time.monotonic()
         improved = p.judge(score, t.early_stop_min_delta)
-        record_epoch_agreed(ckpt, runlog, p, row, improved)
+        rank0_agreed(record_epoch, ckpt, runlog, p, row, improved)
         if improved and val:
             best_held = held
         if shown and t.plot_every and p.epoch % t.plot_every == 0:
-            runlog.plot(p.epoch, shown)
+            rank0_agreed(runlog.plot, p.epoch, shown)
         other_s += time.monotonic() - bookkeeping
         if out_of_time:
             reason = "time_limit"
@@ -850,17 +853,26 @@ def record_epoch(ckpt: Checkpointer, runlog: RunLog, p: Progress, row: dict, imp
     ckpt.save_last(p)
 
 
-def record_epoch_agreed(ckpt: Checkpointer, runlog: RunLog, p: Progress, row: dict, improved: bool) -> None:
-    """:func:`record_epoch` by rank 0, its outcome heard by every rank at the epoch's end: after a
-    failed write (a full disk) the others would start the next epoch and wait in its all-reduce for
-    a rank that is gone, until the collective timeout (under srun or submitit with NCCL, nothing
-    else ends them)."""
+def rank0_agreed(fn, *args):
+    """``fn(*args)`` by rank 0 alone (the run's files are its), its outcome heard by every rank before
+    they go on: after a failed write (a full disk) or a log that cannot be opened (a damaged
+    metrics.csv, an MLflow server that does not answer) the others would start the next epoch and
+    wait in its all-reduce for a rank that is gone, until the collective timeout (under srun or
+    submitit with NCCL, nothing else ends them)."""
     try:
-        distributed.on_main(record_epoch, ckpt, runlog, p, row, improved)
-    except WriteError as exc:
+        return distributed.on_main(fn, *args)
+    except (WriteError, InputError) as exc:
         if distributed.is_main():
             raise
         raise TrainingError(f"rank 0 failed first: {type(exc).__name__}: {exc}") from None
+
+
+def open_runlog(run_dir: Path, p: Progress, cfg) -> RunLog:
+    """The run's log: rank 0's writes its files (opened as :func:`rank0_agreed` runs it), the others' is
+    disabled."""
+    opened = []
+    rank0_agreed(lambda: opened.append(RunLog(run_dir, enabled=True, resume_epoch=p.epoch, cfg=cfg)))
+    return opened[0] if opened else RunLog(run_dir, enabled=False, resume_epoch=p.epoch, cfg=cfg)
 
 
 def run_history(runlog: RunLog) -> dict:
@@ -870,7 +882,8 @@ def run_history(runlog: RunLog) -> dict:
 
 
 def summarise_rows(rows: list[dict]) -> dict:
-    validated = [r for r in rows if r.get("val_kl") is not None]   # train.val_every may skip epochs
+    # train.val_every may skip epochs; a NaN score (an fp16 overflow) would stay the min: min keeps the first
+    validated = [r for r in rows if r.get("val_kl") is not None and math.isfinite(r["val_kl"])]
     best = min(validated, key=lambda r: r["val_kl"]) if validated else None
     return {"best_epoch": best and int(best["epoch"]), "best_val_kl": best and float(best["val_kl"]),
             "final_train_loss": float(rows[-1]["train_loss"]) if rows else None,

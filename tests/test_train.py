@@ -123,6 +123,25 @@ def test_time_limit_stops_at_an_epoch_boundary(tiny_shards, tmp_path):
     assert state["epoch"] == 1 and state["ema"] is not None  # validated and saved with EMA weights
 
 
+def test_a_run_that_reaches_its_last_epoch_within_the_time_limit_is_not_said_to_be_cut_short(tiny_shards,
+                                                                                              tmp_path):
+    """Its one epoch is its schedule's last: the limit, too short for another, stops nothing."""
+    run = tmp_path / "run"
+    proc = dist_lc(["train", *SMOKE, *small(tiny_shards), "--set", "train.epochs=1", "--set", "train.time_limit=0.01",
+                    "--run-dir", str(run)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(read_metrics(run)) == 1 and "stopping after epoch" not in (run / "train.log").read_text()
+
+
+def test_a_nan_score_of_an_early_epoch_is_not_the_run_s_best():
+    """As RunLog.rows reads metrics.csv back: a NaN written as "nan", an epoch not validated as None."""
+    rows = [{"epoch": 1.0, "val_kl": float("nan"), "train_loss": 0.9, "epoch_time_s": 1.0},
+            {"epoch": 2.0, "val_kl": 0.3, "train_loss": 0.5, "epoch_time_s": 1.0},
+            {"epoch": 3.0, "val_kl": None, "train_loss": 0.4, "epoch_time_s": 1.0}]
+    summary = train_mod.summarise_rows(rows)
+    assert (summary["best_epoch"], summary["best_val_kl"], summary["final_train_loss"]) == (2, 0.3, 0.4)
+
+
 def test_unsettled_batchnorm_statistics_are_reported(tiny_shards, tmp_path):
     """Keras' momentum over a short run leaves the running statistics near (0, 1): the log says so."""
     run = tmp_path / "run"

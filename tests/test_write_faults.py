@@ -55,3 +55,20 @@ def test_a_full_disk_at_last_pt_ends_every_rank_with_its_cause(tiny_shards, tmp_
     assert f"error: rank 0 failed first: WriteError: {path}: {FULL}" in logs[1], logs[1][-2000:]
     assert "Traceback" not in logs[0]
     _finishes_after(run, [*recipe(tiny_shards, "data.fold=0", "data.workers=1"), "--run-dir", str(run)])
+
+
+@pytest.mark.parametrize("name, sets", [("config.yaml", []), ("epoch_001.png", ["train.plot_every=1"])])
+def test_a_full_disk_at_rank_0_s_other_writes_ends_every_rank_with_its_cause(tiny_shards, tmp_path, name, sets):
+    """The resolved config at the start, a plot after an epoch: written by rank 0 alone, their failure is
+    heard by the other ranks at once (they would otherwise wait for rank 0 in the next collective until
+    the timeout, under srun or submitit with nothing else to end them)."""
+    run = tmp_path / "run"
+    args = [*recipe(tiny_shards, "data.fold=0", *sets), "--run-dir", str(run)]
+    proc = logged_torchrun(args, tmp_path / "logs", check=False, timeout=BOUND_S * 2,
+                           extra_env=fault(f"disk-full file={name} marker={tmp_path / 'fired'}"))
+    assert proc.returncode != 0
+    logs = rank_logs(tmp_path / "logs")
+    path = run / ("plots" if name.endswith(".png") else "") / name
+    assert f"error: {path}: {FULL}" in logs[0].splitlines(), logs[0][-2000:]
+    assert f"error: rank 0 failed first: WriteError: {path}: {FULL}" in logs[1], logs[1][-2000:]
+    assert "Traceback" not in logs[0] and "Traceback" not in logs[1]
