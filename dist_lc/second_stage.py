@@ -22,7 +22,7 @@ ROUNDS = 100
 PARAMS = {"learning_rate": 0.05, "num_leaves": 4, "min_data_in_leaf": 15, "lambda_l2": 1.0,
           "feature_fraction": 0.7, "bagging_fraction": 0.8, "bagging_freq": 1, "seed": 0,
           "num_threads": 1, "verbose": -1}
-MIN_TILES = 50   # fewer out-of-fold tiles than this: no second stage
+MIN_TILES = 50   # a cross-fit whose smallest fit has fewer tiles: no second stage
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

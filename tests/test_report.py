@@ -264,6 +264,22 @@ def test_with_two_folds_nothing_can_be_chosen_nested_and_the_uncorrected_score_s
     assert nested["oof_kl"] == pytest.approx(scores.score(truth, oof.table).kl)
 
 
+def test_the_second_stage_counts_the_tiles_of_its_smallest_fit_not_all_out_of_fold_tiles():
+    """60 out-of-fold tiles in 5 folds: each cross-fitted fit sees 48, under the 50 a fit needs."""
+    from dist_lc import second_stage
+
+    oof, truth = out_of_fold(5, 12)
+    assert len(oof.table) >= second_stage.MIN_TILES > correct.smallest_fit(oof.folds) == 48
+
+    def features():
+        raise AssertionError("the tiles' features are read only for a second stage that is fitted")
+
+    candidate = correct.second_stage_candidate(True, oof, 5, truth, features)
+    assert candidate.crossed is None
+    assert candidate.record["reason"].endswith("(has 5 folds, and 48 tiles in its smallest fit)")
+    assert correct.smallest_fit(np.array([0, 0, 0, 1, 2])) == 2 and correct.smallest_fit(np.array([])) == 0
+
+
 def test_the_report_gives_the_nested_score_and_says_what_the_choice_was_made_on(cv):
     assert cli.main(["report", str(cv)]) == 0
     report = json.loads((cv / "report.json").read_text())

@@ -29,7 +29,7 @@ from .tables import CLASSES, PointTables, read_tile_features
 
 NONE = "none"
 Correct = Callable[[pd.DataFrame], pd.DataFrame]   # a prediction table → the corrected table
-Needs = Callable[[int, int], str | None]           # (folds, tiles) → why it cannot be fitted on them, or None
+Needs = Callable[[int, int], str | None]           # (folds, tiles of its smallest fit) → why it cannot be fitted, or None
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def nested_choice(oof: OutOfFold, truth: pd.DataFrame, candidates: dict[str, Can
         inner = oof.folds != k
         kls = {}
         for name, c in scored.items():
-            if c.needs(len(folds) - 1, int(inner.sum())) is None:
+            if c.needs(len(folds) - 1, smallest_fit(oof.folds[inner])) is None:
                 crossed = np.zeros_like(nested)
                 for j in folds[folds != k]:
                     crossed[oof.folds == j] = pairs[name, j, k](oof.folds == j)
@@ -142,6 +142,12 @@ def nested_choice(oof: OutOfFold, truth: pd.DataFrame, candidates: dict[str, Can
             "choices": {str(k): name for k, name in choices.items()}}
 
 
+def smallest_fit(folds: np.ndarray) -> int:
+    """The fewest tiles a fit of a cross-fit over tiles of these folds is given: all but the largest fold's."""
+    _, counts = np.unique(folds, return_counts=True)
+    return int(len(folds) - counts.max()) if len(counts) else 0
+
+
 def calibration_needs(folds: int, tiles: int) -> str | None:
     return None if folds >= 2 else "needs at least 2 finished folds"
 
@@ -149,14 +155,14 @@ def calibration_needs(folds: int, tiles: int) -> str | None:
 def second_stage_needs(folds: int, tiles: int) -> str | None:
     if folds >= 2 and tiles >= second_stage.MIN_TILES:
         return None
-    return (f"needs at least 2 finished folds and {second_stage.MIN_TILES} out-of-fold tiles "
-            f"(has {folds} and {tiles})")
+    return (f"needs at least 2 finished folds and {second_stage.MIN_TILES} tiles in each cross-fitted fit "
+            f"(has {folds} folds, and {tiles} tiles in its smallest fit)")
 
 
 def calibration_candidate(enabled: bool, oof: OutOfFold, finished: int, truth: pd.DataFrame) -> Candidate:
     if not enabled:
         return Candidate({"enabled": False, "applied": False, "reason": "cv.calibrate is false"})
-    if (why := calibration_needs(finished, len(oof.table))) is not None:
+    if (why := calibration_needs(finished, smallest_fit(oof.folds))) is not None:
         return Candidate({"enabled": True, "applied": False, "reason": why})
 
     def fit_on(rows: np.ndarray):
@@ -180,7 +186,7 @@ def second_stage_candidate(enabled: bool, oof: OutOfFold, finished: int, truth: 
     """``read_features`` is called only when the second stage is fitted: a pass over every image."""
     if not enabled:
         return Candidate({"enabled": False, "applied": False, "reason": "cv.second_stage is false"})
-    if (why := second_stage_needs(finished, len(oof.table))) is not None:
+    if (why := second_stage_needs(finished, smallest_fit(oof.folds))) is not None:
         return Candidate({"enabled": True, "applied": False, "reason": why})
     features = read_features()
     mine = features.loc[oof.table.index].to_numpy()

@@ -2,8 +2,8 @@
 
 Per grid point ``oof.csv`` (every finished fold's held-out tiles, as predicted by that fold's
 best.pt); then, of the best point, ``oof.csv``, the corrections' cross-fitted ``oof_*.csv`` and
-``submission.csv`` (the mean of the folds' test predictions, i.e. the ensemble of their best
-checkpoints, corrected when stage 2 chose a correction); ``plots/*.png``; ``report.json`` and
+``plots/*.png``; ``submission.csv`` (the mean of the folds' test predictions, i.e. the ensemble
+of their best checkpoints, corrected when stage 2 chose a correction); ``report.json`` and
 ``report.md`` last. A score that is not finite is written as null: report.json stays strict JSON.
 """
 from __future__ import annotations
@@ -37,13 +37,15 @@ def write_report(folder: CVTables, blocks: list[dict], best: dict, corrections: 
             write_csv_atomic(plan.cv_dir / file, corrections.crossed[name].reset_index())
         else:
             remove(plan.cv_dir / file)
+    # the plots before the submission: a plot that fails (matplotlib, a full disk) leaves no new
+    # submission.csv beside the report.json of an earlier report
+    plots = figures.draw(plan.cv_dir / "plots", folder.points, blocks, best, bool(plan.grid))
     report = {"cv_dir": str(plan.cv_dir), "created": now(), "executor": plan.executor, "tta": plan.config.cv.tta,
               "folds_planned": plan.folds, "fold_blocks": folder.block_size,
               "complete": all(b["complete"] for b in blocks), **best,
               "calibration": corrections.calibration, "second_stage": corrections.second_stage,
               "choice_nested": corrections.nested,
-              "submission": write_submission(plan, best_tables, corrections),
-              "plots": figures.draw(plan.cv_dir / "plots", folder.points, blocks, best, bool(plan.grid))}
+              "submission": write_submission(plan, best_tables, corrections), "plots": plots}
     if plan.grid:
         ranking = rank(blocks)
         report.update(grid_axes=plan.grid, grid=blocks, grid_ranking=[b["name"] for b in ranking.blocks],
