@@ -229,18 +229,19 @@ def optimizer_step(s: Setup, loss: torch.Tensor, stop_requested: bool) -> tuple[
     rank's step loss, on the device) and its flags are read back once, summed over ranks: the step's
     one wait for the device.
     """
-    loss_sum, bad, stop = distributed.all_reduce_sum(
-        [loss, torch.isfinite(loss).logical_not(), float(stop_requested)], s.device)
-    fp16 = s.scaler.is_enabled()
-    if bad and (not fp16 or s.fp16_skips >= FP16_SKIPS_ALLOWED):
-        raise Diverged(f"loss is not finite (NaN/inf) on {int(bad)} rank(s)"
-                       + (f" for {s.fp16_skips + 1} steps in a row under fp16" if fp16 else "")
-                       + "; nothing saved from this epoch; lower optim.lr or use train.precision=fp32")
-    s.fp16_skips = s.fp16_skips + 1 if bad else 0
-    clip = s.cfg.optim.clip_grad_norm
+    fp16, clip = s.scaler.is_enabled(), s.cfg.optim.clip_grad_norm
+    bad = torch.isfinite(loss).logical_not()
     if clip:
         s.scaler.unscale_(s.optimizer)   # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(s.net.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_(s.net.parameters(), clip)
+        if not fp16:   # a finite loss with a non-finite gradient would step to NaN weights, saved at an epoch's end
+            bad = bad | torch.isfinite(norm).logical_not()   # (under fp16 the scaler skips that step)
+    loss_sum, bad, stop = distributed.all_reduce_sum([loss, bad, float(stop_requested)], s.device)
+    if bad and (not fp16 or s.fp16_skips >= FP16_SKIPS_ALLOWED):
+        raise Diverged(f"loss{'' if fp16 or not clip else ' or gradient norm'} is not finite (NaN/inf) on "
+                       f"{int(bad)} rank(s)" + (f" for {s.fp16_skips + 1} steps in a row under fp16" if fp16 else "")
+                       + "; nothing saved from this epoch; lower optim.lr or use train.precision=fp32")
+    s.fp16_skips = s.fp16_skips + 1 if bad else 0
     scale = s.scaler.get_scale() if fp16 else None
     s.scaler.step(s.optimizer)
     s.scaler.update()

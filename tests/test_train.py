@@ -254,6 +254,23 @@ def test_fp16_skips_a_non_finite_step_as_the_scaler_intends_then_gives_up(packed
             train_mod.train_step(s, [batches[2]])
 
 
+def test_a_non_finite_gradient_under_a_finite_loss_stops_a_clipped_run_before_its_weights_turn_nan(packed_sample):
+    from dist_lc.config import load_config
+
+    cfg = load_config("configs/smoke.yaml", [f"data.shards={packed_sample}", "data.crop=16", "data.workers=0",
+                                             "model.filters=4", "model.upconv_filters=4", "train.precision=fp32",
+                                             "train.batch_size=4", "train.micro_batch_size=4", "optim.clip_grad_norm=1"])
+    s = train_mod.build_setup(cfg)
+    with s.train_data.batches(0) as it:
+        batch = next(it)
+    weight = next(v for v in s.net.parameters() if v.ndim == 4)
+    weight.register_hook(lambda grad: grad * float("nan"))
+    before = {k: v.detach().clone() for k, v in s.net.named_parameters()}
+    with pytest.raises(train_mod.Diverged, match="loss or gradient norm is not finite"):
+        train_mod.train_step(s, [batch])
+    assert all(torch.equal(before[k], v) for k, v in s.net.named_parameters())
+
+
 def test_a_skipped_fp16_step_is_left_out_of_the_epoch_loss(packed_sample, monkeypatch):
     """The scaler skips a step whose gradients are not finite; its loss (inf here) must not make the
     epoch's train_loss, the score of a run without validation fold, inf."""
