@@ -7,10 +7,10 @@ Per scene, in ``--out``: ``<scene>_classes.tif`` (uint8 class ids, the challenge
 colour table, the scene's CRS and transform, 0 = no_data), optionally ``<scene>_probabilities.tif``
 (the 8 scored classes, one band each; uint8 = probability × 255, or float32; GDAL 3.10 has no
 float16; no_data masked by the file's internal mask band), ``<scene>_quicklook.png``,
-``<scene>_proportions.json``; and ``proportions.csv`` for all scenes (and their AOI). A scene without georeferencing gives a map without any; one georeferenced
-by ground control points gives a map with them. Every file appears under its final name only once
-it is complete, checked and on disk; after a failure (a full disk, a quota) none of a scene's files
-keeps its name.
+``<scene>_proportions.json``; and ``proportions.csv`` for all scenes (and their AOI). A scene without
+georeferencing gives a map without any; one georeferenced by ground control points gives a map with
+them. Every file appears under its final name only once it is complete, checked and on disk; after a
+failure (a full disk, a quota) none of a scene's files keeps its name.
 
 Precision: the window rows travel to rank 0 as float16 (half the volume of the gather), so
 ``--probabilities float32`` holds float16 values (about 3 significant digits) widened to float32;
@@ -55,7 +55,7 @@ from .confusion import SCORED
 from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
 from .plots import PALETTE, legend_handles, rgb, save_figure
-from .predict import Ensemble, PredictionError, failure_note, first_failure, out_of_memory, raise_agreed
+from .predict import Ensemble, PredictionError, agreed, failure_note, first_failure, out_of_memory, raise_agreed
 from .precision import agreed_precision
 from .scene import (WINDOW, AoiMask, AoiOutside, aoi_mask_for, band_order_warning, gdal_text, offset_warning,
                     open_scene, parse_aoi, scale_warning, scene_paths, taper, window_grid)
@@ -582,7 +582,12 @@ def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
 
 def map_scenes(args, plans: list[Planned], group: distributed.Group, stop: StopOnce) -> None:
     out_dir = Path(args.out)
-    ensemble = Ensemble(args.checkpoint, group.device, tta=args.tta, auto=agreed_precision("auto", group.device))
+    auto, ensemble, failure = agreed_precision("auto", group.device), None, None
+    try:
+        ensemble = Ensemble(args.checkpoint, group.device, tta=args.tta, auto=auto)
+    except Exception as exc:   # noqa: BLE001 - agreed: a rank that left here would leave its peers waiting
+        failure = exc
+    agreed(failure)
     with contextlib.ExitStack() as claimed:
         with stop.held():
             distributed.on_main(claim_out, out_dir, claimed)

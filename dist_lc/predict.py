@@ -324,6 +324,14 @@ def _not_proportions(keys: list, values: np.ndarray, ensemble: Ensemble | None) 
                            f"not finite (NaN/inf) or sum to 0 (ids {shown}){hint}")
 
 
+def agreed(failure: Exception | None) -> None:
+    """Every rank raises when one failed (``failure``, its own error: it raises that; the others
+    ``rank R failed first: ...``), for a step whose failure one rank alone can meet (a checkpoint read
+    from a node-local path). A collective: every rank calls it."""
+    notes = distributed.gather_objects(failure_note(failure))
+    raise_agreed(first_failure(notes) if notes is not None else None, failure)
+
+
 def raise_agreed(verdict: tuple | None, own: Exception | None = None) -> None:
     """Rank 0's ``verdict`` (None, or (rank that failed or None, "input" | "loader" | "error", text))
     on every rank, raised there: by a rank with an error of its own (``own``), that error; by the

@@ -138,6 +138,34 @@ def test_a_rank_that_fails_mid_scene_ends_the_map_and_leaves_no_partial_file(smo
                          or "stopped by SIGTERM" in said[0]), proc.stderr[-3000:]
 
 
+RANK_1_CANNOT_LOAD = """
+import os, sys
+sys.path.insert(0, os.getcwd())   # the checkout under test (torchrun runs this with the repository as its cwd)
+import dist_lc.predict
+from lc_common.errors import InputError
+if os.environ["RANK"] == "1":   # as on a node whose copy of the checkpoint is damaged
+    def damaged(path, device):
+        raise InputError(f"{path}: not a checkpoint (truncated)")
+    dist_lc.predict.load_network = damaged
+from dist_lc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_that_one_rank_cannot_load_ends_every_rank_with_its_cause(smoke_run, scenes, tmp_path):
+    """Rank 0 would otherwise go on to its first collective and wait there for rank 1, gone (until the
+    group's timeout, or torchrun's SIGTERM, which names no cause)."""
+    script = tmp_path / "rank_1_cannot_load.py"
+    script.write_text(RANK_1_CANNOT_LOAD)
+    ckpt, out = smoke_run / "checkpoints" / "best.pt", tmp_path / "out"
+    proc = torchrun([str(script), *map_cmd(ckpt, out, scenes["cut"])], check=False, timeout=300)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert f"error: rank 1 failed first: InputError: {ckpt}: not a checkpoint (truncated)" in said, \
+        proc.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_probabilities_that_are_not_finite_are_one_line_and_no_map(smoke_run, scenes, tmp_path):
     """A model whose output overflows (fp16) or diverged gives NaN, whose argmax is a class: refused,
     naming the scene, the row and the precision, rather than a map of one class."""
