@@ -582,12 +582,15 @@ def gdal_cache(plans: list[Planned], probabilities: str | None) -> dict:
 
 def map_scenes(args, plans: list[Planned], group: distributed.Group, stop: StopOnce) -> None:
     out_dir = Path(args.out)
-    auto, ensemble, failure = agreed_precision("auto", group.device), None, None
+    ensemble, failure = None, None
+    with stop.held():   # collectives: a signal is taken at the next turn
+        auto = agreed_precision("auto", group.device)
     try:
         ensemble = Ensemble(args.checkpoint, group.device, tta=args.tta, auto=auto)
     except Exception as exc:   # noqa: BLE001 - agreed: a rank that left here would leave its peers waiting
         failure = exc
-    agreed(failure)
+    with stop.held():
+        agreed(failure)
     with contextlib.ExitStack() as claimed:
         with stop.held():
             distributed.on_main(claim_out, out_dir, claimed)
