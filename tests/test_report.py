@@ -313,6 +313,23 @@ def test_an_uncorrected_submission_leaves_no_earlier_corrected_one_beside_it(cv)
     assert not (cv / "submission_uncalibrated.csv").exists() and not (cv / "oof_calibrated.csv").exists()
 
 
+def test_a_plot_that_fails_leaves_the_earlier_report_s_files_as_they_were(cv, capsys, monkeypatch):
+    """A new submission or out-of-fold table beside the report.json of an earlier report would pass for
+    what that report describes."""
+    from lc_common.errors import WriteError
+
+    assert cli.main(["report", str(cv)]) == 0
+    (cv / "fold2" / "test.csv").unlink()   # the next report averages other folds
+    before = {p.name: p.read_bytes() for p in cv.glob("*.*") if p.is_file()}
+
+    def full(*args):
+        raise WriteError(cv / "plots" / "folds.png", OSError(28, "No space left on device"))
+
+    monkeypatch.setattr(figures, "draw", full)
+    assert cli.main(["report", str(cv)]) != 0
+    assert {p.name: p.read_bytes() for p in cv.glob("*.*") if p.is_file()} == before
+
+
 def test_the_submission_line_names_the_correction_applied():
     sub = {"tiles": 4, "folds": [0, 1], "calibrated": False, "correction": "second_stage"}
     line = text._submission_lines(sub, [0, 1])[-1]

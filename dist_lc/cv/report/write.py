@@ -1,8 +1,8 @@
 """Stage 3 of the report: every file it leaves in the CV folder, and the report record itself.
 
-Per grid point ``oof.csv`` (every finished fold's held-out tiles, as predicted by that fold's
-best.pt); then, of the best point, ``oof.csv``, the corrections' cross-fitted ``oof_*.csv`` and
-``plots/*.png``; ``submission.csv`` (the mean of the folds' test predictions, i.e. the ensemble
+``plots/*.png``; per grid point ``oof.csv`` (every finished fold's held-out tiles, as predicted by
+that fold's best.pt); then, of the best point, ``oof.csv``, the corrections' cross-fitted ``oof_*.csv``
+and ``submission.csv`` (the mean of the folds' test predictions, i.e. the ensemble
 of their best checkpoints, corrected when stage 2 chose a correction); ``report.json`` and
 ``report.md`` last. A score that is not finite is written as null: report.json stays strict JSON.
 """
@@ -31,15 +31,15 @@ def write_report(folder: CVTables, blocks: list[dict], best: dict, corrections: 
     """Every file of the report; returns what report.json holds."""
     plan = folder.plan
     best_tables = folder.point(best["name"])
+    # the plots first: a plot that fails (matplotlib, a full disk) leaves no new table or submission
+    # beside the report.json of an earlier report
+    plots = figures.draw(plan.cv_dir / "plots", folder.points, blocks, best, bool(plan.grid))
     write_oof_tables(plan, folder.points, best_tables)
     for name, file in CROSSED.items():   # an earlier report's would pass for this best point's
         if name in corrections.crossed:
             write_csv_atomic(plan.cv_dir / file, corrections.crossed[name].reset_index())
         else:
             remove(plan.cv_dir / file)
-    # the plots before the submission: a plot that fails (matplotlib, a full disk) leaves no new
-    # submission.csv beside the report.json of an earlier report
-    plots = figures.draw(plan.cv_dir / "plots", folder.points, blocks, best, bool(plan.grid))
     report = {"cv_dir": str(plan.cv_dir), "created": now(), "executor": plan.executor, "tta": plan.config.cv.tta,
               "folds_planned": plan.folds, "fold_blocks": folder.block_size,
               "complete": all(b["complete"] for b in blocks), **best,
