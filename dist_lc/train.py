@@ -785,6 +785,7 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
             reason = "stopped"
             runlog.info(f"stop requested during epoch {p.epoch + 1}; last.pt holds epoch {p.epoch}")
             break
+        check_weights_finite(s, p.epoch + 1)
         p.epoch += 1
         if result.get("skipped_steps"):
             runlog.info(f"epoch {p.epoch}: the fp16 gradient scaler skipped {result['skipped_steps']} of "
@@ -840,6 +841,21 @@ def run_epochs(s: Setup, p: Progress, ckpt: Checkpointer, runlog: RunLog, stop: 
                     compile_s=compile_s, validations=len(val_s))
     return TrainResult(cfg, reason, p.epoch, p.planned or t.epochs, row, **run_history(runlog),
                        timing=timing, best_held_out=best_held)
+
+
+def check_weights_finite(s: Setup, epoch: int) -> None:
+    """Without ``optim.clip_grad_norm`` no step looks at the gradients: a finite loss with non-finite
+    gradients turns the weights NaN, which the next step's loss reports, except after an epoch's last
+    step, whose weights would be validated and saved into last.pt for every resume to start from.
+    One pass over the weights (and the EMA's) an epoch, its outcome agreed by all ranks."""
+    nets = [s.net] + ([s.ema.module] if s.ema is not None else [])
+    tensors = [t for net in nets for t in itertools.chain(net.parameters(), net.buffers()) if t.is_floating_point()]
+    bad = torch.stack([t.detach().isfinite().all() for t in tensors]).logical_not().any()
+    bad, = distributed.all_reduce_sum([bad], s.device)
+    if bad:
+        raise Diverged(f"the weights are not finite (NaN/inf) after epoch {epoch} on {int(bad)} rank(s) under a "
+                       "finite loss (non-finite gradients); nothing saved from this epoch; set "
+                       "optim.clip_grad_norm (it checks every step), lower optim.lr or use train.precision=fp32")
 
 
 def record_epoch(ckpt: Checkpointer, runlog: RunLog, p: Progress, row: dict, improved: bool) -> None:

@@ -271,6 +271,31 @@ def test_a_non_finite_gradient_under_a_finite_loss_stops_a_clipped_run_before_it
     assert all(torch.equal(before[k], v) for k, v in s.net.named_parameters())
 
 
+def test_weights_turned_nan_by_an_epoch_last_step_are_neither_validated_nor_saved(tiny_shards, tmp_path, monkeypatch):
+    """Without clipping no step looks at the gradients: NaN gradients under a finite loss on an
+    epoch's last step turn the weights NaN where no later loss reports it before last.pt is written."""
+    from dist_lc.config import load_config
+
+    real = train_mod.build_setup
+
+    def poisoned(cfg, group=None):
+        s = real(cfg, group)
+        calls, last = [], s.steps_per_epoch * s.layout.accum
+        weight = next(v for v in s.net.parameters() if v.ndim == 4)
+        weight.register_hook(lambda grad: calls.append(1) or (grad * float("nan") if len(calls) == last else grad))
+        return s
+
+    monkeypatch.setattr(train_mod, "build_setup", poisoned)
+    cfg = load_config("configs/smoke.yaml", [f"data.shards={tiny_shards}", "data.crop=16", "data.workers=0",
+                                             "model.filters=4", "model.upconv_filters=4", "train.precision=fp32",
+                                             "train.loggers=[]", "train.plot_every=0", "train.epochs=2",
+                                             "train.batch_size=8", "train.micro_batch_size=4"])
+    with pytest.raises(train_mod.Diverged, match=r"the weights are not finite \(NaN/inf\) after epoch 1 .*clip_grad_norm"):
+        train_mod.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "run" / "metrics.csv").exists() or len(read_metrics(tmp_path / "run")) == 0
+
+
 def test_a_skipped_fp16_step_is_left_out_of_the_epoch_loss(packed_sample, monkeypatch):
     """The scaler skips a step whose gradients are not finite; its loss (inf here) must not make the
     epoch's train_loss, the score of a run without validation fold, inf."""
