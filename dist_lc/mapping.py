@@ -22,7 +22,7 @@ its window row, predicts its windows in batches (ensemble, TTA, each checkpoint'
 blends them along the row; rank 0 gathers each turn's rows, blends them into a running
 accumulator of 256 rows, finishes every row no later window will touch and writes them in whole
 rows of 256 × 256 blocks (a block written twice would leave its first copy in the file). The class of a pixel is
-its most probable scored class; pixels whose every band is 0 (or the scene's nodata value), or
+its most probable scored class; pixels with any band at 0 (or at the scene's nodata value), or
 that the scene's own mask band masks, are no_data, and the network sees them as the band means
 (what it sees beyond a tile's edge), not as their raw values. A scene's class proportions are the mean
 probabilities over its valid pixels, classes 0 and 1 removed (as ``predict`` computes them for a
@@ -80,9 +80,9 @@ class Planned:
     xs: list[int]
 
 
-def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | None, list[str]]:
-    """The scene's plan, whether the AOI misses it (its map then has no AOI proportions), and what
-    to warn of."""
+def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | None, list[str], str | None]:
+    """The scene's plan, whether the AOI misses it (its map then has no AOI proportions), what to
+    warn of, and its CRS."""
     with open_scene(path) as scene:
         warned = [f"{path}: no georeferencing; its map is written without a CRS"] if scene.crs is None else []
         warned += filter(None, [scale_warning(scene), band_order_warning(scene), offset_warning(scene)])
@@ -90,14 +90,22 @@ def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | Non
             mask, outside = aoi_mask_for(scene, aoi), None
         except AoiOutside as exc:
             mask, outside = None, exc
-        return Planned(path, mask, *window_grid(scene.height, scene.width, overlap)), outside, warned
+        crs = scene.crs.to_string() if scene.crs is not None else None
+        return Planned(path, mask, *window_grid(scene.height, scene.width, overlap)), outside, warned, crs
 
 
 def plan_scenes(paths: list[Path], aoi, overlap: int) -> list[Planned]:
     """Every scene checked before any work, its warnings said once (by rank 0 under a launcher). An
     AOI may miss some scenes of a folder of neighbouring ones (said, and their maps have no AOI
     proportions), not all of them."""
-    plans, missed, warned = zip(*(plan_scene(p, aoi, overlap) for p in paths))
+    plans, missed, warned, crss = zip(*(plan_scene(p, aoi, overlap) for p in paths))
+    if aoi is not None and aoi[1] is None and len(set(crss)) > 1:   # a box in "the scene's CRS": which one?
+        first = {}
+        for path, crs in zip(paths, crss):
+            first.setdefault(crs, path)
+        raise InputError("--aoi x0,y0,x1,y1 is a box in the scenes' CRS, but their CRSs differ ("
+                         + "; ".join(f"{path.name}: {crs or 'none'}" for crs, path in first.items())
+                         + "); give it as lonlat:x0,y0,x1,y1 or a GeoJSON file, or map each CRS's scenes apart")
     if all(missed):
         raise missed[0]
     if distributed.read_env().is_main:
@@ -180,8 +188,8 @@ class GdalFailures(logging.Handler):
 class MapWriter:
     """Rank 0's side of one scene: the blending accumulator, the output files, the proportions."""
 
-    def __init__(self, scene, out_dir: Path, probabilities: str | None, aoi):
-        self.scene, self.aoi, self.probabilities = scene, aoi, probabilities
+    def __init__(self, scene, out_dir: Path, probabilities: str | None, aoi, made_with: dict | None = None):
+        self.scene, self.aoi, self.probabilities, self.made_with = scene, aoi, probabilities, made_with
         width = scene.width
         self.acc = np.zeros((len(SCORED_CLASSES), WINDOW, width), np.float32)
         self.wacc = np.zeros((WINDOW, width), np.float32)
@@ -325,7 +333,8 @@ class MapWriter:
         record = {"scene": str(self.scene.path), "width": self.scene.width, "height": self.scene.height,
                   "crs": str(self.scene.crs) if self.scene.crs is not None else None,
                   "scene_region": self.summary("scene"),
-                  "aoi_region": self.summary("aoi") if self.aoi is not None else None}
+                  "aoi_region": self.summary("aoi") if self.aoi is not None else None,
+                  "made_with": self.made_with}   # a folder mapped again may hold scenes of several mappings
         with self._writing("proportions"):
             write_json_atomic(self.partial["proportions"], record)
         self._publish()
@@ -342,7 +351,6 @@ class MapWriter:
 
     def _publish(self) -> None:
         """Rename every partial file to its final name; after a failure, none keeps its final name."""
-        done = []
         try:
             for path in self.stale:
                 try:
@@ -352,11 +360,10 @@ class MapWriter:
             for key, final in self.finals.items():
                 with self._writing(key):
                     os.replace(self.partial[key], final)
-                done.append(final)
             with self._writing("classes"):
                 fsync_dir(self.finals["classes"].parent)   # the new names durable, not only the data
-        except WriteError:
-            for final in done:
+        except WriteError:   # an earlier map's files too: left, they would pass for this scene's whole map
+            for final in self.finals.values():
                 with contextlib.suppress(OSError):
                     final.unlink()
             raise
@@ -436,8 +443,8 @@ def _with_errno(partial: Path, exc: OSError) -> OSError:
     return OSError(None, exc.strerror or gdal_text(exc))
 
 
-def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, batch_size: int,
-              probabilities: str | None, progress, stop: "StopOnce") -> dict | None:
+def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, args, progress,
+              stop: "StopOnce") -> dict | None:
     """Predict and write one scene (window rows dealt to the ranks); its record on rank 0.
 
     Every rank learns each turn's outcome (:func:`~dist_lc.predict.raise_agreed`): a rank whose row
@@ -445,11 +452,13 @@ def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, batc
     rank 0 removes the scene's partial files. A rank that raised alone would leave the others waiting
     in the next gather. A signal is raised at once only while the rank predicts its row; one that
     comes while it gathers, writes or cleans up is taken at its next turn (``stop.held``)."""
-    ys, xs = plan.ys, plan.xs
+    ys, xs, batch_size = plan.ys, plan.xs, args.batch_size
     weight = torch.from_numpy(taper(WINDOW)).to(ensemble.device)
+    made_with = {"checkpoints": [str(Path(c).resolve()) for c in args.checkpoint], "tta": args.tta,
+                 "overlap": args.overlap}
     writer = None
     try:
-        writer = _on_main(env, stop, MapWriter, scene, out_dir, probabilities, plan.aoi)
+        writer = _on_main(env, stop, MapWriter, scene, out_dir, args.probabilities, plan.aoi, made_with)
         for turn in range(0, len(ys), env.world_size):
             mine, part, failure = turn + env.rank, None, None
             try:
@@ -600,9 +609,15 @@ def map_scenes(args, plans: list[Planned], group: distributed.Group, stop: StopO
 def claim_out(out_dir: Path, claimed: contextlib.ExitStack) -> None:
     """--out made, and held by this mapping (rank 0's, the one that writes) until ``claimed`` closes:
     two mappings into one folder would publish each other's half-written scenes. A failed mapping
-    leaves no empty --out that it made."""
+    leaves no empty --out that it made, and no proportions.csv of an earlier mapping: beside this
+    one's scenes, it would pass for this mapping's list."""
     claimed.enter_context(locks.claimed(out_dir, f"{out_dir}: another dist-lc map ({{holder}}) is writing into "
                                                  "this folder; wait for it to end or choose another --out", LOCK))
+    listed = out_dir / "proportions.csv"
+    try:
+        listed.unlink(missing_ok=True)
+    except OSError as exc:
+        raise WriteError(listed, exc) from exc
 
 
 def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir: Path, stop: StopOnce) -> None:
@@ -613,8 +628,7 @@ def map_all(args, plans: list[Planned], ensemble: Ensemble, env, device, out_dir
               file=sys.stderr, disable=not (env.is_main and sys.stderr.isatty())) as bar:
         for plan in plans:
             with open_scene(plan.path) as scene:
-                records.append(map_scene(scene, plan, ensemble, env, out_dir, args.batch_size,
-                                         args.probabilities, bar, stop))
+                records.append(map_scene(scene, plan, ensemble, env, out_dir, args, bar, stop))
     with stop.held():   # the scenes are written: a signal now ends a mapping that is complete
         distributed.on_main(write_csv_atomic, out_dir / "proportions.csv",
                             pd.DataFrame([row for r in records if r for row in _rows_of(r)]))

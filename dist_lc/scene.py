@@ -204,7 +204,8 @@ def ground_pixel_m(scene: Scene) -> tuple[float, float] | None:
     if "transform" not in where or "crs" not in where:
         return None
     c, r = scene.width / 2, scene.height / 2
-    xs, ys = zip(*(where["transform"] * p for p in ((c, r), (c + 1, r), (c, r + 1))))
+    t = where["transform"]   # written out: affine 3 deprecates `*` for points, affine 2 (rasterio 1.3) lacks `@`
+    xs, ys = zip(*((t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f) for x, y in ((c, r), (c + 1, r), (c, r + 1))))
     try:
         lons, lats = np.radians(transform(where["crs"], "EPSG:4326", list(xs), list(ys)))
     except Exception:   # noqa: BLE001 - a local or engineering CRS, with no way to lon/lat: no size to tell
@@ -398,7 +399,10 @@ def _geometry(data, path: Path) -> dict:
     if not _rings_ok(data):
         raise InputError(f"{path}: --aoi GeoJSON {data['type']} has no valid coordinates (each ring a list of at "
                          "least 4 [x, y] positions)")
-    return data
+    # positions may carry a height, in some rings and not others (GeoJSON allows it): x and y are the AOI
+    polygons = [data["coordinates"]] if data["type"] == "Polygon" else data["coordinates"]
+    flat = [[[[float(v) for v in p[:2]] for p in ring] for ring in polygon] for polygon in polygons]
+    return {"type": data["type"], "coordinates": flat[0] if data["type"] == "Polygon" else flat}
 
 
 def _rings_ok(geometry: dict) -> bool:
@@ -406,7 +410,7 @@ def _rings_ok(geometry: dict) -> bool:
     coordinates = geometry.get("coordinates")
     polygons = [coordinates] if geometry["type"] == "Polygon" else coordinates
     try:
-        rings = [np.asarray(ring, dtype=np.float64) for polygon in polygons for ring in polygon]
+        rings = [np.asarray([p[:2] for p in ring], dtype=np.float64) for polygon in polygons for ring in polygon]
     except (TypeError, ValueError):   # not lists of numbers, or ragged
         return False
     return bool(rings) and all(polygons) and all(r.ndim == 2 and len(r) >= 4 and r.shape[1] >= 2
@@ -429,11 +433,13 @@ def aoi_mask_for(scene: Scene, aoi) -> "AoiMask | None":
         if scene.crs is None:
             raise InputError(f"{scene.path}: the scene has no CRS, so a lon/lat --aoi cannot be placed on it")
         geometry = _reprojected(scene, geometry, crs)
+    elif scene.dataset.transform.is_identity:   # rasterio's stand-in: the box would be read as columns and rows
+        raise InputError(f"{scene.path}: the scene has no georeferencing, so an --aoi box cannot be placed on it")
     mask = AoiMask(geometry, scene.dataset.transform, scene.width)
     x0, y0, x1, y1 = _bounds(geometry)
     left, bottom, right, top = scene.dataset.bounds
     if x1 <= min(left, right) or x0 >= max(left, right) or y1 <= min(bottom, top) or y0 >= max(bottom, top):
-        digits = 6 if scene.crs.is_geographic else 1   # whole numbers a user can copy back, not 5.4054e+06
+        digits = 6 if scene.crs is not None and scene.crs.is_geographic else 1   # whole numbers a user can copy back, not 5.4054e+06
 
         def box(*values: float) -> str:
             return ",".join(f"{v:.{digits}f}" for v in values)
@@ -481,7 +487,7 @@ def _densified(geometry: dict, step: float = DENSIFY_DEG) -> dict:
 
 
 def _bounds(geometry: dict) -> tuple[float, float, float, float]:
-    coords = np.asarray([p for ring in _rings(geometry) for p in ring], dtype=np.float64)
+    coords = np.asarray([p[:2] for ring in _rings(geometry) for p in ring], dtype=np.float64)
     return coords[:, 0].min(), coords[:, 1].min(), coords[:, 0].max(), coords[:, 1].max()
 
 

@@ -52,7 +52,7 @@ def mapped(smoke_run, scenes, tmp_path_factory):
     return out
 
 
-def test_the_map_keeps_the_scene_georeferencing_and_a_gis_reads_it(mapped, scenes):
+def test_the_map_keeps_the_scene_georeferencing_and_a_gis_reads_it(mapped, scenes, smoke_run):
     assert not (mapped / ".map.lock").exists()   # held while mapping only
     for name, scene in scenes.items():
         with rasterio.open(scene) as src, rasterio.open(mapped / f"{scene.stem}_classes.tif") as out:
@@ -64,6 +64,9 @@ def test_the_map_keeps_the_scene_georeferencing_and_a_gis_reads_it(mapped, scene
         assert (mapped / f"{scene.stem}_quicklook.png").stat().st_size > 10_000
         with rasterio.open(mapped / f"{scene.stem}_probabilities.tif") as probs:
             assert probs.count == 8 and probs.descriptions[0] == "P(artificial)"
+        made_with = json.loads((mapped / f"{scene.stem}_proportions.json").read_text())["made_with"]
+        assert made_with == {"checkpoints": [str(smoke_run.resolve() / "checkpoints" / "best.pt")], "tta": False,
+                             "overlap": 0}
 
 
 def test_per_tile_proportions_of_the_map_are_those_of_predict(mapped, smoke_run, tiles, tmp_path):
@@ -497,6 +500,7 @@ def test_a_final_name_that_cannot_be_taken_leaves_no_output(tmp_path):
 
     scene, out = synthetic_mosaic(tmp_path / "s.tif", 1, 1), tmp_path / "out"
     (out / "s_quicklook.png" / "x").mkdir(parents=True)
+    (out / "s_proportions.json").write_text("{}")   # an earlier map's: it would pass for this one's
     with pytest.raises(WriteError, match=r"s_quicklook\.png: cannot write: Is a directory"):
         write_map(scene, out)
     assert [p.name for p in out.iterdir()] == ["s_quicklook.png"]
@@ -992,3 +996,68 @@ def test_a_scene_whose_pixels_are_not_10_m_on_the_ground_is_warned_about_once(tm
     expected = ([f"warning: {path}: {warned}; the model learned from 10 m pixels and may map this scale poorly "
                  "(resample it: gdalwarp -tr 10 10, in a CRS in metres)"] if warned else [])
     assert said == expected
+
+
+def test_a_box_aoi_over_scenes_in_different_crss_is_refused_in_one_line(tmp_path):
+    """The same eastings and northings are ground 6° apart in UTM 31N and 32N: which one the box means
+    cannot be guessed."""
+    from dist_lc.mapping import plan_scenes
+    from dist_lc.scene import parse_aoi
+
+    west = synthetic_mosaic(tmp_path / "west.tif", 1, 1)
+    east = synthetic_mosaic(tmp_path / "east.tif", 1, 1, crs="EPSG:32632")
+    with pytest.raises(InputError) as err:
+        plan_scenes([west, east], parse_aoi("500000,4999000,501000,5000000"), 0)
+    assert str(err.value) == ("--aoi x0,y0,x1,y1 is a box in the scenes' CRS, but their CRSs differ (west.tif: "
+                              "EPSG:32631; east.tif: EPSG:32632); give it as lonlat:x0,y0,x1,y1 or a GeoJSON file, "
+                              "or map each CRS's scenes apart"), err.value
+    assert len(plan_scenes([west, east], parse_aoi("lonlat:3.01,45.14,3.02,45.15"), 0)) == 2   # placed in each CRS
+
+
+def test_a_box_aoi_on_a_scene_without_a_crs_is_placed_by_its_transform_or_refused_without_one(tmp_path):
+    from rasterio.transform import from_origin
+
+    from dist_lc.scene import AoiOutside, aoi_mask_for, open_scene, parse_aoi
+
+    plain = synthetic_mosaic(tmp_path / "plain.tif", 1, 1, crs=None)
+    with rasterio.open(plain) as src:
+        profile, pixels = src.profile, src.read()
+    world = tmp_path / "world.tif"   # a transform (a world file's) and no CRS
+    with rasterio.open(world, "w", **{**profile, "transform": from_origin(500000, 5000000, 10, 10)}) as dst:
+        dst.write(pixels)
+    with open_scene(world) as scene:
+        assert aoi_mask_for(scene, parse_aoi("500000,4998720,501280,5000000")).rows(0, 256)[:127, :127].all()
+        with pytest.raises(AoiOutside, match=r"world\.tif: --aoi lies outside the scene \(AOI 0\.0,0\.0,1\.0,1\.0; "
+                                             r"scene 500000\.0,4997440\.0,502560\.0,5000000\.0 in its CRS\)"):
+            aoi_mask_for(scene, parse_aoi("0,0,1,1"))
+    with open_scene(plain) as scene, pytest.raises(InputError) as err:
+        aoi_mask_for(scene, parse_aoi("0,0,100,100"))
+    assert str(err.value) == f"{plain}: the scene has no georeferencing, so an --aoi box cannot be placed on it"
+
+
+def test_a_geojson_aoi_may_give_heights_in_some_rings_and_not_others(tmp_path):
+    from dist_lc.scene import aoi_mask_for, open_scene, parse_aoi
+
+    outer = [[2.99, 45.09], [3.01, 45.09], [3.01, 45.11], [2.99, 45.11], [2.99, 45.09]]
+    hole = [[3.0, 45.1, 0], [3.005, 45.1, 0], [3.005, 45.105, 0], [3.0, 45.105, 0], [3.0, 45.1, 0]]
+    path = tmp_path / "area.geojson"
+    path.write_text(json.dumps({"type": "Polygon", "coordinates": [outer, hole]}))
+    geometry, crs = parse_aoi(str(path))
+    assert crs == "EPSG:4326" and all(len(p) == 2 for ring in geometry["coordinates"] for p in ring)
+    with open_scene(synthetic_mosaic(tmp_path / "s.tif", 1, 1, crs="EPSG:4326")) as scene:
+        with pytest.raises(InputError, match="outside the scene"):   # placed, not a ValueError
+            aoi_mask_for(scene, (geometry, crs))
+
+
+def test_a_mapping_into_an_earlier_out_removes_its_proportions_list_first(tmp_path):
+    """Its scenes are listed once they are all mapped: until then, an earlier mapping's list would
+    stand for this one's."""
+    from dist_lc.mapping import claim_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "proportions.csv").write_text("scene,region\nold,scene\n")
+    (out / "old_proportions.json").write_text("{}")
+    with contextlib.ExitStack() as claimed:
+        claim_out(out, claimed)
+        assert not (out / "proportions.csv").exists() and (out / "old_proportions.json").exists()
