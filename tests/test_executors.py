@@ -225,6 +225,46 @@ def test_jobs_per_gpu_share_each_gpu_and_its_memory(monkeypatch, tmp_path):
     assert seen == [((0,), 0.45), ((1,), 0.45), ((0,), 0.45), ((1,), 0.45)]   # every GPU busy before any shared
 
 
+@pytest.mark.parametrize("sharing, parallel, share", [(1, 4, 0.45), (2, 6, 0.3), (2, 2, None)])
+def test_the_memory_cap_of_a_shared_gpu_counts_the_jobs_that_run_on_it(monkeypatch, tmp_path, sharing, parallel,
+                                                                        share):
+    """launcher.max_parallel above the GPUs' jobs wraps around onto GPUs that then hold more jobs than
+    jobs_per_gpu; below it, a GPU may hold one job only and need no cap."""
+    from dist_lc.config import LauncherConfig
+    from dist_lc.cv.executors import LocalExecutor, Work
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    ex = LocalExecutor(LauncherConfig(gpus_per_node=1, jobs_per_gpu=sharing, max_parallel=parallel), tmp_path, jobs=6)
+    assert ex.capacity() == parallel
+    shares = {ex._fold_job(Work("p0", slot, {}, str(tmp_path / f"f{slot}"), False), slot, parallel).gpu_share
+              for slot in range(parallel)}
+    assert shares == {share}
+
+
+def test_ending_local_jobs_survives_a_controller_that_ends_while_they_are_looked_at(monkeypatch, tmp_path):
+    """Alive at the first look, gone at the second (its tree empty): the other jobs are still ended."""
+    from dist_lc.config import LauncherConfig
+    from dist_lc.cv import executors
+    from dist_lc.cv.plan import Submission
+
+    monkeypatch.setattr(executors, "_pid_alive", lambda job_id: True)
+    monkeypatch.setattr(executors, "_process_tree", lambda root: [])
+    record = Submission("p0", 0, "local", "999999999", "err", "res", "2026-01-01T00:00:00")
+    said = executors.LocalExecutor(LauncherConfig(), tmp_path).interrupt([(record, None)])
+    assert said == "1 local job(s) ended"
+
+
+def test_more_requeues_than_the_local_controller_makes_are_refused():
+    from dist_lc.config import LauncherConfig
+    from dist_lc.cv.executors import LocalExecutor
+    from lc_common.errors import InputError
+
+    LocalExecutor.check_launcher(LauncherConfig(max_requeues=5))
+    with pytest.raises(InputError, match=r"^config key 'launcher.max_requeues': 6, but submitit's local executor "
+                                         r"restarts a job at most 5 times"):
+        LocalExecutor.check_launcher(LauncherConfig(max_requeues=6))
+
+
 def test_local_jobs_get_the_gpus_the_launcher_was_given(monkeypatch, tmp_path):
     """A launcher started on GPUs 2 and 3 (CUDA_VISIBLE_DEVICES) hands out 2 and 3, which is what its
     jobs' CUDA_VISIBLE_DEVICES must hold; a list by UUID, or more GPUs per job than it sees, is refused."""

@@ -54,6 +54,9 @@ LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end
 # the part of a shared GPU's memory that its jobs' caps divide between them: each process's CUDA
 # context and NCCL's buffers lie outside the caching allocator, and so outside its cap
 SHARED_GPU_USABLE = 0.9
+# submitit's local controller starts a job's tasks at most 6 times (its run(max_retry=6)), whatever
+# max_num_timeout says: a seventh attempt would end as a job lost without a result
+LOCAL_MAX_REQUEUES = 5
 SUBMIT_BACKOFF_S = (5.0, 15.0, 40.0)   # the waits before a busy scheduler is asked again to take jobs
 # sbatch's words for a controller that is busy or restarting (not for jobs it refuses): worth another try
 SBATCH_TRANSIENT = ("timed out", "unable to contact slurm controller", "temporarily unavailable",
@@ -243,6 +246,10 @@ class LocalExecutor(Executor):
         if launcher.nodes != 1:
             raise InputError(f"config key 'launcher.nodes': {launcher.nodes} needs --executor slurm (the local "
                              "executor has one node)")
+        if launcher.max_requeues > LOCAL_MAX_REQUEUES:
+            raise InputError(f"config key 'launcher.max_requeues': {launcher.max_requeues}, but submitit's local "
+                             f"executor restarts a job at most {LOCAL_MAX_REQUEUES} times (at most "
+                             f"{LOCAL_MAX_REQUEUES}, or --executor slurm)")
         if launcher.gpus_per_node:
             seen = gpu_count()
             if launcher.gpus_per_node > seen:
@@ -285,13 +292,14 @@ class LocalExecutor(Executor):
 
     def _fold_job(self, item: Work, slot: int, slots: int) -> FoldJob:
         """The job's callable, its GPUs or else its cores set for ``slot`` of ``slots`` concurrent jobs."""
-        gpus, sharing = self.launcher.gpus_per_node, self.launcher.jobs_per_gpu
+        gpus = self.launcher.gpus_per_node
         if gpus:
             # slots go round the GPU groups, so that every GPU has a job before any has two (jobs_per_gpu
             # of them share one); slots beyond that (max_parallel above the GPUs) wrap around and share too
-            group = slot % max(1, gpu_count() // gpus)
+            groups = max(1, gpu_count() // gpus)
+            group, per_gpu = slot % groups, math.ceil(slots / groups)   # jobs_per_gpu at most, unless max_parallel
             self.engine.update_parameters(visible_gpus=physical_gpus(range(group * gpus, (group + 1) * gpus)))
-            share = SHARED_GPU_USABLE / sharing if sharing > 1 else None
+            share = SHARED_GPU_USABLE / per_gpu if per_gpu > 1 else None
             return FoldJob(item.config, str(item.run_dir), item.tta, gpu_share=share)
         return FoldJob(item.config, str(item.run_dir), item.tta, cpu_slice(slot, slots))
 
@@ -391,6 +399,7 @@ class LocalExecutor(Executor):
         """Nothing watches local jobs once the launcher is gone: end them all, their controllers and
         every process they started, killing what is still there after LOCAL_END_S."""
         trees = [_process_tree(int(record.job_id)) for record, _ in jobs if _pid_alive(record.job_id)]
+        trees = [tree for tree in trees if tree]   # a controller that ended between the two looks
         # cancelled moments ago: not interrupted twice, killed below if need be (other cancelled jobs,
         # such as those whose record could not be written, stay for settle() at exit)
         interrupted = {record.job_id for record, _ in jobs} & set(self._quieting)
