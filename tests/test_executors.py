@@ -9,6 +9,7 @@ dist_lc/cv/launch.py.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -785,3 +786,48 @@ def test_a_job_that_holds_gpus_trains_on_them_or_says_why_not(monkeypatch):
         == "auto"
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert job_device(load_config("configs/cv5.yaml")) == "cuda"
+
+
+def test_a_peer_error_of_the_attempt_before_a_local_requeue_does_not_fail_the_next(tmp_path, monkeypatch):
+    """Rank 0 requeued (exit 144) in the middle of a collective; rank 1 failed on the lost connection
+    and wrote its error pickle; the controller restarted both tasks with the same files."""
+    import submitit
+
+    from dist_lc.cv import executors
+    from dist_lc.cv.plan import Submission
+
+    result = tmp_path / "4242" / "4242_0_result.pkl"
+    result.parent.mkdir()
+    submitit.core.utils.cloudpickle_dump(("error", "RuntimeError: connection closed by peer"), result.with_name(
+        "4242_1_result.pkl"))
+    os.utime(result.with_name("4242_1_result.pkl"), (time.time() - 10, time.time() - 10))
+    submitted = datetime.datetime.fromtimestamp(time.time() - 60).isoformat(timespec="seconds")
+    record = Submission("p0", 0, "local", "4242", str(tmp_path / "4242" / "4242_0_log.err"), str(result), submitted,
+                        tasks=2)
+    ex = executors.LocalExecutor(LauncherConfig(), tmp_path)
+    assert ex.first_failure(record)[0] == "rank 1: RuntimeError: connection closed by peer"   # no controller seen
+    monkeypatch.setattr(executors, "_controller", lambda pid, children: 4243)
+    monkeypatch.setattr(executors, "_children", lambda pid, children=None: [(4244, "1"), (4245, "1")])
+    monkeypatch.setattr(executors, "_started_at", lambda pid: time.time() - 5)   # the second attempt's tasks
+    assert ex.first_failure(record) is None
+    os.utime(result.with_name("4242_1_result.pkl"))   # an error of this attempt
+    assert ex.first_failure(record)[0] == "rank 1: RuntimeError: connection closed by peer"
+
+
+def test_a_task_failure_gone_at_the_next_look_restarts_the_grace():
+    """A requeued local attempt's tasks run: the earlier attempt's failure, seen in the moment between
+    the two, must not end the job a grace later."""
+    from types import SimpleNamespace
+
+    from dist_lc.cv.launch import Job, Launch
+
+    seen = [("RuntimeError", "log"), None, ("RuntimeError", "log"), ("RuntimeError", "log"), ("RuntimeError", "log")]
+    cancelled = []
+    ex = SimpleNamespace(task_failed_grace_s=15.0, first_failure=lambda record: seen.pop(0),
+                         cancel=lambda record, handle: cancelled.append(record))
+    job = Job("p0", 0, Path("fold0"), executor=ex)
+    for clock in (0.0, 10.0, 20.0, 30.0):
+        Launch._end_if_a_task_failed(None, job, clock)
+    assert cancelled == [] and job.task_failed_at == 20.0
+    Launch._end_if_a_task_failed(None, job, 35.0)
+    assert len(cancelled) == 1

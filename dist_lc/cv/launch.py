@@ -339,11 +339,13 @@ class Launch:
         that they stop because of it), so that a task stuck for another reason cannot keep the job,
         and the CV, waiting."""
         grace = job.executor.task_failed_grace_s
-        if grace is None:
+        if grace is None or job.task_failed_at == math.inf:
+            return
+        if job.executor.first_failure(job.submission) is None:   # (again: a requeued attempt's tasks run)
+            job.task_failed_at = None
             return
         if job.task_failed_at is None:
-            if job.executor.first_failure(job.submission) is not None:
-                job.task_failed_at = clock
+            job.task_failed_at = clock
             return
         if clock - job.task_failed_at >= grace:
             print(f"cv: {job.label}: a task failed {grace:.0f} s ago and the job still runs; "
