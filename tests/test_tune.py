@@ -176,14 +176,15 @@ def test_a_sampler_that_does_not_fit_and_a_resume_of_nothing_are_refused(tmp_pat
     ('{"format": "dist_lc.tune/0"}', "unreadable tune settings (ValueError: format is not dist_lc.tune/1)"),
     ('{"format": "dist_lc.tune/1"}', "unreadable tune settings (TypeError"),
     ("OTHER_VERSION", "written by another version of dist_lc (unknown config key 'model.depth'"),
+    ("OTHER_SAMPLER", "written by another version of dist_lc (sampler 'gp' is not one of tpe, random, qmc, cmaes)"),
 ])
 def test_a_resume_of_a_damaged_tune_folder_names_its_settings_file(tmp_path, capsys, content, problem):
     out = tmp_path / "tune"
-    settings = Settings(out, {"model": {"depth": 3}}, {}, [0], "local", "tpe", 0, "median", 0, 0, "sequential",
-                        2, 1, 1)
+    config, sampler = ({}, "gp") if content == "OTHER_SAMPLER" else ({"model": {"depth": 3}}, "tpe")
+    settings = Settings(out, config, {}, [0], "local", sampler, 0, "median", 0, 0, "sequential", 2, 1, 1)
     out.mkdir()
     settings.save()
-    if content != "OTHER_VERSION":
+    if not content.startswith("OTHER_"):
         (out / "tune.json").write_text(content)
     assert cli.main(["tune", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -254,7 +255,7 @@ def test_no_folds_first_epochs_are_reported_within_the_warm_up_but_each_folds_en
 
 def test_a_fold_that_stopped_early_reports_its_best_at_the_end_of_its_block():
     folds = [fold(0, [(1, 0.9), (2, 0.6)], 2, best=0.6), fold(1, [], 0)]
-    assert progress.intermediate(folds, "sequential", 4) == {0: 0.9, 1: 0.6, 3: 0.6}
+    assert progress.intermediate(folds, "sequential", 4) == {0: 0.9, 1: 0.6, 2: 0.6, 3: 0.6}   # no gap
 
 
 def test_parallel_folds_report_an_epoch_once_every_fold_has_passed_it():
@@ -411,6 +412,15 @@ def test_a_best_trial_whose_folds_scored_the_same_has_no_fold_noise_and_still_re
     assert gap["se_best"] == 0 and gap["in_se_best"] is None
     assert gap["reason"] == "its folds scored the same: no fold noise to compare with"
     assert "below the second best (trial 1) (its folds scored the same" in (out / "report.md").read_text()
+
+
+def test_a_trial_whose_cv_folder_cannot_be_read_is_reported_as_such_beside_the_others(tmp_path):
+    out = tmp_path / "tune"
+    synthetic_study(out, {0: [0.50, 0.60], 1: [0.40, 0.44]})
+    (out / "trials" / "0" / "cv.json").write_text("{")   # damaged: the other trials are still reported
+    rep = report.build(out)
+    assert rep["trials"][0]["unreadable"].startswith(str(out / "trials" / "0" / "cv.json"))
+    assert rep["best"]["number"] == 1
 
 
 def test_the_best_recipe_runs_the_recipes_folds_not_the_ones_the_search_ran_on(tiny_shards, tmp_path):

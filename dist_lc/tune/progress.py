@@ -6,7 +6,8 @@ pruner compares like with like:
 
 * sequential folds (fold i of the order, epoch e of ``E = steps_per_fold``): step ``i·E + e - 1``,
   the mean of the finished folds' best KL and the running fold's best KL so far; a fold that ends
-  reports its best at the last step of its block (also when it stopped early). A fold's first
+  reports its best at the last step of its block, and at every step of it after its last
+  validation when it stopped early. A fold's first
   ``warmup`` epochs are not reported, in every fold: after them the mean would otherwise judge
   how fast the next fold starts (the pruner's own warm-up spares the first fold only);
 * parallel folds: step ``e - 1`` once every fold has passed epoch e (or finished), the mean of the
@@ -88,6 +89,12 @@ def _sequential(folds: list[FoldScores], width: int, warmup: int) -> dict[int, f
         if fold.best is None:
             break                      # the folds after a running one have not started
         earlier.append(fold.best)
+        # a fold that stopped early (time limit, early stop) fills the rest of its block: the median
+        # compares a step's value with the completed trials' at that very step, and one without it
+        # would leave them out there
+        last = max((min(epoch, width) for epoch, _ in fold.curve), default=0)
+        for epoch in range(max(last + 1, warmup + 1), width + 1):
+            steps[i * width + epoch - 1] = statistics.fmean(earlier)
         steps[(i + 1) * width - 1] = statistics.fmean(earlier)
     return steps
 

@@ -37,10 +37,11 @@ PLOTS = {"history": "plots/history.png", "intermediate": "plots/intermediate.png
 
 def trial_row(settings: Settings, trial) -> dict:
     """One trial: its parameters, state, fold results (from its CV folder) and wall time."""
-    plan = existing_plan(settings, trial.number)
+    plan = None
     try:
+        plan = existing_plan(settings, trial.number)
         folds = progress.read_trial(plan) if plan is not None else []
-    except InputError as exc:   # one trial's damaged result: the others are still reported
+    except InputError as exc:   # one trial's damaged folder or result: the others are still reported
         folds, unreadable = [], str(exc)
     else:
         unreadable = None

@@ -11,7 +11,9 @@ from lc_common.records import read_record
 
 from ..config import from_dict
 from ..cv.plan import Plan, Point, load_plan, now
+from . import FOLD_ORDERS, PRUNERS, SAMPLERS
 from .space import Space, space_from_dict, trial_config
+
 
 SETTINGS, JOURNAL, TRIALS = "tune.json", "study.journal", "trials"
 REPORT_MD, REPORT_JSON, BEST = "report.md", "report.json", "best.yaml"
@@ -68,6 +70,9 @@ def load_settings(out) -> Settings:
         try:
             from_dict(settings.config)
             settings.search_space
+            for key, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("fold_order", FOLD_ORDERS)):
+                if getattr(settings, key) not in allowed:
+                    raise InputError(f"{key} {getattr(settings, key)!r} is not one of {', '.join(allowed)}")
         except InputError as exc:
             raise InputError(f"{out / SETTINGS}: written by another version of dist_lc ({exc})") from None
         return settings
