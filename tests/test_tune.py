@@ -250,7 +250,7 @@ def test_no_folds_first_epochs_are_reported_within_the_warm_up_but_each_folds_en
     folds = [fold(0, [(1, 0.9), (2, 0.8), (3, 0.6), (4, 0.5)], 4, best=0.5), fold(1, [(1, 0.9), (2, 0.7), (3, 0.4)], 3)]
     assert progress.intermediate(folds, "sequential", 4, warmup=2) == {2: 0.6, 3: 0.5, 6: pytest.approx(0.45)}
     folds = [fold(0, [(1, 0.9)], 1, best=0.9), fold(1, [], 0)]   # stopped early, inside the warm-up
-    assert progress.intermediate(folds, "sequential", 4, warmup=2) == {3: 0.9}
+    assert progress.intermediate(folds, "sequential", 4, warmup=2) == {2: 0.9, 3: 0.9}   # its best, past the warm-up
 
 
 def test_a_fold_that_stopped_early_reports_its_best_at_the_end_of_its_block():

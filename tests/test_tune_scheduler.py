@@ -465,6 +465,22 @@ def test_a_passed_wait_deadline_ends_the_jobs_of_the_trials_it_leaves(tmp_path, 
     assert "wait deadline passed with trials unfinished; 1 job(s) ended: dist-lc tune --out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("order, at_once", [("sequential", 2), ("parallel", 5)])
+def test_the_wait_budget_counts_sequential_folds_one_after_another(tmp_path, records, monkeypatch, order, at_once):
+    """2 trials of 3 sequential folds, --parallel 5: two chains of 3 folds, not 6 jobs in two waves."""
+    from dist_lc.tune import scheduler
+
+    asked = []
+    monkeypatch.setattr(scheduler, "wait_budget_s", lambda cfg, jobs, parallel: asked.append((jobs, parallel)) or 0.2)
+    records.outcome = staticmethod(lambda number: "runs")
+    settings = settings_of(tmp_path, trials=2, folds=(0, 1, 2))
+    settings.parallel, settings.fold_order = 5, order
+    settings.save()
+    open_study(settings)
+    launch.study_run(settings, resumed=False)
+    assert asked == [(6, at_once)]
+
+
 def test_a_deadline_after_the_search_gave_up_still_ends_the_trial_left_running(tmp_path, records, monkeypatch,
                                                                                capsys):
     from dist_lc.tune import scheduler

@@ -73,12 +73,9 @@ class TrialRun:
 def mark_infeasible(trial: optuna.Trial) -> None:
     """A violated constraint on a diverged trial. Pruned alone, TPE would rank it by how far it got
     (a trial that diverged late ranks first among pruned ones, and joins the "good" trials when few
-    completed); infeasible, it ranks below every complete and pruned trial. Optuna 5's
-    ``set_constraint``, else the system attribute earlier versions read constraints from."""
-    if hasattr(trial, "set_constraint"):
-        trial.set_constraint("finite_loss", 1.0)
-    else:
-        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [1.0])
+    completed); infeasible, it ranks below every complete and pruned trial (Optuna 5's
+    ``set_constraint``: 4.x's TPE reads constraints only from a ``constraints_func``)."""
+    trial.set_constraint("finite_loss", 1.0)
 
 
 def describe_params(params: dict) -> str:
@@ -300,7 +297,11 @@ class Scheduler:
         self.started = time.monotonic()
         self.resume()
         todo = max(self.settings.trials - self.count(), 0) + len(self.running)
-        budget = wait_budget_s(self.cfg, max(todo, 1) * len(self.settings.folds), self.settings.parallel)
+        # sequential folds: a trial holds one job at a time, so fewer trials than --parallel run
+        # their folds one after another, not side by side
+        at_once = self.settings.parallel if self.settings.fold_order == "parallel" else \
+            min(self.settings.parallel, max(todo, 1))
+        budget = wait_budget_s(self.cfg, max(todo, 1) * len(self.settings.folds), at_once)
         while True:
             self.poll()
             self.drain()
