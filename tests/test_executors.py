@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -831,3 +832,23 @@ def test_a_task_failure_gone_at_the_next_look_restarts_the_grace():
     assert cancelled == [] and job.task_failed_at == 20.0
     Launch._end_if_a_task_failed(None, job, 35.0)
     assert len(cancelled) == 1
+
+
+def test_a_slurm_job_preempted_then_gone_is_lost_one_preempted_then_pending_runs_on(tmp_path, monkeypatch):
+    """PreemptMode=REQUEUE: PREEMPTED, then PENDING again; PreemptMode=CANCEL: PREEMPTED, then out of
+    squeue after MinJobAge, a job the launcher submits once more (its fold resumes)."""
+    from dist_lc.cv import executors
+    from dist_lc.cv.plan import Submission
+
+    looks = iter([{"7": "PREEMPTED"}, {"7": "PENDING"}, {"7": "PREEMPTED"}, {}])
+    monkeypatch.setattr(executors, "slurm_states", lambda ids: next(looks))
+    ex = executors.SlurmExecutor(LauncherConfig(), tmp_path)
+    record = Submission("p0", 0, "slurm", "7", "err", "res", "2026-01-01T00:00:00")
+    seen = []
+    for _ in range(4):
+        ex._looked_at = -math.inf   # each a poll of its own
+        ex.refresh([record])
+        seen.append(ex.presence(record))
+    assert [state for state, _ in seen[:3]] == [JobState.RUNNING, JobState.PENDING, JobState.RUNNING]
+    assert seen[3] == (None, "Slurm state PREEMPTED") and executors.SlurmExecutor.lost(seen[3][1])
+    assert not executors.SlurmExecutor.lost("no longer in squeue")

@@ -43,10 +43,11 @@ from .plan import DONE, Submission, now
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                        "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
                        "PREEMPTED", "RESV_DEL_HOLD"}
-# Slurm end states of a job lost with its node: submitted once more. Not the others: a cancel, the time
-# or memory limit were meant, and a job that FAILED without a result pickle (a bad launcher.setup)
-# would fail again.
-LOST_SLURM_ENDS = {"NODE_FAIL", "BOOT_FAIL"}
+# Slurm end states of a job lost with its node, or to a preemption that cancelled it (PREEMPTED is
+# active above, as under PreemptMode=REQUEUE the job returns to PENDING; one that leaves squeue
+# after it was cancelled): submitted once more. Not the others: a cancel, the time or memory limit
+# were meant, and a job that FAILED without a result pickle (a bad launcher.setup) would fail again.
+LOST_SLURM_ENDS = {"NODE_FAIL", "BOOT_FAIL", "PREEMPTED"}
 LOCAL_END_S = 5.0           # local: how long a cancelled job's processes get before they are killed
 LOCAL_QUIET_S = 10.0        # local: how long a cancelled job's tasks get to end before its controller is told
                             # (a GPU task's teardown, its loader workers and compile workers take seconds);
@@ -605,6 +606,7 @@ class SlurmExecutor(Executor):
         self._asked: set[str] = set()              # the job ids of the last look at squeue
         self._listed: dict[str, str] | None = {}   # its answer: the active ones; None: it did not answer
         self._looked_at = -math.inf                 # when (time.monotonic())
+        self._preempted: set[str] = set()          # jobs squeue has shown PREEMPTED
 
     @classmethod
     def problem(cls) -> str | None:
@@ -662,8 +664,12 @@ class SlurmExecutor(Executor):
         if self._listed is None:
             return JobState.UNKNOWN, "squeue did not answer"
         state = self._listed.get(record.job_id)
+        if state == "PREEMPTED":
+            self._preempted.add(record.job_id)
         if state in ACTIVE_SLURM_STATES:
             return (JobState.PENDING if state == "PENDING" else JobState.RUNNING), state
+        if state is None and record.job_id in self._preempted:   # PreemptMode=CANCEL: preempted, then gone
+            return None, "Slurm state PREEMPTED"
         return None, f"Slurm state {state}" if state else "no longer in squeue"
 
     @classmethod
