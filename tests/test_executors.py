@@ -426,6 +426,16 @@ def test_a_resumed_local_launch_keeps_the_slot_of_an_earlier_job_and_knows_a_reu
         ex.adopt(earlier)
         (record, _), = ex.submit([Work("p0", 1, {}, str(tmp_path / "f1"), False)])
         assert record.slot == 1 and ex.engine.parameters["visible_gpus"] == (1,)
+        assert record.layout == "2 slot(s) over GPUs [0, 1], 1 a job" and ex.refuses(record) is None
+        # resumed with two jobs a GPU: slot 0 would be GPU 0 still, but slot 2, which a new job could
+        # get, is GPU 0 too: the job of the earlier layout must end first
+        earlier.layout = record.layout
+        other_layout = LocalExecutor(LauncherConfig(gpus_per_node=1, jobs_per_gpu=2), tmp_path, jobs=4)
+        assert other_layout.refuses(earlier) == (f"job {controller.pid} still runs on slot 0 of 2 slot(s) over GPUs "
+                                                 "[0, 1], 1 a job, and the launcher keys given now make 4 slot(s) "
+                                                 "over GPUs [0, 1], 1 a job")
+        assert other_layout.refuses(Submission("p0", 0, "local", str(other.pid), "e", "r", "t", 1, slot=0,
+                                               layout=record.layout)) is None   # not running: nothing held
     finally:
         for proc in (controller, other):
             proc.kill()

@@ -271,6 +271,25 @@ def test_a_trial_whose_parameters_a_killed_launcher_cut_short_draws_the_rest_on_
     assert trial.params["model.filters"] in (8, 24) and filters == trial.params["model.filters"]
 
 
+def test_a_resume_whose_launcher_cannot_run_a_running_trials_folds_is_refused_before_any_job(tmp_path, records):
+    """3 ranks a job cannot share a batch of 16; a trial left running would fail fold after fold."""
+    from dist_lc.tune.settings import trial_plan
+
+    settings = settings_of(tmp_path, trials=2)
+    study = open_study(settings)
+    trial = study.ask(settings.search_space.distributions())
+    trial_plan(settings, trial.number, trial.params)
+    settings.config["launcher"]["tasks_per_node"] = 3
+    with pytest.raises(InputError) as err:
+        launch.study_run(settings, resumed=True)
+    assert str(err.value).startswith(f"{settings.out / 'trials' / '0' / 'cv.json'}: the trial's folds cannot run "
+                                     "with the launcher as now given (")
+    assert not (settings.out / "trials" / "0" / "jobs.json").exists() and len(load_trials(settings.out)) == 1
+    settings.config["launcher"]["tasks_per_node"] = 2   # 8 tiles a rank: its next folds run with 2 ranks
+    plan = trial_plan(settings, trial.number, trial.params)
+    assert plan.points[0].config["launcher"]["tasks_per_node"] == 2
+
+
 def test_an_error_of_the_launcher_ends_its_jobs_before_it_is_raised(tmp_path, records, monkeypatch, capsys):
     from dist_lc.tune import scheduler
 

@@ -171,6 +171,11 @@ class Executor(abc.ABC):
     def adopt(self, record: Submission) -> None:
         """Watch a job an earlier launch submitted, which still runs (what it holds stays held)."""
 
+    def refuses(self, record: Submission) -> str | None:
+        """Why a job an earlier launch submitted, if it still runs, cannot be watched beside this
+        launch's jobs (None: it can)."""
+        return None
+
     def refresh(self, records: list[Submission]) -> None:
         """One look at the scheduler for these jobs, before their status is asked one by one."""
 
@@ -287,7 +292,7 @@ class LocalExecutor(Executor):
         with own_environment():
             submitted = self.engine.submit(self._fold_job(item, slot, slots))
         (record, handle), = self._records([item], [submitted])
-        record.slot = slot
+        record.slot, record.layout = slot, self.layout()
         self._slots[record.job_id] = slot
         return record, handle
 
@@ -318,6 +323,21 @@ class LocalExecutor(Executor):
     def adopt(self, record: Submission) -> None:
         if record.slot is not None:   # a job this launch submits must not get the same GPUs or cores
             self._slots[record.job_id] = record.slot
+
+    def layout(self) -> str:
+        """What a slot number means: how many there are, and the GPUs or cores they are dealt from."""
+        slots, gpus = int(self.capacity()), self.launcher.gpus_per_node
+        if gpus:
+            return f"{slots} slot(s) over GPUs {list(physical_gpus(range(gpu_count())))}, {gpus} a job"
+        return f"{slots} slot(s) over cores {list(usable_core_ids())}"
+
+    def refuses(self, record: Submission) -> str | None:
+        """A job of an earlier launch holds the GPUs or cores of its slot as its launcher keys dealt them:
+        under other keys its slot number would name other ones, and a new job could be given its GPU."""
+        if record.layout is None or record.layout == self.layout() or self.presence(record)[0] is None:
+            return None
+        return (f"job {record.job_id} still runs on slot {record.slot} of {record.layout}, and the launcher keys "
+                f"given now make {self.layout()}")
 
     def presence(self, record: Submission, handle=None) -> tuple[JobState | None, str]:
         if handle is not None:

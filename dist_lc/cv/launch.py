@@ -218,6 +218,15 @@ class Launch:
 
     # --- submission
 
+    def check_resumable(self) -> None:
+        """Before anything is watched, ended or submitted: the jobs of an earlier launch that still run
+        can be watched with the launcher keys as now given (a refusal leaves them running)."""
+        for record in read_submissions(self.plan.cv_dir):
+            problem = self.executor_of(record).refuses(record)
+            if problem:
+                raise InputError(f"--resume: {record.point + '/' if record.point else ''}fold{record.fold}: "
+                                 f"{problem}; resume with the launcher keys it started with, or once it has ended")
+
     def start(self, resume: bool) -> None:
         """Keep watching the jobs of an earlier launch that still run (--resume); submit the others."""
         earlier = {(r.point, r.fold): r for r in read_submissions(self.plan.cv_dir)} if resume else {}
@@ -442,6 +451,8 @@ def run(args) -> int:
 
 
 def _launch(args, plan: Plan, launch: Launch, keys: list, todo: list) -> int:
+    if args.resume:
+        launch.check_resumable()
     print(f"cv: {len(plan.points)} grid point(s) × {len(plan.folds)} fold(s) in {plan.cv_dir} "
           f"({plan.executor}); {len(todo)} job(s) to run", file=sys.stderr, flush=True)
     with launch.stops:   # still open while the jobs are ended: a second signal cannot cut that short

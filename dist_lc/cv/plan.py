@@ -127,6 +127,7 @@ class Submission:
     submitted: str
     tasks: int = 1   # ranks of the job: each has its own log and result pickle
     slot: int | None = None   # the local executor's slot (its GPUs or cores), kept from a later launch's jobs
+    layout: str | None = None   # what the local executor's slots meant then (see LocalExecutor.layout)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,7 +147,7 @@ def _checked(job: Submission) -> Submission:
     """A row whose fields have their types (a wrong one would fail later, while the jobs are watched)."""
     counts, texts = (job.fold, job.tasks), (job.point, job.executor, job.job_id, job.stderr, job.result)
     if not all(type(v) is int for v in counts) or job.tasks < 1 or not all(isinstance(v, str) for v in texts) \
-            or not (job.slot is None or type(job.slot) is int):
+            or not (job.slot is None or type(job.slot) is int) or not (job.layout is None or isinstance(job.layout, str)):
         raise TypeError(f"job {job.job_id!r} of fold {job.fold!r}: a field of the wrong type")
     return job
 

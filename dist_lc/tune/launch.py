@@ -28,9 +28,9 @@ from lc_common.locks import held
 from ..config import apply_overrides, describe, from_dict, load_config, normalized, to_dict
 from ..cv import executors
 from ..cv.launch import StopRequests, Stopped, check_executor, check_launcher, hand_over
-from ..cv.plan import anchored, check_folds
+from ..cv.plan import anchored, check_folds, load_plan
 from ..run_dir import check_output_folder
-from .settings import Settings, is_tune_folder, load_settings
+from .settings import Settings, is_tune_folder, load_settings, relaunched
 from .space import Space, load_space
 
 DEFAULTS = {"sampler": "tpe", "pruner": "median", "fold_order": "sequential", "seed": 0,
@@ -181,6 +181,8 @@ def study_run(settings: Settings, resumed: bool) -> int:
     from .study import open_study
 
     study = open_study(settings)
+    if resumed:
+        check_running_trials(settings, study)
     stops = StopRequests()
     scheduler = Scheduler(settings, study, stops)
     say(f"{'continuing' if resumed else 'a new'} study in {settings.out}: {settings.trials} trial(s), "
@@ -203,6 +205,17 @@ def study_run(settings: Settings, resumed: bool) -> int:
         say(f"{FAILURES_IN_A_ROW} trials failed in a row, so no new trial was started: their logs say why; "
             f"once that is fixed, dist-lc tune --out {settings.out} --resume goes on")
     return finish(settings, finished)
+
+
+def check_running_trials(settings: Settings, study) -> None:
+    """Before anything is submitted or adopted: the trials an earlier launcher left running can go on
+    with the launcher keys given now (as many ranks per job as their batch allows)."""
+    from optuna.trial import TrialState
+
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        cv_json = settings.trial_dir(frozen.number) / "cv.json"
+        if cv_json.exists():
+            relaunched(load_plan(cv_json.parent).points[0].config, settings, cv_json)
 
 
 def finish(settings: Settings, finished: bool) -> int:

@@ -9,7 +9,7 @@ from lc_common.atomic import write_json_atomic
 from lc_common.errors import InputError
 from lc_common.records import read_record
 
-from ..config import from_dict
+from ..config import from_dict, normalized
 from ..cv.plan import Plan, Point, load_plan, now
 from . import FOLD_ORDERS, PRUNERS, SAMPLERS
 from .space import Space, space_from_dict, trial_config
@@ -93,6 +93,7 @@ def trial_plan(settings: Settings, number: int, params: dict) -> Plan:
             raise InputError(f"{cv_dir / 'cv.json'}: holds other parameters ({plan.points[0].params}) than trial "
                              f"{number} of the study ({params}): the journal and the trials' folders disagree "
                              "(a journal restored from an older copy?)")
+        plan.points[0].config = relaunched(plan.points[0].config, settings, cv_dir / "cv.json")
         return plan
     config = trial_config(settings.config, params)
     # one MLflow store for the study, an experiment per trial named after it (the CV folder's own
@@ -110,3 +111,18 @@ def existing_plan(settings: Settings, number: int) -> Plan | None:
     """The trial's CV folder if it was created (the report reads them; it creates nothing)."""
     cv_dir = settings.trial_dir(number)
     return load_plan(cv_dir) if (cv_dir / "cv.json").exists() else None
+
+
+def relaunched(config: dict, settings: Settings, source: Path) -> dict:
+    """A trial's config with the study's launcher as it is now (a resume may change launcher keys):
+    its next folds run on the study's executor, with as many ranks as that gives. InputError naming
+    ``source`` when its batch does not fit them."""
+    from ..cv.launch import check_launcher   # as trial_config: only a launcher checks a trial
+
+    config = normalized({**config, "launcher": settings.config["launcher"]})
+    try:
+        check_launcher(from_dict(config), settings.executor)
+    except InputError as exc:
+        raise InputError(f"{source}: the trial's folds cannot run with the launcher as now given ({exc}); "
+                         "resume with the launcher keys it started with until it ends") from None
+    return config
