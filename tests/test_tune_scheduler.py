@@ -290,6 +290,25 @@ def test_a_resume_whose_launcher_cannot_run_a_running_trials_folds_is_refused_be
     assert plan.points[0].config["launcher"]["tasks_per_node"] == 2
 
 
+def test_a_fold_that_diverged_while_no_launcher_watched_prunes_its_trial_on_resume(tmp_path, records, capsys):
+    """Slurm jobs go on while the launcher is stopped: a resume that submitted the fold again would
+    clear its note and train it to the same end."""
+    from dist_lc.tune.settings import trial_plan
+
+    records.outcome = staticmethod(lambda number: "done")
+    settings = settings_of(tmp_path, trials=1)
+    study = open_study(settings)
+    trial = study.ask(settings.search_space.distributions())
+    plan = trial_plan(settings, trial.number, trial.params)
+    run_dir = plan.run_dir(plan.points[0], 0)
+    run_dir.mkdir(parents=True)
+    record_failure(run_dir, 0, Diverged("loss is not finite (NaN/inf) on 1 rank(s)"))
+    launch.study_run(settings, resumed=True)
+    assert states(settings.out) == ["PRUNED"] and load_trials(settings.out)[0].constraints == {"finite_loss": 1.0}
+    assert "trial 0 PRUNED: fold0 diverged while no launcher watched it" in capsys.readouterr().err
+    assert not (plan.cv_dir / "jobs.json").exists()   # nothing submitted again
+
+
 def test_an_error_of_the_launcher_ends_its_jobs_before_it_is_raised(tmp_path, records, monkeypatch, capsys):
     from dist_lc.tune import scheduler
 

@@ -11,8 +11,9 @@ machinery, reports its scores, prunes it, tells the study how it ended.
   RUNNING trial, continued (and judged again at once) by --resume, never a finished trial with jobs
   still running.
 * Resume: every trial the study holds as RUNNING is continued from its CV folder: the cv Launch's
-  own resume watches its jobs still running and resubmits the folds without done.json; its reported
-  steps stay reported. Finished trials are never touched, and the trial count is the study's.
+  own resume watches its jobs still running and resubmits the folds without done.json (a trial one
+  of whose folds diverged meanwhile is pruned at once instead); its reported steps stay reported.
+  Finished trials are never touched, and the trial count is the study's.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from lc_common.errors import InputError
 
 from ..config import from_dict
 from ..cv import executors
-from ..cv.executors import Executor
+from ..cv.executors import Executor, JobState
 from ..cv.launch import Job, Launch, StopRequests, wait_budget_s
 from ..cv.plan import Plan
 from ..run_dir import diverged
@@ -139,6 +140,15 @@ class Scheduler:
             if run is None:
                 continue
             run.reported, run.judge = set(frozen.intermediate_values), True
+            # a fold that diverged while no launcher watched: the parameters' outcome, judged now (its
+            # submission again would clear the note and train it to the same end)
+            unwatched = next((j for j in run.launch.jobs if j.state is JobState.QUEUED and diverged(j.run_dir)), None)
+            if unwatched is not None:
+                with self.stops.held():
+                    mark_infeasible(run.trial)
+                self.finish(run, TrialState.PRUNED, f"fold{unwatched.fold} diverged while no launcher watched it "
+                            f"(its loss is no longer finite); run folder: {unwatched.run_dir}")
+                continue
             done = len(run.plan.folds) - len(run.launch.jobs)
             say(f"{run.label} continued ({done} of {len(run.plan.folds)} fold(s) done; "
                 f"{describe_params(trial.params)})")
