@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from lc_common.errors import InputError, OneLineArgumentParser, WriteError, print_error
@@ -209,6 +210,10 @@ def main(argv=None) -> int:
     except WriteError as exc:   # not the user's input: a full disk, a quota, a read-only folder
         print_error(exc)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C where no handler of the command's took it: one line, not a traceback
+        hint = "; last.pt holds the last whole epoch: the same command resumes there" if args.command == "train" else ""
+        print(f"dist-lc {args.command}: stopped by SIGINT (Ctrl-C){hint}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

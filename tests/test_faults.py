@@ -417,6 +417,22 @@ def test_sigterm_to_cv_ends_its_local_jobs_and_resume_finishes(tiny_shards, tmp_
     assert "2 job(s) to run" in again.stderr
 
 
+def test_ctrl_c_in_a_terminal_ends_cv_and_its_local_jobs_in_one_line(tiny_shards, tmp_path):
+    """A terminal sends SIGINT to its whole foreground group: the local jobs' controllers, in sessions
+    of their own, hear it from the launcher alone (in its group, each died printing a traceback)."""
+    cv_dir, tag = tmp_path / "cv", str(tmp_path)
+    args = [*tiny(tiny_shards, "launcher.tasks_per_node=1", "launcher.max_parallel=2"), "--out", str(cv_dir),
+            "--executor", "local"]
+    proc = _cv_started(args, tag, [cv_dir / "fold0", cv_dir / "fold1"])
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)   # its session's group, as a terminal's Ctrl-C
+    _, err = proc.communicate(timeout=STOP_BOUND_S + 30)
+    assert proc.returncode == 130 and time.monotonic() - started < STOP_BOUND_S, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("cv: stopped by SIGINT; 2 local job(s) ended: dist-lc cv --out ")
+    assert not tagged_processes(tag, within_s=2)
+
+
 def _tagged_outside_slurm(tag: str) -> list[str]:
     """Command lines of live processes with DIST_LC_TEST_TAG=tag that no Slurm job started."""
     needle, out = f"DIST_LC_TEST_TAG={tag}\0".encode(), []

@@ -193,6 +193,30 @@ def test_nan_loss_stops_with_error_and_saves_nothing_new(packed_sample, tmp_path
     assert diverged(run)   # what a search reads: the recipe's outcome, not a broken job
 
 
+def test_ctrl_c_ends_a_training_in_one_line_and_the_same_command_resumes(tiny_shards, tmp_path):
+    """SIGINT to the process group, as a terminal sends it: one line and 130, not a traceback."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dist_lc", "train", *SMOKE, *small(tiny_shards, "--set", "train.epochs=50"),
+           "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("dist-lc train: stopped by SIGINT (Ctrl-C); last.pt holds the last "
+                                            "whole epoch: the same command resumes there")
+    again = dist_lc(["train", *SMOKE, *small(tiny_shards, "--set", "train.epochs=2"), "--run-dir", str(run)])
+    assert again.returncode == 0 and "resuming after epoch" in (run / "train.log").read_text(), again.stderr[-3000:]
+
+
 def test_peak_memory_is_the_process_own_not_its_parents():
     """ru_maxrss survives exec (a child of a big process reports the parent's peak); peak_mem_mb must not."""
     ballast = bytearray(1536 * 2**20)

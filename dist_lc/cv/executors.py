@@ -18,6 +18,7 @@ import abc
 import atexit
 import contextlib
 import enum
+import functools
 import io
 import math
 import os
@@ -25,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import time
+import types
 import typing
 from dataclasses import dataclass
 from datetime import datetime
@@ -289,7 +291,7 @@ class LocalExecutor(Executor):
     def _submit_one(self, item: Work) -> Submitted:
         slots = int(self.capacity())
         slot = min(set(range(slots)) - set(self._slots.values()), default=0)
-        with own_environment():
+        with own_environment(), controller_in_own_session():
             submitted = self.engine.submit(self._fold_job(item, slot, slots))
         (record, handle), = self._records([item], [submitted])
         record.slot, record.layout = slot, self.layout()
@@ -598,6 +600,29 @@ def own_environment():
         if conf is not None:
             os.environ["SLURM_CONF"] = conf
         yield
+
+
+@contextlib.contextmanager
+def controller_in_own_session():
+    """The local jobs submitted meanwhile start their submitit controller (and so their tasks) in a
+    session of its own. In the launcher's, a terminal's Ctrl-C reaches every controller too, each of
+    which dies printing a traceback into the launcher's output, while the launcher ends the jobs
+    itself (its stop signals). submitit's ``start_controller`` takes no such option: its module's
+    ``subprocess`` is swapped, for this call only, for one whose Popen starts a new session."""
+    from submitit.local import local
+
+    class OwnSession(types.ModuleType):
+        Popen = staticmethod(functools.partial(subprocess.Popen, start_new_session=True))
+
+        def __getattr__(self, name):
+            return getattr(subprocess, name)
+
+    real = local.subprocess
+    local.subprocess = OwnSession("subprocess")
+    try:
+        yield
+    finally:
+        local.subprocess = real
 
 
 def _signal(pid: int, sig: int) -> None:
