@@ -96,6 +96,8 @@ def load(path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         first = said(exc, empty="(no message: an empty or cut file?)")   # a 0-byte file: EOFError()
+        if first.startswith("Weights only load failed"):   # torch's advice to load it unsafely: not ours to give
+            first = "Weights only load failed: it holds more than tensors and plain types, as no dist_lc checkpoint does"
         raise InputError(f"{path}: not a dist_lc checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise InputError(f"{path}: not a dist_lc checkpoint (no model/config entries)")

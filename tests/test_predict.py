@@ -137,6 +137,18 @@ def test_not_a_checkpoint(packed_sample, tmp_path):
     assert proc.returncode == 2 and "not a dist_lc checkpoint" in proc.stderr and not (tmp_path / "x.csv").exists()
 
 
+def test_a_file_torch_refuses_to_load_safely_is_not_met_with_advice_to_load_it_unsafely(tmp_path):
+    """A config.yaml given as a checkpoint: torch's message advises weights_only=False, which would
+    run whatever a pickle holds."""
+    from dist_lc.checkpoint import load
+    from lc_common.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        load("configs/smoke.yaml")
+    assert str(err.value) == ("configs/smoke.yaml: not a dist_lc checkpoint (UnpicklingError: Weights only load "
+                              "failed: it holds more than tensors and plain types, as no dist_lc checkpoint does)")
+
+
 def test_checkpoint_of_another_model_config(smoke_run, packed_sample, tmp_path):
     state = torch.load(best(smoke_run), weights_only=True)
     state["config"]["model"]["filters"] = 32
