@@ -330,11 +330,12 @@ def test_a_seed_at_the_top_of_its_range_still_resumes(tmp_path):
     assert len(load_trials(settings.out)) == 2
 
 
-def test_searched_values_are_checked_against_the_ranks_of_a_job(tmp_path, capsys):
+@pytest.mark.parametrize("spec", ["[16, 17]", "{int: [16, 4096]}"])   # a range too large to check every value
+def test_searched_values_are_checked_against_the_ranks_of_a_job(tmp_path, capsys, spec):
     from dist_lc import cli
 
     searched = tmp_path / "space.yaml"
-    searched.write_text("train.batch_size: [16, 17]\n")
+    searched.write_text(f"train.batch_size: {spec}\n")
     out = tmp_path / "tune"
     assert cli.main(["tune", "--config", "configs/smoke.yaml", "--set", "launcher.tasks_per_node=2", "--space",
                      str(searched), "--out", str(out)]) == 2

@@ -38,7 +38,7 @@ from ..cv.plan import FORBIDDEN_GRID
 
 KINDS = ("float", "int", "categorical")
 OPTIONS = {"float": ("log", "step"), "int": ("log", "step"), "categorical": ()}
-CHECK_EVERY_VALUE_UP_TO = 256   # an int range this small has each value checked by the config
+CHECK_EVERY_VALUE_UP_TO = 256   # an int range this small has each value checked by the config (a larger, as many)
 MAX_STEPS = 1e12               # a float step cutting a range finer: a step written wrong
 
 
@@ -125,13 +125,19 @@ class Param:
 
     def values_to_check(self) -> list:
         """The values whose configs are checked before the search starts: every choice, every value
-        of a small integer range (log or not), else the two bounds."""
+        of a small integer range (log or not); of a larger one, its first and last values and an even
+        spread between (a value its ranks cannot divide shows among consecutive ones, where a spread
+        alone could step over it); a float range's two bounds."""
         if self.kind == "categorical":
             return list(self.choices)
         if self.kind == "int":
             values = range(self.low, self.high + 1, self.step or 1)
             if len(values) <= CHECK_EVERY_VALUE_UP_TO:
                 return list(values)
+            ends, spread = CHECK_EVERY_VALUE_UP_TO // 4, CHECK_EVERY_VALUE_UP_TO // 2
+            between = values[ends:-ends]
+            picked = {*values[:ends], *values[-ends:], *between[::math.ceil(len(between) / spread)]}
+            return sorted(picked)
         return [self.low, self.high]
 
     def to_dict(self) -> dict:
