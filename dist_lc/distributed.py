@@ -189,7 +189,7 @@ def _join(preference: str, timeout_s: float) -> Group:
     device = pick_device(env, preference)
     if device.type == "cpu":
         torch.set_num_threads(_cpu_threads(env))
-    if env.source == "torchrun":
+    if env.source in ("torchrun", "submitit local"):   # an agent or controller killed: its ranks would train on unwatched
         watch_parent()
     store = None
     if env.distributed and not dist.is_initialized():

@@ -433,6 +433,29 @@ def test_ctrl_c_in_a_terminal_ends_cv_and_its_local_jobs_in_one_line(tiny_shards
     assert not tagged_processes(tag, within_s=2)
 
 
+def test_ranks_of_a_local_job_whose_controller_is_killed_end_themselves(tiny_shards, tmp_path):
+    """Orphaned, they would train on unwatched while the launcher gives their slot to the next fold."""
+    import json
+
+    cv_dir, tag = tmp_path / "cv", str(tmp_path)
+    args = [*tiny(tiny_shards, "launcher.tasks_per_node=1", "cv.folds=[0]", "train.epochs=50"), "--out",
+            str(cv_dir), "--executor", "local"]
+    proc = _cv_started(args, tag, [cv_dir / "fold0"])
+    try:
+        controller = int(json.loads((cv_dir / "jobs.json").read_text())["jobs"][0]["job_id"])
+        os.kill(controller, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any("submitit.core._submit" in line for line in tagged_processes(tag)):
+            assert time.monotonic() < deadline, tagged_processes(tag)
+            time.sleep(0.5)
+        notes = "".join(p.read_text() for p in (cv_dir / "fold0" / ".failures").glob("rank*"))
+        assert f"the launcher of this rank (pid {controller}) is gone" in notes, notes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=STOP_BOUND_S + 30)
+    assert not tagged_processes(tag, within_s=5)
+
+
 def _tagged_outside_slurm(tag: str) -> list[str]:
     """Command lines of live processes with DIST_LC_TEST_TAG=tag that no Slurm job started."""
     needle, out = f"DIST_LC_TEST_TAG={tag}\0".encode(), []
