@@ -461,6 +461,27 @@ def test_a_second_launcher_on_a_cv_folder_is_refused(packed_sample, tmp_path, ca
     assert not (cv_dir / "jobs.json").exists()
 
 
+def test_a_resume_refuses_a_fold_that_a_training_it_does_not_list_holds(packed_sample, tmp_path, capsys):
+    """cv_array.sbatch's tasks are in no jobs.json: a resume while they run would train their folds twice."""
+    from lc_common.locks import held
+
+    cv_dir = tmp_path / "cv"
+    args = ["cv", "--config", "configs/smoke.yaml", "--set", f"data.shards={packed_sample}", "--out", str(cv_dir),
+            "--executor", "local"]
+    plan = launch.new_plan(cli.build_parser()[0].parse_args(args))
+    cv_dir.mkdir()
+    plan.save()
+    run_dir = cv_dir / "fold1"
+    run_dir.mkdir()
+    with held(run_dir / ".lock", "held"):   # as an array task's training holds it
+        assert cli.main(["cv", "--out", str(cv_dir), "--resume"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --resume: fold1: {run_dir} is held by a training that no job of this folder "
+                           f"runs (pid {os.getpid()} on "), line
+    assert line.endswith("an array task of slurm/cv_array.sbatch?); wait for it to end, or end it"), line
+    assert not (cv_dir / "jobs.json").exists()
+
+
 def test_an_error_pickle_older_than_the_local_job_is_an_earlier_jobs(tmp_path):
     """A local job's folder is named by its pid: after the pids wrap around, a new job can find the
     error pickle of an earlier one there, which must not fail it."""

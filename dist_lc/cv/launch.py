@@ -220,12 +220,22 @@ class Launch:
 
     def check_resumable(self) -> None:
         """Before anything is watched, ended or submitted: the jobs of an earlier launch that still run
-        can be watched with the launcher keys as now given (a refusal leaves them running)."""
-        for record in read_submissions(self.plan.cv_dir):
+        can be watched with the launcher keys as now given, and no fold to run is being trained by a
+        job this folder does not list (an array task of slurm/cv_array.sbatch, which a resume would
+        run twice). A refusal leaves them all running."""
+        earlier = {(r.point, r.fold): r for r in read_submissions(self.plan.cv_dir)}
+        for record in earlier.values():
             problem = self.executor_of(record).refuses(record)
             if problem:
                 raise InputError(f"--resume: {record.point + '/' if record.point else ''}fold{record.fold}: "
                                  f"{problem}; resume with the launcher keys it started with, or once it has ended")
+        for job in self.jobs:
+            trainer = trainer_of(job.run_dir)
+            record = earlier.get((job.point, job.fold))
+            if not trainer or (record is not None and self.executor_of(record).presence(record)[0] is not None):
+                continue   # free, or held by its job of an earlier launch, watched again
+            raise InputError(f"--resume: {job.label}: {job.run_dir} is held by a training that no job of this folder "
+                             f"runs ({trainer}; an array task of slurm/cv_array.sbatch?); wait for it to end, or end it")
 
     def start(self, resume: bool) -> None:
         """Keep watching the jobs of an earlier launch that still run (--resume); submit the others."""
