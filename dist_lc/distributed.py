@@ -14,6 +14,7 @@ a SIGKILL of the agent would leave them training as orphans; they exit when thei
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -241,6 +242,28 @@ def _leave_together(group: Group) -> None:
             left = group.store.add("dist_lc/left", 0)
     except Exception:  # noqa: BLE001 - the store's host may already be gone: nothing left to wait for
         pass
+
+
+_untimed = [0]   # the ranks of a group make the same broadcasts in the same order: the n-th has one key
+
+
+def broadcast_untimed(obj, poll_s: float = 1.0):
+    """Rank 0's ``obj`` (JSON) on every rank, through the rendezvous store, without the collectives'
+    timeout: after a step that rank 0 does alone and whose time grows with the work (the overviews of
+    a map of any size), where a broadcast would end the waiting ranks after ``timeout_s``. The wait
+    still ends if rank 0 dies: the store's host goes with it (srun), or its launcher ends the others
+    (torchrun)."""
+    group = _owned[-1] if _owned else None
+    if not dist.is_initialized() or group is None or group.store is None:
+        return obj
+    _untimed[0] += 1
+    key = f"dist_lc/untimed/{_untimed[0]}"
+    if is_main():
+        group.store.set(key, json.dumps(obj))
+        return obj
+    while not group.store.check([key]):
+        time.sleep(poll_s)
+    return json.loads(group.store.get(key))
 
 
 class PeerFailed:

@@ -55,7 +55,8 @@ from .confusion import SCORED
 from .memory import peak_memory_mb
 from .metrics import SCORED_CLASSES, SCORED_NAMES, expand_scored
 from .plots import PALETTE, legend_handles, rgb, save_figure
-from .predict import Ensemble, PredictionError, agreed, failure_note, first_failure, out_of_memory, raise_agreed
+from .predict import (Ensemble, PredictionError, agreed, failure_note, first_failure, out_of_memory, raise_agreed,
+                      raise_verdict)
 from .precision import agreed_precision
 from .scene import (WINDOW, AoiMask, AoiOutside, aoi_mask_for, band_order_warning, gdal_text, offset_warning,
                     open_scene, parse_aoi, scale_warning, scene_paths, taper, window_grid)
@@ -478,7 +479,9 @@ def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, args
                         failure, verdict = exc, (0, *failure_note(exc))
                 raise_agreed(verdict, failure)
             progress.update(len(xs) * min(env.world_size, len(ys) - turn))
-        return _on_main(env, stop, lambda: writer.finish())
+        # rank 0 alone closes the files and builds their overviews, in a time that grows with the
+        # scene: the others wait for its word without the collectives' timeout
+        return _on_main(env, stop, lambda: writer.finish(), untimed=True)
     except BaseException:
         if writer is not None:
             with stop.held():
@@ -486,9 +489,9 @@ def map_scene(scene, plan: Planned, ensemble: Ensemble, env, out_dir: Path, args
         raise
 
 
-def _on_main(env, stop: "StopOnce", fn, *args):
+def _on_main(env, stop: "StopOnce", fn, *args, untimed: bool = False):
     """``fn(*args)`` on rank 0 (None elsewhere) with signals held, its failure raised on every rank. A
-    collective."""
+    collective (``untimed``: its word reaches the others through the store, however long it takes)."""
     value, failure, verdict = None, None, None
     with stop.held():
         if env.is_main:
@@ -496,7 +499,10 @@ def _on_main(env, stop: "StopOnce", fn, *args):
                 value = fn(*args)
             except Exception as exc:   # noqa: BLE001 - agreed below
                 failure, verdict = exc, (0, *failure_note(exc))
-        raise_agreed(verdict, failure)
+        if untimed:
+            raise_verdict(distributed.broadcast_untimed(verdict), failure)
+        else:
+            raise_agreed(verdict, failure)
     return value
 
 

@@ -337,7 +337,11 @@ def raise_agreed(verdict: tuple | None, own: Exception | None = None) -> None:
     on every rank, raised there: by a rank with an error of its own (``own``), that error; by the
     others, ``rank R failed first: text`` (or the text itself when no rank failed) as an InputError
     (exit 2), a LoaderError or a PredictionError. A collective: every rank calls it."""
-    verdict = distributed.broadcast_object(verdict)
+    raise_verdict(distributed.broadcast_object(verdict), own)
+
+
+def raise_verdict(verdict, own: Exception | None = None) -> None:
+    """:func:`raise_agreed` once every rank holds the verdict (no collective)."""
     if verdict is None:
         return
     if own is not None:

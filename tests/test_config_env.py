@@ -271,3 +271,26 @@ def test_what_rank_0_does_alone_ends_every_rank_alike(tmp_path):
     assert lines == ["rank 0 '0'", "rank 0 InputError: x.tif: truncated", "rank 0 KeyError: 'key'",
                      "rank 1 '0'", "rank 1 InputError: x.tif: truncated",
                      "rank 1 RuntimeError: rank 0 failed: KeyError: 'key'"], proc.stdout + proc.stderr[-2000:]
+
+
+UNTIMED = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from dist_lc import distributed
+
+with distributed.process_group("cpu", timeout_s=2):
+    if distributed.is_main():
+        time.sleep(6)   # three collective timeouts: a broadcast would have ended rank 1 meanwhile
+    got = distributed.broadcast_untimed({{"verdict": [0, "error", "a full disk"]}}, poll_s=0.2)
+    print("rank", distributed.read_env().rank, "got", got, flush=True)
+"""
+
+
+def test_a_word_from_rank_0_waits_past_the_collective_timeout(tmp_path):
+    """What rank 0 does alone in a time that grows with the work (the overviews of a large map)."""
+    from torchrun_util import REPO, torchrun
+
+    script = tmp_path / "untimed.py"
+    script.write_text(UNTIMED.format(repo=str(REPO)))
+    proc = torchrun([str(script)], nproc=2, timeout=120)
+    assert proc.stdout.count("got {'verdict': [0, 'error', 'a full disk']}") == 2, proc.stdout + proc.stderr[-2000:]
