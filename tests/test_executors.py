@@ -442,16 +442,22 @@ def test_a_resumed_local_launch_keeps_the_slot_of_an_earlier_job_and_knows_a_reu
             proc.wait()
 
 
-def test_a_second_launcher_on_a_cv_folder_is_refused(packed_sample, tmp_path, capsys):
-    """A second `dist-lc cv --resume` beside a running one would submit its queued folds again."""
-    from lc_common.locks import held
-
+def saved_plan(shards, tmp_path) -> Path:
+    """A CV folder of smoke.yaml as `dist-lc cv` leaves it before its first submission."""
     cv_dir = tmp_path / "cv"
-    args = ["cv", "--config", "configs/smoke.yaml", "--set", f"data.shards={packed_sample}", "--out", str(cv_dir),
+    args = ["cv", "--config", "configs/smoke.yaml", "--set", f"data.shards={shards}", "--out", str(cv_dir),
             "--executor", "local"]
     plan = launch.new_plan(cli.build_parser()[0].parse_args(args))
     cv_dir.mkdir()
     plan.save()
+    return cv_dir
+
+
+def test_a_second_launcher_on_a_cv_folder_is_refused(packed_sample, tmp_path, capsys):
+    """A second `dist-lc cv --resume` beside a running one would submit its queued folds again."""
+    from lc_common.locks import held
+
+    cv_dir = saved_plan(packed_sample, tmp_path)
     with held(cv_dir / launch.LOCK, "held"):   # as the running launcher holds it
         assert cli.main(["cv", "--out", str(cv_dir), "--resume"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -465,12 +471,7 @@ def test_a_resume_refuses_a_fold_that_a_training_it_does_not_list_holds(packed_s
     """cv_array.sbatch's tasks are in no jobs.json: a resume while they run would train their folds twice."""
     from lc_common.locks import held
 
-    cv_dir = tmp_path / "cv"
-    args = ["cv", "--config", "configs/smoke.yaml", "--set", f"data.shards={packed_sample}", "--out", str(cv_dir),
-            "--executor", "local"]
-    plan = launch.new_plan(cli.build_parser()[0].parse_args(args))
-    cv_dir.mkdir()
-    plan.save()
+    cv_dir = saved_plan(packed_sample, tmp_path)
     run_dir = cv_dir / "fold1"
     run_dir.mkdir()
     with held(run_dir / ".lock", "held"):   # as an array task's training holds it
