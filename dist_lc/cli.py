@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -202,8 +203,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv=None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
+    status = run_command(modules[args.command], args)
+    if status == 128 + signal.SIGINT and argv is None:
+        # stopped by Ctrl-C: end by it, as the shell expects, so that a loop around the command stops
+        # too (bash goes on to the next command after one that merely exited 130)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return status
+
+
+def run_command(module: str, args) -> int:
     try:
-        return int(importlib.import_module(modules[args.command]).run(args) or 0)
+        return int(importlib.import_module(module).run(args) or 0)
     except InputError as exc:
         print_error(exc)
         return 2

@@ -190,8 +190,10 @@ def _join(preference: str, timeout_s: float) -> Group:
     device = pick_device(env, preference)
     if device.type == "cpu":
         torch.set_num_threads(_cpu_threads(env))
-    if env.source in ("torchrun", "submitit local"):   # an agent or controller killed: its ranks would train on unwatched
+    if env.source == "torchrun":
         watch_parent()
+    elif env.source == "submitit local":   # a controller killed: its ranks would train on unwatched
+        watch_parent(expected=b"submitit.local._local")
     store = None
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -254,8 +256,10 @@ def broadcast_untimed(obj, poll_s: float = 1.0):
     still ends if rank 0 dies: the store's host goes with it (srun), or its launcher ends the others
     (torchrun)."""
     group = _owned[-1] if _owned else None
-    if not dist.is_initialized() or group is None or group.store is None:
+    if not dist.is_initialized():
         return obj
+    if group is None or group.store is None:   # a group its caller opened: no store of ours to go through
+        return broadcast_object(obj)
     _untimed[0] += 1
     key = f"dist_lc/untimed/{_untimed[0]}"
     if is_main():
@@ -322,16 +326,20 @@ def last_words(record):
         _last_words.remove(record)
 
 
-def watch_parent() -> None:
-    """Exit when the launcher that started this process dies (it is then reparented)."""
+def watch_parent(expected: bytes | None = None) -> None:
+    """Exit when the launcher that started this process dies (it is then reparented). ``expected``:
+    a word of the launcher's command line; a parent without it is one this process was reparented
+    to before the watch began (its launcher died while it started)."""
     if _watching:
         return
     parent = os.getppid()
+    orphaned = expected is not None and expected not in _cmdline(parent)
 
     def watch():
-        while os.getppid() == parent:
+        while os.getppid() == parent and not orphaned:
             time.sleep(WATCH_PARENT_S)
-        reason = f"the launcher of this rank (pid {parent}) is gone"
+        reason = (f"the launcher of this rank was gone before it started (its parent is pid {parent})" if orphaned
+                  else f"the launcher of this rank (pid {parent}) is gone")
         for record in list(_last_words):
             try:
                 record(reason)
@@ -342,6 +350,14 @@ def watch_parent() -> None:
 
     _watching.append(threading.Thread(target=watch, name="dist_lc-watch-parent", daemon=True))
     _watching[0].start()
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
 
 
 def is_main() -> bool:

@@ -81,7 +81,7 @@ class Planned:
     xs: list[int]
 
 
-def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | None, list[str], str | None]:
+def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | None, list[str], object]:
     """The scene's plan, whether the AOI misses it (its map then has no AOI proportions), what to
     warn of, and its CRS."""
     with open_scene(path) as scene:
@@ -91,8 +91,7 @@ def plan_scene(path: Path, aoi, overlap: int) -> tuple[Planned, AoiOutside | Non
             mask, outside = aoi_mask_for(scene, aoi), None
         except AoiOutside as exc:
             mask, outside = None, exc
-        crs = scene.crs.to_string() if scene.crs is not None else None
-        return Planned(path, mask, *window_grid(scene.height, scene.width, overlap)), outside, warned, crs
+        return Planned(path, mask, *window_grid(scene.height, scene.width, overlap)), outside, warned, scene.crs
 
 
 def plan_scenes(paths: list[Path], aoi, overlap: int) -> list[Planned]:
@@ -100,12 +99,13 @@ def plan_scenes(paths: list[Path], aoi, overlap: int) -> list[Planned]:
     AOI may miss some scenes of a folder of neighbouring ones (said, and their maps have no AOI
     proportions), not all of them."""
     plans, missed, warned, crss = zip(*(plan_scene(p, aoi, overlap) for p in paths))
-    if aoi is not None and aoi[1] is None and len(set(crss)) > 1:   # a box in "the scene's CRS": which one?
-        first = {}
-        for path, crs in zip(paths, crss):
-            first.setdefault(crs, path)
+    first = []   # (CRS, the first scene in it): compared as rasterio does, not as text (WKT spelt two ways)
+    for path, crs in zip(paths, crss):
+        if not any(crs == seen for seen, _ in first):
+            first.append((crs, path))
+    if aoi is not None and aoi[1] is None and len(first) > 1:   # a box in "the scene's CRS": which one?
         raise InputError("--aoi x0,y0,x1,y1 is a box in the scenes' CRS, but their CRSs differ ("
-                         + "; ".join(f"{path.name}: {crs or 'none'}" for crs, path in first.items())
+                         + "; ".join(f"{path.name}: {crs.to_string() if crs else 'none'}" for crs, path in first)
                          + "); give it as lonlat:x0,y0,x1,y1 or a GeoJSON file, or map each CRS's scenes apart")
     if all(missed):
         raise missed[0]

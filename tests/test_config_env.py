@@ -294,3 +294,16 @@ def test_a_word_from_rank_0_waits_past_the_collective_timeout(tmp_path):
     script.write_text(UNTIMED.format(repo=str(REPO)))
     proc = torchrun([str(script)], nproc=2, timeout=120)
     assert proc.stdout.count("got {'verdict': [0, 'error', 'a full disk']}") == 2, proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_rank_whose_launcher_died_before_it_started_to_watch_exits():
+    """Reparented while it imported torch: its parent now is not the launcher it expects."""
+    import subprocess
+    import sys
+
+    from torchrun_util import REPO
+
+    code = ("import time; from dist_lc import distributed; "
+            "distributed.watch_parent(expected=b'submitit.local._local'); time.sleep(30)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 1 and "the launcher of this rank was gone before it started" in proc.stderr, proc.stderr

@@ -823,28 +823,26 @@ def test_a_job_that_holds_gpus_trains_on_them_or_says_why_not(monkeypatch):
 
 def test_a_peer_error_of_the_attempt_before_a_local_requeue_does_not_fail_the_next(tmp_path, monkeypatch):
     """Rank 0 requeued (exit 144) in the middle of a collective; rank 1 failed on the lost connection
-    and wrote its error pickle; the controller restarted both tasks with the same files."""
+    and wrote its error pickle; the controller restarts both tasks with the same files: each task
+    removes its own at start, before the launcher could take it for the new attempt's failure."""
     import submitit
 
-    from dist_lc.cv import executors
-    from dist_lc.cv.plan import Submission
+    from dist_lc.cv import executors, fold
+    from dist_lc.cv.plan import Submission, now
 
-    result = tmp_path / "4242" / "4242_0_result.pkl"
-    result.parent.mkdir()
-    submitit.core.utils.cloudpickle_dump(("error", "RuntimeError: connection closed by peer"), result.with_name(
-        "4242_1_result.pkl"))
-    os.utime(result.with_name("4242_1_result.pkl"), (time.time() - 10, time.time() - 10))
-    submitted = datetime.datetime.fromtimestamp(time.time() - 60).isoformat(timespec="seconds")
-    record = Submission("p0", 0, "local", "4242", str(tmp_path / "4242" / "4242_0_log.err"), str(result), submitted,
-                        tasks=2)
-    ex = executors.LocalExecutor(LauncherConfig(), tmp_path)
-    assert ex.first_failure(record)[0] == "rank 1: RuntimeError: connection closed by peer"   # no controller seen
-    monkeypatch.setattr(executors, "_controller", lambda pid, children: 4243)
-    monkeypatch.setattr(executors, "_children", lambda pid, children=None: [(4244, "1"), (4245, "1")])
-    monkeypatch.setattr(executors, "_started_at", lambda pid: time.time() - 5)   # the second attempt's tasks
-    assert ex.first_failure(record) is None
-    os.utime(result.with_name("4242_1_result.pkl"))   # an error of this attempt
-    assert ex.first_failure(record)[0] == "rank 1: RuntimeError: connection closed by peer"
+    folder = tmp_path / "4242"
+    folder.mkdir()
+    stale = folder / "4242_1_result.pkl"
+    submitit.core.utils.cloudpickle_dump(("error", "RuntimeError: connection closed by peer"), stale)
+    record = Submission("p0", 0, "local", "4242", str(folder / "4242_0_log.err"), str(folder / "4242_0_result.pkl"),
+                        now(), tasks=2)
+    assert executors.LocalExecutor(LauncherConfig(), tmp_path).first_failure(record)[0] == \
+        "rank 1: RuntimeError: connection closed by peer"
+    for name, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_FOLDER": str(tmp_path / "%j"),
+                        "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_GLOBALID": "1"}.items():
+        monkeypatch.setenv(name, value)
+    fold.forget_earlier_attempt()   # rank 1 of the requeued attempt starts
+    assert not stale.exists() and executors.LocalExecutor(LauncherConfig(), tmp_path).first_failure(record) is None
 
 
 def test_a_task_failure_gone_at_the_next_look_restarts_the_grace():
@@ -872,7 +870,8 @@ def test_a_slurm_job_preempted_then_gone_is_lost_one_preempted_then_pending_runs
     from dist_lc.cv import executors
     from dist_lc.cv.plan import Submission
 
-    looks = iter([{"7": "PREEMPTED"}, {"7": "PENDING"}, {"7": "PREEMPTED"}, {}])
+    looks = iter([{"7": "PREEMPTED"}, {"7": "PENDING"}, {"7": "PREEMPTED"}, {}, {"8": "PREEMPTED"}, {"8": "RUNNING"},
+                  {}])
     monkeypatch.setattr(executors, "slurm_states", lambda ids: next(looks))
     ex = executors.SlurmExecutor(LauncherConfig(), tmp_path)
     record = Submission("p0", 0, "slurm", "7", "err", "res", "2026-01-01T00:00:00")
@@ -884,3 +883,9 @@ def test_a_slurm_job_preempted_then_gone_is_lost_one_preempted_then_pending_runs
     assert [state for state, _ in seen[:3]] == [JobState.RUNNING, JobState.PENDING, JobState.RUNNING]
     assert seen[3] == (None, "Slurm state PREEMPTED") and executors.SlurmExecutor.lost(seen[3][1])
     assert not executors.SlurmExecutor.lost("no longer in squeue")
+    requeued = Submission("p0", 1, "slurm", "8", "err", "res", "2026-01-01T00:00:00")   # ran again, then ended
+    for _ in range(3):
+        ex._looked_at = -math.inf
+        ex.refresh([requeued])
+        last = ex.presence(requeued)
+    assert last == (None, "no longer in squeue")

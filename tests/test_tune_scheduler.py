@@ -290,6 +290,20 @@ def test_a_resume_whose_launcher_cannot_run_a_running_trials_folds_is_refused_be
     assert plan.points[0].config["launcher"]["tasks_per_node"] == 2
 
 
+def test_a_running_trial_whose_cv_json_is_damaged_fails_alone_on_resume(tmp_path, records, capsys):
+    from dist_lc.tune.settings import trial_plan
+
+    records.outcome = staticmethod(lambda number: "done")
+    settings = settings_of(tmp_path, trials=2)
+    study = open_study(settings)
+    trial = study.ask(settings.search_space.distributions())
+    plan = trial_plan(settings, trial.number, trial.params)
+    (plan.cv_dir / "cv.json").write_text("{")
+    assert launch.study_run(settings, resumed=True) == 0   # the other trial completes
+    assert states(settings.out) == ["FAIL", "COMPLETE"]
+    assert "trial 0 FAILED: its config is refused" in capsys.readouterr().err
+
+
 def test_a_fold_that_diverged_while_no_launcher_watched_prunes_its_trial_on_resume(tmp_path, records, capsys):
     """Slurm jobs go on while the launcher is stopped: a resume that submitted the fold again would
     clear its note and train it to the same end."""

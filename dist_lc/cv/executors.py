@@ -313,14 +313,8 @@ class LocalExecutor(Executor):
 
     def first_failure(self, record: Submission) -> tuple[str, str] | None:
         # a local job's folder is named by its pid, which the system hands out again once it wraps
-        # around: an earlier job's error pickle there is older than this job (one clock, one disk);
-        # and the controller restarts a requeued job's tasks with the same files: a peer's error of
-        # the attempt that rank 0 requeued (it left a collective) is older than the running tasks
-        since = [_seconds(record.submitted)]
-        controller = _controller(int(record.job_id), children_of()) if record.job_id.isdigit() else None
-        if controller is not None:
-            since += [_started_at(pid) for pid, _ in _children(controller)]
-        return first_failure(record, since=max((t for t in since if t is not None), default=None))
+        # around: an earlier job's error pickle there is older than this job (one clock, one disk)
+        return first_failure(record, since=_seconds(record.submitted))
 
     def adopt(self, record: Submission) -> None:
         if record.slot is not None:   # a job this launch submits must not get the same GPUs or cores
@@ -511,18 +505,6 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if fields is not None and fields[0] not in ("Z", "X") else None
 
 
-def _started_at(pid: int) -> float | None:
-    """When the process started, as a timestamp (the boot time plus its start in clock ticks)."""
-    ticks = _start_time(pid)
-    if ticks is None:
-        return None
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        with open("/proc/stat") as f:
-            boot = float(next(line.split()[1] for line in f if line.startswith("btime ")))
-        return boot + int(ticks) / os.sysconf("SC_CLK_TCK")
-    return None
-
-
 def children_of() -> dict[int, list[int]]:
     """{parent pid: its children's pids} of every live process."""
     children: dict[int, list[int]] = {}
@@ -711,6 +693,8 @@ class SlurmExecutor(Executor):
         state = self._listed.get(record.job_id)
         if state == "PREEMPTED":
             self._preempted.add(record.job_id)
+        elif state is not None:   # requeued (PreemptMode=REQUEUE): its end is judged by its own state
+            self._preempted.discard(record.job_id)
         if state in ACTIVE_SLURM_STATES:
             return (JobState.PENDING if state == "PENDING" else JobState.RUNNING), state
         if state is None and record.job_id in self._preempted:   # PreemptMode=CANCEL: preempted, then gone

@@ -173,6 +173,7 @@ def _job_id() -> str | None:
 def run_job(job) -> dict:
     """The work of a :class:`~dist_lc.cv.job.FoldJob` on one task: its share of the machine, the
     process group, the fold; after a stop signal, :func:`_leave`."""
+    forget_earlier_attempt()
     if job.cpus:  # the local executor's share of the machine; threads and loader workers inherit it
         os.sched_setaffinity(0, job.cpus)
     requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
@@ -187,6 +188,15 @@ def run_job(job) -> dict:
         if result["status"] == "stopped":
             _leave(result, requeue)   # the other ranks wait for rank 0's requeue in the group
     return result
+
+
+def forget_earlier_attempt() -> None:
+    """Remove this task's result pickle of the job's attempt before a requeue: the requeued attempt
+    runs with the same files, and a peer of rank 0 that failed when rank 0 left a collective to
+    requeue left an error there, which the launcher would read as this attempt's failure (and end
+    it). Until this task starts, the launcher may see it; it forgets a failure gone at its next look."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        Path(submitit.JobEnvironment().paths.result_pickle).unlink(missing_ok=True)
 
 
 def job_device(cfg: Config) -> str:

@@ -214,8 +214,12 @@ def check_running_trials(settings: Settings, study) -> None:
 
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         cv_json = settings.trial_dir(frozen.number) / "cv.json"
-        if cv_json.exists():
-            relaunched(load_plan(cv_json.parent).points[0].config, settings, cv_json)
+        try:
+            config = load_plan(cv_json.parent).points[0].config if cv_json.exists() else None
+        except InputError:   # a damaged folder fails its own trial when it is opened, not the whole resume
+            continue
+        if config is not None:
+            relaunched(config, settings, cv_json)
 
 
 def finish(settings: Settings, finished: bool) -> int:
