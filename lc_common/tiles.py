@@ -5,6 +5,7 @@ A tile is ``<id>.tif`` (an integer id): a 256×256×4 uint16 image (bands R, G, 
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -115,17 +116,41 @@ def _one_page(tif: tifffile.TiffFile, path: Path) -> None:
 
 
 def _from_tiff(path: Path, read):
-    """``read(tif)`` of a single-page TIFF; whatever tifffile raises becomes one line naming the file."""
+    """``read(tif)`` of a single-page TIFF; whatever tifffile raises becomes one line naming the file,
+    and so does what it only logs (damaged tags or page offsets, which it reads past): on stderr it
+    would be lines without a file's name, before an error about a shape that was the damage's doing."""
+    logged = _Logged()
+    tifffile_log = logging.getLogger("tifffile")
+    tifffile_log.addHandler(logged)
+    propagate, tifffile_log.propagate = tifffile_log.propagate, False
     try:
         with tifffile.TiffFile(path) as tif:
             _one_page(tif, path)
-            return read(tif)
+            value = read(tif)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever tifffile says, the file is unreadable
         text = one_line(exc)
         problem = "truncated TIFF" if text.startswith("failed to read") else "cannot read TIFF"
         raise InputError(f"{path}: {problem} ({text})") from None
+    finally:
+        tifffile_log.removeHandler(logged)
+        tifffile_log.propagate = propagate
+    if logged.first is not None:
+        raise InputError(f"{path}: damaged TIFF ({logged.first})")
+    return value
+
+
+class _Logged(logging.Handler):
+    """The first warning tifffile logs."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.first = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first is None:
+            self.first = one_line(record.getMessage())[:200]
 
 
 def read_tiff(path: Path) -> np.ndarray:

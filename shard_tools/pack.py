@@ -18,11 +18,14 @@ manifest ever lists shards that are not there.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
+import signal
 import tarfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -149,6 +152,12 @@ def _ordered_imap(pool, fn, items, window: int):
         yield pending.popleft().result()
 
 
+def _deaf_to_ctrl_c() -> None:
+    """A reader process ignores the terminal's SIGINT: the packing process takes it and shuts the pool
+    down; each reader dying of it would print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def _mapper(workers: int):
     """A ``map(fn, items)`` that yields results in order: in-process for 0/1 worker, else a pool.
@@ -160,7 +169,7 @@ def _mapper(workers: int):
         yield lambda fn, items: map(fn, items)
         return
     # spawn, not fork: a caller that already runs threads (torch, OpenMP) would deadlock forked children
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_deaf_to_ctrl_c)
     try:
         yield lambda fn, items: _ordered_imap(pool, fn, items, window=8 * workers)
     finally:
@@ -214,8 +223,8 @@ def shard_limit(samples_per_shard, shard_size_mb) -> ShardLimit:
             raise InputError(f"samples per shard must be at least 1, got {samples_per_shard}")
         return ShardLimit(samples=int(samples_per_shard))
     size_mb = DEFAULT_SHARD_MB if shard_size_mb is None else shard_size_mb
-    if not size_mb > 0:
-        raise InputError(f"shard size must be positive, got {size_mb} MB")
+    if not (size_mb > 0 and math.isfinite(size_mb)):
+        raise InputError(f"shard size must be a positive number of MB, got {size_mb}")
     return ShardLimit(bytes=int(size_mb * 1_000_000))
 
 
@@ -228,6 +237,7 @@ class ShardJob:
     tiles: tuple
 
 
+@functools.cache   # fixed by the data contract: planned once per split, not once per tile
 def sample_bytes(split: str) -> int:
     """Bytes a sample takes in a shard (members + tar headers and padding): fixed by the data contract."""
     image = np.zeros(IMAGE_SHAPE, IMAGE_DTYPE)
@@ -494,6 +504,8 @@ def pack(src, out, *, folds=5, seed=0, block_size="auto", samples_per_shard=None
     """
     src, out = Path(src), Path(out)
     limit = shard_limit(samples_per_shard, shard_size_mb)
+    if int(seed) < 0:   # numpy's generators take none (before the survey, not after it)
+        raise InputError(f"--seed must be 0 or more, got {seed}")
     train, test = scan_source(src)
     _check_folds(folds, len(train))
     block = block_size_for(block_size, folds, len(train))

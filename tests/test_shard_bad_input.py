@@ -161,7 +161,9 @@ def test_source_folder_missing_or_empty(tmp_path, capsys, case):
     (["--folds", "0"], "--folds must be at least 1"),
     (["--folds", "4"], "cannot split 3 train tiles into 4 folds"),
     (["--samples-per-shard", "0"], "samples per shard must be at least 1"),
-    (["--shard-size", "0"], "shard size must be positive"),
+    (["--shard-size", "0"], "shard size must be a positive number of MB, got 0.0"),
+    (["--shard-size", "inf"], "shard size must be a positive number of MB, got inf"),
+    (["--seed", "-1"], "--seed must be 0 or more, got -1"),
     (["--folds", "2", "--block-size", "0"], "--block-size must be a whole number of tiles (1: tile by tile) or auto, got '0'"),
     (["--folds", "2", "--block-size", "2.5"], "--block-size must be a whole number of tiles (1: tile by tile) or auto, got '2.5'"),
     (["--folds", "2", "--block-size", "3"], "--block-size 3: 3 train tiles make 1 block(s), fewer than the 2 folds"),
@@ -232,3 +234,49 @@ def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_nothing(src, tmp_
     assert proc.stderr.count("\n") == 1 and "cannot write: File too large" in proc.stderr, proc.stderr
     assert "-000000.tar" in proc.stderr
     assert (_contents(out) if out.exists() else {}) == before   # a folder it made goes too
+
+
+def test_ctrl_c_ends_a_pack_in_one_line_and_leaves_nothing(sample_root, tmp_path):
+    """SIGINT to the process group, as a terminal sends it: the readers ignore it, the packing process
+    removes what it wrote and ends by it (not 130 alone: a shell loop around it must stop too)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from torchrun_util import REPO
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "shard_tools", "pack", "--src", str(sample_root), "--out", str(out),
+                             "--workers", "2", "--samples-per-shard", "8"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(out.rglob("*.tar"))):   # writing shards
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "lc-shard pack: stopped by SIGINT (Ctrl-C)", err[-3000:]
+    _assert_clean_failure(out)
+    assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))   # no staging folder either
+
+
+def test_a_tiff_whose_tags_are_damaged_is_one_line_naming_it_and_nothing_else(tmp_path, capsys):
+    """tifffile logs damaged tag entries and reads past them: their lines, without the file's name,
+    came before an error about a mask shape that was the damage's doing."""
+    import struct
+
+    from lc_common.tiles import read_mask
+
+    path = tmp_path / "7.tif"
+    _write(path, _mask())
+    data = bytearray(path.read_bytes())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(struct.unpack_from("<H", data, ifd)[0]):
+        struct.pack_into("<H", data, ifd + 2 + 12 * entry + 2, 0)   # each entry's data type: 0, which none is
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError) as err:
+        read_mask(path)
+    assert str(err.value).startswith(f"{path}: damaged TIFF (") and "\n" not in str(err.value), err.value
+    assert capsys.readouterr().err == ""
