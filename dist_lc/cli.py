@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import signal
 import sys
 
-from lc_common.errors import InputError, OneLineArgumentParser, WriteError, print_error
+from lc_common.errors import INTERRUPTED, InputError, OneLineArgumentParser, WriteError, ended_as_told, print_error
 
 from .config import LauncherConfig, TrainConfig, choices
 from .tune import FOLD_ORDERS, PRUNERS, SAMPLERS
@@ -203,13 +201,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv=None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
-    status = run_command(modules[args.command], args)
-    if status == 128 + signal.SIGINT and argv is None:
-        # stopped by Ctrl-C: end by it, as the shell expects, so that a loop around the command stops
-        # too (bash goes on to the next command after one that merely exited 130)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    return status
+    return ended_as_told(run_command(modules[args.command], args), argv)
 
 
 def run_command(module: str, args) -> int:
@@ -224,7 +216,7 @@ def run_command(module: str, args) -> int:
     except KeyboardInterrupt:   # Ctrl-C where no handler of the command's took it: one line, not a traceback
         hint = "; last.pt holds the last whole epoch: the same command resumes there" if args.command == "train" else ""
         print(f"dist-lc {args.command}: stopped by SIGINT (Ctrl-C){hint}", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

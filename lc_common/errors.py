@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import errno as _errno
+import os
+import signal
 import sys
 
 WORKER_PREFIX = "Caught InputError in DataLoader worker"
@@ -98,3 +100,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+INTERRUPTED = 128 + signal.SIGINT   # what a command returns when Ctrl-C stopped it
+
+
+def ended_as_told(status: int, argv) -> int:
+    """An entry point's exit status, except after Ctrl-C on the command line (``argv`` None): the
+    process then ends by SIGINT itself, as a shell expects, so that a loop around the command stops
+    too (bash goes on to the next command after one that merely exited 130)."""
+    if status == INTERRUPTED and argv is None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return status

@@ -5,12 +5,10 @@ Exit status 0 on success, 2 on bad input (one line ``error: <message>`` on stder
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
-from lc_common.errors import InputError, OneLineArgumentParser, WriteError, print_error
+from lc_common.errors import INTERRUPTED, InputError, OneLineArgumentParser, WriteError, ended_as_told, print_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,11 +60,7 @@ def _run(args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    status = _status(args)
-    if status == 128 + signal.SIGINT and argv is None:   # end by Ctrl-C itself, as a shell expects (a loop stops)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    return status
+    return ended_as_told(_status(args), argv)
 
 
 def _status(args) -> int:
@@ -74,7 +68,7 @@ def _status(args) -> int:
         _run(args)
     except KeyboardInterrupt:   # pack removes what it had written of this run on its way out
         print(f"lc-shard {args.command}: stopped by SIGINT (Ctrl-C)", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
+        return INTERRUPTED
     except InputError as exc:
         print_error(exc)
         return 2
