@@ -158,8 +158,17 @@ def read_tiff(path: Path) -> np.ndarray:
 
 
 def check_image_header(path: Path) -> None:
-    series = _from_tiff(path, lambda tif: tif.series[0])
+    """The image's shape and dtype, and that its pixel data lie within the file, from its header alone
+    (a cut copy of a 14 GB archive is found in the survey, not when its tile is written)."""
+    def header(tif):
+        page = tif.pages[0]
+        return tif.series[0], max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+
+    series, end = _from_tiff(path, header)
     check_image(series.shape, series.dtype, path)
+    size = os.path.getsize(path)
+    if end > size:
+        raise InputError(f"{path}: truncated TIFF (its pixel data end at byte {end}, the file at {size})")
 
 
 def read_mask(path: Path) -> np.ndarray:

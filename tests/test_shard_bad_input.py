@@ -280,3 +280,16 @@ def test_a_tiff_whose_tags_are_damaged_is_one_line_naming_it_and_nothing_else(tm
         read_mask(path)
     assert str(err.value).startswith(f"{path}: damaged TIFF (") and "\n" not in str(err.value), err.value
     assert capsys.readouterr().err == ""
+
+
+def test_an_image_cut_short_is_found_from_its_header(src, tmp_path):
+    """The survey reads headers only: a tile cut in half (an archive copied partly) was found when its
+    shard was written, test tiles last, near the end of a 14 GB pack."""
+    from lc_common.tiles import check_image_header
+
+    image = next((src / "test" / "images").glob("*.tif"))
+    data = image.read_bytes()
+    image.write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputError, match=rf"^{image}: truncated TIFF \(its pixel data end at byte \d+, the file at "
+                                         rf"{len(data) // 2}\)$"):
+        check_image_header(image)
