@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from lc_common.errors import InputError, WriteError, one_line, print_error
-from lc_common.resources import usable_cores
+from lc_common.resources import SUBMITIT_LOCAL_CONTROLLER, cmdline, usable_cores
 
 from .config import TrainConfig, choices
 
@@ -193,7 +193,7 @@ def _join(preference: str, timeout_s: float) -> Group:
     if env.source == "torchrun":
         watch_parent()
     elif env.source == "submitit local":   # a controller killed: its ranks would train on unwatched
-        watch_parent(expected=b"submitit.local._local")
+        watch_parent(expected=SUBMITIT_LOCAL_CONTROLLER)
     store = None
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -246,7 +246,14 @@ def _leave_together(group: Group) -> None:
         pass
 
 
-_untimed = [0]   # the ranks of a group make the same broadcasts in the same order: the n-th has one key
+_keys_made: dict[str, int] = {}
+
+
+def _store_key(kind: str) -> str:
+    """A new key of the rendezvous store for ``kind``: the ranks of a group make the same flags and
+    broadcasts in the same order, so the n-th of a kind has one key on every rank."""
+    _keys_made[kind] = _keys_made.get(kind, 0) + 1
+    return f"dist_lc/{kind}/{_keys_made[kind]}"
 
 
 def broadcast_untimed(obj, poll_s: float = 1.0):
@@ -260,8 +267,7 @@ def broadcast_untimed(obj, poll_s: float = 1.0):
         return obj
     if group is None or group.store is None:   # a group its caller opened: no store of ours to go through
         return broadcast_object(obj)
-    _untimed[0] += 1
-    key = f"dist_lc/untimed/{_untimed[0]}"
+    key = _store_key("untimed")
     if is_main():
         group.store.set(key, json.dumps(obj))
         return obj
@@ -277,13 +283,9 @@ class PeerFailed:
     instead of finishing their share while it waits for them in the final collective, where the
     group's timeout could end it before its cause is heard. The store is asked at most every
     ``every_s``: hundreds of ranks asking per batch would load rank 0's host."""
-    _made = 0   # the ranks of a group make the same flags in the same order: the n-th flag has one key
-
     def __init__(self, group: Group, name: str, every_s: float = 1.0):
         self.store, self.every_s, self._asked = group.store, every_s, time.monotonic()
-        if self.store is not None:
-            PeerFailed._made += 1
-        self.key = f"dist_lc/failed/{name}/{PeerFailed._made}"
+        self.key = _store_key(f"failed/{name}") if self.store is not None else None
 
     def set(self) -> None:
         if self.store is not None:
@@ -333,7 +335,7 @@ def watch_parent(expected: bytes | None = None) -> None:
     if _watching:
         return
     parent = os.getppid()
-    orphaned = expected is not None and expected not in _cmdline(parent)
+    orphaned = expected is not None and expected not in cmdline(parent)
 
     def watch():
         while os.getppid() == parent and not orphaned:
@@ -350,14 +352,6 @@ def watch_parent(expected: bytes | None = None) -> None:
 
     _watching.append(threading.Thread(target=watch, name="dist_lc-watch-parent", daemon=True))
     _watching[0].start()
-
-
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:
-        return []
 
 
 def is_main() -> bool:

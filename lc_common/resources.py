@@ -15,3 +15,16 @@ def usable_core_ids() -> tuple[int, ...]:
 def usable_cores() -> int:
     """How many CPU cores this process may run on."""
     return max(1, len(usable_core_ids()) or os.cpu_count() or 1)
+
+
+# the argument that marks a local submitit job's controller (python -m submitit.local._local FOLDER)
+SUBMITIT_LOCAL_CONTROLLER = b"submitit.local._local"
+
+
+def cmdline(pid: int) -> list[bytes]:
+    """A live process's arguments ([] when it is gone or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []

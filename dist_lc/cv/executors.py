@@ -36,7 +36,7 @@ from typing import ClassVar
 import submitit
 
 from lc_common.errors import InputError, said
-from lc_common.resources import usable_core_ids, usable_cores
+from lc_common.resources import SUBMITIT_LOCAL_CONTROLLER, cmdline, usable_core_ids, usable_cores
 
 from ..config import LauncherConfig
 from .job import FoldJob
@@ -520,12 +520,9 @@ def _controller(pid: int, children: dict[int, list[int]]) -> int | None:
     ``launcher.setup`` runs the controller under a shell; None when neither is one (the job is gone
     and its pid perhaps reused). ``children``: :func:`children_of`."""
     for candidate in [pid, *children.get(pid, [])]:
-        try:
-            # an argument of its own (python -m submitit.local._local), not inside a shell's command
-            if b"submitit.local._local" in Path(f"/proc/{candidate}/cmdline").read_bytes().split(b"\0"):
-                return candidate
-        except OSError:
-            pass
+        # an argument of its own (python -m submitit.local._local), not inside a shell's command
+        if SUBMITIT_LOCAL_CONTROLLER in cmdline(candidate):
+            return candidate
     return None
 
 
